@@ -1,0 +1,239 @@
+"""sharedd.conf: loading, drop-ins and validation.
+
+[DEFAULT] holds the daemon-wide options below; any backend option set there
+is the default for every backend section (as in Manila). Files are read in
+order: the main file, then sharedd.conf.d/*.conf sorted by name; later files
+override earlier ones. Every problem names the file, section and option.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import glob
+import os
+import re
+import socket
+from typing import Any, Dict, List, Tuple
+
+from .errors import ConfigError
+from .options import Opt, parse_value
+
+DEFAULT_CONFIG = "/etc/sharedd/sharedd.conf"
+SECTION_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")   # also an object path element
+
+GLOBAL_OPTIONS: List[Opt] = [
+    Opt("enabled_share_backends", "list", required=True,
+        help="Backend sections to serve, in order; the first is the default for CreateShare."),
+    Opt("state_path", "path", "/var/lib/sharedd", help="State directory (SQLite database, export files, share mounts)."),
+    Opt("spool_dir", "path", "/var/spool/sharedd", help="Spool directory for hook records."),
+    Opt("host_id", "str", "", help="Name of this storage host in hook records (default: the host name)."),
+    Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"), help="Log level."),
+    Opt("command_timeout", "float", 120.0, min=1, help="Timeout for one external command, seconds."),
+    Opt("stats_refresh_interval", "float", 60.0, min=1, help="How often backend Stats are refreshed, seconds."),
+    Opt("spool_retention_seconds", "int", 86400, min=0,
+        help="Spool records older than this are pruned (0: keep by age forever); the newest periodic record of every backend is always kept."),
+    Opt("spool_retention_count", "int", 10000, min=0,
+        help="Keep at most this many spool records per host (0: no limit)."),
+]
+
+BACKEND_OPTIONS: List[Opt] = [
+    Opt("share_driver", "str", required=True, help="Driver: btrfs, volume or glusterfs_native."),
+    Opt("share_backend_name", "str", "", help="Backend name reported in Stats (default: the section name)."),
+    Opt("share_export_ip", "ip", "", help="Address clients use to reach exports."),
+    Opt("enabled_share_protocols", "list", ["NFS"], help="Protocols this backend serves (NFS, CIFS, GLUSTERFS)."),
+    Opt("nfs_helper", "str", "ganesha", help="NFS export helper: ganesha or kernel."),
+    Opt("cifs_helper", "str", "samba", help="CIFS export helper: samba."),
+    Opt("reserved_share_percentage", "float", 0.0, min=0, max=100,
+        help="Percentage of total capacity kept free of new shares."),
+    Opt("max_over_subscription_ratio", "float", 20.0, min=1,
+        help="Thin provisioning: provisioned capacity may reach total times this ratio."),
+    Opt("hook_drivers", "list", [], help="Hook drivers: spool, dbus, or module:Class."),
+    Opt("enable_pre_hooks", "bool", False, help="Run pre hooks."),
+    Opt("enable_post_hooks", "bool", False, help="Run post hooks."),
+    Opt("enable_periodic_hooks", "bool", False, help="Run periodic hooks."),
+    Opt("suppress_pre_hooks_errors", "bool", False, help="Log pre-hook errors and go on instead of failing the call."),
+    Opt("suppress_post_hooks_errors", "bool", False, help="Log post-hook errors instead of reporting them."),
+    Opt("periodic_hooks_interval", "float", 300.0, min=1, help="Seconds between periodic hooks."),
+]
+
+
+@dataclasses.dataclass
+class BackendConfig:
+    name: str
+    values: Dict[str, Any]
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return self.__dict__["values"][item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+@dataclasses.dataclass
+class Config:
+    files: List[str]
+    values: Dict[str, Any]
+    backends: Dict[str, BackendConfig]   # in enabled_share_backends order
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return self.__dict__["values"][item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+def config_files(path: str) -> List[str]:
+    """The main file and its drop-ins, in the order they are applied."""
+    dropins = sorted(glob.glob(os.path.join(path + ".d", "*.conf")))
+    return [path] + dropins
+
+
+def _read(files: List[str]) -> Tuple[Dict[str, Dict[str, str]], Dict[Tuple[str, str], str]]:
+    """Merge the files; remember which file set each (section, option)."""
+    merged: Dict[str, Dict[str, str]] = {}
+    origin: Dict[Tuple[str, str], str] = {}
+    for path in files:
+        parser = configparser.ConfigParser(default_section="\x00none", interpolation=None,
+                                           strict=True, empty_lines_in_values=False)
+        parser.optionxform = str  # option names are case-sensitive
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f, source=path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"{path}: {exc}".replace("\n", " ")) from None
+        for section in parser.sections():
+            for key, value in parser.items(section, raw=True):
+                merged.setdefault(section, {})[key] = value
+                origin[(section, key)] = path
+    return merged, origin
+
+
+def _extra_options(driver: str, section: str, where: str) -> List[Opt]:
+    """Options declared by the driver and the helpers it may use."""
+    from . import drivers, helpers
+    from .hooks import HOOK_OPTIONS
+    if driver not in drivers.DRIVERS:
+        raise ConfigError(f"{where}: [{section}] share_driver: {driver!r} is not one of "
+                          f"{', '.join(sorted(drivers.DRIVERS))}")
+    opts = list(getattr(drivers.driver_class(driver), "OPTIONS", []))
+    for registry in (helpers.NFS_HELPERS, helpers.CIFS_HELPERS):
+        for spec in registry.values():
+            opts += getattr(drivers.load_class(spec), "OPTIONS", [])
+    return opts + list(HOOK_OPTIONS)
+
+
+def load(path: str = DEFAULT_CONFIG) -> Config:
+    files = config_files(path)
+    merged, origin = _read(files)
+
+    def where(section: str, key: str) -> str:
+        return origin.get((section, key), files[0])
+
+    default = merged.get("DEFAULT", {})
+    global_names = {o.name for o in GLOBAL_OPTIONS}
+    values: Dict[str, Any] = {}
+    for opt in GLOBAL_OPTIONS:
+        if opt.name in default:
+            try:
+                values[opt.name] = parse_value(opt, default[opt.name])
+            except ValueError as exc:
+                raise ConfigError(f"{where('DEFAULT', opt.name)}: [DEFAULT] {opt.name}: {exc}") from None
+        elif opt.required:
+            raise ConfigError(f"{files[0]}: [DEFAULT] {opt.name}: required option is missing")
+        else:
+            values[opt.name] = opt.default
+    if not values["host_id"]:
+        values["host_id"] = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
+    elif not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["host_id"]):
+        raise ConfigError(f"{where('DEFAULT', 'host_id')}: [DEFAULT] host_id: "
+                          f"{values['host_id']!r} may only use letters, digits, '.', '_' and '-'")
+
+    enabled = values["enabled_share_backends"]
+    if not enabled:
+        raise ConfigError(f"{where('DEFAULT', 'enabled_share_backends')}: [DEFAULT] "
+                          "enabled_share_backends: names no backend")
+    if len(set(enabled)) != len(enabled):
+        raise ConfigError(f"{where('DEFAULT', 'enabled_share_backends')}: [DEFAULT] "
+                          "enabled_share_backends: lists a backend twice")
+
+    backends: Dict[str, BackendConfig] = {}
+    for name in enabled:
+        if name not in merged:
+            raise ConfigError(f"{where('DEFAULT', 'enabled_share_backends')}: [DEFAULT] "
+                              f"enabled_share_backends: no section [{name}]")
+        if not SECTION_RE.match(name):
+            raise ConfigError(f"{where(name, 'share_driver')}: [{name}]: a backend section name "
+                              "may only use letters, digits and '_'")
+        section = dict(default)
+        section.update(merged[name])
+        src = lambda key, n=name: where(n, key) if key in merged[n] else where("DEFAULT", key)
+        sec_of = lambda key, n=name: n if key in merged[n] else "DEFAULT"
+        if "share_driver" not in section:
+            raise ConfigError(f"{where(name, '')}: [{name}] share_driver: required option is missing")
+        opts = BACKEND_OPTIONS + _extra_options(section["share_driver"].strip(), name,
+                                                src("share_driver"))
+        known = {o.name: o for o in opts}
+        for key in merged[name]:
+            if key not in known:
+                raise ConfigError(f"{where(name, key)}: [{name}] {key}: unknown option")
+        bvalues: Dict[str, Any] = {}
+        for opt in opts:
+            if opt.name in section:
+                try:
+                    bvalues[opt.name] = parse_value(opt, section[opt.name])
+                except ValueError as exc:
+                    raise ConfigError(f"{src(opt.name)}: [{sec_of(opt.name)}] {opt.name}: {exc}") from None
+            elif opt.required:
+                raise ConfigError(f"{files[0]}: [{name}] {opt.name}: required option is missing")
+            else:
+                bvalues[opt.name] = opt.default
+        bvalues["share_backend_name"] = bvalues["share_backend_name"] or name
+        backends[name] = BackendConfig(name, bvalues)
+        _check_backend(backends[name], src, sec_of)
+
+    # Unknown options in [DEFAULT]: neither global nor any backend's option.
+    backend_known = set()
+    for b in backends.values():
+        backend_known |= set(b.values)
+    for key in default:
+        if key not in global_names and key not in backend_known:
+            raise ConfigError(f"{where('DEFAULT', key)}: [DEFAULT] {key}: unknown option")
+    return Config(files=files, values=values, backends=backends)
+
+
+def _check_backend(b: BackendConfig, src, sec_of) -> None:
+    from . import helpers
+    from .constants import PROTOCOLS
+    from .drivers import driver_class
+    cls = driver_class(b.share_driver)
+    for proto in b.enabled_share_protocols:
+        if proto.upper() not in PROTOCOLS:
+            raise ConfigError(f"{src('enabled_share_protocols')}: [{sec_of('enabled_share_protocols')}] "
+                              f"enabled_share_protocols: {proto!r} is not one of {', '.join(PROTOCOLS)}")
+        if proto.upper() not in cls.supported_protocols:
+            raise ConfigError(f"{src('enabled_share_protocols')}: [{sec_of('enabled_share_protocols')}] "
+                              f"enabled_share_protocols: driver {b.share_driver} cannot serve {proto.upper()} "
+                              f"(it serves {', '.join(cls.supported_protocols)})")
+    b.values["enabled_share_protocols"] = [p.upper() for p in b.enabled_share_protocols]
+    if "NFS" in b.enabled_share_protocols and cls.uses_export_helpers \
+            and b.nfs_helper not in helpers.NFS_HELPERS:
+        raise ConfigError(f"{src('nfs_helper')}: [{sec_of('nfs_helper')}] nfs_helper: {b.nfs_helper!r} "
+                          f"is not one of {', '.join(helpers.NFS_HELPERS)}")
+    if "CIFS" in b.enabled_share_protocols and cls.uses_export_helpers \
+            and b.cifs_helper not in helpers.CIFS_HELPERS:
+        raise ConfigError(f"{src('cifs_helper')}: [{sec_of('cifs_helper')}] cifs_helper: {b.cifs_helper!r} "
+                          f"is not one of {', '.join(helpers.CIFS_HELPERS) or '(none available)'}")
+    if cls.uses_export_helpers and not b.share_export_ip:
+        raise ConfigError(f"{src('share_export_ip')}: [{sec_of('share_export_ip')}] share_export_ip: "
+                          "required for this driver (the address clients mount from)")
+    for hook in b.hook_drivers:
+        from .hooks import HOOK_DRIVERS
+        if hook not in HOOK_DRIVERS and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
+            raise ConfigError(f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers: {hook!r} "
+                              f"is neither a built-in ({', '.join(HOOK_DRIVERS)}) nor module:Class")
+    cls.check_config(b, src, sec_of)

@@ -1,0 +1,67 @@
+"""Names shared by the engine, the D-Bus layer, mountd, docs and tests.
+
+One source of truth: nothing else spells these strings.
+"""
+
+# --- D-Bus names (API version 1) -------------------------------------------
+BUS_NAME = "org.sharedd.Sharedd1"
+ROOT_PATH = "/org/sharedd/Sharedd1"
+IFACE_MANAGER = "org.sharedd.Sharedd1.Manager"
+IFACE_BACKEND = "org.sharedd.Sharedd1.Backend"
+IFACE_SHARE = "org.sharedd.Sharedd1.Share"
+IFACE_SNAPSHOT = "org.sharedd.Sharedd1.Snapshot"
+IFACE_HOOKS = "org.sharedd.Sharedd1.Hooks"
+ERROR_PREFIX = "org.sharedd.Sharedd1.Error."
+BACKEND_PATH = ROOT_PATH + "/backend"
+SHARE_PATH = ROOT_PATH + "/share"
+SNAPSHOT_PATH = ROOT_PATH + "/snapshot"
+
+MOUNTD_BUS_NAME = "org.sharedd.Mountd1"
+MOUNTD_ROOT_PATH = "/org/sharedd/Mountd1"
+MOUNTD_IFACE = "org.sharedd.Mountd1"
+
+# --- Domain values -----------------------------------------------------------
+PROTOCOLS = ("NFS", "CIFS", "GLUSTERFS")
+ACCESS_TYPES = ("ip", "user", "cert")
+ACCESS_LEVELS = ("rw", "ro")
+
+# Manila's statuses.
+STATUS_CREATING = "creating"
+STATUS_AVAILABLE = "available"
+STATUS_ERROR = "error"
+STATUS_DELETING = "deleting"
+STATUS_EXTENDING = "extending"
+STATUS_SHRINKING = "shrinking"
+STATUS_REVERTING = "reverting"
+STATUS_MANAGE_STARTING = "manage_starting"
+STATUS_UNMANAGE_STARTING = "unmanage_starting"
+SHARE_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR,
+                  STATUS_DELETING, STATUS_EXTENDING, STATUS_SHRINKING,
+                  STATUS_REVERTING, STATUS_MANAGE_STARTING,
+                  STATUS_UNMANAGE_STARTING)
+
+RULE_QUEUED_TO_APPLY = "queued_to_apply"
+RULE_APPLYING = "applying"
+RULE_ACTIVE = "active"
+RULE_ERROR = "error"
+RULE_QUEUED_TO_DENY = "queued_to_deny"
+RULE_DENYING = "denying"
+RULE_STATES = (RULE_QUEUED_TO_APPLY, RULE_APPLYING, RULE_ACTIVE, RULE_ERROR,
+               RULE_QUEUED_TO_DENY, RULE_DENYING)
+
+# Hook phases and the wrapped driver methods, named as the seed names them.
+PHASE_PRE = "pre"
+PHASE_POST = "post"
+PHASE_PERIODIC = "periodic"
+HOOK_PHASES = (PHASE_PRE, PHASE_POST, PHASE_PERIODIC)
+HOOK_METHODS = (
+    "create_share", "create_share_from_snapshot", "delete_share",
+    "create_snapshot", "delete_snapshot", "revert_to_snapshot",
+    "allow_access", "deny_access", "extend_share", "shrink_share",
+    "manage_share", "unmanage_share", "ensure_share",
+    "publish_service_capabilities", "periodic",
+)
+
+# Share names: a safe character set that also works as a directory,
+# SMB share and export pseudo-path component.
+SHARE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"

@@ -1,0 +1,168 @@
+"""The share-driver interface, modelled on Manila's ShareDriver.
+
+Drivers are synchronous: the engine calls them from worker threads, one
+operation per share at a time, so a driver may block (with timeouts on every
+external command, see util.run). Drivers never import D-Bus.
+
+Every destructive method is idempotent (deleting what is already gone is not
+an error), because start-up recovery replays interrupted operations.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, List, Mapping, Optional
+
+from ..errors import NotSupported
+from ..models import AccessRule, Share, ShareUpdate, Snapshot
+
+
+class ShareDriver(abc.ABC):
+    #: short name used in share_driver = ...
+    driver_name: str = ""
+    driver_version: str = "1.0"
+    #: protocols this driver can serve at all (the backend config narrows it)
+    supported_protocols: tuple = ()
+    #: access types per protocol; levels per access type
+    access_types: Mapping[str, tuple] = {}
+    #: True if capacity is thin-provisioned (quota based)
+    thin_provisioning: bool = True
+    #: True if exports go through nfs_helper / cifs_helper
+    uses_export_helpers: bool = True
+    #: the driver's own options (sharedd.options.Opt), prefixed with its name
+    OPTIONS: list = []
+
+    @classmethod
+    def check_config(cls, backend, src, sec_of) -> None:
+        """Cross-option checks; raise ConfigError naming file, section, option.
+
+        src(option) gives the file that set it, sec_of(option) the section.
+        """
+
+    def __init__(self, backend_name: str, config, helpers: Optional[dict] = None):
+        """config: the backend's BackendConfig; helpers: protocol -> ExportHelper."""
+        self.backend_name = backend_name
+        self.config = config
+        self.helpers = helpers or {}
+
+    # --- lifecycle -------------------------------------------------------
+    def do_setup(self) -> None:
+        """Prepare the backend (mount pools, check tools). Called once at start."""
+
+    def check_for_setup_error(self) -> None:
+        """Raise BackendFailure if the backend cannot serve."""
+
+    # --- shares ------------------------------------------------------------
+    @abc.abstractmethod
+    def create_share(self, share: Share) -> ShareUpdate:
+        """Create and export the share; return its export locations."""
+
+    def create_share_from_snapshot(self, share: Share, snapshot: Snapshot,
+                                   parent: Share) -> ShareUpdate:
+        raise NotSupported(f"driver {self.driver_name} cannot create a share from a snapshot")
+
+    @abc.abstractmethod
+    def delete_share(self, share: Share) -> None:
+        """Unexport and destroy the share. Idempotent."""
+
+    def ensure_shares(self, shares: List[Share],
+                      rules: Dict[str, List[AccessRule]]) -> Dict[str, ShareUpdate]:
+        """Make every listed share available again (start-up, helper restart).
+
+        rules maps share id -> the full rule set to apply (recovery mode).
+        Returns share id -> update; a share that cannot be ensured raises
+        from ensure_share and is reported by the engine as error.
+        """
+        return {s.id: self.ensure_share(s, rules.get(s.id, [])) for s in shares}
+
+    def ensure_share(self, share: Share, rules: List[AccessRule]) -> ShareUpdate:
+        raise NotSupported(f"driver {self.driver_name} cannot ensure shares")
+
+    def update_access(self, share: Share, access_rules: List[AccessRule],
+                      add_rules: List[AccessRule],
+                      delete_rules: List[AccessRule]) -> Optional[Dict[str, str]]:
+        """Apply access changes.
+
+        With add_rules and delete_rules both empty, make the backend match
+        access_rules exactly (recovery mode). Re-adding an existing rule or
+        deleting one never applied is not an error. May return a mapping of
+        rule id -> state ('error') for rules that could not be applied.
+        """
+        raise NotSupported(f"driver {self.driver_name} cannot change access")
+
+    def validate_access(self, share: Share, access_type: str, access_level: str) -> None:
+        """Raise NotSupported if this rule kind cannot be enforced for share."""
+        types = self.access_types.get(share.protocol, ())
+        if access_type not in types:
+            raise NotSupported(
+                f"{share.protocol} shares on driver {self.driver_name} do not support "
+                f"access type {access_type!r} (supported: {', '.join(types) or 'none'})")
+        helper = self.helpers.get(share.protocol)
+        if helper is not None:
+            helper.validate_access(access_type, access_level)
+
+    def extend_share(self, share: Share, new_size_gib: int) -> None:
+        raise NotSupported(f"driver {self.driver_name} cannot extend shares")
+
+    def shrink_share(self, share: Share, new_size_gib: int) -> None:
+        raise NotSupported(f"driver {self.driver_name} cannot shrink shares")
+
+    def manage_existing(self, share: Share, export_path: str,
+                        options: Dict[str, Any]) -> ShareUpdate:
+        """Take over existing storage; must set size_gib in the update."""
+        raise NotSupported(f"driver {self.driver_name} cannot manage existing shares")
+
+    def unmanage(self, share: Share) -> None:
+        """Stop serving the share but keep its data."""
+        raise NotSupported(f"driver {self.driver_name} cannot unmanage shares")
+
+    # --- snapshots -------------------------------------------------------------
+    def create_snapshot(self, snapshot: Snapshot, share: Share) -> Optional[str]:
+        """Create the snapshot; may return its provider location."""
+        raise NotSupported(f"driver {self.driver_name} does not support snapshots")
+
+    def delete_snapshot(self, snapshot: Snapshot, share: Share) -> None:
+        raise NotSupported(f"driver {self.driver_name} does not support snapshots")
+
+    def revert_to_snapshot(self, share: Share, snapshot: Snapshot,
+                           rules: List[AccessRule]) -> ShareUpdate:
+        raise NotSupported(f"driver {self.driver_name} cannot revert to snapshots")
+
+    # --- reads ---------------------------------------------------------------
+    @abc.abstractmethod
+    def get_share_stats(self) -> Dict[str, Any]:
+        """Capacity figures: total_capacity_gb, free_capacity_gb (floats)."""
+
+    def get_share_usage_gib(self, share: Share) -> Optional[float]:
+        """Space the share uses now, if the driver can tell."""
+        return None
+
+    def get_mount_hints(self, share: Share) -> Dict[str, Any]:
+        """What a client needs to mount the share (no secrets).
+
+        Keys: fstype, export, options (list of str), and driver extras.
+        """
+        return {}
+
+    def get_periodic_hook_data(self, shares: List[Share]) -> Dict[str, Dict[str, Any]]:
+        """share id -> extra data for the periodic hook (mount hints by default)."""
+        return {s.id: self.get_mount_hints(s) for s in shares}
+
+    def get_backend_info(self) -> Dict[str, Any]:
+        """Data whose change means shares must be ensured again."""
+        return {"driver": self.driver_name, "version": self.driver_version}
+
+    # --- capabilities -------------------------------------------------------------
+    def _implements(self, method: str) -> bool:
+        return getattr(type(self), method) is not getattr(ShareDriver, method)
+
+    def capabilities(self) -> Dict[str, bool]:
+        return {
+            "snapshot_support": self._implements("create_snapshot"),
+            "create_share_from_snapshot_support":
+                self._implements("create_share_from_snapshot"),
+            "revert_to_snapshot_support": self._implements("revert_to_snapshot"),
+            "shrink_support": self._implements("shrink_share"),
+            "extend_support": self._implements("extend_share"),
+            "manage_support": self._implements("manage_existing"),
+        }

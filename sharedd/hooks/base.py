@@ -1,0 +1,45 @@
+"""The hook interface (modelled on Manila's HookBase).
+
+Hooks are synchronous and run in worker threads; records are plain dicts that
+match sharedd.record.SCHEMA. A hook never receives secrets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+
+class HookContext:
+    """What the daemon gives hooks: identity, paths, and the signal emitter."""
+
+    def __init__(self, host_id: str, spool_dir: str,
+                 emit_signal: Optional[Callable[[str, str, str], None]] = None,
+                 retention_seconds: int = 0, retention_count: int = 0):
+        self.host_id = host_id
+        self.spool_dir = spool_dir
+        # Set by the D-Bus adapter; None when no bus is attached.
+        self.emit_signal = emit_signal
+        self.retention_seconds = retention_seconds
+        self.retention_count = retention_count
+
+
+class Hook:
+    """Base class: override the entry points you need."""
+
+    def __init__(self, backend_name: str, backend_config, context: HookContext):
+        self.backend_name = backend_name
+        self.config = backend_config
+        self.context = context
+
+    def execute_pre_hook(self, record: Dict[str, Any]) -> Any:
+        """Runs before the driver call. Return value is passed to the post hook.
+        Raising stops the operation unless suppress_pre_hooks_errors is set."""
+        return None
+
+    def execute_post_hook(self, record: Dict[str, Any], pre_hook_data: Any) -> Optional[Dict[str, Any]]:
+        """Runs after the driver call with its results in record. May return a
+        dict of result updates (currently: export_locations)."""
+        return None
+
+    def execute_periodic_hook(self, record: Dict[str, Any]) -> None:
+        """Runs every periodic_hooks_interval with the full state."""

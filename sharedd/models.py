@@ -1,0 +1,61 @@
+"""Plain data objects passed between the store, the engine, drivers and hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+
+@dataclasses.dataclass
+class AccessRule:
+    id: str
+    share_id: str
+    access_type: str      # ip | user | cert
+    access_to: str        # canonical form (see validation.py)
+    access_level: str     # rw | ro
+    state: str
+    created_at: int = 0   # µs since epoch
+
+    def as_tuple(self):
+        return (self.id, self.access_type, self.access_to,
+                self.access_level, self.state)
+
+
+@dataclasses.dataclass
+class Share:
+    id: str
+    name: str
+    backend: str
+    protocol: str
+    size_gib: int
+    status: str
+    created_at: int = 0
+    description: str = ""
+    metadata: Dict[str, str] = dataclasses.field(default_factory=dict)
+    export_locations: List[str] = dataclasses.field(default_factory=list)
+    # Driver-private location (e.g. the subvolume path); opaque to the engine.
+    provider_location: str = ""
+    # Snapshot this share was created from, if any.
+    snapshot_id: Optional[str] = None
+    # Extra driver state persisted for the driver (JSON-able).
+    driver_data: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Snapshot:
+    id: str
+    name: str
+    share_id: str
+    size_gib: int
+    status: str
+    created_at: int = 0
+    provider_location: str = ""
+
+
+@dataclasses.dataclass
+class ShareUpdate:
+    """What a driver reports back after acting on a share."""
+    export_locations: Optional[List[str]] = None
+    provider_location: Optional[str] = None
+    size_gib: Optional[int] = None
+    driver_data: Optional[Dict[str, Any]] = None

@@ -1,0 +1,77 @@
+"""Option declarations and value parsing: the one source of truth for config
+option names, types, defaults and help (man pages and docs are checked
+against it).
+
+Modules that add options (drivers, helpers, hooks) declare a list of Opt in
+an OPTIONS attribute; the config loader collects them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import netaddr
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    name: str
+    type: str            # str | int | float | bool | list | path | ip | host
+    default: Any = None
+    help: str = ""
+    choices: Optional[Sequence[str]] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    required: bool = False
+    secret: bool = False  # never logged or shown
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def parse_value(opt: Opt, raw: str) -> Any:
+    """Parse raw text for opt; raise ValueError with a short reason."""
+    raw = raw.strip()
+    if opt.type == "bool":
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{raw!r} is not a boolean (use true or false)")
+    if opt.type in ("int", "float"):
+        try:
+            value = int(raw) if opt.type == "int" else float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a{'n integer' if opt.type == 'int' else ' number'}") from None
+        if opt.min is not None and value < opt.min:
+            raise ValueError(f"{value} is below the minimum {opt.min:g}")
+        if opt.max is not None and value > opt.max:
+            raise ValueError(f"{value} is above the maximum {opt.max:g}")
+        return value
+    if opt.type == "list":
+        items = [i.strip() for i in raw.replace("\n", ",").split(",") if i.strip()]
+        if opt.choices:
+            for item in items:
+                if item not in opt.choices and ":" not in item:
+                    raise ValueError(f"{item!r} is not one of {', '.join(opt.choices)}")
+        return items
+    if opt.type == "path":
+        if not raw:
+            return ""
+        if not os.path.isabs(raw):
+            raise ValueError(f"{raw!r} is not an absolute path")
+        return os.path.normpath(raw)
+    if opt.type == "ip":
+        if not raw:
+            return ""
+        try:
+            return str(netaddr.IPAddress(raw))
+        except (netaddr.AddrFormatError, ValueError):
+            raise ValueError(f"{raw!r} is not an IPv4 or IPv6 address") from None
+    if opt.choices and raw not in opt.choices:
+        raise ValueError(f"{raw!r} is not one of {', '.join(opt.choices)}")
+    return raw
