@@ -4,6 +4,8 @@ import importlib
 
 DRIVERS = {
     "btrfs": "sharedd.drivers.btrfs:BtrfsDriver",
+    "volume": "sharedd.drivers.volume:VolumeDriver",
+    "glusterfs_native": "sharedd.drivers.glusterfs_native:GlusterfsNativeDriver",
 }
 
 

@@ -39,11 +39,18 @@ class ShareDriver(abc.ABC):
         src(option) gives the file that set it, sec_of(option) the section.
         """
 
-    def __init__(self, backend_name: str, config, helpers: Optional[dict] = None):
-        """config: the backend's BackendConfig; helpers: protocol -> ExportHelper."""
+    def __init__(self, backend_name: str, config, helpers: Optional[dict] = None,
+                 state_dir: str = "", command_timeout: float = 120.0):
+        """config: the backend's BackendConfig (all options, parsed);
+        helpers: protocol -> ExportHelper for this backend;
+        state_dir: a private writable directory for this backend
+        (<state_path>/backends/<name>, created by the engine);
+        command_timeout: timeout for one external command (util.run)."""
         self.backend_name = backend_name
         self.config = config
         self.helpers = helpers or {}
+        self.state_dir = state_dir
+        self.command_timeout = command_timeout
 
     # --- lifecycle -------------------------------------------------------
     def do_setup(self) -> None:

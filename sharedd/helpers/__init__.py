@@ -2,5 +2,8 @@
 
 NFS_HELPERS = {
     "ganesha": "sharedd.helpers.ganesha:GaneshaHelper",
+    "kernel": "sharedd.helpers.kernel_nfs:KernelNfsHelper",
 }
-CIFS_HELPERS = {}
+CIFS_HELPERS = {
+    "samba": "sharedd.helpers.samba:SambaHelper",
+}

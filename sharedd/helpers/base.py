@@ -21,10 +21,16 @@ class ExportHelper(abc.ABC):
     #: access type -> allowed levels
     access_levels: Mapping[str, tuple] = {}
 
-    def __init__(self, config, state_dir: str):
-        """config: the backend's BackendConfig; state_dir: private writable dir."""
+    #: the helper's own options (sharedd.options.Opt), prefixed with its name
+    OPTIONS: list = []
+
+    def __init__(self, config, state_dir: str, command_timeout: float = 120.0):
+        """config: the backend's BackendConfig (all options, parsed);
+        state_dir: a private writable dir for this helper and backend
+        (<state_path>/backends/<backend>/<helper_name>, created by the engine)."""
         self.config = config
         self.state_dir = state_dir
+        self.command_timeout = command_timeout
 
     def setup(self) -> None:
         """Check that the export service is reachable; create state dirs."""
