@@ -113,17 +113,27 @@ def _read(files: List[str]) -> Tuple[Dict[str, Dict[str, str]], Dict[Tuple[str, 
     return merged, origin
 
 
-def _extra_options(driver: str, section: str, where: str) -> List[Opt]:
-    """Options declared by the driver and the helpers it may use."""
+def _extra_options(section_values: Dict[str, str], section: str, src) -> List[Opt]:
+    """Options declared by the driver, the helpers it uses, and the hooks."""
     from . import drivers, helpers
     from .hooks import HOOK_OPTIONS
-    if driver not in drivers.DRIVERS:
-        raise ConfigError(f"{where}: [{section}] share_driver: {driver!r} is not one of "
-                          f"{', '.join(sorted(drivers.DRIVERS))}")
-    opts = list(getattr(drivers.driver_class(driver), "OPTIONS", []))
-    for registry in (helpers.NFS_HELPERS, helpers.CIFS_HELPERS):
-        for spec in registry.values():
-            opts += getattr(drivers.load_class(spec), "OPTIONS", [])
+    driver = section_values["share_driver"].strip()
+    try:
+        cls = drivers.driver_class(driver)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{src('share_driver')}: [{section}] share_driver: {driver!r} is neither "
+                          f"one of {', '.join(sorted(drivers.DRIVERS))} nor an importable "
+                          "module:Class") from None
+    opts = list(getattr(cls, "OPTIONS", []))
+    if getattr(cls, "uses_export_helpers", False):
+        for registry, key, default in ((helpers.NFS_HELPERS, "nfs_helper", "ganesha"),
+                                       (helpers.CIFS_HELPERS, "cifs_helper", "samba")):
+            spec = registry.get(section_values.get(key, default).strip())
+            if spec:
+                try:
+                    opts += getattr(drivers.load_class(spec), "OPTIONS", [])
+                except ImportError:
+                    pass  # reported by _check_backend when the protocol is enabled
     return opts + list(HOOK_OPTIONS)
 
 
@@ -175,8 +185,7 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
         sec_of = lambda key, n=name: n if key in merged[n] else "DEFAULT"
         if "share_driver" not in section:
             raise ConfigError(f"{where(name, '')}: [{name}] share_driver: required option is missing")
-        opts = BACKEND_OPTIONS + _extra_options(section["share_driver"].strip(), name,
-                                                src("share_driver"))
+        opts = BACKEND_OPTIONS + _extra_options(section, name, src)
         known = {o.name: o for o in opts}
         for key in merged[name]:
             if key not in known:
@@ -231,8 +240,8 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
     if cls.uses_export_helpers and not b.share_export_ip:
         raise ConfigError(f"{src('share_export_ip')}: [{sec_of('share_export_ip')}] share_export_ip: "
                           "required for this driver (the address clients mount from)")
+    from .hooks import HOOK_DRIVERS
     for hook in b.hook_drivers:
-        from .hooks import HOOK_DRIVERS
         if hook not in HOOK_DRIVERS and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
             raise ConfigError(f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers: {hook!r} "
                               f"is neither a built-in ({', '.join(HOOK_DRIVERS)}) nor module:Class")

@@ -16,4 +16,5 @@ def load_class(spec: str):
 
 
 def driver_class(name: str):
-    return load_class(DRIVERS[name])
+    """A built-in driver by short name, or a third-party one as module:Class."""
+    return load_class(DRIVERS.get(name, name))

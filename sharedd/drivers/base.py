@@ -108,6 +108,13 @@ class ShareDriver(abc.ABC):
         if helper is not None:
             helper.validate_access(access_type, access_level)
 
+    def validate_rule(self, share: Share, rule: AccessRule) -> None:
+        """Check the exact rule (address forms etc.) before anything changes."""
+        self.validate_access(share, rule.access_type, rule.access_level)
+        helper = self.helpers.get(share.protocol)
+        if helper is not None:
+            helper.validate_rule(rule)
+
     def extend_share(self, share: Share, new_size_gib: int) -> None:
         raise NotSupported(f"driver {self.driver_name} cannot extend shares")
 

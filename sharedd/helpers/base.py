@@ -43,6 +43,11 @@ class ExportHelper(abc.ABC):
             raise NotSupported(f"{self.helper_name} cannot enforce {access_level!r} for "
                                f"{access_type!r} rules (allowed: {', '.join(levels)})")
 
+    def validate_rule(self, rule: AccessRule) -> None:
+        """Raise NotSupported / InvalidArgument if this exact rule cannot be
+        enforced (e.g. an address form the export service cannot express)."""
+        self.validate_access(rule.access_type, rule.access_level)
+
     @abc.abstractmethod
     def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
         """Export path for share with exactly these rules; return export locations.

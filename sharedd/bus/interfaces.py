@@ -1,0 +1,402 @@
+"""D-Bus interfaces of sharedd (API version 1): a thin adapter over the engine.
+
+Methods translate arguments, call the engine, and translate engine errors
+into named D-Bus errors. No `from __future__ import annotations` here:
+dbus-next reads the signature strings from the annotations.
+"""
+
+import functools
+import logging
+import time
+
+from dbus_next import DBusError, Variant
+from dbus_next.constants import PropertyAccess
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+
+from .. import __version__
+from .. import constants as C
+from ..errors import InvalidArgument, SharedError
+
+log = logging.getLogger(__name__)
+
+# Output argument names for introspection (dbus-next leaves them unnamed).
+OUT_NAMES = {
+    "CreateShare": ["share"], "ManageShare": ["share"], "ListShares": ["shares"],
+    "ListSnapshots": ["snapshots"], "FindShareByName": ["share"],
+    "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"],
+}
+
+
+def share_path(share_id: str) -> str:
+    return f"{C.SHARE_PATH}/{share_id}"
+
+
+def snapshot_path(snapshot_id: str) -> str:
+    return f"{C.SNAPSHOT_PATH}/{snapshot_id}"
+
+
+def backend_path(name: str) -> str:
+    return f"{C.BACKEND_PATH}/{name}"
+
+
+def _id_from_path(path: str, prefix: str, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith(prefix + "/"):
+        raise InvalidArgument(f"{path!r} is not a {what} object path ({prefix}/<id>)")
+    return path[len(prefix) + 1:]
+
+
+def translate(fn):
+    """Run an engine call; engine errors become named D-Bus errors."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        started = time.monotonic()
+        try:
+            result = await fn(self, *args)
+        except SharedError as exc:
+            log.info("%s refused: %s: %s", fn.__name__, exc.name, exc)
+            raise DBusError(C.ERROR_PREFIX + exc.name, str(exc)) from None
+        except DBusError:
+            raise
+        except Exception as exc:  # a bug: say so without leaking internals
+            log.exception("%s failed", fn.__name__)
+            raise DBusError(C.ERROR_PREFIX + "BackendFailure",
+                            f"internal error in {fn.__name__}: {type(exc).__name__}") from None
+        log.debug("%s done in %.3fs", fn.__name__, time.monotonic() - started)
+        return result
+    return wrapper
+
+
+def unpack_options(options, spec):
+    """a{sv} -> dict, checking each option's D-Bus signature against spec."""
+    result = {}
+    for key, variant in options.items():
+        want = spec.get(key)
+        if want is None:
+            allowed = ", ".join(sorted(spec)) or "none"
+            raise InvalidArgument(f"unknown option {key[:40]!r} (allowed: {allowed})")
+        if variant.signature not in want:
+            raise InvalidArgument(f"option {key!r} must have type {' or '.join(want)}, "
+                                  f"not {variant.signature}")
+        result[key] = variant.value
+    return result
+
+
+def to_variant_dict(values):
+    """Python dict -> a{sv} with natural D-Bus types."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            out[key] = Variant("b", value)
+        elif isinstance(value, int):
+            out[key] = Variant("x", value)
+        elif isinstance(value, float):
+            out[key] = Variant("d", value)
+        elif isinstance(value, str):
+            out[key] = Variant("s", value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            out[key] = Variant("as", list(value))
+    return out
+
+
+class _Base(ServiceInterface):
+    def __init__(self, name, engine):
+        super().__init__(name)
+        self.engine = engine
+        for m in ServiceInterface._get_methods(self):
+            for arg, out_name in zip(m.introspection.out_args, OUT_NAMES.get(m.name, [])):
+                arg.name = out_name
+
+    def props(self):
+        """Current property values (for PropertiesChanged diffs)."""
+        return {}
+
+
+class Manager(_Base):
+    def __init__(self, engine):
+        super().__init__(C.IFACE_MANAGER, engine)
+
+    @method()
+    @translate
+    async def CreateShare(self, name: "s", protocol: "s", size_gib: "t", options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"backend": ("s",), "snapshot": ("o",),
+                                        "description": ("s",), "metadata": ("a{ss}",)})
+        if "snapshot" in opts:
+            opts["snapshot"] = _id_from_path(opts["snapshot"], C.SNAPSHOT_PATH, "snapshot")
+        share = await self.engine.create_share(name, protocol, size_gib, opts)
+        return share_path(share.id)
+
+    @method()
+    @translate
+    async def ManageShare(self, backend: "s", protocol: "s", export_path: "s",
+                          options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"name": ("s",), "description": ("s",),
+                                        "metadata": ("a{ss}",), "size_gib": ("t", "u", "x", "i")})
+        share = await self.engine.manage_share(backend, protocol, export_path, opts)
+        return share_path(share.id)
+
+    @method()
+    @translate
+    async def ListShares(self, filter: "a{sv}") -> "ao":
+        f = unpack_options(filter, {"backend": ("s",), "protocol": ("s",), "status": ("s",),
+                                    "name": ("s",)})
+        shares = self.engine.shares()
+        for key, attr in (("backend", "backend"), ("status", "status"), ("name", "name")):
+            if key in f:
+                shares = [s for s in shares if getattr(s, attr) == f[key]]
+        if "protocol" in f:
+            shares = [s for s in shares if s.protocol == f["protocol"].upper()]
+        return [share_path(s.id) for s in shares]
+
+    @method()
+    @translate
+    async def ListSnapshots(self, filter: "a{sv}") -> "ao":
+        f = unpack_options(filter, {"share": ("o",)})
+        share_id = _id_from_path(f["share"], C.SHARE_PATH, "share") if "share" in f else None
+        return [snapshot_path(s.id) for s in self.engine.snapshots(share_id)]
+
+    @method()
+    @translate
+    async def FindShareByName(self, name: "s") -> "o":
+        return share_path(self.engine.find_share_by_name(name).id)
+
+    @method()
+    @translate
+    async def RunPeriodicHooks(self, options: "a{sv}"):
+        await self.engine.run_periodic_hooks(unpack_options(options, {"backend": ("s",)}))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HostId(self) -> "s":
+        return self.engine.config.host_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backends(self) -> "ao":
+        return [backend_path(n) for n in self.engine.backends]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DefaultBackend(self) -> "s":
+        return next(iter(self.engine.backends), "")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SpoolDir(self) -> "s":
+        return self.engine.config.spool_dir
+
+
+class Hooks(_Base):
+    def __init__(self, engine):
+        super().__init__(C.IFACE_HOOKS, engine)
+
+    @signal()
+    def Fired(self, phase, method_name, record) -> "sss":
+        return [phase, method_name, record]
+
+
+# dbus-next leaves signal arguments unnamed in introspection.
+for _sig in ServiceInterface._get_signals(Hooks(None)):
+    for _arg, _name in zip(_sig.introspection.args, ("phase", "method", "record")):
+        _arg.name = _name
+
+
+class Backend(_Base):
+    def __init__(self, engine, name):
+        super().__init__(C.IFACE_BACKEND, engine)
+        self.backend_name = name
+
+    @property
+    def _b(self):
+        return self.engine.backends[self.backend_name]
+
+    def props(self):
+        return {"Stats": to_variant_dict(self._b.stats)}
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.backend_name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Driver(self) -> "s":
+        return self._b.driver.driver_name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Protocols(self) -> "as":
+        return self._b.protocols
+
+    @dbus_property(access=PropertyAccess.READ)
+    def AccessTypes(self) -> "as":
+        return self._b.access_types
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Stats(self) -> "a{sv}":
+        return to_variant_dict(self._b.stats)
+
+
+class Share(_Base):
+    def __init__(self, engine, share_id):
+        super().__init__(C.IFACE_SHARE, engine)
+        self.share_id = share_id
+        self.cache = None   # last known values, for PropertiesChanged and after removal
+
+    def _s(self):
+        share = self.engine.store.get_share(self.share_id)
+        if share is not None:
+            self.cache = share
+        return self.cache
+
+    def props(self):
+        s = self._s()
+        return {"SizeGiB": s.size_gib, "Status": s.status,
+                "ExportLocations": list(s.export_locations),
+                "AccessRules": self._rules()}
+
+    def _rules(self):
+        return [list(r.as_tuple()) for r in self.engine.rules(self.share_id)]
+
+    @method()
+    @translate
+    async def AllowAccess(self, access_type: "s", access_to: "s", access_level: "s",
+                          options: "a{sv}") -> "s":
+        unpack_options(options, {})
+        return await self.engine.allow_access(self.share_id, access_type, access_to,
+                                              access_level, {})
+
+    @method()
+    @translate
+    async def DenyAccess(self, access_id: "s", options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.deny_access(self.share_id, access_id, {})
+
+    @method()
+    @translate
+    async def Extend(self, new_size_gib: "t", options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.extend_share(self.share_id, new_size_gib, {})
+
+    @method()
+    @translate
+    async def Shrink(self, new_size_gib: "t", options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.shrink_share(self.share_id, new_size_gib, {})
+
+    @method()
+    @translate
+    async def CreateSnapshot(self, name: "s", options: "a{sv}") -> "o":
+        unpack_options(options, {})
+        snap = await self.engine.create_snapshot(self.share_id, name, {})
+        return snapshot_path(snap.id)
+
+    @method()
+    @translate
+    async def RevertToSnapshot(self, snapshot: "o", options: "a{sv}"):
+        unpack_options(options, {})
+        snap_id = _id_from_path(snapshot, C.SNAPSHOT_PATH, "snapshot")
+        await self.engine.revert_to_snapshot(self.share_id, snap_id, {})
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.delete_share(self.share_id, {})
+
+    @method()
+    @translate
+    async def Unmanage(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.unmanage_share(self.share_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.share_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._s().name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":
+        return self._s().backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Protocol(self) -> "s":
+        return self._s().protocol
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SizeGiB(self) -> "t":
+        return self._s().size_gib
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self._s().status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExportLocations(self) -> "as":
+        return list(self._s().export_locations)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def AccessRules(self) -> "a(sssss)":
+        return self._rules()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self._s().created_at
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Description(self) -> "s":
+        return self._s().description
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Metadata(self) -> "a{ss}":
+        return dict(self._s().metadata)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SourceSnapshot(self) -> "o":
+        snap_id = self._s().snapshot_id
+        return snapshot_path(snap_id) if snap_id else "/"
+
+
+class Snapshot(_Base):
+    def __init__(self, engine, snapshot_id):
+        super().__init__(C.IFACE_SNAPSHOT, engine)
+        self.snapshot_id = snapshot_id
+        self.cache = None
+
+    def _s(self):
+        snap = self.engine.store.get_snapshot(self.snapshot_id)
+        if snap is not None:
+            self.cache = snap
+        return self.cache
+
+    def props(self):
+        return {"Status": self._s().status}
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.delete_snapshot(self.snapshot_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.snapshot_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._s().name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Share(self) -> "o":
+        return share_path(self._s().share_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SizeGiB(self) -> "t":
+        return self._s().size_gib
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self._s().status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self._s().created_at

@@ -1,0 +1,172 @@
+"""Connects the engine to the system bus: exports objects, keeps them in step
+with the engine (ObjectManager and PropertiesChanged signals), takes the bus
+name, and watches NFS-Ganesha's name so its lost runtime exports are re-added.
+"""
+
+import asyncio
+import logging
+
+from dbus_next import BusType, Message, MessageType
+from dbus_next.aio import MessageBus
+from dbus_next.constants import NameFlag, RequestNameReply
+from dbus_next.service import ServiceInterface
+
+from .. import constants as C
+from ..engine import Engine, Observer
+from . import interfaces as I
+
+log = logging.getLogger(__name__)
+
+GANESHA_BUS_NAME = "org.ganesha.nfsd"
+
+
+class _Bus(MessageBus):
+    """ObjectManager signals come from the manager's path (the root object),
+    where clients subscribe, not from each object's own path."""
+
+    def _emit_interface_added(self, path, interface):
+        if self._disconnected or not path.startswith(C.ROOT_PATH + "/"):
+            return
+
+        def got(iface, values, _user, err):
+            if err is not None:
+                log.error("InterfacesAdded for %s: %s", path, err)
+                return
+            self.send(Message.new_signal(path=C.ROOT_PATH,
+                                         interface="org.freedesktop.DBus.ObjectManager",
+                                         member="InterfacesAdded", signature="oa{sa{sv}}",
+                                         body=[path, {iface.name: values}]))
+        ServiceInterface._get_all_property_values(interface, got)
+
+    def _emit_interface_removed(self, path, removed_interfaces):
+        if self._disconnected or not path.startswith(C.ROOT_PATH + "/"):
+            return
+        self.send(Message.new_signal(path=C.ROOT_PATH,
+                                     interface="org.freedesktop.DBus.ObjectManager",
+                                     member="InterfacesRemoved", signature="oas",
+                                     body=[path, removed_interfaces]))
+
+
+class BusService(Observer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.bus = None
+        self.loop = None
+        self.shares = {}
+        self.snapshots = {}
+        self.backends = {}
+        self.cache = {}
+        self.hooks = None
+
+    async def connect(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.bus = await _Bus(bus_type=BusType.SYSTEM).connect()
+        self.engine.emit_signal = self._emit_threadsafe
+
+    async def publish(self) -> None:
+        """Export every object, then take the bus name (we are ready to serve)."""
+        bus, engine = self.bus, self.engine
+        self.engine.observer = self
+        bus.export(C.ROOT_PATH, I.Manager(engine))
+        self.hooks = I.Hooks(engine)
+        bus.export(C.ROOT_PATH, self.hooks)
+        for name in engine.backends:
+            iface = I.Backend(engine, name)
+            self.backends[name] = iface
+            bus.export(I.backend_path(name), iface)
+            self.cache[I.backend_path(name)] = iface.props()
+        for share in engine.shares():
+            self.share_added(share)
+        for snap in engine.snapshots():
+            self.snapshot_added(snap)
+        await self._watch_ganesha()
+        reply = await bus.request_name(C.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise RuntimeError(f"the bus name {C.BUS_NAME} is owned by another process "
+                               f"(is another sharedd running?)")
+
+    async def _watch_ganesha(self) -> None:
+        rule = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                f"member='NameOwnerChanged',arg0='{GANESHA_BUS_NAME}'")
+        await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                    interface="org.freedesktop.DBus", member="AddMatch",
+                                    signature="s", body=[rule]))
+
+        def handler(msg):
+            if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                    and msg.body and msg.body[0] == GANESHA_BUS_NAME and msg.body[2]):
+                log.info("NFS-Ganesha (re)started on the bus: re-adding exports")
+                asyncio.ensure_future(self.engine.ensure_all(helper="ganesha"))
+            return None
+        self.bus.add_message_handler(handler)
+
+    async def close(self) -> None:
+        if self.bus is not None:
+            try:
+                await self.bus.release_name(C.BUS_NAME)
+            except Exception:
+                pass
+            self.bus.disconnect()
+
+    # --- signals ------------------------------------------------------------
+    def _emit_threadsafe(self, phase: str, method: str, text: str) -> None:
+        """Hooks run in worker threads; the bus is the loop's."""
+        if self.hooks is None or self.loop is None:
+            return
+        self.loop.call_soon_threadsafe(self.hooks.Fired, phase, method, text)
+
+    def _changed(self, path: str, iface) -> None:
+        new = iface.props()
+        old = self.cache.get(path, {})
+        diff = {k: v for k, v in new.items() if old.get(k) != v}
+        self.cache[path] = new
+        if diff:
+            iface.emit_properties_changed(diff)
+
+    # --- Observer -----------------------------------------------------------
+    def share_added(self, share) -> None:
+        path = I.share_path(share.id)
+        if share.id in self.shares:
+            return self.share_changed(share)
+        iface = I.Share(self.engine, share.id)
+        self.shares[share.id] = iface
+        self.cache[path] = iface.props()
+        self.bus.export(path, iface)
+
+    def share_changed(self, share) -> None:
+        iface = self.shares.get(share.id)
+        if iface is None:
+            return self.share_added(share)
+        self._changed(I.share_path(share.id), iface)
+
+    def share_removed(self, share_id: str) -> None:
+        path = I.share_path(share_id)
+        if self.shares.pop(share_id, None) is not None:
+            self.cache.pop(path, None)
+            self.bus.unexport(path)
+
+    def snapshot_added(self, snap) -> None:
+        if snap.id in self.snapshots:
+            return self.snapshot_changed(snap)
+        path = I.snapshot_path(snap.id)
+        iface = I.Snapshot(self.engine, snap.id)
+        self.snapshots[snap.id] = iface
+        self.cache[path] = iface.props()
+        self.bus.export(path, iface)
+
+    def snapshot_changed(self, snap) -> None:
+        iface = self.snapshots.get(snap.id)
+        if iface is None:
+            return self.snapshot_added(snap)
+        self._changed(I.snapshot_path(snap.id), iface)
+
+    def snapshot_removed(self, snapshot_id: str) -> None:
+        path = I.snapshot_path(snapshot_id)
+        if self.snapshots.pop(snapshot_id, None) is not None:
+            self.cache.pop(path, None)
+            self.bus.unexport(path)
+
+    def backend_changed(self, name: str) -> None:
+        iface = self.backends.get(name)
+        if iface is not None:
+            self._changed(I.backend_path(name), iface)

@@ -1,0 +1,91 @@
+"""Process life cycle: start-up, systemd notification, watchdog, reload, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import sdnotify
+
+from . import config as config_mod
+from .engine import Engine
+from .errors import ConfigError
+
+log = logging.getLogger("sharedd")
+
+
+async def run(config_path: str, cfg: config_mod.Config) -> int:
+    from .bus.service import BusService   # the only D-Bus import path
+    notifier = sdnotify.SystemdNotifier()
+    notifier.notify("STATUS=starting: connecting to the system bus")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    engine = Engine(cfg)
+    service = BusService(engine)
+    await service.connect()
+    notifier.notify("STATUS=starting: setting up backends and recovering state")
+    await engine.start()
+    await service.publish()
+    notifier.notify("READY=1")
+    notifier.notify(f"STATUS={engine.status_line}")
+    log.info("sharedd ready on the system bus: %s", engine.status_line)
+
+    def reload() -> None:
+        notifier.notify("RELOADING=1")
+        try:
+            new = config_mod.load(config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+        else:
+            logging.getLogger().setLevel(new.log_level.upper())
+            pending = engine.reload(new)
+            if pending:
+                log.warning("reloaded; these changes take effect after a restart: %s",
+                            ", ".join(pending))
+            else:
+                log.info("configuration reloaded")
+        notifier.notify("READY=1")
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    tasks = [asyncio.create_task(_watchdog(notifier, engine)),
+             asyncio.create_task(_bus_lost(service, stop))]
+    await stop.wait()
+    notifier.notify("STOPPING=1")
+    notifier.notify("STATUS=stopping")
+    log.info("stopping")
+    for t in tasks:
+        t.cancel()
+    await service.close()
+    await engine.stop()
+    return 0 if not getattr(service, "lost", False) else 1
+
+
+async def _watchdog(notifier, engine: Engine) -> None:
+    """Ping from the event loop: a stalled loop stops the pings and systemd
+    restarts us. Also refresh STATUS= when it changes."""
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
+        usec = 0
+    interval = usec / 2e6 if usec else 5.0
+    last = None
+    while True:
+        if usec:
+            notifier.notify("WATCHDOG=1")
+        engine._update_status()
+        if engine.status_line != last:
+            last = engine.status_line
+            notifier.notify(f"STATUS={last}")
+        await asyncio.sleep(interval)
+
+
+async def _bus_lost(service, stop: asyncio.Event) -> None:
+    await service.bus.wait_for_disconnect()
+    if not stop.is_set():
+        log.error("lost the connection to the system bus; exiting so systemd restarts us")
+        service.lost = True
+        stop.set()

@@ -1,0 +1,100 @@
+"""Runs a backend's hooks with the seed's enable/suppress semantics.
+
+Each hook call runs in a worker thread with a timeout, so a slow hook never
+stalls the event loop (the bus keeps answering). Records of one share are
+delivered in order because the engine serialises operations per share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Dict, List, Optional
+
+from ..drivers import load_class
+from ..errors import BackendFailure, ConfigError
+from . import HOOK_DRIVERS
+from .base import Hook, HookContext
+
+log = logging.getLogger(__name__)
+
+
+class HookFailed(BackendFailure):
+    """A pre hook refused the operation, or a post hook failed."""
+
+
+class HookManager:
+    def __init__(self, backend_name: str, bconfig, context: HookContext):
+        self.backend_name = backend_name
+        self.config = bconfig
+        self.hooks: List[Hook] = []
+        for spec in bconfig.hook_drivers:
+            try:
+                cls = load_class(HOOK_DRIVERS.get(spec, spec))
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise ConfigError(f"[{backend_name}] hook_drivers: cannot load {spec!r}: {exc}") from None
+            if not (isinstance(cls, type) and issubclass(cls, Hook)):
+                raise ConfigError(f"[{backend_name}] hook_drivers: {spec!r} is not a sharedd Hook class")
+            self.hooks.append(cls(backend_name, bconfig, context))
+
+    def enabled(self, phase: str) -> bool:
+        if not self.hooks:
+            return False
+        return bool({"pre": self.config.enable_pre_hooks,
+                     "post": self.config.enable_post_hooks,
+                     "periodic": self.config.enable_periodic_hooks}[phase])
+
+    async def _call(self, hook: Hook, fn, *args) -> Any:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.config.hook_timeout)
+
+    @staticmethod
+    def _name(hook: Hook) -> str:
+        return type(hook).__name__
+
+    async def pre(self, record: Dict[str, Any]) -> List[Any]:
+        data = []
+        for hook in self.hooks:
+            try:
+                data.append(await self._call(hook, hook.execute_pre_hook, record))
+            except Exception as exc:  # hooks are third-party code
+                msg = f"pre hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
+                if self.config.suppress_pre_hooks_errors:
+                    log.warning("%s (suppressed)", msg)
+                    data.append(None)
+                else:
+                    log.error("%s: operation refused", msg)
+                    raise HookFailed(msg + "; nothing was changed") from None
+        return data
+
+    async def post(self, record: Dict[str, Any], pre_data: Optional[List[Any]]) -> Dict[str, Any]:
+        updates: Dict[str, Any] = {}
+        errors = []
+        for i, hook in enumerate(self.hooks):
+            pdata = pre_data[i] if pre_data and i < len(pre_data) else None
+            try:
+                result = await self._call(hook, hook.execute_post_hook, record, pdata)
+                if isinstance(result, dict):
+                    updates.update(result)
+            except Exception as exc:
+                msg = f"post hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
+                if self.config.suppress_post_hooks_errors:
+                    log.warning("%s (suppressed)", msg)
+                else:
+                    log.error("%s", msg)
+                    errors.append(msg)
+        if errors:
+            raise HookFailed("; ".join(errors))
+        return updates
+
+    async def periodic(self, record: Dict[str, Any]) -> None:
+        for hook in self.hooks:
+            try:
+                await self._call(hook, hook.execute_periodic_hook, record)
+            except Exception as exc:
+                log.error("periodic hook %s failed: %s", self._name(hook), _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"

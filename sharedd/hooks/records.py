@@ -1,0 +1,62 @@
+"""Build hook records (sharedd.record.SCHEMA) from engine state."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any, Dict, List, Optional
+
+from .. import record as record_schema
+from ..models import AccessRule, Share, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+def rule_dict(r: AccessRule) -> Dict[str, Any]:
+    return {"id": r.id, "access_type": r.access_type, "access_to": r.access_to,
+            "access_level": r.access_level, "state": r.state}
+
+
+def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
+               status: Optional[str] = None) -> Dict[str, Any]:
+    hints = dict(hints or {})
+    try:
+        record_schema._check(hints, record_schema.SCHEMA["properties"]["share"]["oneOf"][1]
+                             ["properties"]["mount_hints"], "mount_hints")
+    except record_schema.RecordError as exc:
+        # A driver bug must not poison every record: drop the hints, say why.
+        log.error("share %s: dropping invalid mount hints: %s", share.id, exc)
+        hints = {}
+    return {
+        "id": share.id, "name": share.name, "backend": share.backend,
+        "protocol": share.protocol, "export_locations": list(share.export_locations),
+        "size_gib": share.size_gib, "status": status or share.status,
+        "access_rules": [rule_dict(r) for r in rules], "mount_hints": hints,
+    }
+
+
+def snapshot_dict(s: Snapshot, status: Optional[str] = None) -> Dict[str, Any]:
+    return {"id": s.id, "name": s.name, "status": status or s.status, "size_gib": s.size_gib}
+
+
+def timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: str,
+          share: Optional[Dict[str, Any]] = None, snapshot: Optional[Dict[str, Any]] = None,
+          rules: Optional[List[AccessRule]] = None, is_allow: Optional[bool] = None,
+          result: Optional[Dict[str, Any]] = None,
+          shares: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    rec: Dict[str, Any] = {
+        "schema": record_schema.SCHEMA_VERSION, "host": host, "epoch": epoch, "seq": seq,
+        "timestamp": timestamp(), "phase": phase, "method": method, "backend": backend,
+        "share": share, "snapshot": snapshot,
+        "access_rules": [rule_dict(r) for r in (rules or [])],
+        "is_allow_operation": is_allow,
+    }
+    if result is not None:
+        rec["result"] = result
+    if shares is not None:
+        rec["shares"] = shares
+    return record_schema.validate(rec)

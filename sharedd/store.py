@@ -1,0 +1,233 @@
+"""Persistent state in SQLite (WAL): shares, snapshots, access rules, and the
+hook sequence counter.
+
+Used from the event-loop thread only. Every state change is one transaction
+(`with store.tx():`); a hook record's sequence number is taken inside the
+same transaction as the change it reports (next_seq).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import uuid
+from typing import Dict, Iterator, List, Optional
+
+from .models import AccessRule, Share, Snapshot
+
+SCHEMA_VERSION = 1
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shares (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    backend TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    size_gib INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    export_locations TEXT NOT NULL DEFAULT '[]',
+    provider_location TEXT NOT NULL DEFAULT '',
+    snapshot_id TEXT,
+    driver_data TEXT NOT NULL DEFAULT '{}',
+    -- the operation in flight (JSON), for start-up recovery
+    task TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    share_id TEXT NOT NULL REFERENCES shares(id),
+    size_gib INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    provider_location TEXT NOT NULL DEFAULT '',
+    UNIQUE (share_id, name)
+);
+CREATE TABLE IF NOT EXISTS rules (
+    id TEXT PRIMARY KEY,
+    share_id TEXT NOT NULL REFERENCES shares(id),
+    access_type TEXT NOT NULL,
+    access_to TEXT NOT NULL,
+    access_level TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (share_id, access_type, access_to)
+);
+"""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Store:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        with self.tx():
+            for statement in _DDL.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+            if self._meta("epoch") is None:
+                # A new database: a new epoch tells clients that seq restarts.
+                self._set_meta("epoch", new_id())
+                self._set_meta("seq", "0")
+                self._set_meta("schema_version", str(SCHEMA_VERSION))
+        self.epoch = self._meta("epoch")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _meta(self, key: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def next_seq(self) -> int:
+        """Take the next hook sequence number (call inside tx())."""
+        assert self.db.in_transaction, "next_seq outside a transaction"
+        seq = int(self._meta("seq")) + 1
+        self._set_meta("seq", str(seq))
+        return seq
+
+    def last_seq(self) -> int:
+        return int(self._meta("seq"))
+
+    # --- shares --------------------------------------------------------------
+    @staticmethod
+    def _share(row: sqlite3.Row) -> Share:
+        return Share(id=row["id"], name=row["name"], backend=row["backend"],
+                     protocol=row["protocol"], size_gib=row["size_gib"], status=row["status"],
+                     created_at=row["created_at"], description=row["description"],
+                     metadata=json.loads(row["metadata"]),
+                     export_locations=json.loads(row["export_locations"]),
+                     provider_location=row["provider_location"], snapshot_id=row["snapshot_id"],
+                     driver_data=json.loads(row["driver_data"]))
+
+    def insert_share(self, s: Share, task: Optional[dict] = None) -> None:
+        self.db.execute(
+            "INSERT INTO shares(id, name, backend, protocol, size_gib, status, created_at, description,"
+            " metadata, export_locations, provider_location, snapshot_id, driver_data, task)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (s.id, s.name, s.backend, s.protocol, s.size_gib, s.status, s.created_at, s.description,
+             json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
+             s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {})))
+
+    def update_share(self, s: Share, task: Optional[dict] = None) -> None:
+        self.db.execute(
+            "UPDATE shares SET size_gib=?, status=?, export_locations=?, provider_location=?,"
+            " driver_data=?, task=? WHERE id=?",
+            (s.size_gib, s.status, json.dumps(s.export_locations), s.provider_location,
+             json.dumps(s.driver_data), json.dumps(task or {}), s.id))
+
+    def delete_share(self, share_id: str) -> None:
+        self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
+        self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,))
+        self.db.execute("DELETE FROM shares WHERE id=?", (share_id,))
+
+    def get_share(self, share_id: str) -> Optional[Share]:
+        row = self.db.execute("SELECT * FROM shares WHERE id=?", (share_id,)).fetchone()
+        return self._share(row) if row else None
+
+    def share_task(self, share_id: str) -> dict:
+        row = self.db.execute("SELECT task FROM shares WHERE id=?", (share_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def find_share(self, name: str) -> Optional[Share]:
+        row = self.db.execute("SELECT * FROM shares WHERE name=?", (name,)).fetchone()
+        return self._share(row) if row else None
+
+    def shares(self, backend: Optional[str] = None) -> List[Share]:
+        if backend is None:
+            rows = self.db.execute("SELECT * FROM shares ORDER BY created_at, id")
+        else:
+            rows = self.db.execute("SELECT * FROM shares WHERE backend=? ORDER BY created_at, id", (backend,))
+        return [self._share(r) for r in rows]
+
+    # --- snapshots -------------------------------------------------------------
+    @staticmethod
+    def _snapshot(row: sqlite3.Row) -> Snapshot:
+        return Snapshot(id=row["id"], name=row["name"], share_id=row["share_id"],
+                        size_gib=row["size_gib"], status=row["status"],
+                        created_at=row["created_at"], provider_location=row["provider_location"])
+
+    def insert_snapshot(self, s: Snapshot) -> None:
+        self.db.execute(
+            "INSERT INTO snapshots(id, name, share_id, size_gib, status, created_at, provider_location)"
+            " VALUES(?,?,?,?,?,?,?)",
+            (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location))
+
+    def update_snapshot(self, s: Snapshot) -> None:
+        self.db.execute("UPDATE snapshots SET status=?, provider_location=? WHERE id=?",
+                        (s.status, s.provider_location, s.id))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    def get_snapshot(self, snapshot_id: str) -> Optional[Snapshot]:
+        row = self.db.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
+        return self._snapshot(row) if row else None
+
+    def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
+        if share_id is None:
+            rows = self.db.execute("SELECT * FROM snapshots ORDER BY created_at, id")
+        else:
+            rows = self.db.execute("SELECT * FROM snapshots WHERE share_id=? ORDER BY created_at, id",
+                                   (share_id,))
+        return [self._snapshot(r) for r in rows]
+
+    # --- rules -------------------------------------------------------------------
+    @staticmethod
+    def _rule(row: sqlite3.Row) -> AccessRule:
+        return AccessRule(id=row["id"], share_id=row["share_id"], access_type=row["access_type"],
+                          access_to=row["access_to"], access_level=row["access_level"],
+                          state=row["state"], created_at=row["created_at"])
+
+    def insert_rule(self, r: AccessRule) -> None:
+        self.db.execute(
+            "INSERT INTO rules(id, share_id, access_type, access_to, access_level, state, created_at)"
+            " VALUES(?,?,?,?,?,?,?)",
+            (r.id, r.share_id, r.access_type, r.access_to, r.access_level, r.state, r.created_at))
+
+    def set_rule_state(self, rule_id: str, state: str) -> None:
+        self.db.execute("UPDATE rules SET state=? WHERE id=?", (state, rule_id))
+
+    def delete_rule(self, rule_id: str) -> None:
+        self.db.execute("DELETE FROM rules WHERE id=?", (rule_id,))
+
+    def get_rule(self, rule_id: str) -> Optional[AccessRule]:
+        row = self.db.execute("SELECT * FROM rules WHERE id=?", (rule_id,)).fetchone()
+        return self._rule(row) if row else None
+
+    def rules(self, share_id: str) -> List[AccessRule]:
+        rows = self.db.execute("SELECT * FROM rules WHERE share_id=? ORDER BY created_at, id", (share_id,))
+        return [self._rule(r) for r in rows]
+
+    def all_rules(self) -> Dict[str, List[AccessRule]]:
+        result: Dict[str, List[AccessRule]] = {}
+        for row in self.db.execute("SELECT * FROM rules ORDER BY created_at, id"):
+            result.setdefault(row["share_id"], []).append(self._rule(row))
+        return result

@@ -1,0 +1,137 @@
+"""Validation and canonicalisation of everything that crosses the API.
+
+IP rules: a single address is stored bare (IPv6 compressed, lower case);
+a CIDR must name a network: host bits set (10.0.0.5/24) is rejected with the
+network it probably meant, /32 and /128 are stored as bare addresses, and
+0.0.0.0/0 or ::/0 mean every client of that family.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Tuple
+
+import netaddr
+
+from .constants import ACCESS_LEVELS, ACCESS_TYPES, PROTOCOLS, SHARE_NAME_PATTERN
+from .errors import InvalidArgument
+
+_NAME_RE = re.compile(SHARE_NAME_PATTERN)
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+_CN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_DESC_MAX = 1024
+MAX_SIZE_GIB = 1 << 20   # 1 PiB: anything above is a typo
+
+
+def share_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid share name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+    return name
+
+
+def snapshot_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid snapshot name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+    return name
+
+
+def object_id(value: str, what: str = "id") -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidArgument(f"invalid {what} {value[:80]!r}: expected 32 hex digits")
+    return value
+
+
+def protocol(value: str) -> str:
+    up = value.upper() if isinstance(value, str) else ""
+    if up not in PROTOCOLS:
+        raise InvalidArgument(f"invalid protocol {value[:40]!r}: use one of {', '.join(PROTOCOLS)}")
+    return up
+
+
+def size_gib(value: int, what: str = "size") -> int:
+    if not isinstance(value, int) or value <= 0:
+        raise InvalidArgument(f"invalid {what} {value!r}: must be a whole number of GiB above 0")
+    if value > MAX_SIZE_GIB:
+        raise InvalidArgument(f"invalid {what} {value} GiB: above the limit of {MAX_SIZE_GIB} GiB")
+    return value
+
+
+def description(value: str) -> str:
+    if not isinstance(value, str) or len(value) > _DESC_MAX or any(ord(c) < 32 for c in value):
+        raise InvalidArgument(f"invalid description: at most {_DESC_MAX} printable characters")
+    return value
+
+
+def metadata(value: dict) -> dict:
+    if not isinstance(value, dict) or len(value) > 64:
+        raise InvalidArgument("invalid metadata: at most 64 string pairs")
+    for k, v in value.items():
+        if not isinstance(k, str) or not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", k):
+            raise InvalidArgument(f"invalid metadata key {str(k)[:80]!r}")
+        if not isinstance(v, str) or len(v) > 1024:
+            raise InvalidArgument(f"invalid metadata value for {k!r}: at most 1024 characters")
+    return dict(value)
+
+
+def access_type(value: str) -> str:
+    low = value.lower() if isinstance(value, str) else ""
+    if low not in ACCESS_TYPES:
+        raise InvalidArgument(f"invalid access type {value[:40]!r}: use one of {', '.join(ACCESS_TYPES)}")
+    return low
+
+
+def access_level(value: str) -> str:
+    low = value.lower() if isinstance(value, str) else ""
+    if low not in ACCESS_LEVELS:
+        raise InvalidArgument(f"invalid access level {value[:40]!r}: use rw or ro")
+    return low
+
+
+def _address(text: str) -> netaddr.IPAddress:
+    # INET_PTON: refuse legacy forms such as 01.2.3.4 or 10.1
+    return netaddr.IPAddress(text, flags=netaddr.INET_PTON if ":" not in text else 0)
+
+
+def ip_rule(value: str) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    if not text or len(text) > 64 or not re.match(r"^[0-9A-Fa-f.:/]+$", text):
+        raise InvalidArgument(f"invalid IP address or CIDR {value[:80]!r}")
+    try:
+        if "/" in text:
+            addr_part, _, plen = text.partition("/")
+            if not plen.isdigit():
+                raise ValueError("bad prefix")
+            net = netaddr.IPNetwork(str(_address(addr_part)) + "/" + plen)
+            if net.ip != net.network:
+                raise InvalidArgument(
+                    f"invalid CIDR {text!r}: host bits are set (did you mean {net.cidr}?)")
+            full = 32 if net.version == 4 else 128
+            return str(net.ip) if net.prefixlen == full else str(net.cidr)
+        return str(_address(text))
+    except InvalidArgument:
+        raise
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise InvalidArgument(f"invalid IP address or CIDR {value[:80]!r}") from None
+
+
+def access_to(kind: str, value: str) -> str:
+    if kind == "ip":
+        return ip_rule(value)
+    if kind == "user":
+        if not isinstance(value, str) or not _USER_RE.match(value):
+            raise InvalidArgument(f"invalid user name {value[:80]!r}: letters, digits, '_', '.', '@', '-'")
+        return value
+    if not isinstance(value, str) or not _CN_RE.match(value):
+        raise InvalidArgument(f"invalid certificate CN {value[:80]!r}: letters, digits, '.', '_', '@', '-' "
+                              "(no commas, wildcards or spaces)")
+    return value
+
+
+def access_rule(kind: str, to: str, level: str) -> Tuple[str, str, str]:
+    kind = access_type(kind)
+    return kind, access_to(kind, to), access_level(level)

@@ -1,0 +1,169 @@
+"""The D-Bus API against the real daemon on a private bus, with an in-memory
+driver (no storage): argument validation, named errors, state changes,
+ObjectManager and PropertiesChanged. Storage-backed behaviour is tested in
+test_e2e_btrfs_ganesha.py with real btrfs and NFS-Ganesha."""
+
+import json
+import os
+
+import pytest
+
+MGR = "org.sharedd.Sharedd1.Manager"
+SHARE = "org.sharedd.Sharedd1.Share"
+ERR = "org.sharedd.Sharedd1.Error."
+
+CONFIG = """
+[DEFAULT]
+enabled_share_backends = mem1, mem2
+state_path = @WORK@/state
+spool_dir = @WORK@/spool
+host_id = storage1
+
+[mem1]
+share_driver = tests.memdriver:MemoryDriver
+enabled_share_protocols = NFS, CIFS
+hook_drivers = spool, dbus
+enable_pre_hooks = true
+enable_post_hooks = true
+enable_periodic_hooks = true
+
+[mem2]
+share_driver = tests.memdriver:MemoryDriver
+memory_capacity_gib = 5
+"""
+
+
+@pytest.fixture
+def d(sharedd_factory):
+    return sharedd_factory(CONFIG)
+
+
+def test_create_list_find_delete(d):
+    path = d.create_share("projects", "nfs", 2, description="team data")
+    assert path.startswith("/org/sharedd/Sharedd1/share/")
+    assert d.share_prop(path, "Name") == "projects"
+    assert d.share_prop(path, "Protocol") == "NFS"          # canonical
+    assert d.share_prop(path, "Status") == "available"
+    assert d.share_prop(path, "SizeGiB") == 2
+    assert d.share_prop(path, "Backend") == "mem1"          # first enabled backend
+    assert d.share_prop(path, "Description") == "team data"
+    assert d.share_prop(path, "ExportLocations") == [f"mem:/{path.rsplit('/', 1)[1]}"]
+    assert d.manager("ListShares", "a{sv}", 0) == [path]
+    assert d.manager("FindShareByName", "s", "projects") == path
+    d.share(path, "Delete", "a{sv}", 0)
+    assert d.manager("ListShares", "a{sv}", 0) == []
+    assert ERR + "NotFound" in d.error("/org/sharedd/Sharedd1", MGR, "FindShareByName", "s", "projects")
+
+
+@pytest.mark.parametrize("args, error", [
+    (("bad name!", "NFS", 1), "InvalidArgument"),
+    (("x" * 64, "NFS", 1), "InvalidArgument"),
+    (("ok", "SMB", 1), "InvalidArgument"),
+    (("ok", "NFS", 0), "InvalidArgument"),
+    (("ok", "GLUSTERFS", 1), "NotSupported"),
+])
+def test_create_rejects_bad_input(d, args, error):
+    text = d.error("/org/sharedd/Sharedd1", MGR, "CreateShare", "ssta{sv}", *args, 0)
+    assert ERR + error in text
+    assert d.manager("ListShares", "a{sv}", 0) == []
+
+
+def test_create_rejects_bad_options_and_duplicates(d):
+    root = "/org/sharedd/Sharedd1"
+    assert ERR + "InvalidArgument" in d.error(root, MGR, "CreateShare", "ssta{sv}", "a", "NFS", 1,
+                                              1, "colour", "s", "blue")
+    assert ERR + "InvalidArgument" in d.error(root, MGR, "CreateShare", "ssta{sv}", "a", "NFS", 1,
+                                              1, "backend", "u", 3)
+    assert ERR + "NotFound" in d.error(root, MGR, "CreateShare", "ssta{sv}", "a", "NFS", 1,
+                                       1, "backend", "s", "nope")
+    d.create_share("a")
+    assert ERR + "AlreadyExists" in d.error(root, MGR, "CreateShare", "ssta{sv}", "a", "NFS", 1, 0)
+    assert ERR + "CapacityExceeded" in d.error(root, MGR, "CreateShare", "ssta{sv}", "big", "NFS",
+                                               10 ** 5, 1, "backend", "s", "mem2")
+    assert len(d.manager("ListShares", "a{sv}", 0)) == 1
+
+
+def test_access_rules_validation_and_canonical_forms(d):
+    path = d.create_share("acl")
+    rid = d.share(path, "AllowAccess", "sssa{sv}", "IP", "10.0.0.0/24", "RW", 0)
+    assert len(rid) == 32
+    d.share(path, "AllowAccess", "sssa{sv}", "ip", "FD00::5/128", "ro", 0)
+    rules = d.share_prop(path, "AccessRules")
+    assert sorted((r[1], r[2], r[3], r[4]) for r in rules) == [
+        ("ip", "10.0.0.0/24", "rw", "active"), ("ip", "fd00::5", "ro", "active")]
+    for args, err in [(("ip", "10.0.0.5/24", "rw"), "InvalidArgument"),
+                      (("ip", "10.0.0.0/24", "ro"), "AlreadyExists"),
+                      (("ip", "not-an-ip", "rw"), "InvalidArgument"),
+                      (("ip", "10.1.1.1", "rwx"), "InvalidArgument"),
+                      (("cert", "alice", "rw"), "NotSupported"),
+                      (("group", "x", "rw"), "InvalidArgument")]:
+        assert ERR + err in d.error(path, SHARE, "AllowAccess", "sssa{sv}", *args, 0), args
+    assert len(d.share_prop(path, "AccessRules")) == 2
+    d.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    assert [r[2] for r in d.share_prop(path, "AccessRules")] == ["fd00::5"]
+    assert ERR + "NotFound" in d.error(path, SHARE, "DenyAccess", "sa{sv}", rid, 0)
+    assert ERR + "InvalidArgument" in d.error(path, SHARE, "DenyAccess", "sa{sv}", "../x", 0)
+
+
+def test_extend_shrink_snapshot_revert_clone(d):
+    path = d.create_share("data", "NFS", 2)
+    d.share(path, "Extend", "ta{sv}", 4, 0)
+    assert d.share_prop(path, "SizeGiB") == 4
+    assert ERR + "InvalidArgument" in d.error(path, SHARE, "Extend", "ta{sv}", 3, 0)
+    d.share(path, "Shrink", "ta{sv}", 3, 0)
+    assert d.share_prop(path, "SizeGiB") == 3
+    snap = d.share(path, "CreateSnapshot", "sa{sv}", "s1", 0)
+    assert snap.startswith("/org/sharedd/Sharedd1/snapshot/")
+    assert d.get(snap, "org.sharedd.Sharedd1.Snapshot", "Share") == path
+    assert d.get(snap, "org.sharedd.Sharedd1.Snapshot", "Status") == "available"
+    assert ERR + "AlreadyExists" in d.error(path, SHARE, "CreateSnapshot", "sa{sv}", "s1", 0)
+    d.share(path, "RevertToSnapshot", "oa{sv}", snap, 0)
+    clone = d.create_share("clone", "NFS", 3, snapshot=snap)
+    assert d.share_prop(clone, "SourceSnapshot") == snap
+    assert ERR + "InvalidState" in d.error(path, SHARE, "Delete", "a{sv}", 0)  # has snapshots
+    d.call(snap, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
+    d.share(path, "Delete", "a{sv}", 0)
+
+
+def test_manage_unmanage(d):
+    path = d.manager("ManageShare", "sssa{sv}", "mem1", "nfs", "/legacy/data", 1, "size_gib", "t", 7)
+    assert d.share_prop(path, "Name") == "data"
+    assert d.share_prop(path, "SizeGiB") == 7
+    assert ERR + "AlreadyExists" in d.error("/org/sharedd/Sharedd1", MGR, "ManageShare", "sssa{sv}",
+                                            "mem1", "NFS", "/legacy/data", 1, "name", "s", "other")
+    d.share(path, "Unmanage", "a{sv}", 0)
+    assert d.manager("ListShares", "a{sv}", 0) == []
+
+
+def test_backend_objects_and_stats(d):
+    backends = d.get("/org/sharedd/Sharedd1", MGR, "Backends")
+    assert backends == ["/org/sharedd/Sharedd1/backend/mem1", "/org/sharedd/Sharedd1/backend/mem2"]
+    stats = d.get(backends[1], "org.sharedd.Sharedd1.Backend", "Stats")
+    assert stats["total_capacity_gb"]["data"] == 5.0
+    assert stats["snapshot_support"]["data"] is True
+    assert d.get(backends[0], "org.sharedd.Sharedd1.Backend", "Protocols") == ["NFS", "CIFS"]
+
+
+def test_spool_and_signal_records(d):
+    path = d.create_share("hooked")
+    share_id = path.rsplit("/", 1)[1]
+    rid = d.share(path, "AllowAccess", "sssa{sv}", "ip", "10.9.0.0/16", "rw", 0)
+    d.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    d.manager("RunPeriodicHooks", "a{sv}", 0)
+    spool = os.path.join(d.workdir, "spool", "storage1")
+    names = sorted(n for n in os.listdir(spool) if not n.startswith("."))
+    recs = [json.load(open(os.path.join(spool, n))) for n in names]
+    seqs = [r["seq"] for r in recs]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    kinds = [(r["phase"], r["method"]) for r in recs if r["share"] and r["share"]["id"] == share_id]
+    assert kinds == [("pre", "create_share"), ("post", "create_share"),
+                     ("pre", "allow_access"), ("post", "allow_access"),
+                     ("pre", "deny_access"), ("post", "deny_access")]
+    by = {(r["phase"], r["method"]): r for r in recs if r["share"] and r["share"]["id"] == share_id}
+    assert by[("pre", "allow_access")]["share"]["access_rules"][0]["state"] == "applying"
+    assert by[("post", "allow_access")]["share"]["access_rules"][0]["state"] == "active"
+    assert by[("pre", "deny_access")]["share"]["access_rules"][0]["state"] == "denying"
+    assert by[("post", "deny_access")]["share"]["access_rules"] == []
+    periodic = [r for r in recs if r["phase"] == "periodic"]
+    assert periodic and periodic[-1]["shares"][0]["id"] == share_id
+
