@@ -8,6 +8,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import pytest  # noqa: E402
+
+pytest.register_assert_rewrite("tests.fixtures", "tests.support")
+
 from tests.support import components  # noqa: E402
 
 pytest_plugins = sorted(

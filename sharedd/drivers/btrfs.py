@@ -1,0 +1,623 @@
+"""btrfs share driver: one subvolume per share, size enforced by qgroups.
+
+Pool layout (pool = btrfs_pool_path):
+
+    <pool>/shares/<share id>        subvolume of a created share
+    <pool>/snapshots/<snapshot id>  read-only snapshot
+    <anything>.revert-new / .revert-old   transient, during a revert
+
+Each share subvolume is mounted on its own mount point
+(<mount_dir>/<share id>, with -o subvol=) and that mount point is what the
+export helper publishes: NFS-Ganesha cannot export a subvolume that is only
+reachable as a directory under the pool mount (clients get NFS4ERR_XDEV).
+
+Every step is idempotent so that start-up recovery can replay it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import stat
+from typing import Any, Dict, List, Optional
+
+from .. import util
+from ..errors import (AlreadyExists, BackendFailure, ConfigError, InvalidArgument)
+from ..models import AccessRule, Share, ShareUpdate, Snapshot
+from ..options import Opt
+from .base import ShareDriver
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+#: inode number of every subvolume root (BTRFS_FIRST_FREE_OBJECTID)
+SUBVOL_INO = 256
+#: btrfs superblock: at 64 KiB, magic at offset 0x40 within it
+_SUPER_MAGIC_OFFSET = 0x10000 + 0x40
+_SUPER_MAGIC = b"_BHRfS_M"
+
+SHARES_DIR = "shares"
+SNAPSHOTS_DIR = "snapshots"
+REVERT_NEW = ".revert-new"
+REVERT_OLD = ".revert-old"
+
+# Ids become path components and mount point names.
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_QGROUP_HEADER_RE = re.compile(
+    r"^qgroupid\s+(referenced|rfer)\s+(exclusive|excl)\s+"
+    r"(max referenced|max_rfer)\s+(max exclusive|max_excl)\b", re.I)
+_QGROUP_ID_RE = re.compile(r"^(\d+)/(\d+)$")
+
+
+class _Mount:
+    """One line of /proc/self/mountinfo (the parts this driver needs)."""
+
+    def __init__(self, target: str, root: str, fstype: str, source: str, options: str):
+        self.target, self.root, self.fstype = target, root, fstype
+        self.source, self.options = source, options
+
+
+def _mounts() -> List[_Mount]:
+    result = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts, rparts = left.split(), right.split()
+            if len(parts) < 6 or len(rparts) < 3:
+                continue
+            result.append(_Mount(util.unescape_mountinfo(parts[4]),
+                                 util.unescape_mountinfo(parts[3]), rparts[0],
+                                 util.unescape_mountinfo(rparts[1]),
+                                 parts[5] + "," + rparts[2]))
+    return result
+
+
+def _mount_at(path: str) -> Optional[_Mount]:
+    """The topmost mount whose mount point is exactly path."""
+    found = None
+    for m in _mounts():
+        if m.target == path:
+            found = m
+    return found
+
+
+def _is_subvolume(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_ino == SUBVOL_INO
+
+
+def _has_btrfs_signature(image: str) -> bool:
+    try:
+        with open(image, "rb") as f:
+            f.seek(_SUPER_MAGIC_OFFSET)
+            return f.read(len(_SUPER_MAGIC)) == _SUPER_MAGIC
+    except OSError:
+        return False
+
+
+class Qgroup:
+    def __init__(self, subvol_id: int, referenced: int, exclusive: int,
+                 max_referenced: Optional[int]):
+        self.subvol_id = subvol_id
+        self.referenced = referenced
+        self.exclusive = exclusive
+        self.max_referenced = max_referenced
+
+
+def parse_qgroup_show(text: str) -> Dict[int, Qgroup]:
+    """Parse `btrfs qgroup show -r -e --raw` into subvolume id -> Qgroup.
+
+    Only level-0 qgroups (one per subvolume). Anything unexpected raises
+    BackendFailure rather than being guessed at: sizes decide whether a
+    shrink may lose data.
+    """
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    if not lines or not _QGROUP_HEADER_RE.match(lines[0].strip()):
+        raise BackendFailure("unexpected output from btrfs qgroup show: "
+                             f"header {lines[0][:120] if lines else '(empty)'!r}")
+    result: Dict[int, Qgroup] = {}
+    for line in lines[1:]:
+        fields = line.split()
+        if set(line.strip()) <= set("- "):
+            continue          # the dashes under the header
+        m = _QGROUP_ID_RE.match(fields[0])
+        if not m or len(fields) < 5:
+            raise BackendFailure(f"unexpected line from btrfs qgroup show: {line[:120]!r}")
+        level, qid = int(m.group(1)), int(m.group(2))
+
+        def number(value: str, allow_none: bool) -> Optional[int]:
+            if allow_none and value == "none":
+                return None
+            if not value.isdigit():
+                raise BackendFailure(f"unexpected size {value!r} from btrfs qgroup show "
+                                     f"in line {line[:120]!r}")
+            return int(value)
+
+        rfer = number(fields[1], False)
+        excl = number(fields[2], False)
+        max_rfer = number(fields[3], True)
+        number(fields[4], True)
+        if level == 0:
+            result[qid] = Qgroup(qid, rfer, excl, max_rfer)
+    return result
+
+
+def _gib_ceil(nbytes: int) -> int:
+    return max(1, math.ceil(nbytes / GiB))
+
+
+class BtrfsDriver(ShareDriver):
+    driver_name = "btrfs"
+    driver_version = "1.0"
+    supported_protocols = ("NFS", "CIFS")
+    access_types = {"NFS": ("ip",), "CIFS": ("ip", "user")}
+    thin_provisioning = True
+    uses_export_helpers = True
+
+    OPTIONS = [
+        Opt("btrfs_pool_path", "path", required=True,
+            help="Mount point of the btrfs pool that holds the share subvolumes."),
+        Opt("btrfs_pool_image", "path", "",
+            help="Optional sparse image file for the pool: created and formatted "
+                 "with mkfs.btrfs if missing, loop-mounted at btrfs_pool_path when "
+                 "not mounted. An existing image is reused, never reformatted."),
+        Opt("btrfs_pool_image_size_gib", "int", 10, min=1,
+            help="Size of a new btrfs_pool_image, GiB (sparse)."),
+        Opt("btrfs_share_mount_dir", "path", "",
+            help="Directory for the per-share subvolume mounts "
+                 "(default: <state_path>/backends/<backend>/mounts)."),
+    ]
+
+    @classmethod
+    def check_config(cls, backend, src, sec_of) -> None:
+        pool = backend.btrfs_pool_path
+        if pool == "/":
+            raise ConfigError(f"{src('btrfs_pool_path')}: [{sec_of('btrfs_pool_path')}] "
+                              "btrfs_pool_path: must not be the root directory")
+        image = backend.btrfs_pool_image
+        if image and (image == pool or image.startswith(pool.rstrip("/") + "/")):
+            raise ConfigError(f"{src('btrfs_pool_image')}: [{sec_of('btrfs_pool_image')}] "
+                              "btrfs_pool_image: must not lie inside btrfs_pool_path")
+        mdir = backend.btrfs_share_mount_dir
+        if mdir and (mdir == pool or mdir.startswith(pool.rstrip("/") + "/")):
+            raise ConfigError(f"{src('btrfs_share_mount_dir')}: "
+                              f"[{sec_of('btrfs_share_mount_dir')}] btrfs_share_mount_dir: "
+                              "must not lie inside btrfs_pool_path")
+
+    def __init__(self, backend_name: str, config, helpers: Optional[dict] = None,
+                 state_dir: str = "", command_timeout: float = 120.0):
+        super().__init__(backend_name, config, helpers, state_dir, command_timeout)
+        self.pool = os.path.realpath(config.btrfs_pool_path)
+        self.image = config.btrfs_pool_image or ""
+        self.image_size_gib = int(config.btrfs_pool_image_size_gib or 10)
+        mdir = config.btrfs_share_mount_dir or os.path.join(state_dir or ".", "mounts")
+        self.mount_dir = os.path.realpath(mdir)
+
+    # --- small tools -----------------------------------------------------------
+    def _run(self, *argv: str, check: bool = True):
+        return util.run(list(argv), timeout=self.command_timeout, check=check)
+
+    def _pool_mount(self) -> _Mount:
+        m = _mount_at(self.pool)
+        if m is None:
+            raise BackendFailure(f"btrfs pool {self.pool} is not mounted")
+        if m.fstype != "btrfs":
+            raise BackendFailure(f"{self.pool} is a {m.fstype} mount, not btrfs")
+        return m
+
+    def _path(self, rel: str) -> str:
+        return os.path.join(self.pool, rel)
+
+    @staticmethod
+    def _check_id(kind: str, value: str) -> None:
+        if not _ID_RE.match(value or "") or value.endswith((REVERT_NEW, REVERT_OLD)):
+            raise InvalidArgument(f"{kind} id {value!r} cannot be used as a path component")
+
+    @staticmethod
+    def _check_rel(rel: str) -> str:
+        norm = os.path.normpath(rel)
+        if (not rel or os.path.isabs(rel) or norm in (".", "..")
+                or norm.startswith("../") or "\x00" in rel or "," in rel):
+            raise InvalidArgument(f"{rel!r} is not a path inside the pool")
+        return norm
+
+    def _share_rel(self, share: Share) -> str:
+        if share.provider_location:
+            return self._check_rel(share.provider_location)
+        self._check_id("share", share.id)
+        return f"{SHARES_DIR}/{share.id}"
+
+    def _snapshot_rel(self, snapshot: Snapshot) -> str:
+        if snapshot.provider_location:
+            return self._check_rel(snapshot.provider_location)
+        self._check_id("snapshot", snapshot.id)
+        return f"{SNAPSHOTS_DIR}/{snapshot.id}"
+
+    def _mount_point(self, share: Share) -> str:
+        self._check_id("share", share.id)
+        return os.path.join(self.mount_dir, share.id)
+
+    def _helper(self, share: Share):
+        helper = self.helpers.get(share.protocol)
+        if helper is None:
+            raise BackendFailure(f"backend {self.backend_name} has no export helper "
+                                 f"for {share.protocol}")
+        return helper
+
+    def _subvol_id(self, path: str) -> int:
+        out = self._run("btrfs", "inspect-internal", "rootid", path).stdout.decode().strip()
+        if not out.isdigit():
+            raise BackendFailure(f"unexpected output from btrfs inspect-internal rootid "
+                                 f"{path}: {out[:80]!r}")
+        return int(out)
+
+    def _qgroups(self) -> Dict[int, Qgroup]:
+        # Accounting lags behind writes until the transaction commits.
+        self._run("btrfs", "filesystem", "sync", self.pool)
+        out = self._run("btrfs", "qgroup", "show", "-r", "-e", "--raw", self.pool)
+        return parse_qgroup_show(out.stdout.decode(errors="replace"))
+
+    def _qgroup(self, path: str) -> Qgroup:
+        sid = self._subvol_id(path)
+        group = self._qgroups().get(sid)
+        if group is None:
+            raise BackendFailure(f"no quota group 0/{sid} for subvolume {path} "
+                                 "(are quotas enabled on the pool?)")
+        return group
+
+    def _set_limit(self, path: str, size_gib: int) -> None:
+        if int(size_gib) < 1:
+            raise InvalidArgument(f"share size must be at least 1 GiB, not {size_gib}")
+        self._run("btrfs", "qgroup", "limit", str(int(size_gib) * GiB), path)
+
+    def _snapshot(self, source: str, dest: str, readonly: bool) -> None:
+        """Snapshot source to dest unless dest is already a subvolume (replay)."""
+        if _is_subvolume(dest):
+            return
+        if os.path.lexists(dest):
+            raise BackendFailure(f"{dest} exists and is not a subvolume")
+        if not _is_subvolume(source):
+            raise BackendFailure(f"{source} is not a subvolume")
+        argv = ["btrfs", "subvolume", "snapshot"] + (["-r"] if readonly else []) + [source, dest]
+        self._run(*argv)
+
+    def _delete_subvolume(self, path: str) -> None:
+        """Delete the subvolume at path and its quota group; gone is fine."""
+        if not os.path.lexists(path):
+            return
+        if not _is_subvolume(path):
+            raise BackendFailure(f"{path} is not a subvolume; not deleting it")
+        sid = self._subvol_id(path)
+        # A read-only snapshot can be deleted as is; nested subvolumes cannot.
+        self._run("btrfs", "subvolume", "delete", "--commit-after", path)
+        # Newer kernels drop the qgroup once the subvolume is cleaned; older
+        # ones keep a stale one. Both steps are best effort: a stale qgroup
+        # costs nothing and the subvolume itself is already gone.
+        try:
+            # Cleaning a big subvolume can take long: wait a bounded time.
+            util.run(["btrfs", "subvolume", "sync", self.pool, str(sid)],
+                     timeout=min(self.command_timeout, 30.0))
+            if sid in self._qgroups():
+                self._run("btrfs", "qgroup", "destroy", f"0/{sid}", self.pool)
+        except BackendFailure as exc:
+            log.warning("quota group 0/%s of deleted subvolume %s not removed: %s",
+                        sid, path, exc)
+
+    def _is_mounted_subvol(self, mp: str, subvol_path: str) -> bool:
+        m = _mount_at(mp)
+        if m is None or m.fstype != "btrfs":
+            return False
+        try:
+            a, b = os.stat(mp), os.stat(subvol_path)
+        except OSError:
+            return False
+        # Every subvolume has its own st_dev, the same through every mount of it.
+        return a.st_dev == b.st_dev and a.st_ino == b.st_ino == SUBVOL_INO
+
+    def _mount(self, share: Share) -> str:
+        """Mount the share's subvolume on its mount point; return the mount point."""
+        rel = self._share_rel(share)
+        path = self._path(rel)
+        mp = self._mount_point(share)
+        if not _is_subvolume(path):
+            raise BackendFailure(f"subvolume {path} of share {share.id} is missing")
+        if self._is_mounted_subvol(mp, path):
+            return mp
+        self._unmount(mp, keep_dir=True)     # something stale is mounted there
+        pool = self._pool_mount()
+        fsroot = os.path.normpath(os.path.join(pool.root, rel))
+        os.makedirs(mp, mode=0o755, exist_ok=True)
+        self._run("mount", "-t", "btrfs", "-o", f"subvol={fsroot}", pool.source, mp)
+        if not self._is_mounted_subvol(mp, path):
+            raise BackendFailure(f"mounted {fsroot} on {mp} but the mount does not show "
+                                 "the share's subvolume")
+        return mp
+
+    def _unmount(self, mp: str, keep_dir: bool = False) -> None:
+        for _ in range(8):            # stacked mounts: peel them one by one
+            if _mount_at(mp) is None:
+                break
+            self._run("umount", mp)
+        else:
+            raise BackendFailure(f"{mp} is still mounted after repeated umount")
+        if not keep_dir:
+            try:
+                os.rmdir(mp)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove mount point %s: %s", mp, exc)
+
+    def _export(self, share: Share, mp: str, rules: List[AccessRule]) -> List[str]:
+        return list(self._helper(share).export(share, mp, rules))
+
+    def _unexport(self, share: Share) -> None:
+        self._helper(share).unexport(share, self._mount_point(share))
+
+    def _serve(self, share: Share, rules: List[AccessRule]) -> ShareUpdate:
+        """Limit, mount and export an existing subvolume."""
+        path = self._path(self._share_rel(share))
+        self._set_limit(path, share.size_gib)
+        mp = self._mount(share)
+        return ShareUpdate(export_locations=self._export(share, mp, rules),
+                           provider_location=self._share_rel(share))
+
+    # --- lifecycle -------------------------------------------------------------
+    def do_setup(self) -> None:
+        if _mount_at(self.pool) is None:
+            if not self.image:
+                raise BackendFailure(f"btrfs pool {self.pool} is not mounted and no "
+                                     "btrfs_pool_image is configured")
+            self._prepare_image()
+            os.makedirs(self.pool, mode=0o755, exist_ok=True)
+            self._run("mount", "-t", "btrfs", "-o", "loop", self.image, self.pool)
+        self._pool_mount()
+        self._run("btrfs", "quota", "enable", self.pool)
+        # Enabling quotas on a pool with data starts a rescan; usage figures
+        # are wrong until it ends.
+        self._run("btrfs", "quota", "rescan", "-W", self.pool)
+        for sub in (SHARES_DIR, SNAPSHOTS_DIR):
+            os.makedirs(self._path(sub), mode=0o755, exist_ok=True)
+        os.makedirs(self.mount_dir, mode=0o755, exist_ok=True)
+
+    def _prepare_image(self) -> None:
+        """Create and format the image once; reuse it on every later start."""
+        if os.path.exists(self.image):
+            if not _has_btrfs_signature(self.image):
+                raise BackendFailure(f"btrfs_pool_image {self.image} exists but holds no "
+                                     "btrfs file system; refusing to format it")
+            return
+        os.makedirs(os.path.dirname(self.image), mode=0o755, exist_ok=True)
+        # Format under a temporary name: an image only appears under its real
+        # name once complete, so a crash never leaves a half-made pool that a
+        # later start would have to guess about.
+        tmp = self.image + ".new"
+        with open(tmp, "wb") as f:
+            f.truncate(self.image_size_gib * GiB)
+        self._run("mkfs.btrfs", "-q", "-f", "-L", f"sharedd-{self.backend_name}"[:255], tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, self.image)
+        util.fsync_dir(os.path.dirname(self.image))
+
+    def check_for_setup_error(self) -> None:
+        self._pool_mount()
+        self._qgroups()                 # fails if quotas are off
+        for sub in (SHARES_DIR, SNAPSHOTS_DIR):
+            if not os.path.isdir(self._path(sub)):
+                raise BackendFailure(f"{self._path(sub)} is missing")
+
+    # --- shares ---------------------------------------------------------------------
+    def create_share(self, share: Share) -> ShareUpdate:
+        rel = self._share_rel(share)
+        path = self._path(rel)
+        if not _is_subvolume(path):            # replay: it may already exist
+            if os.path.lexists(path):
+                raise BackendFailure(f"{path} exists and is not a subvolume")
+            self._run("btrfs", "subvolume", "create", path)
+        return self._serve(share, [])
+
+    def create_share_from_snapshot(self, share: Share, snapshot: Snapshot,
+                                   parent: Share) -> ShareUpdate:
+        src = self._path(self._snapshot_rel(snapshot))
+        if not _is_subvolume(src):
+            raise BackendFailure(f"snapshot {snapshot.id} has no subvolume at {src}")
+        self._snapshot(src, self._path(self._share_rel(share)), readonly=False)
+        return self._serve(share, [])
+
+    def delete_share(self, share: Share) -> None:
+        rel = self._share_rel(share)
+        self._unexport(share)
+        self._unmount(self._mount_point(share))
+        for suffix in (REVERT_NEW, REVERT_OLD, ""):
+            self._delete_subvolume(self._path(rel + suffix))
+
+    def ensure_share(self, share: Share, rules: List[AccessRule]) -> ShareUpdate:
+        self._recover_revert(share)
+        return self._serve(share, rules)
+
+    def update_access(self, share: Share, access_rules: List[AccessRule],
+                      add_rules: List[AccessRule],
+                      delete_rules: List[AccessRule]) -> Optional[Dict[str, str]]:
+        self._helper(share).update_access(share, self._mount_point(share),
+                                          access_rules, add_rules, delete_rules)
+        return None
+
+    def extend_share(self, share: Share, new_size_gib: int) -> None:
+        self._set_limit(self._path(self._share_rel(share)), new_size_gib)
+
+    def shrink_share(self, share: Share, new_size_gib: int) -> None:
+        path = self._path(self._share_rel(share))
+        if int(new_size_gib) < 1:
+            raise InvalidArgument(f"share size must be at least 1 GiB, not {new_size_gib}")
+        used = self._qgroup(path).referenced
+        if used > int(new_size_gib) * GiB:
+            raise InvalidArgument(
+                f"share {share.id} uses {used / GiB:.2f} GiB ({used} bytes); cannot shrink "
+                f"it to {new_size_gib} GiB without losing data (at least "
+                f"{_gib_ceil(used)} GiB needed)")
+        self._set_limit(path, new_size_gib)
+
+    def manage_existing(self, share: Share, export_path: str,
+                        options: Dict[str, Any]) -> ShareUpdate:
+        rel = self._managed_rel(share, export_path)
+        path = self._path(rel)
+        size = options.get("size_gib") if options else None
+        usage = self._qgroup(path)
+        if size is not None:
+            if isinstance(size, bool) or not (isinstance(size, int) or
+                                              (isinstance(size, str) and size.isdigit())):
+                raise InvalidArgument(f"size_gib must be a whole number, not {size!r}")
+            size = int(size)
+            if size < 1:
+                raise InvalidArgument("size_gib must be at least 1")
+            if usage.referenced > size * GiB:
+                raise InvalidArgument(
+                    f"{export_path} uses {usage.referenced / GiB:.2f} GiB; size_gib={size} "
+                    f"is too small (at least {_gib_ceil(usage.referenced)} GiB needed)")
+        elif usage.max_referenced is not None:
+            size = _gib_ceil(usage.max_referenced)
+        else:
+            size = _gib_ceil(usage.referenced)
+        managed = dataclasses.replace(share, provider_location=rel, size_gib=size)
+        update = self._serve(managed, [])
+        update.size_gib = size
+        update.provider_location = rel
+        return update
+
+    def _managed_rel(self, share: Share, export_path: str) -> str:
+        if not export_path or "\x00" in export_path:
+            raise InvalidArgument("export path is empty")
+        given = export_path if os.path.isabs(export_path) else self._path(export_path)
+        real = os.path.realpath(given)
+        if os.path.commonpath([real, self.pool]) != self.pool or real == self.pool:
+            raise InvalidArgument(f"{export_path} is not inside the btrfs pool {self.pool}")
+        rel = self._check_rel(os.path.relpath(real, self.pool))
+        if not os.path.lexists(real):
+            raise InvalidArgument(f"{export_path} does not exist in pool {self.pool}")
+        if not _is_subvolume(real):
+            raise InvalidArgument(f"{export_path} is not a btrfs subvolume")
+        if rel.split("/")[0] == SNAPSHOTS_DIR or rel.endswith((REVERT_NEW, REVERT_OLD)):
+            raise InvalidArgument(f"{export_path} is a snapshot or revert subvolume of "
+                                  "this driver, not a share")
+        if _mount_at(real) is not None:
+            raise InvalidArgument(f"{export_path} is a separate mount, not part of the pool")
+        # In use if mounted on another share's mount point.
+        own = self._mount_point(share)
+        try:
+            names = os.listdir(self.mount_dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            mp = os.path.join(self.mount_dir, name)
+            if mp != own and self._is_mounted_subvol(mp, real):
+                raise AlreadyExists(f"{export_path} is already served as share {name}")
+        return rel
+
+    def unmanage(self, share: Share) -> None:
+        self._unexport(share)
+        self._unmount(self._mount_point(share))
+
+    # --- snapshots -----------------------------------------------------------------
+    def create_snapshot(self, snapshot: Snapshot, share: Share) -> Optional[str]:
+        rel = self._snapshot_rel(snapshot)
+        self._snapshot(self._path(self._share_rel(share)), self._path(rel), readonly=True)
+        return rel
+
+    def delete_snapshot(self, snapshot: Snapshot, share: Share) -> None:
+        self._delete_subvolume(self._path(self._snapshot_rel(snapshot)))
+
+    def revert_to_snapshot(self, share: Share, snapshot: Snapshot,
+                           rules: List[AccessRule]) -> ShareUpdate:
+        rel = self._share_rel(share)
+        cur, new, old = (self._path(rel + s) for s in ("", REVERT_NEW, REVERT_OLD))
+        src = self._path(self._snapshot_rel(snapshot))
+        if not _is_subvolume(src):
+            raise BackendFailure(f"snapshot {snapshot.id} has no subvolume at {src}")
+        self._recover_revert(share)
+        if not _is_subvolume(cur):
+            raise BackendFailure(f"subvolume {cur} of share {share.id} is missing")
+        # 1. the reverted copy, beside the live one (a leftover is stale).
+        self._delete_subvolume(new)
+        self._snapshot(src, new, readonly=False)
+        self._set_limit(new, share.size_gib)
+        # 2. swap: the two renames are the only window; _recover_revert
+        #    finishes (new without cur) or rolls back (new beside cur).
+        self._unexport(share)
+        self._unmount(self._mount_point(share))
+        os.rename(cur, old)
+        os.rename(new, cur)
+        self._run("btrfs", "filesystem", "sync", self.pool)
+        # 3. serve the reverted data, then drop the old copy.
+        update = self._serve(share, rules)
+        self._delete_subvolume(old)
+        return update
+
+    def _recover_revert(self, share: Share) -> None:
+        """Finish or roll back a revert interrupted by a crash."""
+        rel = self._share_rel(share)
+        cur, new, old = (self._path(rel + s) for s in ("", REVERT_NEW, REVERT_OLD))
+        if not _is_subvolume(cur):
+            if _is_subvolume(new):
+                log.warning("share %s: finishing an interrupted revert", share.id)
+                self._unmount(self._mount_point(share), keep_dir=True)
+                os.rename(new, cur)
+            elif _is_subvolume(old):
+                log.warning("share %s: rolling back an interrupted revert", share.id)
+                self._unmount(self._mount_point(share), keep_dir=True)
+                os.rename(old, cur)
+            else:
+                return
+            self._run("btrfs", "filesystem", "sync", self.pool)
+        elif _is_subvolume(new):
+            log.warning("share %s: discarding an unfinished revert copy", share.id)
+            self._delete_subvolume(new)
+        if _is_subvolume(cur) and _is_subvolume(old):
+            # A mount may still show the old data (crash after the rename).
+            mp = self._mount_point(share)
+            if _mount_at(mp) is not None and not self._is_mounted_subvol(mp, cur):
+                self._unexport(share)
+                self._unmount(mp, keep_dir=True)
+            self._delete_subvolume(old)
+
+    # --- reads --------------------------------------------------------------------
+    def get_share_stats(self) -> Dict[str, Any]:
+        self._pool_mount()
+        st = os.statvfs(self.pool)
+        return {
+            "share_backend_name": getattr(self.config, "share_backend_name", "") or self.backend_name,
+            "driver_name": self.driver_name,
+            "driver_version": self.driver_version,
+            "storage_protocol": "_".join(self.supported_protocols),
+            "total_capacity_gb": st.f_blocks * st.f_frsize / GiB,
+            "free_capacity_gb": st.f_bavail * st.f_frsize / GiB,
+            "thin_provisioning": self.thin_provisioning,
+            "pool_path": self.pool,
+            **self.capabilities(),
+        }
+
+    def get_share_usage_gib(self, share: Share) -> Optional[float]:
+        return self._qgroup(self._path(self._share_rel(share))).referenced / GiB
+
+    def get_mount_hints(self, share: Share) -> Dict[str, Any]:
+        helper = self.helpers.get(share.protocol)
+        mp = self._mount_point(share)
+        hints: Dict[str, Any] = dict(helper.mount_hints(share, mp)) if helper else {}
+        if not hints.get("export"):
+            locations = list(share.export_locations) or \
+                (list(helper.export_locations(share, mp)) if helper else [])
+            if locations:
+                hints["export"] = locations[0]
+        hints.setdefault("fstype", "nfs4" if share.protocol == "NFS" else share.protocol.lower())
+        hints.setdefault("options", [])
+        return hints
+
+    def get_backend_info(self) -> Dict[str, Any]:
+        return {"driver": self.driver_name, "version": self.driver_version,
+                "pool_path": self.pool, "mount_dir": self.mount_dir}

@@ -1,0 +1,454 @@
+"""NFS exports through NFS-Ganesha's export manager on the system bus.
+
+One export per share. Its config file lives in the helper's state dir as
+``<share id>.conf`` and holds the export id (a uint16), the rule set the
+helper applied (a JSON comment line), and the EXPORT block::
+
+    EXPORT {
+        Export_Id = N; Path = "<path>"; Pseudo = "<prefix>/<share id>";
+        Protocols = 4; Transports = TCP; SecType = sys;
+        Squash = No_Root_Squash; Access_Type = None;     # unlisted: nothing
+        FSAL { Name = VFS; }
+        CLIENT { Clients = ...; Access_Type = RW; Protocols = 4; }   # first:
+        CLIENT { Clients = ...; Access_Type = RO; Protocols = 4; }   # rw wins
+    }
+
+The pseudo path uses the share id, not its name: ids never change and are
+never reused, so a client holding an old path cannot reach a newer share.
+
+ganesha is driven with ``busctl --system call org.ganesha.nfsd
+/org/ganesha/nfsd/ExportMgr org.ganesha.nfsd.exportmgr ...`` (no D-Bus
+library here); busctl honours DBUS_SYSTEM_BUS_ADDRESS.
+
+Client forms, as measured with NFS-Ganesha 4.3:
+
+- IPv4 address or CIDR: written as is (a /32 as the bare address).
+- ``0.0.0.0/0`` is refused by ganesha's parser, and ``0.0.0.0`` (Manila's
+  spelling) or ``*`` match IPv6 clients as well; everyone-IPv4 is written
+  as ``0.0.0.0/1, 128.0.0.0/1``.
+- IPv6: a bare address, or a prefix of length 1-99; ganesha's parser
+  refuses ``/0`` and three-digit lengths (``/100``..``/128`` make a CLIENT
+  block silently vanish). ``::/0`` is written as ``::/1, 8000::/1``, a
+  ``/128`` as the bare address; ``/100``..``/127`` are NotSupported.
+- IPv4-mapped IPv6 addresses are NotSupported (ganesha matches IPv4
+  clients by their IPv4 form).
+
+Quirks handled: AddExport on an active id fails (we UpdateExport instead);
+UpdateExport on an unknown id adds it; a reply can be a success string that
+carries "Errors found" (treated as failure and undone); "busy" comes back as
+InvalidArgs (retried briefly); runtime exports vanish when ganesha
+restarts (``reexport_all`` re-adds them from the files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
+from ..errors import (BackendFailure, CapacityExceeded, ConfigError,
+                      InvalidArgument, NotFound, NotSupported)
+from ..models import AccessRule, Share
+from ..options import Opt
+from ..util import atomic_write, run
+from .base import ExportHelper
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.ganesha.nfsd"
+EXPORT_MGR_PATH = "/org/ganesha/nfsd/ExportMgr"
+EXPORT_MGR_IFACE = "org.ganesha.nfsd.exportmgr"
+
+_SHARE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._-]+)*$")
+_META_RE = re.compile(r"^# sharedd-ganesha: (\{.*\})$", re.M)
+_BUSY_RETRIES = 10
+_BUSY_DELAY = 0.2
+
+
+class GaneshaHelper(ExportHelper):
+    helper_name = "ganesha"
+    protocol = "NFS"
+    access_levels = {"ip": ("rw", "ro")}
+
+    OPTIONS = [
+        Opt("ganesha_export_id_min", "int", 100, min=1, max=65535,
+            help="Lowest NFS-Ganesha Export_Id sharedd allocates (keep ids of exports "
+                 "in ganesha's own config outside the range)."),
+        Opt("ganesha_export_id_max", "int", 65535, min=1, max=65535,
+            help="Highest Export_Id sharedd allocates (ids are 16-bit)."),
+        Opt("ganesha_pseudo_prefix", "path", "/shares",
+            help="NFSv4 pseudo-file-system directory under which shares appear as "
+                 "<prefix>/<share id>."),
+    ]
+
+    def __init__(self, config, state_dir: str, command_timeout: float = 120.0):
+        super().__init__(config, state_dir, command_timeout)
+        self.id_min = int(self._opt("ganesha_export_id_min", 100))
+        self.id_max = int(self._opt("ganesha_export_id_max", 65535))
+        if not 1 <= self.id_min <= self.id_max <= 65535:
+            raise ConfigError(f"[{getattr(config, 'name', '?')}] ganesha_export_id_min/"
+                              f"ganesha_export_id_max: need 1 <= min <= max <= 65535, "
+                              f"got {self.id_min}..{self.id_max}")
+        prefix = self._opt("ganesha_pseudo_prefix", "/shares") or "/"
+        prefix = os.path.normpath("/" + str(prefix).lstrip("/")).rstrip("/")
+        if not _PREFIX_RE.match(prefix):
+            raise ConfigError(f"[{getattr(config, 'name', '?')}] ganesha_pseudo_prefix: "
+                              f"{prefix!r} may only use letters, digits, '.', '_', '-' and '/'")
+        self.prefix = prefix
+
+    def _opt(self, name: str, default):
+        try:
+            value = getattr(self.config, name)
+        except AttributeError:
+            return default
+        return default if value is None else value
+
+    # --- setup -----------------------------------------------------------
+    def setup(self) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        try:
+            self._active_ids()
+        except BackendFailure as exc:
+            raise BackendFailure(f"NFS-Ganesha is not reachable on the system bus as {BUS_NAME} "
+                                 f"(is ganesha.nfsd running with D-Bus enabled?): {exc}") from None
+
+    # --- validation ------------------------------------------------------
+    def client_spec(self, access_type: str, access_to: str) -> List[str]:
+        """The ganesha Clients entries for one rule; raise if not enforceable."""
+        if access_type != "ip":
+            raise NotSupported(f"{self.helper_name} cannot enforce {access_type!r} rules (only 'ip')")
+        text = (access_to or "").strip()
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise InvalidArgument(f"access_to {access_to!r} is not an IPv4/IPv6 address "
+                                  f"or network: {exc}") from None
+        if net.version == 4:
+            if net.prefixlen == 0:
+                return ["0.0.0.0/1", "128.0.0.0/1"]
+            if net.prefixlen == 32:
+                return [str(net.network_address)]
+            return [str(net)]
+        if net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
+            raise NotSupported(f"{self.helper_name} cannot enforce IPv4-mapped address {access_to!r}; "
+                               "use the IPv4 form")
+        if net.prefixlen == 0:
+            return ["::/1", "8000::/1"]
+        if net.prefixlen == 128:
+            return [str(net.network_address)]
+        if net.prefixlen >= 100:
+            raise NotSupported(f"{self.helper_name}: NFS-Ganesha cannot parse IPv6 prefix lengths "
+                               f"above 99 ({access_to!r}); use a shorter prefix or single addresses")
+        return [str(net)]
+
+    def validate_rule(self, rule: AccessRule) -> None:
+        self.validate_access(rule.access_type, rule.access_level)
+        self.client_spec(rule.access_type, rule.access_to)
+
+    def _check_share(self, share: Share, path: Optional[str] = None) -> None:
+        if not _SHARE_ID_RE.match(share.id or ""):
+            raise InvalidArgument(f"share id {share.id!r} cannot name an export file")
+        if path is not None:
+            if not os.path.isabs(path) or any(c in path for c in '"\\\n\r\t\0{};#'):
+                raise InvalidArgument(f"export path {path!r} must be absolute and free of "
+                                      "quotes, backslashes, braces, ';', '#' and control characters")
+
+    # --- names -----------------------------------------------------------
+    def pseudo_path(self, share: Share) -> str:
+        return f"{self.prefix}/{share.id}"
+
+    def _file(self, share_id: str) -> str:
+        return os.path.join(self.state_dir, share_id + ".conf")
+
+    def _host(self) -> str:
+        ip = str(self._opt("share_export_ip", "") or "")
+        if not ip:
+            raise BackendFailure("share_export_ip is not set for this backend")
+        return f"[{ip}]" if ":" in ip else ip
+
+    def export_locations(self, share: Share, path: str) -> List[str]:
+        return [f"{self._host()}:{self.pseudo_path(share)}"]
+
+    def mount_hints(self, share: Share, path: str) -> Dict[str, object]:
+        # NFSv4.1 or later: ganesha serves 4.0-4.2; 4.1 sessions are what
+        # the kernel client negotiates by default on current distributions.
+        return {"fstype": "nfs4", "export": self.export_locations(share, path)[0],
+                "options": ["vers=4.1", "proto=tcp"]}
+
+    # --- files -----------------------------------------------------------
+    def _read_meta(self, share_id: str) -> Optional[dict]:
+        try:
+            with open(self._file(share_id), encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        m = _META_RE.search(text)
+        if not m:
+            raise BackendFailure(f"{self._file(share_id)}: not an export file written by sharedd")
+        meta = json.loads(m.group(1))
+        meta["_text"] = text
+        return meta
+
+    def _used_ids(self) -> Dict[int, str]:
+        """export id -> share id, from the files in the state dir."""
+        used: Dict[int, str] = {}
+        for name in os.listdir(self.state_dir):
+            if name.startswith(".") or not name.endswith(".conf"):
+                continue
+            meta = self._read_meta(name[:-5])
+            if meta is not None:
+                used[int(meta["export_id"])] = meta["share_id"]
+        return used
+
+    def _allocate(self, active: Set[int]) -> int:
+        taken = set(self._used_ids()) | active
+        for candidate in range(self.id_min, self.id_max + 1):
+            if candidate not in taken:
+                return candidate
+        raise CapacityExceeded(f"no free NFS-Ganesha export id in {self.id_min}..{self.id_max} "
+                               f"(raise ganesha_export_id_max or delete shares)")
+
+    def _render(self, share: Share, path: str, export_id: int,
+                rules: Dict[str, str]) -> str:
+        meta = {"share_id": share.id, "export_id": export_id, "path": path,
+                "pseudo": self.pseudo_path(share),
+                "rules": [[to, level] for to, level in sorted(rules.items())]}
+        lines = [
+            "# Written by sharedd; changes are overwritten.",
+            "# sharedd-ganesha: " + json.dumps(meta, sort_keys=True),
+            "EXPORT {",
+            f"    Export_Id = {export_id};",
+            f'    Path = "{path}";',
+            f'    Pseudo = "{self.pseudo_path(share)}";',
+            "    Protocols = 4;",
+            "    Transports = TCP;",
+            "    SecType = sys;",
+            "    Squash = No_Root_Squash;",
+            "    Access_Type = None;",
+            "    FSAL { Name = VFS; }",
+        ]
+        # rw first: ganesha takes the first CLIENT block that matches.
+        for level, access in (("rw", "RW"), ("ro", "RO")):
+            clients: List[str] = []
+            for to, lvl in sorted(rules.items()):
+                if lvl == level:
+                    clients += self.client_spec("ip", to)
+            if clients:
+                lines.append(f"    CLIENT {{ Clients = {', '.join(clients)}; "
+                             f"Access_Type = {access}; Protocols = 4; }}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # flock on a fresh open file: excludes other threads and processes.
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.state_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- ganesha calls ---------------------------------------------------
+    def _busctl(self, *args: str, json_reply: bool = False) -> Tuple[int, str, str]:
+        timeout = max(5.0, min(60.0, self.command_timeout))
+        argv = ["busctl", "--system", "--no-pager", f"--timeout={timeout:g}"]
+        if json_reply:
+            argv.append("--json=short")
+        argv += ["call", BUS_NAME, EXPORT_MGR_PATH, EXPORT_MGR_IFACE, *args]
+        for attempt in range(_BUSY_RETRIES):
+            proc = run(argv, timeout=timeout + 10, check=False)
+            out = proc.stdout.decode(errors="replace").strip()
+            err = proc.stderr.decode(errors="replace").strip()
+            if proc.returncode != 0 and "busy" in err.lower() and attempt + 1 < _BUSY_RETRIES:
+                time.sleep(_BUSY_DELAY)   # ganesha says "busy" as InvalidArgs: retry
+                continue
+            return proc.returncode, out, err
+        return proc.returncode, out, err
+
+    def _call(self, *args: str) -> str:
+        rc, out, err = self._busctl(*args)
+        if rc != 0:
+            raise BackendFailure(f"NFS-Ganesha {args[0]} failed: {err or out}")
+        if "Errors found" in out:
+            raise BackendFailure(f"NFS-Ganesha {args[0]} reported errors: {out}")
+        return out
+
+    def _active_ids(self) -> Set[int]:
+        rc, out, err = self._busctl("ShowExports", json_reply=True)
+        if rc != 0:
+            raise BackendFailure(f"NFS-Ganesha ShowExports failed: {err or out}")
+        try:
+            data = json.loads(out)["data"]
+            return {int(entry[0]) for entry in data[1]}
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendFailure(f"cannot parse NFS-Ganesha ShowExports reply {out[:200]!r}: {exc}") from None
+
+    def _activate(self, conf: str, export_id: int, active: bool) -> None:
+        selector = f"EXPORT(Export_Id={export_id})"
+        if not active:
+            rc, out, err = self._busctl("AddExport", "ss", conf, selector)
+            if rc == 0 and "Errors found" not in out:
+                return
+            if rc == 0:   # added, but some block was rejected: take it down again
+                self._remove(export_id)
+                raise BackendFailure(f"NFS-Ganesha AddExport reported errors: {out}")
+            if "already active" not in err:
+                raise BackendFailure(f"NFS-Ganesha AddExport failed: {err or out}")
+            # Became active behind our back: fall through to an update.
+        self._call("UpdateExport", "ss", conf, selector)
+
+    def _remove(self, export_id: int) -> bool:
+        """RemoveExport; False when ganesha does not know the id."""
+        rc, out, err = self._busctl("RemoveExport", "q", str(export_id))
+        if rc == 0:
+            return True
+        if "not found" in err.lower():
+            return False
+        raise BackendFailure(f"NFS-Ganesha RemoveExport {export_id} failed: {err or out}")
+
+    # --- rule sets ---------------------------------------------------------
+    @staticmethod
+    def _key(access_to: str) -> str:
+        """One spelling per network, so deltas find what was applied."""
+        try:
+            net = ipaddress.ip_network(access_to.strip(), strict=True)
+        except ValueError as exc:
+            raise InvalidArgument(f"access_to {access_to!r} is not an IPv4/IPv6 address "
+                                  f"or network: {exc}") from None
+        if net.prefixlen == net.max_prefixlen:
+            return str(net.network_address)
+        return str(net)
+
+    def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, str]:
+        out: Dict[str, str] = {}
+        for r in rules:
+            if r.state in (RULE_QUEUED_TO_DENY, RULE_DENYING):
+                continue
+            key = self._key(r.access_to)
+            if out.get(key) != "rw":   # rw wins if a network appears twice
+                out[key] = r.access_level.lower()
+        return out
+
+    def _validate_all(self, rules: Iterable[AccessRule]) -> None:
+        for r in rules:
+            self.validate_rule(r)
+
+    # --- the ExportHelper interface ------------------------------------------
+    def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
+        self._check_share(share, path)
+        self._validate_all(rules)
+        with self._locked():
+            self._apply(share, path, self._rule_map(rules))
+        return self.export_locations(share, path)
+
+    def update_access(self, share: Share, path: str, access_rules: List[AccessRule],
+                      add_rules: List[AccessRule], delete_rules: List[AccessRule]) -> None:
+        self._check_share(share, path)
+        self._validate_all(list(access_rules) + list(add_rules))
+        with self._locked():
+            if not add_rules and not delete_rules:
+                wanted = self._rule_map(access_rules)         # recovery: exactly this
+            else:
+                meta = self._read_meta(share.id)
+                if meta is not None:
+                    wanted = {to: level for to, level in meta["rules"]}
+                else:
+                    wanted = self._rule_map(access_rules)
+                for r in delete_rules:                                # never applied: fine
+                    try:
+                        wanted.pop(self._key(r.access_to), None)
+                    except InvalidArgument:
+                        pass
+                for r in add_rules:
+                    wanted[self._key(r.access_to)] = r.access_level.lower()   # re-add: fine
+            self._apply(share, path, wanted)
+
+    def _apply(self, share: Share, path: str, rules: Dict[str, str]) -> None:
+        """Write the file and make ganesha match it; undo the file on failure."""
+        conf = self._file(share.id)
+        meta = self._read_meta(share.id)
+        active = self._active_ids()
+        if meta is not None:
+            export_id = int(meta["export_id"])
+        else:
+            export_id = self._allocate(active)
+        text = self._render(share, path, export_id, rules)
+        atomic_write(conf, text.encode(), 0o644)
+        was_active = export_id in active
+        try:
+            self._activate(conf, export_id, was_active)
+        except BaseException:
+            if meta is None:
+                os.unlink(conf)
+            else:
+                atomic_write(conf, meta["_text"].encode(), 0o644)
+                if was_active:   # a half-applied update: put the old one back
+                    try:
+                        self._call("UpdateExport", "ss", conf, f"EXPORT(Export_Id={export_id})")
+                    except BackendFailure as exc:
+                        log.error("restoring export %s failed: %s", export_id, exc)
+            raise
+
+    def unexport(self, share: Share, path: str) -> None:
+        self._check_share(share)
+        with self._locked():
+            meta = self._read_meta(share.id)
+            if meta is None:
+                return
+            self._remove(int(meta["export_id"]))
+            try:
+                os.unlink(self._file(share.id))
+            except FileNotFoundError:
+                pass
+
+    # --- recovery after a ganesha restart -----------------------------------
+    def exported_share_ids(self) -> List[str]:
+        with self._locked():
+            return sorted(self._used_ids().values())
+
+    def export_id(self, share: Share) -> int:
+        meta = self._read_meta(share.id)
+        if meta is None:
+            raise NotFound(f"share {share.id} is not exported by {self.helper_name}")
+        return int(meta["export_id"])
+
+    def reexport(self, share: Share) -> bool:
+        """Make ganesha serve the share's file again; True if it had to be added."""
+        self._check_share(share)
+        with self._locked():
+            meta = self._read_meta(share.id)
+            if meta is None:
+                raise NotFound(f"share {share.id} is not exported by {self.helper_name}")
+            export_id = int(meta["export_id"])
+            if export_id in self._active_ids():
+                return False
+            self._activate(self._file(share.id), export_id, False)
+            return True
+
+    def reexport_all(self) -> Dict[str, str]:
+        """Re-add every export whose file exists but ganesha lacks (after a
+        ganesha restart). Returns share id -> 'added' | 'active' | error text."""
+        result: Dict[str, str] = {}
+        with self._locked():
+            active = self._active_ids()
+            for export_id, share_id in sorted(self._used_ids().items()):
+                if export_id in active:
+                    result[share_id] = "active"
+                    continue
+                try:
+                    self._activate(self._file(share_id), export_id, False)
+                    result[share_id] = "added"
+                except BackendFailure as exc:
+                    log.error("re-adding export %s of share %s failed: %s", export_id, share_id, exc)
+                    result[share_id] = str(exc)
+        return result
