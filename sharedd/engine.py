@@ -995,9 +995,10 @@ class Engine:
             with self.store.tx():
                 self.store.delete_share(share.id)
         elif status == C.STATUS_MANAGE_STARTING:
+            # The driver may have mounted and exported it before the crash,
+            # even if its location was never recorded: release by share id.
             log.info("recovery: share %s was being managed: releasing it", share.id)
-            if share.provider_location:
-                await self._driver(b, "unmanage", share)
+            await self._driver(b, "unmanage", share)
             with self.store.tx():
                 self.store.delete_share(share.id)
         elif status == C.STATUS_UNMANAGE_STARTING:
