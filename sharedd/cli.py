@@ -65,9 +65,12 @@ def main(argv=None) -> int:
                   f"{', '.join(b.enabled_share_protocols)}, hooks {', '.join(b.hook_drivers) or 'none'}")
         return 0
     setup_logging(args.log_level or cfg.log_level)
-    from .daemon import run
+    from .daemon import StartupError, run
     try:
         return asyncio.run(run(args.config, cfg))
+    except StartupError as exc:
+        logging.getLogger("sharedd").error("cannot start: %s", exc)
+        return 1
     except ConfigError as exc:
         logging.getLogger("sharedd").error("configuration error: %s", exc)
         return 1

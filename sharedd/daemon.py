@@ -16,8 +16,12 @@ from .errors import ConfigError
 log = logging.getLogger("sharedd")
 
 
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
 async def run(config_path: str, cfg: config_mod.Config) -> int:
-    from .bus.service import BusService   # the only D-Bus import path
+    from .bus.service import BusService, StartupError as BusStartupError
     notifier = sdnotify.SystemdNotifier()
     notifier.notify("STATUS=starting: connecting to the system bus")
     stop = asyncio.Event()
@@ -27,10 +31,16 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
 
     engine = Engine(cfg)
     service = BusService(engine)
-    await service.connect()
+    try:
+        await service.connect()
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot connect to the system bus: {exc}") from None
     notifier.notify("STATUS=starting: setting up backends and recovering state")
     await engine.start()
-    await service.publish()
+    try:
+        await service.publish()
+    except BusStartupError as exc:
+        raise StartupError(str(exc)) from None
     notifier.notify("READY=1")
     notifier.notify(f"STATUS={engine.status_line}")
     log.info("sharedd ready on the system bus: %s", engine.status_line)

@@ -301,6 +301,7 @@ class Engine:
 
     async def _backend_event(self, b: Backend, method: str) -> None:
         """Backend-wide records (publish_service_capabilities)."""
+        pre_data = None
         for phase in (C.PHASE_PRE, C.PHASE_POST):
             with self.store.tx():
                 seq = self._seq(b, phase)
@@ -310,9 +311,9 @@ class Engine:
                                      if phase == C.PHASE_POST else None)
             try:
                 if phase == C.PHASE_PRE:
-                    await self._pre(b, rec)
+                    pre_data = await self._pre(b, rec)
                 else:
-                    await self._post(b, rec, None)
+                    await self._post(b, rec, pre_data)
             except HookFailed as exc:
                 log.error("backend %s: %s", b.name, exc)
 

@@ -6,7 +6,7 @@ name, and watches NFS-Ganesha's name so its lost runtime exports are re-added.
 import asyncio
 import logging
 
-from dbus_next import BusType, Message, MessageType
+from dbus_next import BusType, DBusError, Message, MessageType
 from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.service import ServiceInterface
@@ -20,9 +20,37 @@ log = logging.getLogger(__name__)
 GANESHA_BUS_NAME = "org.ganesha.nfsd"
 
 
+class StartupError(Exception):
+    """The daemon cannot start (message says why; no traceback needed)."""
+
+
 class _Bus(MessageBus):
     """ObjectManager signals come from the manager's path (the root object),
     where clients subscribe, not from each object's own path."""
+
+    def _make_method_handler(self, interface, method):
+        # dbus-next 0.2.3 sends the error reply of a failed async method but
+        # then lets the exception escape into asyncio's log as a traceback;
+        # reply here instead, once, and keep the log to one line per refusal.
+        if not asyncio.iscoroutinefunction(method.fn):
+            return super()._make_method_handler(interface, method)
+
+        def handler(msg, send_reply):
+            def done(fut):
+                try:
+                    result = fut.result()
+                    body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
+                    reply = Message.new_method_return(msg, method.out_signature, body, fds)
+                except DBusError as exc:
+                    reply = exc._as_message(msg)
+                except Exception as exc:
+                    log.exception("%s.%s failed", interface.name, method.name)
+                    reply = Message.new_error(msg, C.ERROR_PREFIX + "BackendFailure",
+                                              f"internal error: {type(exc).__name__}")
+                send_reply(reply)
+            args = ServiceInterface._msg_body_to_args(msg)
+            asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
+        return handler
 
     def _emit_interface_added(self, path, interface):
         if self._disconnected or not path.startswith(C.ROOT_PATH + "/"):
@@ -82,7 +110,7 @@ class BusService(Observer):
         await self._watch_ganesha()
         reply = await bus.request_name(C.BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            raise RuntimeError(f"the bus name {C.BUS_NAME} is owned by another process "
+            raise StartupError(f"the bus name {C.BUS_NAME} is owned by another process "
                                f"(is another sharedd running?)")
 
     async def _watch_ganesha(self) -> None:

@@ -1,0 +1,289 @@
+"""CIFS exports through Samba's registry configuration (`net conf`).
+
+smb.conf must contain `include = registry` (or `config backend = registry`)
+in [global]; each share is one registry share named like the sharedd share,
+tagged `comment = sharedd <share id>` so shares the administrator made are
+never touched.
+
+Access mapping (Samba checks host and user separately):
+- `ip` rules -> `hosts allow`, always with `hosts deny = ALL` (which, unlike
+  0.0.0.0/0, also closes IPv6). Samba has no per-host read-only, so an `ip`
+  rule must be rw.
+- `user` rules -> `valid users` (every granted user) plus `read list` (the ro
+  ones). The share's root directory gets POSIX ACL entries (recursive, plus
+  default entries for new files; `inherit acls = yes`) so every granted user
+  can write (rw) or read (ro) at the file-system level too.
+- With only user rules every host is admitted (`hosts allow = ALL`); with only
+  ip rules every authenticated user from those hosts is admitted (the file
+  system's own permissions still apply to them); with both, a client must
+  pass both checks; with none, nobody is admitted.
+
+Changes are made with the share closed (`available = no`) and reopened last,
+so no client ever sees a half-applied rule set; a new share is created closed
+the same way (`setparm` on an unknown share creates it). Samba applies
+changes to new connections only, so whenever access shrinks the helper cuts
+open sessions with `smbcontrol smbd close-share` (clients reconnect under the
+new rules, denied ones fail).
+
+Test/deployment hooks: `samba_config_file` is passed to net and smbcontrol
+as `-s FILE`; `samba_command_prefix` is put before every command this helper
+runs (net, smbcontrol, setfacl, getent), e.g. `nsenter,--mount=/proc/PID/ns/mnt,--`
+to reach a Samba instance in another mount namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Dict, List, Optional, Set, Tuple
+
+import netaddr
+
+from ..errors import AlreadyExists, BackendFailure, InvalidArgument, NotSupported
+from ..models import AccessRule, Share
+from ..options import Opt
+from ..util import run
+from .base import ExportHelper
+
+log = logging.getLogger(__name__)
+
+# Plain account names only: no groups (@, +, &), domains, spaces or commas.
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+RESERVED_NAMES = {"global", "homes", "printers", "print$", "ipc$"}
+COMMENT_PREFIX = "sharedd "
+# Parameters this helper owns on its shares (lower case, as compared).
+MANAGED = ("path", "comment", "read only", "guest ok", "browseable", "inherit acls",
+           "hosts deny", "hosts allow", "valid users", "read list", "available")
+
+
+class SambaHelper(ExportHelper):
+    helper_name = "samba"
+    protocol = "CIFS"
+    access_levels = {"ip": ("rw",), "user": ("rw", "ro")}
+
+    OPTIONS = [
+        Opt("samba_config_file", "path", "",
+            help="smb.conf that net and smbcontrol read (passed as -s); default: Samba's own."),
+        Opt("samba_net_command", "str", "net", help="The net command."),
+        Opt("samba_smbcontrol_command", "str", "smbcontrol", help="The smbcontrol command."),
+        Opt("samba_command_prefix", "list", [],
+            help="Argument prefix (comma-separated) for every command the Samba helper runs, "
+                 "e.g. nsenter,--mount=/proc/PID/ns/mnt,-- to reach smbd in another mount "
+                 "namespace (a test and deployment hook)."),
+    ]
+
+    def __init__(self, config, state_dir: str, command_timeout: float = 120.0):
+        super().__init__(config, state_dir, command_timeout)
+        self.conf_file = getattr(config, "samba_config_file", "") or ""
+        self.net_cmd = getattr(config, "samba_net_command", "") or "net"
+        self.smbcontrol_cmd = getattr(config, "samba_smbcontrol_command", "") or "smbcontrol"
+        self.prefix = list(getattr(config, "samba_command_prefix", []) or [])
+        self.export_ip = getattr(config, "share_export_ip", "") or ""
+
+    # --- commands -------------------------------------------------------------
+    def _run(self, argv, check=True):
+        return run(self.prefix + list(argv), timeout=self.command_timeout, check=check)
+
+    def _conf_args(self) -> List[str]:
+        return ["-s", self.conf_file] if self.conf_file else []
+
+    def _net(self, *args, check=True):
+        return self._run([self.net_cmd, *self._conf_args(), "conf", *args], check=check)
+
+    def _shares(self) -> Set[str]:
+        out = self._net("listshares").stdout.decode(errors="replace")
+        return {line.strip().lower() for line in out.splitlines() if line.strip()}
+
+    def _show(self, name: str) -> Dict[str, str]:
+        out = self._net("showshare", name).stdout.decode(errors="replace")
+        params = {}
+        for line in out.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                params[key.strip().lower()] = value.strip()
+        return params
+
+    def setup(self) -> None:
+        self._net("list")   # the registry is reachable (fails with exit 255 otherwise)
+
+    # --- rules -> parameters -------------------------------------------------------
+    def validate_access(self, access_type: str, access_level: str) -> None:
+        if access_type == "ip" and access_level == "ro":
+            raise NotSupported("Samba cannot make a share read-only per host (hosts allow only "
+                               "admits or refuses a host); use a 'user' rule with level ro")
+        super().validate_access(access_type, access_level)
+
+    def _check_rule(self, rule: AccessRule) -> None:
+        self.validate_access(rule.access_type, rule.access_level)
+        if rule.access_type == "ip":
+            try:
+                netaddr.IPNetwork(rule.access_to)
+            except (netaddr.AddrFormatError, ValueError):
+                raise InvalidArgument(f"{rule.access_to!r} is not an IP address or network") from None
+        elif not USER_RE.match(rule.access_to):
+            raise InvalidArgument(f"{rule.access_to!r} is not a plain user name "
+                                  "(letters, digits, '.', '_', '-'; no groups or domains)")
+
+    @staticmethod
+    def _host(value: str) -> str:
+        net = netaddr.IPNetwork(value)
+        if net.size == 1:
+            return str(net.ip)
+        return f"{net.network}/{net.prefixlen}"
+
+    def _desired(self, share: Share, path: str, rules: List[AccessRule]) -> Dict[str, str]:
+        hosts = sorted({self._host(r.access_to) for r in rules if r.access_type == "ip"})
+        users = sorted({r.access_to for r in rules if r.access_type == "user"})
+        ro = sorted({r.access_to for r in rules if r.access_type == "user" and r.access_level == "ro"})
+        params = {
+            "path": path,
+            "comment": COMMENT_PREFIX + share.id,
+            "read only": "no",
+            "guest ok": "no",
+            "browseable": "no",
+            "inherit acls": "yes",
+            "hosts deny": "ALL",
+        }
+        if hosts:
+            params["hosts allow"] = ", ".join(hosts)
+        elif users:
+            params["hosts allow"] = "ALL"
+        if users:
+            params["valid users"] = ", ".join(users)
+        if ro:
+            params["read list"] = ", ".join(ro)
+        return params
+
+    @staticmethod
+    def _split(value: Optional[str]) -> Set[str]:
+        return {v for v in re.split(r"[\s,]+", value or "") if v}
+
+    def _access_of(self, params: Dict[str, str]) -> Tuple[Optional[Set[str]], Optional[Set[str]], Set[str]]:
+        """(hosts admitted or None for all, users admitted or None for all, ro users)."""
+        allow = self._split(params.get("hosts allow"))
+        deny = self._split(params.get("hosts deny"))
+        if params.get("available", "yes").lower() in ("no", "false", "0"):
+            hosts: Optional[Set[str]] = set()
+        elif "ALL" in {h.upper() for h in allow} or not deny:
+            hosts = None
+        else:
+            hosts = allow
+        users = self._split(params.get("valid users")) or None
+        return hosts, users, self._split(params.get("read list"))
+
+    @staticmethod
+    def _lacks(old: Optional[Set[str]], new: Optional[Set[str]]) -> bool:
+        """True if new admits less than old."""
+        if new is None:
+            return False
+        if old is None:
+            return True
+        return bool(old - new)
+
+    # --- file-system access for granted users -------------------------------------
+    def _user_known(self, user: str) -> bool:
+        return self._run(["getent", "passwd", user], check=False).returncode == 0
+
+    def _grant_fs(self, path: str, user: str, level: str) -> None:
+        perms = "rwX" if level == "rw" else "rX"
+        self._run(["setfacl", "-R", "-m", f"u:{user}:{perms},d:u:{user}:{perms}", path])
+
+    def _revoke_fs(self, path: str, user: str) -> None:
+        proc = self._run(["setfacl", "-R", "-x", f"u:{user},d:u:{user}", path], check=False)
+        if proc.returncode != 0:
+            log.warning("cannot remove ACL entries of %s on %s: %s", user, path,
+                        proc.stderr.decode(errors="replace").strip())
+
+    # --- the sync -----------------------------------------------------------------------
+    def _sync(self, share: Share, path: str, rules: List[AccessRule], *, full: bool,
+              close: bool = False, new_users: Set[str] = frozenset()) -> None:
+        name = share.name
+        if name.lower() in RESERVED_NAMES:
+            raise InvalidArgument(f"{name!r} is a reserved Samba share name")
+        for r in rules:
+            self._check_rule(r)
+        unknown = sorted(u for u in new_users if not self._user_known(u))
+        if unknown:
+            raise InvalidArgument(f"unknown user(s) on the Samba host: {', '.join(unknown)}")
+        exists = name.lower() in self._shares()
+        current = self._show(name) if exists else {}
+        if exists and current.get("comment") != COMMENT_PREFIX + share.id:
+            raise AlreadyExists(f"Samba share {name!r} exists and is not sharedd's share {share.id}")
+        desired = self._desired(share, path, rules)
+        changes = [(k, v) for k, v in desired.items() if current.get(k) != v]
+        removals = [k for k in MANAGED if k in current and k not in desired]
+        old_hosts, old_users, old_ro = self._access_of(current) if exists else (set(), set(), set())
+        new_hosts, new_users_set, new_ro = self._access_of(desired)
+        levels = {r.access_to: r.access_level for r in rules if r.access_type == "user"}
+
+        if changes or removals:
+            # Closed while changing: no client connects under a half-applied set.
+            # (On an unknown share this setparm creates it, closed.)
+            self._net("setparm", name, "available", "no")
+            for key, value in changes:
+                self._net("setparm", name, key, value)
+            for key in removals:
+                if key != "available":
+                    self._net("delparm", name, key)
+        # ACLs: every granted user on a full sync, else the ones whose grant changed.
+        old_levels = {u: ("ro" if u in old_ro else "rw") for u in (old_users or set())}
+        for user, level in sorted(levels.items()):
+            if full or old_levels.get(user) != level:
+                if self._user_known(user):
+                    self._grant_fs(path, user, level)
+                else:
+                    log.warning("user %s is unknown on this host: no ACL on %s", user, path)
+        for user in sorted((old_users or set()) - set(levels)):
+            self._revoke_fs(path, user)
+        if changes or removals:
+            self._net("delparm", name, "available")   # open again
+        if close or self._lacks(old_hosts, new_hosts) or self._lacks(old_users, new_users_set) \
+                or (new_ro - old_ro):
+            self.close_sessions(share)
+
+    # --- ExportHelper ---------------------------------------------------------------------
+    def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
+        self._sync(share, path, rules, full=True)
+        return self.export_locations(share, path)
+
+    def update_access(self, share: Share, path: str, access_rules: List[AccessRule],
+                      add_rules: List[AccessRule], delete_rules: List[AccessRule]) -> None:
+        for r in add_rules:
+            self._check_rule(r)
+        gone = {r.id for r in delete_rules}
+        effective = {r.id: r for r in access_rules if r.id not in gone}
+        for r in add_rules:
+            if r.id not in gone:
+                effective.setdefault(r.id, r)
+        recovery = not add_rules and not delete_rules
+        new_users = {r.access_to for r in add_rules if r.access_type == "user"}
+        self._sync(share, path, list(effective.values()), full=recovery,
+                   close=bool(delete_rules), new_users=new_users)
+
+    def unexport(self, share: Share, path: str) -> None:
+        name = share.name
+        if name.lower() not in self._shares():
+            return
+        if self._show(name).get("comment") != COMMENT_PREFIX + share.id:
+            log.warning("Samba share %s is not sharedd's share %s; left alone", name, share.id)
+            return
+        self._net("delshare", name)
+        self.close_sessions(share)
+
+    def close_sessions(self, share: Share) -> None:
+        proc = self._run([self.smbcontrol_cmd, *self._conf_args(), "smbd", "close-share",
+                          share.name], check=False)
+        if proc.returncode != 0:   # smbd not running: there are no sessions to cut
+            log.warning("smbcontrol close-share %s: %s", share.name,
+                        (proc.stderr or proc.stdout).decode(errors="replace").strip())
+
+    def _host_part(self) -> str:
+        if not self.export_ip:
+            raise BackendFailure("share_export_ip is not set")
+        return f"[{self.export_ip}]" if ":" in self.export_ip else self.export_ip
+
+    def export_locations(self, share: Share, path: str) -> List[str]:
+        return [f"\\\\{self._host_part()}\\{share.name}"]
+
+    def mount_hints(self, share: Share, path: str) -> Dict[str, object]:
+        return {"fstype": "cifs", "export": f"{self._host_part()}:/{share.name}"}

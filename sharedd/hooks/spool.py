@@ -1,0 +1,336 @@
+"""The `spool` hook driver: every record becomes one JSON file.
+
+Layout: <spool_dir>/<host_id>/<seq, 20 digits>-<phase>-<method>.json
+(sharedd.record.file_name). A file is written under a name starting with '.'
+in the same directory, fsynced, then renamed into place and the directory
+fsynced, so a reader that skips dot names never sees a partial record.
+
+Several backends of one daemon write into the same host directory, each with
+its own hook instance; they share one _HostSpool (lock + index) per directory.
+The index lives in memory, is rebuilt by one directory scan when the first
+hook for a directory starts, and carries what retention needs (seq, name,
+phase, write time, and for periodic records the backend), so pruning never
+re-reads the directory or parses records it already knows.
+
+Retention (documented in doc/spool-records.md):
+* age: a record's age counts from when it was written to the spool (the
+  file's mtime for records found at start); older than retention_seconds
+  goes, 0 disables the age limit;
+* count: at most retention_count records stay, oldest seq removed first;
+  0 disables the count limit;
+* the newest periodic record of every backend is never removed (it counts
+  toward retention_count), so a client can always converge from it.
+
+A record for a new epoch (the state database was recreated and seq started
+again) clears the records of the old epoch first: their larger sequence
+numbers would otherwise sort after the new ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+from .. import record as rec
+from ..errors import InvalidArgument, InvalidState
+from ..util import fsync_dir
+from .base import Hook, HookContext
+
+log = logging.getLogger(__name__)
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+def _now() -> float:
+    """Wall clock for retention; a module function so tests can replace it."""
+    return time.time()
+
+
+class SpoolConflict(InvalidState):
+    """The spool already holds a different record with this sequence number."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    seq: int
+    name: str
+    phase: str
+    written: float                  # seconds since the epoch
+    backend: Optional[str] = None   # periodic records only; None: not known yet
+    epoch: Optional[str] = None     # known for records written by this process
+
+
+class _HostSpool:
+    """One host directory: the lock, the in-memory index, writing and pruning."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.lock = threading.Lock()
+        self.entries: Dict[int, _Entry] = {}
+        self.seqs: List[int] = []        # sorted keys of entries
+        self.epoch: Optional[str] = None
+        self._epoch_known = False
+        with self.lock:
+            self._prepare_dir()
+            self._scan()
+
+    # --- start-up ---------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        os.makedirs(os.path.dirname(self.directory), mode=DIR_MODE, exist_ok=True)
+        try:
+            os.mkdir(self.directory, DIR_MODE)
+        except FileExistsError:
+            pass
+        st = os.lstat(self.directory)
+        if not stat.S_ISDIR(st.st_mode):
+            # A symlink here could send root's writes anywhere.
+            raise InvalidState(f"spool directory {self.directory} is not a directory")
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_gid != 0):
+            os.chown(self.directory, 0, 0, follow_symlinks=False)
+        if stat.S_IMODE(st.st_mode) != DIR_MODE:
+            os.chmod(self.directory, DIR_MODE)
+
+    def _scan(self) -> None:
+        """Rebuild the index from the directory; drop leftover temp files.
+
+        Only called while no write can be in progress in this process (the
+        one writer per host directory), so every dot file is a crash leftover.
+        """
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    # ours: "." + record file name + "." + mkstemp's suffix
+                    if rec.FILE_NAME_RE.fullmatch(entry.name[1:].rpartition(".")[0]) \
+                            and entry.is_file(follow_symlinks=False):
+                        log.info("removing leftover temporary spool file %s", entry.path)
+                        _unlink(entry.path)
+                    continue
+                m = rec.FILE_NAME_RE.fullmatch(entry.name)
+                if not m or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                self._add(_Entry(int(m.group(1)), entry.name, m.group(2), mtime))
+
+    def _add(self, entry: _Entry) -> None:
+        if entry.seq not in self.entries:
+            bisect.insort(self.seqs, entry.seq)
+        self.entries[entry.seq] = entry
+
+    def _remove(self, seq: int) -> None:
+        entry = self.entries.pop(seq)
+        del self.seqs[bisect.bisect_left(self.seqs, seq)]
+        _unlink(os.path.join(self.directory, entry.name))
+
+    def _read_field(self, entry: _Entry, field: str) -> Optional[str]:
+        """One field of a record found at start (parsed once, then cached)."""
+        raw = _read_regular(os.path.join(self.directory, entry.name), rec.MAX_RECORD_BYTES)
+        try:
+            data = json.loads(raw) if raw is not None else None
+            value = data.get(field) if isinstance(data, dict) else None
+        except (ValueError, RecursionError):
+            value = None
+        return value if isinstance(value, str) else None
+
+    def _current_epoch(self) -> Optional[str]:
+        if not self._epoch_known:
+            # The newest readable record found at start tells the epoch.
+            for seq in reversed(self.seqs[-5:]):
+                entry = self.entries[seq]
+                entry.epoch = entry.epoch or self._read_field(entry, "epoch")
+                if entry.epoch:
+                    self.epoch = entry.epoch
+                    break
+            self._epoch_known = True
+        return self.epoch
+
+    # --- writing ------------------------------------------------------------
+    def write(self, record: Dict[str, Any], data: bytes, retention_seconds: int,
+              retention_count: int) -> str:
+        name = rec.file_name(record)
+        path = os.path.join(self.directory, name)
+        with self.lock:
+            epoch = self._current_epoch()
+            if epoch is not None and epoch != record["epoch"] and self.seqs:
+                log.warning("spool %s: epoch changed from %s to %s (state database "
+                            "recreated); removing %d records of the old epoch",
+                            self.directory, epoch, record["epoch"], len(self.seqs))
+                for seq in list(self.seqs):
+                    self._remove(seq)
+            self.epoch = record["epoch"]
+            known = self.entries.get(record["seq"])
+            if known is not None and known.name != name:
+                raise SpoolConflict(f"spool {self.directory}: sequence number {record['seq']}"
+                                    f" is already used by {known.name}")
+            if os.path.lexists(path):
+                if _same_content(path, data):
+                    return path          # a retried write of the same record
+                raise SpoolConflict(f"spool {path} already exists with different content;"
+                                    " refusing to overwrite (sequence numbers must be unique)")
+            try:
+                _write_new(self.directory, name, data)
+            except FileNotFoundError:
+                # The directory was removed under us (an administrator
+                # cleaning up): start a fresh one, forget the old index.
+                log.warning("spool directory %s vanished; recreating it", self.directory)
+                self.entries.clear()
+                self.seqs.clear()
+                self._prepare_dir()
+                _write_new(self.directory, name, data)
+            self._add(_Entry(record["seq"], name, record["phase"], _now(),
+                             record["backend"] if record["phase"] == "periodic" else None,
+                             record["epoch"]))
+            self._prune(retention_seconds, retention_count)
+        return path
+
+    # --- retention -------------------------------------------------------------
+    def _protected(self) -> set:
+        """Seqs of the newest periodic record of every backend."""
+        newest: Dict[str, int] = {}
+        for seq in reversed(self.seqs):
+            entry = self.entries[seq]
+            if entry.phase != "periodic":
+                continue
+            if entry.backend is None:
+                entry.backend = self._read_field(entry, "backend") or ""
+            if entry.backend and entry.backend not in newest:
+                newest[entry.backend] = seq
+        return set(newest.values())
+
+    def _prune(self, retention_seconds: int, retention_count: int) -> None:
+        cutoff = _now() - retention_seconds if retention_seconds > 0 else None
+        aged = {s for s in self.seqs
+                if cutoff is not None and self.entries[s].written < cutoff}
+        if not aged and not (retention_count > 0 and len(self.seqs) > retention_count):
+            return
+        protected = self._protected()
+        doomed = aged - protected
+        survivors = [s for s in self.seqs if s not in doomed]
+        excess = len(survivors) - retention_count if retention_count > 0 else 0
+        for seq in survivors:                 # oldest first
+            if excess <= 0:
+                break
+            if seq not in protected:          # protected ones count, but stay
+                doomed.add(seq)
+                excess -= 1
+        for seq in sorted(doomed):
+            self._remove(seq)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _read_regular(path: str, limit: int) -> Optional[bytes]:
+    """Up to limit + 1 bytes of a regular file; None for anything else
+    (a FIFO or device planted in the spool must not block or act)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _same_content(path: str, data: bytes) -> bool:
+    return _read_regular(path, len(data)) == data
+
+
+def _write_new(directory: str, name: str, data: bytes) -> None:
+    """Temp file (dot name) in the same directory, fsync, rename, fsync dir."""
+    fd, tmp = tempfile.mkstemp(prefix="." + name + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), 0, 0)   # not the group of a setgid dir
+            os.fchmod(f.fileno(), FILE_MODE)
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(directory, name))
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+_SPOOLS: Dict[str, _HostSpool] = {}
+_SPOOLS_LOCK = threading.Lock()
+
+
+def _host_spool(directory: str) -> _HostSpool:
+    key = os.path.abspath(directory)
+    with _SPOOLS_LOCK:
+        spool = _SPOOLS.get(key)
+        if spool is None:
+            spool = _SPOOLS[key] = _HostSpool(key)
+        return spool
+
+
+class SpoolHook(Hook):
+    """Writes pre, post and periodic records as spool files."""
+
+    def __init__(self, backend_name: str, backend_config, context: HookContext):
+        super().__init__(backend_name, backend_config, context)
+        if not isinstance(context.host_id, str) or \
+                not re.fullmatch(rec.HOST_ID_RE, context.host_id):
+            raise InvalidArgument(f"spool hook: host id {context.host_id!r} may only use"
+                                  " letters, digits, '.', '_' and '-'")
+        if not context.spool_dir or not os.path.isabs(context.spool_dir):
+            raise InvalidArgument(f"spool hook: spool_dir {context.spool_dir!r} is not"
+                                  " an absolute path")
+        self.directory = os.path.join(context.spool_dir, context.host_id)
+        self._spool = _host_spool(self.directory)
+
+    def write(self, record: Dict[str, Any]) -> str:
+        """Write one record; return its path. Raises InvalidArgument for a
+        record that does not validate, SpoolConflict for a reused seq."""
+        try:
+            data = rec.dumps(record)
+        except rec.RecordError as exc:
+            raise InvalidArgument(f"spool hook: invalid record: {exc}") from None
+        if record["host"] != self.context.host_id:
+            raise InvalidArgument(f"spool hook: record for host {record['host']!r} in the"
+                                  f" spool of {self.context.host_id!r}")
+        if not rec.FILE_NAME_RE.fullmatch(rec.file_name(record)):
+            raise InvalidArgument(f"spool hook: seq {record['seq']} does not fit the"
+                                  " 20-digit file name")
+        if len(data) > rec.MAX_RECORD_BYTES:
+            # Readers refuse such files unread; fail here where it is visible.
+            raise InvalidArgument(f"spool hook: record {rec.file_name(record)} is {len(data)}"
+                                  f" bytes, more than {rec.MAX_RECORD_BYTES}")
+        return self._spool.write(record, data, int(self.context.retention_seconds or 0),
+                                 int(self.context.retention_count or 0))
+
+    def execute_pre_hook(self, record: Dict[str, Any]) -> Any:
+        self.write(record)
+        return None
+
+    def execute_post_hook(self, record: Dict[str, Any], pre_hook_data: Any) -> Optional[Dict[str, Any]]:
+        self.write(record)
+        return None
+
+    def execute_periodic_hook(self, record: Dict[str, Any]) -> None:
+        self.write(record)
