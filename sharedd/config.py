@@ -159,7 +159,7 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
             values[opt.name] = opt.default
     if not values["host_id"]:
         values["host_id"] = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
-    elif not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["host_id"]):
+    elif not re.fullmatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["host_id"]):
         raise ConfigError(f"{where('DEFAULT', 'host_id')}: [DEFAULT] host_id: "
                           f"{values['host_id']!r} may only use letters, digits, '.', '_' and '-'")
 
@@ -176,7 +176,7 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
         if name not in merged:
             raise ConfigError(f"{where('DEFAULT', 'enabled_share_backends')}: [DEFAULT] "
                               f"enabled_share_backends: no section [{name}]")
-        if not SECTION_RE.match(name):
+        if not SECTION_RE.fullmatch(name):
             raise ConfigError(f"{where(name, 'share_driver')}: [{name}]: a backend section name "
                               "may only use letters, digits and '_'")
         section = dict(default)
@@ -242,7 +242,7 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
                           "required for this driver (the address clients mount from)")
     from .hooks import HOOK_DRIVERS
     for hook in b.hook_drivers:
-        if hook not in HOOK_DRIVERS and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
+        if hook not in HOOK_DRIVERS and not re.fullmatch(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
             raise ConfigError(f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers: {hook!r} "
                               f"is neither a built-in ({', '.join(HOOK_DRIVERS)}) nor module:Class")
     cls.check_config(b, src, sec_of)

@@ -23,14 +23,14 @@ SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 #: spool file names: <seq, 20 digits>-<phase>-<method>.json
 FILE_NAME_RE = re.compile(r"^(\d{20})-(pre|post|periodic)-([a-z_]+)\.json$")
-HOST_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-ID_RE = r"^[0-9a-f]{32}$"
+HOST_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$(?!\n)"
+ID_RE = r"^[0-9a-f]{32}$(?!\n)"
 # host:/path, host an IPv4 address, a bracketed IPv6 address or a DNS name;
 # the path is absolute and has no characters a mount helper could misread.
 EXPORT_RE = (r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):"
-             r"/[A-Za-z0-9._/-]{0,1023}$")
+             r"/[A-Za-z0-9._/-]{0,1023}$(?!\n)")
 # Mount options travel as separate list items; each one is a plain word.
-MOUNT_OPTION_RE = r"^[A-Za-z0-9_.=:/-]{1,256}$"
+MOUNT_OPTION_RE = r"^[A-Za-z0-9_.=:/-]{1,256}$(?!\n)"
 
 _rule = {
     "type": "object",
@@ -65,7 +65,7 @@ _share = {
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string", "pattern": ID_RE},
-        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$(?!\n)"},
         "backend": {"type": "string", "pattern": HOST_ID_RE},
         "protocol": {"enum": list(PROTOCOLS)},
         "export_locations": {"type": "array", "maxItems": 16,
@@ -104,9 +104,9 @@ SCHEMA: Dict[str, Any] = {
         "host": {"type": "string", "pattern": HOST_ID_RE},
         # Changes when sharedd's state database is recreated: seq restarts.
         "epoch": {"type": "string", "pattern": ID_RE},
-        "seq": {"type": "integer", "minimum": 1},
+        "seq": {"type": "integer", "minimum": 1, "maximum": 10 ** 20 - 1},
         "timestamp": {"type": "string",
-                      "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$"},
+                      "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$(?!\n)"},
         "phase": {"enum": list(HOOK_PHASES)},
         "method": {"enum": list(HOOK_METHODS)},
         "backend": {"type": "string", "pattern": HOST_ID_RE},
@@ -127,6 +127,14 @@ SCHEMA: Dict[str, Any] = {
         # periodic only: the full state of every share of the backend.
         "shares": {"type": "array", "maxItems": 100000, "items": _share},
     },
+    # Cross-field rules; validate() checks them by hand with clear messages.
+    "allOf": [
+        {"if": {"properties": {"phase": {"const": "periodic"}}},
+         "then": {"required": ["shares"]},
+         "else": {"not": {"required": ["shares"]}}},
+        {"if": {"properties": {"phase": {"const": "post"}}},
+         "then": {"required": ["result"]}},
+    ],
 }
 
 
@@ -176,6 +184,8 @@ def _check(value: Any, schema: Dict[str, Any], where: str) -> None:
             raise RecordError(f"{where}: {value[:80]!r} does not match {schema['pattern']}")
     if _is_type(value, "integer") and "minimum" in schema and value < schema["minimum"]:
         raise RecordError(f"{where}: below {schema['minimum']}")
+    if _is_type(value, "integer") and "maximum" in schema and value > schema["maximum"]:
+        raise RecordError(f"{where}: above {schema['maximum']}")
     if isinstance(value, list):
         if "maxItems" in schema and len(value) > schema["maxItems"]:
             raise RecordError(f"{where}: more than {schema['maxItems']} items")
@@ -214,6 +224,8 @@ def loads(data: bytes) -> Dict[str, Any]:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise RecordError(f"record: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RecordError("record: not valid JSON: nested too deeply") from None
     return validate(obj)
 
 

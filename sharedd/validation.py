@@ -25,7 +25,7 @@ MAX_SIZE_GIB = 1 << 20   # 1 PiB: anything above is a typo
 
 
 def share_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid share name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
@@ -33,7 +33,7 @@ def share_name(name: str) -> str:
 
 
 def snapshot_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid snapshot name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
@@ -41,7 +41,7 @@ def snapshot_name(name: str) -> str:
 
 
 def object_id(value: str, what: str = "id") -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidArgument(f"invalid {what} {value[:80]!r}: expected 32 hex digits")
     return value
 
@@ -71,7 +71,7 @@ def metadata(value: dict) -> dict:
     if not isinstance(value, dict) or len(value) > 64:
         raise InvalidArgument("invalid metadata: at most 64 string pairs")
     for k, v in value.items():
-        if not isinstance(k, str) or not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", k):
+        if not isinstance(k, str) or not re.fullmatch(r"^[A-Za-z0-9_.:-]{1,64}$", k):
             raise InvalidArgument(f"invalid metadata key {str(k)[:80]!r}")
         if not isinstance(v, str) or len(v) > 1024:
             raise InvalidArgument(f"invalid metadata value for {k!r}: at most 1024 characters")
@@ -98,8 +98,8 @@ def _address(text: str) -> netaddr.IPAddress:
 
 
 def ip_rule(value: str) -> str:
-    text = value.strip() if isinstance(value, str) else ""
-    if not text or len(text) > 64 or not re.match(r"^[0-9A-Fa-f.:/]+$", text):
+    text = value if isinstance(value, str) else ""
+    if not text or len(text) > 64 or not re.fullmatch(r"^[0-9A-Fa-f.:/]+$", text):
         raise InvalidArgument(f"invalid IP address or CIDR {value[:80]!r}")
     try:
         if "/" in text:
@@ -123,10 +123,10 @@ def access_to(kind: str, value: str) -> str:
     if kind == "ip":
         return ip_rule(value)
     if kind == "user":
-        if not isinstance(value, str) or not _USER_RE.match(value):
+        if not isinstance(value, str) or not _USER_RE.fullmatch(value):
             raise InvalidArgument(f"invalid user name {value[:80]!r}: letters, digits, '_', '.', '@', '-'")
         return value
-    if not isinstance(value, str) or not _CN_RE.match(value):
+    if not isinstance(value, str) or not _CN_RE.fullmatch(value):
         raise InvalidArgument(f"invalid certificate CN {value[:80]!r}: letters, digits, '.', '_', '@', '-' "
                               "(no commas, wildcards or spaces)")
     return value

@@ -61,6 +61,7 @@ def test_create_list_find_delete(d):
     (("ok", "SMB", 1), "InvalidArgument"),
     (("ok", "NFS", 0), "InvalidArgument"),
     (("ok", "GLUSTERFS", 1), "NotSupported"),
+    (("trailing\n", "NFS", 1), "InvalidArgument"),
 ])
 def test_create_rejects_bad_input(d, args, error):
     text = d.error("/org/sharedd/Sharedd1", MGR, "CreateShare", "ssta{sv}", *args, 0)
@@ -96,7 +97,8 @@ def test_access_rules_validation_and_canonical_forms(d):
                       (("ip", "not-an-ip", "rw"), "InvalidArgument"),
                       (("ip", "10.1.1.1", "rwx"), "InvalidArgument"),
                       (("cert", "alice", "rw"), "NotSupported"),
-                      (("group", "x", "rw"), "InvalidArgument")]:
+                      (("group", "x", "rw"), "InvalidArgument"),
+                      (("ip", "10.1.1.1\n", "rw"), "InvalidArgument")]:
         assert ERR + err in d.error(path, SHARE, "AllowAccess", "sssa{sv}", *args, 0), args
     assert len(d.share_prop(path, "AccessRules")) == 2
     d.share(path, "DenyAccess", "sa{sv}", rid, 0)
