@@ -102,12 +102,12 @@ class Engine:
         os.makedirs(cfg.state_path, mode=0o755, exist_ok=True)
         os.makedirs(cfg.spool_dir, mode=0o755, exist_ok=True)
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
-        context = HookContext(cfg.host_id, cfg.spool_dir,
-                              emit_signal=self._emit_signal,
-                              retention_seconds=cfg.spool_retention_seconds,
-                              retention_count=cfg.spool_retention_count)
+        self.hook_context = HookContext(cfg.host_id, cfg.spool_dir,
+                                        emit_signal=self._emit_signal,
+                                        retention_seconds=cfg.spool_retention_seconds,
+                                        retention_count=cfg.spool_retention_count)
         for name, bconf in cfg.backends.items():
-            self.backends[name] = self._make_backend(name, bconf, context)
+            self.backends[name] = self._make_backend(name, bconf, self.hook_context)
         for b in self.backends.values():
             try:
                 await asyncio.to_thread(self._setup_backend, b)
@@ -176,9 +176,7 @@ class Engine:
                     b.config.values[key] = value
                 elif b.config.values.get(key) != value:
                     needs_restart.append(f"[{name}] {key}")
-            b.hooks = HookManager(name, b.config, b.hooks.hooks[0].context if b.hooks.hooks else
-                                  HookContext(self.config.host_id, self.config.spool_dir,
-                                              emit_signal=self._emit_signal))
+            b.hooks = HookManager(name, b.config, self.hook_context)
         for key in ("log_level", "stats_refresh_interval"):
             self.config.values[key] = new.values[key]
         for key in ("state_path", "spool_dir", "host_id"):

@@ -5,6 +5,7 @@ test_e2e_btrfs_ganesha.py with real btrfs and NFS-Ganesha."""
 
 import json
 import os
+import time
 
 import pytest
 
@@ -169,3 +170,44 @@ def test_spool_and_signal_records(d):
     periodic = [r for r in recs if r["phase"] == "periodic"]
     assert periodic and periodic[-1]["shares"][0]["id"] == share_id
 
+
+
+def test_object_manager_and_properties_changed(d, system_bus):
+    from tests.support.signals import SignalCollector
+    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    path = d.create_share("watched")
+    d.share(path, "AllowAccess", "sssa{sv}", "ip", "10.5.0.1", "rw", 0)
+    d.share(path, "Extend", "ta{sv}", 3, 0)
+    d.share(path, "Delete", "a{sv}", 0)
+    time.sleep(0.5)
+    msgs = sig.wait_for(1)
+    sig.close()
+    om = [(m.member, m.path, m.body[0]) for m in msgs
+          if m.interface == "org.freedesktop.DBus.ObjectManager"]
+    assert ("InterfacesAdded", "/org/sharedd/Sharedd1", path) in om
+    assert ("InterfacesRemoved", "/org/sharedd/Sharedd1", path) in om
+    added = [m for m in msgs if m.member == "InterfacesAdded" and m.body[0] == path][0]
+    assert added.body[1]["org.sharedd.Sharedd1.Share"]["Name"].value == "watched"
+    changes = [m.body[1] for m in msgs if m.member == "PropertiesChanged" and m.path == path]
+    assert any("AccessRules" in c for c in changes)
+    assert any(c.get("SizeGiB") and c["SizeGiB"].value == 3 for c in changes)
+    statuses = [c["Status"].value for c in changes if "Status" in c]
+    assert "extending" in statuses and "deleting" in statuses
+
+
+def test_bus_policy_non_root_reads_but_cannot_change(d):
+    path = d.create_share("policy")
+    nobody = 65534
+    # Reading is allowed to everyone.
+    proc = d.bus.busctl("get-property", "org.sharedd.Sharedd1", path, SHARE, "Name", user=nobody)
+    assert '"policy"' in proc.stdout
+    proc = d.bus.busctl("call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1", MGR, "ListShares",
+                        "a{sv}", "0", user=nobody)
+    assert path in proc.stdout
+    # Changing is refused by the bus before sharedd sees it.
+    for argv in (["call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1", MGR, "CreateShare",
+                  "ssta{sv}", "x", "NFS", "1", "0"],
+                 ["call", "org.sharedd.Sharedd1", path, SHARE, "Delete", "a{sv}", "0"]):
+        proc = d.bus.busctl(*argv, check=False, user=nobody)
+        assert proc.returncode != 0 and "denied" in proc.stderr.lower(), proc.stderr
+    assert d.manager("ListShares", "a{sv}", 0) == [path]

@@ -3,16 +3,15 @@ spool files for each wrapped method in phase order, pre-hook refusal and the
 suppress options, slow hooks not blocking the bus, two hook drivers at once,
 and sequence numbers that keep growing across restarts."""
 
-import asyncio
 import json
 import os
 import subprocess
-import threading
 import time
 
 import pytest
 
 from sharedd import record as record_schema
+from tests.support.signals import SignalCollector
 
 ERR = "org.sharedd.Sharedd1.Error."
 SHARE = "org.sharedd.Sharedd1.Share"
@@ -37,43 +36,6 @@ suppress_post_hooks_errors = {suppress_post}
 
 def make(factory, suppress_pre="false", suppress_post="false"):
     return factory(CONFIG.format(suppress_pre=suppress_pre, suppress_post=suppress_post))
-
-
-class SignalCollector:
-    """Receives org.sharedd.Sharedd1.Hooks.Fired with dbus-next in a thread."""
-
-    def __init__(self, address):
-        self.records = []
-        self.ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, args=(address,), daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
-
-    def _run(self, address):
-        from dbus_next import Message, MessageType
-        from dbus_next.aio import MessageBus
-        asyncio.set_event_loop(self.loop)
-
-        async def main():
-            bus = await MessageBus(bus_address=address).connect()
-            await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                   interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                   body=["type='signal',interface='org.sharedd.Sharedd1.Hooks'"]))
-
-            def handler(msg):
-                if msg.message_type == MessageType.SIGNAL and msg.member == "Fired":
-                    self.records.append(msg.body)
-            bus.add_message_handler(handler)
-            self.ready.set()
-            await asyncio.Event().wait()
-        self.loop.run_until_complete(main())
-
-    def wait_for(self, n, timeout=10):
-        deadline = time.monotonic() + timeout
-        while len(self.records) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return list(self.records)
 
 
 def spool_records(d):
@@ -101,7 +63,7 @@ def memory_calls(d):
 
 def test_signals_and_spool_in_phase_order(sharedd_factory, system_bus):
     d = make(sharedd_factory)
-    sig = SignalCollector(system_bus.address)
+    sig = SignalCollector(system_bus.address, "type='signal',interface='org.sharedd.Sharedd1.Hooks'")
     start = len(spool_records(d))
     p = d.create_share("hooks")
     rid = d.share(p, "AllowAccess", "sssa{sv}", "ip", "10.1.2.3", "ro", 0)
@@ -116,7 +78,8 @@ def test_signals_and_spool_in_phase_order(sharedd_factory, system_bus):
     expected = ["create_share", "allow_access", "create_snapshot", "extend_share", "shrink_share",
                 "revert_to_snapshot", "deny_access", "delete_snapshot", "delete_share"]
     want = [(ph, m) for m in expected for ph in ("pre", "post")] + [("periodic", "periodic")]
-    signals = sig.wait_for(len(want))
+    signals = [m.body for m in sig.wait_for(len(want))]
+    sig.close()
     assert [(s[0], s[1]) for s in signals] == want
     spool = spool_records(d)[start:]
     assert [(r["phase"], r["method"]) for r in spool] == want
