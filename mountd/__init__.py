@@ -1,0 +1,1 @@
+"""sharedd-mountd: the client daemon that mounts sharedd shares from hook records."""

@@ -1,0 +1,113 @@
+"""This host's IPv4/IPv6 addresses over netlink (pyroute2), and a thread that
+follows RTM_NEWADDR/RTM_DELADDR events."""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from typing import Callable, Optional, Sequence, Tuple
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
+
+log = logging.getLogger(__name__)
+
+
+def _attr(msg, name: str):
+    return msg.get_attr(name) if hasattr(msg, "get_attr") else dict(msg["attrs"]).get(name)
+
+
+def _link_names(ipr: IPRoute) -> dict:
+    return {link["index"]: _attr(link, "IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def read_addresses(interfaces: Sequence[str] = (), ipr: Optional[IPRoute] = None) -> Tuple[str, ...]:
+    """Sorted addresses of every interface (or only of `interfaces`)."""
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        names = _link_names(ipr) if interfaces else {}
+        out = set()
+        for msg in ipr.get_addr():
+            if interfaces and names.get(msg["index"]) not in interfaces:
+                continue
+            addr = _attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")
+            if addr:
+                out.add(addr)
+        return tuple(sorted(out))
+    finally:
+        if own:
+            ipr.close()
+
+
+class AddressMonitor:
+    """Calls on_change(addresses) from its own thread when the set changes.
+
+    With fixed `expected` addresses there is nothing to follow: addresses()
+    returns them and no thread runs.
+    """
+
+    def __init__(self, on_change: Callable[[Tuple[str, ...]], None],
+                 interfaces: Sequence[str] = (), expected: Sequence[str] = ()):
+        self.on_change = on_change
+        self.interfaces = tuple(interfaces)
+        self.expected = tuple(sorted(expected))
+        self._current = self.expected or read_addresses(self.interfaces)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def addresses(self) -> Tuple[str, ...]:
+        return self._current
+
+    def start(self) -> None:
+        if self.expected or self._thread is not None:
+            return
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mountd-netlink", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _run(self) -> None:
+        events = IPRoute()
+        try:
+            events.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_LINK)
+            # Re-read after subscribing so no change between the two is lost.
+            self._update()
+            self._ready.set()
+            while not self._stop.is_set():
+                ready, _, _ = select.select([events.fileno()], [], [], 0.5)
+                if not ready:
+                    continue
+                interesting = False
+                for msg in events.get():
+                    if msg.get("event") in ("RTM_NEWADDR", "RTM_DELADDR", "RTM_NEWLINK",
+                                            "RTM_DELLINK"):
+                        interesting = True
+                if interesting:
+                    self._update()
+        except Exception:
+            log.exception("netlink address monitor stopped")
+        finally:
+            self._ready.set()
+            events.close()
+
+    def _update(self) -> None:
+        try:
+            new = read_addresses(self.interfaces)
+        except Exception as exc:
+            log.error("cannot read interface addresses: %s", exc)
+            return
+        if new != self._current:
+            log.info("host addresses changed: %s", ", ".join(new) or "(none)")
+            self._current = new
+            try:
+                self.on_change(new)
+            except Exception:
+                log.exception("address change callback failed")

@@ -1,0 +1,274 @@
+"""The mountd main loop (asyncio): watches, reconciles, reports.
+
+Reconcile passes run one at a time in a worker thread; external commands
+inside them carry timeouts. Triggers (inotify, D-Bus records, address
+changes, Rescan, the periodic timer, retry times) are debounced into passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import time
+from typing import List, Optional
+
+import sdnotify
+
+from sharedd.errors import ConfigError
+
+from . import config as configlib
+from .addresses import AddressMonitor
+from .matching import certificate_cn
+from .mounter import Mounter
+from .reconcile import Identity, Reconciler, desired_mounts
+from .records import RecordSource
+from .state import StateStore
+from .watcher import SpoolWatcher
+
+log = logging.getLogger("mountd")
+
+DEBOUNCE = 0.2     # seconds: coalesce bursts of records into one pass
+RECONNECT_DELAY = 2.0   # seconds between attempts to reach a restarted bus
+
+
+class Daemon:
+    def __init__(self, config_path: str, *, optional_config: bool = False, use_bus: bool = True,
+                 mounter_factory=None):
+        self.config_path = config_path
+        self.optional_config = optional_config
+        self.use_bus = use_bus
+        self.mounter_factory = mounter_factory or _real_mounter
+        self.cfg = configlib.load(config_path, optional=optional_config)
+        self.notifier = sdnotify.SystemdNotifier()
+        if self.notifier.socket is not None:
+            # Never block the event loop on a full notification socket.
+            self.notifier.socket.setblocking(False)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mountd-work")
+        self.bus = None
+        self.watcher: Optional[SpoolWatcher] = None
+        self.monitor: Optional[AddressMonitor] = None
+        self._wake: Optional[asyncio.Event] = None
+        self._waiters: List[asyncio.Future] = []
+        self._stopping = False
+        self._reload = False
+        self._next_retry: Optional[float] = None
+        self._build()
+        self._table = self.reconciler.mounts_table()
+
+    # --- construction and reload ---------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        old_source = getattr(self, "source", None)
+        self.source = RecordSource(cfg.spool_dir, cfg.allowed_uids)
+        if old_source is not None:
+            # Records that came over the bus have no spool copy: keep them.
+            for host in old_source.hosts.values():
+                for rec in host.bus.values():
+                    self.source.add_bus_record(rec)
+        self.cert_cn = certificate_cn(cfg.glusterfs_client_cert) if cfg.glusterfs_client_cert else None
+        if cfg.glusterfs_client_cert and not self.cert_cn:
+            log.error("no CN found in %s: cert rules will not match", cfg.glusterfs_client_cert)
+        store = StateStore(cfg.state_path)
+        old = getattr(self, "reconciler", None)
+        self.reconciler = Reconciler(cfg.mount_dir, self.mounter_factory(cfg), store)
+        if old is not None and old.store.path != store.path:
+            # Keep responsibility for the mounts already made.
+            self.reconciler.mounts = old.mounts
+            store.save(old.mounts)
+
+    def _notify(self, text: str) -> None:
+        self.notifier.notify(text)
+
+    def _start_monitor(self) -> None:
+        self.monitor = AddressMonitor(
+            lambda addrs: self.loop.call_soon_threadsafe(self.trigger, "address change"),
+            interfaces=self.cfg.interfaces, expected=self.cfg.expected_ip_addresses)
+        self.monitor.start()
+
+    def _start_watcher(self) -> None:
+        self.watcher = SpoolWatcher(self.cfg.spool_dir, lambda p: self.trigger("spool"), self.loop)
+        self.watcher.start()
+
+    def _do_reload(self) -> None:
+        try:
+            new = configlib.load(self.config_path, optional=self.optional_config)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        old, self.cfg = self.cfg, new
+        logging.getLogger().setLevel(new.log_level.upper())
+        self._build()
+        if (old.interfaces, old.expected_ip_addresses) != (new.interfaces, new.expected_ip_addresses):
+            self.monitor.stop()
+            self._start_monitor()
+        if old.spool_dir != new.spool_dir:
+            self.watcher.stop()
+            self._start_watcher()
+        log.info("configuration reloaded")
+
+    # --- triggers ----------------------------------------------------------
+    def trigger(self, reason: str = "") -> None:
+        if reason:
+            log.debug("reconcile requested: %s", reason)
+        if self._wake is not None:
+            self._wake.set()
+
+    def accept_record(self, record: dict) -> None:
+        """A validated record from the bus: same path as a spool record."""
+        self.source.add_bus_record(record)
+        self.trigger("Fired signal")
+
+    async def rescan(self) -> None:
+        fut = self.loop.create_future()
+        self._waiters.append(fut)
+        self.trigger("Rescan")
+        await fut
+
+    def mounts_table(self):
+        return self._table
+
+    # --- one pass ------------------------------------------------------------
+    def _pass(self):
+        cfg = self.cfg
+        shares = self.source.scan()
+        identity = Identity(addresses=self.monitor.addresses(), cert_cn=self.cert_cn)
+        desired = desired_mounts(
+            shares, identity, cfg.protocols,
+            {"NFS": cfg.nfs_mount_options, "GLUSTERFS": cfg.glusterfs_mount_options},
+            have_client_cert=bool(cfg.glusterfs_client_cert and cfg.glusterfs_client_key))
+        outcome = self.reconciler.run(desired)
+        # The bus reads a snapshot taken between passes, never a half-done pass.
+        self._table = self.reconciler.mounts_table()
+        return outcome
+
+    async def _run_pass(self) -> None:
+        try:
+            outcome = await self.loop.run_in_executor(self.executor, self._pass)
+        except Exception:
+            log.exception("reconcile pass failed")
+            return
+        self._next_retry = outcome.next_retry
+        if self.bus is not None and outcome.changed:
+            self.bus.mounts_changed(outcome.events)
+        failed = sum(1 for m in self.reconciler.mounts.values() if m.state != "mounted")
+        n = self.reconciler.mounted_count()
+        self._notify(f"STATUS={n} share{'s' if n != 1 else ''} mounted"
+                     + (f", {failed} failing" if failed else ""))
+
+    # --- main loop -----------------------------------------------------------
+    async def _watchdog(self, usec: int) -> None:
+        while True:
+            await asyncio.sleep(usec / 2e6)
+            self._notify("WATCHDOG=1")
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.loop.add_signal_handler(signal.SIGTERM, self._signal_stop)
+        self.loop.add_signal_handler(signal.SIGINT, self._signal_stop)
+        self.loop.add_signal_handler(signal.SIGHUP, self._signal_reload)
+        watchdog = bus_keeper = None
+        try:
+            usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+            if usec > 0:
+                watchdog = asyncio.ensure_future(self._watchdog(usec))
+            self._start_monitor()
+            self._start_watcher()
+            if self.use_bus:
+                from .bus import MountdBus   # only here: --no-bus needs no D-Bus library
+                self.bus = MountdBus(self, self.accept_record)
+                await self.bus.start()
+                bus_keeper = asyncio.ensure_future(self._keep_bus(MountdBus))
+            await self._run_pass()
+            self._notify("READY=1")
+            log.info("sharedd-mountd ready: spool %s, mounts under %s", self.cfg.spool_dir,
+                     self.cfg.mount_dir)
+            await self._loop()
+            return 0
+        finally:
+            self._notify("STOPPING=1")
+            for task in (watchdog, bus_keeper):
+                if task is not None:
+                    task.cancel()
+            if self.watcher is not None:
+                self.watcher.stop()
+            if self.monitor is not None:
+                self.monitor.stop()
+            if self.bus is not None:
+                self.bus.close()
+            self.executor.shutdown(wait=True)
+            for fut in self._waiters:
+                if not fut.done():
+                    fut.cancel()
+
+    async def _keep_bus(self, bus_class) -> None:
+        """The system bus may restart: reconnect and own the name again."""
+        while not self._stopping:
+            await self.bus.wait_closed()
+            if self._stopping:
+                return
+            log.error("lost the system bus connection; reconnecting")
+            self.bus = None
+            while not self._stopping:
+                await asyncio.sleep(RECONNECT_DELAY)
+                candidate = bus_class(self, self.accept_record)
+                try:
+                    await candidate.start()
+                except Exception as exc:
+                    log.warning("cannot reconnect to the system bus yet: %s", exc)
+                    candidate.close()
+                    continue
+                self.bus = candidate
+                log.info("reconnected to the system bus")
+                self.trigger("bus reconnected")
+                break
+
+    async def _loop(self) -> None:
+        next_periodic = time.monotonic() + self.cfg.consume_interval
+        while not self._stopping:
+            timeout = max(0.0, next_periodic - time.monotonic())
+            if self._next_retry is not None:
+                timeout = min(timeout, max(0.0, self._next_retry - time.time()) + 0.05)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.sleep(DEBOUNCE)
+            except asyncio.TimeoutError:
+                pass
+            if self._stopping:
+                break
+            self._wake.clear()
+            waiters, self._waiters = self._waiters, []
+            if self._reload:
+                self._reload = False
+                self._notify("RELOADING=1")
+                await self.loop.run_in_executor(self.executor, self._do_reload)
+                self._notify("READY=1")
+            if time.monotonic() >= next_periodic:
+                next_periodic = time.monotonic() + self.cfg.consume_interval
+            self.watcher.ensure_watches()
+            await self._run_pass()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _signal_stop(self) -> None:
+        if self._stopping:
+            return
+        log.info("stopping (mounts stay in place)")
+        self._stopping = True
+        self._wake.set()
+
+    def _signal_reload(self) -> None:
+        log.info("SIGHUP: reloading configuration")
+        self._reload = True
+        self._wake.set()
+
+
+def _real_mounter(cfg) -> Mounter:
+    return Mounter(timeout=cfg.mount_timeout, nosuid_nodev=cfg.mount_nosuid_nodev,
+                   glusterfs_cert=cfg.glusterfs_client_cert,
+                   glusterfs_key=cfg.glusterfs_client_key, glusterfs_ca=cfg.glusterfs_ca)

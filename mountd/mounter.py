@@ -1,0 +1,180 @@
+"""Mount and unmount shares with argument vectors (never a shell).
+
+Mounter is what the Reconciler calls; it runs blocking commands with
+timeouts and is used from a worker thread. The argument vectors are built
+by pure functions so tests can check them and real end-to-end tests can run
+the real thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import List, Optional, Sequence, Set, Tuple
+
+from sharedd.errors import BackendFailure, InvalidArgument
+from sharedd.record import EXPORT_RE
+from sharedd.util import run
+
+from .config import option_allowed
+from .state import read_mountinfo, top_mounts
+
+log = logging.getLogger(__name__)
+
+MOUNT = "mount"
+UMOUNT = "umount"
+GLUSTERFS = "glusterfs"
+#: seconds a glusterfs mount may take to connect before it counts as refused
+GLUSTERFS_SETTLE = 15.0
+
+
+def _check_export(export: str) -> Tuple[str, str]:
+    """(host, path) of host:/path; anything else (an export starting with '-',
+    carrying ',' or a newline) could be read as options: refused."""
+    m = re.fullmatch(EXPORT_RE, export)
+    if not m:
+        raise InvalidArgument(f"refusing export {export[:100]!r}: not host:/path")
+    host = m.group(1)
+    return host.strip("[]"), export[len(host) + 1:]
+
+
+def _check_options(fstype: str, options: Sequence[str]) -> None:
+    for opt in options:
+        if not option_allowed(fstype, opt):
+            raise InvalidArgument(f"refusing {fstype} mount option {opt[:100]!r}")
+
+
+def _check_mount_point(mp: str) -> None:
+    if not mp.startswith("/") or "\n" in mp or "," in mp:
+        raise InvalidArgument(f"refusing mount point {mp[:100]!r}")
+
+
+def nfs_argv(export: str, mount_point: str, level: str, options: Sequence[str],
+             fstype: str = "nfs4", nosuid_nodev: bool = True) -> List[str]:
+    _check_export(export)
+    _check_mount_point(mount_point)
+    _check_options(fstype, options)
+    if level not in ("ro", "rw") or fstype not in ("nfs", "nfs4"):
+        raise InvalidArgument("bad level or file system type")
+    opts = [level] + (["nosuid", "nodev"] if nosuid_nodev else []) + list(options)
+    return [MOUNT, "-t", fstype, "-o", ",".join(opts), "--", export, mount_point]
+
+
+def glusterfs_argv(export: str, mount_point: str, level: str, options: Sequence[str],
+                   cert_required: bool = False, cert: str = "", key: str = "",
+                   ca: str = "", log_file: str = "") -> List[str]:
+    server, path = _check_export(export)
+    _check_mount_point(mount_point)
+    _check_options("glusterfs", options)
+    if level not in ("ro", "rw"):
+        raise InvalidArgument("bad level")
+    volume, _, subdir = path.strip("/").partition("/")
+    if not volume:
+        raise InvalidArgument(f"refusing export {export!r}: no volume name")
+    argv = [GLUSTERFS, f"--volfile-server={server}", f"--volfile-id={volume}"]
+    if subdir:
+        argv.append(f"--subdir-mount=/{subdir}")
+    if level == "ro":
+        argv.append("--read-only")
+    for opt in options:
+        argv.append(f"--{opt}")
+    if log_file:
+        argv.append(f"--log-file={log_file}")
+    if cert_required:
+        if not (cert and key):
+            raise InvalidArgument("the share requires a client certificate and none is configured")
+        argv.append(f"--xlator-option=*-client-*.transport.socket.ssl-own-cert={cert}")
+        argv.append(f"--xlator-option=*-client-*.transport.socket.ssl-private-key={key}")
+        if ca:
+            argv.append(f"--xlator-option=*-client-*.transport.socket.ssl-ca-list={ca}")
+    argv.append(mount_point)
+    return argv
+
+
+def restrict_argv(mount_point: str, level: str, nosuid_nodev: bool) -> List[str]:
+    """Per-mount-point flags (a bind remount changes only this mount)."""
+    _check_mount_point(mount_point)
+    opts = ["remount", "bind", level] + (["nosuid", "nodev"] if nosuid_nodev else [])
+    return [MOUNT, "-o", ",".join(opts), "--", mount_point]
+
+
+class Mounter:
+    """The real thing: mount(8), umount(8), glusterfs(8)."""
+
+    def __init__(self, *, timeout: float = 60.0, nosuid_nodev: bool = True,
+                 glusterfs_cert: str = "", glusterfs_key: str = "", glusterfs_ca: str = "",
+                 glusterfs_log_dir: str = ""):
+        self.timeout = timeout
+        # Empty: glusterfs's default log (/var/log/glusterfs/<mount point>.log).
+        self.glusterfs_log_dir = glusterfs_log_dir
+        self.nosuid_nodev = nosuid_nodev
+        self.cert, self.key, self.ca = glusterfs_cert, glusterfs_key, glusterfs_ca
+
+    def argv(self, d, mount_point: str) -> List[str]:
+        if d.fstype in ("nfs", "nfs4"):
+            return nfs_argv(d.export, mount_point, d.level, d.options, d.fstype, self.nosuid_nodev)
+        if d.fstype == "glusterfs":
+            log_file = (os.path.join(self.glusterfs_log_dir, os.path.basename(mount_point) + ".log")
+                        if self.glusterfs_log_dir else "")
+            return glusterfs_argv(d.export, mount_point, d.level, d.options, d.cert_required,
+                                  self.cert, self.key, self.ca, log_file)
+        raise InvalidArgument(f"mountd does not mount {d.fstype}")
+
+    def required_flags(self) -> Sequence[str]:
+        return ("nosuid", "nodev") if self.nosuid_nodev else ()
+
+    def kernel_fstypes(self, fstype: str) -> Optional[Set[str]]:
+        """File system types mountinfo shows for a mount of fstype."""
+        return {"nfs": {"nfs", "nfs4"}, "nfs4": {"nfs4", "nfs"},
+                "glusterfs": {"fuse.glusterfs"}}.get(fstype, set())
+
+    def mount(self, d, mount_point: str) -> None:
+        run(self.argv(d, mount_point), timeout=self.timeout)
+        if d.fstype == "glusterfs":
+            self._wait_glusterfs(d.export, mount_point)
+
+    def _wait_glusterfs(self, export: str, mount_point: str) -> None:
+        """glusterfs exits 0 even when the server refuses the client (the
+        FUSE mount then answers ENOTCONN or vanishes): wait until the mount
+        is there and answers statfs, else detach it and fail."""
+        deadline = time.monotonic() + min(self.timeout, GLUSTERFS_SETTLE)
+        last = "nothing mounted"
+        while True:
+            entry = top_mounts(read_mountinfo()).get(mount_point)
+            if entry is not None and entry.fstype in self.kernel_fstypes("glusterfs"):
+                try:
+                    run(["stat", "-f", "--", mount_point], timeout=max(1.0, deadline - time.monotonic()))
+                    return
+                except BackendFailure as exc:
+                    last = str(exc)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if entry is not None and entry.fstype in self.kernel_fstypes("glusterfs"):
+            run([UMOUNT, "-l", "--", mount_point], timeout=self.timeout, check=False)
+        raise BackendFailure(f"glusterfs mount of {export} at {mount_point} did not come up "
+                             f"(refused by the server? see /var/log/glusterfs/): {last[-300:]}")
+
+    def restrict(self, mount_point: str, level: str) -> None:
+        run(restrict_argv(mount_point, level, self.nosuid_nodev), timeout=self.timeout)
+
+    def remount(self, d, mount_point: str) -> None:
+        """Change the access level in place (NFS); glusterfs must mount again."""
+        if d.fstype not in ("nfs", "nfs4"):
+            raise NotImplementedError
+        _check_mount_point(mount_point)
+        run([MOUNT, "-o", f"remount,{d.level}", "--", mount_point], timeout=self.timeout)
+
+    def unmount(self, mount_point: str) -> str:
+        """'clean', or 'lazy' when a plain unmount failed or hung (logged)."""
+        _check_mount_point(mount_point)
+        try:
+            run([UMOUNT, "--", mount_point], timeout=self.timeout)
+            return "clean"
+        except BackendFailure as exc:
+            log.warning("unmount of %s failed (%s); detaching it lazily (umount -l)",
+                        mount_point, exc)
+        run([UMOUNT, "-l", "--", mount_point], timeout=self.timeout)
+        return "lazy"

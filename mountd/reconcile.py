@@ -1,0 +1,457 @@
+"""Desired state from hook records, and reconciliation against the kernel.
+
+fold() and desired_mounts() are pure: records in, desired mounts out.
+Reconciler compares the desired mounts with mountd's own persisted record
+and /proc/self/mountinfo and acts through a Mounter. It only ever touches
+mounts it made, identified by the kernel's mount id, file system type and
+source recorded right after mounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import re
+import stat
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from sharedd.constants import PHASE_PERIODIC, PHASE_PRE
+from sharedd.record import EXPORT_RE
+
+from . import matching
+from .config import option_allowed
+from .state import MountEntry, OwnMount, StateStore, read_mountinfo, top_mounts
+
+log = logging.getLogger(__name__)
+
+#: share statuses (and pre-hook methods) after which a share is gone for clients
+GONE_STATUSES = ("deleting", "deleted", "unmanage_starting")
+GONE_METHODS = ("delete_share", "unmanage_share")
+FSTYPES = {"NFS": ("nfs4", "nfs"), "GLUSTERFS": ("glusterfs",)}
+RETRY_BASE = 5.0
+RETRY_MAX = 600.0
+
+
+# --- desired state ------------------------------------------------------------
+
+def _key(record: dict) -> Tuple[str, int, int]:
+    # Timestamps differ in fraction length ("...:30Z", "...:30.5Z"): compare
+    # the seconds text, then the fraction as microseconds.
+    base, _, frac = record["timestamp"].rstrip("Z").partition(".")
+    return (base, int((frac or "0").ljust(6, "0")[:6]), record["seq"])
+
+
+def current_epoch(metas: Iterable[dict]) -> Optional[str]:
+    """The epoch of the newest record (seq restarts in a new epoch, so the
+    newest is told by timestamp, then seq)."""
+    newest = None
+    for m in metas:
+        if newest is None or _key(m) > _key(newest):
+            newest = m
+    return newest["epoch"] if newest else None
+
+
+def fold(records: Iterable[dict]) -> Tuple[Optional[str], Dict[str, dict]]:
+    """Share id -> share (as in the records) for one sharedd host.
+
+    Starts from the newest periodic record of each backend in the current
+    epoch, then applies the later records of that backend in seq order.
+    Records of other epochs are ignored (an epoch change resets the state).
+    """
+    records = list(records)
+    epoch = current_epoch(records)
+    recs = sorted((r for r in records if r["epoch"] == epoch), key=lambda r: r["seq"])
+    base: Dict[str, dict] = {}
+    for r in recs:
+        if r["phase"] == PHASE_PERIODIC:
+            base[r["backend"]] = r          # sorted: the last one is the newest
+    shares: Dict[str, dict] = {}
+    for backend, r in sorted(base.items()):
+        for share in r.get("shares", []):
+            shares[share["id"]] = dict(share, backend=share.get("backend", backend))
+    for r in recs:
+        if r["phase"] == PHASE_PERIODIC or r.get("share") is None:
+            continue
+        b = base.get(r["backend"])
+        if b is not None and r["seq"] <= b["seq"]:
+            continue
+        share = r["share"]
+        gone = share["status"] in GONE_STATUSES or (
+            r["phase"] == PHASE_PRE and r["method"] in GONE_METHODS)
+        if gone:
+            shares.pop(share["id"], None)
+        else:
+            shares[share["id"]] = dict(share, backend=share.get("backend", r["backend"]))
+    for sid in [s for s, v in shares.items() if v["status"] in GONE_STATUSES]:
+        del shares[sid]
+    return epoch, shares
+
+
+@dataclasses.dataclass(frozen=True)
+class Desired:
+    share_id: str
+    share_name: str
+    host: str
+    protocol: str
+    fstype: str            # nfs4 | nfs | glusterfs
+    export: str            # host:/path
+    level: str             # rw | ro
+    options: Tuple[str, ...]
+    cert_required: bool = False
+    error: str = ""        # set when the share cannot be mounted as described
+
+    def params(self) -> tuple:
+        return (self.export, self.fstype, self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What identifies this host to access rules."""
+    addresses: Tuple[str, ...]
+    cert_cn: Optional[str] = None
+
+
+def mount_point_for(mount_dir: str, name: str, share_id: str, length: int = 8) -> str:
+    return os.path.join(mount_dir, f"{name}-{share_id[:length]}")
+
+
+def desired_mounts(shares_by_host: Dict[str, Dict[str, dict]], identity: Identity,
+                   protocols: Sequence[str], extra_options: Dict[str, Sequence[str]],
+                   have_client_cert: bool) -> Dict[str, Desired]:
+    """Share id -> Desired for every share this host may mount."""
+    addrs = matching.parse_addresses(identity.addresses)
+    out: Dict[str, Desired] = {}
+    for host in sorted(shares_by_host):
+        for sid, share in sorted(shares_by_host[host].items()):
+            if sid in out:
+                log.warning("share %s is announced by two sharedd hosts (%s, %s); using %s",
+                            sid, out[sid].host, host, out[sid].host)
+                continue
+            proto = share["protocol"]
+            if proto not in protocols:
+                continue
+            level = matching.access_level(share.get("access_rules", []), addrs, identity.cert_cn)
+            if level is None:
+                continue
+            out[sid] = _describe(host, share, level, extra_options, have_client_cert)
+    return out
+
+
+def _describe(host: str, share: dict, level: str, extra: Dict[str, Sequence[str]],
+              have_client_cert: bool) -> Desired:
+    hints = share.get("mount_hints") or {}
+    proto = share["protocol"]
+    fstype = hints.get("fstype") or FSTYPES[proto][0]
+    export = hints.get("export") or next(
+        (e for e in share.get("export_locations", []) if re.fullmatch(EXPORT_RE, e)), "")
+    error = ""
+    if fstype not in FSTYPES[proto]:
+        error = f"file system type {fstype!r} does not fit protocol {proto}"
+    elif not export or not re.fullmatch(EXPORT_RE, export):
+        error = "no usable export location (host:/path)"
+    options: List[str] = []
+    for opt in list(extra.get(proto, ())) + list(hints.get("options", [])):
+        if opt in ("ro", "rw", "nosuid", "nodev"):
+            continue      # mountd decides these
+        if not option_allowed(fstype, opt):
+            error = error or f"mount option {opt!r} is not allowed"
+        elif opt not in options:
+            options.append(opt)
+    cert_required = bool(hints.get("client_certificate_required"))
+    if cert_required and not have_client_cert and not error:
+        error = "the share requires a client certificate and none is configured"
+    return Desired(share_id=share["id"], share_name=share["name"], host=host, protocol=proto,
+                   fstype=fstype, export=export, level=level, options=tuple(options),
+                   cert_required=cert_required, error=error)
+
+
+# --- reconciliation -----------------------------------------------------------
+
+class MountFailed(Exception):
+    """A mount, remount or unmount did not happen (message says why)."""
+
+
+@dataclasses.dataclass
+class Outcome:
+    events: List[tuple] = dataclasses.field(default_factory=list)  # ("Mounted", sid, mp, level) ...
+    next_retry: Optional[float] = None      # wall clock of the earliest retry due
+    changed: bool = False
+
+
+class Reconciler:
+    """Brings the mounts in line with the desired state. Not thread-safe:
+    the daemon runs one pass at a time, in a worker thread."""
+
+    def __init__(self, mount_dir: str, mounter, store: StateStore, *,
+                 mountinfo: Callable[[], List[MountEntry]] = read_mountinfo,
+                 clock: Callable[[], float] = time.time):
+        # mountinfo shows resolved paths: a symlink in mount_dir must not hide our mounts.
+        self.mount_dir = os.path.realpath(mount_dir)
+        self.mounter = mounter
+        self.store = store
+        self.mountinfo = mountinfo
+        self.clock = clock
+        self.mounts: Dict[str, OwnMount] = store.load()
+
+    # -- helpers
+    def _save(self) -> None:
+        self.store.save(self.mounts)
+
+    def _mount_points(self, desired: Dict[str, Desired]) -> Dict[str, str]:
+        """Share id -> mount point; a name clash gets the full id."""
+        used: Dict[str, str] = {}
+        out: Dict[str, str] = {}
+        for sid in sorted(desired, key=lambda s: (s not in self.mounts, s)):
+            d = desired[sid]
+            mp = mount_point_for(self.mount_dir, d.share_name, sid)
+            if mp in used and used[mp] != sid:
+                mp = mount_point_for(self.mount_dir, d.share_name, sid, 32)
+            used[mp] = sid
+            out[sid] = mp
+        return out
+
+    def _fail(self, own: OwnMount, why: str, outcome: Outcome) -> None:
+        own.state = "failed"
+        own.error = why
+        own.failures += 1
+        delay = min(RETRY_BASE * 2 ** (own.failures - 1), RETRY_MAX)
+        own.next_attempt = self.clock() + delay
+        log.error("share %s (%s): %s; retrying in %.0fs (attempt %d failed)",
+                  own.share_name, own.share_id, why, delay, own.failures)
+        outcome.changed = True
+
+    def _prepare_dir(self, mp: str, top: Dict[str, MountEntry]) -> bool:
+        """Make the mount point; True if mountd created it."""
+        os.makedirs(self.mount_dir, mode=0o755, exist_ok=True)
+        if mp in top:
+            raise MountFailed(f"{mp} is already a mount point that mountd did not make")
+        try:
+            os.mkdir(mp, 0o755)
+            os.chmod(mp, 0o755)
+            return True
+        except FileExistsError:
+            pass
+        st = os.lstat(mp)
+        if not stat.S_ISDIR(st.st_mode):
+            raise MountFailed(f"{mp} exists and is not a directory")
+        if os.listdir(mp):
+            raise MountFailed(f"{mp} is not empty; refusing to hide its files")
+        return False
+
+    def _find_new(self, mp: str, before: Optional[MountEntry]) -> MountEntry:
+        top = top_mounts(self.mountinfo())
+        entry = top.get(mp)
+        if entry is None or (before is not None and entry.mount_id == before.mount_id):
+            raise MountFailed(f"the mount command succeeded but nothing is mounted at {mp}")
+        return entry
+
+    def _check_flags(self, own: OwnMount, entry: MountEntry) -> MountEntry:
+        """Enforce the level (never rw for a ro share) and nosuid/nodev."""
+        want_ro = own.level == "ro"
+        need = entry.read_only != want_ro or any(
+            f not in entry.mount_options for f in self.mounter.required_flags())
+        if need:
+            self.mounter.restrict(own.mount_point, own.level)
+            entry = top_mounts(self.mountinfo()).get(own.mount_point)
+            if entry is None or entry.mount_id != own.mount_id:
+                raise MountFailed(f"the mount at {own.mount_point} vanished while setting flags")
+            if entry.read_only != want_ro:
+                raise MountFailed(f"{own.mount_point} is {'ro' if entry.read_only else 'rw'}"
+                                  f" after mounting, not {own.level}")
+        return entry
+
+    # -- actions
+    def _mount(self, d: Desired, mp: str, outcome: Outcome) -> None:
+        own = self.mounts.get(d.share_id)
+        if own is None or own.mount_point != mp or (own.export, own.fstype, tuple(own.options)) != d.params():
+            own = OwnMount(share_id=d.share_id, share_name=d.share_name, host=d.host,
+                           mount_point=mp, export=d.export, fstype=d.fstype, level=d.level,
+                           options=list(d.options), state="failed")
+            self.mounts[d.share_id] = own
+        own.level = d.level
+        own.host = d.host
+        if d.error:
+            if own.error != d.error:
+                own.error = d.error
+                own.state = "failed"
+                log.error("share %s (%s): not mounted: %s", d.share_name, d.share_id, d.error)
+                outcome.changed = True
+            return
+        top = top_mounts(self.mountinfo())
+        try:
+            own.created_dir = self._prepare_dir(mp, top) or own.created_dir
+            own.state = "mounting"   # persisted first: a crash now is recognised on restart
+            own.mount_id = None
+            self._save()
+            self.mounter.mount(d, mp)
+            entry = self._find_new(mp, None)
+            own.mount_id, own.kernel_fstype, own.kernel_source = (
+                entry.mount_id, entry.fstype, entry.source)
+            try:
+                self._check_flags(own, entry)
+            except Exception:
+                self._unmount_quietly(mp)
+                raise
+        except (MountFailed, OSError, Exception) as exc:  # noqa: B014 - any failure is retried
+            own.mount_id = None
+            self._fail(own, str(exc), outcome)
+            self._save()
+            return
+        own.state, own.error, own.failures, own.next_attempt = "mounted", "", 0, 0.0
+        log.info("mounted share %s (%s) %s at %s %s", d.share_name, d.share_id, d.export, mp, d.level)
+        outcome.events.append(("Mounted", d.share_id, mp, d.level))
+        outcome.changed = True
+        self._save()
+
+    def _unmount_quietly(self, mp: str) -> None:
+        try:
+            self.mounter.unmount(mp)
+        except Exception as exc:   # already failing; report the first error
+            log.error("cleanup unmount of %s failed: %s", mp, exc)
+
+    def _unmount(self, own: OwnMount, outcome: Outcome) -> bool:
+        try:
+            self.mounter.unmount(own.mount_point)
+        except Exception as exc:
+            log.error("unmounting share %s at %s failed: %s", own.share_id, own.mount_point, exc)
+            own.error = f"unmount failed: {exc}"
+            outcome.changed = True
+            return False
+        still = [e for e in self.mountinfo() if e.mount_id == own.mount_id]
+        if still:
+            own.error = "still mounted after unmount"
+            log.error("share %s: %s is still mounted after unmount", own.share_id, own.mount_point)
+            return False
+        log.info("unmounted share %s (%s) from %s", own.share_name, own.share_id, own.mount_point)
+        outcome.events.append(("Unmounted", own.share_id, own.mount_point))
+        outcome.changed = True
+        return True
+
+    def _forget(self, own: OwnMount) -> None:
+        if own.created_dir:
+            try:
+                os.rmdir(own.mount_point)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT,):
+                    log.warning("cannot remove mount point %s: %s", own.mount_point, exc)
+        self.mounts.pop(own.share_id, None)
+
+    def _remount(self, own: OwnMount, d: Desired, outcome: Outcome) -> None:
+        old = own.level
+        try:
+            self.mounter.remount(d, own.mount_point)
+            own.level = d.level
+            entry = top_mounts(self.mountinfo()).get(own.mount_point)
+            if not own.owns(entry):
+                raise MountFailed(f"the mount at {own.mount_point} changed during remount")
+            self._check_flags(own, entry)
+        except NotImplementedError:
+            # This file system cannot change level in place: mount again.
+            if self._unmount(own, outcome):
+                own.mount_id = None
+                self._mount(d, own.mount_point, outcome)
+            return
+        except Exception as exc:
+            own.level = old
+            log.error("share %s: changing %s from %s to %s failed: %s", own.share_id,
+                      own.mount_point, old, d.level, exc)
+            own.error = f"remount {d.level} failed: {exc}"
+            outcome.changed = True
+            if d.level == "ro":
+                # Never leave write access that was withdrawn.
+                if self._unmount(own, outcome):
+                    own.mount_id, own.state = None, "failed"
+                    self._fail(own, f"could not remount read-only: {exc}", outcome)
+            return
+        own.error = ""
+        log.info("remounted share %s (%s) at %s %s", own.share_name, own.share_id,
+                 own.mount_point, d.level)
+        outcome.events.append(("Mounted", own.share_id, own.mount_point, d.level))
+        outcome.changed = True
+
+    # -- the pass
+    def adopt_interrupted(self, top: Dict[str, MountEntry]) -> None:
+        """A crash between mount and save leaves state 'mounting': adopt the
+        mount found at the mount point if it has the expected type."""
+        for own in self.mounts.values():
+            if own.state != "mounting":
+                continue
+            entry = top.get(own.mount_point)
+            kinds = self.mounter.kernel_fstypes(own.fstype)
+            if entry is not None and (kinds is None or entry.fstype in kinds):
+                own.mount_id, own.kernel_fstype, own.kernel_source = (
+                    entry.mount_id, entry.fstype, entry.source)
+                own.state = "mounted"
+                log.info("adopted the mount at %s made before a restart", own.mount_point)
+            else:
+                own.state = "failed"
+
+    def run(self, desired: Dict[str, Desired]) -> Outcome:
+        outcome = Outcome()
+        now = self.clock()
+        top = top_mounts(self.mountinfo())
+        ids = {e.mount_id for e in self.mountinfo()}
+        self.adopt_interrupted(top)
+        # Mounts that disappeared behind mountd's back are mounted again below.
+        for own in self.mounts.values():
+            if own.state == "mounted" and not own.owns(top.get(own.mount_point)):
+                if own.mount_id in ids:
+                    log.warning("share %s: %s is covered by another mount", own.share_id,
+                                own.mount_point)
+                    continue
+                log.warning("share %s: %s is no longer mounted", own.share_id, own.mount_point)
+                own.state, own.mount_id, own.failures, own.next_attempt = "failed", None, 0, 0.0
+                own.error = "mount disappeared"
+                outcome.changed = True
+        # Withdrawn access and deleted shares first (deny arrives before the server acts).
+        for sid in sorted(set(self.mounts) - set(desired)):
+            own = self.mounts[sid]
+            entry = top.get(own.mount_point)
+            if own.owns(entry):
+                if self._unmount(own, outcome):
+                    self._forget(own)
+            elif own.mount_id is not None and own.mount_id in ids:
+                log.error("share %s: cannot unmount %s: another mount covers it",
+                          sid, own.mount_point)
+            else:
+                self._forget(own)
+                outcome.changed = True
+        mps = self._mount_points(desired)
+        for sid in sorted(desired):
+            d = desired[sid]
+            mp = mps[sid]
+            own = self.mounts.get(sid)
+            if own is not None and own.state == "mounted" and own.owns(top.get(own.mount_point)):
+                if own.mount_point != mp or (own.export, own.fstype, tuple(own.options)) != d.params():
+                    log.info("share %s: export or options changed; mounting again", sid)
+                    if self._unmount(own, outcome):
+                        self._forget(own)
+                        self._mount(d, mp, outcome)
+                elif own.level != d.level:
+                    self._remount(own, d, outcome)
+                continue
+            if own is not None and own.state == "mounted":
+                continue      # covered by another mount: leave it, warned above
+            if (own is not None and own.mount_point == mp and not d.error
+                    and (own.export, own.fstype, tuple(own.options)) == d.params()
+                    and own.next_attempt > now and own.level == d.level):
+                outcome.next_retry = min(filter(None, (outcome.next_retry, own.next_attempt)))
+                continue
+            self._mount(d, mp, outcome)
+            own = self.mounts.get(sid)
+            if own is not None and own.state == "failed" and own.next_attempt and not d.error:
+                outcome.next_retry = min(filter(None, (outcome.next_retry, own.next_attempt)))
+        if outcome.changed:
+            self._save()
+        return outcome
+
+    def mounts_table(self) -> List[Tuple[str, str, str, str, str]]:
+        """(share id, mount point, export, level, state) for the bus."""
+        return [(m.share_id, m.mount_point, m.export, m.level, m.state)
+                for m in sorted(self.mounts.values(), key=lambda m: m.share_id)]
+
+    def mounted_count(self) -> int:
+        return sum(1 for m in self.mounts.values() if m.state == "mounted")
