@@ -181,8 +181,13 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
                               "may only use letters, digits and '_'")
         section = dict(default)
         section.update(merged[name])
-        src = lambda key, n=name: where(n, key) if key in merged[n] else where("DEFAULT", key)
-        sec_of = lambda key, n=name: n if key in merged[n] else "DEFAULT"
+        # Where an option came from: the backend section, else [DEFAULT] if set
+        # there, else (not set anywhere) the backend section of the main file.
+        def src(key, n=name):
+            return where("DEFAULT", key) if key not in merged[n] and key in default else where(n, key)
+
+        def sec_of(key, n=name):
+            return "DEFAULT" if key not in merged[n] and key in default else n
         if "share_driver" not in section:
             raise ConfigError(f"{where(name, '')}: [{name}] share_driver: required option is missing")
         opts = BACKEND_OPTIONS + _extra_options(section, name, src)

@@ -1,0 +1,76 @@
+"""Configuration validation through the real command line: every problem
+names the file, section and option; drop-ins override; --check-config."""
+
+import os
+import subprocess
+
+import pytest
+
+PY = "/usr/bin/python3"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = """[DEFAULT]
+enabled_share_backends = b1
+state_path = {d}/state
+spool_dir = {d}/spool
+
+[b1]
+share_driver = btrfs
+share_export_ip = 192.0.2.1
+btrfs_pool_path = {d}/pool
+"""
+
+
+def check(tmp_path, text, dropins=None):
+    conf = tmp_path / "sharedd.conf"
+    conf.write_text(text.format(d=tmp_path))
+    for name, body in (dropins or {}).items():
+        (tmp_path / "sharedd.conf.d").mkdir(exist_ok=True)
+        (tmp_path / "sharedd.conf.d" / name).write_text(body)
+    return subprocess.run([PY, "-m", "sharedd", "--config", str(conf), "--check-config"],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def test_valid_config_and_summary(tmp_path):
+    proc = check(tmp_path, BASE)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend b1: driver btrfs, protocols NFS" in proc.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (("share_export_ip = 192.0.2.1", "share_export_ip = 192.0.2.300"),
+     "[b1] share_export_ip: '192.0.2.300' is not an IPv4 or IPv6 address"),
+    (("btrfs_pool_path = {d}/pool", "btrfs_pool_path = pool"), "[b1] btrfs_pool_path: 'pool' is not an absolute path"),
+    (("share_driver = btrfs", "share_driver = zfs"), "[b1] share_driver: 'zfs' is neither one of"),
+    (("[b1]\n", "[b1]\ncolour = blue\n"), "[b1] colour: unknown option"),
+    (("enabled_share_backends = b1", "enabled_share_backends = b1, b2"), "no section [b2]"),
+    (("share_export_ip = 192.0.2.1\n", ""), "[b1] share_export_ip: required for this driver"),
+    (("[b1]\n", "[b1]\nenable_pre_hooks = maybe\n"), "[b1] enable_pre_hooks: 'maybe' is not a boolean"),
+    (("[b1]\n", "[b1]\nhook_drivers = spool, no such\n"), "[b1] hook_drivers:"),
+    (("[b1]\n", "[b1]\nreserved_share_percentage = 120\n"), "above the maximum 100"),
+    (("[b1]\n", "[b1]\nenabled_share_protocols = NFS, GLUSTERFS\n"), "driver btrfs cannot serve GLUSTERFS"),
+    (("[DEFAULT]\n", "[DEFAULT]\nfrobnicate = 1\n"), "[DEFAULT] frobnicate: unknown option"),
+])
+def test_bad_config_names_file_section_option(tmp_path, change, message):
+    old, new = change
+    text = BASE.replace(old, new)
+    proc = check(tmp_path, text)
+    assert proc.returncode == 1
+    assert str(tmp_path / "sharedd.conf") in proc.stderr
+    assert message.format(d=tmp_path) in proc.stderr, proc.stderr
+
+
+def test_dropin_overrides_and_is_named_in_errors(tmp_path):
+    proc = check(tmp_path, BASE, {"50-local.conf": "[b1]\nshare_export_ip = 198.51.100.7\n"})
+    assert proc.returncode == 0
+    proc = check(tmp_path, BASE, {"60-bad.conf": "[b1]\nmax_over_subscription_ratio = lots\n"})
+    assert proc.returncode == 1
+    assert "sharedd.conf.d/60-bad.conf: [b1] max_over_subscription_ratio:" in proc.stderr
+
+
+def test_missing_file_and_help(tmp_path):
+    proc = subprocess.run([PY, "-m", "sharedd", "--config", str(tmp_path / "none.conf")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and "none.conf: file not found" in proc.stderr
+    proc = subprocess.run([PY, "-m", "sharedd", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "--check-config" in proc.stdout and "sharedd.conf(5)" in proc.stdout
