@@ -23,11 +23,13 @@ so no client ever sees a half-applied rule set; a new share is created closed
 the same way (`setparm` on an unknown share creates it). Samba applies
 changes to new connections only, so whenever access shrinks the helper cuts
 open sessions with `smbcontrol smbd close-share` (clients reconnect under the
-new rules, denied ones fail).
+new rules, denied ones fail). close-share is asynchronous: the helper then
+waits (samba_close_timeout) until `smbstatus -S` no longer lists the share,
+so unexport returns only when the share's file system can be unmounted.
 
 Test/deployment hooks: `samba_config_file` is passed to net and smbcontrol
 as `-s FILE`; `samba_command_prefix` is put before every command this helper
-runs (net, smbcontrol, setfacl, getent), e.g. `nsenter,--mount=/proc/PID/ns/mnt,--`
+runs (net, smbcontrol, smbstatus, setfacl, getent), e.g. `nsenter,--mount=/proc/PID/ns/mnt,--`
 to reach a Samba instance in another mount namespace.
 """
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Dict, List, Optional, Set, Tuple
 
 import netaddr
@@ -66,6 +69,10 @@ class SambaHelper(ExportHelper):
             help="smb.conf that net and smbcontrol read (passed as -s); default: Samba's own."),
         Opt("samba_net_command", "str", "net", help="The net command."),
         Opt("samba_smbcontrol_command", "str", "smbcontrol", help="The smbcontrol command."),
+        Opt("samba_smbstatus_command", "str", "smbstatus", help="The smbstatus command."),
+        Opt("samba_close_timeout", "float", 10.0, min=0,
+            help="Seconds to wait for smbd to drop a share's connections after close-share "
+                 "(so the share's file system can be unmounted)."),
         Opt("samba_command_prefix", "list", [],
             help="Argument prefix (comma-separated) for every command the Samba helper runs, "
                  "e.g. nsenter,--mount=/proc/PID/ns/mnt,-- to reach smbd in another mount "
@@ -77,6 +84,8 @@ class SambaHelper(ExportHelper):
         self.conf_file = getattr(config, "samba_config_file", "") or ""
         self.net_cmd = getattr(config, "samba_net_command", "") or "net"
         self.smbcontrol_cmd = getattr(config, "samba_smbcontrol_command", "") or "smbcontrol"
+        self.smbstatus_cmd = getattr(config, "samba_smbstatus_command", "") or "smbstatus"
+        self.close_timeout = float(getattr(config, "samba_close_timeout", 10.0))
         self.prefix = list(getattr(config, "samba_command_prefix", []) or [])
         self.export_ip = getattr(config, "share_export_ip", "") or ""
 
@@ -276,6 +285,28 @@ class SambaHelper(ExportHelper):
         if proc.returncode != 0:   # smbd not running: there are no sessions to cut
             log.warning("smbcontrol close-share %s: %s", share.name,
                         (proc.stderr or proc.stdout).decode(errors="replace").strip())
+            return
+        # close-share is a message smbd handles later; wait until the tree
+        # connections are gone, else an unmount right after may find the file
+        # system busy (or, in another mount namespace, silently keep it alive).
+        deadline = time.monotonic() + self.close_timeout
+        while share.name.lower() in self._connected_shares():
+            if time.monotonic() > deadline:
+                raise BackendFailure(f"smbd still serves connections to {share.name} "
+                                     f"{self.close_timeout:g}s after close-share")
+            time.sleep(0.1)
+
+    def _connected_shares(self) -> Set[str]:
+        proc = self._run([self.smbstatus_cmd, *self._conf_args(), "-S"], check=False)
+        if proc.returncode != 0:
+            return set()
+        names, seen_rule = set(), False
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            if line.startswith("---"):
+                seen_rule = True
+            elif seen_rule and line.strip():
+                names.add(line.split()[0].lower())
+        return names
 
     def _host_part(self) -> str:
         if not self.export_ip:
