@@ -297,6 +297,23 @@ class Engine:
             return {}
         return await b.hooks.post(rec, pre_data)
 
+    async def _announce(self, b: Backend, method: str, change: Callable[[], None],
+                        notify: Callable[[], None], undo: Callable[[], None],
+                        **record: Any) -> Optional[List[Any]]:
+        """Record an intent and announce it: `change` runs in one transaction
+        with the pre record's sequence number, observers are told, the pre
+        hooks run. A hook's refusal runs `undo` (the net change is nothing)."""
+        with self.store.tx():
+            change()
+            seq = self._seq(b, C.PHASE_PRE)
+        notify()
+        rec = await self._record(b, C.PHASE_PRE, method, seq, **record)
+        try:
+            return await self._pre(b, rec)
+        except HookFailed:
+            undo()
+            raise
+
     async def _backend_event(self, b: Backend, method: str) -> None:
         """Backend-wide records (publish_service_capabilities)."""
         pre_data = None
@@ -449,18 +466,13 @@ class Engine:
         with self._busy():
             parent_lock = self._lock(parent.id) if parent else _NoLock()
             async with parent_lock, self._lock(share.id):
-                with self.store.tx():
+                def insert():
                     if self.store.find_share(name) is not None:
                         raise AlreadyExists(f"a share named {name!r} exists already")
                     self.store.insert_share(share, {"op": method})
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.share_added(share)
-                rec = await self._record(b, C.PHASE_PRE, method, seq, share=share, snapshot=snap)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    await self._forget_share(share)
-                    raise
+                pre_data = await self._announce(
+                    b, method, insert, lambda: self.observer.share_added(share),
+                    lambda: self._forget_share(share), share=share, snapshot=snap)
                 try:
                     if snap:
                         update = await self._driver(b, "create_share_from_snapshot", share, snap, parent)
@@ -483,14 +495,11 @@ class Engine:
             await self._driver(b, "delete_share", share)
         except SharedError as exc2:
             log.error("share %s: rollback failed, leaving it in error: %s", share.id, exc2)
-            share.status = C.STATUS_ERROR
-            with self.store.tx():
-                self.store.update_share(share)
-            self.observer.share_changed(share)
+            self._set_status(share, C.STATUS_ERROR)
             return
-        await self._forget_share(share)
+        self._forget_share(share)
 
-    async def _forget_share(self, share: Share) -> None:
+    def _forget_share(self, share: Share) -> None:
         with self.store.tx():
             self.store.delete_share(share.id)
         self.observer.share_removed(share.id)
@@ -564,27 +573,15 @@ class Engine:
     async def _removal(self, b: Backend, share: Share, driver_method: str, method: str,
                        previous: str, transitional: str) -> None:
         share.status = transitional
-        with self.store.tx():
-            self.store.update_share(share, {"op": method, "previous": previous})
-            seq = self._seq(b, C.PHASE_PRE)
-        self.observer.share_changed(share)
         # The removal is announced in the pre hook: clients unmount first.
-        rec = await self._record(b, C.PHASE_PRE, method, seq, share=share)
-        try:
-            pre_data = await self._pre(b, rec)
-        except HookFailed:
-            share.status = previous
-            with self.store.tx():
-                self.store.update_share(share)
-            self.observer.share_changed(share)
-            raise
+        pre_data = await self._announce(
+            b, method, lambda: self.store.update_share(share, {"op": method, "previous": previous}),
+            lambda: self.observer.share_changed(share),
+            lambda: self._set_status(share, previous), share=share)
         try:
             await self._driver(b, driver_method, share)
         except SharedError as exc:
-            share.status = C.STATUS_ERROR
-            with self.store.tx():
-                self.store.update_share(share)
-            self.observer.share_changed(share)
+            self._set_status(share, C.STATUS_ERROR)
             await self._fire_post(b, method, share, pre_data, exc)
             raise
         with self.store.tx():
@@ -621,16 +618,10 @@ class Engine:
                       metadata=validation.metadata(options.get("metadata", {})))
         with self._busy():
             async with self._lock(share.id):
-                with self.store.tx():
-                    self.store.insert_share(share, {"op": "manage_share"})
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.share_added(share)
-                rec = await self._record(b, C.PHASE_PRE, "manage_share", seq, share=share)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    await self._forget_share(share)
-                    raise
+                pre_data = await self._announce(
+                    b, "manage_share", lambda: self.store.insert_share(share, {"op": "manage_share"}),
+                    lambda: self.observer.share_added(share),
+                    lambda: self._forget_share(share), share=share)
                 drv_options = {k: v for k, v in options.items() if k == "size_gib"}
                 try:
                     update = await self._driver(b, "manage_existing", share, export_path, drv_options)
@@ -644,7 +635,7 @@ class Engine:
                     if not share.size_gib:
                         raise BackendFailure("the driver did not report the managed share's size")
                 except SharedError as exc:
-                    await self._forget_share(share)
+                    self._forget_share(share)
                     await self._fire_post(b, "manage_share", share, pre_data, exc,
                                           gone=True, share_status="deleted")
                     raise
@@ -676,21 +667,16 @@ class Engine:
                     await self._check_capacity(b, new_size - share.size_gib)
                 old = share.size_gib
                 share.status = C.STATUS_EXTENDING if grow else C.STATUS_SHRINKING
-                with self.store.tx():
-                    self.store.update_share(share, {"op": method, "old": old, "new": new_size})
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.share_changed(share)
-                rec = await self._record(b, C.PHASE_PRE, method, seq, share=share)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    await self._set_status(share, C.STATUS_AVAILABLE)
-                    raise
+                pre_data = await self._announce(
+                    b, method,
+                    lambda: self.store.update_share(share, {"op": method, "old": old, "new": new_size}),
+                    lambda: self.observer.share_changed(share),
+                    lambda: self._set_status(share, C.STATUS_AVAILABLE), share=share)
                 try:
                     await self._driver(b, method, share, new_size)
                 except SharedError as exc:
                     # Drivers change size in one step: a failure leaves the old size.
-                    await self._set_status(share, C.STATUS_AVAILABLE)
+                    self._set_status(share, C.STATUS_AVAILABLE)
                     await self._fire_post(b, method, share, pre_data, exc)
                     raise
                 share.size_gib = new_size
@@ -704,7 +690,23 @@ class Engine:
     async def shrink_share(self, share_id: str, new_size: int, options: Dict[str, Any]) -> None:
         await self._resize(share_id, new_size, options, grow=False)
 
-    async def _set_status(self, share: Share, status: str) -> None:
+    def _set_rule(self, share: Share, rule: AccessRule, state: Optional[str]) -> None:
+        """Set a rule's state (None: remove it) and tell observers."""
+        rule.state = state or rule.state
+        with self.store.tx():
+            if state is None:
+                self.store.delete_rule(rule.id)
+            else:
+                self.store.set_rule_state(rule.id, state)
+        self.observer.share_changed(share)
+
+    def _set_snapshot_status(self, snap: Snapshot, status: str) -> None:
+        snap.status = status
+        with self.store.tx():
+            self.store.update_snapshot(snap)
+        self.observer.snapshot_changed(snap)
+
+    def _set_status(self, share: Share, status: str) -> None:
         share.status = status
         with self.store.tx():
             self.store.update_share(share)
@@ -729,27 +731,16 @@ class Engine:
                         raise AlreadyExists(
                             f"share {share.name} already has a {kind} rule for {to} "
                             f"({r.access_level}, {r.state}, id {r.id}); deny it first")
-                with self.store.tx():
-                    self.store.insert_rule(rule)
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.share_changed(share)
-                rec = await self._record(b, C.PHASE_PRE, "allow_access", seq, share=share,
-                                         rules=[rule], is_allow=True)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    with self.store.tx():
-                        self.store.delete_rule(rule.id)
-                    self.observer.share_changed(share)
-                    raise
+                pre_data = await self._announce(
+                    b, "allow_access", lambda: self.store.insert_rule(rule),
+                    lambda: self.observer.share_changed(share),
+                    lambda: self._set_rule(share, rule, None),
+                    share=share, rules=[rule], is_allow=True)
                 live = [r for r in self.store.rules(share.id) if r.state in LIVE_RULE_STATES]
                 try:
                     states = await self._driver(b, "update_access", share, live, [rule], [])
                 except SharedError as exc:
-                    rule.state = C.RULE_ERROR
-                    with self.store.tx():
-                        self.store.set_rule_state(rule.id, rule.state)
-                    self.observer.share_changed(share)
+                    self._set_rule(share, rule, C.RULE_ERROR)
                     await self._fire_post(b, "allow_access", share, pre_data, exc,
                                           rules=[rule], is_allow=True)
                     raise
@@ -775,29 +766,18 @@ class Engine:
                 _require(share, (C.STATUS_AVAILABLE, C.STATUS_ERROR), "changed")
                 previous = rule.state
                 rule.state = C.RULE_DENYING
-                with self.store.tx():
-                    self.store.set_rule_state(rule.id, rule.state)
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.share_changed(share)
                 # The deny is announced in the pre hook: clients unmount first.
-                rec = await self._record(b, C.PHASE_PRE, "deny_access", seq, share=share,
-                                         rules=[rule], is_allow=False)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    with self.store.tx():
-                        self.store.set_rule_state(rule.id, previous)
-                    self.observer.share_changed(share)
-                    raise
+                pre_data = await self._announce(
+                    b, "deny_access", lambda: self.store.set_rule_state(rule.id, rule.state),
+                    lambda: self.observer.share_changed(share),
+                    lambda: self._set_rule(share, rule, previous),
+                    share=share, rules=[rule], is_allow=False)
                 live = [r for r in self.store.rules(share.id)
                         if r.state in LIVE_RULE_STATES and r.id != rule.id]
                 try:
                     await self._driver(b, "update_access", share, live, [], [rule])
                 except SharedError as exc:
-                    rule.state = C.RULE_ERROR
-                    with self.store.tx():
-                        self.store.set_rule_state(rule.id, rule.state)
-                    self.observer.share_changed(share)
+                    self._set_rule(share, rule, C.RULE_ERROR)
                     await self._fire_post(b, "deny_access", share, pre_data, exc,
                                           rules=[rule], is_allow=False)
                     raise
@@ -819,28 +799,18 @@ class Engine:
                     raise AlreadyExists(f"share {share.name} already has a snapshot named {name!r}")
                 snap = Snapshot(id=new_id(), name=name, share_id=share.id, size_gib=share.size_gib,
                                 status=C.STATUS_CREATING, created_at=now_us())
-                with self.store.tx():
-                    self.store.insert_snapshot(snap)
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.snapshot_added(snap)
-                rec = await self._record(b, C.PHASE_PRE, "create_snapshot", seq, share=share,
-                                         snapshot=snap)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    await self._forget_snapshot(snap)
-                    raise
+                pre_data = await self._announce(
+                    b, "create_snapshot", lambda: self.store.insert_snapshot(snap),
+                    lambda: self.observer.snapshot_added(snap),
+                    lambda: self._forget_snapshot(snap), share=share, snapshot=snap)
                 try:
                     location = await self._driver(b, "create_snapshot", snap, share)
                 except SharedError as exc:
                     try:
                         await self._driver(b, "delete_snapshot", snap, share)
-                        await self._forget_snapshot(snap)
+                        self._forget_snapshot(snap)
                     except SharedError:
-                        snap.status = C.STATUS_ERROR
-                        with self.store.tx():
-                            self.store.update_snapshot(snap)
-                        self.observer.snapshot_changed(snap)
+                        self._set_snapshot_status(snap, C.STATUS_ERROR)
                     await self._fire_post(b, "create_snapshot", share, pre_data, exc,
                                           snapshot=snap, snapshot_status="deleted")
                     raise
@@ -855,7 +825,7 @@ class Engine:
                 await self._post(b, rec, pre_data)
                 return snap
 
-    async def _forget_snapshot(self, snap: Snapshot) -> None:
+    def _forget_snapshot(self, snap: Snapshot) -> None:
         with self.store.tx():
             self.store.delete_snapshot(snap.id)
         self.observer.snapshot_removed(snap.id)
@@ -873,27 +843,14 @@ class Engine:
                                        "when available or in error")
                 previous = snap.status
                 snap.status = C.STATUS_DELETING
-                with self.store.tx():
-                    self.store.update_snapshot(snap)
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.snapshot_changed(snap)
-                rec = await self._record(b, C.PHASE_PRE, "delete_snapshot", seq, share=share,
-                                         snapshot=snap)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    snap.status = previous
-                    with self.store.tx():
-                        self.store.update_snapshot(snap)
-                    self.observer.snapshot_changed(snap)
-                    raise
+                pre_data = await self._announce(
+                    b, "delete_snapshot", lambda: self.store.update_snapshot(snap),
+                    lambda: self.observer.snapshot_changed(snap),
+                    lambda: self._set_snapshot_status(snap, previous), share=share, snapshot=snap)
                 try:
                     await self._driver(b, "delete_snapshot", snap, share)
                 except SharedError as exc:
-                    snap.status = C.STATUS_ERROR
-                    with self.store.tx():
-                        self.store.update_snapshot(snap)
-                    self.observer.snapshot_changed(snap)
+                    self._set_snapshot_status(snap, C.STATUS_ERROR)
                     await self._fire_post(b, "delete_snapshot", share, pre_data, exc, snapshot=snap)
                     raise
                 with self.store.tx():
@@ -920,22 +877,17 @@ class Engine:
                 if not b.driver.capabilities()["revert_to_snapshot_support"]:
                     raise NotSupported(f"backend {b.name} cannot revert shares to snapshots")
                 share.status = C.STATUS_REVERTING
-                with self.store.tx():
-                    self.store.update_share(share, {"op": "revert_to_snapshot", "snapshot": snap.id})
-                    seq = self._seq(b, C.PHASE_PRE)
-                self.observer.share_changed(share)
-                rec = await self._record(b, C.PHASE_PRE, "revert_to_snapshot", seq, share=share,
-                                         snapshot=snap)
-                try:
-                    pre_data = await self._pre(b, rec)
-                except HookFailed:
-                    await self._set_status(share, C.STATUS_AVAILABLE)
-                    raise
+                pre_data = await self._announce(
+                    b, "revert_to_snapshot",
+                    lambda: self.store.update_share(share, {"op": "revert_to_snapshot",
+                                                           "snapshot": snap.id}),
+                    lambda: self.observer.share_changed(share),
+                    lambda: self._set_status(share, C.STATUS_AVAILABLE), share=share, snapshot=snap)
                 live = [r for r in self.store.rules(share.id) if r.state in LIVE_RULE_STATES]
                 try:
                     update = await self._driver(b, "revert_to_snapshot", share, snap, live)
                 except SharedError as exc:
-                    await self._set_status(share, C.STATUS_ERROR)
+                    self._set_status(share, C.STATUS_ERROR)
                     await self._fire_post(b, "revert_to_snapshot", share, pre_data, exc, snapshot=snap)
                     raise
                 _apply_update(share, update)
@@ -1062,7 +1014,7 @@ class Engine:
         except SharedError as exc:
             log.error("share %s (%s): ensure failed: %s", share.name, share.id, exc)
             if share.status != C.STATUS_ERROR:
-                await self._set_status(share, C.STATUS_ERROR)
+                self._set_status(share, C.STATUS_ERROR)
             await self._fire_post(b, "ensure_share", share, pre_data, exc)
             return
         _apply_update(share, update)
