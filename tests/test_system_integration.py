@@ -51,17 +51,9 @@ POLICY_FILES = ("/usr/share/dbus-1/system.d/org.sharedd.Sharedd1.conf",
 
 
 @pytest.fixture(scope="module")
-def debs():
-    """Build the packages from the checkout into a temp dir, lintian-clean."""
-    out = tempfile.mkdtemp(prefix=f"sharedd-debs-{os.getpid()}-")
-    try:
-        proc = subprocess.run([str(REPO / "tools/build-debs"), out, "--lintian"],
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"build-debs failed:\n{proc.stdout}\n{proc.stderr}"
-        components.used("dpkg-buildpackage + lintian")
-        yield pathlib.Path(out), proc.stdout
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+def debs(built_debs):
+    """The packages built from the checkout (tests/fixtures/debs.py), lintian-clean."""
+    return built_debs
 
 
 @pytest.fixture(scope="module")
