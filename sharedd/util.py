@@ -81,7 +81,7 @@ def unescape_mountinfo(field: str) -> str:
     """Undo the octal escapes (\\040 etc.) used in /proc/*/mountinfo."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+        if field[i] == "\\" and i + 4 <= len(field) and all(c in "01234567" for c in field[i + 1:i + 4]):
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:
