@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 from . import constants as C

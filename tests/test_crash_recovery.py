@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import pytest
 

@@ -3,7 +3,6 @@ READY=1 after the bus name is owned, STATUS= lines, WATCHDOG=1 pings when
 WATCHDOG_USEC is set, SIGHUP reload (bad config kept out), clean SIGTERM."""
 
 import signal
-import time
 
 from tests.test_api_memory import CONFIG
 

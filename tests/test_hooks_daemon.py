@@ -8,7 +8,6 @@ import os
 import subprocess
 import time
 
-import pytest
 
 from sharedd import record as record_schema
 from tests.support.signals import SignalCollector

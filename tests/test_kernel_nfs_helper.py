@@ -24,7 +24,6 @@ image for everyone.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess

@@ -3,7 +3,6 @@ the real Mounter and Reconciler run in the gluster lab's client namespace
 against a volume this test creates (mountd74) on the lab's glusterd."""
 
 import os
-import subprocess
 
 import pytest
 

@@ -17,9 +17,7 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
-import tempfile
 
 import pytest
 

@@ -8,10 +8,47 @@ protocol (nfs_helper, cifs_helper). A new export mechanism is one new module.
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Mapping
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
-from ..errors import NotSupported
+from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
+from ..errors import InvalidArgument, NotSupported
 from ..models import AccessRule, Share
+
+
+def rule_map(rules: Iterable[AccessRule], key: Callable[[str], str]) -> Dict[str, str]:
+    """The rules in force as {key(access_to): level}; rw wins if a key repeats."""
+    out: Dict[str, str] = {}
+    for r in rules:
+        if r.state in (RULE_QUEUED_TO_DENY, RULE_DENYING):
+            continue
+        k = key(r.access_to)
+        if out.get(k) != "rw":
+            out[k] = r.access_level.lower()
+    return out
+
+
+def merge_access(current: Optional[Dict[str, str]], access_rules: List[AccessRule],
+                 add_rules: List[AccessRule], delete_rules: List[AccessRule],
+                 key: Callable[[str], str]) -> Dict[str, str]:
+    """What an export should admit after update_access (Manila's semantics).
+
+    No add and no delete rules: recovery, exactly access_rules. Otherwise the
+    current set (access_rules if unknown) less the deletes plus the adds;
+    deleting a rule never applied and re-adding one are not errors.
+    """
+    if not add_rules and not delete_rules:
+        return rule_map(access_rules, key)
+    wanted = dict(current) if current is not None else rule_map(access_rules, key)
+    for r in delete_rules:
+        try:
+            wanted.pop(key(r.access_to), None)
+        except (InvalidArgument, NotSupported):
+            pass      # a rule that could never have been applied
+    for r in add_rules:
+        k = key(r.access_to)
+        if wanted.get(k) != "rw":
+            wanted[k] = r.access_level.lower()
+    return wanted
 
 
 class ExportHelper(abc.ABC):

@@ -52,13 +52,12 @@ import re
 import time
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
 from ..errors import (BackendFailure, CapacityExceeded, ConfigError,
                       InvalidArgument, NotFound, NotSupported)
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import ExportHelper
+from .base import ExportHelper, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -330,14 +329,7 @@ class GaneshaHelper(ExportHelper):
         return str(net)
 
     def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, str]:
-        out: Dict[str, str] = {}
-        for r in rules:
-            if r.state in (RULE_QUEUED_TO_DENY, RULE_DENYING):
-                continue
-            key = self._key(r.access_to)
-            if out.get(key) != "rw":   # rw wins if a network appears twice
-                out[key] = r.access_level.lower()
-        return out
+        return rule_map(rules, self._key)
 
     def _validate_all(self, rules: Iterable[AccessRule]) -> None:
         for r in rules:
@@ -356,22 +348,10 @@ class GaneshaHelper(ExportHelper):
         self._check_share(share, path)
         self._validate_all(list(access_rules) + list(add_rules))
         with self._locked():
-            if not add_rules and not delete_rules:
-                wanted = self._rule_map(access_rules)         # recovery: exactly this
-            else:
-                meta = self._read_meta(share.id)
-                if meta is not None:
-                    wanted = {to: level for to, level in meta["rules"]}
-                else:
-                    wanted = self._rule_map(access_rules)
-                for r in delete_rules:                                # never applied: fine
-                    try:
-                        wanted.pop(self._key(r.access_to), None)
-                    except InvalidArgument:
-                        pass
-                for r in add_rules:
-                    wanted[self._key(r.access_to)] = r.access_level.lower()   # re-add: fine
-            self._apply(share, path, wanted)
+            meta = self._read_meta(share.id)
+            current = {to: level for to, level in meta["rules"]} if meta is not None else None
+            self._apply(share, path, merge_access(current, access_rules, add_rules,
+                                                  delete_rules, self._key))
 
     def _apply(self, share: Share, path: str, rules: Dict[str, str]) -> None:
         """Write the file and make ganesha match it; undo the file on failure."""

@@ -65,12 +65,11 @@ import re
 import time
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
 from ..errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import ExportHelper
+from .base import ExportHelper, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -433,14 +432,7 @@ class KernelNfsHelper(ExportHelper):
 
     # --- the ExportHelper interface ------------------------------------------
     def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, str]:
-        out: Dict[str, str] = {}
-        for r in rules:
-            if r.state in (RULE_QUEUED_TO_DENY, RULE_DENYING):
-                continue
-            key = rule_key(r.access_to)
-            if out.get(key) != "rw":   # rw wins if a network appears twice
-                out[key] = r.access_level.lower()
-        return out
+        return rule_map(rules, rule_key)
 
     def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
         self._check_share(share, path)
@@ -455,24 +447,10 @@ class KernelNfsHelper(ExportHelper):
         self._check_share(share, path)
         self._validate_all(list(access_rules) + list(add_rules))
         with self._locked():
-            if not add_rules and not delete_rules:
-                wanted = self._rule_map(access_rules)          # recovery: exactly this
-            else:
-                state = self._read_state(share.id)
-                if state is not None:
-                    wanted = {to: level for to, level in state["rules"]}
-                else:
-                    wanted = self._rule_map(access_rules)
-                for r in delete_rules:                         # never applied: fine
-                    try:
-                        wanted.pop(rule_key(r.access_to), None)
-                    except (InvalidArgument, NotSupported):
-                        pass
-                for r in add_rules:                            # re-add: fine
-                    key = rule_key(r.access_to)
-                    if wanted.get(key) != "rw":
-                        wanted[key] = r.access_level.lower()
-            self._apply(share, path, wanted)
+            state = self._read_state(share.id)
+            current = {to: level for to, level in state["rules"]} if state is not None else None
+            self._apply(share, path, merge_access(current, access_rules, add_rules,
+                                                  delete_rules, rule_key))
 
     def _apply(self, share: Share, path: str, rules: Dict[str, str]) -> None:
         """Save the state, rewrite the file, change the kernel; undo on failure."""
