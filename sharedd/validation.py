@@ -19,7 +19,8 @@ from .errors import InvalidArgument
 _NAME_RE = re.compile(SHARE_NAME_PATTERN)
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
-_CN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# Certificate CNs: also what GlusterFS auth.ssl-allow can list safely.
+CN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _DESC_MAX = 1024
 MAX_SIZE_GIB = 1 << 20   # 1 PiB: anything above is a typo
 
@@ -126,7 +127,7 @@ def access_to(kind: str, value: str) -> str:
         if not isinstance(value, str) or not _USER_RE.fullmatch(value):
             raise InvalidArgument(f"invalid user name {value[:80]!r}: letters, digits, '_', '.', '@', '-'")
         return value
-    if not isinstance(value, str) or not _CN_RE.fullmatch(value):
+    if not isinstance(value, str) or not CN_RE.fullmatch(value):
         raise InvalidArgument(f"invalid certificate CN {value[:80]!r}: letters, digits, '.', '_', '@', '-' "
                               "(no commas, wildcards or spaces)")
     return value

@@ -126,7 +126,7 @@ def parse_qgroup_show(text: str) -> Dict[int, Qgroup]:
         fields = line.split()
         if set(line.strip()) <= set("- "):
             continue          # the dashes under the header
-        m = _QGROUP_ID_RE.match(fields[0])
+        m = _QGROUP_ID_RE.fullmatch(fields[0])
         if not m or len(fields) < 5:
             raise BackendFailure(f"unexpected line from btrfs qgroup show: {line[:120]!r}")
         level, qid = int(m.group(1)), int(m.group(2))
@@ -216,7 +216,7 @@ class BtrfsDriver(ShareDriver):
 
     @staticmethod
     def _check_id(kind: str, value: str) -> None:
-        if not _ID_RE.match(value or "") or value.endswith((REVERT_NEW, REVERT_OLD)):
+        if not _ID_RE.fullmatch(value or "") or value.endswith((REVERT_NEW, REVERT_OLD)):
             raise InvalidArgument(f"{kind} id {value!r} cannot be used as a path component")
 
     @staticmethod

@@ -47,6 +47,7 @@ from ..errors import (BackendFailure, CapacityExceeded, ConfigError, InvalidArgu
                       InvalidState, NotSupported)
 from ..models import AccessRule, Share, ShareUpdate
 from ..options import Opt
+from ..validation import CN_RE
 from .. import util
 from .base import ShareDriver
 
@@ -64,9 +65,9 @@ EXPORT_RE = re.compile(rf"^(?P<host>{_HOST}):/(?P<volume>{_VOLUME})$")
 VOLUME_RE = re.compile(rf"^{_VOLUME}$")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
-# Certificate CNs we put into auth.ssl-allow: gluster splits the list on
-# commas and matches entries with fnmatch, so commas and wildcards are out.
-CN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# Certificate CNs we put into auth.ssl-allow (validation.CN_RE): gluster
+# splits the list on commas and matches entries with fnmatch, so commas and
+# wildcards are out.
 
 MARKER = "user.sharedd.share-id"
 UNMANAGED = "!unmanaged"
@@ -81,7 +82,7 @@ DEFAULT_SSL_DIR = "/usr/lib/ssl"   # gluster's compiled-in TLS file location
 
 
 def parse_target(text: str) -> "Target":
-    m = TARGET_RE.match(text.strip())
+    m = TARGET_RE.fullmatch(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not [remoteuser@]server:/volume")
     return Target(m.group("user"), m.group("host"), m.group("volume"))
@@ -89,7 +90,7 @@ def parse_target(text: str) -> "Target":
 
 def validate_cn(cn: str) -> str:
     """Return cn if it is a certificate CN we can put into auth.ssl-allow."""
-    if not isinstance(cn, str) or not CN_RE.match(cn):
+    if not isinstance(cn, str) or not CN_RE.fullmatch(cn):
         raise InvalidArgument(
             f"{cn!r} is not a usable certificate CN: use 1-64 letters, digits, '.', '_', '@' "
             "or '-', starting with a letter or digit (no commas, spaces or wildcards)")
@@ -150,7 +151,7 @@ def _text(elem: ET.Element, path: str, default: Optional[str] = None) -> str:
 
 def _int(elem: ET.Element, path: str, default: Optional[int] = None) -> int:
     raw = _text(elem, path, None if default is None else str(default))
-    if not re.match(r"^-?[0-9]{1,20}$", raw):
+    if not re.fullmatch(r"^-?[0-9]{1,20}$", raw):
         raise BackendFailure(f"gluster XML output: <{path}> is not a number: {raw[:40]!r}")
     return int(raw)
 
@@ -328,7 +329,7 @@ class GlusterfsNativeDriver(ShareDriver):
         """The share's volume: from provider_location, else by marker."""
         loc = share.provider_location or (share.export_locations[0] if share.export_locations else "")
         if loc:
-            m = EXPORT_RE.match(loc)
+            m = EXPORT_RE.fullmatch(loc)
             if not m:
                 raise BackendFailure(f"share {share.id}: provider location {loc!r} is not server:/volume")
             for t in self.targets:
@@ -556,7 +557,7 @@ class GlusterfsNativeDriver(ShareDriver):
             proc = util.run(["openssl", "x509", "-in", cert, "-noout", "-subject",
                              "-nameopt", "RFC2253"], timeout=self.command_timeout)
             m = re.search(r"(?:^|[=,])CN=([^,\\]+)(?:,|$)", proc.stdout.decode().strip())
-            if not m or not CN_RE.match(m.group(1)):
+            if not m or not CN_RE.fullmatch(m.group(1)):
                 raise BackendFailure(f"{cert}: no usable CN in the certificate subject")
             self._own_cn = m.group(1)
         return self._own_cn
@@ -694,7 +695,7 @@ class GlusterfsNativeDriver(ShareDriver):
         """auth.ssl-allow value for rules, and rule id -> 'error' for unusable ones."""
         cns, errors = set(), {}
         for r in rules:
-            if r.access_type == "cert" and r.access_level == "rw" and CN_RE.match(r.access_to or ""):
+            if r.access_type == "cert" and r.access_level == "rw" and CN_RE.fullmatch(r.access_to or ""):
                 cns.add(r.access_to)
             else:
                 errors[r.id] = "error"
@@ -729,7 +730,7 @@ class GlusterfsNativeDriver(ShareDriver):
     def manage_existing(self, share: Share, export_path: str,
                         options: Dict[str, Any]) -> ShareUpdate:
         self._check_protocol(share)
-        m = EXPORT_RE.match(export_path.strip())
+        m = EXPORT_RE.fullmatch(export_path.strip())
         if not m:
             raise InvalidArgument(f"{export_path!r} is not server:/volume")
         target = next((t for t in self.targets
@@ -826,10 +827,10 @@ class GlusterfsNativeDriver(ShareDriver):
 def _parse_volume(v: ET.Element) -> VolumeInfo:
     """A <volume> element of `volume info --xml`, validated."""
     name = _text(v, "name")
-    if not VOLUME_RE.match(name):
+    if not VOLUME_RE.fullmatch(name):
         raise BackendFailure(f"gluster volume info: bad volume name {name[:80]!r}")
     vid = _text(v, "id")
-    if not UUID_RE.match(vid):
+    if not UUID_RE.fullmatch(vid):
         raise BackendFailure(f"volume {name}: bad volume id {vid[:40]!r}")
     status = _int(v, "status")
     if status not in (STATUS_CREATED, STATUS_STARTED, STATUS_STOPPED):
@@ -837,7 +838,7 @@ def _parse_volume(v: ET.Element) -> VolumeInfo:
     bricks = []
     for b in v.findall("./bricks/brick"):
         bname = _text(b, "name")
-        if not re.match(r"^[^\s:]+:/\S*$", bname):
+        if not re.fullmatch(r"[^\s:]+:/\S*", bname):
             raise BackendFailure(f"volume {name}: bad brick {bname[:80]!r}")
         bricks.append(bname)
     options = {}

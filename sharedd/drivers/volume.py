@@ -424,7 +424,7 @@ class VolumeDriver(ShareDriver):
         path = export_path if os.path.isabs(export_path) else os.path.join(self.pool_path, export_path)
         name = os.path.basename(path)
         if ".." in export_path.split("/") or os.path.realpath(os.path.dirname(path)) != os.path.realpath(self.pool_path) \
-                or not VOLUME_NAME_RE.match(name) or name.startswith(".") or ".." in name:
+                or not VOLUME_NAME_RE.fullmatch(name) or name.startswith(".") or ".." in name:
             raise InvalidArgument(f"{export_path!r} is not an image file directly inside "
                                   f"the pool {self.pool_path}")
         if name.startswith("snap-"):

@@ -58,7 +58,7 @@ def _holders(devices: List[str]) -> str:
 
 
 def check_name(name: str) -> str:
-    if not VOLUME_NAME_RE.match(name or "") or ".." in name:
+    if not VOLUME_NAME_RE.fullmatch(name or "") or ".." in name:
         raise InvalidArgument(f"{name!r} is not a valid volume name")
     return name
 
@@ -246,7 +246,7 @@ class LoopfileProvider(VolumeProvider):
                              f"{_holders(left) or 'held open by some process'}")
 
     def release_device(self, dev: str) -> None:
-        if not re.match(r"^/dev/loop\d+$", dev):
+        if not re.fullmatch(r"/dev/loop\d+", dev):
             return
         proc = self._run(["losetup", "--noheadings", "--output", "BACK-FILE", dev], check=False)
         back = proc.stdout.decode().strip()

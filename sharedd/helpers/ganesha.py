@@ -98,7 +98,7 @@ class GaneshaHelper(ExportHelper):
                               f"got {self.id_min}..{self.id_max}")
         prefix = self._opt("ganesha_pseudo_prefix", "/shares") or "/"
         prefix = os.path.normpath("/" + str(prefix).lstrip("/")).rstrip("/")
-        if not _PREFIX_RE.match(prefix):
+        if not _PREFIX_RE.fullmatch(prefix):
             raise ConfigError(f"[{getattr(config, 'name', '?')}] ganesha_pseudo_prefix: "
                               f"{prefix!r} may only use letters, digits, '.', '_', '-' and '/'")
         self.prefix = prefix
@@ -153,7 +153,7 @@ class GaneshaHelper(ExportHelper):
         self.client_spec(rule.access_type, rule.access_to)
 
     def _check_share(self, share: Share, path: Optional[str] = None) -> None:
-        if not _SHARE_ID_RE.match(share.id or ""):
+        if not _SHARE_ID_RE.fullmatch(share.id or ""):
             raise InvalidArgument(f"share id {share.id!r} cannot name an export file")
         if path is not None:
             if not os.path.isabs(path) or any(c in path for c in '"\\\n\r\t\0{};#'):

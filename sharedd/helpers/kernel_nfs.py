@@ -236,7 +236,7 @@ class KernelNfsHelper(ExportHelper):
                                                  "sync,no_subtree_check,no_root_squash")).split(",")
                 if o.strip()]
         for o in opts:
-            if not _OPTION_RE.match(o):
+            if not _OPTION_RE.fullmatch(o):
                 raise ConfigError(f"[{name}] kernel_nfs_export_options: {o!r} is not an "
                                   "exports(5) option word")
             if o in _LEVEL_OPTIONS:
@@ -277,14 +277,14 @@ class KernelNfsHelper(ExportHelper):
             self.validate_rule(r)
 
     def _check_share(self, share: Share, path: Optional[str] = None) -> None:
-        if not _SHARE_ID_RE.match(share.id or ""):
+        if not _SHARE_ID_RE.fullmatch(share.id or ""):
             raise InvalidArgument(f"share id {share.id!r} cannot name a state file")
         if path is not None:
             self._check_path(path)
 
     @staticmethod
     def _check_path(path: str) -> None:
-        if not _PATH_RE.match(path or "") or os.path.normpath(path) != path or path == "/":
+        if not _PATH_RE.fullmatch(path or "") or os.path.normpath(path) != path or path == "/":
             raise BackendFailure(f"export path {path!r} cannot be exported: it must be a "
                                  "normalized absolute path other than / made of letters, "
                                  "digits, '.', '_', '-' and '/'")
@@ -491,7 +491,7 @@ class KernelNfsHelper(ExportHelper):
         with self._locked():
             state = self._read_state(share.id)
             paths = [p for p in {path, state["path"] if state else None} if p]
-            paths = [p for p in paths if _PATH_RE.match(p)]
+            paths = [p for p in paths if _PATH_RE.fullmatch(p)]
             for p in paths:
                 self._unexport_path(p)
             if state is not None:

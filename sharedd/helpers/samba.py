@@ -129,7 +129,7 @@ class SambaHelper(ExportHelper):
                 netaddr.IPNetwork(rule.access_to)
             except (netaddr.AddrFormatError, ValueError):
                 raise InvalidArgument(f"{rule.access_to!r} is not an IP address or network") from None
-        elif not USER_RE.match(rule.access_to):
+        elif not USER_RE.fullmatch(rule.access_to):
             raise InvalidArgument(f"{rule.access_to!r} is not a plain user name "
                                   "(letters, digits, '.', '_', '-'; no groups or domains)")
 
