@@ -110,7 +110,7 @@ def main():
             run(["busctl", "--system", "get-property", "org.sharedd.Sharedd1", p, S, "AccessRules"], env=env)
             probe_all()
             say("a bad rule is refused with a named error and changes nothing")
-            run(["busctl", "--system", "--verbose", "call", "org.sharedd.Sharedd1", p, S,
+            run(["busctl", "--system", "call", "org.sharedd.Sharedd1", p, S,
                  "AllowAccess", "sssa{sv}", "ip", "10.79.0.5/24", "rw", "0"], env=env, check=False)
             say("snapshot, change, revert")
             snap = share_path(call(p, S, "CreateSnapshot", "sa{sv}", "before", "0"))
