@@ -135,11 +135,21 @@ def test_grant_mounts_through_inotify_and_deny_unmounts(storage72, gluster_lab, 
         vol = d.share_prop(path, "ExportLocations")[0].rsplit("/", 1)[1]
         assert open(os.path.join(gluster_lab.brick_dir(vol), "hello")).read() == "from-alice\n"
         assert mounts_under(mallory.mount_dir) == {}, "mallory's CN has no rule: nothing mounted"
+        # Mallory trying by hand with her certificate: the server refuses her.
+        mmp = gluster_lab.client_mount(vol, "mallory")
+        usable = gluster_lab.is_mounted(mmp) and gluster_lab.io(["stat", mmp], timeout=5).returncode == 0
+        gluster_lab.client_umount(mmp)
+        assert not usable, "a certificate without a rule must be refused by the server"
         d.share(path, "DenyAccess", "sa{sv}", rid, 0)
         wait(lambda: not mounts_under(alice.mount_dir), 30, "alice's unmount", alice.tail)
         assert "hello" not in os.listdir(alice.mount_dir) if os.path.isdir(alice.mount_dir) else True
         d.share(path, "Delete", "a{sv}", 0)
         path = None
+        # The volume went back to the pool empty: stopped, no data, no owner mark.
+        assert [n for n in os.listdir(gluster_lab.brick_dir(vol)) if not n.startswith(".")] == []
+        info = gluster_lab.volume_info(vol)
+        assert "user.sharedd.share-id" not in info["options"], info
+        assert info["status"] in ("Stopped", "Created"), info
         assert alice.proc.poll() is None and mallory.proc.poll() is None
     finally:
         alice.stop()
