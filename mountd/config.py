@@ -7,9 +7,7 @@ Every problem names the file, section and option (ConfigError).
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import glob
 import os
 import pwd
 import re
@@ -18,7 +16,7 @@ from typing import Any, Dict, List, Tuple
 import netaddr
 
 from sharedd.errors import ConfigError
-from sharedd.options import Opt, parse_value
+from sharedd.options import Opt, config_files, parse_value, read_ini
 from sharedd.record import MOUNT_OPTION_RE
 
 DEFAULT_CONFIG = "/etc/sharedd/mountd.conf"
@@ -115,37 +113,21 @@ class MountdConfig:
             raise AttributeError(item) from None
 
 
-def config_files(path: str) -> List[str]:
-    return [path] + sorted(glob.glob(os.path.join(path + ".d", "*.conf")))
-
-
 def _read(files: List[str], optional_main: bool) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """The [mountd] options (aliases resolved) and where each was set."""
+    sections, origin = read_ini(files, optional_main)
     merged: Dict[str, str] = {}
-    origin: Dict[str, str] = {}
-    for i, path in enumerate(files):
-        parser = configparser.ConfigParser(default_section="\x00none", interpolation=None,
-                                           strict=True, empty_lines_in_values=False)
-        parser.optionxform = str
-        try:
-            with open(path, encoding="utf-8") as f:
-                parser.read_file(f, source=path)
-        except FileNotFoundError:
-            if i == 0 and optional_main:
-                continue
-            raise ConfigError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read: {exc}") from None
-        except configparser.Error as exc:
-            raise ConfigError(f"{path}: {exc}".replace("\n", " ")) from None
-        for section in parser.sections():
-            if section != SECTION:
-                raise ConfigError(f"{path}: [{section}]: unknown section (mountd.conf has "
-                                  f"one [{SECTION}] section)")
-            for key, value in parser.items(section, raw=True):
-                name = ALIASES.get(key, key)
-                merged[name] = value
-                origin[name] = f"{path}: [{SECTION}] {key}"
-    return merged, origin
+    where: Dict[str, str] = {}
+    for section, values in sections.items():
+        if section != SECTION:
+            path = next(origin[(section, k)] for k in values) if values else files[0]
+            raise ConfigError(f"{path}: [{section}]: unknown section (mountd.conf has "
+                              f"one [{SECTION}] section)")
+        for key, value in values.items():
+            name = ALIASES.get(key, key)
+            merged[name] = value
+            where[name] = f"{origin[(section, key)]}: [{SECTION}] {key}"
+    return merged, where
 
 
 def _uids(names: List[str], where: str) -> Tuple[int, ...]:

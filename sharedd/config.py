@@ -8,16 +8,13 @@ override earlier ones. Every problem names the file, section and option.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import glob
-import os
 import re
 import socket
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from .errors import ConfigError
-from .options import Opt, parse_value
+from .options import Opt, config_files, parse_value, read_ini
 
 DEFAULT_CONFIG = "/etc/sharedd/sharedd.conf"
 SECTION_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")   # also an object path element
@@ -83,36 +80,6 @@ class Config:
             raise AttributeError(item) from None
 
 
-def config_files(path: str) -> List[str]:
-    """The main file and its drop-ins, in the order they are applied."""
-    dropins = sorted(glob.glob(os.path.join(path + ".d", "*.conf")))
-    return [path] + dropins
-
-
-def _read(files: List[str]) -> Tuple[Dict[str, Dict[str, str]], Dict[Tuple[str, str], str]]:
-    """Merge the files; remember which file set each (section, option)."""
-    merged: Dict[str, Dict[str, str]] = {}
-    origin: Dict[Tuple[str, str], str] = {}
-    for path in files:
-        parser = configparser.ConfigParser(default_section="\x00none", interpolation=None,
-                                           strict=True, empty_lines_in_values=False)
-        parser.optionxform = str  # option names are case-sensitive
-        try:
-            with open(path, encoding="utf-8") as f:
-                parser.read_file(f, source=path)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read: {exc}") from None
-        except configparser.Error as exc:
-            raise ConfigError(f"{path}: {exc}".replace("\n", " ")) from None
-        for section in parser.sections():
-            for key, value in parser.items(section, raw=True):
-                merged.setdefault(section, {})[key] = value
-                origin[(section, key)] = path
-    return merged, origin
-
-
 def _extra_options(section_values: Dict[str, str], section: str, src) -> List[Opt]:
     """Options declared by the driver, the helpers it uses, and the hooks."""
     from . import drivers, helpers
@@ -139,7 +106,7 @@ def _extra_options(section_values: Dict[str, str], section: str, src) -> List[Op
 
 def load(path: str = DEFAULT_CONFIG) -> Config:
     files = config_files(path)
-    merged, origin = _read(files)
+    merged, origin = read_ini(files)
 
     def where(section: str, key: str) -> str:
         return origin.get((section, key), files[0])

@@ -428,7 +428,7 @@ class Engine:
                            options: Dict[str, Any]) -> Share:
         _check_options(options, {"backend": str, "snapshot": str, "description": str,
                                  "metadata": dict})
-        name = validation.share_name(name)
+        name = validation.name(name)
         protocol = validation.protocol(protocol)
         size_gib = validation.size_gib(size_gib)
         description = validation.description(options.get("description", ""))
@@ -606,7 +606,7 @@ class Engine:
                 or any(ord(c) < 32 for c in export_path):
             raise InvalidArgument("invalid export path")
         name = options.get("name") or _name_from_path(export_path)
-        name = validation.share_name(name)
+        name = validation.name(name)
         if "size_gib" in options:
             validation.size_gib(options["size_gib"])
         if self.store.find_share(name) is not None:
@@ -786,7 +786,7 @@ class Engine:
     # ------------------------------------------------------------- snapshots
     async def create_snapshot(self, share_id: str, name: str, options: Dict[str, Any]) -> Snapshot:
         _check_options(options, {})
-        name = validation.snapshot_name(name)
+        name = validation.name(name, "snapshot")
         with self._busy():
             async with self._lock(share_id):
                 share = self.share(share_id)

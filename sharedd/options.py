@@ -8,11 +8,15 @@ an OPTIONS attribute; the config loader collects them.
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
+import glob
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import netaddr
+
+from .errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +79,38 @@ def parse_value(opt: Opt, raw: str) -> Any:
     if opt.choices and raw not in opt.choices:
         raise ValueError(f"{raw!r} is not one of {', '.join(opt.choices)}")
     return raw
+
+
+def config_files(path: str) -> List[str]:
+    """The main file and its drop-ins (FILE.d/*.conf by name), in the order applied."""
+    return [path] + sorted(glob.glob(os.path.join(path + ".d", "*.conf")))
+
+
+def read_ini(files: List[str], optional_main: bool = False
+             ) -> Tuple[Dict[str, Dict[str, str]], Dict[Tuple[str, str], str]]:
+    """Merge INI files (later ones win); remember which file set each
+    (section, option). No interpolation, no DEFAULT inheritance, case-sensitive
+    option names. optional_main: a missing first file means defaults."""
+    merged: Dict[str, Dict[str, str]] = {}
+    origin: Dict[Tuple[str, str], str] = {}
+    for i, path in enumerate(files):
+        parser = configparser.ConfigParser(default_section="\x00none", interpolation=None,
+                                           strict=True, empty_lines_in_values=False)
+        parser.optionxform = str
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f, source=path)
+        except FileNotFoundError:
+            if i == 0 and optional_main:
+                continue
+            raise ConfigError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"{path}: {exc}".replace("\n", " ")) from None
+        for section in parser.sections():
+            merged.setdefault(section, {})      # an empty section still exists
+            for key, value in parser.items(section, raw=True):
+                merged[section][key] = value
+                origin[(section, key)] = path
+    return merged, origin

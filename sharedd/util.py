@@ -75,36 +75,3 @@ def fsync_dir(directory: str) -> None:
 
 def now_us() -> int:
     return int(time.time() * 1_000_000)
-
-
-def unescape_mountinfo(field: str) -> str:
-    """Undo the octal escapes (\\040 etc.) used in /proc/*/mountinfo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and all(c in "01234567" for c in field[i + 1:i + 4]):
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_points(mountinfo: str = "/proc/self/mountinfo") -> dict:
-    """Map mount point -> (fstype, source, options) from mountinfo."""
-    result = {}
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            rparts = right.split()
-            if len(parts) < 6 or len(rparts) < 3:
-                continue
-            mp = unescape_mountinfo(parts[4])
-            result[mp] = (rparts[0], unescape_mountinfo(rparts[1]),
-                          parts[5] + "," + rparts[2])
-    return result
-
-
-def is_mounted(path: str) -> bool:
-    return os.path.realpath(path) in mount_points()

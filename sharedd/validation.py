@@ -25,20 +25,13 @@ _DESC_MAX = 1024
 MAX_SIZE_GIB = 1 << 20   # 1 PiB: anything above is a typo
 
 
-def share_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+def name(value: str, what: str = "share") -> str:
+    """A share or snapshot name: also a directory, SMB share and path element."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidArgument(
-            f"invalid share name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            f"invalid {what} name {str(value)[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
-    return name
-
-
-def snapshot_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidArgument(
-            f"invalid snapshot name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
-    return name
+    return value
 
 
 def object_id(value: str, what: str = "id") -> str:

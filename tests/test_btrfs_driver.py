@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from sharedd import util
+from sharedd.mountinfo import read_mountinfo, top_mounts
 from sharedd.errors import (AlreadyExists, BackendFailure, ConfigError, InvalidArgument)
 from sharedd.drivers.btrfs import GiB, BtrfsDriver, parse_qgroup_show
 from sharedd.helpers.base import ExportHelper
@@ -85,14 +85,8 @@ def sh(*argv: str) -> str:
 
 def mountinfo_line(mp: str):
     """(root, super options) of the topmost mount at mp, or None."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            if util.unescape_mountinfo(parts[4]) == mp:
-                found = (util.unescape_mountinfo(parts[3]), right.split()[2])
-    return found
+    e = top_mounts(read_mountinfo()).get(mp)
+    return (e.root, ",".join(e.super_options)) if e else None
 
 
 def qgroup_limit(path: str) -> int:
@@ -135,8 +129,8 @@ def env(btrfs_pool):
 
 # --- tests ------------------------------------------------------------------------------
 def test_setup_created_pool_from_image(btrfs_pool):
-    m = util.mount_points()[os.path.realpath(btrfs_pool.path)]
-    assert m[0] == "btrfs" and m[1].startswith("/dev/loop")
+    m = top_mounts(read_mountinfo())[os.path.realpath(btrfs_pool.path)]
+    assert m.fstype == "btrfs" and m.source.startswith("/dev/loop")
     assert os.path.getsize(btrfs_pool.image) == btrfs_pool.size_gib * GiB
     # sparse: far fewer blocks than its size
     assert os.stat(btrfs_pool.image).st_blocks * 512 < btrfs_pool.size_gib * GiB / 4

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from sharedd import util
+from sharedd.mountinfo import is_mounted, read_mountinfo, top_mounts
 from sharedd.config import BACKEND_OPTIONS, BackendConfig
 from sharedd.helpers.ganesha import GaneshaHelper
 from sharedd.hooks import HOOK_OPTIONS
@@ -42,7 +42,7 @@ def sha_file(path):
 
 def share_mount(h, share_id):
     mp = os.path.join(h.state_path, "backends", "btrfs1", "mounts", share_id)
-    return mp if util.is_mounted(mp) else None
+    return mp if is_mounted(mp) else None
 
 
 def check_invariants(h):
@@ -60,7 +60,7 @@ def check_invariants(h):
     assert pool_shares == created, f"orphan or missing subvolumes: {pool_shares ^ created}"
     assert set(os.listdir(os.path.join(h.pool_path, "snapshots"))) == snaps
     mdir = os.path.join(h.state_path, "backends", "btrfs1", "mounts")
-    mounted = {m.rsplit("/", 1)[1] for m in util.mount_points() if m.startswith(mdir + "/")}
+    mounted = {m.rsplit("/", 1)[1] for m in top_mounts(read_mountinfo()) if m.startswith(mdir + "/")}
     assert mounted == set(shares), f"mount mismatch: {mounted ^ set(shares)}"
     values = {o.name: o.default for o in BACKEND_OPTIONS + GaneshaHelper.OPTIONS + HOOK_OPTIONS}
     helper = GaneshaHelper(BackendConfig("btrfs1", values),

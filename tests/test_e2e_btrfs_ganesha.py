@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from sharedd import util
+from sharedd.mountinfo import read_mountinfo, top_mounts
 
 SHARE = "org.sharedd.Sharedd1.Share"
 ERR = "org.sharedd.Sharedd1.Error."
@@ -54,7 +54,7 @@ def access(host, ns, pseudo_path) -> str:
 
 def mount_of(host, share_path):
     share_id = share_path.rsplit("/", 1)[1]
-    return [mp for mp in util.mount_points() if mp.endswith("/" + share_id)]
+    return [mp for mp in top_mounts(read_mountinfo()) if mp.endswith("/" + share_id)]
 
 
 def sha(data: bytes) -> str:

@@ -8,7 +8,7 @@ import os
 import pathlib
 import tempfile
 
-from sharedd import util
+from sharedd.mountinfo import is_mounted
 from tests.fixtures.btrfs_pool import teardown_tree
 from tests.fixtures.sharedd_daemon import Sharedd
 from tests.fixtures.storage_host import remove_exports
@@ -77,7 +77,7 @@ def sha(path):
 
 def mount_of(d, path, mounts_dir):
     mp = os.path.join(mounts_dir, path.rsplit("/", 1)[1])
-    assert util.is_mounted(mp), f"{mp} is not mounted"
+    assert is_mounted(mp), f"{mp} is not mounted"
     return mp
 
 

@@ -205,7 +205,7 @@ def test_foreign_and_reserved_shares_untouched(samba_lab, helper):
 def test_volume_share_served_by_smbd(samba_lab, helper):
     """End to end: the volume driver on a loop image with this helper in front."""
     from sharedd.drivers.volume import VolumeDriver
-    from sharedd.util import is_mounted
+    from sharedd.mountinfo import is_mounted
     import subprocess
     pool, state = samba_lab.path("pool"), samba_lab.path("vstate")
     os.makedirs(state, exist_ok=True)

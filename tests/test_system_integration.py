@@ -400,6 +400,31 @@ def test_mountd_unit_and_bus_object(ct):
     assert main_pid(ct, "sharedd-mountd.service") == pid
 
 
+def test_upgrade_keeps_config_shares_and_service(ct):
+    """Reinstalling the packages runs the maintainer scripts' upgrade path
+    (prerm upgrade, postinst configure <old version>): an administrator's
+    conffile edit stays, shares and their data stay, the service comes back."""
+    path = create_share(ct, "kept-over-upgrade")
+    sid = prop(ct, path, SHARE, "Id")
+    ct.write(f"{share_mount(ct, sid)}/data.txt", "before the upgrade\n")
+    ct.run("sh", "-c", "echo '# local edit' >> /etc/sharedd/sharedd.conf")
+    before = main_pid(ct)
+    debfiles = ct.sh_out("sh", "-c", "ls /mnt/debs/*.deb").split()
+    ct.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "--reinstall",
+           "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+           *debfiles, timeout=300)
+    wait_active(ct)
+    assert main_pid(ct) != before, "the upgrade restarted the daemon"
+    assert "# local edit" in ct.sh_out("cat", "/etc/sharedd/sharedd.conf")
+    assert not ct.run("sh", "-c", "ls /etc/sharedd/*.dpkg-*", check=False).stdout.strip()
+    assert call(ct, ROOT, MANAGER, "FindShareByName", "s", "kept-over-upgrade")[0] == path
+    assert prop(ct, path, SHARE, "Status") == "available"
+    assert ct.sh_out("cat", f"{share_mount(ct, sid)}/data.txt") == "before the upgrade\n"
+    for unit in UNITS:
+        assert ct.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled", unit
+    call(ct, path, SHARE, "Delete", "a{sv}", "0")
+
+
 def test_purge_leaves_nothing_behind(ct):
     ct.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y",
            "sharedd", "sharedd-mountd", "python3-sharedd", timeout=300)

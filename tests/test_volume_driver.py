@@ -23,7 +23,7 @@ from sharedd.drivers import driver_class
 from sharedd.drivers.volume import VolumeDriver
 from sharedd.helpers.base import ExportHelper
 from sharedd.models import AccessRule, Share, Snapshot
-from sharedd.util import is_mounted, mount_points
+from sharedd.mountinfo import is_mounted, read_mountinfo, top_mounts
 from tests.support import components
 
 GiB = 1 << 30
@@ -109,7 +109,7 @@ class Env:
         return [l.split(":")[0] for l in out.splitlines() if l.startswith("/dev/")]
 
     def cleanup(self) -> None:
-        for mp in sorted(mount_points(), reverse=True):
+        for mp in sorted(top_mounts(read_mountinfo()), reverse=True):
             if mp.startswith(self.root + "/"):
                 subprocess.run(["fsfreeze", "-u", mp], capture_output=True)
                 subprocess.run(["umount", "-l", mp], capture_output=True)

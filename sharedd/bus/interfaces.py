@@ -19,11 +19,12 @@ from ..errors import InvalidArgument, SharedError
 
 log = logging.getLogger(__name__)
 
-# Output argument names for introspection (dbus-next leaves them unnamed).
+# Names of output and signal arguments for introspection (dbus-next leaves them unnamed).
 OUT_NAMES = {
     "CreateShare": ["share"], "ManageShare": ["share"], "ListShares": ["shares"],
     "ListSnapshots": ["snapshots"], "FindShareByName": ["share"],
     "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"],
+    "Fired": ["phase", "method", "record"],     # a signal's arguments
 }
 
 
@@ -105,6 +106,9 @@ class _Base(ServiceInterface):
         for m in ServiceInterface._get_methods(self):
             for arg, out_name in zip(m.introspection.out_args, OUT_NAMES.get(m.name, [])):
                 arg.name = out_name
+        for sig in ServiceInterface._get_signals(self):
+            for arg, arg_name in zip(sig.introspection.args, OUT_NAMES.get(sig.name, [])):
+                arg.name = arg_name
 
     def props(self):
         """Current property values (for PropertiesChanged diffs)."""
@@ -192,12 +196,6 @@ class Hooks(_Base):
     @signal()
     def Fired(self, phase, method_name, record) -> "sss":
         return [phase, method_name, record]
-
-
-# dbus-next leaves signal arguments unnamed in introspection.
-for _sig in ServiceInterface._get_signals(Hooks(None)):
-    for _arg, _name in zip(_sig.introspection.args, ("phase", "method", "record")):
-        _arg.name = _name
 
 
 class Backend(_Base):

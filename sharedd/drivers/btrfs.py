@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 from .. import util
 from ..errors import (AlreadyExists, BackendFailure, ConfigError, InvalidArgument)
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
+from ..mountinfo import MountEntry, read_mountinfo, top_mounts
 from ..options import Opt
 from .base import ShareDriver
 
@@ -52,36 +53,9 @@ _QGROUP_HEADER_RE = re.compile(
 _QGROUP_ID_RE = re.compile(r"^(\d+)/(\d+)$")
 
 
-class _Mount:
-    """One line of /proc/self/mountinfo (the parts this driver needs)."""
-
-    def __init__(self, target: str, root: str, fstype: str, source: str, options: str):
-        self.target, self.root, self.fstype = target, root, fstype
-        self.source, self.options = source, options
-
-
-def _mounts() -> List[_Mount]:
-    result = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts, rparts = left.split(), right.split()
-            if len(parts) < 6 or len(rparts) < 3:
-                continue
-            result.append(_Mount(util.unescape_mountinfo(parts[4]),
-                                 util.unescape_mountinfo(parts[3]), rparts[0],
-                                 util.unescape_mountinfo(rparts[1]),
-                                 parts[5] + "," + rparts[2]))
-    return result
-
-
-def _mount_at(path: str) -> Optional[_Mount]:
+def _mount_at(path: str) -> Optional[MountEntry]:
     """The topmost mount whose mount point is exactly path."""
-    found = None
-    for m in _mounts():
-        if m.target == path:
-            found = m
-    return found
+    return top_mounts(read_mountinfo()).get(path)
 
 
 def _is_subvolume(path: str) -> bool:
@@ -203,7 +177,7 @@ class BtrfsDriver(ShareDriver):
     def _run(self, *argv: str, check: bool = True):
         return util.run(list(argv), timeout=self.command_timeout, check=check)
 
-    def _pool_mount(self) -> _Mount:
+    def _pool_mount(self) -> MountEntry:
         m = _mount_at(self.pool)
         if m is None:
             raise BackendFailure(f"btrfs pool {self.pool} is not mounted")

@@ -46,7 +46,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import (BackendFailure, CapacityExceeded, ConfigError, InvalidArgument,
                       InvalidState, NotSupported)
 from ..models import AccessRule, Share, ShareUpdate
+from ..mountinfo import is_mounted
 from ..options import Opt
+from .. import validation
 from ..validation import CN_RE
 from .. import util
 from .base import ShareDriver
@@ -86,15 +88,6 @@ def parse_target(text: str) -> "Target":
     if not m:
         raise ValueError(f"{text!r} is not [remoteuser@]server:/volume")
     return Target(m.group("user"), m.group("host"), m.group("volume"))
-
-
-def validate_cn(cn: str) -> str:
-    """Return cn if it is a certificate CN we can put into auth.ssl-allow."""
-    if not isinstance(cn, str) or not CN_RE.fullmatch(cn):
-        raise InvalidArgument(
-            f"{cn!r} is not a usable certificate CN: use 1-64 letters, digits, '.', '_', '@' "
-            "or '-', starting with a letter or digit (no commas, spaces or wildcards)")
-    return cn
 
 
 @dataclass(frozen=True)
@@ -628,7 +621,7 @@ class GlusterfsNativeDriver(ShareDriver):
     def _wipe(self, target: Target) -> None:
         mp = os.path.join(self.mount_base, f"{target.host}_{target.volume}")
         os.makedirs(mp, mode=0o700, exist_ok=True)
-        if util.is_mounted(mp):
+        if is_mounted(mp):
             self._umount(mp)
         cert, key, ca = self._tls_files()
         logfile = os.path.join(self.state_dir or self.mount_base, "log",
@@ -641,7 +634,7 @@ class GlusterfsNativeDriver(ShareDriver):
         util.run(argv + [mp], timeout=self.command_timeout)
         # glusterfs exits 0 even when the server refuses it: look for the mount.
         deadline = time.monotonic() + min(30.0, self.command_timeout)
-        while not util.is_mounted(mp):
+        while not is_mounted(mp):
             if time.monotonic() > deadline:
                 raise BackendFailure(f"cannot mount {target.export} to wipe it: "
                                      f"{_tail(logfile)}")
@@ -659,7 +652,7 @@ class GlusterfsNativeDriver(ShareDriver):
 
     def _umount(self, mp: str) -> None:
         proc = util.run(["umount", mp], timeout=self.command_timeout, check=False)
-        if proc.returncode != 0 and util.is_mounted(mp):
+        if proc.returncode != 0 and is_mounted(mp):
             util.run(["umount", "-l", mp], timeout=self.command_timeout)
 
     def ensure_share(self, share: Share, rules: List[AccessRule]) -> ShareUpdate:
@@ -688,7 +681,7 @@ class GlusterfsNativeDriver(ShareDriver):
             raise NotSupported(f"GlusterFS TLS access is rw only (auth.ssl-allow admits a "
                                f"certificate fully): access level {access_level!r} is not supported")
         if access_to is not None:
-            validate_cn(access_to)
+            validation.access_to("cert", access_to)
 
     @staticmethod
     def _allow_list(rules: List[AccessRule]) -> Tuple[str, Dict[str, str]]:

@@ -19,6 +19,7 @@ re-export the share and shrink_share is not given the rules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +32,8 @@ from typing import Any, Dict, List, Optional
 from ..errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
 from ..options import Opt
-from ..util import atomic_write, mount_points, run
+from ..mountinfo import is_mounted, mount_at, read_mountinfo, top_mounts
+from ..util import atomic_write, run
 from .base import ShareDriver
 from .volume_providers import PROVIDERS, VOLUME_NAME_RE, VolumeProvider
 
@@ -148,7 +150,7 @@ class VolumeDriver(ShareDriver):
                 self._run(["umount", tmp])
                 self._run(["xfs_admin", "-U", "generate", dev])
             finally:
-                if os.path.realpath(tmp) in mount_points():
+                if is_mounted(tmp):
                     self._run(["umount", tmp], check=False)
                 os.rmdir(tmp)
                 self.provider.detach(name)
@@ -157,8 +159,8 @@ class VolumeDriver(ShareDriver):
             raise BackendFailure(f"could not give {path} a new file-system UUID")
 
     def _mounted_source(self, mp: str) -> Optional[str]:
-        entry = mount_points().get(os.path.realpath(mp))
-        return entry[1] if entry else None
+        entry = mount_at(mp)
+        return entry.source if entry else None
 
     def _mount(self, share: Share) -> str:
         """Attach and mount the share's volume; returns the device. Idempotent."""
@@ -276,7 +278,7 @@ class VolumeDriver(ShareDriver):
         os.makedirs(self.mount_dir, exist_ok=True)
         os.chmod(self.mount_dir, 0o711)   # CIFS users must traverse to their share
         mdir = os.path.realpath(self.mount_dir)
-        if mdir not in mount_points():
+        if not is_mounted(mdir):
             # A shared mount point: mounts and unmounts below it reach mount
             # namespaces cloned from ours (sandboxed servers, ip netns exec).
             # Otherwise an unmount here leaves their copy holding the device.
@@ -299,10 +301,25 @@ class VolumeDriver(ShareDriver):
             raise BackendFailure(f"volume_pool_path {self.pool_path} is not a writable directory")
 
     # --- shares -----------------------------------------------------------------
-    def create_share(self, share: Share) -> ShareUpdate:
-        name = self._image(share)
+    @contextlib.contextmanager
+    def _new_volume(self, share: Share, name: str):
+        """On failure, stop and delete the volume if this call created it
+        (a replayed create keeps what was there); the original error stands."""
         created = not self.provider.exists(name)
         try:
+            yield
+        except BaseException:
+            if created:
+                try:
+                    self._stop(share)
+                    self.provider.delete(name)
+                except Exception:
+                    log.exception("rollback of share %s failed", share.id)
+            raise
+
+    def create_share(self, share: Share) -> ShareUpdate:
+        name = self._image(share)
+        with self._new_volume(share, name):
             self.provider.create(name, share.size_gib * GiB)
             path = self.provider.path(name)
             # Never format a volume that already has a file system (replay).
@@ -311,14 +328,6 @@ class VolumeDriver(ShareDriver):
             fs = self._blkid(path, "TYPE")
             self._mount(share)
             locations = self._export(share, [])
-        except BaseException:
-            if created:
-                try:
-                    self._stop(share)
-                    self.provider.delete(name)
-                except Exception:  # keep the original error
-                    log.exception("rollback of share %s failed", share.id)
-            raise
         return ShareUpdate(export_locations=locations, provider_location=name,
                            size_gib=share.size_gib, driver_data={"fs_type": fs})
 
@@ -436,8 +445,8 @@ class VolumeDriver(ShareDriver):
             raise InvalidArgument(f"{export_path!r} holds {fs or 'no'} file system "
                                   f"(supported: {', '.join(FS_TYPES)})")
         dev = self.provider.device(name)
-        if dev and any(src == dev and mp != os.path.realpath(self._mountpoint(share))
-                       for mp, (_, src, _) in mount_points().items()):
+        if dev and any(e.source == dev and mp != os.path.realpath(self._mountpoint(share))
+                       for mp, e in top_mounts(read_mountinfo()).items()):
             raise InvalidArgument(f"{export_path!r} is in use (mounted elsewhere)")
         share = dataclasses.replace(share, provider_location=name,
                                     driver_data=dict(share.driver_data or {}, fs_type=fs))
@@ -503,8 +512,7 @@ class VolumeDriver(ShareDriver):
         name = f"{share.id}.img"
         share = dataclasses.replace(share, provider_location=name,
                                     driver_data=dict(share.driver_data or {}, fs_type=fs))
-        created = not self.provider.exists(name)
-        try:
+        with self._new_volume(share, name):
             self._copy_with_new_uuid(snap, name, fs)
             if self.provider.size(name) < share.size_gib * GiB:
                 self.provider.resize(name, share.size_gib * GiB)
@@ -512,14 +520,6 @@ class VolumeDriver(ShareDriver):
             dev = self._mount(share)
             self._grow_fs(share, dev)
             locations = self._export(share, [])
-        except BaseException:
-            if created:
-                try:
-                    self._stop(share)
-                    self.provider.delete(name)
-                except Exception:
-                    log.exception("rollback of share %s failed", share.id)
-            raise
         return ShareUpdate(export_locations=locations, provider_location=name,
                            size_gib=share.size_gib, driver_data={"fs_type": fs})
 
