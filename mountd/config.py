@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Tuple
 import netaddr
 
 from sharedd.errors import ConfigError
-from sharedd.options import Opt, config_files, parse_value, read_ini
+from sharedd.options import Opt, config_files, parse_options, read_ini
 from sharedd.record import MOUNT_OPTION_RE
 
 DEFAULT_CONFIG = "/etc/sharedd/mountd.conf"
@@ -154,19 +154,8 @@ def load(path: str = DEFAULT_CONFIG, *, optional: bool = False) -> MountdConfig:
     """Load and validate; optional=True accepts a missing main file (defaults)."""
     files = config_files(path)
     merged, origin = _read(files, optional)
-    known = {o.name: o for o in OPTIONS}
-    for key in merged:
-        if key not in known:
-            raise ConfigError(f"{origin[key]}: unknown option")
-    values: Dict[str, Any] = {}
-    for opt in OPTIONS:
-        if opt.name in merged:
-            try:
-                values[opt.name] = parse_value(opt, merged[opt.name])
-            except ValueError as exc:
-                raise ConfigError(f"{origin[opt.name]}: {exc}") from None
-        else:
-            values[opt.name] = opt.default
+    values = parse_options(OPTIONS, merged,
+                           lambda key: origin.get(key, f"{files[0]}: [{SECTION}] {key}"))
 
     def where(name: str) -> str:
         return origin.get(name, f"{files[0]}: [{SECTION}] {name}")

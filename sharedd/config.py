@@ -14,7 +14,7 @@ import socket
 from typing import Any, Dict, List
 
 from .errors import ConfigError
-from .options import Opt, config_files, parse_value, read_ini
+from .options import Opt, config_files, parse_options, read_ini
 
 DEFAULT_CONFIG = "/etc/sharedd/sharedd.conf"
 SECTION_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")   # also an object path element
@@ -113,17 +113,9 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
 
     default = merged.get("DEFAULT", {})
     global_names = {o.name for o in GLOBAL_OPTIONS}
-    values: Dict[str, Any] = {}
-    for opt in GLOBAL_OPTIONS:
-        if opt.name in default:
-            try:
-                values[opt.name] = parse_value(opt, default[opt.name])
-            except ValueError as exc:
-                raise ConfigError(f"{where('DEFAULT', opt.name)}: [DEFAULT] {opt.name}: {exc}") from None
-        elif opt.required:
-            raise ConfigError(f"{files[0]}: [DEFAULT] {opt.name}: required option is missing")
-        else:
-            values[opt.name] = opt.default
+    # Unknown [DEFAULT] options are checked below, against backend options too.
+    values = parse_options(GLOBAL_OPTIONS, default,
+                           lambda key: f"{where('DEFAULT', key)}: [DEFAULT] {key}", check_unknown=())
     if not values["host_id"]:
         values["host_id"] = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
     elif not re.fullmatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["host_id"]):
@@ -158,21 +150,8 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
         if "share_driver" not in section:
             raise ConfigError(f"{where(name, '')}: [{name}] share_driver: required option is missing")
         opts = BACKEND_OPTIONS + _extra_options(section, name, src)
-        known = {o.name: o for o in opts}
-        for key in merged[name]:
-            if key not in known:
-                raise ConfigError(f"{where(name, key)}: [{name}] {key}: unknown option")
-        bvalues: Dict[str, Any] = {}
-        for opt in opts:
-            if opt.name in section:
-                try:
-                    bvalues[opt.name] = parse_value(opt, section[opt.name])
-                except ValueError as exc:
-                    raise ConfigError(f"{src(opt.name)}: [{sec_of(opt.name)}] {opt.name}: {exc}") from None
-            elif opt.required:
-                raise ConfigError(f"{files[0]}: [{name}] {opt.name}: required option is missing")
-            else:
-                bvalues[opt.name] = opt.default
+        bvalues = parse_options(opts, section, lambda key: f"{src(key)}: [{sec_of(key)}] {key}",
+                                check_unknown=merged[name])
         bvalues["share_backend_name"] = bvalues["share_backend_name"] or name
         backends[name] = BackendConfig(name, bvalues)
         _check_backend(backends[name], src, sec_of)

@@ -12,7 +12,7 @@ import configparser
 import dataclasses
 import glob
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import netaddr
 
@@ -114,3 +114,28 @@ def read_ini(files: List[str], optional_main: bool = False
                 merged[section][key] = value
                 origin[(section, key)] = path
     return merged, origin
+
+
+def parse_options(opts: Sequence[Opt], raw: Dict[str, str], where: Callable[[str], str],
+                  check_unknown: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """Parse the raw text of opts; defaults for the rest.
+
+    where(option) prefixes every message ("FILE: [section] option"). Keys of
+    check_unknown (default: all of raw) that no Opt declares are refused.
+    """
+    known = {o.name for o in opts}
+    for key in (raw if check_unknown is None else check_unknown):
+        if key not in known:
+            raise ConfigError(f"{where(key)}: unknown option")
+    values: Dict[str, Any] = {}
+    for opt in opts:
+        if opt.name in raw:
+            try:
+                values[opt.name] = parse_value(opt, raw[opt.name])
+            except ValueError as exc:
+                raise ConfigError(f"{where(opt.name)}: {exc}") from None
+        elif opt.required:
+            raise ConfigError(f"{where(opt.name)}: required option is missing")
+        else:
+            values[opt.name] = opt.default
+    return values
