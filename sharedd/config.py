@@ -13,6 +13,7 @@ import re
 import socket
 from typing import Any, Dict, List
 
+from . import constants as C
 from .errors import ConfigError
 from .options import Opt, config_files, parse_options, read_ini
 
@@ -32,6 +33,13 @@ GLOBAL_OPTIONS: List[Opt] = [
         help="Spool records older than this are pruned (0: keep by age forever); the newest periodic record of every backend is always kept."),
     Opt("spool_retention_count", "int", 10000, min=0,
         help="Keep at most this many spool records per host (0: no limit)."),
+    Opt("max_access_rules_per_share", "int", C.MAX_ACCESS_RULES_PER_SHARE, min=1,
+        max=C.MAX_ACCESS_RULES_PER_SHARE,
+        help="Access rules one share may have; AllowAccess beyond it is refused (CapacityExceeded)."),
+    Opt("max_metadata_entries", "int", C.MAX_METADATA_ENTRIES, min=0, max=C.MAX_METADATA_ENTRIES,
+        help="Metadata entries one share may have."),
+    Opt("max_description_length", "int", C.MAX_DESCRIPTION_LENGTH, min=0,
+        max=C.MAX_DESCRIPTION_LENGTH, help="Characters a share's description may have."),
 ]
 
 BACKEND_OPTIONS: List[Opt] = [

@@ -62,6 +62,18 @@ HOOK_METHODS = (
     "publish_service_capabilities", "periodic",
 )
 
+# --- Limits: the record schema and the options' maxima derive from these -----
+#: access rules on one share (option max_access_rules_per_share may lower it)
+MAX_ACCESS_RULES_PER_SHARE = 5000
+#: metadata entries on one share (option max_metadata_entries may lower it)
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 1024
+#: description length (option max_description_length may lower it)
+MAX_DESCRIPTION_LENGTH = 1024
+#: warnings carried in a post record's result (hook failures a revocation overrode)
+MAX_RECORD_WARNINGS = 8
+
 # Share names: a safe character set that also works as a directory,
 # SMB share and export pseudo-path component.
 SHARE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"

@@ -11,7 +11,7 @@ import sdnotify
 
 from . import config as config_mod
 from .engine import Engine
-from .errors import ConfigError
+from .errors import AlreadyRunning, ConfigError
 
 log = logging.getLogger("sharedd")
 
@@ -29,21 +29,25 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine = Engine(cfg)
-    service = BusService(engine)
+    service = BusService()
+    engine = Engine(cfg, observer=service)
     try:
         await service.connect()
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot connect to the system bus: {exc}") from None
     notifier.notify("STATUS=starting: setting up backends and recovering state")
-    await engine.start()
     try:
-        await service.publish()
+        await engine.start()
+    except AlreadyRunning as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        await service.publish(engine)
     except BusStartupError as exc:
         raise StartupError(str(exc)) from None
     notifier.notify("READY=1")
-    notifier.notify(f"STATUS={engine.status_line}")
-    log.info("sharedd ready on the system bus: %s", engine.status_line)
+    status = engine.status()
+    notifier.notify(f"STATUS={status}")
+    log.info("sharedd ready on the system bus: %s", status)
 
     def reload() -> None:
         notifier.notify("RELOADING=1")
@@ -86,9 +90,9 @@ async def _watchdog(notifier, engine: Engine) -> None:
     while True:
         if usec:
             notifier.notify("WATCHDOG=1")
-        engine._update_status()
-        if engine.status_line != last:
-            last = engine.status_line
+        status = engine.status()
+        if status != last:
+            last = status
             notifier.notify(f"STATUS={last}")
         await asyncio.sleep(interval)
 

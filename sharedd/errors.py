@@ -46,3 +46,7 @@ class ConfigError(Exception):
 
 ALL_ERRORS = (InvalidArgument, NotFound, AlreadyExists, InvalidState,
               NotSupported, CapacityExceeded, BackendFailure)
+
+
+class AlreadyRunning(Exception):
+    """Another sharedd holds the state directory (message names its pid)."""

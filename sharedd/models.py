@@ -59,3 +59,19 @@ class ShareUpdate:
     provider_location: Optional[str] = None
     size_gib: Optional[int] = None
     driver_data: Optional[Dict[str, Any]] = None
+
+
+def fields_of(update: Optional[ShareUpdate]) -> Dict[str, Any]:
+    """A driver's ShareUpdate as the share fields it sets."""
+    if update is None:
+        return {}
+    out: Dict[str, Any] = {}
+    if update.export_locations is not None:
+        out["export_locations"] = list(update.export_locations)
+    if update.provider_location is not None:
+        out["provider_location"] = update.provider_location
+    if update.size_gib is not None:
+        out["size_gib"] = int(update.size_gib)
+    if update.driver_data is not None:
+        out["driver_data"] = dict(update.driver_data)
+    return out

@@ -16,7 +16,8 @@ import re
 from typing import Any, Dict
 
 from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES,
-                        PROTOCOLS, RULE_STATES, SHARE_STATUSES)
+                        MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
+                        RULE_STATES, SHARE_STATUSES)
 
 SCHEMA_VERSION = 1
 #: spool files larger than this are refused unread
@@ -73,7 +74,7 @@ _share = {
         "size_gib": {"type": "integer", "minimum": 0},
         "status": {"enum": list(SHARE_STATUSES) + ["deleted"]},
         # The share's full rule set after the change, with states.
-        "access_rules": {"type": "array", "maxItems": 4096, "items": _rule},
+        "access_rules": {"type": "array", "maxItems": MAX_ACCESS_RULES_PER_SHARE, "items": _rule},
         "mount_hints": _mount_hints,
     },
 }
@@ -114,7 +115,7 @@ SCHEMA: Dict[str, Any] = {
         "share": {"oneOf": [{"type": "null"}, _share]},
         "snapshot": {"oneOf": [{"type": "null"}, _snapshot]},
         # The rules this change concerns (allow/deny); [] otherwise.
-        "access_rules": {"type": "array", "maxItems": 4096, "items": _rule},
+        "access_rules": {"type": "array", "maxItems": MAX_ACCESS_RULES_PER_SHARE, "items": _rule},
         "is_allow_operation": {"type": ["boolean", "null"]},
         # post only: how the driver call ended.
         "result": {
@@ -122,7 +123,10 @@ SCHEMA: Dict[str, Any] = {
             "required": ["ok"],
             "additionalProperties": False,
             "properties": {"ok": {"type": "boolean"},
-                           "error": {"type": "string", "maxLength": 4096}},
+                           "error": {"type": "string", "maxLength": 4096},
+                           # hook failures that a revocation went on despite
+                           "warnings": {"type": "array", "maxItems": MAX_RECORD_WARNINGS,
+                                        "items": {"type": "string", "maxLength": 1000}}},
         },
         # periodic only: the full state of every share of the backend.
         "shares": {"type": "array", "maxItems": 100000, "items": _share},

@@ -152,6 +152,13 @@ class Store:
         row = self.db.execute("SELECT * FROM shares WHERE id=?", (share_id,)).fetchone()
         return self._share(row) if row else None
 
+    def share_status(self, share_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT status FROM shares WHERE id=?", (share_id,)).fetchone()
+        return row[0] if row else None
+
+    def count_shares_by_status(self) -> Dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM shares GROUP BY status").fetchall())
+
     def share_task(self, share_id: str) -> dict:
         row = self.db.execute("SELECT task FROM shares WHERE id=?", (share_id,)).fetchone()
         return json.loads(row[0]) if row else {}
@@ -191,6 +198,10 @@ class Store:
         row = self.db.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return self._snapshot(row) if row else None
 
+    def snapshot_status(self, snapshot_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT status FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
+        return row[0] if row else None
+
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         if share_id is None:
             rows = self.db.execute("SELECT * FROM snapshots ORDER BY created_at, id")
@@ -221,6 +232,13 @@ class Store:
     def get_rule(self, rule_id: str) -> Optional[AccessRule]:
         row = self.db.execute("SELECT * FROM rules WHERE id=?", (rule_id,)).fetchone()
         return self._rule(row) if row else None
+
+    def rule_state(self, rule_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT state FROM rules WHERE id=?", (rule_id,)).fetchone()
+        return row[0] if row else None
+
+    def count_rules(self, share_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM rules WHERE share_id=?", (share_id,)).fetchone()[0]
 
     def rules(self, share_id: str) -> List[AccessRule]:
         rows = self.db.execute("SELECT * FROM rules WHERE share_id=? ORDER BY created_at, id", (share_id,))

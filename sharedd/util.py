@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -9,7 +10,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from .errors import BackendFailure
+from .errors import AlreadyRunning, BackendFailure
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +76,19 @@ def fsync_dir(directory: str) -> None:
 
 def now_us() -> int:
     return int(time.time() * 1_000_000)
+
+
+def lock_state_dir(path: str) -> int:
+    """One daemon per state directory: an flock on <path>/sharedd.lock, taken
+    before the database is touched; the holder's pid is in the file."""
+    fd = os.open(os.path.join(path, "sharedd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(f"another sharedd (pid {holder}) is using the state directory "
+                             f"{path}; stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

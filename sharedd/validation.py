@@ -9,10 +9,11 @@ network it probably meant, /32 and /128 are stored as bare addresses, and
 from __future__ import annotations
 
 import re
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import netaddr
 
+from . import constants as C
 from .constants import ACCESS_LEVELS, ACCESS_TYPES, PROTOCOLS, SHARE_NAME_PATTERN
 from .errors import InvalidArgument
 
@@ -21,7 +22,7 @@ _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
 # Certificate CNs: also what GlusterFS auth.ssl-allow can list safely.
 CN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_DESC_MAX = 1024
+_META_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,%d}$" % C.MAX_METADATA_KEY_LENGTH)
 MAX_SIZE_GIB = 1 << 20   # 1 PiB: anything above is a typo
 
 
@@ -55,21 +56,34 @@ def size_gib(value: int, what: str = "size") -> int:
     return value
 
 
-def description(value: str) -> str:
-    if not isinstance(value, str) or len(value) > _DESC_MAX or any(ord(c) < 32 for c in value):
-        raise InvalidArgument(f"invalid description: at most {_DESC_MAX} printable characters")
+def description(value: str, max_length: int = C.MAX_DESCRIPTION_LENGTH) -> str:
+    if not isinstance(value, str) or len(value) > max_length or any(ord(c) < 32 for c in value):
+        raise InvalidArgument(f"invalid description: at most {max_length} printable characters "
+                              "(max_description_length)")
     return value
 
 
-def metadata(value: dict) -> dict:
-    if not isinstance(value, dict) or len(value) > 64:
-        raise InvalidArgument("invalid metadata: at most 64 string pairs")
+def metadata(value: dict, max_entries: int = C.MAX_METADATA_ENTRIES) -> dict:
+    if not isinstance(value, dict) or len(value) > max_entries:
+        raise InvalidArgument(f"invalid metadata: at most {max_entries} string pairs "
+                              "(max_metadata_entries)")
     for k, v in value.items():
-        if not isinstance(k, str) or not re.fullmatch(r"^[A-Za-z0-9_.:-]{1,64}$", k):
-            raise InvalidArgument(f"invalid metadata key {str(k)[:80]!r}")
-        if not isinstance(v, str) or len(v) > 1024:
-            raise InvalidArgument(f"invalid metadata value for {k!r}: at most 1024 characters")
+        if not isinstance(k, str) or not _META_KEY_RE.fullmatch(k):
+            raise InvalidArgument(f"invalid metadata key {str(k)[:80]!r}: 1-"
+                                  f"{C.MAX_METADATA_KEY_LENGTH} of letters, digits, '_.:-'")
+        if not isinstance(v, str) or len(v) > C.MAX_METADATA_VALUE_LENGTH:
+            raise InvalidArgument(f"invalid metadata value for {k!r}: at most "
+                                  f"{C.MAX_METADATA_VALUE_LENGTH} characters")
     return dict(value)
+
+
+def export_path(value: str) -> str:
+    """What ManageShare names: a path or server:/volume, checked by the driver too."""
+    if not isinstance(value, str) or not value or len(value) > 1024 \
+            or any(ord(c) < 32 or ord(c) == 127 for c in value) or value.startswith("-"):
+        raise InvalidArgument(f"invalid export path {str(value)[:80]!r}: 1-1024 printable "
+                              "characters, not starting with '-'")
+    return value
 
 
 def access_type(value: str) -> str:
@@ -129,3 +143,22 @@ def access_to(kind: str, value: str) -> str:
 def access_rule(kind: str, to: str, level: str) -> Tuple[str, str, str]:
     kind = access_type(kind)
     return kind, access_to(kind, to), access_level(level)
+
+
+def options(given: Dict[str, Any], allowed: Dict[str, type]) -> None:
+    """A call's a{sv} options: known keys of the right type only."""
+    for key, value in given.items():
+        if key not in allowed:
+            raise InvalidArgument(f"unknown option {key[:40]!r}"
+                                  + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else
+                                     " (this call takes none)"))
+        want = allowed[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise InvalidArgument(f"option {key!r} has the wrong type")
+
+
+def name_from_path(path: str) -> str:
+    """A share name for ManageShare without a name option: the path's last element."""
+    base = path.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    clean = "".join(c if c.isalnum() or c in "._-" else "_" for c in base).lstrip("._-")
+    return (clean or "managed")[:63]

@@ -132,3 +132,122 @@ class MemoryDriver(ShareDriver):
 
     def get_mount_hints(self, share):
         return {"fstype": "nfs4", "export": f"192.0.2.1:/{share.id}", "options": ["vers=4.1"]}
+
+
+class Crash(BaseException):
+    """A simulated SIGKILL at a driver boundary (in-process tests): not an
+    Exception, so nothing in the engine can catch it and carry on."""
+
+
+class World:
+    """What a SimDriver backend holds; outlives engine restarts."""
+
+    def __init__(self):
+        self.shares = {}       # share id -> {"size": int, "rules": {rule id: access_to}}
+        self.snapshots = {}    # snapshot id -> share id
+        self.fail = set()      # methods that raise BackendFailure
+        self.crash = None      # (method, "before" | "after"): raise Crash once
+        self.calls = []
+
+
+class SimDriver(ShareDriver):
+    """The in-process twin of MemoryDriver: state in memory (SimDriver.worlds,
+    keyed by the backend's state directory), faults set directly by tests."""
+
+    driver_name = "sim"
+    supported_protocols = ("NFS", "CIFS")
+    access_types = {"NFS": ("ip",), "CIFS": ("ip", "user")}
+    uses_export_helpers = False
+    OPTIONS = [Opt("sim_capacity_gib", "float", 1000.0, help="Pretend capacity.")]
+    worlds = {}
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.w = SimDriver.worlds.setdefault(self.state_dir, World())
+
+    def _act(self, method, work):
+        w = self.w
+        w.calls.append(method)
+        if w.crash == (method, "before"):
+            w.crash = None
+            raise Crash(method)
+        if method in w.fail:
+            raise BackendFailure(f"sim driver told to fail {method}")
+        result = work()
+        if w.crash == (method, "after"):
+            w.crash = None
+            raise Crash(method)
+        return result
+
+    def _rules(self, rules):
+        return {r.id: r.access_to for r in rules}
+
+    def create_share(self, share):
+        def work():
+            self.w.shares[share.id] = {"size": share.size_gib, "rules": {}}
+            return ShareUpdate(export_locations=[f"sim:/{share.id}"])
+        return self._act("create_share", work)
+
+    def create_share_from_snapshot(self, share, snapshot, parent):
+        def work():
+            self.w.shares[share.id] = {"size": share.size_gib, "rules": {}}
+            return ShareUpdate(export_locations=[f"sim:/{share.id}"])
+        return self._act("create_share_from_snapshot", work)
+
+    def delete_share(self, share):
+        return self._act("delete_share", lambda: self.w.shares.pop(share.id, None) and None)
+
+    def ensure_share(self, share, rules):
+        def work():
+            if share.id not in self.w.shares:
+                raise BackendFailure(f"share {share.id} is missing")
+            self.w.shares[share.id]["rules"] = self._rules(rules)
+            return ShareUpdate(export_locations=[f"sim:/{share.id}"])
+        return self._act("ensure_share", work)
+
+    def update_access(self, share, access_rules, add_rules, delete_rules):
+        def work():
+            self.w.shares[share.id]["rules"] = self._rules(access_rules)
+        return self._act("update_access", work)
+
+    def extend_share(self, share, new_size_gib):
+        return self._act("extend_share",
+                         lambda: self.w.shares[share.id].update(size=new_size_gib))
+
+    def shrink_share(self, share, new_size_gib):
+        return self._act("shrink_share",
+                         lambda: self.w.shares[share.id].update(size=new_size_gib))
+
+    def create_snapshot(self, snapshot, share):
+        def work():
+            self.w.snapshots[snapshot.id] = share.id
+            return f"snap/{snapshot.id}"
+        return self._act("create_snapshot", work)
+
+    def delete_snapshot(self, snapshot, share):
+        return self._act("delete_snapshot", lambda: self.w.snapshots.pop(snapshot.id, None) and None)
+
+    def revert_to_snapshot(self, share, snapshot, rules):
+        return self._act("revert_to_snapshot", lambda: ShareUpdate())
+
+    def check_manage(self, export_path, options):
+        if not export_path.startswith("/sim/"):
+            raise InvalidArgument(f"{export_path} is not under /sim/")
+
+    def manage_existing(self, share, export_path, options):
+        def work():
+            self.check_manage(export_path, options)
+            self.w.shares[share.id] = {"size": 2, "rules": {}}
+            return ShareUpdate(export_locations=[f"sim:{export_path}"],
+                               provider_location=export_path, size_gib=2)
+        return self._act("manage_existing", work)
+
+    def unmanage(self, share):
+        return self._act("unmanage", lambda: self.w.shares.pop(share.id, None) and None)
+
+    def get_share_stats(self):
+        cap = float(self.config.sim_capacity_gib)
+        return {"total_capacity_gb": cap, "free_capacity_gb": cap}
+
+    def get_mount_hints(self, share):
+        return {"fstype": "nfs4", "export": f"192.0.2.1:/{share.id}", "options": ["vers=4.1"]}

@@ -103,19 +103,36 @@ def test_signals_and_spool_in_phase_order(sharedd_factory, system_bus):
 def test_failing_pre_hook_refuses_and_changes_nothing(sharedd_factory):
     d = make(sharedd_factory)
     p = d.create_share("keep")
-    set_ctl(d, fail_pre=["create_share", "allow_access", "delete_share", "extend_share"])
+    set_ctl(d, fail_pre=["create_share", "allow_access", "extend_share"])
     calls = memory_calls(d)
     text = d.error("/org/sharedd/Sharedd1", "org.sharedd.Sharedd1.Manager", "CreateShare",
                    "ssta{sv}", "refused", "NFS", 1, 0)
     assert ERR + "BackendFailure" in text and "pre hook" in text and "nothing was changed" in text
     assert ERR + "BackendFailure" in d.error(p, SHARE, "AllowAccess", "sssa{sv}", "ip", "10.0.0.1", "rw", 0)
     assert ERR + "BackendFailure" in d.error(p, SHARE, "Extend", "ta{sv}", 5, 0)
-    assert ERR + "BackendFailure" in d.error(p, SHARE, "Delete", "a{sv}", 0)
     assert d.manager("ListShares", "a{sv}", 0) == [p]
     assert d.share_prop(p, "AccessRules") == []
     assert d.share_prop(p, "SizeGiB") == 1
     assert d.share_prop(p, "Status") == "available"
     assert memory_calls(d) == calls, "the driver was never called"
+
+
+def test_failing_pre_hook_never_blocks_revocation(sharedd_factory):
+    """Deny and delete go on when their pre hooks fail; the post record says so."""
+    d = make(sharedd_factory)
+    p = d.create_share("revoked")
+    rid = d.share(p, "AllowAccess", "sssa{sv}", "ip", "10.0.0.1", "rw", 0)
+    set_ctl(d, fail_pre=["deny_access", "delete_share"])
+    d.share(p, "DenyAccess", "sa{sv}", rid, 0)
+    assert d.share_prop(p, "AccessRules") == []
+    assert memory_calls(d)[-1] == "update_access"
+    d.share(p, "Delete", "a{sv}", 0)
+    assert d.manager("ListShares", "a{sv}", 0) == []
+    assert memory_calls(d)[-1] == "delete_share"
+    posts = {r["method"]: r for r in spool_records(d) if r["phase"] == "post"}
+    for method in ("deny_access", "delete_share"):
+        assert posts[method]["result"]["ok"] is True
+        assert any("pre hook" in w for w in posts[method]["result"]["warnings"]), posts[method]
 
 
 def test_suppressed_pre_hook_errors_let_operations_go_on(sharedd_factory):

@@ -83,8 +83,9 @@ def test_invalid_example_fails_both_validators(name):
 def test_huge_rule_array_fails_both_validators():
     obj = example("pre-allow_access.json")
     rule = obj["access_rules"][0]
-    obj["access_rules"] = [dict(rule) for _ in range(4097)]
-    with pytest.raises(rec.RecordError, match=r"record.access_rules: more than 4096 items"):
+    limit = rec.MAX_ACCESS_RULES_PER_SHARE   # the same constant bounds AllowAccess
+    obj["access_rules"] = [dict(rule) for _ in range(limit + 1)]
+    with pytest.raises(rec.RecordError, match=rf"record.access_rules: more than {limit} items"):
         rec.validate(obj)
     assert not VALIDATOR.is_valid(obj)
 

@@ -46,3 +46,25 @@ class ControlledHook(Hook):
 
     def execute_periodic_hook(self, record):
         self._log("periodic", record)
+
+
+class RecordingHook(Hook):
+    """In-process tests: keeps every record in RecordingHook.records and
+    fails the (phase, method) pairs listed in RecordingHook.fail."""
+
+    records = []
+    fail = set()
+
+    def _take(self, phase, record):
+        RecordingHook.records.append(record)
+        if (phase, record["method"]) in RecordingHook.fail:
+            raise RuntimeError(f"{phase} hook told to fail {record['method']}")
+
+    def execute_pre_hook(self, record):
+        self._take("pre", record)
+
+    def execute_post_hook(self, record, pre_hook_data):
+        self._take("post", record)
+
+    def execute_periodic_hook(self, record):
+        self._take("periodic", record)

@@ -143,13 +143,7 @@ class Manager(_Base):
     async def ListShares(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"backend": ("s",), "protocol": ("s",), "status": ("s",),
                                     "name": ("s",)})
-        shares = self.engine.shares()
-        for key, attr in (("backend", "backend"), ("status", "status"), ("name", "name")):
-            if key in f:
-                shares = [s for s in shares if getattr(s, attr) == f[key]]
-        if "protocol" in f:
-            shares = [s for s in shares if s.protocol == f["protocol"].upper()]
-        return [share_path(s.id) for s in shares]
+        return [share_path(s.id) for s in self.engine.shares(**f)]
 
     @method()
     @translate
@@ -174,19 +168,19 @@ class Manager(_Base):
 
     @dbus_property(access=PropertyAccess.READ)
     def HostId(self) -> "s":
-        return self.engine.config.host_id
+        return self.engine.host_id
 
     @dbus_property(access=PropertyAccess.READ)
     def Backends(self) -> "ao":
-        return [backend_path(n) for n in self.engine.backends]
+        return [backend_path(n) for n in self.engine.backend_names()]
 
     @dbus_property(access=PropertyAccess.READ)
     def DefaultBackend(self) -> "s":
-        return next(iter(self.engine.backends), "")
+        return next(iter(self.engine.backend_names()), "")
 
     @dbus_property(access=PropertyAccess.READ)
     def SpoolDir(self) -> "s":
-        return self.engine.config.spool_dir
+        return self.engine.spool_dir
 
 
 class Hooks(_Base):
@@ -205,7 +199,7 @@ class Backend(_Base):
 
     @property
     def _b(self):
-        return self.engine.backends[self.backend_name]
+        return self.engine.backend_info(self.backend_name)
 
     def props(self):
         return {"Stats": to_variant_dict(self._b.stats)}
@@ -216,7 +210,7 @@ class Backend(_Base):
 
     @dbus_property(access=PropertyAccess.READ)
     def Driver(self) -> "s":
-        return self._b.driver.driver_name
+        return self._b.driver
 
     @dbus_property(access=PropertyAccess.READ)
     def Protocols(self) -> "as":
@@ -238,7 +232,7 @@ class Share(_Base):
         self.cache = None   # last known values, for PropertiesChanged and after removal
 
     def _s(self):
-        share = self.engine.store.get_share(self.share_id)
+        share = self.engine.get_share(self.share_id)
         if share is not None:
             self.cache = share
         return self.cache
@@ -361,7 +355,7 @@ class Snapshot(_Base):
         self.cache = None
 
     def _s(self):
-        snap = self.engine.store.get_snapshot(self.snapshot_id)
+        snap = self.engine.get_snapshot(self.snapshot_id)
         if snap is not None:
             self.cache = snap
         return self.cache

@@ -5,6 +5,7 @@ name, and watches NFS-Ganesha's name so its lost runtime exports are re-added.
 
 import asyncio
 import logging
+from typing import Optional
 
 from dbus_next import BusType, DBusError, Message, MessageType
 from dbus_next.aio import MessageBus
@@ -76,8 +77,11 @@ class _Bus(MessageBus):
 
 
 class BusService(Observer):
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    """The engine's observer on the bus. Until publish() it only listens:
+    start-up recovery happens before any object is exported."""
+
+    def __init__(self):
+        self.engine: Optional[Engine] = None
         self.bus = None
         self.loop = None
         self.shares = {}
@@ -89,16 +93,15 @@ class BusService(Observer):
     async def connect(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.bus = await _Bus(bus_type=BusType.SYSTEM).connect()
-        self.engine.emit_signal = self._emit_threadsafe
 
-    async def publish(self) -> None:
+    async def publish(self, engine: Engine) -> None:
         """Export every object, then take the bus name (we are ready to serve)."""
-        bus, engine = self.bus, self.engine
-        self.engine.observer = self
+        bus = self.bus
+        self.engine = engine
         bus.export(C.ROOT_PATH, I.Manager(engine))
         self.hooks = I.Hooks(engine)
         bus.export(C.ROOT_PATH, self.hooks)
-        for name in engine.backends:
+        for name in engine.backend_names():
             iface = I.Backend(engine, name)
             self.backends[name] = iface
             bus.export(I.backend_path(name), iface)
@@ -137,7 +140,7 @@ class BusService(Observer):
             self.bus.disconnect()
 
     # --- signals ------------------------------------------------------------
-    def _emit_threadsafe(self, phase: str, method: str, text: str) -> None:
+    def hook_fired(self, phase: str, method: str, text: str) -> None:
         """Hooks run in worker threads; the bus is the loop's."""
         if self.hooks is None or self.loop is None:
             return
@@ -153,6 +156,8 @@ class BusService(Observer):
 
     # --- Observer -----------------------------------------------------------
     def share_added(self, share) -> None:
+        if self.engine is None:
+            return
         path = I.share_path(share.id)
         if share.id in self.shares:
             return self.share_changed(share)
@@ -162,18 +167,24 @@ class BusService(Observer):
         self.bus.export(path, iface)
 
     def share_changed(self, share) -> None:
+        if self.engine is None:
+            return
         iface = self.shares.get(share.id)
         if iface is None:
             return self.share_added(share)
         self._changed(I.share_path(share.id), iface)
 
     def share_removed(self, share_id: str) -> None:
+        if self.engine is None:
+            return
         path = I.share_path(share_id)
         if self.shares.pop(share_id, None) is not None:
             self.cache.pop(path, None)
             self.bus.unexport(path)
 
     def snapshot_added(self, snap) -> None:
+        if self.engine is None:
+            return
         if snap.id in self.snapshots:
             return self.snapshot_changed(snap)
         path = I.snapshot_path(snap.id)
@@ -183,18 +194,24 @@ class BusService(Observer):
         self.bus.export(path, iface)
 
     def snapshot_changed(self, snap) -> None:
+        if self.engine is None:
+            return
         iface = self.snapshots.get(snap.id)
         if iface is None:
             return self.snapshot_added(snap)
         self._changed(I.snapshot_path(snap.id), iface)
 
     def snapshot_removed(self, snapshot_id: str) -> None:
+        if self.engine is None:
+            return
         path = I.snapshot_path(snapshot_id)
         if self.snapshots.pop(snapshot_id, None) is not None:
             self.cache.pop(path, None)
             self.bus.unexport(path)
 
     def backend_changed(self, name: str) -> None:
+        if self.engine is None:
+            return
         iface = self.backends.get(name)
         if iface is not None:
             self._changed(I.backend_path(name), iface)

@@ -126,6 +126,11 @@ class ShareDriver(abc.ABC):
         """Take over existing storage; must set size_gib in the update."""
         raise NotSupported(f"driver {self.driver_name} cannot manage existing shares")
 
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
+        """Refuse, before anything is recorded, what manage_existing would
+        refuse (path outside the pool, not the right kind of object, in use).
+        Reads only; manage_existing checks again when it acts."""
+
     def unmanage(self, share: Share) -> None:
         """Stop serving the share but keep its data."""
         raise NotSupported(f"driver {self.driver_name} cannot unmanage shares")

@@ -465,7 +465,10 @@ class BtrfsDriver(ShareDriver):
         update.provider_location = rel
         return update
 
-    def _managed_rel(self, share: Share, export_path: str) -> str:
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
+        self._managed_rel(None, export_path)
+
+    def _managed_rel(self, share: Optional[Share], export_path: str) -> str:
         if not export_path or "\x00" in export_path:
             raise InvalidArgument("export path is empty")
         given = export_path if os.path.isabs(export_path) else self._path(export_path)
@@ -483,7 +486,7 @@ class BtrfsDriver(ShareDriver):
         if _mount_at(real) is not None:
             raise InvalidArgument(f"{export_path} is a separate mount, not part of the pool")
         # In use if mounted on another share's mount point.
-        own = self._mount_point(share)
+        own = self._mount_point(share) if share is not None else None
         try:
             names = os.listdir(self.mount_dir)
         except FileNotFoundError:

@@ -720,9 +720,10 @@ class GlusterfsNativeDriver(ShareDriver):
         return errors or None
 
     # --- manage --------------------------------------------------------------
-    def manage_existing(self, share: Share, export_path: str,
-                        options: Dict[str, Any]) -> ShareUpdate:
-        self._check_protocol(share)
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
+        self._manageable(self._managed_target(export_path), export_path, None)
+
+    def _managed_target(self, export_path: str):
         m = EXPORT_RE.fullmatch(export_path.strip())
         if not m:
             raise InvalidArgument(f"{export_path!r} is not server:/volume")
@@ -731,12 +732,21 @@ class GlusterfsNativeDriver(ShareDriver):
         if target is None:
             raise InvalidArgument(f"{export_path} is not one of backend {self.backend_name}'s "
                                   "glusterfs_targets")
+        return target
+
+    def _manageable(self, target, export_path: str, share_id: Optional[str]) -> None:
+        info = self._info(target)
+        if info is None:
+            raise InvalidArgument(f"GlusterFS volume {export_path} does not exist")
+        if info.marker not in (None, UNMANAGED, share_id):
+            raise InvalidState(f"volume {export_path} is already share {info.marker}")
+
+    def manage_existing(self, share: Share, export_path: str,
+                        options: Dict[str, Any]) -> ShareUpdate:
+        self._check_protocol(share)
+        target = self._managed_target(export_path)
         with self._lock:
-            info = self._info(target)
-            if info is None:
-                raise InvalidArgument(f"GlusterFS volume {export_path} does not exist")
-            if info.marker not in (None, UNMANAGED, share.id):
-                raise InvalidState(f"volume {export_path} is already share {info.marker}")
+            self._manageable(target, export_path, share.id)
             self._set(target, MARKER, share.id)
         self._secure(target, self._require(target), NOBODY)
         total, _ = self._status_sizes(target, self._require(target))

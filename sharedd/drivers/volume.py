@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
@@ -428,8 +428,22 @@ class VolumeDriver(ShareDriver):
         return int(info["Block count"]) * int(info["Block size"])
 
     # --- manage / unmanage ---------------------------------------------------------
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
+        self._managed_image(None, export_path)
+
     def manage_existing(self, share: Share, export_path: str,
                         options: Dict[str, Any]) -> ShareUpdate:
+        name, fs = self._managed_image(share, export_path)
+        share = dataclasses.replace(share, provider_location=name,
+                                    driver_data=dict(share.driver_data or {}, fs_type=fs))
+        size_gib = max(1, math.ceil(self.provider.size(name) / GiB))
+        self._mount(share)
+        locations = self._export(share, [])
+        return ShareUpdate(export_locations=locations, provider_location=name,
+                           size_gib=size_gib, driver_data={"fs_type": fs})
+
+    def _managed_image(self, share: Optional[Share], export_path: str) -> Tuple[str, str]:
+        """(image name, file-system type) of an image that may be managed."""
         path = export_path if os.path.isabs(export_path) else os.path.join(self.pool_path, export_path)
         name = os.path.basename(path)
         if ".." in export_path.split("/") or os.path.realpath(os.path.dirname(path)) != os.path.realpath(self.pool_path) \
@@ -445,16 +459,11 @@ class VolumeDriver(ShareDriver):
             raise InvalidArgument(f"{export_path!r} holds {fs or 'no'} file system "
                                   f"(supported: {', '.join(FS_TYPES)})")
         dev = self.provider.device(name)
-        if dev and any(e.source == dev and mp != os.path.realpath(self._mountpoint(share))
+        own = os.path.realpath(self._mountpoint(share)) if share is not None else None
+        if dev and any(e.source == dev and mp != own
                        for mp, e in top_mounts(read_mountinfo()).items()):
             raise InvalidArgument(f"{export_path!r} is in use (mounted elsewhere)")
-        share = dataclasses.replace(share, provider_location=name,
-                                    driver_data=dict(share.driver_data or {}, fs_type=fs))
-        size_gib = max(1, math.ceil(self.provider.size(name) / GiB))
-        self._mount(share)
-        locations = self._export(share, [])
-        return ShareUpdate(export_locations=locations, provider_location=name,
-                           size_gib=size_gib, driver_data={"fs_type": fs})
+        return name, fs
 
     def unmanage(self, share: Share) -> None:
         self._stop(share)

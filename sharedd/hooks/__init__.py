@@ -15,4 +15,7 @@ HOOK_DRIVERS = {
 HOOK_OPTIONS = [
     Opt("hook_timeout", "float", 60.0, min=0.1,
         help="Seconds one hook call may take before it counts as failed."),
+    Opt("revocation_hook_timeout", "float", 10.0, min=0.1,
+        help="Seconds a deny, a share deletion or an unmanage waits for its pre hooks "
+             "before it goes on without them (revocation never waits for a hook's consent)."),
 ]

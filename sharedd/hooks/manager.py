@@ -44,18 +44,20 @@ class HookManager:
                      "post": self.config.enable_post_hooks,
                      "periodic": self.config.enable_periodic_hooks}[phase])
 
-    async def _call(self, hook: Hook, fn, *args) -> Any:
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.config.hook_timeout)
+    async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None) -> Any:
+        limit = self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), limit)
 
     @staticmethod
     def _name(hook: Hook) -> str:
         return type(hook).__name__
 
-    async def pre(self, record: Dict[str, Any]) -> List[Any]:
+    async def pre(self, record: Dict[str, Any], timeout: Optional[float] = None) -> List[Any]:
+        """timeout: a shorter limit than hook_timeout (revocations)."""
         data = []
         for hook in self.hooks:
             try:
-                data.append(await self._call(hook, hook.execute_pre_hook, record))
+                data.append(await self._call(hook, hook.execute_pre_hook, record, timeout=timeout))
             except Exception as exc:  # hooks are third-party code
                 msg = f"pre hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
                 if self.config.suppress_pre_hooks_errors:

@@ -1,0 +1,145 @@
+"""Access rules as Manila keeps them: which rules the backend enforces, and
+revocation as an intent that is never lost.
+
+A deny is recorded (denying) and announced before the backend acts. If the
+backend fails, or cannot act at all, the rule stays queued_to_deny: it is
+retried with backoff, and every ensure completes it, because ensure applies
+exactly the granting rules. No state of a rule being denied leads back to a
+grant (states.RULE), so a failed revocation can never turn into access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Set
+
+from . import constants as C
+from .backend import Backend
+from .errors import BackendFailure, SharedError
+from .models import AccessRule, Share, ShareUpdate, fields_of
+from .operation import Operation, Runner
+from .states import DENY_PENDING, GRANTING, Changes
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: seconds between deny retries: doubling up to the cap
+RETRY_FIRST, RETRY_CAP = 1.0, 60.0
+
+
+def granting(store: Store, share_id: str) -> List[AccessRule]:
+    """The rules the backend must enforce: active or being applied."""
+    return [r for r in store.rules(share_id) if r.state in GRANTING]
+
+
+def pending_denies(store: Store, share_id: str) -> List[AccessRule]:
+    return [r for r in store.rules(share_id) if r.state in DENY_PENDING]
+
+
+def applied_state(states: Optional[Dict[str, str]], rule: AccessRule) -> str:
+    """What update_access said of a new rule (drivers may report 'error')."""
+    state = (states or {}).get(rule.id, C.RULE_ACTIVE)
+    return C.RULE_ACTIVE if state == C.RULE_ACTIVE else C.RULE_ERROR
+
+
+class Revoker:
+    def __init__(self, store: Store, runner: Runner, backends: Mapping[str, Backend],
+                 spawn: Callable[[Awaitable[Any]], None]):
+        self.store = store
+        self.runner = runner
+        self.backends = backends
+        self.spawn = spawn
+        self._retrying: Set[str] = set()
+
+    def operation(self, share: Share, rules: List[AccessRule]) -> Operation:
+        """Revoke rules (a revocation: no hook holds it back)."""
+        b = self.backends.get(share.backend)
+        if b is None or b.setup_error:
+            # The backend cannot act now: record the intent; the retry applies it.
+            with self.runner.tx() as tx:
+                for r in rules:
+                    tx.rule(share, r, C.RULE_QUEUED_TO_DENY)
+            raise BackendFailure(f"backend {share.backend} is not usable now")
+
+        def move(tx: Changes, _: Any = None, state: Optional[str] = C.RULE_QUEUED_TO_DENY) -> None:
+            for r in rules:
+                tx.rule(share, r, state)
+        return Operation("deny_access", b, share=share, rules=rules, is_allow=False,
+                         unblockable=True,
+                         intent=lambda tx: move(tx, state=C.RULE_DENYING),
+                         call=lambda: b.call("update_access", share,
+                                             granting(self.store, share.id), [], rules),
+                         done=lambda tx, _: move(tx, state=None),   # gone
+                         failed=move)                                # queued again
+
+    async def deny(self, share_id: str, plan: Callable[[], Awaitable[Optional[Operation]]],
+                   access_id: str) -> None:
+        try:
+            await self.runner.run([share_id], plan)
+        except SharedError as exc:
+            if any(r.id == access_id for r in pending_denies(self.store, share_id)):
+                self.retry_later(share_id)
+                raise BackendFailure(f"the deny of rule {access_id} is queued and will be "
+                                     "retried until applied; the rule no longer grants "
+                                     f"access ({exc})") from None
+            raise
+
+    def retry_later(self, share_id: str) -> None:
+        if share_id not in self._retrying:
+            self._retrying.add(share_id)
+            self.spawn(self._retry(share_id))
+
+    async def _retry(self, share_id: str) -> None:
+        delay = RETRY_FIRST
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_CAP)
+
+                async def plan() -> Optional[Operation]:
+                    share = self.store.get_share(share_id)
+                    pending = pending_denies(self.store, share_id)
+                    return self.operation(share, pending) if share and pending else None
+                try:
+                    await self.runner.run([share_id], plan)
+                except SharedError as exc:
+                    log.warning("share %s: deny still pending, retrying in %gs: %s",
+                                share_id, delay, exc)
+                    continue
+                if not pending_denies(self.store, share_id):
+                    return
+        finally:
+            self._retrying.discard(share_id)
+
+
+def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
+    """Mount, export and apply exactly the granting rules (recovery mode).
+
+    Rules in error after a failed allow are retried (through queued_to_apply,
+    their state telling the truth); pending denies are completed, since the
+    backend then enforces only the granting set. No hook holds ensure back:
+    it restores what was granted and finishes revocations.
+    """
+    retried = [r for r in store.rules(share.id) if r.state == C.RULE_ERROR]
+    pending = pending_denies(store, share.id)
+
+    def intent(tx: Changes) -> None:
+        for r in retried:
+            tx.rule(share, r, C.RULE_QUEUED_TO_APPLY)
+
+    def done(tx: Changes, update: Optional[ShareUpdate]) -> None:
+        tx.share(share, C.STATUS_AVAILABLE, **fields_of(update))
+        for r in granting(store, share.id):
+            tx.rule(share, r, C.RULE_ACTIVE)
+        for r in pending:
+            tx.rule(share, r, None)
+
+    def failed(tx: Changes, _: bool) -> None:
+        tx.share(share, C.STATUS_ERROR)
+        for r in store.rules(share.id):   # not known to be applied: retried next time
+            if r.state in (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING):
+                tx.rule(share, r, C.RULE_ERROR)
+    return Operation("ensure_share", b, share=share, intent=intent, unblockable=True,
+                     call=lambda: b.call("ensure_share", share, granting(store, share.id)),
+                     done=done, failed=failed)

@@ -1,0 +1,213 @@
+"""One backend: its driver, the export helpers the driver uses, its hooks,
+and its capacity figures. No D-Bus here.
+
+Driver calls are synchronous; `call` runs them in a worker thread so the
+event loop (and the bus) keeps answering, and turns an unexpected exception
+(a driver bug, a tool that failed oddly) into BackendFailure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+from . import constants as C
+from .config import BackendConfig
+from .drivers import driver_class, load_class
+from .drivers.base import ShareDriver
+from .errors import BackendFailure, CapacityExceeded, NotSupported, SharedError
+from .helpers import CIFS_HELPERS, NFS_HELPERS
+from .hooks import records
+from .hooks.base import HookContext
+from .hooks.manager import HookManager
+from .models import AccessRule, Share
+from .util import now_us
+
+log = logging.getLogger(__name__)
+
+#: options that a reload applies at once
+RELOADABLE = ("hook_drivers", "enable_pre_hooks", "enable_post_hooks", "enable_periodic_hooks",
+              "suppress_pre_hooks_errors", "suppress_post_hooks_errors",
+              "periodic_hooks_interval", "hook_timeout", "reserved_share_percentage",
+              "max_over_subscription_ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """What the API shows of a backend."""
+    name: str
+    driver: str
+    protocols: List[str]
+    access_types: List[str]
+    stats: Dict[str, Any]
+
+
+class Backend:
+    def __init__(self, name: str, config: BackendConfig, state_path: str,
+                 command_timeout: float, context: HookContext):
+        cls = driver_class(config.share_driver)
+        bdir = os.path.join(state_path, "backends", name)
+        os.makedirs(bdir, mode=0o755, exist_ok=True)
+        helpers = {}
+        if cls.uses_export_helpers:
+            for proto in config.enabled_share_protocols:
+                registry, hname = {"NFS": (NFS_HELPERS, config.nfs_helper),
+                                   "CIFS": (CIFS_HELPERS, config.cifs_helper)}[proto]
+                hdir = os.path.join(bdir, hname)
+                os.makedirs(hdir, mode=0o755, exist_ok=True)
+                helpers[proto] = load_class(registry[hname])(config, hdir, command_timeout)
+        self.name = name
+        self.config = config
+        self.context = context
+        self.driver: ShareDriver = cls(name, config, helpers, bdir, command_timeout)
+        self.hooks = HookManager(name, config, context)
+        self.stats: Dict[str, Any] = {}
+        self.setup_error: Optional[str] = None
+
+    # --- life cycle --------------------------------------------------------
+    async def setup(self) -> None:
+        def work() -> None:
+            for helper in self.driver.helpers.values():
+                helper.setup()
+            self.driver.do_setup()
+            self.driver.check_for_setup_error()
+        try:
+            await asyncio.to_thread(work)
+            self.setup_error = None
+        except Exception as exc:
+            self.setup_error = str(exc) or type(exc).__name__
+            log.error("backend %s: set-up failed: %s", self.name, self.setup_error)
+
+    def reload(self, new: BackendConfig) -> List[str]:
+        """Apply the reloadable options of new; return those needing a restart."""
+        pending = []
+        for key, value in new.values.items():
+            if key in RELOADABLE:
+                self.config.values[key] = value
+            elif self.config.values.get(key) != value:
+                pending.append(f"[{self.name}] {key}")
+        self.hooks = HookManager(self.name, self.config, self.context)
+        return pending
+
+    # --- what it offers ------------------------------------------------------
+    @property
+    def protocols(self) -> List[str]:
+        return list(self.config.enabled_share_protocols)
+
+    @property
+    def access_types(self) -> List[str]:
+        types: List[str] = []
+        for proto in self.protocols:
+            for t in self.driver.access_types.get(proto, ()):
+                if t not in types:
+                    types.append(t)
+        return types
+
+    def helper_names(self) -> List[str]:
+        return [h.helper_name for h in self.driver.helpers.values()]
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, self.driver.driver_name, self.protocols,
+                           self.access_types, dict(self.stats))
+
+    def usable(self) -> "Backend":
+        if self.setup_error:
+            raise BackendFailure(f"backend {self.name} is not usable: {self.setup_error}")
+        return self
+
+    def require(self, capability: str, what: str) -> None:
+        if not self.driver.capabilities()[capability]:
+            raise NotSupported(f"backend {self.name} cannot {what}")
+
+    def require_protocol(self, protocol: str) -> None:
+        if protocol not in self.protocols:
+            raise NotSupported(f"backend {self.name} does not serve {protocol} "
+                               f"(it serves {', '.join(self.protocols)})")
+
+    # --- driver calls ----------------------------------------------------------
+    async def call(self, method: str, *args: Any) -> Any:
+        fn = getattr(self.driver, method)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except SharedError:
+            raise
+        except Exception as exc:
+            log.exception("backend %s: %s failed", self.name, method)
+            raise BackendFailure(f"{method} failed on backend {self.name}: {exc}") from None
+
+    async def mount_hints(self, share: Share) -> Dict[str, Any]:
+        try:
+            return await asyncio.to_thread(self.driver.get_mount_hints, share) or {}
+        except Exception as exc:
+            log.warning("share %s: no mount hints: %s", share.id, exc)
+            return {}
+
+    async def periodic(self, host: str, epoch: str, seq: int, shares: List[Share],
+                       rules: Dict[str, List[AccessRule]]) -> None:
+        """The periodic hook: every share of this backend with its rules."""
+        data: Dict[str, Dict[str, Any]] = {}
+        if self.setup_error is None:
+            try:
+                data = await asyncio.to_thread(self.driver.get_periodic_hook_data, shares) or {}
+            except Exception as exc:
+                log.warning("backend %s: get_periodic_hook_data failed: %s", self.name, exc)
+        rec = records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
+                            method="periodic", backend=self.name,
+                            shares=[records.share_dict(s, rules.get(s.id, []), data.get(s.id, {}))
+                                    for s in shares])
+        await self.hooks.periodic(rec)
+
+    # --- capacity ---------------------------------------------------------------
+    async def refresh_stats(self, shares: List[Share]) -> bool:
+        """Read the driver's figures; True if they changed (updated_at aside)."""
+        stats: Dict[str, Any] = {}
+        if self.setup_error is None:
+            try:
+                stats = dict(await asyncio.to_thread(self.driver.get_share_stats))
+            except Exception as exc:
+                log.warning("backend %s: stats failed: %s", self.name, exc)
+                stats = {"error": str(exc)}
+        stats.update(self.driver.capabilities())
+        stats.update({
+            "share_backend_name": self.config.share_backend_name,
+            "driver_name": self.driver.driver_name,
+            "driver_version": self.driver.driver_version,
+            "storage_protocol": "_".join(self.protocols),
+            "provisioned_capacity_gb": float(sum(s.size_gib for s in shares)),
+            "share_count": len(shares),
+            "reserved_percentage": float(self.config.reserved_share_percentage),
+            "max_over_subscription_ratio": float(self.config.max_over_subscription_ratio),
+            "thin_provisioning": bool(self.driver.thin_provisioning),
+            "available": self.setup_error is None,
+            "updated_at": now_us(),
+        })
+        if self.setup_error:
+            stats["error"] = self.setup_error
+        old = {k: v for k, v in self.stats.items() if k != "updated_at"}
+        self.stats = stats
+        return old != {k: v for k, v in stats.items() if k != "updated_at"}
+
+    def check_capacity(self, extra_gib: int) -> None:
+        """Refuse extra_gib more if the (just refreshed) figures say so."""
+        stats = self.stats
+        total = stats.get("total_capacity_gb")
+        free = stats.get("free_capacity_gb")
+        if not isinstance(total, (int, float)) or not isinstance(free, (int, float)):
+            return  # the driver cannot tell; it enforces its own limits
+        reserved = total * self.config.reserved_share_percentage / 100.0
+        provisioned = stats["provisioned_capacity_gb"]
+        if self.driver.thin_provisioning:
+            limit = (total - reserved) * self.config.max_over_subscription_ratio
+            if provisioned + extra_gib > limit:
+                raise CapacityExceeded(
+                    f"backend {self.name}: {extra_gib} GiB more would provision "
+                    f"{provisioned + extra_gib:g} GiB, above the limit of {limit:g} GiB "
+                    f"(total {total:g} GiB, {self.config.reserved_share_percentage:g}% reserved, "
+                    f"over-subscription ratio {self.config.max_over_subscription_ratio:g})")
+        elif extra_gib > free - reserved:
+            raise CapacityExceeded(
+                f"backend {self.name}: {extra_gib} GiB requested but only "
+                f"{max(free - reserved, 0):g} GiB free after the reserve")

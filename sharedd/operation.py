@@ -1,0 +1,224 @@
+"""The operation runner: every state-changing driver call goes through here.
+
+An Operation describes one call declaratively; `Runner.run` owns the
+sequence, so that each step is the same for every operation and a crash at
+any point can be finished or rolled back at the next start (recovery.py):
+
+1. under the locks of the objects concerned, `plan()` loads and checks them
+   and returns the Operation (or raises: a refused call changes nothing);
+2. one transaction records the intent and takes the pre record's number;
+3. pre hooks run. A refusal undoes the intent (net change: nothing), except
+   for revocations (deny, delete, unmanage) and ensure, which go on:
+   revocation never waits for a hook's consent;
+4. the driver acts, in a worker thread;
+5. one transaction records the outcome (or, after a failure and an optional
+   compensating driver call, the truthful state) and takes the post number;
+6. observers hear each change after its commit; post hooks run; the caller
+   gets the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import (Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional,
+                    Sequence)
+
+from . import constants as C
+from . import record as record_schema
+from .backend import Backend
+from .errors import SharedError
+from .hooks import records
+from .hooks.manager import HookFailed
+from .models import AccessRule, Share, Snapshot
+from .states import Changes, deliver
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Operation:
+    method: str                                  # the hook method name (C.HOOK_METHODS)
+    backend: Backend
+    intent: Callable[[Changes], None]            # record the transitional state
+    call: Callable[[], Awaitable[Any]]           # the driver call(s)
+    done: Callable[[Changes, Any], None]         # record the outcome
+    failed: Callable[[Changes, bool], None]      # truthful state; the flag: compensated
+    undo: Callable[[Changes], None] = lambda tx: None   # a pre hook refused
+    compensate: Optional[Callable[[], Awaitable[Any]]] = None   # remove partial work
+    # Revocations (deny, delete, unmanage) and ensure go on whatever their pre
+    # hooks say, waiting at most revocation_hook_timeout for them.
+    unblockable: bool = False
+    share: Optional[Share] = None                # what the records describe
+    snapshot: Optional[Snapshot] = None
+    rules: Sequence[AccessRule] = ()             # the rules concerned
+    is_allow: Optional[bool] = None
+
+
+class Runner:
+    def __init__(self, store: Store, observer: Any, host_id: str):
+        self.store = store
+        self.observer = observer
+        self.host_id = host_id
+        self._locks: Dict[str, asyncio.Lock] = {}
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- plumbing ----------------------------------------------------------
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Changes]:
+        """One checked transaction; observers hear of it after COMMIT."""
+        changes = Changes(self.store)
+        with self.store.tx():
+            yield changes
+        deliver(changes.events, self.observer,
+                lambda name, exc: log.error("observer %s failed: %s", name, exc))
+
+    @contextlib.asynccontextmanager
+    async def locked(self, keys: Iterable[str]):
+        """Serialise work on these objects (in a fixed order: no deadlock)."""
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for key in sorted(set(keys)):
+                    lock = self._locks.setdefault(key, asyncio.Lock())
+                    await stack.enter_async_context(lock)
+                yield
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def forget_lock(self, key: str) -> None:
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("stopping with %d operation(s) still running; "
+                        "start-up recovery will finish them", self._inflight)
+            return False
+
+    # --- the sequence ---------------------------------------------------------
+    async def run(self, keys: Iterable[str],
+                  plan: Callable[[], Awaitable[Optional[Operation]]]) -> Optional[Operation]:
+        """Run what plan() describes (None: nothing to do) under the locks of keys."""
+        async with self.locked(keys):
+            op = await plan()
+            if op is None:
+                return None
+            b = op.backend
+            with self.tx() as tx:
+                op.intent(tx)
+                seq = tx.next_seq() if b.hooks.enabled(C.PHASE_PRE) else None
+            warnings: List[str] = []
+            pre_data = await self._pre(op, seq, warnings)
+            try:
+                result = await op.call()
+            except SharedError as exc:
+                await self._failed(op, exc, pre_data, warnings)
+                raise
+            with self.tx() as tx:
+                op.done(tx, result)
+                seq = tx.next_seq() if b.hooks.enabled(C.PHASE_POST) else None
+            await self.post(op, seq, pre_data, {"ok": True}, warnings)
+            return op
+
+    async def _pre(self, op: Operation, seq: Optional[int], warnings: List[str]) -> Any:
+        if seq is None:
+            return None
+        b = op.backend
+        timeout = b.config.revocation_hook_timeout if op.unblockable else None
+        try:
+            rec = await self.record(op, C.PHASE_PRE, seq)
+            return await b.hooks.pre(rec, timeout=timeout)
+        except (HookFailed, record_schema.RecordError) as exc:
+            if op.unblockable:
+                # Revocation wins over notification: log, report in the post record.
+                log.warning("%s of %s goes on despite its pre hooks: %s", op.method,
+                            _what(op), exc)
+                warnings.append(str(exc)[:1000])
+                return None
+            with self.tx() as tx:
+                op.undo(tx)
+            if isinstance(exc, HookFailed):
+                raise
+            log.error("%s: cannot build the hook record: %s", op.method, exc)
+            raise HookFailed(f"cannot build the pre-hook record for {op.method}: {exc}; "
+                             "nothing was changed") from None
+
+    async def _failed(self, op: Operation, exc: SharedError, pre_data: Any,
+                      warnings: List[str]) -> None:
+        log.error("%s of %s failed: %s", op.method, _what(op), exc)
+        compensated = False
+        if op.compensate is not None:
+            try:
+                await op.compensate()
+                compensated = True
+            except SharedError as exc2:
+                log.error("%s of %s: cannot undo the partial work, leaving it in error: %s",
+                          op.method, _what(op), exc2)
+        with self.tx() as tx:
+            op.failed(tx, compensated)
+            seq = tx.next_seq() if op.backend.hooks.enabled(C.PHASE_POST) else None
+        try:
+            await self.post(op, seq, pre_data, {"ok": False, "error": str(exc)[:4000]}, warnings)
+        except HookFailed as hexc:
+            log.error("%s", hexc)
+
+    async def post(self, op: Operation, seq: Optional[int], pre_data: Any,
+                   result: Dict[str, Any], warnings: Sequence[str] = ()) -> None:
+        """Post hooks; a hook may update the share's export locations."""
+        if seq is None:
+            return
+        if warnings:
+            result = dict(result, warnings=list(warnings)[:C.MAX_RECORD_WARNINGS])
+        try:
+            rec = await self.record(op, C.PHASE_POST, seq, result=result)
+        except record_schema.RecordError as exc:
+            log.error("%s of %s: cannot build the post-hook record: %s", op.method, _what(op), exc)
+            return
+        updates = await op.backend.hooks.post(rec, pre_data)
+        locations = updates.get("export_locations")
+        share = op.share
+        if (share is not None and isinstance(locations, list) and locations
+                and all(isinstance(x, str) for x in locations)
+                and self.store.share_status(share.id) is not None):
+            with self.tx() as tx:
+                tx.share(share, export_locations=locations)
+
+    async def record(self, op: Operation, phase: str, seq: int,
+                     result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The hook record of op as the store has it now (RecordError if it
+        cannot be built: a bug, handled by the caller, never a crash)."""
+        b = op.backend
+        share = snapshot = None
+        if op.share is not None:
+            current = self.store.get_share(op.share.id)
+            if current is None:
+                share = records.share_dict(op.share, [], {}, "deleted")
+            else:
+                share = records.share_dict(current, self.store.rules(current.id),
+                                           await b.mount_hints(current))
+        if op.snapshot is not None:
+            current_snap = self.store.get_snapshot(op.snapshot.id)
+            snapshot = records.snapshot_dict(current_snap or op.snapshot,
+                                             None if current_snap else "deleted")
+        return records.build(host=self.host_id, epoch=self.store.epoch, seq=seq, phase=phase,
+                             method=op.method, backend=b.name, share=share, snapshot=snapshot,
+                             rules=list(op.rules), is_allow=op.is_allow, result=result)
+
+
+def _what(op: Operation) -> str:
+    if op.share is not None:
+        return f"share {op.share.name} ({op.share.id})"
+    return f"backend {op.backend.name}"

@@ -1,0 +1,150 @@
+"""Start-up recovery: finish or roll back what a crash interrupted.
+
+Every operation records its intent (a transitional status, and for a share
+the task) before the driver acts, so the status alone says what to do. The
+tables below map each transitional status to the driver call that settles
+it; drivers' destructive methods are idempotent, so replaying is safe.
+Afterwards the engine ensures every share (mounted, exported, full rule set),
+which also finishes reverts, applies rules caught mid-apply and completes
+denies caught mid-deny.
+
+A share that cannot be recovered - the driver fails, or its state cannot
+even be read back (a bug) - is isolated: it goes to `error` with a log line
+naming it, and the others are served. Nothing here can make start-up fail.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional
+
+from . import constants as C
+from .backend import Backend
+from .errors import SharedError
+from .models import Share, Snapshot
+from .operation import Runner
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: a share step returns None (the share is gone) or the fields it settles on
+ShareStep = Callable[[Backend, Share, Dict[str, Any]], Awaitable[Optional[Dict[str, Any]]]]
+
+
+async def _remove(b: Backend, share: Share, task: Dict[str, Any]) -> None:
+    await b.call("delete_share", share)      # creating or deleting: the share goes
+
+
+async def _release(b: Backend, share: Share, task: Dict[str, Any]) -> None:
+    # Being managed or unmanaged: stop serving, keep the data. The driver may
+    # have mounted and exported it before its location was recorded, so it
+    # releases by share id.
+    await b.call("unmanage", share)
+
+
+async def _finish_extend(b: Backend, share: Share, task: Dict[str, Any]) -> Dict[str, Any]:
+    new = int(task.get("new", share.size_gib))   # growing never loses data: finish it
+    await b.call("extend_share", share, new)
+    return {"size_gib": new}
+
+
+async def _undo_shrink(b: Backend, share: Share, task: Dict[str, Any]) -> Dict[str, Any]:
+    old = int(task.get("old", share.size_gib))   # the share may hold more than the new size
+    await b.call("extend_share", share, old)
+    return {"size_gib": old}
+
+
+async def _settle_revert(b: Backend, share: Share, task: Dict[str, Any]) -> Dict[str, Any]:
+    return {}   # ensure_share completes or rolls back the driver's crash-safe swap
+
+
+SHARE_STEPS: Mapping[str, ShareStep] = {
+    C.STATUS_CREATING: _remove,
+    C.STATUS_DELETING: _remove,
+    C.STATUS_MANAGE_STARTING: _release,
+    C.STATUS_UNMANAGE_STARTING: _release,
+    C.STATUS_EXTENDING: _finish_extend,
+    C.STATUS_SHRINKING: _undo_shrink,
+    C.STATUS_REVERTING: _settle_revert,
+}
+
+#: snapshots caught creating or deleting are removed
+SNAPSHOT_STEPS = (C.STATUS_CREATING, C.STATUS_DELETING)
+
+#: rules: a deny caught in flight is queued again (ensure or the retry loop
+#: finishes it); applies are re-applied by ensure; errors are retried there.
+RULE_STEPS: Mapping[str, str] = {C.RULE_DENYING: C.RULE_QUEUED_TO_DENY}
+
+
+async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend]) -> None:
+    for snap in store.snapshots():
+        if snap.status in SNAPSHOT_STEPS:
+            await _isolated(f"snapshot {snap.id}", _recover_snapshot(store, runner, backends, snap),
+                            lambda: _snapshot_error(runner, snap))
+    for share in store.shares():
+        b = backends.get(share.backend)
+        if b is None:
+            log.warning("share %s (%s) is on backend %s, which is not enabled",
+                        share.name, share.id, share.backend)
+            continue
+        if b.setup_error or share.status not in SHARE_STEPS:
+            continue
+        await _isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
+                        lambda: _share_error(runner, share))
+    for share_id, rules in store.all_rules().items():
+        for rule in rules:
+            if rule.state in RULE_STEPS:
+                share = store.get_share(share_id)
+                with runner.tx() as tx:
+                    tx.rule(share, rule, RULE_STEPS[rule.state])
+
+
+async def _recover_share(store: Store, runner: Runner, b: Backend, share: Share) -> None:
+    log.info("recovery: share %s (%s) was %s", share.name, share.id, share.status)
+    fields = await SHARE_STEPS[share.status](b, share, store.share_task(share.id))
+    with runner.tx() as tx:
+        if fields is None:
+            tx.remove_share(share)
+        else:
+            tx.share(share, C.STATUS_AVAILABLE, **fields)
+
+
+async def _recover_snapshot(store: Store, runner: Runner, backends: Mapping[str, Backend],
+                            snap: Snapshot) -> None:
+    share = store.get_share(snap.share_id)
+    b = backends.get(share.backend) if share else None
+    if share is None or b is None or b.setup_error:
+        return
+    log.info("recovery: snapshot %s was %s: removing it", snap.id, snap.status)
+    await b.call("delete_snapshot", snap, share)
+    with runner.tx() as tx:
+        tx.remove_snapshot(snap)
+
+
+async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], None]) -> None:
+    """Run one recovery; on any failure put that object in error and go on."""
+    try:
+        await work
+    except SharedError as exc:
+        log.error("recovery: %s: %s; it is left in error", what, exc)
+        _try(what, to_error)
+    except Exception:   # a bug must not become a crash loop at every start
+        log.exception("recovery: %s cannot be recovered; it is left in error", what)
+        _try(what, to_error)
+
+
+def _try(what: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("recovery: %s: cannot even record the error", what)
+
+
+def _share_error(runner: Runner, share: Share) -> None:
+    with runner.tx() as tx:
+        tx.share(share, C.STATUS_ERROR)
+
+
+def _snapshot_error(runner: Runner, snap: Snapshot) -> None:
+    with runner.tx() as tx:
+        tx.snapshot(snap, C.STATUS_ERROR)

@@ -1,0 +1,179 @@
+"""The state machine of shares, snapshots and access rules, in one table.
+
+Every status change in sharedd goes through `Changes` (one database
+transaction): it checks the change against the table below, writes it, and
+collects what observers must hear once the transaction has committed. A
+change the table does not allow is a bug: it raises IllegalTransition (not a
+SharedError, so it can never pass for a refusal) and rolls the whole
+transaction back.
+
+`None` stands for "no such row": (None, "creating") is an insert,
+("deleting", None) a removal.
+
+Access rules follow Manila's states. A rule being denied (queued_to_deny,
+denying) has no way back to a granting state: a deny is an intent that is
+retried until applied and is never re-granted. A rule in error after a
+failed allow is retried through queued_to_apply, never promoted directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+
+from . import constants as C
+from .models import AccessRule, Share, Snapshot
+from .store import Store
+
+Edge = Tuple[Optional[str], Optional[str]]
+
+SHARE: FrozenSet[Edge] = frozenset({
+    (None, C.STATUS_CREATING), (None, C.STATUS_MANAGE_STARTING),
+    (C.STATUS_CREATING, C.STATUS_AVAILABLE), (C.STATUS_CREATING, C.STATUS_ERROR),
+    (C.STATUS_CREATING, None),
+    (C.STATUS_MANAGE_STARTING, C.STATUS_AVAILABLE), (C.STATUS_MANAGE_STARTING, None),
+    (C.STATUS_MANAGE_STARTING, C.STATUS_ERROR),
+    (C.STATUS_AVAILABLE, C.STATUS_EXTENDING), (C.STATUS_AVAILABLE, C.STATUS_SHRINKING),
+    (C.STATUS_AVAILABLE, C.STATUS_REVERTING), (C.STATUS_AVAILABLE, C.STATUS_DELETING),
+    (C.STATUS_AVAILABLE, C.STATUS_UNMANAGE_STARTING), (C.STATUS_AVAILABLE, C.STATUS_ERROR),
+    (C.STATUS_ERROR, C.STATUS_AVAILABLE), (C.STATUS_ERROR, C.STATUS_DELETING),
+    (C.STATUS_ERROR, C.STATUS_UNMANAGE_STARTING),
+    (C.STATUS_EXTENDING, C.STATUS_AVAILABLE), (C.STATUS_EXTENDING, C.STATUS_ERROR),
+    (C.STATUS_SHRINKING, C.STATUS_AVAILABLE), (C.STATUS_SHRINKING, C.STATUS_ERROR),
+    (C.STATUS_REVERTING, C.STATUS_AVAILABLE), (C.STATUS_REVERTING, C.STATUS_ERROR),
+    (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
+    (C.STATUS_UNMANAGE_STARTING, None), (C.STATUS_UNMANAGE_STARTING, C.STATUS_ERROR),
+})
+
+SNAPSHOT: FrozenSet[Edge] = frozenset({
+    (None, C.STATUS_CREATING),
+    (C.STATUS_CREATING, C.STATUS_AVAILABLE), (C.STATUS_CREATING, C.STATUS_ERROR),
+    (C.STATUS_CREATING, None),
+    (C.STATUS_AVAILABLE, C.STATUS_DELETING), (C.STATUS_ERROR, C.STATUS_DELETING),
+    (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
+    (C.STATUS_DELETING, C.STATUS_AVAILABLE),   # a pre hook refused the deletion
+})
+
+RULE: FrozenSet[Edge] = frozenset({
+    (None, C.RULE_APPLYING),
+    (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING), (C.RULE_QUEUED_TO_APPLY, C.RULE_ACTIVE),
+    (C.RULE_QUEUED_TO_APPLY, C.RULE_ERROR),
+    (C.RULE_APPLYING, C.RULE_ACTIVE), (C.RULE_APPLYING, C.RULE_ERROR),
+    (C.RULE_APPLYING, None),                    # a pre hook refused the grant
+    (C.RULE_ERROR, C.RULE_QUEUED_TO_APPLY),     # retried
+    # Every state may be denied (at once, or queued while the backend is
+    # away); no deny state leads back to a grant.
+    *((s, d) for s in (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING, C.RULE_ACTIVE, C.RULE_ERROR)
+      for d in (C.RULE_DENYING, C.RULE_QUEUED_TO_DENY)),
+    (C.RULE_QUEUED_TO_DENY, C.RULE_DENYING),
+    (C.RULE_DENYING, C.RULE_QUEUED_TO_DENY),    # the backend failed: retried later
+    (C.RULE_DENYING, None), (C.RULE_QUEUED_TO_DENY, None),
+})
+
+#: rules the backend must enforce (Manila's "active or being applied")
+GRANTING = (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING, C.RULE_ACTIVE)
+#: rules whose revocation is pending: never enforced, never re-granted
+DENY_PENDING = (C.RULE_QUEUED_TO_DENY, C.RULE_DENYING)
+
+TABLES: Dict[str, FrozenSet[Edge]] = {"share": SHARE, "snapshot": SNAPSHOT, "rule": RULE}
+
+
+class IllegalTransition(AssertionError):
+    """A change the state table forbids: a bug, never a caller's mistake."""
+
+
+def check(kind: str, old: Optional[str], new: Optional[str]) -> None:
+    if old == new and new is not None:
+        return   # rewriting other fields in the same state
+    if (old, new) not in TABLES[kind]:
+        raise IllegalTransition(f"{kind}: {old or '(none)'} -> {new or '(removed)'} "
+                                "is not an allowed transition")
+
+
+class Changes:
+    """One transaction's changes, each checked against the table.
+
+    Objects passed in are updated in place, so the caller's copies tell the
+    new state. `events` lists (observer method, argument) pairs to deliver
+    after COMMIT.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.events: List[Tuple[str, Any]] = []
+
+    def _event(self, name: str, arg: Any) -> None:
+        if (name, arg) not in self.events:
+            self.events.append((name, arg))
+
+    def next_seq(self) -> int:
+        return self.store.next_seq()
+
+    # --- shares ----------------------------------------------------------
+    def add_share(self, share: Share, task: Optional[dict] = None) -> None:
+        check("share", None, share.status)
+        self.store.insert_share(share, task)
+        self._event("share_added", share)
+
+    def share(self, share: Share, status: Optional[str] = None, *,
+              task: Optional[dict] = None, **fields: Any) -> None:
+        """Change a share's status (and other fields) in one checked step."""
+        current = self.store.share_status(share.id)
+        target = share.status if status is None else status
+        check("share", current, target)
+        for key, value in fields.items():
+            setattr(share, key, value)
+        share.status = target
+        self.store.update_share(share, task)
+        self._event("share_changed", share)
+
+    def remove_share(self, share: Share) -> None:
+        check("share", self.store.share_status(share.id), None)
+        for snap in self.store.snapshots(share.id):
+            self._event("snapshot_removed", snap.id)
+        self.store.delete_share(share.id)   # its rules go with it
+        self._event("share_removed", share.id)
+
+    # --- snapshots ---------------------------------------------------------
+    def add_snapshot(self, snap: Snapshot) -> None:
+        check("snapshot", None, snap.status)
+        self.store.insert_snapshot(snap)
+        self._event("snapshot_added", snap)
+
+    def snapshot(self, snap: Snapshot, status: str, **fields: Any) -> None:
+        check("snapshot", self.store.snapshot_status(snap.id), status)
+        for key, value in fields.items():
+            setattr(snap, key, value)
+        snap.status = status
+        self.store.update_snapshot(snap)
+        self._event("snapshot_changed", snap)
+
+    def remove_snapshot(self, snap: Snapshot) -> None:
+        check("snapshot", self.store.snapshot_status(snap.id), None)
+        self.store.delete_snapshot(snap.id)
+        self._event("snapshot_removed", snap.id)
+
+    # --- rules -------------------------------------------------------------
+    def add_rule(self, share: Share, rule: AccessRule) -> None:
+        check("rule", None, rule.state)
+        self.store.insert_rule(rule)
+        self._event("share_changed", share)
+
+    def rule(self, share: Share, rule: AccessRule, state: Optional[str]) -> None:
+        """Move a rule to state (None: remove it)."""
+        check("rule", self.store.rule_state(rule.id), state)
+        if state is None:
+            self.store.delete_rule(rule.id)
+        else:
+            rule.state = state
+            self.store.set_rule_state(rule.id, state)
+        self._event("share_changed", share)
+
+
+def deliver(events: List[Tuple[str, Any]], observer: Any,
+            on_error: Callable[[str, BaseException], None]) -> None:
+    """Tell the observer, in order; an observer bug never undoes a commit."""
+    for name, arg in events:
+        try:
+            getattr(observer, name)(arg)
+        except Exception as exc:   # the adapter's problem, logged by the caller
+            on_error(name, exc)
