@@ -30,11 +30,11 @@ RETRY_FIRST, RETRY_CAP = 1.0, 60.0
 
 def granting(store: Store, share_id: str) -> List[AccessRule]:
     """The rules the backend must enforce: active or being applied."""
-    return [r for r in store.rules(share_id) if r.state in GRANTING]
+    return store.rules(share_id, GRANTING)
 
 
 def pending_denies(store: Store, share_id: str) -> List[AccessRule]:
-    return [r for r in store.rules(share_id) if r.state in DENY_PENDING]
+    return store.rules(share_id, DENY_PENDING)
 
 
 def applied_state(states: Optional[Dict[str, str]], rule: AccessRule) -> str:

@@ -415,13 +415,13 @@ class Engine:
             if self.store.count_rules(share.id) >= limit:
                 raise CapacityExceeded(f"share {share.name} has {limit} access rules, the limit "
                                        "(max_access_rules_per_share); deny some first")
-            for r in self.store.rules(share.id):
-                if r.access_type == kind and r.access_to == to:
-                    raise AlreadyExists(
-                        f"share {share.name} already has a {kind} rule for {to} "
-                        f"({r.access_level}, {r.state}, id {r.id}); "
-                        + ("wait until its deny is applied" if r.state in access.DENY_PENDING
-                           else "deny it first"))
+            r = self.store.find_rule(share.id, kind, to)
+            if r is not None:
+                raise AlreadyExists(
+                    f"share {share.name} already has a {kind} rule for {to} "
+                    f"({r.access_level}, {r.state}, id {r.id}); "
+                    + ("wait until its deny is applied" if r.state in access.DENY_PENDING
+                       else "deny it first"))
             return Operation("allow_access", b, share=share, rules=[rule], is_allow=True,
                              intent=lambda tx: tx.add_rule(share, rule),
                              call=lambda: b.call("update_access", share,

@@ -130,7 +130,12 @@ class Runner:
             with self.tx() as tx:
                 op.done(tx, result)
                 seq = tx.next_seq() if b.hooks.enabled(C.PHASE_POST) else None
-            await self.post(op, seq, pre_data, {"ok": True}, warnings)
+            try:
+                await self.post(op, seq, pre_data, {"ok": True}, warnings)
+            except HookFailed as exc:
+                if not op.unblockable:
+                    raise   # reported after the change, as the seed's hooks do
+                log.warning("%s of %s was applied; %s", op.method, _what(op), exc)
             return op
 
     async def _pre(self, op: Operation, seq: Optional[int], warnings: List[str]) -> Any:

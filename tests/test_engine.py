@@ -282,15 +282,10 @@ def test_revocations_go_on_whatever_their_hooks_do(h, phase):
     managed = h.run(h.engine.manage_share("sim", "NFS", "/sim/m", {}))
     for m in ("deny_access", "delete_share", "unmanage_share"):
         RecordingHook.fail.add((phase, m))
-    outcome = []
-    for call in (lambda: h.deny(share, rid), lambda: h.run(h.engine.delete_share(other.id, {})),
-                 lambda: h.run(h.engine.unmanage_share(managed.id, {}))):
-        try:
-            call()
-            outcome.append("ok")
-        except BackendFailure as exc:   # a post hook failing is reported after the change
-            assert phase == "post" and "post hook" in str(exc)
-            outcome.append("reported")
+    # Each succeeds: a revocation was applied whatever its hooks said (logged).
+    h.deny(share, rid)
+    h.run(h.engine.delete_share(other.id, {}))
+    h.run(h.engine.unmanage_share(managed.id, {}))
     assert h.rules(share) == {} and h.applied(share) == set()
     assert [s.name for s in h.engine.shares()] == ["r"]
     assert set(h.world.shares) == {share.id}
