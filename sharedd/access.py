@@ -20,6 +20,9 @@ from .errors import BackendFailure, SharedError
 from .models import AccessRule, Share, ShareUpdate, fields_of
 from .operation import Operation, Runner
 from .states import DENY_PENDING, GRANTING, Changes
+
+__all__ = ["DENY_PENDING", "GRANTING", "Revoker", "granting", "pending_denies",
+           "applied_state", "ensure_operation"]
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -54,13 +57,14 @@ class Revoker:
 
     def operation(self, share: Share, rules: List[AccessRule]) -> Operation:
         """Revoke rules (a revocation: no hook holds it back)."""
-        b = self.backends.get(share.backend)
-        if b is None or b.setup_error:
+        found = self.backends.get(share.backend)
+        if found is None or found.setup_error:
             # The backend cannot act now: record the intent; the retry applies it.
             with self.runner.tx() as tx:
                 for r in rules:
                     tx.rule(share, r, C.RULE_QUEUED_TO_DENY)
             raise BackendFailure(f"backend {share.backend} is not usable now")
+        b = found
 
         def move(tx: Changes, _: Any = None, state: Optional[str] = C.RULE_QUEUED_TO_DENY) -> None:
             for r in rules:
@@ -73,7 +77,7 @@ class Revoker:
                          done=lambda tx, _: move(tx, state=None),   # gone
                          failed=move)                                # queued again
 
-    async def deny(self, share_id: str, plan: Callable[[], Awaitable[Optional[Operation]]],
+    async def deny(self, share_id: str, plan: Callable[[], Awaitable[Operation]],
                    access_id: str) -> None:
         try:
             await self.runner.run([share_id], plan)
@@ -102,7 +106,7 @@ class Revoker:
                     pending = pending_denies(self.store, share_id)
                     return self.operation(share, pending) if share and pending else None
                 try:
-                    await self.runner.run([share_id], plan)
+                    await self.runner.run_if([share_id], plan)
                 except SharedError as exc:
                     log.warning("share %s: deny still pending, retrying in %gs: %s",
                                 share_id, delay, exc)

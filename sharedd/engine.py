@@ -55,9 +55,12 @@ class Engine:
         self.config = config
         self.observer = observer or Observer()
         self.backends: Dict[str, Backend] = {}
-        self.store: Optional[Store] = None
-        self.runner: Optional[Runner] = None
-        self._tasks: Set[asyncio.Task] = set()
+        # store, runner and revoker exist from start() on
+        self.store: Store
+        self.runner: Runner
+        self.revoker: access.Revoker
+        self._started = False
+        self._tasks: Set[asyncio.Task[Any]] = set()
         self._lock_fd: Optional[int] = None
 
     # ------------------------------------------------------------ life cycle
@@ -66,6 +69,7 @@ class Engine:
         os.makedirs(cfg.state_path, mode=0o750, exist_ok=True)
         os.makedirs(cfg.spool_dir, mode=0o755, exist_ok=True)
         self._lock_fd = lock_state_dir(cfg.state_path)   # before the database is touched
+        self._started = True
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
         self.runner = Runner(self.store, self.observer, cfg.host_id)
         self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn)
@@ -81,16 +85,21 @@ class Engine:
         for b in self.backends.values():
             await self._refresh(b)
             await self._publish_capabilities(b)
-            self._spawn(self._every(lambda: self.config.stats_refresh_interval, self._refresh, b))
-            self._spawn(self._every(lambda b=b: b.config.periodic_hooks_interval, self.periodic, b))
+            self._spawn(self._every(self._stats_interval, self._refresh, b))
+            self._spawn(self._every(self._periodic_interval, self.periodic, b))
+
+    def _stats_interval(self, b: Backend) -> float:
+        return float(self.config.stats_refresh_interval)
+
+    def _periodic_interval(self, b: Backend) -> float:
+        return float(b.config.periodic_hooks_interval)
 
     async def stop(self, timeout: float = 60.0) -> None:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.runner is not None:
+        if self._started:
             await self.runner.wait_idle(timeout)
-        if self.store is not None:
             self.store.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -127,10 +136,10 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _every(interval: Callable[[], float], fn: Callable[[Backend], Awaitable[Any]],
-                     b: Backend) -> None:
+    async def _every(interval: Callable[[Backend], float],
+                     fn: Callable[[Backend], Awaitable[Any]], b: Backend) -> None:
         while True:
-            await asyncio.sleep(interval())
+            await asyncio.sleep(interval(b))
             try:
                 await fn(b)
             except Exception:
@@ -139,11 +148,11 @@ class Engine:
     # ----------------------------------------------------------------- reads
     @property
     def host_id(self) -> str:
-        return self.config.host_id
+        return str(self.config.host_id)
 
     @property
     def spool_dir(self) -> str:
-        return self.config.spool_dir
+        return str(self.config.spool_dir)
 
     def backend_names(self) -> List[str]:
         return list(self.backends)
@@ -200,7 +209,7 @@ class Engine:
                                        self.config.max_description_length),
                 validation.metadata(options.get("metadata", {}), self.config.max_metadata_entries))
 
-    def _share_in(self, share_id: str, statuses: tuple, verb: str) -> Share:
+    def _share_in(self, share_id: str, statuses: Tuple[str, ...], verb: str) -> Share:
         share = self.share(share_id)
         if share.status not in statuses:
             raise InvalidState(f"share {share.name} is {share.status}; it can be {verb} when "
@@ -307,7 +316,7 @@ class Engine:
                       description=description, metadata=metadata)
 
         async def call() -> ShareUpdate:
-            update = await b.call("manage_existing", share, export_path, drv_options)
+            update: ShareUpdate = await b.call("manage_existing", share, export_path, drv_options)
             taken = [s for s in self.store.shares(b.name) if s.id != share.id
                      and update.provider_location and s.provider_location == update.provider_location]
             if taken:
@@ -439,7 +448,7 @@ class Engine:
         validation.options(options, {})
         access_id = validation.object_id(access_id, "access id")
 
-        async def plan() -> Optional[Operation]:
+        async def plan() -> Operation:
             share = self._share_in(share_id, (C.STATUS_AVAILABLE, C.STATUS_ERROR), "changed")
             rule = self.store.get_rule(access_id)
             if rule is None or rule.share_id != share.id:
@@ -452,14 +461,16 @@ class Engine:
         validation.options(options, {})
         name = validation.name(name, "snapshot")
 
+        snap = Snapshot(id=new_id(), name=name, share_id=share_id, size_gib=0,
+                        status=C.STATUS_CREATING, created_at=now_us())
+
         async def plan() -> Operation:
             share = self._share_in(share_id, (C.STATUS_AVAILABLE,), "snapshotted")
             b = self._backend(share.backend).usable()
             b.require("snapshot_support", "take snapshots")
             if any(s.name == name for s in self.store.snapshots(share.id)):
                 raise AlreadyExists(f"share {share.name} already has a snapshot named {name!r}")
-            snap = Snapshot(id=new_id(), name=name, share_id=share.id, size_gib=share.size_gib,
-                            status=C.STATUS_CREATING, created_at=now_us())
+            snap.size_gib = share.size_gib
             return Operation("create_snapshot", b, share=share, snapshot=snap,
                              intent=lambda tx: tx.add_snapshot(snap),
                              call=lambda: b.call("create_snapshot", snap, share),
@@ -469,8 +480,8 @@ class Engine:
                              failed=lambda tx, undone: tx.remove_snapshot(snap) if undone
                              else tx.snapshot(snap, C.STATUS_ERROR),
                              undo=lambda tx: tx.remove_snapshot(snap))
-        op = await self.runner.run([share_id], plan)
-        return self.snapshot(op.snapshot.id)
+        await self.runner.run([share_id], plan)
+        return self.snapshot(snap.id)
 
     async def delete_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
         validation.options(options, {})
@@ -547,7 +558,7 @@ class Engine:
             if share is None or share.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
                 return None
             return access.ensure_operation(self.store, b, share)
-        await self.runner.run([share_id], plan)
+        await self.runner.run_if([share_id], plan)
 
 
 def _nothing(*_: Any) -> None:

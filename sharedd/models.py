@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 @dataclasses.dataclass
@@ -16,7 +16,7 @@ class AccessRule:
     state: str
     created_at: int = 0   # µs since epoch
 
-    def as_tuple(self):
+    def as_tuple(self) -> Tuple[str, str, str, str, str]:
         return (self.id, self.access_type, self.access_to,
                 self.access_level, self.state)
 

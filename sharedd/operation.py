@@ -23,8 +23,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from typing import (Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional,
-                    Sequence)
+from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List,
+                    Optional, Sequence)
 
 from . import constants as C
 from . import record as record_schema
@@ -79,7 +79,7 @@ class Runner:
                 lambda name, exc: log.error("observer %s failed: %s", name, exc))
 
     @contextlib.asynccontextmanager
-    async def locked(self, keys: Iterable[str]):
+    async def locked(self, keys: Iterable[str]) -> AsyncIterator[None]:
         """Serialise work on these objects (in a fixed order: no deadlock)."""
         self._inflight += 1
         self._idle.clear()
@@ -109,9 +109,15 @@ class Runner:
             return False
 
     # --- the sequence ---------------------------------------------------------
-    async def run(self, keys: Iterable[str],
-                  plan: Callable[[], Awaitable[Optional[Operation]]]) -> Optional[Operation]:
-        """Run what plan() describes (None: nothing to do) under the locks of keys."""
+    async def run(self, keys: Iterable[str], plan: Callable[[], Awaitable[Operation]]) -> Operation:
+        """Run what plan() describes under the locks of keys."""
+        op = await self.run_if(keys, plan)
+        assert op is not None
+        return op
+
+    async def run_if(self, keys: Iterable[str],
+                     plan: Callable[[], Awaitable[Optional[Operation]]]) -> Optional[Operation]:
+        """run(), for plans that may find nothing to do (None)."""
         async with self.locked(keys):
             op = await plan()
             if op is None:

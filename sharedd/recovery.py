@@ -92,11 +92,11 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend])
         await _isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
                         lambda: _share_error(runner, share))
     for share_id, rules in store.all_rules().items():
+        owner = store.get_share(share_id)
         for rule in rules:
-            if rule.state in RULE_STEPS:
-                share = store.get_share(share_id)
+            if owner is not None and rule.state in RULE_STEPS:
                 with runner.tx() as tx:
-                    tx.rule(share, rule, RULE_STEPS[rule.state])
+                    tx.rule(owner, rule, RULE_STEPS[rule.state])
 
 
 async def _recover_share(store: Store, runner: Runner, b: Backend, share: Share) -> None:

@@ -109,13 +109,13 @@ class Changes:
         return self.store.next_seq()
 
     # --- shares ----------------------------------------------------------
-    def add_share(self, share: Share, task: Optional[dict] = None) -> None:
+    def add_share(self, share: Share, task: Optional[Dict[str, Any]] = None) -> None:
         check("share", None, share.status)
         self.store.insert_share(share, task)
         self._event("share_added", share)
 
     def share(self, share: Share, status: Optional[str] = None, *,
-              task: Optional[dict] = None, **fields: Any) -> None:
+              task: Optional[Dict[str, Any]] = None, **fields: Any) -> None:
         """Change a share's status (and other fields) in one checked step."""
         current = self.store.share_status(share.id)
         target = share.status if status is None else status

@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import uuid
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .models import AccessRule, Share, Snapshot
 
@@ -83,7 +83,7 @@ class Store:
                 self._set_meta("epoch", new_id())
                 self._set_meta("seq", "0")
                 self._set_meta("schema_version", str(SCHEMA_VERSION))
-        self.epoch = self._meta("epoch")
+        self.epoch: str = self._meta("epoch") or ""
 
     def close(self) -> None:
         self.db.close()
@@ -109,12 +109,12 @@ class Store:
     def next_seq(self) -> int:
         """Take the next hook sequence number (call inside tx())."""
         assert self.db.in_transaction, "next_seq outside a transaction"
-        seq = int(self._meta("seq")) + 1
+        seq = int(self._meta("seq") or 0) + 1
         self._set_meta("seq", str(seq))
         return seq
 
     def last_seq(self) -> int:
-        return int(self._meta("seq"))
+        return int(self._meta("seq") or 0)
 
     # --- shares --------------------------------------------------------------
     @staticmethod
@@ -127,7 +127,7 @@ class Store:
                      provider_location=row["provider_location"], snapshot_id=row["snapshot_id"],
                      driver_data=json.loads(row["driver_data"]))
 
-    def insert_share(self, s: Share, task: Optional[dict] = None) -> None:
+    def insert_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
             "INSERT INTO shares(id, name, backend, protocol, size_gib, status, created_at, description,"
             " metadata, export_locations, provider_location, snapshot_id, driver_data, task)"
@@ -136,7 +136,7 @@ class Store:
              json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
              s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {})))
 
-    def update_share(self, s: Share, task: Optional[dict] = None) -> None:
+    def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
             "UPDATE shares SET size_gib=?, status=?, export_locations=?, provider_location=?,"
             " driver_data=?, task=? WHERE id=?",
@@ -159,9 +159,10 @@ class Store:
     def count_shares_by_status(self) -> Dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM shares GROUP BY status").fetchall())
 
-    def share_task(self, share_id: str) -> dict:
+    def share_task(self, share_id: str) -> Dict[str, Any]:
         row = self.db.execute("SELECT task FROM shares WHERE id=?", (share_id,)).fetchone()
-        return json.loads(row[0]) if row else {}
+        task: Dict[str, Any] = json.loads(row[0]) if row else {}
+        return task
 
     def find_share(self, name: str) -> Optional[Share]:
         row = self.db.execute("SELECT * FROM shares WHERE name=?", (name,)).fetchone()
@@ -215,7 +216,7 @@ class Store:
     # column order are several times faster than sqlite3.Row lookups by name.
     _RULE_COLUMNS = "id, share_id, access_type, access_to, access_level, state, created_at"
 
-    def _rules_where(self, where: str, args: tuple) -> List[AccessRule]:
+    def _rules_where(self, where: str, args: Tuple[Any, ...]) -> List[AccessRule]:
         cur = self.db.execute(f"SELECT {self._RULE_COLUMNS} FROM rules WHERE {where} "
                               "ORDER BY created_at, id", args)
         cur.row_factory = None
@@ -248,7 +249,9 @@ class Store:
         return row[0] if row else None
 
     def count_rules(self, share_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM rules WHERE share_id=?", (share_id,)).fetchone()[0]
+        count: int = self.db.execute("SELECT COUNT(*) FROM rules WHERE share_id=?",
+                                     (share_id,)).fetchone()[0]
+        return count
 
     def rules(self, share_id: str, states: Optional[Sequence[str]] = None) -> List[AccessRule]:
         """A share's rules (only those in states, if given), oldest first."""

@@ -1,0 +1,19 @@
+"""The core modules (engine, runner, state table, store, models, access,
+recovery, backend) type-check with mypy --strict."""
+
+import pathlib
+import subprocess
+
+from tests.support import components
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend"]
+
+
+def test_core_modules_are_strictly_typed(tmp_path):
+    proc = subprocess.run(["mypy", "--strict", "--follow-imports=silent", "--ignore-missing-imports",
+                           "--cache-dir", str(tmp_path / "cache"),
+                           *[f"sharedd/{m}.py" for m in CORE]],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    components.used("mypy --strict (core modules)")
