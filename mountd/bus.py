@@ -10,12 +10,12 @@ import logging
 from typing import Callable, List, Optional
 
 from dbus_next import BusType, Message, MessageType, PropertyAccess
-from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from sharedd import record as recordlib
+from sharedd.bus.connection import Connection
 from sharedd.constants import (BUS_NAME, IFACE_HOOKS, MOUNTD_BUS_NAME, MOUNTD_IFACE,
                                MOUNTD_ROOT_PATH, ROOT_PATH)
 
@@ -53,12 +53,12 @@ class MountdBus:
     def __init__(self, daemon, on_record: Callable[[dict], None]):
         self.daemon = daemon
         self.on_record = on_record
-        self.bus: Optional[MessageBus] = None
+        self.bus: Optional[Connection] = None
         self.iface = MountdInterface(daemon)
         self.sharedd_owner: Optional[str] = None   # unique name of sharedd, if running
 
     async def start(self) -> None:
-        self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        self.bus = await Connection(bus_type=BusType.SYSTEM).connect()
         self.bus.export(MOUNTD_ROOT_PATH, self.iface)
         self.bus.add_message_handler(self._on_message)
         for rule in (f"type='signal',sender='{_DBUS}',interface='{_DBUS}',"

@@ -15,9 +15,9 @@ import signal
 import time
 from typing import List, Optional
 
-import sdnotify
 
 from sharedd.errors import ConfigError
+from sharedd.notify import Notifier
 
 from . import config as configlib
 from .addresses import AddressMonitor
@@ -42,10 +42,7 @@ class Daemon:
         self.use_bus = use_bus
         self.mounter_factory = mounter_factory or _real_mounter
         self.cfg = configlib.load(config_path, optional=optional_config)
-        self.notifier = sdnotify.SystemdNotifier()
-        if self.notifier.socket is not None:
-            # Never block the event loop on a full notification socket.
-            self.notifier.socket.setblocking(False)
+        self.notifier = Notifier()   # never blocks the loop (sharedd/notify.py)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mountd-work")
         self.bus = None
@@ -212,7 +209,8 @@ class Daemon:
             if self._stopping:
                 return
             log.error("lost the system bus connection; reconnecting")
-            self.bus = None
+            old, self.bus = self.bus, None
+            old.close()   # the old connection's name must go before a new one asks for it
             while not self._stopping:
                 await asyncio.sleep(RECONNECT_DELAY)
                 candidate = bus_class(self, self.accept_record)

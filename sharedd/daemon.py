@@ -6,12 +6,12 @@ import asyncio
 import logging
 import os
 import signal
-
-import sdnotify
+from typing import Any
 
 from . import config as config_mod
 from .engine import Engine
 from .errors import AlreadyRunning, ConfigError
+from .notify import Notifier
 
 log = logging.getLogger("sharedd")
 
@@ -22,7 +22,7 @@ class StartupError(Exception):
 
 async def run(config_path: str, cfg: config_mod.Config) -> int:
     from .bus.service import BusService, StartupError as BusStartupError
-    notifier = sdnotify.SystemdNotifier()
+    notifier = Notifier()
     notifier.notify("STATUS=starting: connecting to the system bus")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,7 +66,7 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         notifier.notify("READY=1")
     loop.add_signal_handler(signal.SIGHUP, reload)
 
-    tasks = [asyncio.create_task(_watchdog(notifier, engine)),
+    tasks = [asyncio.create_task(_watchdog(notifier, engine, service)),
              asyncio.create_task(_bus_lost(service, stop))]
     await stop.wait()
     notifier.notify("STOPPING=1")
@@ -79,16 +79,17 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
     return 0 if not getattr(service, "lost", False) else 1
 
 
-async def _watchdog(notifier, engine: Engine) -> None:
-    """Ping from the event loop: a stalled loop stops the pings and systemd
-    restarts us. Also refresh STATUS= when it changes."""
+async def _watchdog(notifier: Notifier, engine: Engine, service: Any) -> None:
+    """Ping from the event loop, and only while our own bus round trip works:
+    a stalled loop or a dead connection stops the pings and systemd restarts
+    us. Also refresh STATUS= when it changes."""
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
         usec = 0
     interval = usec / 2e6 if usec else 5.0
     last = None
     while True:
-        if usec:
+        if usec and await service.alive(timeout=interval):
             notifier.notify("WATCHDOG=1")
         status = engine.status()
         if status != last:
@@ -97,8 +98,11 @@ async def _watchdog(notifier, engine: Engine) -> None:
         await asyncio.sleep(interval)
 
 
-async def _bus_lost(service, stop: asyncio.Event) -> None:
-    await service.bus.wait_for_disconnect()
+async def _bus_lost(service: Any, stop: asyncio.Event) -> None:
+    try:
+        await service.bus.wait_for_disconnect()
+    except Exception as exc:   # a connection that failed is lost all the same
+        log.error("the system bus connection failed: %s", exc)
     if not stop.is_set():
         log.error("lost the connection to the system bus; exiting so systemd restarts us")
         service.lost = True

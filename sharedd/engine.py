@@ -34,6 +34,9 @@ from .util import lock_state_dir, now_us
 
 log = logging.getLogger(__name__)
 
+#: seconds between set-up attempts of a backend that failed: doubling up to the cap
+SETUP_RETRY_FIRST, SETUP_RETRY_CAP = 2.0, 60.0
+
 
 class Observer:
     """Hears every committed change (the D-Bus adapter implements this)."""
@@ -87,6 +90,40 @@ class Engine:
             await self._publish_capabilities(b)
             self._spawn(self._every(self._stats_interval, self._refresh, b))
             self._spawn(self._every(self._periodic_interval, self.periodic, b))
+            if b.setup_error:
+                self._spawn(self._setup_retries(b))
+
+    async def _setup_retries(self, b: Backend) -> None:
+        """A backend whose set-up failed (its export service not running yet,
+        say) is tried again with backoff until it works."""
+        delay = SETUP_RETRY_FIRST
+        while b.setup_error:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SETUP_RETRY_CAP)
+            await self._bring_up(b)
+
+    async def _bring_up(self, b: Backend) -> None:
+        async with self.runner.locked([f"setup:{b.name}"]):
+            if not b.setup_error:
+                return
+            await b.setup()
+            if b.setup_error:
+                return
+            log.info("backend %s is usable now: recovering and ensuring its shares", b.name)
+            await recovery.recover(self.store, self.runner, self.backends, only=b.name)
+        await self.ensure_all(backend=b.name)
+        await self._refresh(b)
+        await self._publish_capabilities(b)
+
+    async def export_service_appeared(self, helper: str) -> None:
+        """An export service (NFS-Ganesha) (re)started: set up the backends
+        that were waiting for it, and re-add the exports it lost."""
+        for b in self.backends.values():
+            if helper in b.helper_names():
+                if b.setup_error:
+                    await self._bring_up(b)
+                else:
+                    await self.ensure_all(backend=b.name)
 
     def _stats_interval(self, b: Backend) -> float:
         return float(self.config.stats_refresh_interval)

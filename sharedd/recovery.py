@@ -76,13 +76,20 @@ SNAPSHOT_STEPS = (C.STATUS_CREATING, C.STATUS_DELETING)
 RULE_STEPS: Mapping[str, str] = {C.RULE_DENYING: C.RULE_QUEUED_TO_DENY}
 
 
-async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend]) -> None:
+async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
+                  only: Optional[str] = None) -> None:
+    """Recover every usable backend's objects (only: just that backend's,
+    when it comes up late)."""
+    if only is not None:
+        backends = {only: backends[only]}
     for snap in store.snapshots():
         if snap.status in SNAPSHOT_STEPS:
             await _isolated(f"snapshot {snap.id}", _recover_snapshot(store, runner, backends, snap),
                             lambda: _snapshot_error(runner, snap))
     for share in store.shares():
         b = backends.get(share.backend)
+        if b is None and only is not None:
+            continue
         if b is None:
             log.warning("share %s (%s) is on backend %s, which is not enabled",
                         share.name, share.id, share.backend)
@@ -93,6 +100,8 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend])
                         lambda: _share_error(runner, share))
     for share_id, rules in store.all_rules().items():
         owner = store.get_share(share_id)
+        if owner is None or owner.backend not in backends:
+            continue
         for rule in rules:
             if owner is not None and rule.state in RULE_STEPS:
                 with runner.tx() as tx:

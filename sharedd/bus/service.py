@@ -8,13 +8,13 @@ import logging
 from typing import Optional
 
 from dbus_next import BusType, DBusError, Message, MessageType
-from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.service import ServiceInterface
 
 from .. import constants as C
 from ..engine import Engine, Observer
 from . import interfaces as I
+from .connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class StartupError(Exception):
     """The daemon cannot start (message says why; no traceback needed)."""
 
 
-class _Bus(MessageBus):
+class _Bus(Connection):
     """ObjectManager signals come from the manager's path (the root object),
     where clients subscribe, not from each object's own path."""
 
@@ -127,16 +127,32 @@ class BusService(Observer):
             if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
                     and msg.body and msg.body[0] == GANESHA_BUS_NAME and msg.body[2]):
                 log.info("NFS-Ganesha (re)started on the bus: re-adding exports")
-                asyncio.ensure_future(self.engine.ensure_all(helper="ganesha"))
+                asyncio.ensure_future(self.engine.export_service_appeared("ganesha"))
             return None
         self.bus.add_message_handler(handler)
 
+    async def alive(self, timeout: float) -> bool:
+        """Our own round trip to the bus daemon works and we still own our
+        name (for the watchdog)."""
+        try:
+            reply = await asyncio.wait_for(self.bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
+                body=[C.BUS_NAME])), timeout)
+        except Exception as exc:
+            log.error("the system bus does not answer: %s", exc)
+            return False
+        if reply.message_type != MessageType.METHOD_RETURN or reply.body != [self.bus.unique_name]:
+            log.error("we no longer own %s on the system bus", C.BUS_NAME)
+            return False
+        return True
+
     async def close(self) -> None:
-        if self.bus is not None:
+        if self.bus is not None and self.bus.connected:
             try:
-                await self.bus.release_name(C.BUS_NAME)
+                await asyncio.wait_for(self.bus.release_name(C.BUS_NAME), 5)
             except Exception:
-                pass
+                pass   # the name goes with the connection anyway
             self.bus.disconnect()
 
     # --- signals ------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""A dbus-next connection that survives backpressure and hostile callers.
+Both daemons (sharedd and sharedd-mountd) connect through `Connection`.
+
+dbus-next 0.2.3 (Debian 12) has three faults that any local user can turn
+into a deaf daemon:
+
+- its writer treats EAGAIN on send (the socket buffer is full: a burst of
+  large replies or signals) as fatal and drops the connection (upstream
+  python-dbus-next issue #153, PR #154, unmerged). Here a full buffer means
+  "wait until writable", which the writer is already registered for;
+- a dropped connection keeps its socket open, so the bus still sees the
+  process as the owner of its names and nothing restarts it. Here the socket
+  is closed, so the name goes and the daemon's disconnect handling runs;
+- a refused call (an unknown interface in Properties.Get, say) is logged at
+  ERROR with a traceback and the caller's text, twice (log flooding, and a
+  newline in the text forges a log line). Here refusals are counted and
+  logged once per caller per interval, escaped and cut short.
+
+It also answers Properties.GetAll("") (every interface of the object), which
+dbus-next refuses as NotSupported.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import socket
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from dbus_next import Message
+from dbus_next.constants import ErrorType
+from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import _MessageWriter
+from dbus_next.errors import DBusError
+from dbus_next.service import ServiceInterface
+
+log = logging.getLogger(__name__)
+
+#: at most one log line per caller per this many seconds for refused calls
+REFUSAL_LOG_INTERVAL = 60.0
+#: callers remembered for the refusal log (oldest forgotten first)
+REFUSAL_LOG_CALLERS = 1024
+
+
+def printable(text: Any, limit: int = 160) -> str:
+    """Caller-supplied text for a log line: control characters escaped, cut short."""
+    s = str(text)
+    cut = s[:limit].encode("unicode_escape").decode("ascii")
+    return cut + (f"... ({len(s)} characters)" if len(s) > limit else "")
+
+
+class _Writer(_MessageWriter):
+    """The library's writer, with a full socket buffer treated as a pause."""
+
+    def write_callback(self) -> None:
+        try:
+            while True:
+                if self.buf is None:
+                    if self.messages.qsize() == 0:
+                        self.loop.remove_writer(self.fd)
+                        return
+                    buf, unix_fds, fut = self.messages.get_nowait()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                if self.unix_fds and self.negotiate_unix_fd:
+                    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", self.unix_fds))]
+                    self.offset += self.sock.sendmsg([self.buf[self.offset:]], ancdata)
+                    self.unix_fds = None
+                else:
+                    self.offset += self.sock.send(self.buf[self.offset:])
+                if self.offset >= len(self.buf):
+                    self.buf = None
+                    if self.fut is not None and not self.fut.done():
+                        self.fut.set_result(None)
+                else:
+                    return   # partly written: the loop calls again when writable
+        except (BlockingIOError, InterruptedError):
+            return           # the buffer is full: still registered, called when writable
+        except Exception as exc:
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_exception(exc)
+            self.bus._finalize(exc)
+
+
+class Connection(MessageBus):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._writer = _Writer(self)
+        self._refusals: Dict[str, Tuple[float, int]] = {}
+
+    # --- a lost connection really goes --------------------------------------
+    def _finalize(self, err: Optional[Exception] = None) -> None:
+        already = self._disconnected
+        super()._finalize(err)
+        if not already:
+            if err is not None and not self._user_disconnect:
+                log.error("the bus connection failed: %s", err)
+            try:
+                self._sock.close()   # the bus drops our names; no half-alive owner
+            except OSError:
+                pass
+
+    def disconnect(self) -> None:
+        if not self._disconnected:   # a failed connection is closed already
+            super().disconnect()
+
+    # --- refusals: counted, logged sparingly ------------------------------------
+    def _on_message(self, msg: Message) -> None:
+        try:
+            self._process_message(msg)
+        except DBusError as exc:
+            # dbus-next has already sent the error reply to the caller.
+            self._refused(msg, exc)
+        except Exception:
+            log.exception("error handling %s.%s from %s", printable(msg.interface, 80),
+                          printable(msg.member, 80), msg.sender)
+
+    def _refused(self, msg: Message, exc: DBusError) -> None:
+        now = time.monotonic()
+        caller = str(msg.sender)
+        last, count = self._refusals.pop(caller, (0.0, 0))
+        count += 1
+        if now - last >= REFUSAL_LOG_INTERVAL:
+            log.info("refused %d call(s) from %s in the last %gs; the latest %s.%s: %s: %s",
+                     count, caller, REFUSAL_LOG_INTERVAL, printable(msg.interface, 80),
+                     printable(msg.member, 80), exc.type, printable(exc.text))
+            last, count = now, 0
+        self._refusals[caller] = (last, count)
+        while len(self._refusals) > REFUSAL_LOG_CALLERS:
+            self._refusals.pop(next(iter(self._refusals)))
+
+    # --- Properties.GetAll("") ---------------------------------------------------
+    def _default_properties_handler(self, msg: Message, send_reply: Any) -> None:
+        if not (msg.member == "GetAll" and msg.signature == "s" and msg.body[0] == ""):
+            return super()._default_properties_handler(msg, send_reply)
+        if msg.path not in self._path_exports:
+            raise DBusError(ErrorType.UNKNOWN_OBJECT, f"no interfaces at path: {msg.path!r}")
+        interfaces: List[ServiceInterface] = list(self._path_exports[msg.path])
+        merged: Dict[str, Any] = {}
+        left = [len(interfaces)]
+
+        def got(iface: Any, values: Dict[str, Any], _user: Any, err: Optional[Exception]) -> None:
+            if err is None:
+                merged.update(values)
+            left[0] -= 1
+            if left[0] == 0:
+                send_reply(Message.new_method_return(msg, "a{sv}", [merged]))
+        if not interfaces:
+            send_reply(Message.new_method_return(msg, "a{sv}", [{}]))
+            return
+        for iface in interfaces:
+            ServiceInterface._get_all_property_values(iface, got)

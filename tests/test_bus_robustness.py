@@ -1,0 +1,151 @@
+"""The bus never goes deaf: a full socket buffer is a pause, not a lost
+connection (shown against the stock dbus-next as well, which drops it); a
+flood of large refused calls from several connections leaves the daemon
+answering with a quiet log; a lost connection makes sharedd exit non-zero
+for systemd; an unread notify socket never blocks the daemon; read-only
+methods are open to everyone; Properties.GetAll("") answers."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+
+from sharedd.bus.connection import Connection
+from tests.fixtures.bus import private_bus
+from tests.fixtures.sharedd_daemon import Sharedd
+
+MGR = "org.sharedd.Sharedd1.Manager"
+ROOT = "/org/sharedd/Sharedd1"
+
+CONFIG = """
+[DEFAULT]
+enabled_share_backends = mem
+state_path = {work}/state
+spool_dir = {work}/spool
+host_id = storage1
+
+[mem]
+share_driver = tests.memdriver:MemoryDriver
+"""
+
+
+class FullOnce:
+    """A socket whose first sends find the buffer full (EAGAIN), as under a
+    burst of large replies; then it is the real socket."""
+
+    def __init__(self, sock, fails=3):
+        self.sock, self.fails = sock, fails
+
+    def send(self, data):
+        if self.fails:
+            self.fails -= 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return self.sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+async def _ping_through_a_full_buffer(address, bus_class):
+    bus = await bus_class(bus_address=address).connect()
+    bus._writer.sock = FullOnce(bus._writer.sock)
+    try:
+        reply = await asyncio.wait_for(bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="GetId")), 5)
+        return reply.message_type == MessageType.METHOD_RETURN and bus.connected
+    except Exception:
+        return False
+    finally:
+        bus.disconnect()
+
+
+def test_a_full_socket_buffer_is_a_pause(system_bus):
+    assert asyncio.run(_ping_through_a_full_buffer(system_bus.address, Connection))
+
+
+def test_the_stock_library_drops_the_connection_on_a_full_buffer(system_bus):
+    """Why sharedd.bus.connection exists: if this ever passes (Debian fixed
+    dbus-next), the workaround can go."""
+    assert not asyncio.run(_ping_through_a_full_buffer(system_bus.address, MessageBus))
+
+
+@pytest.fixture
+def d(sharedd_factory):
+    return sharedd_factory(CONFIG.replace("{work}", "@WORK@"))
+
+
+async def _flood(address, connections=4, calls=200, name_size=64 * 1024):
+    """Properties.GetAll with huge unknown interface names, from several
+    connections at once, without waiting for each answer (any local user may)."""
+    async def one():
+        # (the flooding clients need the fixed writer too: the stock one
+        # drops its own connection under this burst)
+        bus = await Connection(bus_address=address).connect()
+        msgs = [Message(destination="org.sharedd.Sharedd1", path=ROOT,
+                        interface="org.freedesktop.DBus.Properties", member="GetAll",
+                        signature="s", body=["x" * name_size + f"\n{i}"]) for i in range(calls)]
+        replies = await asyncio.gather(*(bus.call(m) for m in msgs), return_exceptions=True)
+        bus.disconnect()
+        return sum(1 for r in replies if isinstance(r, Message)
+                   and r.message_type == MessageType.ERROR)
+    return await asyncio.gather(*(one() for _ in range(connections)))
+
+
+def test_flood_of_large_refused_calls_then_a_normal_call(d):
+    log_before = os.path.getsize(d.log_path)
+    answered = asyncio.run(_flood(d.bus.address))
+    assert answered == [200] * 4, "every refused call got its error reply"
+    assert d.manager("ListShares", "a{sv}", 0) == []          # still answering
+    assert d.create_share("after-flood")
+    grown = os.path.getsize(d.log_path) - log_before
+    assert grown < 64 * 1024, f"the flood grew the log by {grown} bytes"
+    assert "Traceback" not in d.log_tail(400)
+    assert "\nxxxx" not in open(d.log_path).read()[log_before:], "a forged log line"
+
+
+def test_getall_with_an_empty_interface_and_list_snapshots_for_everyone(d):
+    path = d.create_share("props")
+    d.share(path, "CreateSnapshot", "sa{sv}", "s1", 0)
+    proc = d.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", path,
+                        "org.freedesktop.DBus.Properties", "GetAll", "s", "")
+    assert '"Name"' in proc.stdout and '"Status"' in proc.stdout
+    proc = d.bus.busctl("call", "org.sharedd.Sharedd1", ROOT, MGR, "ListSnapshots",
+                        "a{sv}", "0", user=65534)
+    assert "/org/sharedd/Sharedd1/snapshot/" in proc.stdout
+
+
+def test_unread_notify_socket_never_blocks_the_daemon(d):
+    """A supervisor that stops reading: watchdog pings every 50 ms fill the
+    datagram queue at once; the daemon must go on answering."""
+    d.stop()
+    d.start(extra_env={"WATCHDOG_USEC": "100000"})
+    time.sleep(3)        # about 60 pings that nobody reads
+    started = time.monotonic()
+    assert d.manager("ListShares", "a{sv}", 0) is not None
+    assert d.create_share("still-here")
+    assert time.monotonic() - started < 10
+
+
+def test_lost_bus_connection_exits_non_zero(tmp_path):
+    """The bus goes away under the daemon: it must exit (non-zero) so systemd
+    restarts it, not linger deaf with its watchdog happy."""
+    with private_bus() as bus:
+        work = str(tmp_path)
+        os.chmod(work, 0o755)
+        conf = os.path.join(work, "sharedd.conf")
+        with open(conf, "w") as f:
+            f.write(CONFIG.format(work=work))
+        d = Sharedd(bus, work, conf)
+        d.start()
+        try:
+            os.kill(bus.pid, signal.SIGKILL)
+            rc = d.proc.wait(timeout=30)
+            assert rc != 0, d.log_tail()
+            assert "lost the connection to the system bus" in d.log_tail(), d.log_tail()
+        finally:
+            d.stop()
