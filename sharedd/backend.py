@@ -161,7 +161,7 @@ class Backend:
         await self.hooks.periodic(rec)
 
     # --- capacity ---------------------------------------------------------------
-    async def refresh_stats(self, shares: List[Share]) -> bool:
+    async def refresh_stats(self, share_count: int, provisioned_gib: int) -> bool:
         """Read the driver's figures; True if they changed (updated_at aside)."""
         stats: Dict[str, Any] = {}
         if self.setup_error is None:
@@ -176,8 +176,8 @@ class Backend:
             "driver_name": self.driver.driver_name,
             "driver_version": self.driver.driver_version,
             "storage_protocol": "_".join(self.protocols),
-            "provisioned_capacity_gb": float(sum(s.size_gib for s in shares)),
-            "share_count": len(shares),
+            "provisioned_capacity_gb": float(provisioned_gib),
+            "share_count": share_count,
             "reserved_percentage": float(self.config.reserved_share_percentage),
             "max_over_subscription_ratio": float(self.config.max_over_subscription_ratio),
             "thin_provisioning": bool(self.driver.thin_provisioning),

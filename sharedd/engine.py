@@ -29,6 +29,7 @@ from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
 from .hooks.base import HookContext
 from .models import AccessRule, Share, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
+from .states import Observer
 from .store import Store, new_id
 from .util import lock_state_dir, now_us
 
@@ -36,21 +37,6 @@ log = logging.getLogger(__name__)
 
 #: seconds between set-up attempts of a backend that failed: doubling up to the cap
 SETUP_RETRY_FIRST, SETUP_RETRY_CAP = 2.0, 60.0
-
-
-class Observer:
-    """Hears every committed change (the D-Bus adapter implements this)."""
-
-    def share_added(self, share: Share) -> None: ...
-    def share_changed(self, share: Share) -> None: ...
-    def share_removed(self, share_id: str) -> None: ...
-    def snapshot_added(self, snapshot: Snapshot) -> None: ...
-    def snapshot_changed(self, snapshot: Snapshot) -> None: ...
-    def snapshot_removed(self, snapshot_id: str) -> None: ...
-    def backend_changed(self, name: str) -> None: ...
-
-    def hook_fired(self, phase: str, method: str, record_json: str) -> None:
-        """The dbus hook's record; called from worker threads."""
 
 
 class Engine:
@@ -255,7 +241,7 @@ class Engine:
 
     # -------------------------------------------------------------- capacity
     async def _refresh(self, b: Backend) -> None:
-        if await b.refresh_stats(self.store.shares(b.name)):
+        if await b.refresh_stats(*self.store.backend_totals(b.name)):
             self.observer.backend_changed(b.name)
 
     async def _check_capacity(self, b: Backend, extra_gib: int) -> None:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     provider_location TEXT NOT NULL DEFAULT '',
     UNIQUE (share_id, name)
 );
+CREATE INDEX IF NOT EXISTS shares_by_backend ON shares(backend);
 CREATE TABLE IF NOT EXISTS rules (
     id TEXT PRIMARY KEY,
     share_id TEXT NOT NULL REFERENCES shares(id),
@@ -158,6 +159,12 @@ class Store:
 
     def count_shares_by_status(self) -> Dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM shares GROUP BY status").fetchall())
+
+    def backend_totals(self, backend: str) -> Tuple[int, int]:
+        """(shares, provisioned GiB) of a backend, without loading the shares."""
+        count, total = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size_gib), 0) FROM shares "
+                                       "WHERE backend=?", (backend,)).fetchone()
+        return int(count), int(total)
 
     def share_task(self, share_id: str) -> Dict[str, Any]:
         row = self.db.execute("SELECT task FROM shares WHERE id=?", (share_id,)).fetchone()

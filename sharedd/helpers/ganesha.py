@@ -247,10 +247,13 @@ class GaneshaHelper(ExportHelper):
         return "\n".join(lines) + "\n"
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, share_id: Optional[str] = None) -> Iterator[None]:
         # flock on a fresh open file: excludes other threads and processes.
+        # Per export, so that one share's changes never wait for another's;
+        # without a share id, the directory (export-id allocation, listings).
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.state_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        name = f".lock-{share_id}" if share_id else ".lock"
+        fd = os.open(os.path.join(self.state_dir, name), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -339,15 +342,26 @@ class GaneshaHelper(ExportHelper):
     def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
         self._check_share(share, path)
         self._validate_all(rules)
-        with self._locked():
-            self._apply(share, path, self._rule_map(rules))
+        try:
+            with self._locked(share.id):
+                self._apply(share, path, self._rule_map(rules))
+        except BaseException:
+            if self._read_meta(share.id) is None:   # never exported: leave nothing behind
+                self._forget_lock(share.id)
+            raise
         return self.export_locations(share, path)
+
+    def _forget_lock(self, share_id: str) -> None:
+        try:
+            os.unlink(os.path.join(self.state_dir, f".lock-{share_id}"))
+        except FileNotFoundError:
+            pass
 
     def update_access(self, share: Share, path: str, access_rules: List[AccessRule],
                       add_rules: List[AccessRule], delete_rules: List[AccessRule]) -> None:
         self._check_share(share, path)
         self._validate_all(list(access_rules) + list(add_rules))
-        with self._locked():
+        with self._locked(share.id):
             meta = self._read_meta(share.id)
             current = {to: level for to, level in meta["rules"]} if meta is not None else None
             self._apply(share, path, merge_access(current, access_rules, add_rules,
@@ -357,14 +371,18 @@ class GaneshaHelper(ExportHelper):
         """Write the file and make ganesha match it; undo the file on failure."""
         conf = self._file(share.id)
         meta = self._read_meta(share.id)
-        active = self._active_ids()
         if meta is not None:
+            # An existing export: UpdateExport also adds it if ganesha lost it,
+            # so no listing of every export is needed.
             export_id = int(meta["export_id"])
+            was_active = True
+            atomic_write(conf, self._render(share, path, export_id, rules).encode(), 0o644)
         else:
-            export_id = self._allocate(active)
-        text = self._render(share, path, export_id, rules)
-        atomic_write(conf, text.encode(), 0o644)
-        was_active = export_id in active
+            with self._locked():   # the id is taken once its file exists
+                active = self._active_ids()
+                export_id = self._allocate(active)
+                atomic_write(conf, self._render(share, path, export_id, rules).encode(), 0o644)
+            was_active = export_id in active
         try:
             self._activate(conf, export_id, was_active)
         except BaseException:
@@ -381,7 +399,7 @@ class GaneshaHelper(ExportHelper):
 
     def unexport(self, share: Share, path: str) -> None:
         self._check_share(share)
-        with self._locked():
+        with self._locked(share.id):
             meta = self._read_meta(share.id)
             if meta is None:
                 return
@@ -390,6 +408,7 @@ class GaneshaHelper(ExportHelper):
                 os.unlink(self._file(share.id))
             except FileNotFoundError:
                 pass
+            self._forget_lock(share.id)
 
     # --- recovery after a ganesha restart -----------------------------------
     def exported_share_ids(self) -> List[str]:
@@ -405,7 +424,7 @@ class GaneshaHelper(ExportHelper):
     def reexport(self, share: Share) -> bool:
         """Make ganesha serve the share's file again; True if it had to be added."""
         self._check_share(share)
-        with self._locked():
+        with self._locked(share.id):
             meta = self._read_meta(share.id)
             if meta is None:
                 raise NotFound(f"share {share.id} is not exported by {self.helper_name}")

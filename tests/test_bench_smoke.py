@@ -1,0 +1,24 @@
+"""The benchmark scripts under bench/ keep working: each runs in its short
+(smoke) form and prints its table. Their figures are recorded in
+BENCHMARKS.md; nothing here asserts a timing."""
+
+import pathlib
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("argv, header", [
+    (["bench/api", "--shares", "5"], "CreateShare"),
+    (["bench/concurrency", "--smoke"], "calls/s"),
+    (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
+])
+def test_bench_script_runs(argv, header):
+    proc = subprocess.run(["/usr/bin/python3", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert header in proc.stdout, proc.stdout
+    table = proc.stdout.split(header, 1)[1].splitlines()[1:]
+    assert any(any(c.isdigit() for c in line) for line in table), proc.stdout
