@@ -36,10 +36,13 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot connect to the system bus: {exc}") from None
     notifier.notify("STATUS=starting: setting up backends and recovering state")
+    progress = asyncio.create_task(_starting(notifier, engine))
     try:
         await engine.start()
     except AlreadyRunning as exc:
         raise StartupError(str(exc)) from None
+    finally:
+        progress.cancel()
     try:
         await service.publish(engine)
     except BusStartupError as exc:
@@ -96,6 +99,14 @@ async def _watchdog(notifier: Notifier, engine: Engine, service: Any) -> None:
             last = status
             notifier.notify(f"STATUS={last}")
         await asyncio.sleep(interval)
+
+
+async def _starting(notifier: Notifier, engine: Engine) -> None:
+    """STATUS= progress while start-up recovery and ensure run (thousands of
+    shares take a while)."""
+    while True:
+        await asyncio.sleep(1.0)
+        notifier.notify(f"STATUS=starting: {engine.status()}")
 
 
 async def _bus_lost(service: Any, stop: asyncio.Event) -> None:

@@ -49,6 +49,7 @@ class Engine:
         self.runner: Runner
         self.revoker: access.Revoker
         self._started = False
+        self._ensuring = (0, 0)   # (done, of) while shares are being ensured
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._lock_fd: Optional[int] = None
 
@@ -58,10 +59,10 @@ class Engine:
         os.makedirs(cfg.state_path, mode=0o750, exist_ok=True)
         os.makedirs(cfg.spool_dir, mode=0o755, exist_ok=True)
         self._lock_fd = lock_state_dir(cfg.state_path)   # before the database is touched
-        self._started = True
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
         self.runner = Runner(self.store, self.observer, cfg.host_id)
         self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn)
+        self._started = True
         context = HookContext(cfg.host_id, cfg.spool_dir, emit_signal=self.observer.hook_fired,
                               retention_seconds=cfg.spool_retention_seconds,
                               retention_count=cfg.spool_retention_count)
@@ -144,8 +145,12 @@ class Engine:
         return pending
 
     def status(self) -> str:
+        if not self._started:
+            return "starting"
         counts = self.store.count_shares_by_status()
         line = f"serving {sum(counts.values())} share(s) on {len(self.backends)} backend(s)"
+        if self._ensuring[1]:
+            line = f"ensuring {self._ensuring[0]:,}/{self._ensuring[1]:,} share(s); " + line
         if counts.get(C.STATUS_ERROR):
             line += f", {counts[C.STATUS_ERROR]} in error"
         broken = [b.name for b in self.backends.values() if b.setup_error]
@@ -553,35 +558,15 @@ class Engine:
 
     # ---------------------------------------------------------------- ensure
     async def ensure_all(self, backend: Optional[str] = None, helper: Optional[str] = None) -> None:
-        """Ensure every available or error share: mounted, exported, exactly
-        its granting rules applied; pending denies are completed on the way.
+        """Ensure every available or error share (mounted, exported, exactly its
+        granting rules); helper: only backends using that export helper."""
+        chosen = [b for b in self.backends.values() if not (
+            b.setup_error or (backend and b.name != backend)
+            or (helper and helper not in b.helper_names()))]
 
-        helper: only backends using that export helper (e.g. after NFS-Ganesha
-        restarted and lost its runtime exports)."""
-        for b in self.backends.values():
-            if b.setup_error or (backend and b.name != backend) \
-                    or (helper and helper not in b.helper_names()):
-                continue
-            for share in self.store.shares(b.name):
-                if share.status in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
-                    try:
-                        await self._ensure_share(b, share.id)
-                    except SharedError as exc:
-                        log.error("share %s (%s): ensure failed: %s", share.name, share.id, exc)
-                    except Exception:   # a bug: isolate the share, serve the others
-                        log.exception("share %s (%s): cannot be ensured", share.name, share.id)
-                        with self.runner.tx() as tx:
-                            tx.share(share, C.STATUS_ERROR)
-                    if access.pending_denies(self.store, share.id):
-                        self.revoker.retry_later(share.id)
-
-    async def _ensure_share(self, b: Backend, share_id: str) -> None:
-        async def plan() -> Optional[Operation]:
-            share = self.store.get_share(share_id)
-            if share is None or share.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
-                return None
-            return access.ensure_operation(self.store, b, share)
-        await self.runner.run_if([share_id], plan)
+        def progress(done: int, total: int) -> None:
+            self._ensuring = (done, total) if done < total else (0, 0)
+        await recovery.ensure_all(self.store, self.runner, self.revoker, chosen, progress)
 
 
 def _nothing(*_: Any) -> None:

@@ -161,11 +161,10 @@ class Runner:
                 return None
             with self.tx() as tx:
                 op.undo(tx)
-            if isinstance(exc, HookFailed):
-                raise
-            log.error("%s: cannot build the hook record: %s", op.method, exc)
-            raise HookFailed(f"cannot build the pre-hook record for {op.method}: {exc}; "
-                             "nothing was changed") from None
+            if isinstance(exc, record_schema.RecordError):
+                log.error("%s: cannot build the hook record: %s", op.method, exc)
+                exc = HookFailed(f"cannot build the pre-hook record for {op.method}: {exc}")
+            raise HookFailed(f"{exc}; nothing was changed") from None
 
     async def _failed(self, op: Operation, exc: SharedError, pre_data: Any,
                       warnings: List[str]) -> None:

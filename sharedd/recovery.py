@@ -15,17 +15,23 @@ naming it, and the others are served. Nothing here can make start-up fail.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from typing import Any, Awaitable, Callable, Dict, Mapping, Optional
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional
 
 from . import constants as C
+from . import access
 from .backend import Backend
 from .errors import SharedError
 from .models import Share, Snapshot
-from .operation import Runner
+from .operation import Operation, Runner
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+#: shares ensured at once (start-up, an export service's restart)
+ENSURE_PARALLEL = 4
 
 #: a share step returns None (the share is gone) or the fields it settles on
 ShareStep = Callable[[Backend, Share, Dict[str, Any]], Awaitable[Optional[Dict[str, Any]]]]
@@ -108,6 +114,36 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
                     tx.rule(owner, rule, RULE_STEPS[rule.state])
 
 
+async def ensure_all(store: Store, runner: Runner, revoker: access.Revoker,
+                     backends: List[Backend], progress: Callable[[int, int], None]) -> None:
+    """Ensure every available or error share of these backends: mounted,
+    exported, exactly its granting rules applied, pending denies completed
+    (access.ensure_operation). A few at a time: drivers run commands."""
+    todo = [(b, share) for b in backends for share in store.shares(b.name)
+            if share.status in (C.STATUS_AVAILABLE, C.STATUS_ERROR)]
+    queue, done = iter(todo), [0]
+
+    async def ensure(b: Backend, share_id: str) -> None:
+        async def plan() -> Optional[Operation]:
+            share = store.get_share(share_id)
+            if share is None or share.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
+                return None
+            return access.ensure_operation(store, b, share)
+        await runner.run_if([share_id], plan)
+
+    async def worker() -> None:
+        for b, share in queue:
+            await _isolated(f"share {share.name} ({share.id})", ensure(b, share.id),
+                            functools.partial(_share_error, runner, share), "ensure")
+            if access.pending_denies(store, share.id):
+                revoker.retry_later(share.id)
+            done[0] += 1
+            progress(done[0], len(todo))
+    progress(0, len(todo))
+    await asyncio.gather(*(worker() for _ in range(min(ENSURE_PARALLEL, len(todo)))))
+    progress(len(todo), len(todo))
+
+
 async def _recover_share(store: Store, runner: Runner, b: Backend, share: Share) -> None:
     log.info("recovery: share %s (%s) was %s", share.name, share.id, share.status)
     fields = await SHARE_STEPS[share.status](b, share, store.share_task(share.id))
@@ -130,15 +166,17 @@ async def _recover_snapshot(store: Store, runner: Runner, backends: Mapping[str,
         tx.remove_snapshot(snap)
 
 
-async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], None]) -> None:
-    """Run one recovery; on any failure put that object in error and go on."""
+async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], None],
+                    step: str = "recovery") -> None:
+    """Run one recovery (or ensure); on any failure put that object in error
+    and go on with the others."""
     try:
         await work
     except SharedError as exc:
-        log.error("recovery: %s: %s; it is left in error", what, exc)
+        log.error("%s: %s: %s; it is left in error", step, what, exc)
         _try(what, to_error)
     except Exception:   # a bug must not become a crash loop at every start
-        log.exception("recovery: %s cannot be recovered; it is left in error", what)
+        log.exception("%s: %s failed; it is left in error", step, what)
         _try(what, to_error)
 
 
@@ -150,6 +188,8 @@ def _try(what: str, fn: Callable[[], None]) -> None:
 
 
 def _share_error(runner: Runner, share: Share) -> None:
+    if runner.store.share_status(share.id) is None:
+        return   # gone meanwhile: nothing to mark
     with runner.tx() as tx:
         tx.share(share, C.STATUS_ERROR)
 

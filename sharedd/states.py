@@ -120,6 +120,9 @@ class Changes:
         current = self.store.share_status(share.id)
         target = share.status if status is None else status
         check("share", current, target)
+        if (current == target and task is None and share.status == target
+                and all(getattr(share, k) == v for k, v in fields.items())):
+            return   # nothing changes (an ensure of a healthy share): no write, no event
         for key, value in fields.items():
             setattr(share, key, value)
         share.status = target
@@ -160,7 +163,10 @@ class Changes:
 
     def rule(self, share: Share, rule: AccessRule, state: Optional[str]) -> None:
         """Move a rule to state (None: remove it)."""
-        check("rule", self.store.rule_state(rule.id), state)
+        current = self.store.rule_state(rule.id)
+        check("rule", current, state)
+        if current == state:
+            return   # already so: no write, no event
         if state is None:
             self.store.delete_rule(rule.id)
         else:

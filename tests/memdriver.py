@@ -7,6 +7,7 @@ rollback, recovery and responsiveness. Real-storage tests use the real drivers.
 
 import json
 import os
+import threading
 import time
 
 from sharedd.drivers.base import ShareDriver
@@ -15,6 +16,27 @@ from sharedd.models import ShareUpdate
 from sharedd.options import Opt
 
 
+#: calls remembered in memory.json (tests compare recent calls only)
+MAX_CALLS = 2000
+
+
+def _serialised(cls):
+    """Each driver method loads, changes and saves memory.json: one at a
+    time, since the engine runs different shares' calls in parallel threads."""
+    lock = threading.Lock()
+    for name in ("create_share", "create_share_from_snapshot", "delete_share", "ensure_share",
+                 "update_access", "extend_share", "shrink_share", "create_snapshot",
+                 "delete_snapshot", "revert_to_snapshot", "manage_existing", "unmanage"):
+        def method(self, *args, _fn=getattr(cls, name), _name=name, **kw):
+            self._control(_name)   # a told stall or failure holds up no other share
+            with lock:
+                return _fn(self, *args, **kw)
+        method.__name__ = name
+        setattr(cls, name, method)
+    return cls
+
+
+@_serialised
 class MemoryDriver(ShareDriver):
     driver_name = "memory"
     supported_protocols = ("NFS", "CIFS")
@@ -26,15 +48,23 @@ class MemoryDriver(ShareDriver):
         return os.path.join(self.state_dir, "memory.json")
 
     def _load(self):
-        try:
-            with open(self._path()) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {"shares": {}, "snapshots": {}, "calls": []}
+        # Read once per process (this daemon is the file's only writer), so a
+        # call costs one write, not a read and a write of every share.
+        st = getattr(self, "_state", None)
+        if st is None:
+            try:
+                with open(self._path()) as f:
+                    st = json.load(f)
+            except FileNotFoundError:
+                st = {"shares": {}, "snapshots": {}, "calls": []}
+            self._state = st
+        return st
 
     def _save(self, st):
-        with open(self._path(), "w") as f:
-            json.dump(st, f)
+        tmp = self._path() + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(st, separators=(",", ":")))   # the C encoder: many times faster
+        os.rename(tmp, self._path())   # readers (tests) never see half a file
 
     def _control(self, method):
         """control.json: {"fail": [methods], "sleep": {method: seconds}}"""
@@ -48,9 +78,8 @@ class MemoryDriver(ShareDriver):
             raise BackendFailure(f"memory driver told to fail {method}")
 
     def _call(self, method, **kw):
-        self._control(method)
         st = self._load()
-        st["calls"].append([method, kw])
+        st["calls"] = st["calls"][-MAX_CALLS:] + [[method, kw]]
         return st
 
     def create_share(self, share):

@@ -53,8 +53,12 @@ class _Bus(Connection):
             asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
         return handler
 
+    #: False while the initial objects are exported, before the name is owned:
+    #: nobody can be listening yet, and 10,000 signals would only load the bus
+    announce = True
+
     def _emit_interface_added(self, path, interface):
-        if self._disconnected or not path.startswith(C.ROOT_PATH + "/"):
+        if self._disconnected or not self.announce or not path.startswith(C.ROOT_PATH + "/"):
             return
 
         def got(iface, values, _user, err):
@@ -98,6 +102,7 @@ class BusService(Observer):
         """Export every object, then take the bus name (we are ready to serve)."""
         bus = self.bus
         self.engine = engine
+        bus.announce = False   # clients read GetManagedObjects once we own the name
         bus.export(C.ROOT_PATH, I.Manager(engine))
         self.hooks = I.Hooks(engine)
         bus.export(C.ROOT_PATH, self.hooks)
@@ -112,6 +117,7 @@ class BusService(Observer):
             self.snapshot_added(snap)
         await self._watch_ganesha()
         reply = await bus.request_name(C.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        bus.announce = True
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise StartupError(f"the bus name {C.BUS_NAME} is owned by another process "
                                f"(is another sharedd running?)")

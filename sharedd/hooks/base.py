@@ -17,7 +17,7 @@ class HookContext:
                  retention_seconds: int = 0, retention_count: int = 0):
         self.host_id = host_id
         self.spool_dir = spool_dir
-        # Set by the D-Bus adapter; None when no bus is attached.
+        # The engine observer's hook_fired (thread-safe); None without one.
         self.emit_signal = emit_signal
         self.retention_seconds = retention_seconds
         self.retention_count = retention_count

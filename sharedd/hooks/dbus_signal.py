@@ -1,6 +1,7 @@
 """The `dbus` hook driver: every record goes out as the Hooks.Fired signal.
 
-The engine stays free of D-Bus: the D-Bus adapter puts a plain callable in
+The engine stays free of D-Bus: its observer's hook_fired (the D-Bus
+adapter's, which sends the signal from the event loop) is the plain callable
 HookContext.emit_signal(phase, method, record_json); this module only calls
 it. The signal carries the same validated record as the spool file, as
 compact JSON with sorted keys.
@@ -35,7 +36,6 @@ class DbusSignalHook(Hook):
 
     def emit(self, record: Dict[str, Any]) -> None:
         text = record_json(record)
-        # Read at call time: the adapter attaches the bus after hooks exist.
         emit = self.context.emit_signal
         if emit is None:
             if not self._warned_no_bus:

@@ -64,8 +64,8 @@ class HookManager:
                     log.warning("%s (suppressed)", msg)
                     data.append(None)
                 else:
-                    log.error("%s: operation refused", msg)
-                    raise HookFailed(msg + "; nothing was changed") from None
+                    log.error("%s", msg)   # the runner refuses the call, or goes on (revocations)
+                    raise HookFailed(msg) from None
         return data
 
     async def post(self, record: Dict[str, Any], pre_data: Optional[List[Any]]) -> Dict[str, Any]:
