@@ -20,10 +20,10 @@ from .errors import BackendFailure, SharedError
 from .models import AccessRule, Share, ShareUpdate, fields_of
 from .operation import Operation, Runner
 from .states import DENY_PENDING, GRANTING, Changes
+from .store import Store
 
 __all__ = ["DENY_PENDING", "GRANTING", "Revoker", "granting", "pending_denies",
            "applied_state", "ensure_operation"]
-from .store import Store
 
 log = logging.getLogger(__name__)
 

@@ -55,8 +55,7 @@ SNAPSHOT: FrozenSet[Edge] = frozenset({
 
 RULE: FrozenSet[Edge] = frozenset({
     (None, C.RULE_APPLYING),
-    (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING), (C.RULE_QUEUED_TO_APPLY, C.RULE_ACTIVE),
-    (C.RULE_QUEUED_TO_APPLY, C.RULE_ERROR),
+    (C.RULE_QUEUED_TO_APPLY, C.RULE_ACTIVE), (C.RULE_QUEUED_TO_APPLY, C.RULE_ERROR),
     (C.RULE_APPLYING, C.RULE_ACTIVE), (C.RULE_APPLYING, C.RULE_ERROR),
     (C.RULE_APPLYING, None),                    # a pre hook refused the grant
     (C.RULE_ERROR, C.RULE_QUEUED_TO_APPLY),     # retried
