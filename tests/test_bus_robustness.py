@@ -149,3 +149,13 @@ def test_lost_bus_connection_exits_non_zero(tmp_path):
             assert "lost the connection to the system bus" in d.log_tail(), d.log_tail()
         finally:
             d.stop()
+
+
+def test_oversized_options_and_filters_are_refused_unread(d):
+    err = "org.sharedd.Sharedd1.Error.InvalidArgument"
+    assert err in d.error(ROOT, MGR, "ListShares", "a{sv}", 1, "name", "s", "x" * 10000)
+    many = []
+    for i in range(40):
+        many += [f"k{i}", "s", "v"]
+    assert err in d.error(ROOT, MGR, "CreateShare", "ssta{sv}", "x", "NFS", 1, 40, *many)
+    assert d.manager("ListShares", "a{sv}", 0) == []

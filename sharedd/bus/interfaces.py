@@ -67,8 +67,16 @@ def translate(fn):
     return wrapper
 
 
+#: a string option or filter value longer than this is refused unread
+MAX_OPTION_TEXT = 4096
+
+
 def unpack_options(options, spec):
-    """a{sv} -> dict, checking each option's D-Bus signature against spec."""
+    """a{sv} -> dict, checking each option's D-Bus signature against spec,
+    and bounding what a caller can make us hold or compare."""
+    if len(options) > len(spec):
+        raise InvalidArgument(f"{len(options)} options given; this call takes at most "
+                              f"{len(spec)} ({', '.join(sorted(spec)) or 'none'})")
     result = {}
     for key, variant in options.items():
         want = spec.get(key)
@@ -78,6 +86,8 @@ def unpack_options(options, spec):
         if variant.signature not in want:
             raise InvalidArgument(f"option {key!r} must have type {' or '.join(want)}, "
                                   f"not {variant.signature}")
+        if isinstance(variant.value, str) and len(variant.value) > MAX_OPTION_TEXT:
+            raise InvalidArgument(f"option {key!r} is longer than {MAX_OPTION_TEXT} characters")
         result[key] = variant.value
     return result
 
