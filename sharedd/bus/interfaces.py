@@ -5,6 +5,7 @@ into named D-Bus errors. No `from __future__ import annotations` here:
 dbus-next reads the signature strings from the annotations.
 """
 
+import dataclasses
 import functools
 import logging
 import time
@@ -236,15 +237,17 @@ class Backend(_Base):
 
 
 class Share(_Base):
-    def __init__(self, engine, share_id):
+    def __init__(self, engine, share):
         super().__init__(C.IFACE_SHARE, engine)
-        self.share_id = share_id
-        self.cache = None   # last known values, for PropertiesChanged and after removal
+        self.share_id = share.id
+        self.update(share)
+
+    def update(self, share):
+        """The committed state, from the engine's events: property reads
+        (GetManagedObjects over thousands of shares) touch no database."""
+        self.cache = dataclasses.replace(share)
 
     def _s(self):
-        share = self.engine.get_share(self.share_id)
-        if share is not None:
-            self.cache = share
         return self.cache
 
     def props(self):
@@ -359,15 +362,15 @@ class Share(_Base):
 
 
 class Snapshot(_Base):
-    def __init__(self, engine, snapshot_id):
+    def __init__(self, engine, snap):
         super().__init__(C.IFACE_SNAPSHOT, engine)
-        self.snapshot_id = snapshot_id
-        self.cache = None
+        self.snapshot_id = snap.id
+        self.update(snap)
+
+    def update(self, snap):
+        self.cache = dataclasses.replace(snap)
 
     def _s(self):
-        snap = self.engine.get_snapshot(self.snapshot_id)
-        if snap is not None:
-            self.cache = snap
         return self.cache
 
     def props(self):

@@ -183,7 +183,7 @@ class BusService(Observer):
         path = I.share_path(share.id)
         if share.id in self.shares:
             return self.share_changed(share)
-        iface = I.Share(self.engine, share.id)
+        iface = I.Share(self.engine, share)
         self.shares[share.id] = iface
         self.cache[path] = iface.props()
         self.bus.export(path, iface)
@@ -194,6 +194,7 @@ class BusService(Observer):
         iface = self.shares.get(share.id)
         if iface is None:
             return self.share_added(share)
+        iface.update(share)
         self._changed(I.share_path(share.id), iface)
 
     def share_removed(self, share_id: str) -> None:
@@ -210,7 +211,7 @@ class BusService(Observer):
         if snap.id in self.snapshots:
             return self.snapshot_changed(snap)
         path = I.snapshot_path(snap.id)
-        iface = I.Snapshot(self.engine, snap.id)
+        iface = I.Snapshot(self.engine, snap)
         self.snapshots[snap.id] = iface
         self.cache[path] = iface.props()
         self.bus.export(path, iface)
@@ -221,6 +222,7 @@ class BusService(Observer):
         iface = self.snapshots.get(snap.id)
         if iface is None:
             return self.snapshot_added(snap)
+        iface.update(snap)
         self._changed(I.snapshot_path(snap.id), iface)
 
     def snapshot_removed(self, snapshot_id: str) -> None:
