@@ -197,12 +197,14 @@ class Engine:
             raise NotFound(f"no share with id {share_id[:80]}")
         return s
 
-    def shares(self, backend: Optional[str] = None, protocol: Optional[str] = None,
-               status: Optional[str] = None, name: Optional[str] = None) -> List[Share]:
-        found = self.store.shares(backend)
-        proto = protocol.upper() if protocol else None
-        return [s for s in found if (proto is None or s.protocol == proto)
-                and (status is None or s.status == status) and (name is None or s.name == name)]
+    def shares(self, backend: Optional[str] = None) -> List[Share]:
+        return self.store.shares(backend)
+
+    def share_ids(self, **equal: str) -> List[str]:
+        """ListShares: ids by backend, protocol (any case), status, name."""
+        if "protocol" in equal:
+            equal["protocol"] = equal["protocol"].upper()
+        return self.store.share_ids(**equal)
 
     def find_share_by_name(self, name: str) -> Share:
         s = self.store.find_share(name)

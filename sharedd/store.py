@@ -182,6 +182,15 @@ class Store:
             rows = self.db.execute("SELECT * FROM shares WHERE backend=? ORDER BY created_at, id", (backend,))
         return [self._share(r) for r in rows]
 
+    def share_ids(self, **equal: str) -> List[str]:
+        """Ids of the shares whose columns equal the given values, oldest first
+        (ListShares: nothing but ids is read, whatever the number of shares)."""
+        assert set(equal) <= {"backend", "protocol", "status", "name"}
+        where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
+        rows = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id",
+                               tuple(equal[k] for k in sorted(equal)))
+        return [r[0] for r in rows]
+
     # --- snapshots -------------------------------------------------------------
     @staticmethod
     def _snapshot(row: sqlite3.Row) -> Snapshot:

@@ -154,7 +154,7 @@ class Manager(_Base):
     async def ListShares(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"backend": ("s",), "protocol": ("s",), "status": ("s",),
                                     "name": ("s",)})
-        return [share_path(s.id) for s in self.engine.shares(**f)]
+        return [share_path(i) for i in self.engine.share_ids(**f)]
 
     @method()
     @translate
