@@ -20,6 +20,7 @@ from .drivers import driver_class, load_class
 from .drivers.base import ShareDriver
 from .errors import BackendFailure, CapacityExceeded, NotSupported, SharedError
 from .helpers import CIFS_HELPERS, NFS_HELPERS
+from .helpers.base import BusCall
 from .hooks import records
 from .hooks.base import HookContext
 from .hooks.manager import HookManager
@@ -47,7 +48,8 @@ class BackendInfo:
 
 class Backend:
     def __init__(self, name: str, config: BackendConfig, state_path: str,
-                 command_timeout: float, context: HookContext):
+                 command_timeout: float, context: HookContext,
+                 bus_call: Optional[BusCall] = None):
         cls = driver_class(config.share_driver)
         bdir = os.path.join(state_path, "backends", name)
         os.makedirs(bdir, mode=0o755, exist_ok=True)
@@ -59,6 +61,7 @@ class Backend:
                 hdir = os.path.join(bdir, hname)
                 os.makedirs(hdir, mode=0o755, exist_ok=True)
                 helpers[proto] = load_class(registry[hname])(config, hdir, command_timeout)
+                helpers[proto].bus_call = bus_call   # the daemon's connection, if any
         self.name = name
         self.config = config
         self.context = context

@@ -67,7 +67,8 @@ class Engine:
                               retention_seconds=cfg.spool_retention_seconds,
                               retention_count=cfg.spool_retention_count)
         for name, bconf in cfg.backends.items():
-            self.backends[name] = Backend(name, bconf, cfg.state_path, cfg.command_timeout, context)
+            self.backends[name] = Backend(name, bconf, cfg.state_path, cfg.command_timeout, context,
+                                          self.observer.bus_call)
         for b in self.backends.values():
             await b.setup()
         await recovery.recover(self.store, self.runner, self.backends)

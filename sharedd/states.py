@@ -188,6 +188,9 @@ class Observer:
     def hook_fired(self, phase: str, method: str, record_json: str) -> None:
         """The dbus hook's record; called from worker threads."""
 
+    #: helpers.base.BusCall over the daemon's own connection, or None
+    bus_call: Optional[Callable[..., List[Any]]] = None
+
 
 def deliver(events: List[Tuple[str, Any]], observer: Any,
             on_error: Callable[[str, BaseException], None]) -> None:

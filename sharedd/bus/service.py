@@ -4,7 +4,9 @@ name, and watches NFS-Ganesha's name so its lost runtime exports are re-added.
 """
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 from typing import Optional
 
 from dbus_next import BusType, DBusError, Message, MessageType
@@ -13,6 +15,7 @@ from dbus_next.service import ServiceInterface
 
 from .. import constants as C
 from ..engine import Engine, Observer
+from ..helpers.base import BusCallError
 from . import interfaces as I
 from .connection import Connection
 
@@ -136,6 +139,26 @@ class BusService(Observer):
                 asyncio.ensure_future(self.engine.export_service_appeared("ganesha"))
             return None
         self.bus.add_message_handler(handler)
+
+    def bus_call(self, destination: str, path: str, interface: str, member: str,
+                 signature: str, body: list, timeout: float) -> list:
+        """helpers.base.BusCall: a blocking call from a worker thread over our
+        own connection (the loop sends and receives; no process per call)."""
+        if self.loop is None or threading.current_thread() is threading.main_thread():
+            raise BusCallError("no bus call from the event loop's own thread")
+        future = asyncio.run_coroutine_threadsafe(self.bus.call(Message(
+            destination=destination, path=path, interface=interface, member=member,
+            signature=signature, body=body)), self.loop)
+        try:
+            reply = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise BusCallError(f"{destination} did not answer {member} within {timeout:g}s") from None
+        except Exception as exc:
+            raise BusCallError(f"{member}: {exc}") from None
+        if reply.message_type == MessageType.ERROR:
+            raise BusCallError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return list(reply.body)
 
     async def alive(self, timeout: float) -> bool:
         """Our own round trip to the bus daemon works and we still own our

@@ -8,11 +8,23 @@ protocol (nfs_helper, cifs_helper). A new export mechanism is one new module.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
 from ..errors import InvalidArgument, NotSupported
 from ..models import AccessRule, Share
+
+
+#: A synchronous D-Bus call over the daemon's own connection, for helpers
+#: that drive a service on the bus (NFS-Ganesha): (destination, path,
+#: interface, member, signature, body, timeout) -> the reply's body; an error
+#: reply or a lost connection raises BusCallError. The daemon provides it;
+#: without it (tools, tests) a helper runs busctl.
+BusCall = Callable[[str, str, str, str, str, List[Any], float], List[Any]]
+
+
+class BusCallError(Exception):
+    """An error reply (name: message) or no reply at all."""
 
 
 def rule_map(rules: Iterable[AccessRule], key: Callable[[str], str]) -> Dict[str, str]:
@@ -68,6 +80,7 @@ class ExportHelper(abc.ABC):
         self.config = config
         self.state_dir = state_dir
         self.command_timeout = command_timeout
+        self.bus_call: Optional[BusCall] = None   # set by the engine when the daemon has one
 
     def setup(self) -> None:
         """Check that the export service is reachable; create state dirs."""

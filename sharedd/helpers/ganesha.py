@@ -50,14 +50,14 @@ import logging
 import os
 import re
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ..errors import (BackendFailure, CapacityExceeded, ConfigError,
                       InvalidArgument, NotFound, NotSupported)
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import ExportHelper, merge_access, rule_map
+from .base import BusCallError, ExportHelper, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,12 @@ class GaneshaHelper(ExportHelper):
 
     # --- ganesha calls ---------------------------------------------------
     def _busctl(self, *args: str, json_reply: bool = False) -> Tuple[int, str, str]:
+        """One ExportMgr call, answered as busctl would: (rc, out, err).
+        Over the daemon's own connection when it has one (no process per
+        call), else through busctl. ganesha says "busy" as an error: retried."""
         timeout = max(5.0, min(60.0, self.command_timeout))
+        if self.bus_call is not None:
+            return self._over_bus(args, json_reply, timeout)
         argv = ["busctl", "--system", "--no-pager", f"--timeout={timeout:g}"]
         if json_reply:
             argv.append("--json=short")
@@ -276,6 +281,25 @@ class GaneshaHelper(ExportHelper):
                 continue
             return proc.returncode, out, err
         return proc.returncode, out, err
+
+    def _over_bus(self, args: Tuple[str, ...], json_reply: bool,
+                  timeout: float) -> Tuple[int, str, str]:
+        assert self.bus_call is not None
+        member, signature, values = args[0], (args[1] if len(args) > 1 else ""), args[2:]
+        body: List[Any] = [int(v) if code in "qutxyni" else v for code, v in zip(signature, values)]
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                reply = self.bus_call(BUS_NAME, EXPORT_MGR_PATH, EXPORT_MGR_IFACE, member,
+                                      signature, body, timeout)
+            except BusCallError as exc:
+                if "busy" in str(exc).lower() and attempt + 1 < _BUSY_RETRIES:
+                    time.sleep(_BUSY_DELAY)
+                    continue
+                return 1, "", str(exc)
+            if json_reply:
+                return 0, json.dumps({"data": reply}, default=str), ""
+            return 0, " ".join(str(v) for v in reply), ""
+        return 1, "", "busy"
 
     def _call(self, *args: str) -> str:
         rc, out, err = self._busctl(*args)
