@@ -17,20 +17,12 @@ from dbus_next.aio import MessageBus
 from sharedd.bus.connection import Connection
 from tests.fixtures.bus import private_bus
 from tests.fixtures.sharedd_daemon import Sharedd
+from tests.support import configs
 
 MGR = "org.sharedd.Sharedd1.Manager"
 ROOT = "/org/sharedd/Sharedd1"
 
-CONFIG = """
-[DEFAULT]
-enabled_share_backends = mem
-state_path = {work}/state
-spool_dir = {work}/spool
-host_id = storage1
 
-[mem]
-share_driver = tests.memdriver:MemoryDriver
-"""
 
 
 class FullOnce:
@@ -76,7 +68,7 @@ def test_the_stock_library_drops_the_connection_on_a_full_buffer(system_bus):
 
 @pytest.fixture
 def d(sharedd_factory):
-    return sharedd_factory(CONFIG.replace("{work}", "@WORK@"))
+    return sharedd_factory(configs.MEMORY)
 
 
 async def _flood(address, connections=4, calls=200, name_size=64 * 1024):
@@ -139,7 +131,7 @@ def test_lost_bus_connection_exits_non_zero(tmp_path):
         os.chmod(work, 0o755)
         conf = os.path.join(work, "sharedd.conf")
         with open(conf, "w") as f:
-            f.write(CONFIG.format(work=work))
+            f.write(configs.MEMORY.replace("@WORK@", work))
         d = Sharedd(bus, work, conf)
         d.start()
         try:

@@ -7,20 +7,13 @@ import json
 import os
 import subprocess
 
+from tests.support import configs
+
 SHARE = "org.sharedd.Sharedd1.Share"
 ERR = "org.sharedd.Sharedd1.Error."
 
 
-MEM_CONFIG = """
-[DEFAULT]
-enabled_share_backends = mem
-state_path = @WORK@/state
-spool_dir = @WORK@/spool
-host_id = storage1
 
-[mem]
-share_driver = tests.memdriver:MemoryDriver
-"""
 
 
 def seed_rules(db_path, share_id, count):
@@ -40,9 +33,8 @@ def seed_rules(db_path, share_id, count):
 def test_rule_limit_is_a_named_error_and_restart_is_clean(sharedd_factory):
     from sharedd import constants as C
     limit = C.MAX_ACCESS_RULES_PER_SHARE
-    d = sharedd_factory(MEM_CONFIG.replace("share_driver", "hook_drivers = spool, dbus\n"
-                                           "enable_pre_hooks = true\nenable_post_hooks = true\n"
-                                           "share_driver"))
+    d = sharedd_factory(configs.memory(hook_drivers="spool, dbus", enable_pre_hooks="true",
+                                       enable_post_hooks="true"))
     path = d.create_share("crowded")
     d.stop()
     seed_rules(os.path.join(d.workdir, "state", "sharedd.db"), path.rsplit("/", 1)[1], limit - 3)
@@ -66,7 +58,7 @@ def test_rule_limit_is_a_named_error_and_restart_is_clean(sharedd_factory):
 
 
 def test_second_daemon_on_the_same_state_refuses(sharedd_factory):
-    d = sharedd_factory(MEM_CONFIG)
+    d = sharedd_factory(configs.MEMORY)
     path = d.create_share("first")
     db = os.path.join(d.workdir, "state", "sharedd.db")
     before = os.stat(db).st_mtime_ns

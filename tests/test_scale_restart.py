@@ -11,21 +11,11 @@ import time
 from dbus_next import Message, MessageType
 
 from sharedd.bus.connection import Connection
-from tests.support import components
+from tests.support import components, configs
 from tests.support.signals import SignalCollector
 
 SHARES = int(os.environ.get("SHAREDD_SCALE_SHARES", "2000"))
-CONFIG = """
-[DEFAULT]
-enabled_share_backends = mem
-state_path = @WORK@/state
-spool_dir = @WORK@/spool
-host_id = storage1
 
-[mem]
-share_driver = tests.memdriver:MemoryDriver
-memory_capacity_gib = 1000000
-"""
 
 
 async def create_many(address, count, in_flight=16):
@@ -59,7 +49,7 @@ async def managed_objects(address):
 
 
 def test_restart_with_thousands_of_shares(sharedd_factory, system_bus):
-    d = sharedd_factory(CONFIG)
+    d = sharedd_factory(configs.MEMORY)
     assert asyncio.run(create_many(system_bus.address, SHARES)) == []
     d.stop()
     sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
