@@ -42,12 +42,18 @@ def wait_for(what, check, timeout=60, step=0.2):
         time.sleep(step)
 
 
-def test_ganesha_killed_during_deny(storage_host, client):
-    h = storage_host
-    path = h.create_share("revoke-ganesha", "NFS", 1)
+def granted_share(h, client, name):
+    """A new share with an rw rule for the client, proven over NFS."""
+    path = h.create_share(name, "NFS", 1)
     sid = path.rsplit("/", 1)[1]
     rid = h.share(path, "AllowAccess", "sssa{sv}", "ip", "10.71.0.61", "rw", 0)
     assert h.ganesha.nfs_ls(client, f"/shares/{sid}").ok
+    return path, sid, rid
+
+
+def test_ganesha_killed_during_deny(storage_host, client):
+    h = storage_host
+    path, sid, rid = granted_share(h, client, "revoke-ganesha")
     h.ganesha.kill()
     try:
         text = h.error(path, SHARE, "DenyAccess", "sa{sv}", rid, 0)
@@ -76,10 +82,7 @@ def test_ganesha_killed_during_deny(storage_host, client):
 
 def test_unwritable_spool_blocks_grants_but_never_revocation(storage_host, client):
     h = storage_host
-    path = h.create_share("revoke-spool", "NFS", 1)
-    sid = path.rsplit("/", 1)[1]
-    rid = h.share(path, "AllowAccess", "sssa{sv}", "ip", "10.71.0.61", "rw", 0)
-    assert h.ganesha.nfs_ls(client, f"/shares/{sid}").ok
+    path, sid, rid = granted_share(h, client, "revoke-spool")
     before = spool_names(h)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "sharedd-ro-spool", h.spool_dir],
                    check=True)
