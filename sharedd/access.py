@@ -125,8 +125,12 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
     backend then enforces only the granting set. No hook holds ensure back:
     it restores what was granted and finishes revocations.
     """
-    retried = [r for r in store.rules(share.id) if r.state == C.RULE_ERROR]
-    pending = pending_denies(store, share.id)
+    # One read: the share's lock is held from here to the end, so no rule
+    # changes meanwhile (this runs for every share at start-up).
+    rules = store.rules(share.id)
+    retried = [r for r in rules if r.state == C.RULE_ERROR]
+    pending = [r for r in rules if r.state in DENY_PENDING]
+    applied = [r for r in rules if r.state in GRANTING or r.state == C.RULE_ERROR]
 
     def intent(tx: Changes) -> None:
         for r in retried:
@@ -134,7 +138,7 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
 
     def done(tx: Changes, update: Optional[ShareUpdate]) -> None:
         tx.share(share, C.STATUS_AVAILABLE, **fields_of(update))
-        for r in granting(store, share.id):
+        for r in applied:
             tx.rule(share, r, C.RULE_ACTIVE)
         for r in pending:
             tx.rule(share, r, None)
@@ -145,5 +149,5 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
             if r.state in (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING):
                 tx.rule(share, r, C.RULE_ERROR)
     return Operation("ensure_share", b, share=share, intent=intent, unblockable=True,
-                     call=lambda: b.call("ensure_share", share, granting(store, share.id)),
+                     call=lambda: b.call("ensure_share", share, applied),
                      done=done, failed=failed)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Dict, List, Optional
 
 from . import constants as C
@@ -68,6 +69,8 @@ class Backend:
         self.driver: ShareDriver = cls(name, config, helpers, bdir, command_timeout)
         self.hooks = HookManager(name, config, context)
         self.stats: Dict[str, Any] = {}
+        self._driver_stats: Optional[Dict[str, Any]] = None   # and when read:
+        self._driver_stats_at = 0.0
         self.setup_error: Optional[str] = None
 
     # --- life cycle --------------------------------------------------------
@@ -164,15 +167,25 @@ class Backend:
         await self.hooks.periodic(rec)
 
     # --- capacity ---------------------------------------------------------------
-    async def refresh_stats(self, share_count: int, provisioned_gib: int) -> bool:
-        """Read the driver's figures; True if they changed (updated_at aside)."""
+    async def refresh_stats(self, share_count: int, provisioned_gib: int,
+                            max_age: float = 0.0) -> bool:
+        """Read the driver's figures (unless read less than max_age seconds
+        ago: every create and extend checks capacity, and the pool's size
+        and free space do not need a driver call each time); True if the
+        backend's stats changed (updated_at aside)."""
         stats: Dict[str, Any] = {}
-        if self.setup_error is None:
+        now = time.monotonic()
+        if self.setup_error is None and self._driver_stats is not None \
+                and now - self._driver_stats_at < max_age:
+            stats = dict(self._driver_stats)
+        elif self.setup_error is None:
             try:
                 stats = dict(await asyncio.to_thread(self.driver.get_share_stats))
+                self._driver_stats, self._driver_stats_at = dict(stats), now
             except Exception as exc:
                 log.warning("backend %s: stats failed: %s", self.name, exc)
                 stats = {"error": str(exc)}
+                self._driver_stats = None
         stats.update(self.driver.capabilities())
         stats.update({
             "share_backend_name": self.config.share_backend_name,

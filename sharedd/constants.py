@@ -62,6 +62,10 @@ HOOK_METHODS = (
     "publish_service_capabilities", "periodic",
 )
 
+#: seconds a driver's capacity figures serve the capacity checks of creates
+#: and extends (the totals of provisioned GiB are always current)
+CAPACITY_STATS_MAX_AGE = 1.0
+
 # --- Limits: the record schema and the options' maxima derive from these -----
 #: access rules on one share (option max_access_rules_per_share may lower it)
 MAX_ACCESS_RULES_PER_SHARE = 5000

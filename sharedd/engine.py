@@ -248,12 +248,12 @@ class Engine:
         return share
 
     # -------------------------------------------------------------- capacity
-    async def _refresh(self, b: Backend) -> None:
-        if await b.refresh_stats(*self.store.backend_totals(b.name)):
+    async def _refresh(self, b: Backend, max_age: float = 0.0) -> None:
+        if await b.refresh_stats(*self.store.backend_totals(b.name), max_age=max_age):
             self.observer.backend_changed(b.name)
 
     async def _check_capacity(self, b: Backend, extra_gib: int) -> None:
-        await self._refresh(b)
+        await self._refresh(b, C.CAPACITY_STATS_MAX_AGE)
         b.check_capacity(extra_gib)
 
     # ------------------------------------------------------------------ hooks
@@ -325,7 +325,7 @@ class Engine:
                               if snap else (lambda: b.call(method, share)),
                               compensate=lambda: b.call("delete_share", share), snapshot=snap)
         await self.runner.run([share.id, f"name:{name}"] + ([parent.id] if parent else []), plan)
-        self._spawn(self._refresh(b))
+        self._spawn(self._refresh(b, C.CAPACITY_STATS_MAX_AGE))
         return self.share(share.id)
 
     async def manage_share(self, backend: str, protocol: str, export_path: str,
@@ -364,7 +364,7 @@ class Engine:
             return _new_share("manage_share", b, share, call,
                               compensate=lambda: b.call("unmanage", share))
         await self.runner.run([share.id, f"name:{name}"], plan)
-        self._spawn(self._refresh(b))
+        self._spawn(self._refresh(b, C.CAPACITY_STATS_MAX_AGE))
         return self.share(share.id)
 
     async def delete_share(self, share_id: str, options: Dict[str, Any]) -> None:
@@ -400,7 +400,7 @@ class Engine:
                              failed=lambda tx, _: tx.share(share, C.STATUS_ERROR))
         op = await self.runner.run([share_id], plan)
         self.runner.forget_lock(share_id)
-        self._spawn(self._refresh(op.backend))
+        self._spawn(self._refresh(op.backend, C.CAPACITY_STATS_MAX_AGE))
 
     async def extend_share(self, share_id: str, new_size: int, options: Dict[str, Any]) -> None:
         await self._resize(share_id, new_size, options, grow=True)
@@ -437,7 +437,7 @@ class Engine:
                              failed=lambda tx, _: tx.share(share, C.STATUS_AVAILABLE),
                              undo=lambda tx: tx.share(share, C.STATUS_AVAILABLE))
         op = await self.runner.run([share_id], plan)
-        self._spawn(self._refresh(op.backend))
+        self._spawn(self._refresh(op.backend, C.CAPACITY_STATS_MAX_AGE))
 
     # ---------------------------------------------------------------- access
     async def allow_access(self, share_id: str, access_type: str, access_to: str,

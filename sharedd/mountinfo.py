@@ -1,11 +1,18 @@
 """The kernel's mount table (/proc/self/mountinfo), parsed once for both
-daemons: sharedd's drivers and mountd's reconciler read it the same way."""
+daemons: sharedd's drivers and mountd's reconciler read it the same way.
+
+With thousands of shares the table has thousands of lines, so the questions
+an operation asks about one path are answered without reading it: the mount a
+path lies on is the ``mnt_id`` of an O_PATH descriptor (/proc/self/fdinfo),
+and a path is a mount point exactly when that differs from its parent's. The
+table is read only to describe a mount that is there.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 def _unescape(field: str) -> str:
@@ -31,10 +38,10 @@ class MountEntry:
     parent_id: int
     root: str
     mount_point: str
-    mount_options: tuple      # per mount point (ro/rw, nosuid, nodev ...)
+    mount_options: Tuple[str, ...]    # per mount point (ro/rw, nosuid, nodev ...)
     fstype: str
     source: str
-    super_options: tuple
+    super_options: Tuple[str, ...]
 
     @property
     def read_only(self) -> bool:
@@ -77,10 +84,44 @@ def top_mounts(entries: List[MountEntry]) -> Dict[str, MountEntry]:
     return top
 
 
-def mount_at(path: str) -> Optional[MountEntry]:
-    """The mount visible at exactly path (after resolving symlinks), if any."""
-    return top_mounts(read_mountinfo()).get(os.path.realpath(path))
+def mount_id(path: str) -> Optional[int]:
+    """Id of the mount that path (not followed if a symlink) lies on; None
+    if path does not exist."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    finally:
+        os.close(fd)
+    raise OSError(f"no mnt_id in /proc/self/fdinfo for {path}")
+
+
+def mounted_id(path: str) -> Optional[int]:
+    """The id of the mount at exactly path (after resolving symlinks), if any."""
+    real = os.path.realpath(path)
+    mine = mount_id(real)
+    if mine is None:
+        return None
+    if real == "/" or mine != mount_id(os.path.dirname(real)):
+        return mine
+    return None
 
 
 def is_mounted(path: str) -> bool:
-    return mount_at(path) is not None
+    """Whether a mount sits at exactly path (after resolving symlinks)."""
+    return mounted_id(path) is not None
+
+
+def mount_at(path: str) -> Optional[MountEntry]:
+    """The mount visible at exactly path (after resolving symlinks), if any.
+    Reads the table only when something is mounted there. (Entries are not
+    cached: mount ids and anonymous device numbers are both reused, so no
+    cheap key tells a new mount from an old one.)"""
+    if not is_mounted(path):
+        return None
+    return top_mounts(read_mountinfo()).get(os.path.realpath(path))

@@ -49,6 +49,16 @@ CREATE TABLE IF NOT EXISTS snapshots (
     UNIQUE (share_id, name)
 );
 CREATE INDEX IF NOT EXISTS shares_by_backend ON shares(backend);
+-- shares and GiB per (backend, status), kept by the triggers below: the
+-- capacity check of every create and the status line read these rows
+-- instead of aggregating every share
+CREATE TABLE IF NOT EXISTS share_totals (
+    backend TEXT NOT NULL,
+    status TEXT NOT NULL,
+    shares INTEGER NOT NULL,
+    gib INTEGER NOT NULL,
+    PRIMARY KEY (backend, status)
+);
 CREATE TABLE IF NOT EXISTS rules (
     id TEXT PRIMARY KEY,
     share_id TEXT NOT NULL REFERENCES shares(id),
@@ -60,6 +70,21 @@ CREATE TABLE IF NOT EXISTS rules (
     UNIQUE (share_id, access_type, access_to)
 );
 """
+
+
+_TOTAL_PLUS = ("INSERT INTO share_totals VALUES (NEW.backend, NEW.status, 1, NEW.size_gib) "
+               "ON CONFLICT(backend, status) DO UPDATE SET shares = shares + 1, "
+               "gib = gib + NEW.size_gib;")
+_TOTAL_MINUS = ("UPDATE share_totals SET shares = shares - 1, gib = gib - OLD.size_gib "
+                "WHERE backend = OLD.backend AND status = OLD.status;")
+_TRIGGERS = [
+    f"CREATE TRIGGER IF NOT EXISTS share_totals_insert AFTER INSERT ON shares "
+    f"BEGIN {_TOTAL_PLUS} END",
+    f"CREATE TRIGGER IF NOT EXISTS share_totals_delete AFTER DELETE ON shares "
+    f"BEGIN {_TOTAL_MINUS} END",
+    f"CREATE TRIGGER IF NOT EXISTS share_totals_update AFTER UPDATE OF backend, status, size_gib "
+    f"ON shares BEGIN {_TOTAL_MINUS} {_TOTAL_PLUS} END",
+]
 
 
 def new_id() -> str:
@@ -79,6 +104,12 @@ class Store:
             for statement in _DDL.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+            for statement in _TRIGGERS:
+                self.db.execute(statement)
+            # Recounted at every open (one scan): totals can never drift.
+            self.db.execute("DELETE FROM share_totals")
+            self.db.execute("INSERT INTO share_totals SELECT backend, status, COUNT(*), "
+                            "SUM(size_gib) FROM shares GROUP BY backend, status")
             if self._meta("epoch") is None:
                 # A new database: a new epoch tells clients that seq restarts.
                 self._set_meta("epoch", new_id())
@@ -158,12 +189,13 @@ class Store:
         return row[0] if row else None
 
     def count_shares_by_status(self) -> Dict[str, int]:
-        return dict(self.db.execute("SELECT status, COUNT(*) FROM shares GROUP BY status").fetchall())
+        return dict(self.db.execute("SELECT status, SUM(shares) FROM share_totals GROUP BY status "
+                                    "HAVING SUM(shares) > 0").fetchall())
 
     def backend_totals(self, backend: str) -> Tuple[int, int]:
         """(shares, provisioned GiB) of a backend, without loading the shares."""
-        count, total = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size_gib), 0) FROM shares "
-                                       "WHERE backend=?", (backend,)).fetchone()
+        count, total = self.db.execute("SELECT COALESCE(SUM(shares), 0), COALESCE(SUM(gib), 0) "
+                                       "FROM share_totals WHERE backend=?", (backend,)).fetchone()
         return int(count), int(total)
 
     def share_task(self, share_id: str) -> Dict[str, Any]:

@@ -496,3 +496,53 @@ def test_check_config(btrfs_pool):
         with pytest.raises(ConfigError) as exc:
             check(**over)
         assert "sharedd.conf: [b] btrfs_" in str(exc.value)
+
+
+def test_id_and_quota_reads_agree_with_btrfs_progs(env):
+    """The ioctl and sysfs reads the driver does per operation (no process,
+    no listing of every subvolume) give what btrfs-progs gives."""
+    from sharedd.drivers.btrfs_kernel import subvolume_id
+    pool, drv, _ = env
+    share = new_share(size_gib=3)
+    drv.create_share(share)
+    sub = os.path.join(pool.path, "shares", share.id)
+    write_file(os.path.join(pool.mount_dir, share.id, "f"), 2 << 20)
+    assert subvolume_id(sub) == int(sh("btrfs", "inspect-internal", "rootid", sub))
+    assert subvolume_id(pool.path) == 5
+    group = drv._qgroup(sub)
+    listed = parse_qgroup_show(sh("btrfs", "qgroup", "show", "-r", "-e", "--raw", pool.path))
+    want = listed[subvolume_id(sub)]
+    assert (group.referenced, group.exclusive, group.max_referenced) == \
+        (want.referenced, want.exclusive, 3 * GiB)
+    assert group.referenced >= 2 << 20
+    # ensure puts back a limit changed behind its back, and keeps a right one
+    sh("btrfs", "qgroup", "limit", str(5 * GiB), sub)
+    drv.ensure_share(share, [])
+    assert qgroup_limit(sub) == 3 * GiB
+    sh("btrfs", "qgroup", "limit", "none", sub)
+    drv.ensure_share(share, [])
+    assert qgroup_limit(sub) == 3 * GiB
+    drv.delete_share(share)
+    assert not os.path.lexists(sub)
+
+
+def test_kernel_refusals_are_named_failures_and_replay_works(env):
+    """The steps are system calls now: a refusal (a subvolume inside the
+    share) is a BackendFailure that says what and why, nothing half-done
+    stays wrong, and the replay after the obstacle is gone completes."""
+    from sharedd.drivers import btrfs_kernel
+    pool, drv, helpers = env
+    share = new_share()
+    drv.create_share(share)
+    sub = os.path.join(pool.path, "shares", share.id)
+    sh("btrfs", "subvolume", "create", os.path.join(sub, "inner"))
+    with pytest.raises(BackendFailure, match=r"subvolume delete .*(not empty|Directory)"):
+        drv.delete_share(share)
+    assert is_subvolume(sub)
+    sh("btrfs", "subvolume", "delete", os.path.join(sub, "inner"))
+    drv.delete_share(share)
+    assert not os.path.lexists(sub) and share.id not in helpers["NFS"].exports
+    for bad in ("..", "a/b", "", "x" * 5000):
+        with pytest.raises(OSError):
+            btrfs_kernel.create_subvolume(os.path.join(pool.path, "shares", bad) if bad != "a/b"
+                                          else os.path.join(pool.path, "nope", "a", "b"))

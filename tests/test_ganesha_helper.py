@@ -274,7 +274,7 @@ def test_export_is_idempotent_and_updates(helper, fsroot, check, ganesha):
 
 
 # --- ids and files ----------------------------------------------------------------
-def test_export_ids_are_lowest_free_reused_and_bounded(make_helper, fsroot, ganesha):
+def test_export_ids_are_free_ones_reused_and_bounded(make_helper, fsroot, ganesha):
     h = make_helper(ganesha_export_id_min=300, ganesha_export_id_max=302)
     shares = [new_share(fsroot) for _ in range(4)]
     for share, path in shares[:3]:
@@ -287,11 +287,11 @@ def test_export_ids_are_lowest_free_reused_and_bounded(make_helper, fsroot, gane
     assert {300, 301, 302} <= active_ids(ganesha)
     h.unexport(*shares[1])
     h.export(*shares[3], [rule(A4, "rw")])
-    assert h.export_id(shares[3][0]) == 301                 # lowest free, reused
+    assert h.export_id(shares[3][0]) == 301                 # the free one, reused
     assert h.exported_share_ids() == sorted([shares[0][0].id, shares[2][0].id, shares[3][0].id])
 
 
-def test_allocation_skips_ids_ganesha_already_serves(make_helper, fsroot):
+def test_allocation_skips_ids_ganesha_already_serves(make_helper, fsroot, ganesha):
     h1 = make_helper(ganesha_export_id_min=400, ganesha_export_id_max=401)
     h2 = make_helper(ganesha_export_id_min=400, ganesha_export_id_max=402)  # other state dir
     s1, p1 = new_share(fsroot)
@@ -299,6 +299,20 @@ def test_allocation_skips_ids_ganesha_already_serves(make_helper, fsroot):
     h1.export(s1, p1, [rule(A4, "rw")])
     h2.export(s2, p2, [rule(A4, "rw")])
     assert (h1.export_id(s1), h2.export_id(s2)) == (400, 401)
+    # h3 learnt the ids in use before h4 took 403: AddExport tells it, the
+    # id is left to its owner and the next one is used
+    h3 = make_helper(ganesha_export_id_min=400, ganesha_export_id_max=405)
+    h4 = make_helper(ganesha_export_id_min=400, ganesha_export_id_max=405)
+    (s3, p3), (s4, p4), (s5, p5) = (new_share(fsroot) for _ in range(3))
+    h3.export(s3, p3, [rule(A4, "rw")])
+    h4.export(s4, p4, [rule(A4, "rw")])
+    h3.export(s5, p5, [rule(A4, "rw")])
+    assert (h3.export_id(s3), h4.export_id(s4), h3.export_id(s5)) == (402, 403, 404)
+    out = ganesha.bus.busctl("--json=short", "call", "org.ganesha.nfsd",
+                             "/org/ganesha/nfsd/ExportMgr", "org.ganesha.nfsd.exportmgr",
+                             "ShowExports").stdout
+    paths = {entry[0]: entry[1] for entry in json.loads(out)["data"][1]}
+    assert (paths[403], paths[404]) == (p4, p5)      # h4's export left as it was
 
 
 def test_export_id_options_cannot_exceed_uint16():
@@ -519,14 +533,20 @@ def test_errors_found_in_a_success_reply_is_a_failure(fake_busctl, tmp_path):
     assert not os.path.exists(h._file(share.id))
 
 
-def test_add_on_an_active_id_falls_back_to_update(fake_busctl, tmp_path):
+def test_add_on_an_active_id_tries_another(fake_busctl, tmp_path):
     program, calls = fake_busctl
-    program(script={"AddExport": [[1, "", "Call failed: Selected entries in x already active!!!"]]})
+    taken = [1, "", "Call failed: Selected entries in x already active!!!"]
+    program(script={"AddExport": [taken]})
     h = GaneshaHelper(_config(), str(tmp_path / "st"))
     share, path = _plain_share(tmp_path)
     h.export(share, path, [rule(A4, "rw")])
-    assert calls() == ["ShowExports", "AddExport", "UpdateExport"]
-    assert os.path.exists(h._file(share.id))
+    assert calls() == ["ShowExports", "AddExport", "AddExport"]   # never an update of it
+    assert h.export_id(share) == h.id_min + 1
+    h.unexport(share, path)
+    program(default={"AddExport": taken})      # every id taken: a clear failure, no file
+    with pytest.raises(BackendFailure, match="already active"):
+        h.export(share, path, [rule(A4, "rw")])
+    assert not os.path.exists(h._file(share.id))
 
 
 def test_remove_of_unknown_id_is_tolerated(fake_busctl, tmp_path):

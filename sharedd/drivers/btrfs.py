@@ -11,7 +11,9 @@ Each share subvolume is mounted on its own mount point
 export helper publishes: NFS-Ganesha cannot export a subvolume that is only
 reachable as a directory under the pool mount (clients get NFS4ERR_XDEV).
 
-Every step is idempotent so that start-up recovery can replay it.
+Every step is idempotent so that start-up recovery can replay it. The steps
+of an operation are system calls (btrfs_kernel), not processes; set-up uses
+the tools.
 """
 
 from __future__ import annotations
@@ -22,20 +24,20 @@ import math
 import os
 import re
 import stat
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import util
 from ..errors import (AlreadyExists, BackendFailure, ConfigError, InvalidArgument)
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
-from ..mountinfo import MountEntry, read_mountinfo, top_mounts
+from ..mountinfo import MountEntry, is_mounted, mount_at, mounted_id
 from ..options import Opt
+from . import btrfs_kernel as kernel
 from .base import ShareDriver
+from .btrfs_kernel import SUBVOL_INO, filesystem_uuid
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
-#: inode number of every subvolume root (BTRFS_FIRST_FREE_OBJECTID)
-SUBVOL_INO = 256
 #: btrfs superblock: at 64 KiB, magic at offset 0x40 within it
 _SUPER_MAGIC_OFFSET = 0x10000 + 0x40
 _SUPER_MAGIC = b"_BHRfS_M"
@@ -52,10 +54,7 @@ _QGROUP_HEADER_RE = re.compile(
     r"(max referenced|max_rfer)\s+(max exclusive|max_excl)\b", re.I)
 _QGROUP_ID_RE = re.compile(r"^(\d+)/(\d+)$")
 
-
-def _mount_at(path: str) -> Optional[MountEntry]:
-    """The topmost mount whose mount point is exactly path."""
-    return top_mounts(read_mountinfo()).get(path)
+_QGROUP_LIMIT_MAX_RFER = 1                  # limit_flags bit in sysfs
 
 
 def _is_subvolume(path: str) -> bool:
@@ -172,18 +171,41 @@ class BtrfsDriver(ShareDriver):
         self.image_size_gib = int(config.btrfs_pool_image_size_gib or 10)
         mdir = config.btrfs_share_mount_dir or os.path.join(state_dir or ".", "mounts")
         self.mount_dir = os.path.realpath(mdir)
+        self._pool_entry: Optional[Tuple[Any, MountEntry]] = None
 
     # --- small tools -----------------------------------------------------------
     def _run(self, *argv: str, check: bool = True):
         return util.run(list(argv), timeout=self.command_timeout, check=check)
 
+    @staticmethod
+    def _kernel(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """One btrfs_kernel call; the kernel's refusal as a BackendFailure."""
+        log.debug("kernel: %s %s", what, args)
+        try:
+            return fn(*args)
+        except OSError as exc:
+            raise BackendFailure(f"{what} {' '.join(str(a) for a in args)}: "
+                                 f"{exc.strerror or exc}") from None
+
     def _pool_mount(self) -> MountEntry:
-        m = _mount_at(self.pool)
-        if m is None:
+        """The pool's mount. Every create and stats read asks: the entry is
+        kept while the same mount (id) of the same file system (uuid) is
+        there, so the mount table of thousands of shares is not re-read."""
+        mid = mounted_id(self.pool)
+        if mid is None:
             raise BackendFailure(f"btrfs pool {self.pool} is not mounted")
-        if m.fstype != "btrfs":
-            raise BackendFailure(f"{self.pool} is a {m.fstype} mount, not btrfs")
-        return m
+        try:
+            key: Any = (mid, filesystem_uuid(self.pool))
+        except OSError:
+            key = None                      # not btrfs: described below
+        if key is None or self._pool_entry is None or self._pool_entry[0] != key:
+            m = mount_at(self.pool)
+            if m is None:
+                raise BackendFailure(f"btrfs pool {self.pool} is not mounted")
+            if m.fstype != "btrfs":
+                raise BackendFailure(f"{self.pool} is a {m.fstype} mount, not btrfs")
+            self._pool_entry = (key, m)
+        return self._pool_entry[1]
 
     def _path(self, rel: str) -> str:
         return os.path.join(self.pool, rel)
@@ -225,30 +247,60 @@ class BtrfsDriver(ShareDriver):
         return helper
 
     def _subvol_id(self, path: str) -> int:
-        out = self._run("btrfs", "inspect-internal", "rootid", path).stdout.decode().strip()
-        if not out.isdigit():
-            raise BackendFailure(f"unexpected output from btrfs inspect-internal rootid "
-                                 f"{path}: {out[:80]!r}")
-        return int(out)
+        return int(self._kernel("subvolume id of", kernel.subvolume_id, path))
 
     def _qgroups(self) -> Dict[int, Qgroup]:
         # Accounting lags behind writes until the transaction commits.
-        self._run("btrfs", "filesystem", "sync", self.pool)
+        self._kernel("commit", kernel.commit, self.pool)
         out = self._run("btrfs", "qgroup", "show", "-r", "-e", "--raw", self.pool)
         return parse_qgroup_show(out.stdout.decode(errors="replace"))
 
-    def _qgroup(self, path: str) -> Qgroup:
+    def _qgroup_dir(self) -> Optional[str]:
+        """/sys/fs/btrfs/<uuid>/qgroups of the pool (kernel 5.9+), if there."""
+        try:
+            d = f"/sys/fs/btrfs/{filesystem_uuid(self.pool)}/qgroups"
+        except OSError:
+            return None
+        return d if os.path.isdir(d) else None
+
+    @staticmethod
+    def _qgroup_sysfs(qdir: str, sid: int) -> Qgroup:
+        """One quota group from sysfs: no listing of every subvolume's."""
+        d = os.path.join(qdir, f"0_{sid}")
+
+        def value(name: str) -> int:
+            with open(os.path.join(d, name), encoding="ascii") as f:
+                text = f.read(64).strip()
+            if not text.isdigit():
+                raise BackendFailure(f"unexpected {name} {text!r} in {d}")
+            return int(text)
+        try:
+            limit = value("max_referenced") if value("limit_flags") & _QGROUP_LIMIT_MAX_RFER \
+                else None
+            return Qgroup(sid, value("referenced"), value("exclusive"), limit)
+        except FileNotFoundError:
+            raise BackendFailure(f"no quota group 0/{sid} (are quotas enabled on the "
+                                 "pool?)") from None
+
+    def _qgroup(self, path: str, fresh: bool = True) -> Qgroup:
+        """The subvolume's quota group; fresh: after a commit (usage figures)."""
         sid = self._subvol_id(path)
-        group = self._qgroups().get(sid)
-        if group is None:
-            raise BackendFailure(f"no quota group 0/{sid} for subvolume {path} "
-                                 "(are quotas enabled on the pool?)")
-        return group
+        qdir = self._qgroup_dir()
+        if qdir is None:                     # no sysfs view: list them all
+            group = self._qgroups().get(sid)
+            if group is None:
+                raise BackendFailure(f"no quota group 0/{sid} for subvolume {path} "
+                                     "(are quotas enabled on the pool?)")
+            return group
+        if fresh:
+            self._kernel("commit", kernel.commit, self.pool)
+        return self._qgroup_sysfs(qdir, sid)
 
     def _set_limit(self, path: str, size_gib: int) -> None:
+        # One ioctl (cheaper than reading the limit back): ensure sets it too.
         if int(size_gib) < 1:
             raise InvalidArgument(f"share size must be at least 1 GiB, not {size_gib}")
-        self._run("btrfs", "qgroup", "limit", str(int(size_gib) * GiB), path)
+        self._kernel("qgroup limit", kernel.limit_referenced, path, int(size_gib) * GiB)
 
     def _snapshot(self, source: str, dest: str, readonly: bool) -> None:
         """Snapshot source to dest unless dest is already a subvolume (replay)."""
@@ -258,8 +310,7 @@ class BtrfsDriver(ShareDriver):
             raise BackendFailure(f"{dest} exists and is not a subvolume")
         if not _is_subvolume(source):
             raise BackendFailure(f"{source} is not a subvolume")
-        argv = ["btrfs", "subvolume", "snapshot"] + (["-r"] if readonly else []) + [source, dest]
-        self._run(*argv)
+        self._kernel("snapshot", kernel.snapshot, source, dest, readonly)
 
     def _delete_subvolume(self, path: str) -> None:
         """Delete the subvolume at path and its quota group; gone is fine."""
@@ -267,31 +318,23 @@ class BtrfsDriver(ShareDriver):
             return
         if not _is_subvolume(path):
             raise BackendFailure(f"{path} is not a subvolume; not deleting it")
-        sid = self._subvol_id(path)
         # A read-only snapshot can be deleted as is; nested subvolumes cannot.
-        self._run("btrfs", "subvolume", "delete", "--commit-after", path)
-        # Newer kernels drop the qgroup once the subvolume is cleaned; older
-        # ones keep a stale one. Both steps are best effort: a stale qgroup
-        # costs nothing and the subvolume itself is already gone.
-        try:
-            # Cleaning a big subvolume can take long: wait a bounded time.
-            util.run(["btrfs", "subvolume", "sync", self.pool, str(sid)],
-                     timeout=min(self.command_timeout, 30.0))
-            if sid in self._qgroups():
-                self._run("btrfs", "qgroup", "destroy", f"0/{sid}", self.pool)
-        except BackendFailure as exc:
-            log.warning("quota group 0/%s of deleted subvolume %s not removed: %s",
-                        sid, path, exc)
+        # The commit makes the deletion survive a crash. The quota group goes
+        # with the subvolume once the cleaner is done (kernel 6.x); an older
+        # kernel keeps a stale one, which costs nothing and is cleared at the
+        # next set-up: waiting for the cleaner here would cost a second or
+        # more per delete.
+        self._kernel("subvolume delete", kernel.delete_subvolume, path)
 
     def _is_mounted_subvol(self, mp: str, subvol_path: str) -> bool:
-        m = _mount_at(mp)
-        if m is None or m.fstype != "btrfs":
+        if not is_mounted(mp):
             return False
         try:
             a, b = os.stat(mp), os.stat(subvol_path)
         except OSError:
             return False
-        # Every subvolume has its own st_dev, the same through every mount of it.
+        # Every subvolume has its own st_dev, the same through every mount of
+        # it (so this is btrfs, and this subvolume).
         return a.st_dev == b.st_dev and a.st_ino == b.st_ino == SUBVOL_INO
 
     def _mount(self, share: Share) -> str:
@@ -307,7 +350,11 @@ class BtrfsDriver(ShareDriver):
         pool = self._pool_mount()
         fsroot = os.path.normpath(os.path.join(pool.root, rel))
         os.makedirs(mp, mode=0o755, exist_ok=True)
-        self._run("mount", "-t", "btrfs", "-o", f"subvol={fsroot}", pool.source, mp)
+        try:
+            self._kernel("mount", kernel.mount_subvolume, pool.source, fsroot, mp)
+        except BackendFailure:
+            self._pool_entry = None         # describe the pool afresh next time
+            raise
         if not self._is_mounted_subvol(mp, path):
             raise BackendFailure(f"mounted {fsroot} on {mp} but the mount does not show "
                                  "the share's subvolume")
@@ -315,9 +362,9 @@ class BtrfsDriver(ShareDriver):
 
     def _unmount(self, mp: str, keep_dir: bool = False) -> None:
         for _ in range(8):            # stacked mounts: peel them one by one
-            if _mount_at(mp) is None:
+            if not is_mounted(mp):
                 break
-            self._run("umount", mp)
+            self._kernel("umount", kernel.unmount, mp)
         else:
             raise BackendFailure(f"{mp} is still mounted after repeated umount")
         if not keep_dir:
@@ -344,7 +391,7 @@ class BtrfsDriver(ShareDriver):
 
     # --- lifecycle -------------------------------------------------------------
     def do_setup(self) -> None:
-        if _mount_at(self.pool) is None:
+        if not is_mounted(self.pool):
             if not self.image:
                 raise BackendFailure(f"btrfs pool {self.pool} is not mounted and no "
                                      "btrfs_pool_image is configured")
@@ -356,6 +403,9 @@ class BtrfsDriver(ShareDriver):
         # Enabling quotas on a pool with data starts a rescan; usage figures
         # are wrong until it ends.
         self._run("btrfs", "quota", "rescan", "-W", self.pool)
+        # Quota groups of subvolumes deleted on an older kernel (see
+        # _delete_subvolume); best effort.
+        self._run("btrfs", "qgroup", "clear-stale", self.pool, check=False)
         for sub in (SHARES_DIR, SNAPSHOTS_DIR):
             os.makedirs(self._path(sub), mode=0o755, exist_ok=True)
         os.makedirs(self.mount_dir, mode=0o755, exist_ok=True)
@@ -394,7 +444,7 @@ class BtrfsDriver(ShareDriver):
         if not _is_subvolume(path):            # replay: it may already exist
             if os.path.lexists(path):
                 raise BackendFailure(f"{path} exists and is not a subvolume")
-            self._run("btrfs", "subvolume", "create", path)
+            self._kernel("subvolume create", kernel.create_subvolume, path)
         return self._serve(share, [])
 
     def create_share_from_snapshot(self, share: Share, snapshot: Snapshot,
@@ -483,7 +533,7 @@ class BtrfsDriver(ShareDriver):
         if rel.split("/")[0] == SNAPSHOTS_DIR or rel.endswith((REVERT_NEW, REVERT_OLD)):
             raise InvalidArgument(f"{export_path} is a snapshot or revert subvolume of "
                                   "this driver, not a share")
-        if _mount_at(real) is not None:
+        if is_mounted(real):
             raise InvalidArgument(f"{export_path} is a separate mount, not part of the pool")
         # In use if mounted on another share's mount point.
         own = self._mount_point(share) if share is not None else None
@@ -530,7 +580,7 @@ class BtrfsDriver(ShareDriver):
         self._unmount(self._mount_point(share))
         os.rename(cur, old)
         os.rename(new, cur)
-        self._run("btrfs", "filesystem", "sync", self.pool)
+        self._kernel("commit", kernel.commit, self.pool)
         # 3. serve the reverted data, then drop the old copy.
         update = self._serve(share, rules)
         self._delete_subvolume(old)
@@ -551,14 +601,14 @@ class BtrfsDriver(ShareDriver):
                 os.rename(old, cur)
             else:
                 return
-            self._run("btrfs", "filesystem", "sync", self.pool)
+            self._kernel("commit", kernel.commit, self.pool)
         elif _is_subvolume(new):
             log.warning("share %s: discarding an unfinished revert copy", share.id)
             self._delete_subvolume(new)
         if _is_subvolume(cur) and _is_subvolume(old):
             # A mount may still show the old data (crash after the rename).
             mp = self._mount_point(share)
-            if _mount_at(mp) is not None and not self._is_mounted_subvol(mp, cur):
+            if is_mounted(mp) and not self._is_mounted_subvol(mp, cur):
                 self._unexport(share)
                 self._unmount(mp, keep_dir=True)
             self._delete_subvolume(old)

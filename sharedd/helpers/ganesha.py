@@ -16,9 +16,15 @@ helper applied (a JSON comment line), and the EXPORT block::
 The pseudo path uses the share id, not its name: ids never change and are
 never reused, so a client holding an old path cannot reach a newer share.
 
-ganesha is driven with ``busctl --system call org.ganesha.nfsd
-/org/ganesha/nfsd/ExportMgr org.ganesha.nfsd.exportmgr ...`` (no D-Bus
-library here); busctl honours DBUS_SYSTEM_BUS_ADDRESS.
+ganesha's export manager (org.ganesha.nfsd, /org/ganesha/nfsd/ExportMgr) is
+called over the daemon's own bus connection, or with ``busctl`` where there
+is none (busctl honours DBUS_SYSTEM_BUS_ADDRESS).
+
+Export ids: which ids sharedd's files use, and which ganesha serves for
+others, is learnt once (one directory scan, one ShowExports) and then kept
+in memory, so a new export costs the same with 10 or 10,000 exports. An id
+taken behind our back is found when AddExport says it is active: it is
+remembered as foreign and another id is tried.
 
 Client forms, as measured with NFS-Ganesha 4.3:
 
@@ -33,10 +39,10 @@ Client forms, as measured with NFS-Ganesha 4.3:
 - IPv4-mapped IPv6 addresses are NotSupported (ganesha matches IPv4
   clients by their IPv4 form).
 
-Quirks handled: AddExport on an active id fails (we UpdateExport instead);
-UpdateExport on an unknown id adds it; a reply can be a success string that
+Quirks handled: AddExport on an active id fails (a new export tries another
+id); UpdateExport on an unknown id adds it; a reply can be a success string that
 carries "Errors found" (treated as failure and undone); "busy" comes back as
-InvalidArgs (retried briefly); runtime exports vanish when ganesha
+InvalidArgs (retried with backoff, about 5 s in all); runtime exports vanish when ganesha
 restarts (``reexport_all`` re-adds them from the files).
 """
 
@@ -69,7 +75,19 @@ _SHARE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._-]+)*$")
 _META_RE = re.compile(r"^# sharedd-ganesha: (\{.*\})$", re.M)
 _BUSY_RETRIES = 10
-_BUSY_DELAY = 0.2
+_BUSY_DELAY = 0.05          # doubling up to _BUSY_DELAY_MAX: about 5 s in all
+_BUSY_DELAY_MAX = 1.0
+
+
+def _busy(text: str) -> bool:
+    """ganesha's "try again later" (its admin lock is held), sent as InvalidArgs."""
+    low = text.lower()
+    return "busy" in low or "try again" in low
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(_BUSY_DELAY * 2 ** attempt, _BUSY_DELAY_MAX))
+_ID_ATTEMPTS = 8
 
 
 class GaneshaHelper(ExportHelper):
@@ -102,6 +120,11 @@ class GaneshaHelper(ExportHelper):
             raise ConfigError(f"[{getattr(config, 'name', '?')}] ganesha_pseudo_prefix: "
                               f"{prefix!r} may only use letters, digits, '.', '_', '-' and '/'")
         self.prefix = prefix
+        # export id -> share id of our files, and ids ganesha serves for
+        # others; None until first needed (read under the directory lock).
+        self._ids: Optional[Dict[int, str]] = None
+        self._foreign: Set[int] = set()
+        self._cursor = self.id_min
 
     def _opt(self, name: str, default):
         try:
@@ -207,10 +230,24 @@ class GaneshaHelper(ExportHelper):
                 used[int(meta["export_id"])] = meta["share_id"]
         return used
 
-    def _allocate(self, active: Set[int]) -> int:
-        taken = set(self._used_ids()) | active
-        for candidate in range(self.id_min, self.id_max + 1):
-            if candidate not in taken:
+    def _index(self) -> Dict[int, str]:
+        """Export ids in use (ours and foreign), learnt once. Directory lock held."""
+        if self._ids is None:
+            active = self._active_ids()
+            ids = self._used_ids()
+            self._foreign = active - set(ids)
+            self._ids = ids
+        return self._ids
+
+    def _allocate(self) -> int:
+        """A free export id, searched on from the last one given. Directory lock held."""
+        ids = self._index()
+        span = self.id_max - self.id_min + 1
+        start = min(max(self._cursor, self.id_min), self.id_max)
+        for step in range(span):
+            candidate = self.id_min + (start - self.id_min + step) % span
+            if candidate not in ids and candidate not in self._foreign:
+                self._cursor = candidate + 1
                 return candidate
         raise CapacityExceeded(f"no free NFS-Ganesha export id in {self.id_min}..{self.id_max} "
                                f"(raise ganesha_export_id_max or delete shares)")
@@ -276,8 +313,8 @@ class GaneshaHelper(ExportHelper):
             proc = run(argv, timeout=timeout + 10, check=False)
             out = proc.stdout.decode(errors="replace").strip()
             err = proc.stderr.decode(errors="replace").strip()
-            if proc.returncode != 0 and "busy" in err.lower() and attempt + 1 < _BUSY_RETRIES:
-                time.sleep(_BUSY_DELAY)   # ganesha says "busy" as InvalidArgs: retry
+            if proc.returncode != 0 and _busy(err) and attempt + 1 < _BUSY_RETRIES:
+                _backoff(attempt)
                 continue
             return proc.returncode, out, err
         return proc.returncode, out, err
@@ -292,8 +329,8 @@ class GaneshaHelper(ExportHelper):
                 reply = self.bus_call(BUS_NAME, EXPORT_MGR_PATH, EXPORT_MGR_IFACE, member,
                                       signature, body, timeout)
             except BusCallError as exc:
-                if "busy" in str(exc).lower() and attempt + 1 < _BUSY_RETRIES:
-                    time.sleep(_BUSY_DELAY)
+                if _busy(str(exc)) and attempt + 1 < _BUSY_RETRIES:
+                    _backoff(attempt)
                     continue
                 return 1, "", str(exc)
             if json_reply:
@@ -319,19 +356,17 @@ class GaneshaHelper(ExportHelper):
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise BackendFailure(f"cannot parse NFS-Ganesha ShowExports reply {out[:200]!r}: {exc}") from None
 
-    def _activate(self, conf: str, export_id: int, active: bool) -> None:
-        selector = f"EXPORT(Export_Id={export_id})"
-        if not active:
-            rc, out, err = self._busctl("AddExport", "ss", conf, selector)
-            if rc == 0 and "Errors found" not in out:
-                return
-            if rc == 0:   # added, but some block was rejected: take it down again
-                self._remove(export_id)
-                raise BackendFailure(f"NFS-Ganesha AddExport reported errors: {out}")
-            if "already active" not in err:
-                raise BackendFailure(f"NFS-Ganesha AddExport failed: {err or out}")
-            # Became active behind our back: fall through to an update.
-        self._call("UpdateExport", "ss", conf, selector)
+    def _add(self, conf: str, export_id: int) -> bool:
+        """AddExport; False if ganesha already serves this id (for someone else)."""
+        rc, out, err = self._busctl("AddExport", "ss", conf, f"EXPORT(Export_Id={export_id})")
+        if rc == 0 and "Errors found" not in out:
+            return True
+        if rc == 0:   # added, but some block was rejected: take it down again
+            self._remove(export_id)
+            raise BackendFailure(f"NFS-Ganesha AddExport reported errors: {out}")
+        if "already active" in err:
+            return False
+        raise BackendFailure(f"NFS-Ganesha AddExport failed: {err or out}")
 
     def _remove(self, export_id: int) -> bool:
         """RemoveExport; False when ganesha does not know the id."""
@@ -393,33 +428,56 @@ class GaneshaHelper(ExportHelper):
 
     def _apply(self, share: Share, path: str, rules: Dict[str, str]) -> None:
         """Write the file and make ganesha match it; undo the file on failure."""
-        conf = self._file(share.id)
         meta = self._read_meta(share.id)
-        if meta is not None:
-            # An existing export: UpdateExport also adds it if ganesha lost it,
-            # so no listing of every export is needed.
-            export_id = int(meta["export_id"])
-            was_active = True
-            atomic_write(conf, self._render(share, path, export_id, rules).encode(), 0o644)
-        else:
-            with self._locked():   # the id is taken once its file exists
-                active = self._active_ids()
-                export_id = self._allocate(active)
-                atomic_write(conf, self._render(share, path, export_id, rules).encode(), 0o644)
-            was_active = export_id in active
+        if meta is None:
+            self._add_new(share, path, rules)
+            return
+        # An existing export: UpdateExport also adds it if ganesha lost it,
+        # so no listing of every export is needed.
+        conf, export_id = self._file(share.id), int(meta["export_id"])
+        selector = f"EXPORT(Export_Id={export_id})"
+        text = self._render(share, path, export_id, rules)
+        if text != meta["_text"]:     # ensure at start-up: mostly unchanged
+            atomic_write(conf, text.encode(), 0o644)
         try:
-            self._activate(conf, export_id, was_active)
+            self._call("UpdateExport", "ss", conf, selector)
         except BaseException:
-            if meta is None:
-                os.unlink(conf)
-            else:
-                atomic_write(conf, meta["_text"].encode(), 0o644)
-                if was_active:   # a half-applied update: put the old one back
-                    try:
-                        self._call("UpdateExport", "ss", conf, f"EXPORT(Export_Id={export_id})")
-                    except BackendFailure as exc:
-                        log.error("restoring export %s failed: %s", export_id, exc)
+            atomic_write(conf, meta["_text"].encode(), 0o644)
+            try:      # a half-applied update: put the old one back
+                self._call("UpdateExport", "ss", conf, selector)
+            except BackendFailure as exc:
+                log.error("restoring export %s failed: %s", export_id, exc)
             raise
+
+    def _add_new(self, share: Share, path: str, rules: Dict[str, str]) -> None:
+        conf = self._file(share.id)
+        for _ in range(_ID_ATTEMPTS):
+            with self._locked():   # the id is taken once its file exists
+                export_id = self._allocate()
+                atomic_write(conf, self._render(share, path, export_id, rules).encode(), 0o644)
+                self._index()[export_id] = share.id
+            try:
+                if self._add(conf, export_id):
+                    return
+            except BaseException:
+                self._drop_new(share.id, export_id)
+                raise
+            log.warning("NFS-Ganesha already serves export id %s for something sharedd did "
+                        "not make; not using that id", export_id)
+            self._drop_new(share.id, export_id, foreign=True)
+        raise BackendFailure(f"NFS-Ganesha refused {_ID_ATTEMPTS} export ids as already active "
+                             "(exports of its own config inside ganesha_export_id_min.."
+                             "ganesha_export_id_max?)")
+
+    def _drop_new(self, share_id: str, export_id: int, foreign: bool = False) -> None:
+        with self._locked():
+            try:
+                os.unlink(self._file(share_id))
+            except FileNotFoundError:
+                pass
+            self._index().pop(export_id, None)
+            if foreign:
+                self._foreign.add(export_id)
 
     def unexport(self, share: Share, path: str) -> None:
         self._check_share(share)
@@ -427,11 +485,15 @@ class GaneshaHelper(ExportHelper):
             meta = self._read_meta(share.id)
             if meta is None:
                 return
-            self._remove(int(meta["export_id"]))
-            try:
-                os.unlink(self._file(share.id))
-            except FileNotFoundError:
-                pass
+            export_id = int(meta["export_id"])
+            self._remove(export_id)
+            with self._locked():
+                try:
+                    os.unlink(self._file(share.id))
+                except FileNotFoundError:
+                    pass
+                if self._ids is not None:
+                    self._ids.pop(export_id, None)
             self._forget_lock(share.id)
 
     # --- recovery after a ganesha restart -----------------------------------
@@ -455,7 +517,7 @@ class GaneshaHelper(ExportHelper):
             export_id = int(meta["export_id"])
             if export_id in self._active_ids():
                 return False
-            self._activate(self._file(share.id), export_id, False)
+            self._call("UpdateExport", "ss", self._file(share.id), f"EXPORT(Export_Id={export_id})")
             return True
 
     def reexport_all(self) -> Dict[str, str]:
@@ -469,7 +531,8 @@ class GaneshaHelper(ExportHelper):
                     result[share_id] = "active"
                     continue
                 try:
-                    self._activate(self._file(share_id), export_id, False)
+                    self._call("UpdateExport", "ss", self._file(share_id),
+                               f"EXPORT(Export_Id={export_id})")
                     result[share_id] = "added"
                 except BackendFailure as exc:
                     log.error("re-adding export %s of share %s failed: %s", export_id, share_id, exc)

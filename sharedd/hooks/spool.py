@@ -10,12 +10,16 @@ its own hook instance; they share one _HostSpool (lock + index) per directory.
 The index lives in memory, is rebuilt by one directory scan when the first
 hook for a directory starts, and carries what retention needs (seq, name,
 phase, write time, and for periodic records the backend), so pruning never
-re-reads the directory or parses records it already knows.
+re-reads the directory or parses records it already knows. Pruning looks at
+the oldest records only (records are written in seq order) and keeps the
+newest periodic record of each backend in a table: its cost per record does
+not grow with the number of records kept.
 
 Retention (documented in doc/spool-records.md):
 * age: a record's age counts from when it was written to the spool (the
   file's mtime for records found at start); older than retention_seconds
-  goes, 0 disables the age limit;
+  goes, 0 disables the age limit (oldest seq first: a record found at start
+  whose mtime is older than that of an earlier seq goes when that one does);
 * count: at most retention_count records stay, oldest seq removed first;
   0 disables the count limit;
 * the newest periodic record of every backend is never removed (it counts
@@ -38,7 +42,7 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from .. import record as rec
 from ..errors import InvalidArgument, InvalidState
@@ -80,6 +84,8 @@ class _HostSpool:
         self.seqs: List[int] = []        # sorted keys of entries
         self.epoch: Optional[str] = None
         self._epoch_known = False
+        # backend -> seq of its newest periodic record; None until first needed
+        self._newest_periodic: Optional[Dict[str, int]] = None
         with self.lock:
             self._prepare_dir()
             self._scan()
@@ -128,6 +134,10 @@ class _HostSpool:
         if entry.seq not in self.entries:
             bisect.insort(self.seqs, entry.seq)
         self.entries[entry.seq] = entry
+        newest = self._newest_periodic
+        if newest is not None and entry.phase == "periodic" and entry.backend \
+                and entry.seq > newest.get(entry.backend, -1):
+            newest[entry.backend] = entry.seq
 
     def _remove(self, seq: int) -> None:
         entry = self.entries.pop(seq)
@@ -169,6 +179,7 @@ class _HostSpool:
                             self.directory, epoch, record["epoch"], len(self.seqs))
                 for seq in list(self.seqs):
                     self._remove(seq)
+                self._newest_periodic = None
             self.epoch = record["epoch"]
             known = self.entries.get(record["seq"])
             if known is not None and known.name != name:
@@ -187,6 +198,7 @@ class _HostSpool:
                 log.warning("spool directory %s vanished; recreating it", self.directory)
                 self.entries.clear()
                 self.seqs.clear()
+                self._newest_periodic = None
                 self._prepare_dir()
                 _write_new(self.directory, name, data)
             self._add(_Entry(record["seq"], name, record["phase"], _now(),
@@ -196,36 +208,38 @@ class _HostSpool:
         return path
 
     # --- retention -------------------------------------------------------------
-    def _protected(self) -> set:
+    def _protected(self) -> Set[int]:
         """Seqs of the newest periodic record of every backend."""
-        newest: Dict[str, int] = {}
-        for seq in reversed(self.seqs):
-            entry = self.entries[seq]
-            if entry.phase != "periodic":
-                continue
-            if entry.backend is None:
-                entry.backend = self._read_field(entry, "backend") or ""
-            if entry.backend and entry.backend not in newest:
-                newest[entry.backend] = seq
-        return set(newest.values())
+        if self._newest_periodic is None:      # once: records found at start
+            newest: Dict[str, int] = {}
+            for seq in reversed(self.seqs):
+                entry = self.entries[seq]
+                if entry.phase != "periodic":
+                    continue
+                if entry.backend is None:
+                    entry.backend = self._read_field(entry, "backend") or ""
+                if entry.backend and entry.backend not in newest:
+                    newest[entry.backend] = seq
+            self._newest_periodic = newest
+        return set(self._newest_periodic.values())
 
     def _prune(self, retention_seconds: int, retention_count: int) -> None:
+        """Remove from the oldest end what is too old or over the count;
+        the newest periodic record of each backend counts but stays."""
         cutoff = _now() - retention_seconds if retention_seconds > 0 else None
-        aged = {s for s in self.seqs
-                if cutoff is not None and self.entries[s].written < cutoff}
-        if not aged and not (retention_count > 0 and len(self.seqs) > retention_count):
-            return
-        protected = self._protected()
-        doomed = aged - protected
-        survivors = [s for s in self.seqs if s not in doomed]
-        excess = len(survivors) - retention_count if retention_count > 0 else 0
-        for seq in survivors:                 # oldest first
-            if excess <= 0:
+        excess = len(self.seqs) - retention_count if retention_count > 0 else 0
+        protected: Optional[Set[int]] = None
+        doomed: List[int] = []
+        for seq in self.seqs:                  # oldest first; stops early
+            aged = cutoff is not None and self.entries[seq].written < cutoff
+            if not aged and excess <= 0:
                 break
-            if seq not in protected:          # protected ones count, but stay
-                doomed.add(seq)
+            if protected is None:
+                protected = self._protected()
+            if seq not in protected:
+                doomed.append(seq)
                 excess -= 1
-        for seq in sorted(doomed):
+        for seq in doomed:
             self._remove(seq)
 
 
