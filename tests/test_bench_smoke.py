@@ -14,6 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/api", "--shares", "5"], "CreateShare"),
     (["bench/concurrency", "--smoke"], "calls/s"),
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
+    (["bench/ops", "--smoke"], "hooks off"),
+    (["bench/scale", "--smoke"], "restart"),
 ])
 def test_bench_script_runs(argv, header):
     proc = subprocess.run(["/usr/bin/python3", *argv], cwd=REPO, capture_output=True, text=True,

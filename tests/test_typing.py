@@ -1,5 +1,6 @@
 """The core modules (engine, runner, state table, store, models, access,
-recovery, backend) type-check with mypy --strict."""
+recovery, backend, the mount table, the bus object tree and wire format,
+the btrfs kernel calls) type-check with mypy --strict."""
 
 import pathlib
 import subprocess
@@ -7,7 +8,8 @@ import subprocess
 from tests.support import components
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend"]
+CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend",
+        "mountinfo", "bus/managed", "bus/wire", "drivers/btrfs_kernel"]
 
 
 def test_core_modules_are_strictly_typed(tmp_path):

@@ -110,16 +110,38 @@ def to_variant_dict(values):
     return out
 
 
+#: class -> its D-Bus members, as dbus-next's constructor collects them
+_MEMBERS: dict = {}
+
+
 class _Base(ServiceInterface):
     def __init__(self, name, engine):
-        super().__init__(name)
+        # dbus-next scans the class with inspect.getmembers for every new
+        # object (0.1 ms; 10,000 shares at start-up): scan once per class and
+        # share the member lists, which nothing changes per object.
+        known = _MEMBERS.get(type(self))
+        if known is None:
+            super().__init__(name)
+            for m in ServiceInterface._get_methods(self):
+                for arg, out_name in zip(m.introspection.out_args, OUT_NAMES.get(m.name, [])):
+                    arg.name = out_name
+            for sig in ServiceInterface._get_signals(self):
+                for arg, arg_name in zip(sig.introspection.args, OUT_NAMES.get(sig.name, [])):
+                    arg.name = arg_name
+            _MEMBERS[type(self)] = (self._ServiceInterface__methods,
+                                    self._ServiceInterface__properties,
+                                    self._ServiceInterface__signals)
+        else:
+            self.name = name
+            (self._ServiceInterface__methods, self._ServiceInterface__properties,
+             self._ServiceInterface__signals) = known
+            self._ServiceInterface__buses = set()
         self.engine = engine
-        for m in ServiceInterface._get_methods(self):
-            for arg, out_name in zip(m.introspection.out_args, OUT_NAMES.get(m.name, [])):
-                arg.name = out_name
-        for sig in ServiceInterface._get_signals(self):
-            for arg, arg_name in zip(sig.introspection.args, OUT_NAMES.get(sig.name, [])):
-                arg.name = arg_name
+
+    #: None: properties are read afresh for every GetManagedObjects; an int,
+    #: bumped by the bus service whenever the object changes, lets the
+    #: connection keep the object's marshalled entry (sharedd.bus.managed)
+    generation = None
 
     def props(self):
         """Current property values (for PropertiesChanged diffs)."""
@@ -240,6 +262,7 @@ class Share(_Base):
     def __init__(self, engine, share):
         super().__init__(C.IFACE_SHARE, engine)
         self.share_id = share.id
+        self.generation = 0
         self.update(share)
 
     def update(self, share):
@@ -365,6 +388,7 @@ class Snapshot(_Base):
     def __init__(self, engine, snap):
         super().__init__(C.IFACE_SNAPSHOT, engine)
         self.snapshot_id = snap.id
+        self.generation = 0
         self.update(snap)
 
     def update(self, snap):

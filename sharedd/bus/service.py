@@ -118,6 +118,7 @@ class BusService(Observer):
             self.share_added(share)
         for snap in engine.snapshots():
             self.snapshot_added(snap)
+        await bus.warm()
         await self._watch_ganesha()
         reply = await bus.request_name(C.BUS_NAME, NameFlag.DO_NOT_QUEUE)
         bus.announce = True
@@ -192,6 +193,8 @@ class BusService(Observer):
         self.loop.call_soon_threadsafe(self.hooks.Fired, phase, method, text)
 
     def _changed(self, path: str, iface) -> None:
+        if iface.generation is not None:
+            iface.generation += 1       # its GetManagedObjects entry is stale
         new = iface.props()
         old = self.cache.get(path, {})
         diff = {k: v for k, v in new.items() if old.get(k) != v}
