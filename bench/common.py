@@ -1,0 +1,217 @@
+"""What bench/ops and bench/scale share: a storage host (the real daemon,
+btrfs pool on a loop image, NFS-Ganesha in a network namespace, a private
+system bus), a D-Bus client for timing sharedd's calls, and the same work
+done by hand with the raw tools (btrfs, mount, busctl) for the ratio.
+
+The raw side runs the commands sharedd's btrfs driver and ganesha helper
+run for the same operation (an administrator's script): subvolume create,
+qgroup limit, mount -o subvol=, an export file and busctl AddExport /
+UpdateExport / RemoveExport, snapshot, delete --commit-after. Its subvolumes
+live under <pool>/raw, its export ids from 60000 up, its pseudo paths under
+/raw: nothing it does touches sharedd's shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, Iterator, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from dbus_next import Message, MessageType  # noqa: E402
+
+from sharedd.bus.connection import Connection  # noqa: E402
+from sharedd.mountinfo import mount_at  # noqa: E402
+from tests.fixtures.storage_host import destroy_storage_host, make_storage_host  # noqa: E402
+
+DEST, ROOT = "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1"
+MGR, SHARE, SNAP = f"{DEST}.Manager", f"{DEST}.Share", f"{DEST}.Snapshot"
+OPS = ("CreateShare", "AllowAccess", "Get(Status)", "Extend", "CreateSnapshot",
+       "Snapshot.Delete", "DenyAccess", "Delete")
+GiB = 1 << 30
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def median_ms(values: List[float]) -> float:
+    return statistics.median(values) * 1e3 if values else float("nan")
+
+
+def set_options(config_path: str, section_lines: Dict[str, str]) -> None:
+    """Replace or add `name = value` lines in the backend section."""
+    with open(config_path) as f:
+        lines = f.read().splitlines()
+    out = [ln for ln in lines if ln.split("=", 1)[0].strip() not in section_lines]
+    out += [f"{k} = {v}" for k, v in section_lines.items()]
+    with open(config_path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+@contextlib.contextmanager
+def storage_host(bus, lab, ganesha, image_gib: int = 16) -> Iterator:
+    tmp = tempfile.mkdtemp(prefix="sharedd-bench-")
+    os.chmod(tmp, 0o755)
+    h = make_storage_host(bus, lab, ganesha, tmp)
+    set_options(h.config_path, {"btrfs_pool_image_size_gib": str(image_gib),
+                                "max_over_subscription_ratio": "1000"})
+    try:
+        h.start(timeout=1800)
+        yield h
+    finally:
+        try:
+            destroy_storage_host(h)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Client:
+    """sharedd's API over one bus connection; every call timed."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.bus = None
+
+    async def connect(self) -> "Client":
+        self.bus = await Connection(bus_address=self.address).connect()
+        return self
+
+    async def call(self, path, iface, member, sig="", body=(), dest=DEST, timeout_ok=False):
+        reply = await self.bus.call(Message(destination=dest, path=path, interface=iface,
+                                            member=member, signature=sig, body=list(body)))
+        if reply.message_type == MessageType.ERROR:
+            raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
+        return reply.body
+
+    async def round(self, name: str, times: Dict[str, List[float]], n: int) -> None:
+        """One of each operation on a new share, which is gone at the end."""
+        async def timed(op, *args):
+            t = time.perf_counter()
+            out = await self.call(*args)
+            times[op].append(time.perf_counter() - t)
+            return out
+        (p,) = await timed("CreateShare", ROOT, MGR, "CreateShare", "ssta{sv}", [name, "NFS", 1, {}])
+        (rid,) = await timed("AllowAccess", p, SHARE, "AllowAccess", "sssa{sv}",
+                             ["ip", f"10.99.{n // 250 % 250}.{n % 250 + 1}", "rw", {}])
+        await timed("Get(Status)", p, "org.freedesktop.DBus.Properties", "Get", "ss", [SHARE, "Status"])
+        await timed("Extend", p, SHARE, "Extend", "ta{sv}", [2, {}])
+        (sp,) = await timed("CreateSnapshot", p, SHARE, "CreateSnapshot", "sa{sv}", ["snap", {}])
+        await timed("Snapshot.Delete", sp, SNAP, "Delete", "a{sv}", [{}])
+        await timed("DenyAccess", p, SHARE, "DenyAccess", "sa{sv}", [rid, {}])
+        await timed("Delete", p, SHARE, "Delete", "a{sv}", [{}])
+
+    async def managed_objects_s(self) -> float:
+        """One GetManagedObjects by busctl (sd-bus reads the reply in C; a
+        dbus-next client would add its own unmarshalling in Python)."""
+        t = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            "busctl", "--system", "--quiet", "call", DEST, ROOT, "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects", stdout=asyncio.subprocess.DEVNULL)
+        if await proc.wait() != 0:
+            raise RuntimeError("busctl GetManagedObjects failed")
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+
+
+class Raw:
+    """The same operations by hand, one process per command."""
+
+    def __init__(self, host, work: str):
+        self.pool = host.pool_path
+        self.top = os.path.join(self.pool, "raw")
+        self.mounts = os.path.join(work, "raw-mounts")
+        self.confs = os.path.join(work, "raw-exports")
+        for d in (self.mounts, self.confs):
+            os.makedirs(d, exist_ok=True)
+        if not os.path.isdir(self.top):
+            os.mkdir(self.top)
+        self.source = mount_at(self.pool).source
+        self.next_id = 60000
+
+    @staticmethod
+    def sh(*argv: str) -> str:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def busctl(self, *args: str) -> None:
+        self.sh("busctl", "--system", "call", "org.ganesha.nfsd", "/org/ganesha/nfsd/ExportMgr",
+                "org.ganesha.nfsd.exportmgr", *args)
+
+    def write_export(self, i: int, export_id: int, mp: str, clients: str = "") -> str:
+        conf = os.path.join(self.confs, f"{i}.conf")
+        client = (f"    CLIENT {{ Clients = {clients}; Access_Type = RW; Protocols = 4; }}\n"
+                  if clients else "")
+        with open(conf + ".tmp", "w") as f:
+            f.write(f'EXPORT {{\n    Export_Id = {export_id};\n    Path = "{mp}";\n'
+                    f'    Pseudo = "/raw/{i}";\n    Protocols = 4;\n    Transports = TCP;\n'
+                    f'    SecType = sys;\n    Squash = No_Root_Squash;\n    Access_Type = None;\n'
+                    f'    FSAL {{ Name = VFS; }}\n{client}}}\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(conf + ".tmp", conf)
+        return conf
+
+    def round(self, i: int, times: Dict[str, List[float]]) -> None:
+        sub, snap = os.path.join(self.top, str(i)), os.path.join(self.top, f"{i}.snap")
+        mp = os.path.join(self.mounts, str(i))
+        eid = self.next_id
+        self.next_id += 1
+        sel = f"EXPORT(Export_Id={eid})"
+
+        def timed(op, *steps):
+            t = time.perf_counter()
+            for step in steps:
+                step()
+            times[op].append(time.perf_counter() - t)
+        timed("CreateShare",
+              lambda: self.sh("btrfs", "subvolume", "create", sub),
+              lambda: self.sh("btrfs", "qgroup", "limit", str(GiB), sub),
+              lambda: os.makedirs(mp),
+              lambda: self.sh("mount", "-t", "btrfs", "-o", f"subvol=/raw/{i}", self.source, mp),
+              lambda: self.busctl("AddExport", "ss", self.write_export(i, eid, mp), sel))
+        timed("AllowAccess",
+              lambda: self.busctl("UpdateExport", "ss",
+                                  self.write_export(i, eid, mp, f"10.99.{i // 250 % 250}.{i % 250 + 1}"),
+                                  sel))
+        timed("Extend", lambda: self.sh("btrfs", "qgroup", "limit", str(2 * GiB), sub))
+        timed("CreateSnapshot", lambda: self.sh("btrfs", "subvolume", "snapshot", "-r", sub, snap))
+        timed("Snapshot.Delete",
+              lambda: self.sh("btrfs", "subvolume", "delete", "--commit-after", snap))
+        timed("DenyAccess",
+              lambda: self.busctl("UpdateExport", "ss", self.write_export(i, eid, mp), sel))
+        timed("Delete",
+              lambda: self.busctl("RemoveExport", "q", str(eid)),
+              lambda: os.unlink(os.path.join(self.confs, f"{i}.conf")),
+              lambda: self.sh("umount", mp),
+              lambda: os.rmdir(mp),
+              lambda: self.sh("btrfs", "subvolume", "delete", "--commit-after", sub))
+
+
+def table(title: str, columns: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(columns)]
+    print(title)
+    print("  ".join(c.ljust(w) if k == 0 else c.rjust(w)
+                    for k, (c, w) in enumerate(zip(columns, widths))))
+    for r in rows:
+        print("  ".join(v.ljust(w) if k == 0 else v.rjust(w)
+                        for k, (v, w) in enumerate(zip(r, widths))), flush=True)
