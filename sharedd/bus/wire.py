@@ -13,7 +13,7 @@ library's marshalling, which reports what is wrong with it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 from dbus_next._private.constants import LITTLE_ENDIAN, PROTOCOL_VERSION, HeaderField
 from dbus_next.constants import MessageType
@@ -179,11 +179,11 @@ def assemble_array(entries: List[bytes]) -> bytes:
     parts: List[bytes] = []
     length = 0
     for entry in entries:
-        pad = -length % 8
-        if pad:
-            parts.append(bytes(pad))
+        gap = -length % 8
+        if gap:
+            parts.append(bytes(gap))
         parts.append(entry)
-        length += pad + len(entry)
+        length += gap + len(entry)
     return struct.pack("<I", length) + bytes(4) + b"".join(parts)
 
 
