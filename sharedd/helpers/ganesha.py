@@ -40,10 +40,11 @@ Client forms, as measured with NFS-Ganesha 4.3:
   clients by their IPv4 form).
 
 Quirks handled: AddExport on an active id fails (a new export tries another
-id); UpdateExport on an unknown id adds it; a reply can be a success string that
-carries "Errors found" (treated as failure and undone); "busy" comes back as
-InvalidArgs (retried with backoff, about 5 s in all); runtime exports vanish when ganesha
-restarts (``reexport_all`` re-adds them from the files).
+id); UpdateExport on an unknown id adds it; a reply can be a success string
+that carries "Errors found" (treated as failure and undone); "busy" comes
+back as InvalidArgs (retried with backoff, about 5 s in all); runtime exports
+vanish when ganesha restarts (the daemon ensures every share again when
+ganesha's bus name reappears; ``reexport_all`` re-adds them from the files).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ _META_RE = re.compile(r"^# sharedd-ganesha: (\{.*\})$", re.M)
 _BUSY_RETRIES = 10
 _BUSY_DELAY = 0.05          # doubling up to _BUSY_DELAY_MAX: about 5 s in all
 _BUSY_DELAY_MAX = 1.0
+_ID_ATTEMPTS = 8            # export ids tried when ganesha says one is taken
 
 
 def _busy(text: str) -> bool:
@@ -87,7 +89,6 @@ def _busy(text: str) -> bool:
 
 def _backoff(attempt: int) -> None:
     time.sleep(min(_BUSY_DELAY * 2 ** attempt, _BUSY_DELAY_MAX))
-_ID_ATTEMPTS = 8
 
 
 class GaneshaHelper(ExportHelper):
