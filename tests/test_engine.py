@@ -130,11 +130,14 @@ class Harness:
         return set(self.world.shares[share.id]["rules"])
 
     def settle(self, rounds=50):
-        """Let background work (deny retries) run until no deny is pending."""
+        """Let background work (deny retries) run until no deny is pending
+        and the operation that finished the last one is over (its post hook
+        runs after the commit that removes the rule)."""
         for _ in range(rounds):
             self.run(asyncio.sleep(0.005))
             if not any(r.state in states.DENY_PENDING for s in self.engine.shares()
                        for r in self.engine.rules(s.id)):
+                self.run(self.engine.runner.wait_idle(5.0))
                 return
 
 
