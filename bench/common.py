@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -134,8 +135,16 @@ class Client:
 class Raw:
     """The same operations by hand, one process per command."""
 
-    def __init__(self, host, work: str):
+    def __init__(self, host, work: str, records: bool = False):
         self.pool = host.pool_path
+        # With records: each operation also writes a pre and a post record
+        # the way the spool hook must (temporary name, fsync, rename, fsync
+        # of the directory), the least a durable notification costs.
+        self.records = os.path.join(work, "raw-records") if records else None
+        if self.records:
+            os.makedirs(self.records, exist_ok=True)
+        self.seq = 0
+        self.written: List[str] = []
         self.top = os.path.join(self.pool, "raw")
         self.mounts = os.path.join(work, "raw-mounts")
         self.confs = os.path.join(work, "raw-exports")
@@ -171,6 +180,30 @@ class Raw:
         os.rename(conf + ".tmp", conf)
         return conf
 
+    def record(self, op: str, phase: str) -> None:
+        if self.records is None:
+            return
+        self.seq += 1
+        name = f"{self.seq:020d}-{phase}-{op}.json"
+        body = json.dumps({"seq": self.seq, "phase": phase, "method": op,
+                           "pad": "x" * 1200}).encode()   # a record's usual size
+        tmp = os.path.join(self.records, "." + name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(self.records, name))
+        dfd = os.open(self.records, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.written.append(name)
+        if len(self.written) > 200:   # keep the directory small, as retention does
+            os.unlink(os.path.join(self.records, self.written.pop(0)))
+
     def round(self, i: int, times: Dict[str, List[float]]) -> None:
         sub, snap = os.path.join(self.top, str(i)), os.path.join(self.top, f"{i}.snap")
         mp = os.path.join(self.mounts, str(i))
@@ -180,8 +213,10 @@ class Raw:
 
         def timed(op, *steps):
             t = time.perf_counter()
+            self.record(op, "pre")
             for step in steps:
                 step()
+            self.record(op, "post")
             times[op].append(time.perf_counter() - t)
         timed("CreateShare",
               lambda: self.sh("btrfs", "subvolume", "create", sub),

@@ -1,8 +1,13 @@
 """This host's IPv4/IPv6 addresses over netlink (pyroute2), and a thread that
-follows RTM_NEWADDR/RTM_DELADDR events."""
+follows RTM_NEWADDR/RTM_DELADDR events.
+
+Loopback addresses (127.0.0.0/8, ::1) are every host's: they identify this
+host in access rules only where the configuration says so (match_loopback),
+else a rule for 127.0.0.1 would make every client mount the share."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import select
 import threading
@@ -22,8 +27,17 @@ def _link_names(ipr: IPRoute) -> dict:
     return {link["index"]: _attr(link, "IFLA_IFNAME") for link in ipr.get_links()}
 
 
-def read_addresses(interfaces: Sequence[str] = (), ipr: Optional[IPRoute] = None) -> Tuple[str, ...]:
-    """Sorted addresses of every interface (or only of `interfaces`)."""
+def is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def read_addresses(interfaces: Sequence[str] = (), ipr: Optional[IPRoute] = None,
+                   loopback: bool = False) -> Tuple[str, ...]:
+    """Sorted addresses of every interface (or only of `interfaces`), without
+    loopback addresses unless asked for."""
     own = ipr is None
     ipr = ipr or IPRoute()
     try:
@@ -33,7 +47,7 @@ def read_addresses(interfaces: Sequence[str] = (), ipr: Optional[IPRoute] = None
             if interfaces and names.get(msg["index"]) not in interfaces:
                 continue
             addr = _attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")
-            if addr:
+            if addr and (loopback or not is_loopback(addr)):
                 out.add(addr)
         return tuple(sorted(out))
     finally:
@@ -49,11 +63,13 @@ class AddressMonitor:
     """
 
     def __init__(self, on_change: Callable[[Tuple[str, ...]], None],
-                 interfaces: Sequence[str] = (), expected: Sequence[str] = ()):
+                 interfaces: Sequence[str] = (), expected: Sequence[str] = (),
+                 loopback: bool = False):
         self.on_change = on_change
         self.interfaces = tuple(interfaces)
         self.expected = tuple(sorted(expected))
-        self._current = self.expected or read_addresses(self.interfaces)
+        self.loopback = loopback
+        self._current = self.expected or read_addresses(self.interfaces, loopback=loopback)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -100,7 +116,7 @@ class AddressMonitor:
 
     def _update(self) -> None:
         try:
-            new = read_addresses(self.interfaces)
+            new = read_addresses(self.interfaces, loopback=self.loopback)
         except Exception as exc:
             log.error("cannot read interface addresses: %s", exc)
             return

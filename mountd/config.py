@@ -36,6 +36,10 @@ OPTIONS: List[Opt] = [
              "of the host's interfaces (followed over netlink)."),
     Opt("interfaces", "list", [],
         help="Only use the addresses of these interfaces (empty: all)."),
+    Opt("match_loopback", "bool", False,
+        help="Count this host's loopback addresses (127.0.0.0/8, ::1) as its identity "
+             "in ip rules. Every host has them: only for a client on the storage host "
+             "itself. Addresses listed in expected_ip_addresses always count."),
     Opt("protocols", "list", ["NFS", "GLUSTERFS"],
         help="Protocols mountd mounts: NFS and/or GLUSTERFS (CIFS is not supported: "
              "it needs credentials, which never travel in records)."),

@@ -83,7 +83,8 @@ class Daemon:
     def _start_monitor(self) -> None:
         self.monitor = AddressMonitor(
             lambda addrs: self.loop.call_soon_threadsafe(self.trigger, "address change"),
-            interfaces=self.cfg.interfaces, expected=self.cfg.expected_ip_addresses)
+            interfaces=self.cfg.interfaces, expected=self.cfg.expected_ip_addresses,
+            loopback=self.cfg.match_loopback)
         self.monitor.start()
 
     def _start_watcher(self) -> None:
@@ -99,7 +100,8 @@ class Daemon:
         old, self.cfg = self.cfg, new
         logging.getLogger().setLevel(new.log_level.upper())
         self._build()
-        if (old.interfaces, old.expected_ip_addresses) != (new.interfaces, new.expected_ip_addresses):
+        if (old.interfaces, old.expected_ip_addresses, old.match_loopback) != \
+                (new.interfaces, new.expected_ip_addresses, new.match_loopback):
             self.monitor.stop()
             self._start_monitor()
         if old.spool_dir != new.spool_dir:

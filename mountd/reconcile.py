@@ -225,7 +225,9 @@ class Reconciler:
 
     def _prepare_dir(self, mp: str, top: Dict[str, MountEntry]) -> bool:
         """Make the mount point; True if mountd created it."""
-        os.makedirs(self.mount_dir, mode=0o755, exist_ok=True)
+        if not os.path.isdir(self.mount_dir):
+            os.makedirs(self.mount_dir, mode=0o755, exist_ok=True)
+            os.chmod(self.mount_dir, 0o755)    # whatever the umask: users reach mounts here
         if mp in top:
             raise MountFailed(f"{mp} is already a mount point that mountd did not make")
         try:

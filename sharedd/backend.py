@@ -26,7 +26,7 @@ from .hooks import records
 from .hooks.base import HookContext
 from .hooks.manager import HookManager
 from .models import AccessRule, Share
-from .util import now_us
+from .util import now_us, private_dir, public_text
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,18 @@ class Backend:
                  bus_call: Optional[BusCall] = None):
         cls = driver_class(config.share_driver)
         bdir = os.path.join(state_path, "backends", name)
-        os.makedirs(bdir, mode=0o755, exist_ok=True)
+        private_dir(os.path.dirname(bdir), 0o700)
+        private_dir(bdir, 0o700)
         helpers = {}
         if cls.uses_export_helpers:
             for proto in config.enabled_share_protocols:
                 registry, hname = {"NFS": (NFS_HELPERS, config.nfs_helper),
                                    "CIFS": (CIFS_HELPERS, config.cifs_helper)}[proto]
                 hdir = os.path.join(bdir, hname)
-                os.makedirs(hdir, mode=0o755, exist_ok=True)
+                private_dir(hdir, 0o700)
                 helpers[proto] = load_class(registry[hname])(config, hdir, command_timeout)
                 helpers[proto].bus_call = bus_call   # the daemon's connection, if any
+                helpers[proto].isolate_subtrees = cls.shares_share_a_file_system
         self.name = name
         self.config = config
         self.context = context
@@ -76,6 +78,9 @@ class Backend:
     # --- life cycle --------------------------------------------------------
     async def setup(self) -> None:
         def work() -> None:
+            if self.driver.helpers and not self.config.share_export_ip:
+                raise BackendFailure("share_export_ip is not set: name the address clients "
+                                     "reach this host on in the backend's section")
             for helper in self.driver.helpers.values():
                 helper.setup()
             self.driver.do_setup()
@@ -184,7 +189,7 @@ class Backend:
                 self._driver_stats, self._driver_stats_at = dict(stats), now
             except Exception as exc:
                 log.warning("backend %s: stats failed: %s", self.name, exc)
-                stats = {"error": str(exc)}
+                stats = {"error": public_text(f"reading the figures failed: {exc}")}
                 self._driver_stats = None
         stats.update(self.driver.capabilities())
         stats.update({
@@ -201,7 +206,7 @@ class Backend:
             "updated_at": now_us(),
         })
         if self.setup_error:
-            stats["error"] = self.setup_error
+            stats["error"] = public_text(self.setup_error)
         old = {k: v for k, v in self.stats.items() if k != "updated_at"}
         self.stats = stats
         return old != {k: v for k, v in stats.items() if k != "updated_at"}

@@ -63,6 +63,8 @@ def main(argv=None) -> int:
         for name, b in cfg.backends.items():
             print(f"  backend {name}: driver {b.share_driver}, protocols "
                   f"{', '.join(b.enabled_share_protocols)}, hooks {', '.join(b.hook_drivers) or 'none'}")
+        for text in config_mod.warnings(cfg):
+            print(f"warning: {text}")
         return 0
     setup_logging(args.log_level or cfg.log_level)
     from .daemon import StartupError, run

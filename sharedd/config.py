@@ -13,6 +13,8 @@ import re
 import socket
 from typing import Any, Dict, List
 
+import netaddr
+
 from . import constants as C
 from .errors import ConfigError
 from .options import Opt, config_files, parse_options, read_ini
@@ -53,6 +55,15 @@ BACKEND_OPTIONS: List[Opt] = [
         help="Percentage of total capacity kept free of new shares."),
     Opt("max_over_subscription_ratio", "float", 20.0, min=1,
         help="Thin provisioning: provisioned capacity may reach total times this ratio."),
+    Opt("default_squash", "str", "root_squash", choices=C.SQUASH_MODES,
+        help="What NFS access rules make of a client's root when AllowAccess names no "
+             "squash option: root_squash (the anonymous uid), all_squash (every uid) or "
+             "no_root_squash (root stays root: only for clients you administer). "
+             "Applies to rules allowed afterwards."),
+    Opt("default_anonuid", "int", C.DEFAULT_ANON_ID, min=0, max=C.MAX_ANON_ID,
+        help="The uid squashed NFS users become, when AllowAccess names no anonuid."),
+    Opt("default_anongid", "int", C.DEFAULT_ANON_ID, min=0, max=C.MAX_ANON_ID,
+        help="The gid squashed NFS users become, when AllowAccess names no anongid."),
     Opt("hook_drivers", "list", [], help="Hook drivers: spool, dbus, or module:Class."),
     Opt("enable_pre_hooks", "bool", False, help="Run pre hooks."),
     Opt("enable_post_hooks", "bool", False, help="Run post hooks."),
@@ -196,12 +207,28 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
             and b.cifs_helper not in helpers.CIFS_HELPERS:
         raise ConfigError(f"{src('cifs_helper')}: [{sec_of('cifs_helper')}] cifs_helper: {b.cifs_helper!r} "
                           f"is not one of {', '.join(helpers.CIFS_HELPERS) or '(none available)'}")
-    if cls.uses_export_helpers and not b.share_export_ip:
-        raise ConfigError(f"{src('share_export_ip')}: [{sec_of('share_export_ip')}] share_export_ip: "
-                          "required for this driver (the address clients mount from)")
     from .hooks import HOOK_DRIVERS
     for hook in b.hook_drivers:
         if hook not in HOOK_DRIVERS and not re.fullmatch(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
             raise ConfigError(f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers: {hook!r} "
                               f"is neither a built-in ({', '.join(HOOK_DRIVERS)}) nor module:Class")
     cls.check_config(b, src, sec_of)
+
+
+def warnings(cfg: "Config") -> List[str]:
+    """What loads but will not serve clients as an administrator expects
+    (printed by --check-config, logged at start)."""
+    from .drivers import driver_class
+    out = []
+    for name, b in cfg.backends.items():
+        if not driver_class(b.share_driver).uses_export_helpers:
+            continue
+        ip = b.share_export_ip
+        if not ip:
+            out.append(f"[{name}] share_export_ip is not set: the backend cannot export "
+                       "until it names the address clients reach this host on (its storage "
+                       "network address)")
+        elif netaddr.IPAddress(ip).is_loopback():
+            out.append(f"[{name}] share_export_ip = {ip} is a loopback address: only this "
+                       "host itself can mount these exports; set the storage network address")
+    return out

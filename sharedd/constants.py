@@ -16,6 +16,10 @@ BACKEND_PATH = ROOT_PATH + "/backend"
 SHARE_PATH = ROOT_PATH + "/share"
 SNAPSHOT_PATH = ROOT_PATH + "/snapshot"
 
+#: the methods that change nothing: every local user may call them (the bus
+#: policy says so) and they leave no audit record
+READ_ONLY_METHODS = ("ListShares", "ListSnapshots", "FindShareByName")
+
 MOUNTD_BUS_NAME = "org.sharedd.Mountd1"
 MOUNTD_ROOT_PATH = "/org/sharedd/Mountd1"
 MOUNTD_IFACE = "org.sharedd.Mountd1"
@@ -24,6 +28,13 @@ MOUNTD_IFACE = "org.sharedd.Mountd1"
 PROTOCOLS = ("NFS", "CIFS", "GLUSTERFS")
 ACCESS_TYPES = ("ip", "user", "cert")
 ACCESS_LEVELS = ("rw", "ro")
+#: what an NFS server makes of a client's root (and, all_squash, of every
+#: uid): root_squash is the default; no_root_squash must be asked for
+SQUASH_MODES = ("root_squash", "all_squash", "no_root_squash")
+#: the anonymous uid/gid squashed users become (nobody/nogroup on Debian)
+DEFAULT_ANON_ID = 65534
+#: uid_t and gid_t stop below 2**32 - 1, which means "no id"
+MAX_ANON_ID = 2**32 - 2
 
 # Manila's statuses.
 STATUS_CREATING = "creating"
@@ -65,6 +76,9 @@ HOOK_METHODS = (
 #: seconds a driver's capacity figures serve the capacity checks of creates
 #: and extends (the totals of provisioned GiB are always current)
 CAPACITY_STATS_MAX_AGE = 1.0
+#: seconds between two PropertiesChanged of one backend's Stats (the last
+#: state is always announced); a Get always reads the current figures
+BACKEND_SIGNAL_INTERVAL = 0.5
 
 # --- Limits: the record schema and the options' maxima derive from these -----
 #: access rules on one share (option max_access_rules_per_share may lower it)

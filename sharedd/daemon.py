@@ -29,6 +29,8 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    for text in config_mod.warnings(cfg):
+        log.warning("configuration: %s", text)
     service = BusService()
     engine = Engine(cfg, observer=service)
     try:

@@ -31,7 +31,7 @@ from .models import AccessRule, Share, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
 from .states import Observer
 from .store import Store, new_id
-from .util import lock_state_dir, now_us
+from .util import lock_state_dir, now_us, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Engine:
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
         cfg = self.config
-        os.makedirs(cfg.state_path, mode=0o750, exist_ok=True)
+        private_dir(cfg.state_path, 0o750)
         os.makedirs(cfg.spool_dir, mode=0o755, exist_ok=True)
         self._lock_fd = lock_state_dir(cfg.state_path)   # before the database is touched
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
@@ -346,12 +346,14 @@ class Engine:
                       status=C.STATUS_MANAGE_STARTING, created_at=now_us(),
                       description=description, metadata=metadata)
 
+        def owned(location: Optional[str]) -> None:
+            other = self.store.share_at(b.name, location) if location else None
+            if other is not None and other.id != share.id:
+                raise AlreadyExists(f"{export_path} is already share {other.name}")
+
         async def call() -> ShareUpdate:
             update: ShareUpdate = await b.call("manage_existing", share, export_path, drv_options)
-            taken = [s for s in self.store.shares(b.name) if s.id != share.id
-                     and update.provider_location and s.provider_location == update.provider_location]
-            if taken:
-                raise AlreadyExists(f"{export_path} is already share {taken[0].name}")
+            owned(update.provider_location)
             if not update.size_gib:
                 raise BackendFailure("the driver did not report the managed share's size")
             return update
@@ -360,7 +362,7 @@ class Engine:
             if self.store.find_share(name) is not None:
                 raise AlreadyExists(f"a share named {name!r} exists already")
             # Every check that can refuse runs before anything is recorded.
-            await b.call("check_manage", export_path, drv_options)
+            owned(await b.call("check_manage", export_path, drv_options))
             return _new_share("manage_share", b, share, call,
                               compensate=lambda: b.call("unmanage", share))
         await self.runner.run([share.id, f"name:{name}"], plan)
@@ -426,7 +428,7 @@ class Engine:
             if grow:
                 await self._check_capacity(b, new_size - old)
             # Drivers change the size in one step: a failure leaves the old size.
-            return Operation(method, b, share=share,
+            return Operation(method, b, share=share, restorable=True,
                              intent=lambda tx: tx.share(share, C.STATUS_EXTENDING if grow
                                                         else C.STATUS_SHRINKING,
                                                         task={"op": method, "old": old,
@@ -442,7 +444,7 @@ class Engine:
     # ---------------------------------------------------------------- access
     async def allow_access(self, share_id: str, access_type: str, access_to: str,
                            access_level: str, options: Dict[str, Any]) -> str:
-        validation.options(options, {})
+        validation.options(options, validation.RULE_OPTIONS)
         kind, to, level = validation.access_rule(access_type, access_to, access_level)
         rule = AccessRule(id=new_id(), share_id=share_id, access_type=kind, access_to=to,
                           access_level=level, state=C.RULE_APPLYING, created_at=now_us())
@@ -450,6 +452,10 @@ class Engine:
         async def plan() -> Operation:
             share = self._share_in(share_id, (C.STATUS_AVAILABLE,), "given new access rules")
             b = self._backend(share.backend).usable()
+            bc = b.config
+            rule.squash, rule.anonuid, rule.anongid = validation.rule_squash(
+                options, share.protocol == "NFS",
+                (bc.default_squash, bc.default_anonuid, bc.default_anongid))
             b.driver.validate_rule(share, rule)
             limit = self.config.max_access_rules_per_share
             if self.store.count_rules(share.id) >= limit:
@@ -463,6 +469,7 @@ class Engine:
                     + ("wait until its deny is applied" if r.state in access.DENY_PENDING
                        else "deny it first"))
             return Operation("allow_access", b, share=share, rules=[rule], is_allow=True,
+                             restorable=True,
                              intent=lambda tx: tx.add_rule(share, rule),
                              call=lambda: b.call("update_access", share,
                                                  access.granting(self.store, share.id), [rule], []),
@@ -471,6 +478,9 @@ class Engine:
                              failed=lambda tx, _: tx.rule(share, rule, C.RULE_ERROR),
                              undo=lambda tx: tx.rule(share, rule, None))
         op = await self.runner.run([share_id], plan)
+        if rule.squash == "no_root_squash":
+            log.warning("share %s: rule %s gives root on %s root's rights (no_root_squash, "
+                        "as asked)", op.share.name if op.share else share_id, rule.id, to)
         if rule.state == C.RULE_ERROR:
             raise BackendFailure(f"backend {op.backend.name} could not apply the rule for {to}")
         return rule.id

@@ -15,10 +15,22 @@ class AccessRule:
     access_level: str     # rw | ro
     state: str
     created_at: int = 0   # µs since epoch
+    # NFS only (ip rules): what the server makes of the client's root; ""
+    # for other protocols and for rules stored before squash existed (the
+    # backend's default_squash applies to those).
+    squash: str = ""
+    anonuid: int = 65534
+    anongid: int = 65534
 
     def as_tuple(self) -> Tuple[str, str, str, str, str]:
         return (self.id, self.access_type, self.access_to,
                 self.access_level, self.state)
+
+    def options(self) -> Dict[str, Any]:
+        """The rule's options as AllowAccess takes them (none when not NFS)."""
+        if not self.squash:
+            return {}
+        return {"squash": self.squash, "anonuid": self.anonuid, "anongid": self.anongid}
 
 
 @dataclasses.dataclass

@@ -35,6 +35,7 @@ from .hooks.manager import HookFailed
 from .models import AccessRule, Share, Snapshot
 from .states import Changes, deliver
 from .store import Store
+from .util import public_text
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class Operation:
     # Revocations (deny, delete, unmanage) and ensure go on whatever their pre
     # hooks say, waiting at most revocation_hook_timeout for them.
     unblockable: bool = False
+    # The driver's effect is one that ensure_share puts back to the committed
+    # state (a quota, an export's client list): without pre hooks its intent
+    # need not reach the disk before the driver acts, the outcome's commit
+    # flushes both. With pre hooks it must: the record's number is in it.
+    restorable: bool = False
     share: Optional[Share] = None                # what the records describe
     snapshot: Optional[Snapshot] = None
     rules: Sequence[AccessRule] = ()             # the rules concerned
@@ -70,10 +76,10 @@ class Runner:
 
     # --- plumbing ----------------------------------------------------------
     @contextlib.contextmanager
-    def tx(self) -> Iterator[Changes]:
+    def tx(self, durable: bool = True) -> Iterator[Changes]:
         """One checked transaction; observers hear of it after COMMIT."""
         changes = Changes(self.store)
-        with self.store.tx():
+        with self.store.tx(durable):
             yield changes
         deliver(changes.events, self.observer,
                 lambda name, exc: log.error("observer %s failed: %s", name, exc))
@@ -123,9 +129,10 @@ class Runner:
             if op is None:
                 return None
             b = op.backend
-            with self.tx() as tx:
+            pre = b.hooks.enabled(C.PHASE_PRE)
+            with self.tx(durable=pre or not op.restorable) as tx:
                 op.intent(tx)
-                seq = tx.next_seq() if b.hooks.enabled(C.PHASE_PRE) else None
+                seq = tx.next_seq() if pre else None
             warnings: List[str] = []
             pre_data = await self._pre(op, seq, warnings)
             try:
@@ -181,7 +188,8 @@ class Runner:
             op.failed(tx, compensated)
             seq = tx.next_seq() if op.backend.hooks.enabled(C.PHASE_POST) else None
         try:
-            await self.post(op, seq, pre_data, {"ok": False, "error": str(exc)[:4000]}, warnings)
+            await self.post(op, seq, pre_data,
+                            {"ok": False, "error": public_text(str(exc), 4000)}, warnings)
         except HookFailed as hexc:
             log.error("%s", hexc)
 

@@ -15,9 +15,9 @@ import json
 import re
 from typing import Any, Dict
 
-from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES,
+from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES, MAX_ANON_ID,
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
-                        RULE_STATES, SHARE_STATUSES)
+                        RULE_STATES, SHARE_STATUSES, SQUASH_MODES)
 
 SCHEMA_VERSION = 1
 #: spool files larger than this are refused unread
@@ -43,6 +43,10 @@ _rule = {
         "access_to": {"type": "string", "minLength": 1, "maxLength": 255},
         "access_level": {"enum": list(ACCESS_LEVELS)},
         "state": {"enum": list(RULE_STATES)},
+        # NFS rules: what the server makes of the client's root (and uids)
+        "squash": {"enum": list(SQUASH_MODES)},
+        "anonuid": {"type": "integer", "minimum": 0, "maximum": MAX_ANON_ID},
+        "anongid": {"type": "integer", "minimum": 0, "maximum": MAX_ANON_ID},
     },
 }
 

@@ -158,7 +158,7 @@ class Changes:
     def add_rule(self, share: Share, rule: AccessRule) -> None:
         check("rule", None, rule.state)
         self.store.insert_rule(rule)
-        self._event("share_changed", share)
+        self._event("rules_changed", share)
 
     def rule(self, share: Share, rule: AccessRule, state: Optional[str]) -> None:
         """Move a rule to state (None: remove it)."""
@@ -171,7 +171,7 @@ class Changes:
         else:
             rule.state = state
             self.store.set_rule_state(rule.id, state)
-        self._event("share_changed", share)
+        self._event("rules_changed", share)
 
 
 class Observer:
@@ -180,6 +180,7 @@ class Observer:
     def share_added(self, share: Share) -> None: ...
     def share_changed(self, share: Share) -> None: ...
     def share_removed(self, share_id: str) -> None: ...
+    def rules_changed(self, share: Share) -> None: ...
     def snapshot_added(self, snapshot: Snapshot) -> None: ...
     def snapshot_changed(self, snapshot: Snapshot) -> None: ...
     def snapshot_removed(self, snapshot_id: str) -> None: ...

@@ -15,9 +15,10 @@ import sqlite3
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .errors import ConfigError
 from .models import AccessRule, Share, Snapshot
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: rules have squash, anonuid, anongid
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     UNIQUE (share_id, name)
 );
 CREATE INDEX IF NOT EXISTS shares_by_backend ON shares(backend);
+CREATE INDEX IF NOT EXISTS shares_by_location ON shares(backend, provider_location);
 -- shares and GiB per (backend, status), kept by the triggers below: the
 -- capacity check of every create and the status line read these rows
 -- instead of aggregating every share
@@ -67,9 +69,20 @@ CREATE TABLE IF NOT EXISTS rules (
     access_level TEXT NOT NULL,
     state TEXT NOT NULL,
     created_at INTEGER NOT NULL,
+    squash TEXT NOT NULL DEFAULT '',
+    anonuid INTEGER NOT NULL DEFAULT 65534,
+    anongid INTEGER NOT NULL DEFAULT 65534,
     UNIQUE (share_id, access_type, access_to)
 );
 """
+
+# Columns added after a table was first released: (table, column, definition).
+# A database made before them gets them at open (their defaults fill old rows).
+_ADDED_COLUMNS = [
+    ("rules", "squash", "TEXT NOT NULL DEFAULT ''"),
+    ("rules", "anonuid", "INTEGER NOT NULL DEFAULT 65534"),
+    ("rules", "anongid", "INTEGER NOT NULL DEFAULT 65534"),
+]
 
 
 _TOTAL_PLUS = ("INSERT INTO share_totals VALUES (NEW.backend, NEW.status, 1, NEW.size_gib) "
@@ -85,6 +98,10 @@ _TRIGGERS = [
     f"CREATE TRIGGER IF NOT EXISTS share_totals_update AFTER UPDATE OF backend, status, size_gib "
     f"ON shares BEGIN {_TOTAL_MINUS} {_TOTAL_PLUS} END",
 ]
+
+
+class StoreError(ConfigError):
+    """The state database cannot be used by this version."""
 
 
 def new_id() -> str:
@@ -104,6 +121,14 @@ class Store:
             for statement in _DDL.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+            made_by = int(self._meta("schema_version") or 0)
+            if made_by > SCHEMA_VERSION:
+                raise StoreError(f"{path}: made by a newer sharedd (schema {made_by}; this one "
+                                 f"knows {SCHEMA_VERSION}); refusing to open it")
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             for statement in _TRIGGERS:
                 self.db.execute(statement)
             # Recounted at every open (one scan): totals can never drift.
@@ -114,21 +139,30 @@ class Store:
                 # A new database: a new epoch tells clients that seq restarts.
                 self._set_meta("epoch", new_id())
                 self._set_meta("seq", "0")
-                self._set_meta("schema_version", str(SCHEMA_VERSION))
+            self._set_meta("schema_version", str(SCHEMA_VERSION))
         self.epoch: str = self._meta("epoch") or ""
 
     def close(self) -> None:
         self.db.close()
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
+    def tx(self, durable: bool = True) -> Iterator[None]:
+        """A transaction; durable: on disk when it returns. Otherwise it
+        survives a crash of the process (WAL) and reaches the disk with the
+        next durable commit, but a power cut may lose it."""
+        if not durable:
+            self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        finally:
+            if not durable:
+                self.db.execute("PRAGMA synchronous=FULL")
 
     def _meta(self, key: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -207,6 +241,12 @@ class Store:
         row = self.db.execute("SELECT * FROM shares WHERE name=?", (name,)).fetchone()
         return self._share(row) if row else None
 
+    def share_at(self, backend: str, provider_location: str) -> Optional[Share]:
+        """The share of a backend that holds this provider location, if any."""
+        row = self.db.execute("SELECT * FROM shares WHERE backend=? AND provider_location=?",
+                              (backend, provider_location)).fetchone()
+        return self._share(row) if row else None
+
     def shares(self, backend: Optional[str] = None) -> List[Share]:
         if backend is None:
             rows = self.db.execute("SELECT * FROM shares ORDER BY created_at, id")
@@ -262,7 +302,8 @@ class Store:
     # --- rules -------------------------------------------------------------------
     # Rules are read in bulk (a share may have thousands): plain tuples in
     # column order are several times faster than sqlite3.Row lookups by name.
-    _RULE_COLUMNS = "id, share_id, access_type, access_to, access_level, state, created_at"
+    _RULE_COLUMNS = ("id, share_id, access_type, access_to, access_level, state, created_at, "
+                     "squash, anonuid, anongid")
 
     def _rules_where(self, where: str, args: Tuple[Any, ...]) -> List[AccessRule]:
         cur = self.db.execute(f"SELECT {self._RULE_COLUMNS} FROM rules WHERE {where} "
@@ -272,9 +313,9 @@ class Store:
 
     def insert_rule(self, r: AccessRule) -> None:
         self.db.execute(
-            "INSERT INTO rules(id, share_id, access_type, access_to, access_level, state, created_at)"
-            " VALUES(?,?,?,?,?,?,?)",
-            (r.id, r.share_id, r.access_type, r.access_to, r.access_level, r.state, r.created_at))
+            f"INSERT INTO rules({self._RULE_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            (r.id, r.share_id, r.access_type, r.access_to, r.access_level, r.state, r.created_at,
+             r.squash, r.anonuid, r.anongid))
 
     def set_rule_state(self, rule_id: str, state: str) -> None:
         self.db.execute("UPDATE rules SET state=? WHERE id=?", (state, rule_id))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from .errors import AlreadyRunning, BackendFailure
 
@@ -17,10 +18,32 @@ log = logging.getLogger(__name__)
 #: default timeout for one external command, seconds
 DEFAULT_TIMEOUT = 60.0
 
+_ACCOUNT_RE = re.compile(r"\b[A-Za-z_][A-Za-z0-9_.-]*@[A-Za-z0-9][A-Za-z0-9.:-]*")
+_PATH_RE = re.compile(r"(?<![\w:])/[^\s'\"():,;]+")
+
+
+def private_dir(path: str, mode: int = 0o700) -> None:
+    """A directory sharedd owns: made with mode (whatever the umask), and
+    tightened to it if it exists with more permissions (never loosened)."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    current = os.stat(path).st_mode & 0o777
+    if current & ~mode:
+        log.info("%s was mode %o; tightening it to %o", path, current, current & mode)
+        os.chmod(path, current & mode)
+
+
+def public_text(text: str, limit: int = 1000) -> str:
+    """An error as every local user may read it (Backend Stats, hook records,
+    signals): without accounts (user@host: the remote logins of a backend)
+    or file paths (key files, state, pool layout). The log keeps the whole."""
+    text = _ACCOUNT_RE.sub("<account>", text)
+    text = _PATH_RE.sub("<path>", text)
+    return text[:limit]
+
 
 def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
         check: bool = True, input: Optional[bytes] = None,
-        env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        env: Optional[Dict[str, str]] = None) -> "subprocess.CompletedProcess[bytes]":
     """Run an argument vector (never a shell) with a timeout.
 
     Failures become BackendFailure naming the command and the tail of stderr.

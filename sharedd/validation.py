@@ -3,7 +3,9 @@
 IP rules: a single address is stored bare (IPv6 compressed, lower case);
 a CIDR must name a network: host bits set (10.0.0.5/24) is rejected with the
 network it probably meant, /32 and /128 are stored as bare addresses, and
-0.0.0.0/0 or ::/0 mean every client of that family.
+0.0.0.0/0 or ::/0 mean every client of that family. A single address never
+widens: 0.0.0.0 and :: (which export services read as "everyone") and IPv4
+addresses written as IPv6 (::ffff:a.b.c.d) are refused.
 """
 
 from __future__ import annotations
@@ -105,6 +107,25 @@ def _address(text: str) -> netaddr.IPAddress:
     return netaddr.IPAddress(text, flags=netaddr.INET_PTON if ":" not in text else 0)
 
 
+def _not_mapped(ip: netaddr.IPAddress, text: str) -> None:
+    # Export services read ::ffff:a.b.c.d in their own ways: grant the IPv4 form.
+    if ip.version == 6 and (ip.is_ipv4_mapped() or ip.is_ipv4_compat()) and int(ip) > 1:
+        raise InvalidArgument(f"invalid address {text!r}: an IPv4 address written as IPv6; "
+                              f"write it as IPv4 ({ip.ipv4()})")
+
+
+def _single(ip: netaddr.IPAddress, text: str) -> str:
+    """One client. The unspecified address is not one: export services read
+    it as "every client", so it must be asked for as a network."""
+    if int(ip) == 0:
+        everyone = "0.0.0.0/0" if ip.version == 4 else "::/0"
+        raise InvalidArgument(f"invalid address {text!r}: it names no client; write "
+                              f"{everyone} to admit every {'IPv4' if ip.version == 4 else 'IPv6'}"
+                              " client")
+    _not_mapped(ip, text)
+    return str(ip)
+
+
 def ip_rule(value: str) -> str:
     text = value if isinstance(value, str) else ""
     if not text or len(text) > 64 or not re.fullmatch(r"^[0-9A-Fa-f.:/]+$", text):
@@ -119,8 +140,11 @@ def ip_rule(value: str) -> str:
                 raise InvalidArgument(
                     f"invalid CIDR {text!r}: host bits are set (did you mean {net.cidr}?)")
             full = 32 if net.version == 4 else 128
-            return str(net.ip) if net.prefixlen == full else str(net.cidr)
-        return str(_address(text))
+            if net.prefixlen == full:
+                return _single(net.ip, text)
+            _not_mapped(net.ip, text)
+            return str(net.cidr)
+        return _single(_address(text), text)
     except InvalidArgument:
         raise
     except (netaddr.AddrFormatError, ValueError, TypeError):
@@ -143,6 +167,32 @@ def access_to(kind: str, value: str) -> str:
 def access_rule(kind: str, to: str, level: str) -> Tuple[str, str, str]:
     kind = access_type(kind)
     return kind, access_to(kind, to), access_level(level)
+
+
+#: AllowAccess's options and their types
+RULE_OPTIONS: Dict[str, type] = {"squash": str, "anonuid": int, "anongid": int}
+
+
+def rule_squash(given: Dict[str, Any], nfs: bool, default: Tuple[str, int, int]
+                ) -> Tuple[str, int, int]:
+    """(squash, anonuid, anongid) of a new rule from AllowAccess's options
+    over the backend's defaults; ("", default ids) where squash means nothing."""
+    options(given, RULE_OPTIONS)
+    if not nfs:
+        if given:
+            raise InvalidArgument(f"option {sorted(given)[0]!r} applies to NFS shares only")
+        return "", C.DEFAULT_ANON_ID, C.DEFAULT_ANON_ID
+    squash = given.get("squash", default[0])
+    if squash not in C.SQUASH_MODES:
+        raise InvalidArgument(f"invalid squash {str(squash)[:40]!r}: use one of "
+                              f"{', '.join(C.SQUASH_MODES)}")
+    ids = []
+    for key, fallback in (("anonuid", default[1]), ("anongid", default[2])):
+        value = given.get(key, fallback)
+        if not 0 <= value <= C.MAX_ANON_ID:
+            raise InvalidArgument(f"invalid {key} {value}: 0 to {C.MAX_ANON_ID}")
+        ids.append(value)
+    return squash, ids[0], ids[1]
 
 
 def options(given: Dict[str, Any], allowed: Dict[str, type]) -> None:

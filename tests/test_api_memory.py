@@ -108,6 +108,43 @@ def test_access_rules_validation_and_canonical_forms(d):
     assert ERR + "InvalidArgument" in d.error(path, SHARE, "DenyAccess", "sa{sv}", "../x", 0)
 
 
+def test_grants_are_exact_and_squash_is_per_rule(d):
+    """A single address never widens; root_squash unless a rule asks for
+    more; the options show in AccessRuleOptions and in the records."""
+    path = d.create_share("squash")
+    for to, hint in (("0.0.0.0", "0.0.0.0/0"), ("::", "::/0"), ("0.0.0.0/32", "0.0.0.0/0"),
+                     ("::ffff:10.0.0.1", "10.0.0.1")):
+        text = d.error(path, SHARE, "AllowAccess", "sssa{sv}", "ip", to, "ro", 0)
+        assert ERR + "InvalidArgument" in text and hint in text, (to, text)
+    default = d.share(path, "AllowAccess", "sssa{sv}", "ip", "10.0.0.1", "rw", 0)
+    opted = d.share(path, "AllowAccess", "sssa{sv}", "ip", "10.0.0.2", "rw", 3,
+                    "squash", "s", "all_squash", "anonuid", "u", 1000, "anongid", "u", 1001)
+    trusted = d.share(path, "AllowAccess", "sssa{sv}", "ip", "10.0.0.3", "ro", 1,
+                      "squash", "s", "no_root_squash")
+    everyone = d.share(path, "AllowAccess", "sssa{sv}", "ip", "0.0.0.0/0", "ro", 0)
+    opts = d.share_prop(path, "AccessRuleOptions")
+    flat = {rid: {k: v["data"] for k, v in o.items()} for rid, o in opts.items()}
+    assert flat[default] == {"squash": "root_squash", "anonuid": 65534, "anongid": 65534}
+    assert flat[opted] == {"squash": "all_squash", "anonuid": 1000, "anongid": 1001}
+    assert flat[trusted]["squash"] == "no_root_squash" and everyone in flat
+    for args in ((1, "squash", "s", "none"), (1, "squash", "u", 1), (1, "anonuid", "x", -1),
+                 (1, "anonuid", "t", 2**32), (1, "colour", "s", "red")):
+        text = d.error(path, SHARE, "AllowAccess", "sssa{sv}", "ip", "10.0.0.9", "rw", *args)
+        assert ERR + "InvalidArgument" in text, (args, text)
+    cifs = d.create_share("squash-cifs", "CIFS")
+    text = d.error(cifs, SHARE, "AllowAccess", "sssa{sv}", "user", "alice", "rw", 1,
+                   "squash", "s", "root_squash")
+    assert ERR + "InvalidArgument" in text and "NFS" in text
+    assert len(d.share_prop(path, "AccessRules")) == 4     # the refusals changed nothing
+    spool = os.path.join(d.workdir, "spool", "storage1")
+    rec = json.load(open(os.path.join(spool, sorted(
+        n for n in os.listdir(spool) if n.endswith("-post-allow_access.json"))[-1])))
+    assert rec["access_rules"][0]["squash"] == "root_squash"
+    trusted_rec = [r for r in rec["share"]["access_rules"] if r["id"] == trusted][0]
+    assert trusted_rec["squash"] == "no_root_squash"
+    assert "no_root_squash" in d.log_tail(200)       # an explicit opt-in is logged
+
+
 def test_extend_shrink_snapshot_revert_clone(d):
     path = d.create_share("data", "NFS", 2)
     d.share(path, "Extend", "ta{sv}", 4, 0)
@@ -195,6 +232,32 @@ def test_object_manager_and_properties_changed(d, system_bus):
     assert "extending" in statuses and "deleting" in statuses
 
 
+def test_rule_and_backend_announcements_follow_the_last_state(d, system_bus):
+    """AccessRules are announced from the rule events (the share's other
+    changes reuse them); a backend's Stats at most every half second, and
+    the last announcement always carries the final figures."""
+    from tests.support.signals import SignalCollector
+    backend = "/org/sharedd/Sharedd1/backend/mem1"
+    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    path = d.create_share("rules-follow")
+    rid = d.share(path, "AllowAccess", "sssa{sv}", "ip", "10.5.0.2", "rw", 0)
+    d.share(path, "Extend", "ta{sv}", 2, 0)
+    for size in range(3, 9):
+        d.share(path, "Extend", "ta{sv}", size, 0)
+    d.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    time.sleep(1.5)     # past the backend's announcement interval
+    msgs = sig.wait_for(1)
+    sig.close()
+    rules = [m.body[1]["AccessRules"].value for m in msgs
+             if m.member == "PropertiesChanged" and m.path == path and "AccessRules" in m.body[1]]
+    assert rules[-1] == [] and any(r and r[0][0] == rid for r in rules)
+    assert d.share_prop(path, "AccessRules") == []
+    stats = [m.body[1]["Stats"].value for m in msgs
+             if m.member == "PropertiesChanged" and m.path == backend and "Stats" in m.body[1]]
+    assert 1 <= len(stats) < 8      # 8 operations changed the provisioned figure
+    assert stats[-1]["provisioned_capacity_gb"].value == 8.0
+    assert d.get(backend, "org.sharedd.Sharedd1.Backend", "Stats")["provisioned_capacity_gb"]["data"] == 8.0
+
 def test_bus_policy_non_root_reads_but_cannot_change(d):
     path = d.create_share("policy")
     nobody = 65534
@@ -211,3 +274,25 @@ def test_bus_policy_non_root_reads_but_cannot_change(d):
         proc = d.bus.busctl(*argv, check=False, user=nobody)
         assert proc.returncode != 0 and "denied" in proc.stderr.lower(), proc.stderr
     assert d.manager("ListShares", "a{sv}", 0) == [path]
+
+
+def test_every_change_is_attributed_to_its_caller(d):
+    """One audit record per state-changing call, done or refused, with the
+    caller's uid and pid from the bus; reads leave none. (On a test bus
+    there is no journald: the record goes to the log; the packaged test
+    reads it from the journal.)"""
+    path = d.create_share("audited")
+    d.share(path, "Extend", "ta{sv}", 2, 0)
+    d.error(path, SHARE, "Extend", "ta{sv}", 1, 0)                          # refused
+    d.manager("ListShares", "a{sv}", 0)
+    lines = [ln for ln in d.log_tail(400).splitlines() if "audit: " in ln]
+    assert any("Manager.CreateShare /org/sharedd/Sharedd1 by uid 0 (pid " in ln
+               and ": ok; args: audited NFS 1 {}" in ln for ln in lines), lines
+    assert any(f"Share.Extend {path} by uid 0" in ln and ": ok;" in ln for ln in lines), lines
+    assert any(f"Share.Extend {path} by uid 0" in ln and "refused: InvalidArgument" in ln
+               for ln in lines), lines
+    assert not any("ListShares" in ln for ln in lines)
+    # A caller's text is escaped and bounded in the record.
+    d.error("/org/sharedd/Sharedd1", MGR, "CreateShare", "ssta{sv}", "x\ny" * 100, "NFS", 1, 0)
+    forged = [ln for ln in d.log_tail(400).splitlines() if ln.startswith("y")]
+    assert not forged and any("x\\ny" in ln for ln in d.log_tail(400).splitlines())

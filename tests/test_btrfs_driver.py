@@ -256,11 +256,25 @@ def test_quota_is_enforced(env):
 
 
 def test_manage_and_unmanage(env):
-    pool, drv, helpers = env
-    rel = f"manual-{uuid.uuid4().hex[:8]}"
+    pool, default, helpers = env
+    # Only the pool's shares directory and btrfs_manage_paths may be adopted
+    # from: a subvolume anywhere else in the pool (where it shares a btrfs
+    # with the OS: anything) is refused before anything happens.
+    os.makedirs(os.path.join(pool.path, "adopt"), exist_ok=True)
+    rel = f"adopt/manual-{uuid.uuid4().hex[:8]}"
     path = os.path.join(pool.path, rel)
     sh("btrfs", "subvolume", "create", path)
     digest = write_file(os.path.join(path, "keep"), 5 << 20, b"m")
+    stray = os.path.join(pool.path, f"os-{uuid.uuid4().hex[:6]}")
+    sh("btrfs", "subvolume", "create", stray)
+    for drv_, bad in ((default, rel), (default, stray)):
+        with pytest.raises(InvalidArgument, match="outside what backend"):
+            drv_.check_manage(bad, {})
+        with pytest.raises(InvalidArgument, match="outside what backend"):
+            drv_.manage_existing(new_share(), bad, {})
+    sh("btrfs", "subvolume", "delete", stray)
+    drv = pool.driver(helpers, btrfs_manage_paths=["adopt"])
+    assert drv.check_manage(rel, {}) == rel
 
     share = new_share(size_gib=0)
     upd = drv.manage_existing(share, rel, {})
@@ -490,9 +504,12 @@ def test_check_config(btrfs_pool):
         BtrfsDriver.check_config(btrfs_pool.config(**over), lambda o: "sharedd.conf",
                                  lambda o: "b")
     check()
+    check(btrfs_manage_paths=["adopt", "old/shares"])
     for over in ({"btrfs_pool_path": "/"},
                  {"btrfs_pool_image": os.path.join(btrfs_pool.path, "img")},
-                 {"btrfs_share_mount_dir": os.path.join(btrfs_pool.path, "m")}):
+                 {"btrfs_share_mount_dir": os.path.join(btrfs_pool.path, "m")},
+                 {"btrfs_manage_paths": ["/srv"]}, {"btrfs_manage_paths": ["../x"]},
+                 {"btrfs_manage_paths": ["snapshots"]}, {"btrfs_manage_paths": ["."]}):
         with pytest.raises(ConfigError) as exc:
             check(**over)
         assert "sharedd.conf: [b] btrfs_" in str(exc.value)
@@ -546,3 +563,42 @@ def test_kernel_refusals_are_named_failures_and_replay_works(env):
         with pytest.raises(OSError):
             btrfs_kernel.create_subvolume(os.path.join(pool.path, "shares", bad) if bad != "a/b"
                                           else os.path.join(pool.path, "nope", "a", "b"))
+
+
+def test_share_content_cannot_act_on_the_storage_host(env):
+    """What clients write (a setuid binary, a device node) is inert on the
+    storage host: every share mount is nosuid,nodev,noexec, the pool's share
+    and snapshot areas and the mount directory are closed to local users, and
+    an NFS share's root is writable for squashed clients."""
+    pool, drv, _ = env
+    share = new_share()
+    drv.create_share(share)
+    cifs = new_share(protocol="CIFS")
+    drv.create_share(cifs)
+    try:
+        mp = drv._mount_point(share)
+        opts = set(top_mounts(read_mountinfo())[mp].mount_options)
+        assert {"nosuid", "nodev", "noexec"} <= opts, opts
+        assert oct(os.stat(mp).st_mode & 0o7777) == "0o777"            # NFS share root
+        assert oct(os.stat(drv._mount_point(cifs)).st_mode & 0o7777) == "0o755"
+        for sub in ("shares", "snapshots"):
+            assert oct(os.stat(os.path.join(pool.path, sub)).st_mode & 0o777) == "0o700"
+        # The fixture's backend serves CIFS too: smbd's users may only traverse.
+        assert oct(os.stat(drv.mount_dir).st_mode & 0o777) == "0o711"
+        # A setuid-root copy of id(1) and a block device node, as a client
+        # with no_root_squash could make them.
+        binary = os.path.join(mp, "suid-id")
+        with open("/usr/bin/id", "rb") as src, open(binary, "wb") as dst:
+            dst.write(src.read())
+        os.chown(binary, 0, 0)
+        os.chmod(binary, 0o4755)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               binary, "-u"], capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc
+        node = os.path.join(mp, "disk")
+        os.mknod(node, 0o666 | 0o060000, os.makedev(7, 0))     # like /dev/loop0
+        with pytest.raises(PermissionError):
+            open(node, "rb")
+    finally:
+        for s in (share, cifs):
+            drv.delete_share(s)

@@ -44,7 +44,6 @@ def test_valid_config_and_summary(tmp_path):
     (("share_driver = btrfs", "share_driver = zfs"), "[b1] share_driver: 'zfs' is neither one of"),
     (("[b1]\n", "[b1]\ncolour = blue\n"), "[b1] colour: unknown option"),
     (("enabled_share_backends = b1", "enabled_share_backends = b1, b2"), "no section [b2]"),
-    (("share_export_ip = 192.0.2.1\n", ""), "[b1] share_export_ip: required for this driver"),
     (("[b1]\n", "[b1]\nenable_pre_hooks = maybe\n"), "[b1] enable_pre_hooks: 'maybe' is not a boolean"),
     (("[b1]\n", "[b1]\nhook_drivers = spool, no such\n"), "[b1] hook_drivers:"),
     (("[b1]\n", "[b1]\nreserved_share_percentage = 120\n"), "above the maximum 100"),
@@ -58,6 +57,32 @@ def test_bad_config_names_file_section_option(tmp_path, change, message):
     assert proc.returncode == 1
     assert str(tmp_path / "sharedd.conf") in proc.stderr
     assert message.format(d=tmp_path) in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ip_line, warning", [
+    ("", "[b1] share_export_ip is not set"),
+    ("share_export_ip = 127.0.0.1\n", "[b1] share_export_ip = 127.0.0.1 is a loopback address"),
+    ("share_export_ip = ::1\n", "[b1] share_export_ip = ::1 is a loopback address"),
+    ("share_export_ip = 192.0.2.1\n", None),
+])
+def test_export_address_is_checked_and_what_to_set_is_said(tmp_path, ip_line, warning):
+    """The shipped configuration names no export address: it loads (the
+    service starts), and --check-config says what to set."""
+    proc = check(tmp_path, BASE.replace("share_export_ip = 192.0.2.1\n", ip_line))
+    assert proc.returncode == 0, proc.stderr
+    if warning is None:
+        assert "warning:" not in proc.stdout
+    else:
+        assert f"warning: {warning}" in proc.stdout, proc.stdout
+
+
+def test_shipped_config_names_no_loopback_export_address():
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(REPO, "etc", "sharedd.conf"))
+    for section in parser.sections():
+        assert not parser.has_option(section, "share_export_ip") or \
+            not parser.get(section, "share_export_ip").startswith(("127.", "::1")), section
 
 
 def test_dropin_overrides_and_is_named_in_errors(tmp_path):

@@ -190,3 +190,231 @@ def test_spool_records_for_real_operations(storage_host, clients):
         ("10.71.0.0/24", "ro", "active")]
     h.share(path, "DenyAccess", "sa{sv}", rid, 0)
     h.share(path, "Delete", "a{sv}", 0)
+
+
+def test_nothing_sharedd_creates_is_open_to_local_users(storage_host):
+    """Every directory under the state path and the pool is private (the
+    state path 0750, the rest 0700; the mount directory of a backend that
+    serves no CIFS too), whatever the umask; every share mount is
+    nosuid,nodev,noexec. Share contents (below mount points) are the
+    clients' and not looked at."""
+    import stat
+    h = storage_host
+    path = h.create_share("private-paths", "NFS", 1)
+    try:
+        assert stat.S_IMODE(os.stat(h.state_path).st_mode) == 0o750
+        for root in (h.state_path, h.pool_path):
+            for top, dirs, _ in os.walk(root):
+                dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(top, d))]
+                if top == h.state_path:
+                    continue
+                mode = stat.S_IMODE(os.stat(top).st_mode)
+                assert mode & 0o077 == 0, (top, oct(mode))
+        mp = mount_of(h, path)[0]
+        from sharedd.mountinfo import mount_at
+        assert {"nosuid", "nodev", "noexec"} <= set(mount_at(mp).mount_options)
+    finally:
+        h.share(path, "Delete", "a{sv}", 0)
+
+
+# --- issue 12: a client's root is not the storage host's root ---------------------------
+# A client with an rw rule is root on its own machine and sends, over NFS
+# through NFS-Ganesha, what a hostile root would: a program made setuid root
+# and a block device node. With the default rule (root_squash) the server
+# makes it the anonymous user; with no_root_squash the writes land as root,
+# and the storage host still refuses to honour them: every share mount is
+# nosuid,nodev,noexec.
+
+# The payload: a 184-byte static x86-64 ELF that does what `id -u` does
+# (prints its effective uid in decimal and a newline, exits 0; arguments
+# ignored). /usr/bin/id itself is over 4 KiB, which libnfs' nfs-cp cannot
+# write to ganesha 4.3 (see test_share_lifecycle_with_real_clients).
+#   mov eax,107 (geteuid); syscall; mov rsi,rsp; dec rsi; mov byte [rsi],10
+#   mov ecx,10; 1: xor edx,edx; div ecx; add dl,'0'; dec rsi; mov [rsi],dl
+#   test eax,eax; jnz 1b; mov rdx,rsp; sub rdx,rsi; mov edi,1; mov eax,1 (write)
+#   syscall; xor edi,edi; mov eax,60 (exit); syscall
+_EUID_CODE = bytes.fromhex(
+    "b86b0000000f054889e648ffcec6060ab90a00000031d2f7f180c23048ffce881685c075f0"
+    "4889e24829f2bf01000000b8010000000f0531ffb83c0000000f05")
+
+
+def euid_program() -> bytes:
+    """The ELF: header, one PT_LOAD (R+X) segment of the whole file at
+    0x400000, the code right after the headers."""
+    import struct
+    base, headers = 0x400000, 64 + 56
+    size = headers + len(_EUID_CODE)
+    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, b"\0" * 7,
+                       2, 0x3E, 1, base + headers, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return ehdr + phdr + _EUID_CODE
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+# Run in the client's namespace: nfs4wire as uid 0 (AUTH_SYS), privileged port.
+HOSTILE_ROOT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tests.support import nfs4wire as w
+server, pseudo, fname, node = sys.argv[2:6]
+rdev = (int(sys.argv[6]), int(sys.argv[7]))
+out = {}
+with w.Nfs4Client(server, uid=0, gid=0, machine="hostile-root", timeout=30) as c:
+    base = [w.putrootfh()] + [w.lookup(p) for p in pseudo.strip("/").split("/")]
+    def run(key, ops):
+        res = c.compound(ops, tag=key)
+        got = {"status": res.describe(), "ok": res.ok}
+        for r in res.results:
+            if r.name == "GETATTR" and r.ok:
+                got["attrs"] = r.value
+        out[key] = got
+    attrs = ["type", "mode", "owner", "owner_group"]
+    # chown first: a chown clears the setuid bit, so an attacker does it first.
+    run("chown_root", base + [w.lookup(fname), w.setattr_({"owner": "0", "owner_group": "0"}),
+                              w.getattr_(attrs)])
+    run("setuid", base + [w.lookup(fname), w.setattr_({"mode": 0o4755}), w.getattr_(attrs)])
+    run("mknod", base + [w.create(node, "BLK", {"mode": 0o666}, rdev=rdev),
+                         w.getattr_(attrs + ["rawdev"])])
+print(json.dumps(out))
+"""
+
+
+def hostile_root(h, ns, pseudo_path, fname, node, rdev):
+    """The statuses (and attributes) the server answered the hostile root."""
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = h.lab.run(ns, [sys.executable, "-c", HOSTILE_ROOT, repo, h.lab.server_ip4,
+                          pseudo_path, fname, node, str(os.major(rdev)), str(os.minor(rdev))],
+                     timeout=90)
+    assert proc.returncode == 0, proc.stderr + h.ganesha.log_tail()
+    return json.loads(proc.stdout)
+
+
+def run_as_nobody_by_fd(path):
+    """Exec path as uid 65534 through /proc/self/fd (an fd root opened): the
+    directories above path play no part, only the file and its mount."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return subprocess.run(NOBODY + [f"/proc/self/fd/{fd}", "-u"], pass_fds=(fd,),
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        os.close(fd)
+
+
+def test_client_root_is_not_storage_root(storage_host, clients, capsys):
+    """Issue 12. As uid 0 over NFS (nfs-cp, then nfs4wire): chown a copy of an
+    `id -u` program to root, SETATTR it to 04755, CREATE a block device node
+    with /dev/loop0's numbers, mode 0666. root_squash: all of it is the
+    anonymous user's (or refused). no_root_squash: it lands as root, and the
+    host neither runs the program (noexec, nosuid) nor opens the node (nodev)."""
+    import shutil
+    import stat
+    import tempfile
+    import uuid
+    from sharedd.mountinfo import mount_at
+    h, ns, ip = storage_host, clients["rw"], "10.71.0.21"
+    tag = uuid.uuid4().hex[:8]
+    program = euid_program()
+    rdev = os.stat("/dev/loop0").st_rdev
+    # Controls, on the host outside any share: the payload and the device
+    # numbers work, so a refusal below is the share mount's doing.
+    ctl = tempfile.mkdtemp(prefix="hostile-ctl-", dir=h.workdir)
+    ctl_prog, ctl_node = os.path.join(ctl, "id"), os.path.join(ctl, "blk")
+    with open(ctl_prog, "wb") as f:
+        f.write(program)
+    os.chown(ctl_prog, 0, 0)
+    os.chmod(ctl_prog, 0o4755)
+    got = run_as_nobody_by_fd(ctl_prog)
+    assert (got.returncode, got.stdout) == (0, "0\n"), \
+        f"control: the setuid payload does not run as root on this host: {got}"
+    os.mknod(ctl_node, stat.S_IFBLK | 0o600, rdev)
+    os.close(os.open(ctl_node, os.O_RDONLY))
+
+    squashed = h.create_share(f"hostile-squash-{tag}", "NFS", 1)
+    trusted = None
+    report = {}
+    try:
+        trusted = h.create_share(f"hostile-nosquash-{tag}", "NFS", 1)
+        h.share(squashed, "AllowAccess", "sssa{sv}", "ip", ip, "rw", 0)
+        h.share(trusted, "AllowAccess", "sssa{sv}", "ip", ip, "rw", 1,
+                "squash", "s", "no_root_squash")
+        conf_dir = os.path.join(h.state_path, "backends", "btrfs1", "ganesha")
+        for share, squash in ((squashed, "Root_Squash"), (trusted, "No_Root_Squash")):
+            conf = open(os.path.join(conf_dir, share.rsplit("/", 1)[1] + ".conf")).read()
+            assert f"Clients = {ip}; Access_Type = RW; Protocols = 4; Squash = {squash};" \
+                in conf, conf
+
+        results, mps = {}, {}
+        for key, share in (("root_squash", squashed), ("no_root_squash", trusted)):
+            p = pseudo(h, share)
+            assert access(h, ns, p) == "rw"
+            up = write(h, ns, p, "id", program)            # nfs-cp, as root (uid 0)
+            assert up.ok, str(up)
+            results[key] = hostile_root(h, ns, p, "id", "blk", rdev)
+            [mps[key]] = mount_of(h, share)
+            assert {"nosuid", "nodev", "noexec"} <= set(mount_at(mps[key]).mount_options)
+            report[key] = {k: (v["status"].split()[0],
+                               {a: oct(x) if a == "mode" else x
+                                for a, x in v.get("attrs", {}).items()})
+                           for k, v in results[key].items()}
+
+        # --- root_squash: root is the anonymous user on the server ------------------
+        mp, res = mps["root_squash"], results["root_squash"]
+        st = os.lstat(os.path.join(mp, "id"))
+        assert (st.st_uid, st.st_gid) == (65534, 65534), (st, res)
+        # A chown to root is refused, or (ganesha) squashed too: owner 0 becomes the
+        # anonymous uid, and the answer is NFS4_OK with nothing changed.
+        assert res["chown_root"].get("attrs", {}).get("owner") != "0", res
+        assert res["setuid"].get("attrs", {}).get("owner") != "0", res
+        for top, _, names in os.walk(mp):
+            for name in names:
+                s = os.lstat(os.path.join(top, name))
+                assert not (s.st_mode & (stat.S_ISUID | stat.S_ISGID) and
+                            (s.st_uid == 0 or s.st_gid == 0)), (name, oct(s.st_mode), s.st_uid)
+        report["root_squash: the copy on the host"] = f"uid {st.st_uid} mode {oct(st.st_mode)}"
+        node = os.path.join(mp, "blk")
+        if res["mknod"]["ok"]:
+            s = os.lstat(node)
+            assert s.st_uid == 65534, s
+            with pytest.raises(PermissionError):
+                os.close(os.open(node, os.O_RDONLY))
+        else:
+            assert not os.path.lexists(node), res
+
+        # --- no_root_squash: the writes land as root, and the host ignores them -------
+        mp, res = mps["no_root_squash"], results["no_root_squash"]
+        assert all(v["ok"] for v in res.values()), res
+        prog = os.path.join(mp, "id")
+        st = os.lstat(prog)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and \
+            stat.S_IMODE(st.st_mode) == 0o4755, (oct(st.st_mode), st.st_uid)
+        with open(prog, "rb") as f:
+            assert f.read() == program
+        node = os.path.join(mp, "blk")
+        st = os.lstat(node)
+        assert stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev and st.st_uid == 0, st
+        assert stat.S_IMODE(st.st_mode) == 0o666, oct(st.st_mode)
+        # noexec: not even root may run it.
+        with pytest.raises(PermissionError):
+            subprocess.run([prog, "-u"], capture_output=True, timeout=30)
+        # An unprivileged user on the host cannot run it, so never as root.
+        for how, got in (("path", subprocess.run(NOBODY + [prog, "-u"], capture_output=True,
+                                                 text=True, timeout=30)),
+                         ("fd", run_as_nobody_by_fd(prog))):
+            assert got.returncode != 0 and got.stdout.strip() != "0", (how, got)
+            assert "Permission denied" in got.stderr, (how, got)
+            report[f"exec as 65534 by {how}"] = f"rc {got.returncode}: {got.stderr.strip()}"
+        # nodev: the node is there, and opening it is refused even to root.
+        with pytest.raises(PermissionError) as denied:
+            os.close(os.open(node, os.O_RDONLY))
+        report["open device node as root"] = str(denied.value)
+    finally:
+        with capsys.disabled():
+            for key, val in report.items():
+                print(f"\n[client root] {key}: {val}", end="")
+            print()
+        for share in (squashed, trusted):
+            if share is not None:
+                h.share(share, "Delete", "a{sv}", 0)
+        shutil.rmtree(ctl, ignore_errors=True)

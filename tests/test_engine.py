@@ -61,14 +61,14 @@ class RecordingObserver(Observer):
         self.events.append((name, getattr(arg, "id", arg)))
         store = self.engine.store
         assert not store.db.in_transaction, f"{name} delivered inside a transaction"
-        if name == "share_changed":
+        if name in ("share_changed", "rules_changed"):
             assert store.share_status(arg.id) == arg.status
         if name == "share_removed":
             assert store.share_status(arg) is None
 
     def __getattribute__(self, name):
-        if name in ("share_added", "share_changed", "share_removed", "snapshot_added",
-                    "snapshot_changed", "snapshot_removed", "backend_changed"):
+        if name in ("share_added", "share_changed", "rules_changed", "share_removed",
+                    "snapshot_added", "snapshot_changed", "snapshot_removed", "backend_changed"):
             return lambda arg: self._committed(name, arg)
         return object.__getattribute__(self, name)
 
@@ -482,7 +482,8 @@ def test_a_share_whose_record_cannot_be_built_is_isolated(h):
     # A rule no record can carry (written behind the engine's back).
     import sqlite3
     db = sqlite3.connect(os.path.join(h.root, "state", "sharedd.db"))
-    db.execute("INSERT INTO rules VALUES(?,?,?,?,?,?,?)",
+    db.execute("INSERT INTO rules(id, share_id, access_type, access_to, access_level, state, "
+               "created_at) VALUES(?,?,?,?,?,?,?)",
                ("e" * 32, bad.id, "ip", "x" * 300, "rw", C.RULE_ACTIVE, 1))
     db.commit()
     db.close()

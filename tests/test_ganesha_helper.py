@@ -21,6 +21,7 @@ from sharedd.errors import (BackendFailure, CapacityExceeded, InvalidArgument,
                             NotFound, NotSupported)
 from sharedd.helpers.ganesha import GaneshaHelper
 from sharedd.models import AccessRule, Share
+from tests.support.forms import ACCEPTED_FORMS, addresses
 
 A4, B4, C4 = "10.71.0.11", "10.71.0.12", "10.71.0.13"
 D6 = "fd71::21"
@@ -103,9 +104,11 @@ def new_share(fsroot, content: str = "hello\n"):
     return share, path
 
 
-def rule(to: str, level: str, access_type: str = "ip", state: str = "active") -> AccessRule:
+def rule(to: str, level: str, access_type: str = "ip", state: str = "active",
+         squash: str = "", anonuid: int = 65534, anongid: int = 65534) -> AccessRule:
     return AccessRule(id=uuid.uuid4().hex, share_id="", access_type=access_type,
-                      access_to=to, access_level=level, state=state)
+                      access_to=to, access_level=level, state=state, squash=squash,
+                      anonuid=anonuid, anongid=anongid)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +202,46 @@ def test_levels_are_enforced_and_follow_changes(helper, fsroot, check):
     helper.update_access(share, path, [], add_rules=[rule(A4, "ro")],
                          delete_rules=[rule("10.71.0.99", "rw"), rule("not-an-ip", "rw")])
     assert chk.levels("a", "b") == {"a": "ro", "b": "none"}
+
+
+def test_squash_decides_who_owns_what_a_clients_root_writes(helper, fsroot, check):
+    """libnfs runs as root in the client namespaces: with the default
+    root_squash its files belong to the anonymous uid, with an explicit
+    no_root_squash to root, with all_squash to the rule's anonuid/anongid.
+    Where a network and a host inside it differ, the stricter squash wins."""
+    share, path = new_share(fsroot)
+    helper.export(share, path, [rule(A4, "rw"), rule(B4, "rw", squash="no_root_squash"),
+                                rule(C4, "rw", squash="all_squash", anonuid=1234, anongid=4321)])
+    chk = check(share, helper)
+
+    def owner(who):
+        before = set(os.listdir(path))
+        assert chk.can_write(who)
+        (new,) = [n for n in set(os.listdir(path)) - before if n.startswith(f"f-{who}-")]
+        st = os.stat(os.path.join(path, new))
+        return st.st_uid, st.st_gid
+    assert owner("a") == (65534, 65534)
+    assert owner("b") == (0, 0)
+    assert owner("c") == (1234, 4321)
+    helper.update_access(share, path, [rule("10.71.0.0/24", "rw", squash="no_root_squash"),
+                                       rule(A4, "rw", squash="root_squash")], [], [])
+    assert owner("a") == (65534, 65534) and owner("b") == (0, 0)
+
+
+def test_every_accepted_form_reads_back_exactly(helper, fsroot, ganesha):
+    """What ganesha's own parser makes of each rendered rule (DisplayExport)
+    covers exactly the network that was granted: no form widens."""
+    from sharedd.validation import ip_rule
+    for form in ACCEPTED_FORMS:
+        share, path = new_share(fsroot)
+        canonical = ip_rule(form)
+        helper.export(share, path, [rule(canonical, "ro")])
+        out = ganesha.bus.busctl("--json=short", "call", "org.ganesha.nfsd",
+                                 "/org/ganesha/nfsd/ExportMgr", "org.ganesha.nfsd.exportmgr",
+                                 "DisplayExport", "q", str(helper.export_id(share))).stdout
+        clients = [entry[0] for entry in json.loads(out)["data"][4]]
+        assert addresses(clients) == addresses([canonical]), (form, clients)
+        helper.unexport(share, path)
 
 
 def test_cidr_rule_and_rw_wins(helper, fsroot, check):
@@ -337,14 +380,17 @@ def test_export_file_contents(helper, fsroot):
     assert f"Export_Id = {eid};" in text
     assert f'Path = "{path}";' in text
     assert f'Pseudo = "/shares/{share.id}";' in text
-    for line in ("Access_Type = None;", "Squash = No_Root_Squash;", "SecType = sys;",
+    for line in ("Access_Type = None;", "Squash = Root_Squash;", "SecType = sys;",
                  "Transports = TCP;", "Name = VFS;"):
         assert line in text
+    assert "No_Root_Squash" not in text
     rw = text.index("Access_Type = RW")
     ro = text.index("Access_Type = RO")
     assert rw < ro                                              # rw block first
     client_lines = [ln for ln in text.splitlines() if "CLIENT {" in ln]
     assert len(client_lines) == 2 and all("Protocols = 4;" in ln for ln in client_lines)
+    assert all("Squash = Root_Squash; Anonymous_Uid = 65534; Anonymous_Gid = 65534;" in ln
+               for ln in client_lines)
     assert "Clients = 10.71.0.11;" in client_lines[0]
     assert "Clients = 10.71.0.12, fd71::/64;" in client_lines[1]
 

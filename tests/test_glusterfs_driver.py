@@ -378,7 +378,9 @@ def test_remote_target_over_ssh(gluster_lab):
 
 
 def test_remote_target_with_password(gluster_lab, caplog):
-    """glusterfs_server_password (no key): ssh gets it through SSH_ASKPASS; never logged."""
+    """An SSH password (no key), from glusterfs_server_password_file or the
+    deprecated glusterfs_server_password: ssh gets it through SSH_ASKPASS;
+    never logged, never on disk but in its own root-only file."""
     import logging
     from tests.fixtures.gluster import ROOT_PASSWORD
     lab = gluster_lab
@@ -398,12 +400,33 @@ def test_remote_target_with_password(gluster_lab, caplog):
     drv.check_for_setup_error()
     stats = drv.get_share_stats()
     assert stats["free_volumes"] == 1 and 3.0 < stats["total_capacity_gb"] <= 4.0
+    assert "glusterfs_server_password_file" in caplog.text     # the deprecation warning
     # a wrong password is refused
     cfg.values["glusterfs_server_password"] = "wrong-" + ROOT_PASSWORD
     bad = InNetns(GlusterfsNativeDriver("glp", cfg, state_dir=state, command_timeout=60),
                   lab.lab.server_ns)
     with pytest.raises(BackendFailure, match="ssh to root@"):
         bad.check_for_setup_error()
+    # The password file: root's, 0600, one line; anything else is refused
+    # before ssh is ever run.
+    pw = os.path.join(state, "gluster.password")
+    with open(pw, "w") as f:
+        f.write(ROOT_PASSWORD + "\n")
+    os.chmod(pw, 0o600)
+    cfg.values.update(glusterfs_server_password="", glusterfs_server_password_file=pw)
+    good = InNetns(GlusterfsNativeDriver("glp", cfg, state_dir=state, command_timeout=60),
+                   lab.lab.server_ns)
+    good.do_setup()
+    good.check_for_setup_error()
+    os.chmod(pw, 0o640)
+    loose = GlusterfsNativeDriver("glp", cfg, state_dir=state, command_timeout=60)
+    with pytest.raises(BackendFailure, match="mode 0600"):
+        loose.do_setup()
+    os.chmod(pw, 0o600)
+    with open(pw, "w") as f:
+        f.write("two\nlines\n")
+    with pytest.raises(BackendFailure, match="one line"):
+        GlusterfsNativeDriver("glp", cfg, state_dir=state, command_timeout=60).do_setup()
     assert ROOT_PASSWORD not in caplog.text
 
 

@@ -23,6 +23,7 @@ image for everyone.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import pathlib
 import re
@@ -37,7 +38,8 @@ import pytest
 
 from sharedd.config import BackendConfig
 from sharedd.errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
-from sharedd.helpers.kernel_nfs import (KernelNfsHelper, client_forms, exportfs_host,
+from sharedd.helpers.base import Grant
+from sharedd.helpers.kernel_nfs import (KernelNfsHelper, client_forms, exportfs_host, fsid,
                                         parse_exportfs_v, resolve, rule_key)
 from sharedd.models import AccessRule, Share
 from sharedd.record import EXPORT_RE
@@ -87,12 +89,23 @@ FAKE_EXPORTFS = textwrap.dedent("""\
     json.dump(table, open(tmp, "w")); os.rename(tmp, table_path)
 """)
 
-OPTS = "sync,no_subtree_check,no_root_squash"
+OPTS = "sync"
+SQUASHED = "root_squash,anonuid=65534,anongid=65534"
 
 
-def rule(to: str, level: str, access_type: str = "ip", state: str = "active") -> AccessRule:
+def entry(share_id: str, level: str, squash: str = SQUASHED, subtree: str = "no_subtree_check") -> str:
+    """The options the helper writes for one client."""
+    return f"{OPTS},{fsid(share_id)},{subtree},{level},{squash}"
+
+
+def rule(to: str, level: str, access_type: str = "ip", state: str = "active",
+         squash: str = "", anonuid: int = 65534, anongid: int = 65534) -> AccessRule:
     return AccessRule(id=uuid.uuid4().hex, share_id="", access_type=access_type,
-                      access_to=to, access_level=level, state=state)
+                      access_to=to, access_level=level, state=state, squash=squash,
+                      anonuid=anonuid, anongid=anongid)
+
+
+RW, RO = Grant("rw"), Grant("ro")
 
 
 def share(sid: str = "") -> Share:
@@ -119,8 +132,12 @@ class Fake:
         return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
     def clients(self, path: str) -> dict:
-        return {k.split(" ", 1)[0]: v.split(",")[-1] for k, v in self.table().items()
-                if k.split(" ", 1)[1] == path}
+        """client -> its level (rw or ro)"""
+        return {k.split(" ", 1)[0]: next(o for o in v.split(",") if o in ("rw", "ro"))
+                for k, v in self.table().items() if k.split(" ", 1)[1] == path}
+
+    def options(self, path: str, client: str) -> list:
+        return self.table()[f"{client} {path}"].split(",")
 
 
 @pytest.fixture
@@ -142,12 +159,12 @@ def make(fake: Fake, tmp_path, backend: str = "b1", **extra) -> KernelNfsHelper:
 
 # --- canonical forms --------------------------------------------------------------
 def test_client_forms_canonical():
-    assert client_forms({"10.0.0.5": "rw"}) == [("10.0.0.5", "rw")]
-    assert client_forms({"10.0.0.0/24": "ro"}) == [("10.0.0.0/24", "ro")]
-    assert client_forms({"fd00::5": "rw", "fd00::/64": "rw"}) == [("fd00::/64", "rw")]
-    assert client_forms({"0.0.0.0/0": "ro"}) == [("0.0.0.0/1", "ro"), ("128.0.0.0/1", "ro")]
-    assert client_forms({"::/0": "rw"}) == [("::/1", "rw"), ("8000::/1", "rw")]
-    assert client_forms({"0.0.0.0/0": "rw", "::/0": "rw"}) == [("*", "rw")]
+    assert client_forms({"10.0.0.5": RW}) == [("10.0.0.5", RW)]
+    assert client_forms({"10.0.0.0/24": RO}) == [("10.0.0.0/24", RO)]
+    assert client_forms({"fd00::5": RW, "fd00::/64": RW}) == [("fd00::/64", RW)]
+    assert client_forms({"0.0.0.0/0": RO}) == [("0.0.0.0/1", RO), ("128.0.0.0/1", RO)]
+    assert client_forms({"::/0": RW}) == [("::/1", RW), ("8000::/1", RW)]
+    assert client_forms({"0.0.0.0/0": RW, "::/0": RW}) == [("*", RW)]
     assert rule_key("10.0.0.5/32") == "10.0.0.5"
     assert rule_key(" fd00:0::5/128 ") == "fd00::5"
     assert rule_key("10.1.0.0/16") == "10.1.0.0/16"
@@ -158,9 +175,9 @@ def test_client_forms_canonical():
 
 def test_rw_wins_no_client_in_both_levels():
     import ipaddress
-    rules = {"10.0.0.0/24": "ro", "10.0.0.5": "rw", "10.0.0.128/25": "rw",
-             "10.0.0.200": "ro", "fd00::/64": "ro", "fd00::1": "rw", "0.0.0.0/0": "ro"}
-    res = resolve(rules)
+    rules = {"10.0.0.0/24": RO, "10.0.0.5": RW, "10.0.0.128/25": RW,
+             "10.0.0.200": RO, "fd00::/64": RO, "fd00::1": RW, "0.0.0.0/0": RO}
+    res = [(n, g.level) for n, g in resolve(rules)]
     rw = [n for n, lvl in res if lvl == "rw"]
     ro = [n for n, lvl in res if lvl == "ro"]
     assert not any(a.overlaps(b) for a in rw for b in ro if a.version == b.version)
@@ -170,7 +187,7 @@ def test_rw_wins_no_client_in_both_levels():
         addr = ipaddress.ip_address(probe)
         got = [lvl for n, lvl in res if n.version == addr.version and addr in n]
         assert got == ([want] if want else []), (probe, got)
-    forms = client_forms(rules)
+    forms = [(c, g.level) for c, g in client_forms(rules)]
     assert forms[0][1] == "rw" and all(lvl == "rw" for _, lvl in forms[:3])
     assert not any(c.endswith("/0") for c, _ in forms)
 
@@ -195,12 +212,12 @@ def test_export_renders_file_and_kernel(fake, tmp_path):
                                            rule("fd78::21", "rw"), rule("fd78::/64", "ro")])
     assert locs == ["10.78.0.1:/srv/shares/one"]
     text = fake.exports.read_text()
-    assert f"/srv/shares/one 10.78.0.21({OPTS},rw) fd78::21({OPTS},rw) " \
-           f"10.78.0.22({OPTS},ro) " in text
+    assert f"/srv/shares/one 10.78.0.21({entry(s.id, 'rw')}) fd78::21({entry(s.id, 'rw')}) " \
+           f"10.78.0.22({entry(s.id, 'ro')}) " in text
     assert json.dumps({"backend": "b1", "share": s.id}, sort_keys=True) in text
     assert fake.clients("/srv/shares/one")["fd78::21"] == "rw"
     assert fake.clients("/srv/shares/one")["10.78.0.22"] == "ro"
-    assert ["-o", f"{OPTS},rw", "[fd78::21]:/srv/shares/one"] in fake.calls()
+    assert ["-o", entry(s.id, "rw"), "[fd78::21]:/srv/shares/one"] in fake.calls()
     # Idempotent: same file, same table.
     before = (text, fake.table())
     h.export(s, "/srv/shares/one", [rule("10.78.0.21", "rw"), rule("10.78.0.22", "ro"),
@@ -228,7 +245,7 @@ def test_update_access_delta_and_recovery(fake, tmp_path):
     h.update_access(s, p, [rule("10.78.0.22", "ro"), rule("0.0.0.0/0", "rw", state="queued_to_deny")],
                     [], [])
     assert fake.clients(p) == {"10.78.0.22": "ro"}
-    assert f"{p} 10.78.0.22({OPTS},ro)\n" in fake.exports.read_text()
+    assert f"{p} 10.78.0.22({entry(s.id, 'ro')})\n" in fake.exports.read_text()
     # Nobody allowed: no line in the file, nothing in the kernel, still tracked.
     h.update_access(s, p, [], [], [rule("10.78.0.22", "ro")])
     assert fake.clients(p) == {} and p not in fake.exports.read_text()
@@ -363,8 +380,10 @@ def test_locking_serializes_processes(fake, tmp_path, monkeypatch):
 def test_config_checks_and_hints(fake, tmp_path):
     with pytest.raises(ConfigError):
         make(fake, tmp_path, kernel_nfs_exports_file="/etc/exports")
-    with pytest.raises(ConfigError):
-        make(fake, tmp_path, kernel_nfs_export_options="sync,rw")
+    for own in ("rw", "no_root_squash", "root_squash", "anonuid=0", "fsid=1", "no_subtree_check",
+                "subtree_check"):
+        with pytest.raises(ConfigError, match="leave out"):
+            make(fake, tmp_path, kernel_nfs_export_options=f"sync,{own}")
     with pytest.raises(ConfigError):
         make(fake, tmp_path, kernel_nfs_export_options="sync,no_root_squash) * (rw")
     with pytest.raises(ConfigError):
@@ -386,6 +405,56 @@ def test_config_checks_and_hints(fake, tmp_path):
                         str(tmp_path / "s8")).setup()
 
 
+def test_squash_fsid_and_subtree_per_rule_and_share(fake, tmp_path):
+    """Each client entry carries its rule's squash (root_squash unless the rule
+    or the backend's default_squash says otherwise), each share its own fsid,
+    and subtree_check where the driver's shares share a file system."""
+    h = make(fake, tmp_path, default_squash="all_squash", default_anonuid=1000,
+             default_anongid=1001)
+    s, p = share(), "/srv/shares/sq"
+    h.export(s, p, [rule("10.78.0.21", "rw", squash="no_root_squash", anonuid=7, anongid=8),
+                    rule("10.78.0.22", "rw"),                       # stored before squash
+                    rule("10.78.0.23", "ro", squash="root_squash")])
+    assert fake.options(p, "10.78.0.21")[-4:] == ["rw", "no_root_squash", "anonuid=7", "anongid=8"]
+    assert fake.options(p, "10.78.0.22")[-4:] == ["rw", "all_squash", "anonuid=1000",
+                                                   "anongid=1001"]
+    assert fake.options(p, "10.78.0.23")[-4:] == ["ro", "root_squash", "anonuid=65534",
+                                                   "anongid=65534"]
+    assert re.search(r"fsid=[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12},",
+                     fake.exports.read_text())
+    other = share()
+    h.isolate_subtrees = True
+    h.export(other, "/srv/shares/b", [rule("10.78.0.21", "rw")])
+    opts = fake.options("/srv/shares/b", "10.78.0.21")
+    assert "subtree_check" in opts and "no_subtree_check" not in opts
+    assert fsid(other.id) in opts and fsid(other.id) != fsid(s.id) and fsid(s.id) == fsid(s.id)
+    # A state file written before squash existed ([client, level]) still reads,
+    # with the safe default, and is rewritten in the new form by the next change.
+    state = tmp_path / "state-b1" / f"{s.id}.json"
+    data = json.loads(state.read_text())
+    data["rules"] = [["10.78.0.21", "rw"]]
+    state.write_text(json.dumps(data))
+    h.update_access(s, p, [], [rule("10.78.0.30", "ro")], [])
+    assert fake.options(p, "10.78.0.21")[-4:] == ["rw", "root_squash", "anonuid=65534",
+                                                   "anongid=65534"]
+    assert json.loads(state.read_text())["rules"][0] == ["10.78.0.21",
+                                                         ["rw", "root_squash", 65534, 65534]]
+
+
+def test_overlapping_networks_give_root_the_least():
+    """Within one level the stricter squash wins where networks overlap, as
+    rw wins over ro: no client is matched by two entries."""
+    import ipaddress
+    rules = {"10.0.0.0/24": Grant("rw", "no_root_squash"), "10.0.0.5": Grant("rw", "root_squash"),
+             "10.0.0.0/16": Grant("ro", "all_squash")}
+    res = resolve(rules)
+    for probe, want in (("10.0.0.5", Grant("rw", "root_squash")),
+                        ("10.0.0.6", Grant("rw", "no_root_squash")),
+                        ("10.0.1.1", Grant("ro", "all_squash"))):
+        addr = ipaddress.ip_address(probe)
+        assert [g for n, g in res if addr in n] == [want], probe
+
+
 # --- the real kernel NFS server in a qemu guest ----------------------------------------
 SUBNET4, SUBNET6 = "10.78.0.0/24", "fd78::/64"
 G1, G2, G3, G6 = "10.78.0.21", "10.78.0.22", "10.78.0.23", "fd78::21"
@@ -394,23 +463,19 @@ GUEST_SCRIPT = r'''#!/usr/bin/python3
 """Runs inside the guest: the helper from /mnt/repo against nfs-kernel-server."""
 import errno, json, os, subprocess, sys, time, uuid
 sys.path.insert(0, "/mnt/repo")
+from tests.support.guestlib import sh
 from sharedd.config import BackendConfig
 from sharedd.helpers.kernel_nfs import KernelNfsHelper, parse_exportfs_v
 from sharedd.models import AccessRule, Share
 
 T0 = time.monotonic()
+FORMS_LIST = @FORMS@
 ADDRS = {"a21": "10.78.0.21", "a22": "10.78.0.22", "a23": "10.78.0.23",
          "lo": "127.0.0.1", "v6": "[fd78::21]"}
 
 def say(key, value):
     print(f"RESULT {key}={value}", flush=True)
     print(f"TIME {key} {int((time.monotonic() - T0) * 1000)} ms", flush=True)
-
-def sh(*argv, check=True, timeout=120):
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode:
-        raise RuntimeError(f"{argv}: {p.returncode} {p.stderr}")
-    return p
 
 def rule(to, level, state="active"):
     return AccessRule(uuid.uuid4().hex, "s1", "ip", to, level, state)
@@ -421,6 +486,7 @@ sh("mkfs.ext4", "-q", "-F", "/var/tmp/share.img")
 PATH = "/srv/shares/s1"
 os.makedirs(PATH)
 sh("mount", "-o", "loop", "/var/tmp/share.img", PATH)
+os.chmod(PATH, 0o777)     # as drivers make NFS share roots: squashed root can write
 os.makedirs("/mnt/c", exist_ok=True)
 
 cfg = BackendConfig("guest", {"share_export_ip": "10.78.0.21"})
@@ -460,8 +526,11 @@ def probe_all(phase):
     say(phase, json.dumps(got, sort_keys=True))
     say(phase + "_seconds", f"{time.monotonic() - t:.1f}")
 
+def table_of(path):
+    return parse_exportfs_v(sh("exportfs", "-v").stdout).get(path, [])
+
 def table():
-    return parse_exportfs_v(sh("exportfs", "-v").stdout).get(PATH, [])
+    return table_of(PATH)
 
 def exports_file():
     with open("/etc/exports.d/sharedd.exports") as f:
@@ -476,6 +545,9 @@ say("locations", json.dumps(locs))
 say("table1", json.dumps(sorted(table())))
 say("file1", json.dumps(exports_file()))
 probe_all("p1")
+# root on the client wrote it: the default root_squash made it the anonymous uid's
+owners = {os.stat(os.path.join(PATH, n)).st_uid for n in os.listdir(PATH) if n.startswith("w-a21")}
+say("p1_owner_a21", json.dumps(sorted(owners)))
 before = sh("exportfs", "-v").stdout
 h.export(share, PATH, [rule("10.78.0.21", "rw"), rule("10.78.0.22", "ro"), rule("fd78::21", "rw")])
 say("idempotent", sh("exportfs", "-v").stdout == before)
@@ -500,6 +572,18 @@ sh("exportfs", "-ua")
 say("after_ua", json.dumps(table()))
 sh("exportfs", "-a")
 say("file_restores", sorted(sh("exportfs", "-v").stdout.splitlines()) == before)
+
+# 4b. every accepted rule form, as exportfs itself reads it back (the forms
+# are the API's canonical ones, computed on the host).
+fpath = "/srv/shares/forms"
+os.makedirs(fpath, exist_ok=True)
+fshare = Share("forms", "forms", "guest", "NFS", 1, "available")
+readback = {}
+for form in FORMS_LIST:
+    h.export(fshare, fpath, [rule(form, "ro")])
+    readback[form] = sorted(table_of(fpath))
+h.unexport(fshare, fpath)
+say("forms", json.dumps(readback, sort_keys=True))
 
 # 5. exported mounts are busy; unexport, then the driver's umount works.
 u = sh("umount", PATH, check=False)
@@ -556,7 +640,11 @@ def test_kernel_nfs_in_guest(qemu_guest_image, capsys):
 
     with make_lab(SUBNET4, SUBNET6) as lab:
         t0 = time.monotonic()
-        res = run_in_guest(GUEST_SCRIPT, netns=lab.server_ns, bridge="br0",
+        from sharedd.validation import ip_rule
+        from tests.support.forms import ACCEPTED_FORMS
+        canonical = sorted({ip_rule(f) for f in ACCEPTED_FORMS})
+        res = run_in_guest(GUEST_SCRIPT.replace("@FORMS@", json.dumps(canonical)),
+                           netns=lab.server_ns, bridge="br0",
                            ip_cidr=[f"{G1}/24", f"{G2}/32", f"{G3}/32", f"{G6}/64"],
                            hostname="knfs-server", image=qemu_guest_image, timeout=600)
         total = time.monotonic() - t0
@@ -579,11 +667,12 @@ def test_kernel_nfs_in_guest(qemu_guest_image, capsys):
     assert json.loads(r["locations"]) == ["10.78.0.21:/srv/shares/s1"], d
     assert json.loads(r["table1"]) == sorted(["10.78.0.21", "10.78.0.22", "fd78::21"]), d
     line = [x for x in json.loads(r["file1"]).splitlines() if x.startswith("/")]
-    assert line == [f"/srv/shares/s1 10.78.0.21({OPTS},rw) fd78::21({OPTS},rw) "
-                    f"10.78.0.22({OPTS},ro)"], d
-    # 1. rw, ro (EROFS), denied, IPv6.
+    assert line == [f"/srv/shares/s1 10.78.0.21({entry('s1', 'rw')}) fd78::21({entry('s1', 'rw')}) "
+                    f"10.78.0.22({entry('s1', 'ro')})"], d
+    # 1. rw, ro (EROFS), denied, IPv6; root's file belongs to the anonymous uid.
     assert json.loads(r["p1"]) == {"a21": "rw", "a22": "ro", "a23": "denied",
                                    "lo": "denied", "v6": "rw"}, d
+    assert json.loads(r["p1_owner_a21"]) == [65534], d
     assert r["idempotent"] == "True", d
     # 2. delta: everyone-IPv4 ro (written as two /1 halves, not admitting IPv6), .21 still rw.
     assert r["table2_has_slash0"] == "False", d
@@ -596,6 +685,14 @@ def test_kernel_nfs_in_guest(qemu_guest_image, capsys):
     # 4. reboot equivalence.
     assert json.loads(r["after_ua"]) == [], d
     assert r["file_restores"] == "True", d
+    # 4b. exportfs reads back exactly the network each accepted form grants.
+    from tests.support.forms import addresses
+    forms = json.loads(r["forms"])
+    assert sorted(forms) == canonical, d
+    for form, clients in forms.items():
+        seen = ["0.0.0.0/0", "::/0"] if clients == ["*"] else clients
+        seen = [str(ipaddress.ip_network(c, strict=True)) for c in seen]
+        assert addresses(seen) == addresses([form]), (form, clients)
     # 5. unexport before unmount.
     assert not r["umount_while_exported"].startswith("0:"), d
     assert json.loads(r["table5"]) == [] and r["file5_has_path"] == "False", d

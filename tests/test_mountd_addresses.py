@@ -24,7 +24,8 @@ def changed(addrs):
     print(json.dumps({"event": list(addrs)}), flush=True)
 mon = AddressMonitor(changed, interfaces=[iface])
 mon.start()
-print(json.dumps({"ready": list(mon.addresses()), "all": list(read_addresses())}), flush=True)
+print(json.dumps({"ready": list(mon.addresses()), "all": list(read_addresses(loopback=True)),
+                  "identity": list(read_addresses())}), flush=True)
 sys.stdin.read()      # until the test closes stdin
 mon.stop()
 """
@@ -97,7 +98,7 @@ def test_probe_sees_address_add_and_remove(netns):
     try:
         first = probe.line()
         assert nonlocal_(first["ready"]) == []
-        assert "127.0.0.1" in first["all"]
+        assert "127.0.0.1" in first["all"] and "127.0.0.1" not in first["identity"]
         _ip("-n", netns, "addr", "add", "10.74.0.21/24", "dev", "dum74")
         assert nonlocal_(probe.wait_for(lambda a: "10.74.0.21" in a)) == ["10.74.0.21"]
         _ip("-n", netns, "addr", "add", "fd74::21/64", "dev", "dum74", "nodad")
@@ -120,5 +121,10 @@ def test_expected_addresses_override_netlink():
 
 
 def test_read_addresses_on_this_host():
-    assert "127.0.0.1" in read_addresses()
-    assert read_addresses(["lo"]) and all(a in ("127.0.0.1", "::1") for a in read_addresses(["lo"]))
+    """Loopback is every host's address: it identifies this one only when asked."""
+    assert "127.0.0.1" not in read_addresses() and "::1" not in read_addresses()
+    assert read_addresses(["lo"]) == ()
+    assert "127.0.0.1" in read_addresses(loopback=True)
+    lo = read_addresses(["lo"], loopback=True)
+    assert lo and all(a in ("127.0.0.1", "::1") for a in lo)
+    assert AddressMonitor(lambda a: None, expected=["127.0.0.1"]).addresses() == ("127.0.0.1",)

@@ -103,12 +103,16 @@ def test_unwritable_spool_blocks_grants_but_never_revocation(storage_host, clien
 
 
 BAD_PATHS = ["--help", "-o", "/etc", "/", "relative/../../etc", "{pool}", "{pool}/shares",
-             "{pool}/../state", "{pool}/plain-dir", "{pool}/missing", "{pool}/x\n"]
+             "{pool}/../state", "{pool}/plain-dir", "{pool}/missing", "{pool}/x\n",
+             "{pool}/not-for-adoption"]     # a subvolume outside the areas ManageShare may use
 
 
 def test_manage_share_with_bad_paths_leaves_no_trace(storage_host, system_bus):
     h = storage_host
     os.makedirs(os.path.join(h.pool_path, "plain-dir"), exist_ok=True)
+    if not os.path.exists(os.path.join(h.pool_path, "not-for-adoption")):
+        subprocess.run(["btrfs", "subvolume", "create", os.path.join(h.pool_path, "not-for-adoption")],
+                       check=True, capture_output=True, timeout=60)
     shares = h.manager("ListShares", "a{sv}", 0)
     names = spool_names(h)
     sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")

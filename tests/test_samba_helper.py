@@ -254,3 +254,191 @@ def test_volume_share_served_by_smbd(samba_lab, helper):
                     for line in out.splitlines():
                         subprocess.run(["umount", "-l", mp], capture_output=True)
                         subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True)
+
+
+# --- ip rules make the share writable (issue 12) ----------------------------------------
+def acl_of(lab, path: str) -> str:
+    """Every access and default ACL entry under path, recursively."""
+    return lab.ns_run(["getfacl", "-R", "-p", path]).stdout
+
+
+def assert_group_gives_nothing(lab, path: str, group: str = "sharedd-cifs") -> None:
+    """No named entry for group anywhere under path, and no permission for it
+    where it owns a file."""
+    acl = acl_of(lab, path)
+    assert f"group:{group}:" not in acl, acl
+    for block in acl.split("\n\n"):
+        if f"# group: {group}\n" in block:
+            assert "\ngroup::---" in block, block
+
+
+def local_touch(uid: int, target: str, gid: int = 0):
+    """Write a file as a local account of the storage host (no Samba involved)."""
+    import subprocess
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups",
+                           "touch", target], capture_output=True, text=True, timeout=30)
+
+
+def test_ip_rw_rule_makes_share_writable_and_deny_undoes_it(samba_lab, helper):
+    share = make_share("ipw73")
+    path = share_dir(samba_lab, "ipw73")
+    grant = rule(share, "ip", "10.73.0.11")
+    helper.export(share, path, [grant])
+    params = samba_lab.net("showshare", "ipw73").stdout
+    assert "force group = sharedd-cifs" in params and "valid users" not in params
+    assert "group:sharedd-cifs:rwx" in acl_of(samba_lab, path)
+    assert "default:group:sharedd-cifs:rwx" in acl_of(samba_lab, path)
+
+    local = samba_lab.path("client", "ipw.txt")
+    with open(local, "w") as f:
+        f.write("written through an ip rule\n")
+    out = samba_lab.smbclient("a", "ipw73", "smbrw73", f"put {local} ipw.txt")
+    assert ok(out), out.stdout + out.stderr
+    st = os.stat(os.path.join(path, "ipw.txt"))
+    assert st.st_uid == 47301 and st.st_gid == 47310   # the writer, the forced group
+    got = samba_lab.path("client", "ipw-got.txt")
+    assert ok(samba_lab.smbclient("a", "ipw73", "smbno73", f"get ipw.txt {got}"))
+    with open(got) as f:
+        assert f.read() == "written through an ip rule\n"
+    # every admitted account writes, also into another account's directory
+    # and over another account's file (the default ACL entries are inherited)
+    assert ok(samba_lab.smbclient("a", "ipw73", "smbno73", "mkdir sub"))
+    assert ok(samba_lab.smbclient("a", "ipw73", "smbro73", f"put {local} sub/deep.txt"))
+    assert os.stat(os.path.join(path, "sub", "deep.txt")).st_uid == 47302
+    with open(local, "w") as f:
+        f.write("overwritten by another account\n")
+    assert ok(samba_lab.smbclient("a", "ipw73", "smbno73", f"put {local} ipw.txt"))
+    with open(os.path.join(path, "ipw.txt")) as f:
+        assert f.read() == "overwritten by another account\n"
+
+    # not world-writable (the group bits show the ACL mask): the same account,
+    # locally on the storage host, cannot write
+    assert os.stat(path).st_mode & 0o707 == 0o705
+    proc = local_touch(47303, os.path.join(path, "local.txt"))
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc.stderr
+    assert not os.path.exists(os.path.join(path, "local.txt"))
+
+    # the forced group is what grants the writes (checked again after the deny)
+    assert local_touch(47399, os.path.join(path, "ipw.txt"), gid=47310).returncode == 0
+
+    # a host that is not granted is refused
+    out = samba_lab.smbclient("b", "ipw73", "smbrw73", f"put {local} from-b.txt")
+    assert out.returncode != 0 and DENIED in out.stdout + out.stderr
+    assert not os.path.exists(os.path.join(path, "from-b.txt"))
+
+    # ip ro stays refused, and says why and what to use instead; nothing changes
+    before = samba_lab.net("showshare", "ipw73").stdout
+    with pytest.raises(errors.NotSupported,
+                       match=r"read-only per host.*'user' rules with level ro"):
+        helper.update_access(share, path, [grant], [rule(share, "ip", "10.73.0.12", "ro")], [])
+    assert samba_lab.net("showshare", "ipw73").stdout == before
+
+    # deny the last ip rule: nobody connects, and the forced group and its
+    # ACL entries are gone from the whole tree (not left writable)
+    session = samba_lab.open_session("a", "ipw73", "smbrw73")
+    try:
+        session.stdin.write("ls\n")
+        session.stdin.flush()
+        assert wait_for(lambda: "ipw73" in samba_lab.connected_shares()), "session never opened"
+        helper.update_access(share, path, [grant], [], [grant])
+        assert wait_for(lambda: "ipw73" not in samba_lab.connected_shares()), \
+            "a session kept the forced group after the deny"
+    finally:
+        session.kill()
+        session.wait()
+    out = samba_lab.smbclient("a", "ipw73", "smbrw73", f"put {local} after.txt")
+    assert out.returncode != 0 and DENIED in out.stdout + out.stderr
+    assert not os.path.exists(os.path.join(path, "after.txt"))
+    assert "force group" not in samba_lab.net("showshare", "ipw73").stdout
+    assert_group_gives_nothing(samba_lab, path)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    # nor does holding the group (smbd's forced group was the only holder)
+    proc = local_touch(47399, os.path.join(path, "ipw.txt"), gid=47310)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc.stderr
+    proc = local_touch(47399, os.path.join(path, "sub", "new.txt"), gid=47310)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc.stderr
+
+    # a full sync (export, recovery) also clears stray entries of the group
+    samba_lab.ns_run(["setfacl", "-m", "g:sharedd-cifs:rwx,d:g:sharedd-cifs:rwx", path])
+    helper.update_access(share, path, [], [], [])
+    assert_group_gives_nothing(samba_lab, path)
+    helper.unexport(share, path)
+
+
+def test_ip_and_user_rules_user_rules_decide_levels(samba_lab, helper):
+    share = make_share("ipu73")
+    path = share_dir(samba_lab, "ipu73")
+    host = rule(share, "ip", "10.73.0.11")
+    ro = rule(share, "user", "smbro73", "ro")
+    rw = rule(share, "user", "smbrw73")
+    helper.export(share, path, [host])
+    local = samba_lab.path("client", "ipu.txt")
+    with open(local, "w") as f:
+        f.write("before the user rules\n")
+    assert ok(samba_lab.smbclient("a", "ipu73", "smbro73", f"put {local} early.txt"))
+
+    # a ro user rule: the share is no longer writable through the ip rule
+    helper.update_access(share, path, [host, ro], [ro], [])
+    params = samba_lab.net("showshare", "ipu73").stdout
+    assert "force group" not in params and "read list = smbro73" in params
+    assert_group_gives_nothing(samba_lab, path)
+    out = samba_lab.smbclient("a", "ipu73", "smbro73", f"put {local} ro.txt")
+    assert "NT_STATUS" in out.stdout + out.stderr
+    assert not os.path.exists(os.path.join(path, "ro.txt"))
+    out = samba_lab.smbclient("a", "ipu73", "smbro73", f"put {local} early.txt")   # its own file
+    assert "NT_STATUS" in out.stdout + out.stderr
+    with open(os.path.join(path, "early.txt")) as f:
+        assert f.read() == "before the user rules\n"
+    got = samba_lab.path("client", "ipu-got.txt")
+    assert ok(samba_lab.smbclient("a", "ipu73", "smbro73", f"get early.txt {got}"))
+    # both checks: an unlisted user from the granted host, a listed one from another host
+    assert DENIED in samba_lab.smbclient("a", "ipu73", "smbno73", "ls").stdout
+    assert DENIED in samba_lab.smbclient("b", "ipu73", "smbro73", "ls").stdout
+
+    helper.update_access(share, path, [host, ro, rw], [rw], [])
+    assert ok(samba_lab.smbclient("a", "ipu73", "smbrw73", f"put {local} rw.txt"))
+    assert os.path.exists(os.path.join(path, "rw.txt"))
+    out = samba_lab.smbclient("b", "ipu73", "smbrw73", f"put {local} rw-b.txt")
+    assert out.returncode != 0 and DENIED in out.stdout + out.stderr
+    out = samba_lab.smbclient("a", "ipu73", "smbro73", f"put {local} ro2.txt")
+    assert "NT_STATUS" in out.stdout + out.stderr
+    assert not os.path.exists(os.path.join(path, "ro2.txt"))
+
+    # back to ip only: writable for every admitted user again
+    helper.update_access(share, path, [host, ro, rw], [], [ro, rw])
+    assert "force group = sharedd-cifs" in samba_lab.net("showshare", "ipu73").stdout
+    assert ok(samba_lab.smbclient("a", "ipu73", "smbno73", f"put {local} again.txt"))
+    helper.unexport(share, path)
+
+
+def test_ip_group_must_exist_and_have_no_members(samba_lab, helper):
+    share = make_share("grp73")
+    path = share_dir(samba_lab, "grp73")
+    try:
+        for group, why in (("nosuchgroup73", "groupadd --system nosuchgroup73"),
+                           ("smbmembers73", r"has members \(smbrw73\)")):
+            helper.ip_group = group
+            with pytest.raises(errors.BackendFailure, match=why):
+                helper.export(share, path, [rule(share, "ip", "10.73.0.11")])
+            assert "grp73" not in samba_lab.net("listshares").stdout.split()   # nothing made
+    finally:
+        del helper.ip_group
+    host, user = rule(share, "ip", "10.73.0.11"), rule(share, "user", "smbro73", "ro")
+    helper.export(share, path, [host])
+    assert "force group = sharedd-cifs" in samba_lab.net("showshare", "grp73").stdout
+    helper.update_access(share, path, [host, user], [user], [])
+    assert "force group" not in samba_lab.net("showshare", "grp73").stdout
+    # a deny is never held back by the group: it goes through without it
+    helper.ip_group = "nosuchgroup73"
+    try:
+        helper.update_access(share, path, [host, user], [], [user])
+    finally:
+        del helper.ip_group
+    params = samba_lab.net("showshare", "grp73").stdout
+    assert "force group" not in params and "valid users" not in params
+    assert "hosts allow = 10.73.0.11" in params and "available" not in params
+    out = samba_lab.smbclient("a", "grp73", "smbrw73", "ls")
+    assert ok(out), out.stdout + out.stderr
+    helper.update_access(share, path, [host], [], [])   # the next ensure makes it writable
+    assert "force group = sharedd-cifs" in samba_lab.net("showshare", "grp73").stdout
+    helper.unexport(share, path)

@@ -62,6 +62,10 @@ def ct(debs, nspawn_base):
         c.run("systemctl", "restart", "nfs-ganesha.service")
         c.run("systemctl", "is-active", "nfs-ganesha.service")
         components.used("NFS-Ganesha (nfs-ganesha.service in the container)")
+        # The shipped configuration names no export address (the administrator
+        # must); this container's clients are itself, on loopback.
+        c.run("mkdir", "-p", "/etc/sharedd/sharedd.conf.d")
+        c.write("/etc/sharedd/sharedd.conf.d/50-test.conf", "[btrfs]\nshare_export_ip = 127.0.0.1\n")
         debfiles = sorted(str(p.name) for p in debs[0].glob("*.deb"))
         proc = c.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
                      "--no-install-recommends", *[f"/mnt/debs/{d}" for d in debfiles],
@@ -148,6 +152,7 @@ def test_units_installed_enabled_active_and_verified(ct):
                           "-p", "WatchdogUSec", "-p", "Restart", unit)
         assert "Type=notify" in props and "NotifyAccess=main" in props, props
         assert "Restart=on-failure" in props and "WatchdogUSec=30s" in props, props
+        assert ct.sh_out("systemctl", "show", "-P", "UMask", unit).strip() == "0077", unit
         path = ct.sh_out("systemctl", "show", "-P", "FragmentPath", unit).strip()
         verify = ct.run("systemd-analyze", "verify", "--man=no", path, check=False)
         assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
@@ -162,6 +167,9 @@ def test_units_installed_enabled_active_and_verified(ct):
     assert ct.sh_out("stat", "-c", "%a %U", "/var/lib/sharedd").split() == ["750", "root"]
     assert ct.sh_out("stat", "-c", "%a %U", "/var/spool/sharedd").split() == ["755", "root"]
     assert ct.sh_out("stat", "-c", "%a", "/var/lib/sharedd-mountd").strip() == "700"
+    # Only root and the sharedd group read the configuration (secrets' files, accounts).
+    assert ct.sh_out("stat", "-c", "%a %U %G", "/etc/sharedd/sharedd.conf").split() == \
+        ["640", "root", "sharedd"]
     # The shipped config is a conffile and validates as installed.
     assert "/etc/sharedd/sharedd.conf" in ct.sh_out("dpkg-query", "-W", "-f=${Conffiles}", "sharedd")
     ct.run("sharedd", "--check-config", "--config", "/etc/sharedd/sharedd.conf")
@@ -329,6 +337,17 @@ def test_bus_policy_group_members_may_mutate_others_only_read(ct):
         assert json.loads(found)["data"] == [path]
         # Nothing was created by the refused call.
         assert call(ct, ROOT, MANAGER, "ListShares", "a{sv}", "0")[0] == [path]
+        # The change is attributed to its caller in the journal, as fields.
+        uid = ct.sh_out("id", "-u", "sd-admin").strip()
+
+        def audited():
+            out = ct.run("journalctl", "-u", "sharedd.service", "-o", "json", "--no-pager",
+                          f"SHAREDD_CALLER_UID={uid}", check=False).stdout
+            return [json.loads(line) for line in out.splitlines() if line.strip()]
+        records = ct.wait_for(audited, timeout=10, what="the audit record in the journal")
+        rec = [r for r in records if r.get("SHAREDD_METHOD") == "Manager.CreateShare"][0]
+        assert rec["SHAREDD_OBJECT"] == ROOT and rec["SHAREDD_RESULT"] == "ok", rec
+        assert int(rec["SHAREDD_CALLER_PID"]) > 0 and rec["SHAREDD_ARGS"].startswith("admin-made NFS 1")
     finally:
         call(ct, path, SHARE, "Delete", "a{sv}", "0")
 

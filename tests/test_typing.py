@@ -1,6 +1,7 @@
 """The core modules (engine, runner, state table, store, models, access,
 recovery, backend, the mount table, the bus object tree and wire format,
-the btrfs kernel calls) type-check with mypy --strict."""
+the btrfs kernel calls, the audit records and the small
+utilities) type-check with mypy --strict."""
 
 import pathlib
 import subprocess
@@ -9,7 +10,8 @@ from tests.support import components
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend",
-        "mountinfo", "bus/managed", "bus/wire", "drivers/btrfs_kernel"]
+        "mountinfo", "bus/managed", "bus/wire", "bus/audit", "drivers/btrfs_kernel",
+        "util"]
 
 
 def test_core_modules_are_strictly_typed(tmp_path):

@@ -30,7 +30,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from dbus_next import Message
+from dbus_next import Message, MessageType
 from dbus_next.constants import ErrorType, MessageFlag
 from dbus_next.aio import MessageBus
 from dbus_next.aio.message_bus import _MessageWriter
@@ -38,6 +38,7 @@ from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface
 
 from . import wire
+from .audit import CALL, printable
 from .managed import ObjectIndex
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,6 @@ log = logging.getLogger(__name__)
 REFUSAL_LOG_INTERVAL = 60.0
 #: callers remembered for the refusal log (oldest forgotten first)
 REFUSAL_LOG_CALLERS = 1024
-
-
-def printable(text: Any, limit: int = 160) -> str:
-    """Caller-supplied text for a log line: control characters escaped, cut short."""
-    s = str(text)
-    cut = s[:limit].encode("unicode_escape").decode("ascii")
-    return cut + (f"... ({len(s)} characters)" if len(s) > limit else "")
 
 
 class _Writer(_MessageWriter):
@@ -99,6 +93,9 @@ class _Writer(_MessageWriter):
 
 
 class Connection(ObjectIndex, MessageBus):
+    #: sharedd.bus.audit.Auditor of the calls this connection serves (sharedd's)
+    auditor: Any = None
+
     def __init__(self, *args: Any, **kwargs: Any):
         self._index_init()
         super().__init__(*args, **kwargs)
@@ -170,6 +167,10 @@ class Connection(ObjectIndex, MessageBus):
 
     # --- refusals: counted, logged sparingly ------------------------------------
     def _on_message(self, msg: Message) -> None:
+        # The caller, for the audit record of what this message starts
+        # (tasks created while handling it copy the context).
+        token = CALL.set((self, msg.sender)) if msg.message_type == MessageType.METHOD_CALL \
+            else None
         try:
             self._process_message(msg)
         except DBusError as exc:
@@ -178,6 +179,9 @@ class Connection(ObjectIndex, MessageBus):
         except Exception:
             log.exception("error handling %s.%s from %s", printable(msg.interface, 80),
                           printable(msg.member, 80), msg.sender)
+        finally:
+            if token is not None:
+                CALL.reset(token)
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
         now = time.monotonic()

@@ -17,6 +17,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from .. import __version__
 from .. import constants as C
 from ..errors import InvalidArgument, SharedError
+from . import audit
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +49,46 @@ def _id_from_path(path: str, prefix: str, what: str) -> str:
 
 
 def translate(fn):
-    """Run an engine call; engine errors become named D-Bus errors."""
+    """Run an engine call; engine errors become named D-Bus errors. A call
+    that may change state leaves an audit record, whatever its outcome."""
+    audited = fn.__name__ not in C.READ_ONLY_METHODS
+
     @functools.wraps(fn)
     async def wrapper(self, *args):
         started = time.monotonic()
+        outcome = "ok"
         try:
             result = await fn(self, *args)
         except SharedError as exc:
             log.info("%s refused: %s: %s", fn.__name__, exc.name, exc)
+            outcome = f"refused: {exc.name}: {exc}"
             raise DBusError(C.ERROR_PREFIX + exc.name, str(exc)) from None
-        except DBusError:
+        except DBusError as exc:
+            outcome = f"refused: {exc.type}"
             raise
         except Exception as exc:  # a bug: say so without leaking internals
             log.exception("%s failed", fn.__name__)
+            outcome = f"failed: {type(exc).__name__}"
             raise DBusError(C.ERROR_PREFIX + "BackendFailure",
                             f"internal error in {fn.__name__}: {type(exc).__name__}") from None
+        finally:
+            if audited:
+                await _audit(self, fn.__name__, args, outcome)
         log.debug("%s done in %.3fs", fn.__name__, time.monotonic() - started)
         return result
     return wrapper
+
+
+async def _audit(iface, method_name, args, outcome):
+    call = audit.CALL.get()
+    auditor = getattr(call[0], "auditor", None) if call else None
+    if auditor is None:
+        return   # not called over the bus (or nobody audits this connection)
+    try:
+        await auditor.record(call[1], f"{iface.name.rsplit('.', 1)[-1]}.{method_name}",
+                             iface.object_path(), args, outcome)
+    except Exception:   # an audit failure must not turn a done call into an error
+        log.exception("audit record for %s failed", method_name)
 
 
 #: a string option or filter value longer than this is refused unread
@@ -146,6 +169,9 @@ class _Base(ServiceInterface):
     def props(self):
         """Current property values (for PropertiesChanged diffs)."""
         return {}
+
+    def object_path(self):
+        return C.ROOT_PATH
 
 
 class Manager(_Base):
@@ -265,10 +291,16 @@ class Share(_Base):
         self.generation = 0
         self.update(share)
 
-    def update(self, share):
+    def object_path(self):
+        return share_path(self.share_id)
+
+    def update(self, share, rules: bool = False):
         """The committed state, from the engine's events: property reads
-        (GetManagedObjects over thousands of shares) touch no database."""
+        (GetManagedObjects over thousands of shares) touch no database.
+        The rules are read again only when an event says they changed."""
         self.cache = dataclasses.replace(share)
+        if rules or not hasattr(self, "_rule_cache"):
+            self._rule_cache = None
 
     def _s(self):
         return self.cache
@@ -277,18 +309,27 @@ class Share(_Base):
         s = self._s()
         return {"SizeGiB": s.size_gib, "Status": s.status,
                 "ExportLocations": list(s.export_locations),
-                "AccessRules": self._rules()}
+                "AccessRules": self._rules(), "AccessRuleOptions": self._rule_options()}
+
+    def _rule_list(self):
+        if self._rule_cache is None:
+            self._rule_cache = self.engine.rules(self.share_id)
+        return self._rule_cache
 
     def _rules(self):
-        return [list(r.as_tuple()) for r in self.engine.rules(self.share_id)]
+        return [list(r.as_tuple()) for r in self._rule_list()]
+
+    def _rule_options(self):
+        return {r.id: to_variant_dict(r.options()) for r in self._rule_list() if r.options()}
 
     @method()
     @translate
     async def AllowAccess(self, access_type: "s", access_to: "s", access_level: "s",
                           options: "a{sv}") -> "s":
-        unpack_options(options, {})
+        opts = unpack_options(options, {"squash": ("s",), "anonuid": ("u", "i", "t", "x"),
+                                        "anongid": ("u", "i", "t", "x")})
         return await self.engine.allow_access(self.share_id, access_type, access_to,
-                                              access_level, {})
+                                              access_level, opts)
 
     @method()
     @translate
@@ -367,6 +408,12 @@ class Share(_Base):
         return self._rules()
 
     @dbus_property(access=PropertyAccess.READ)
+    def AccessRuleOptions(self) -> "a{sa{sv}}":
+        """Per rule id, the options it was allowed with (NFS: squash, anonuid,
+        anongid); rules without options are left out."""
+        return self._rule_options()
+
+    @dbus_property(access=PropertyAccess.READ)
     def CreatedAt(self) -> "t":
         return self._s().created_at
 
@@ -390,6 +437,9 @@ class Snapshot(_Base):
         self.snapshot_id = snap.id
         self.generation = 0
         self.update(snap)
+
+    def object_path(self):
+        return snapshot_path(self.snapshot_id)
 
     def update(self, snap):
         self.cache = dataclasses.replace(snap)

@@ -17,6 +17,7 @@ from .. import constants as C
 from ..engine import Engine, Observer
 from ..helpers.base import BusCallError
 from . import interfaces as I
+from .audit import Auditor
 from .connection import Connection
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,15 @@ class BusService(Observer):
         self.backends = {}
         self.cache = {}
         self.hooks = None
+        # Backend Stats change with every share operation: announced at most
+        # once per BACKEND_SIGNAL_INTERVAL, the last state always.
+        self._backend_due = {}
+        self._backend_timers = {}
 
     async def connect(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.bus = await _Bus(bus_type=BusType.SYSTEM).connect()
+        self.bus.auditor = Auditor(self.bus)
 
     async def publish(self, engine: Engine) -> None:
         """Export every object, then take the bus name (we are ready to serve)."""
@@ -214,14 +220,17 @@ class BusService(Observer):
         self.cache[path] = iface.props()
         self.bus.export(path, iface)
 
-    def share_changed(self, share) -> None:
+    def share_changed(self, share, rules: bool = False) -> None:
         if self.engine is None:
             return
         iface = self.shares.get(share.id)
         if iface is None:
             return self.share_added(share)
-        iface.update(share)
+        iface.update(share, rules=rules)
         self._changed(I.share_path(share.id), iface)
+
+    def rules_changed(self, share) -> None:
+        self.share_changed(share, rules=True)
 
     def share_removed(self, share_id: str) -> None:
         if self.engine is None:
@@ -260,8 +269,17 @@ class BusService(Observer):
             self.bus.unexport(path)
 
     def backend_changed(self, name: str) -> None:
-        if self.engine is None:
-            return
+        if self.engine is None or name in self._backend_timers:
+            return   # a later announcement is already due
+        wait = self._backend_due.get(name, 0.0) - self.loop.time()
+        if wait > 0:
+            self._backend_timers[name] = self.loop.call_later(wait, self._backend_announce, name)
+        else:
+            self._backend_announce(name)
+
+    def _backend_announce(self, name: str) -> None:
+        self._backend_timers.pop(name, None)
+        self._backend_due[name] = self.loop.time() + C.BACKEND_SIGNAL_INTERVAL
         iface = self.backends.get(name)
-        if iface is not None:
+        if iface is not None and self.engine is not None:
             self._changed(I.backend_path(name), iface)

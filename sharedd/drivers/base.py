@@ -29,6 +29,9 @@ class ShareDriver(abc.ABC):
     thin_provisioning: bool = True
     #: True if exports go through nfs_helper / cifs_helper
     uses_export_helpers: bool = True
+    #: the driver's shares are parts of one file system (btrfs subvolumes):
+    #: export helpers must keep a client of one share out of the others
+    shares_share_a_file_system: bool = False
     #: the driver's own options (sharedd.options.Opt), prefixed with its name
     OPTIONS: list = []
 
@@ -126,10 +129,13 @@ class ShareDriver(abc.ABC):
         """Take over existing storage; must set size_gib in the update."""
         raise NotSupported(f"driver {self.driver_name} cannot manage existing shares")
 
-    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> Optional[str]:
         """Refuse, before anything is recorded, what manage_existing would
-        refuse (path outside the pool, not the right kind of object, in use).
-        Reads only; manage_existing checks again when it acts."""
+        refuse (outside what the backend may adopt, not the right kind of
+        object, in use). Reads only; manage_existing checks again when it
+        acts. Returns the provider_location the share would get, if known,
+        so that the engine can refuse one another share already has."""
+        return None
 
     def unmanage(self, share: Share) -> None:
         """Stop serving the share but keep its data."""

@@ -132,6 +132,7 @@ class BtrfsDriver(ShareDriver):
     access_types = {"NFS": ("ip",), "CIFS": ("ip", "user")}
     thin_provisioning = True
     uses_export_helpers = True
+    shares_share_a_file_system = True
 
     OPTIONS = [
         Opt("btrfs_pool_path", "path", required=True,
@@ -142,6 +143,10 @@ class BtrfsDriver(ShareDriver):
                  "not mounted. An existing image is reused, never reformatted."),
         Opt("btrfs_pool_image_size_gib", "int", 10, min=1,
             help="Size of a new btrfs_pool_image, GiB (sparse)."),
+        Opt("btrfs_manage_paths", "list", [],
+            help="Directories of the pool (relative to btrfs_pool_path) whose subvolumes "
+                 "ManageShare may adopt, besides the pool's own shares directory; "
+                 "nothing else in the pool can be taken over."),
         Opt("btrfs_share_mount_dir", "path", "",
             help="Directory for the per-share subvolume mounts "
                  "(default: <state_path>/backends/<backend>/mounts)."),
@@ -157,6 +162,13 @@ class BtrfsDriver(ShareDriver):
         if image and (image == pool or image.startswith(pool.rstrip("/") + "/")):
             raise ConfigError(f"{src('btrfs_pool_image')}: [{sec_of('btrfs_pool_image')}] "
                               "btrfs_pool_image: must not lie inside btrfs_pool_path")
+        for area in backend.btrfs_manage_paths or []:
+            norm = os.path.normpath(area)
+            if os.path.isabs(area) or norm in (".", "..") or norm.startswith("../") \
+                    or norm.split("/")[0] == SNAPSHOTS_DIR or "," in area:
+                raise ConfigError(f"{src('btrfs_manage_paths')}: [{sec_of('btrfs_manage_paths')}] "
+                                  f"btrfs_manage_paths: {area!r} must be a directory of the "
+                                  "pool, relative to btrfs_pool_path, outside its snapshots")
         mdir = backend.btrfs_share_mount_dir
         if mdir and (mdir == pool or mdir.startswith(pool.rstrip("/") + "/")):
             raise ConfigError(f"{src('btrfs_share_mount_dir')}: "
@@ -172,6 +184,7 @@ class BtrfsDriver(ShareDriver):
         mdir = config.btrfs_share_mount_dir or os.path.join(state_dir or ".", "mounts")
         self.mount_dir = os.path.realpath(mdir)
         self._pool_entry: Optional[Tuple[Any, MountEntry]] = None
+        self.manage_paths: List[str] = list(getattr(config, "btrfs_manage_paths", None) or [])
 
     # --- small tools -----------------------------------------------------------
     def _run(self, *argv: str, check: bool = True):
@@ -206,6 +219,9 @@ class BtrfsDriver(ShareDriver):
                 raise BackendFailure(f"{self.pool} is a {m.fstype} mount, not btrfs")
             self._pool_entry = (key, m)
         return self._pool_entry[1]
+
+    def _protocols(self) -> List[str]:
+        return list(getattr(self.config, "enabled_share_protocols", None) or ["NFS"])
 
     def _path(self, rel: str) -> str:
         return os.path.join(self.pool, rel)
@@ -349,7 +365,7 @@ class BtrfsDriver(ShareDriver):
         self._unmount(mp, keep_dir=True)     # something stale is mounted there
         pool = self._pool_mount()
         fsroot = os.path.normpath(os.path.join(pool.root, rel))
-        os.makedirs(mp, mode=0o755, exist_ok=True)
+        os.makedirs(mp, mode=0o700, exist_ok=True)   # its own mode is hidden once mounted
         try:
             self._kernel("mount", kernel.mount_subvolume, pool.source, fsroot, mp)
         except BackendFailure:
@@ -396,8 +412,10 @@ class BtrfsDriver(ShareDriver):
                 raise BackendFailure(f"btrfs pool {self.pool} is not mounted and no "
                                      "btrfs_pool_image is configured")
             self._prepare_image()
-            os.makedirs(self.pool, mode=0o755, exist_ok=True)
-            self._run("mount", "-t", "btrfs", "-o", "loop", self.image, self.pool)
+            os.makedirs(self.pool, mode=0o700, exist_ok=True)
+            self._run("mount", "-t", "btrfs", "-o", "loop,nosuid,nodev,noexec", self.image,
+                      self.pool)
+            os.chmod(self.pool, 0o700)        # the pool's own root: sharedd's alone
         self._pool_mount()
         self._run("btrfs", "quota", "enable", self.pool)
         # Enabling quotas on a pool with data starts a rescan; usage figures
@@ -407,9 +425,20 @@ class BtrfsDriver(ShareDriver):
         # _delete_subvolume); best effort.
         self._run("btrfs", "qgroup", "clear-stale", self.pool, check=False)
         for sub in (SHARES_DIR, SNAPSHOTS_DIR):
-            os.makedirs(self._path(sub), mode=0o755, exist_ok=True)
-        os.makedirs(self.mount_dir, mode=0o755, exist_ok=True)
-
+            # Share content is the clients': no local user may reach it
+            # through the pool, whatever the pool's own mount allows.
+            os.makedirs(self._path(sub), mode=0o700, exist_ok=True)
+            os.chmod(self._path(sub), 0o700)
+        os.makedirs(self.mount_dir, mode=0o700, exist_ok=True)
+        # smbd opens a CIFS share as the connecting user, who must traverse
+        # to it; nothing else may list or enter.
+        os.chmod(self.mount_dir, 0o711 if "CIFS" in self._protocols() else 0o700)
+        flags = set(self._pool_mount().mount_options)
+        if not {"nosuid", "nodev"} <= flags:
+            log.warning("btrfs pool %s is mounted without nosuid,nodev: share content "
+                        "written by clients could act on this host through it; sharedd "
+                        "keeps %s and %s at 0700, remount the pool with nosuid,nodev",
+                        self.pool, self._path(SHARES_DIR), self._path(SNAPSHOTS_DIR))
     def _prepare_image(self) -> None:
         """Create and format the image once; reuse it on every later start."""
         if os.path.exists(self.image):
@@ -417,7 +446,7 @@ class BtrfsDriver(ShareDriver):
                 raise BackendFailure(f"btrfs_pool_image {self.image} exists but holds no "
                                      "btrfs file system; refusing to format it")
             return
-        os.makedirs(os.path.dirname(self.image), mode=0o755, exist_ok=True)
+        os.makedirs(os.path.dirname(self.image), mode=0o700, exist_ok=True)
         # Format under a temporary name: an image only appears under its real
         # name once complete, so a crash never leaves a half-made pool that a
         # later start would have to guess about.
@@ -445,6 +474,10 @@ class BtrfsDriver(ShareDriver):
             if os.path.lexists(path):
                 raise BackendFailure(f"{path} exists and is not a subvolume")
             self._kernel("subvolume create", kernel.create_subvolume, path)
+            if share.protocol == "NFS":
+                # Clients' root is squashed by default: the anonymous user
+                # must be able to write, as Manila's Generic driver does.
+                os.chmod(path, 0o777)
         return self._serve(share, [])
 
     def create_share_from_snapshot(self, share: Share, snapshot: Snapshot,
@@ -515,8 +548,8 @@ class BtrfsDriver(ShareDriver):
         update.provider_location = rel
         return update
 
-    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
-        self._managed_rel(None, export_path)
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> Optional[str]:
+        return self._managed_rel(None, export_path)
 
     def _managed_rel(self, share: Optional[Share], export_path: str) -> str:
         if not export_path or "\x00" in export_path:
@@ -526,6 +559,12 @@ class BtrfsDriver(ShareDriver):
         if os.path.commonpath([real, self.pool]) != self.pool or real == self.pool:
             raise InvalidArgument(f"{export_path} is not inside the btrfs pool {self.pool}")
         rel = self._check_rel(os.path.relpath(real, self.pool))
+        areas = [SHARES_DIR] + [self._check_rel(a) for a in self.manage_paths]
+        if not any(rel.startswith(a.rstrip("/") + "/") for a in areas):
+            raise InvalidArgument(
+                f"{export_path} is outside what backend {self.backend_name} may adopt: "
+                f"subvolumes under {', '.join(self._path(a) for a in areas)} "
+                "(btrfs_manage_paths names more)")
         if not os.path.lexists(real):
             raise InvalidArgument(f"{export_path} does not exist in pool {self.pool}")
         if not _is_subvolume(real):

@@ -164,14 +164,21 @@ def _c() -> ctypes.CDLL:
     return _libc
 
 
-def mount_subvolume(device: str, subvol: str, target: str) -> None:
-    """mount -t btrfs -o subvol=<subvol> <device> <target>, as one system
-    call (no mount table read)."""
+# mount(2) flags (linux/mount.h)
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+#: what a mount of share content on the storage host always carries: the
+#: content is written by clients, and the host only serves it
+SERVED_ONLY = MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+
+def mount_subvolume(device: str, subvol: str, target: str, flags: int = SERVED_ONLY) -> None:
+    """mount -t btrfs -o nosuid,nodev,noexec,subvol=<subvol> <device> <target>,
+    as one system call (no mount table read)."""
     data = b"subvol=" + os.fsencode(subvol)
     if b"," in data:
         raise OSError(22, f"{subvol!r} cannot be passed as a mount option")
     if _c().mount(os.fsencode(device), os.fsencode(target), b"btrfs",
-                  0, data) != 0:
+                  flags, data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {subvol} on {target}: {os.strerror(err)}")
 

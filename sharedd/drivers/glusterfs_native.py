@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -240,8 +241,13 @@ class GlusterfsNativeDriver(ShareDriver):
             help="Where the driver mounts volumes to wipe them (default: <state_path>/backends/<backend>/mnt)."),
         Opt("glusterfs_path_to_private_key", "path", "",
             help="SSH private key for remote targets."),
+        Opt("glusterfs_server_password_file", "path", "",
+            help="File holding the SSH password for remote targets (used when no key is "
+                 "accepted; never logged): owned by root, mode 0600 or stricter, else the "
+                 "backend refuses to start."),
         Opt("glusterfs_server_password", "str", "", secret=True,
-            help="SSH password for remote targets (used when no key is accepted; never logged)."),
+            help="Deprecated: the SSH password itself, readable by whoever reads the "
+                 "configuration; use glusterfs_server_password_file."),
         Opt("glusterfs_ssh_port", "int", 22, min=1, max=65535, help="SSH port of remote targets."),
         Opt("glusterfs_ssh_known_hosts_file", "path", "",
             help="known_hosts file with the remote servers' host keys (default: ssh's own). "
@@ -293,13 +299,43 @@ class GlusterfsNativeDriver(ShareDriver):
         self._cache_path = os.path.join(state_dir, "volume-sizes.json")
         self._askpass = os.path.join(state_dir, "ssh-askpass")
         self._own_cn: Optional[str] = None
+        self._secret: Optional[str] = None     # read at set-up (or first use)
 
     # --- plumbing ------------------------------------------------------------
+    def _password(self) -> str:
+        """The SSH password: from its root-only file, else (deprecated) the
+        configuration itself."""
+        path = getattr(self.config, "glusterfs_server_password_file", "") or ""
+        if not path:
+            return self.config.glusterfs_server_password or ""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendFailure(f"glusterfs_server_password_file: cannot open it: "
+                                 f"{exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+                raise BackendFailure("glusterfs_server_password_file must be a regular file "
+                                     "owned by root with mode 0600 or stricter")
+            data = os.read(fd, 4097)
+        finally:
+            os.close(fd)
+        try:
+            text = data.decode("utf-8").rstrip("\n") if len(data) <= 4096 else ""
+        except UnicodeDecodeError:
+            text = ""
+        if not text or "\n" in text or "\0" in text:
+            raise BackendFailure("glusterfs_server_password_file must hold one line of at "
+                                 "most 4096 bytes")
+        return text
+
     def _cli(self, target: Target) -> GlusterCLI:
         c = self.config
         return GlusterCLI(target, timeout=self.command_timeout,
                           ssh_key=c.glusterfs_path_to_private_key,
-                          password=c.glusterfs_server_password,
+                          password=self._secret if self._secret is not None
+                          else self._password(),
                           ssh_port=c.glusterfs_ssh_port,
                           known_hosts=c.glusterfs_ssh_known_hosts_file,
                           glusterd_socket=c.glusterfs_glusterd_socket,
@@ -518,6 +554,11 @@ class GlusterfsNativeDriver(ShareDriver):
         for d in (self.mount_base, os.path.join(self.state_dir, "log")):
             os.makedirs(d, mode=0o700, exist_ok=True)
         if self.config.glusterfs_server_password:
+            log.warning("backend %s: glusterfs_server_password is readable by whoever reads "
+                        "the configuration; move it into glusterfs_server_password_file "
+                        "(root, 0600)", self.backend_name)
+        self._secret = self._password()
+        if self._secret:
             # Prints the password from the ssh child's environment; never on disk.
             data = b'#!/bin/sh\nprintf \'%s\\n\' "$SHAREDD_GLUSTERFS_PASSWORD"\n'
             util.atomic_write(self._askpass, data, 0o700)
@@ -720,8 +761,10 @@ class GlusterfsNativeDriver(ShareDriver):
         return errors or None
 
     # --- manage --------------------------------------------------------------
-    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
-        self._manageable(self._managed_target(export_path), export_path, None)
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> Optional[str]:
+        target = self._managed_target(export_path)
+        self._manageable(target, export_path, None)
+        return target.export
 
     def _managed_target(self, export_path: str):
         m = EXPORT_RE.fullmatch(export_path.strip())

@@ -146,7 +146,7 @@ class VolumeDriver(ShareDriver):
             tmp = os.path.join(self.work_dir, name.lstrip("."))
             os.makedirs(tmp, exist_ok=True)
             try:
-                self._run(["mount", "-t", "xfs", "-o", "nouuid", dev, tmp])
+                self._run(["mount", "-t", "xfs", "-o", "nouuid,nosuid,nodev,noexec", dev, tmp])
                 self._run(["umount", tmp])
                 self._run(["xfs_admin", "-U", "generate", dev])
             finally:
@@ -178,7 +178,7 @@ class VolumeDriver(ShareDriver):
             return dev
         if src is not None:           # a stale mount (e.g. from before a crash)
             self._umount(mp)
-        self._run(["mount", "-t", self._fs_of(share), "-o", "nodev,nosuid", dev, mp])
+        self._run(["mount", "-t", self._fs_of(share), "-o", "nodev,nosuid,noexec", dev, mp])
         return dev
 
     def _umount(self, mp: str) -> None:
@@ -327,6 +327,10 @@ class VolumeDriver(ShareDriver):
                 self._mkfs(path, self.fs_type)
             fs = self._blkid(path, "TYPE")
             self._mount(share)
+            if share.protocol == "NFS":
+                # Clients' root is squashed by default: the anonymous user
+                # must be able to write (Manila's Generic driver does the same).
+                os.chmod(self._mountpoint(share), 0o777)
             locations = self._export(share, [])
         return ShareUpdate(export_locations=locations, provider_location=name,
                            size_gib=share.size_gib, driver_data={"fs_type": fs})
@@ -428,8 +432,8 @@ class VolumeDriver(ShareDriver):
         return int(info["Block count"]) * int(info["Block size"])
 
     # --- manage / unmanage ---------------------------------------------------------
-    def check_manage(self, export_path: str, options: Dict[str, Any]) -> None:
-        self._managed_image(None, export_path)
+    def check_manage(self, export_path: str, options: Dict[str, Any]) -> Optional[str]:
+        return self._managed_image(None, export_path)[0]
 
     def manage_existing(self, share: Share, export_path: str,
                         options: Dict[str, Any]) -> ShareUpdate:

@@ -8,8 +8,10 @@ protocol (nfs_helper, cifs_helper). A new export mechanism is one new module.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
+from .. import constants as C
 from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
 from ..errors import InvalidArgument, NotSupported
 from ..models import AccessRule, Share
@@ -27,21 +29,70 @@ class BusCallError(Exception):
     """An error reply (name: message) or no reply at all."""
 
 
-def rule_map(rules: Iterable[AccessRule], key: Callable[[str], str]) -> Dict[str, str]:
-    """The rules in force as {key(access_to): level}; rw wins if a key repeats."""
-    out: Dict[str, str] = {}
+@dataclasses.dataclass(frozen=True, order=True)
+class Grant:
+    """What one NFS client entry gives: the level, and what becomes of the
+    client's root (squash) and of squashed users (anonymous ids)."""
+    level: str
+    squash: str = C.SQUASH_MODES[0]
+    anonuid: int = C.DEFAULT_ANON_ID
+    anongid: int = C.DEFAULT_ANON_ID
+
+    @classmethod
+    def of(cls, rule: AccessRule, config: Any) -> "Grant":
+        """A rule's grant; rules stored without squash get the backend's default."""
+        if rule.squash:
+            return cls(rule.access_level.lower(), rule.squash, rule.anonuid, rule.anongid)
+        return cls(rule.access_level.lower(),
+                   getattr(config, "default_squash", None) or C.SQUASH_MODES[0],
+                   _int(getattr(config, "default_anonuid", None)),
+                   _int(getattr(config, "default_anongid", None)))
+
+    def to_json(self) -> List[Any]:
+        return [self.level, self.squash, self.anonuid, self.anongid]
+
+    @classmethod
+    def from_json(cls, value: Any) -> "Grant":
+        """A helper's state file entry: [level, squash, anonuid, anongid], or a
+        bare level (state written before squash existed: the safe default)."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not 1 <= len(value) <= 4:
+            raise ValueError(f"bad grant {value!r}")
+        grant = cls(*value)
+        if grant.level not in C.ACCESS_LEVELS or grant.squash not in C.SQUASH_MODES or \
+                not all(isinstance(i, int) and 0 <= i <= C.MAX_ANON_ID
+                        for i in (grant.anonuid, grant.anongid)):
+            raise ValueError(f"bad grant {value!r}")
+        return grant
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else C.DEFAULT_ANON_ID
+
+
+def _stronger(new: Grant, old: Optional[Grant]) -> bool:
+    """rw wins over ro when two rules name the same client."""
+    return old is None or (old.level != "rw" and new.level == "rw")
+
+
+def rule_map(rules: Iterable[AccessRule], key: Callable[[str], str],
+             config: Any = None) -> Dict[str, Grant]:
+    """The rules in force as {key(access_to): Grant}; rw wins if a key repeats."""
+    out: Dict[str, Grant] = {}
     for r in rules:
         if r.state in (RULE_QUEUED_TO_DENY, RULE_DENYING):
             continue
         k = key(r.access_to)
-        if out.get(k) != "rw":
-            out[k] = r.access_level.lower()
+        grant = Grant.of(r, config)
+        if _stronger(grant, out.get(k)):
+            out[k] = grant
     return out
 
 
-def merge_access(current: Optional[Dict[str, str]], access_rules: List[AccessRule],
+def merge_access(current: Optional[Dict[str, Grant]], access_rules: List[AccessRule],
                  add_rules: List[AccessRule], delete_rules: List[AccessRule],
-                 key: Callable[[str], str]) -> Dict[str, str]:
+                 key: Callable[[str], str], config: Any = None) -> Dict[str, Grant]:
     """What an export should admit after update_access (Manila's semantics).
 
     No add and no delete rules: recovery, exactly access_rules. Otherwise the
@@ -49,8 +100,8 @@ def merge_access(current: Optional[Dict[str, str]], access_rules: List[AccessRul
     deleting a rule never applied and re-adding one are not errors.
     """
     if not add_rules and not delete_rules:
-        return rule_map(access_rules, key)
-    wanted = dict(current) if current is not None else rule_map(access_rules, key)
+        return rule_map(access_rules, key, config)
+    wanted = dict(current) if current is not None else rule_map(access_rules, key, config)
     for r in delete_rules:
         try:
             wanted.pop(key(r.access_to), None)
@@ -58,8 +109,9 @@ def merge_access(current: Optional[Dict[str, str]], access_rules: List[AccessRul
             pass      # a rule that could never have been applied
     for r in add_rules:
         k = key(r.access_to)
-        if wanted.get(k) != "rw":
-            wanted[k] = r.access_level.lower()
+        grant = Grant.of(r, config)
+        if _stronger(grant, wanted.get(k)):
+            wanted[k] = grant
     return wanted
 
 
@@ -81,6 +133,9 @@ class ExportHelper(abc.ABC):
         self.state_dir = state_dir
         self.command_timeout = command_timeout
         self.bus_call: Optional[BusCall] = None   # set by the engine when the daemon has one
+        # Set from the driver: its shares are parts of one file system (btrfs
+        # subvolumes), so an export must not let a handle reach its siblings.
+        self.isolate_subtrees = False
 
     def setup(self) -> None:
         """Check that the export service is reachable; create state dirs."""

@@ -64,7 +64,7 @@ from ..errors import (BackendFailure, CapacityExceeded, ConfigError,
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import BusCallError, ExportHelper, merge_access, rule_map
+from .base import BusCallError, ExportHelper, Grant, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,29 @@ _BUSY_RETRIES = 10
 _BUSY_DELAY = 0.05          # doubling up to _BUSY_DELAY_MAX: about 5 s in all
 _BUSY_DELAY_MAX = 1.0
 _ID_ATTEMPTS = 8            # export ids tried when ganesha says one is taken
+
+
+# ganesha's spelling of each squash mode
+_SQUASH = {"root_squash": "Root_Squash", "all_squash": "All_Squash",
+           "no_root_squash": "No_Root_Squash"}
+
+
+def _block_order(grant: Grant) -> Tuple[bool, int, int, int]:
+    return (grant.level != "rw", _STRICT_FIRST.index(grant.squash), grant.anonuid,
+            grant.anongid)
+
+
+_STRICT_FIRST = ("all_squash", "root_squash", "no_root_squash")
+
+
+def _grants(entries: Any) -> Optional[Dict[str, Grant]]:
+    """The rule set an export file records; None if unreadable (the caller
+    then starts from the rules the engine passed)."""
+    try:
+        return {str(to): Grant.from_json(value) for to, value in entries}
+    except (TypeError, ValueError) as exc:
+        log.warning("export file rule set unreadable (%s); using the share's rules", exc)
+        return None
 
 
 def _busy(text: str) -> bool:
@@ -254,10 +277,10 @@ class GaneshaHelper(ExportHelper):
                                f"(raise ganesha_export_id_max or delete shares)")
 
     def _render(self, share: Share, path: str, export_id: int,
-                rules: Dict[str, str]) -> str:
+                rules: Dict[str, Grant]) -> str:
         meta = {"share_id": share.id, "export_id": export_id, "path": path,
                 "pseudo": self.pseudo_path(share),
-                "rules": [[to, level] for to, level in sorted(rules.items())]}
+                "rules": [[to, g.to_json()] for to, g in sorted(rules.items())]}
         lines = [
             "# Written by sharedd; changes are overwritten.",
             "# sharedd-ganesha: " + json.dumps(meta, sort_keys=True),
@@ -268,19 +291,21 @@ class GaneshaHelper(ExportHelper):
             "    Protocols = 4;",
             "    Transports = TCP;",
             "    SecType = sys;",
-            "    Squash = No_Root_Squash;",
+            "    Squash = Root_Squash;",
             "    Access_Type = None;",
             "    FSAL { Name = VFS; }",
         ]
-        # rw first: ganesha takes the first CLIENT block that matches.
-        for level, access in (("rw", "RW"), ("ro", "RO")):
-            clients: List[str] = []
-            for to, lvl in sorted(rules.items()):
-                if lvl == level:
-                    clients += self.client_spec("ip", to)
-            if clients:
-                lines.append(f"    CLIENT {{ Clients = {', '.join(clients)}; "
-                             f"Access_Type = {access}; Protocols = 4; }}")
+        # One CLIENT block per grant. ganesha takes the first block that
+        # matches a client: rw before ro (rw wins), and within a level the
+        # stricter squash first (where two networks overlap, root gets less).
+        groups: Dict[Grant, List[str]] = {}
+        for to, grant in sorted(rules.items()):
+            groups.setdefault(grant, []).extend(self.client_spec("ip", to))
+        for grant in sorted(groups, key=_block_order):
+            lines.append(f"    CLIENT {{ Clients = {', '.join(groups[grant])}; "
+                         f"Access_Type = {grant.level.upper()}; Protocols = 4; "
+                         f"Squash = {_SQUASH[grant.squash]}; Anonymous_Uid = {grant.anonuid}; "
+                         f"Anonymous_Gid = {grant.anongid}; }}")
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -391,8 +416,8 @@ class GaneshaHelper(ExportHelper):
             return str(net.network_address)
         return str(net)
 
-    def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, str]:
-        return rule_map(rules, self._key)
+    def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, Grant]:
+        return rule_map(rules, self._key, self.config)
 
     def _validate_all(self, rules: Iterable[AccessRule]) -> None:
         for r in rules:
@@ -423,11 +448,11 @@ class GaneshaHelper(ExportHelper):
         self._validate_all(list(access_rules) + list(add_rules))
         with self._locked(share.id):
             meta = self._read_meta(share.id)
-            current = {to: level for to, level in meta["rules"]} if meta is not None else None
+            current = _grants(meta["rules"]) if meta is not None else None
             self._apply(share, path, merge_access(current, access_rules, add_rules,
-                                                  delete_rules, self._key))
+                                                  delete_rules, self._key, self.config))
 
-    def _apply(self, share: Share, path: str, rules: Dict[str, str]) -> None:
+    def _apply(self, share: Share, path: str, rules: Dict[str, Grant]) -> None:
         """Write the file and make ganesha match it; undo the file on failure."""
         meta = self._read_meta(share.id)
         if meta is None:
@@ -450,7 +475,7 @@ class GaneshaHelper(ExportHelper):
                 log.error("restoring export %s failed: %s", export_id, exc)
             raise
 
-    def _add_new(self, share: Share, path: str, rules: Dict[str, str]) -> None:
+    def _add_new(self, share: Share, path: str, rules: Dict[str, Grant]) -> None:
         conf = self._file(share.id)
         for _ in range(_ID_ATTEMPTS):
             with self._locked():   # the id is taken once its file exists

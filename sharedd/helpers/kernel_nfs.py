@@ -11,7 +11,8 @@ and a backend rewrites only its own lines::
 
     # Written by sharedd; changes are overwritten.
     # sharedd-kernel-nfs: {"backend": "b1", "share": "<id>"}
-    /srv/shares/<id> 10.0.0.5(sync,no_subtree_check,no_root_squash,rw) fd00::/64(...,ro)
+    /srv/shares/<id> 10.0.0.5(sync,fsid=<uuid>,subtree_check,rw,root_squash,anonuid=65534,
+                             anongid=65534) fd00::/64(...,ro,...)        (one line)
 
 The running export table is then changed with targeted commands, never
 ``exportfs -ra`` (that would also apply an administrator's half-edited
@@ -45,17 +46,28 @@ Client forms (checked with nfs-utils 2.6.2 and kernel 6.1 on Debian bookworm):
   has the rw networks cut out of it (``address_exclude``), and no client is
   ever matched by both an rw and an ro entry.
 
-Default export options, ``sync,no_subtree_check,no_root_squash``: ``sync``
-so acknowledged writes are on disk; ``no_subtree_check`` because a share is
-a whole directory (subtree checks break renames and cost a lookup per
-request); ``no_root_squash`` because a share's top directory is root's and
-clients (sharedd-mountd, workloads running as root) must be able to create
-and chown files, as with the NFS-Ganesha helper (Squash = No_Root_Squash).
+Export options. ``kernel_nfs_export_options`` (default ``sync``, so
+acknowledged writes are on disk) go on every entry; sharedd adds the rest:
+
+- per client, the rule's level and squash: ``rw``/``ro``, ``root_squash``
+  (the default: a client's root becomes ``anonuid``), ``all_squash`` or
+  ``no_root_squash`` (asked for per rule), ``anonuid=``/``anongid=``. Where
+  two rules' networks overlap, rw wins, then the stricter squash;
+- per share, ``fsid=``, a UUID derived from the share's id: nfsd identifies the
+  export by it in every file handle, stable across reboots and moves;
+- ``subtree_check`` where the driver's shares are parts of one file system
+  (btrfs subvolumes share one superblock: with ``no_subtree_check`` nfsd
+  accepts a handle naming any inode of that file system, so a client that
+  forges one reaches the other shares; tests/test_knfsd_isolation.py shows
+  it), ``no_subtree_check`` where each share is a file system of its own.
+  The price of subtree checking: a file renamed into another directory
+  while a client has it open gives that client a stale handle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fcntl
 import ipaddress
 import json
@@ -63,13 +75,14 @@ import logging
 import os
 import re
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+import uuid
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from ..errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import ExportHelper, merge_access, rule_map
+from .base import ExportHelper, Grant, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +92,10 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]{0,1023}$(?!\n)")
 _OPTION_RE = re.compile(r"^[A-Za-z0-9_]+(=[A-Za-z0-9_.:/@-]+)?$")
 _TAG = "# sharedd-kernel-nfs: "
 _HEADER = "# Written by sharedd; changes are overwritten.\n"
-# Options sharedd sets itself, per client.
-_LEVEL_OPTIONS = {"rw", "ro"}
+# Options sharedd sets itself: per client (the rule's level and squash) and
+# per export (the share's fsid, and subtree checking as its file system needs).
+_OWN_OPTIONS = {"rw", "ro", "root_squash", "all_squash", "no_root_squash", "anonuid", "anongid",
+                "fsid", "subtree_check", "no_subtree_check"}
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -107,56 +122,87 @@ def rule_key(access_to: str) -> str:
     return str(net)
 
 
-def resolve(rules: Dict[str, str]) -> List[Tuple[Network, str]]:
-    """(network, level) pairs such that no client is in both an rw and an ro
-    network (rw wins), rw first, each level's networks collapsed."""
-    out: List[Tuple[Network, str]] = []
+def _priority(grant: Grant) -> Tuple[bool, int, int, int]:
+    """Who wins where networks overlap: rw over ro, then the stricter squash."""
+    return (grant.level != "rw", _STRICT_FIRST.index(grant.squash), grant.anonuid,
+            grant.anongid)
+
+
+_STRICT_FIRST = ("all_squash", "root_squash", "no_root_squash")
+
+
+def resolve(rules: Dict[str, Grant]) -> List[Tuple[Network, Grant]]:
+    """(network, grant) pairs such that no client is in two networks with
+    different grants (the higher priority wins: rw over ro, then the stricter
+    squash), in priority order, each grant's networks collapsed."""
+    out: List[Tuple[Network, Grant]] = []
     for version in (4, 6):
-        rw = [canonical_network(k) for k, v in rules.items() if v == "rw"]
-        rw = list(ipaddress.collapse_addresses(n for n in rw if n.version == version))
-        ro: List[Network] = []
-        for key, level in rules.items():
-            net = canonical_network(key)
-            if level != "ro" or net.version != version:
-                continue
-            pieces = [net]
-            for cut in rw:
-                kept: List[Network] = []
-                for piece in pieces:
-                    if not piece.overlaps(cut):
-                        kept.append(piece)
-                    elif cut.subnet_of(piece) and cut != piece:
-                        kept.extend(piece.address_exclude(cut))
-                    # else: the piece lies inside an rw network: rw wins
-                pieces = kept
-            ro.extend(pieces)
-        out += [(n, "rw") for n in rw]
-        out += [(n, "ro") for n in ipaddress.collapse_addresses(ro)]
-    return out
-
-
-def client_forms(rules: Dict[str, str]) -> List[Tuple[str, str]]:
-    """(client as written in the exports file, level), rw first."""
-    resolved = resolve(rules)
-    everyone = {(n.version, level) for n, level in resolved if n.prefixlen == 0}
-    star = next((lvl for lvl in ("rw", "ro") if (4, lvl) in everyone and (6, lvl) in everyone), None)
-    out: List[Tuple[str, str]] = []
-    for level in ("rw", "ro"):
-        if star == level:
-            out.append(("*", level))
-        for net, lvl in resolved:
-            if lvl != level:
-                continue
-            if net.prefixlen == 0:
-                if star == level:
+        taken: List[Network] = []          # networks of the grants already placed
+        for grant in sorted(set(rules.values()), key=_priority):
+            pieces_all: List[Network] = []
+            for key, g in rules.items():
+                net = canonical_network(key)
+                if g != grant or net.version != version:
                     continue
-                # exportfs refuses /0; two halves cover the same family only.
-                out += [(str(half), level) for half in net.subnets(prefixlen_diff=1)]
-            elif net.prefixlen == net.max_prefixlen:
-                out.append((str(net.network_address), level))
-            else:
-                out.append((str(net), level))
-    return out
+                pieces = [net]
+                for cut in taken:
+                    kept: List[Network] = []
+                    for piece in pieces:
+                        if not piece.overlaps(cut):
+                            kept.append(piece)
+                        elif cut.subnet_of(piece) and cut != piece:
+                            kept.extend(piece.address_exclude(cut))
+                        # else: the piece lies inside a stronger grant's network
+                    pieces = kept
+                pieces_all.extend(pieces)
+            mine = list(ipaddress.collapse_addresses(pieces_all))
+            out += [(n, grant) for n in mine]
+            taken += mine
+    return sorted(out, key=lambda pair: _priority(pair[1]))
+
+
+def client_forms(rules: Dict[str, Grant]) -> List[Tuple[str, Grant]]:
+    """(client as written in the exports file, grant), in priority order."""
+    resolved = resolve(rules)
+    everyone = {(n.version, g) for n, g in resolved if n.prefixlen == 0}
+    star = next((g for g in sorted({g for _, g in everyone}, key=_priority)
+                 if (4, g) in everyone and (6, g) in everyone), None)
+    out: List[Tuple[str, Grant]] = []
+    if star is not None:
+        out.append(("*", star))
+    for net, grant in resolved:
+        if net.prefixlen == 0:
+            if star == grant:
+                continue
+            # exportfs refuses /0; two halves cover the same family only.
+            out += [(str(half), grant) for half in net.subnets(prefixlen_diff=1)]
+        elif net.prefixlen == net.max_prefixlen:
+            out.append((str(net.network_address), grant))
+        else:
+            out.append((str(net), grant))
+    return sorted(out, key=lambda pair: _priority(pair[1]))
+
+
+def grant_options(grant: Grant) -> List[str]:
+    """exports(5) words for one client entry's grant."""
+    return [grant.level, grant.squash, f"anonuid={grant.anonuid}", f"anongid={grant.anongid}"]
+
+
+def fsid(share_id: str) -> str:
+    """A share's own file system id for nfsd, stable for the share's life: a
+    UUID derived from its id (written with dashes, so exportfs never reads
+    it as a number)."""
+    digest = hashlib.sha256(b"sharedd-fsid:" + share_id.encode()).digest()
+    return f"fsid={uuid.UUID(bytes=digest[:16])}"
+
+
+def _grants(entries: Any) -> Dict[str, Grant]:
+    """A state file's rules: [[client, grant], ...] (a bare level in files
+    written before squash existed)."""
+    try:
+        return {str(to): Grant.from_json(value) for to, value in entries}
+    except (TypeError, ValueError) as exc:
+        raise BackendFailure(f"kernel NFS state: unreadable rule set: {exc}") from None
 
 
 def exportfs_host(client: str) -> str:
@@ -207,11 +253,12 @@ class KernelNfsHelper(ExportHelper):
         Opt("kernel_nfs_exports_file", "path", "/etc/exports.d/sharedd.exports",
             help="The exports file sharedd owns (must end in .exports and live in "
                  "/etc/exports.d to be read at boot); /etc/exports is never touched."),
-        Opt("kernel_nfs_export_options", "str", "sync,no_subtree_check,no_root_squash",
-            help="Options for every client entry (sharedd adds rw or ro): sync so "
-                 "acknowledged writes are on disk, no_subtree_check because shares are "
-                 "whole directories, no_root_squash so root on clients can use the "
-                 "root-owned share directory (as with the ganesha helper)."),
+        Opt("kernel_nfs_export_options", "str", "sync",
+            help="Options for every client entry: sync so acknowledged writes are on disk. "
+                 "sharedd adds the rule's rw or ro and squash (root_squash, all_squash or "
+                 "no_root_squash, anonuid=, anongid=), the share's own fsid=, and "
+                 "subtree_check where shares share a file system (btrfs subvolumes), "
+                 "no_subtree_check elsewhere; those may not be set here."),
         Opt("kernel_nfs_exportfs_command", "str", "exportfs",
             help="The exportfs program (name or absolute path)."),
         Opt("kernel_nfs_release_timeout", "float", 300.0, min=0, max=3600,
@@ -232,16 +279,16 @@ class KernelNfsHelper(ExportHelper):
         self.exports_file = os.path.normpath(path)
         self.lock_file = os.path.join(os.path.dirname(self.exports_file),
                                       "." + os.path.basename(self.exports_file) + ".lock")
-        opts = [o.strip() for o in str(self._opt("kernel_nfs_export_options",
-                                                 "sync,no_subtree_check,no_root_squash")).split(",")
+        opts = [o.strip() for o in str(self._opt("kernel_nfs_export_options", "sync")).split(",")
                 if o.strip()]
         for o in opts:
             if not _OPTION_RE.fullmatch(o):
                 raise ConfigError(f"[{name}] kernel_nfs_export_options: {o!r} is not an "
                                   "exports(5) option word")
-            if o in _LEVEL_OPTIONS:
+            if o.split("=", 1)[0] in _OWN_OPTIONS:
                 raise ConfigError(f"[{name}] kernel_nfs_export_options: leave out {o!r}; "
-                                  "sharedd sets rw or ro per access rule")
+                                  "sharedd sets it per access rule (level, squash: see "
+                                  "default_squash) or per share (fsid, subtree checking)")
         self.export_options = opts
         cmd = str(self._opt("kernel_nfs_exportfs_command", "exportfs") or "exportfs")
         if any(c.isspace() for c in cmd):
@@ -326,9 +373,9 @@ class KernelNfsHelper(ExportHelper):
             raise BackendFailure(f"{self._state_file(share_id)}: not a state file written by sharedd")
         return data
 
-    def _write_state(self, share_id: str, path: str, rules: Dict[str, str]) -> None:
+    def _write_state(self, share_id: str, path: str, rules: Dict[str, Grant]) -> None:
         data = {"share_id": share_id, "path": path,
-                "rules": [[to, level] for to, level in sorted(rules.items())]}
+                "rules": [[to, g.to_json()] for to, g in sorted(rules.items())]}
         atomic_write(self._state_file(share_id),
                      (json.dumps(data, sort_keys=True, indent=1) + "\n").encode(), 0o600)
 
@@ -343,10 +390,14 @@ class KernelNfsHelper(ExportHelper):
         return states
 
     # --- the exports file ------------------------------------------------
-    def render_line(self, path: str, rules: Dict[str, str]) -> Optional[str]:
+    def _options(self, share_id: str, grant: Grant) -> str:
+        subtree = "subtree_check" if self.isolate_subtrees else "no_subtree_check"
+        return ",".join(self.export_options + [fsid(share_id), subtree] + grant_options(grant))
+
+    def render_line(self, share_id: str, path: str, rules: Dict[str, Grant]) -> Optional[str]:
         """The exports(5) line for a share; None when no client may mount."""
-        entries = [f"{client}({','.join(self.export_options + [level])})"
-                   for client, level in client_forms(rules)]
+        entries = [f"{client}({self._options(share_id, grant)})"
+                   for client, grant in client_forms(rules)]
         return f"{path} {' '.join(entries)}" if entries else None
 
     def _foreign_blocks(self) -> List[Tuple[str, str]]:
@@ -375,7 +426,7 @@ class KernelNfsHelper(ExportHelper):
         for tag, line in self._foreign_blocks():
             chunks.append(f"{tag}\n{line}\n")
         for st in self._all_states():
-            line = self.render_line(st["path"], {to: lvl for to, lvl in st["rules"]})
+            line = self.render_line(st["share_id"], st["path"], _grants(st["rules"]))
             if line is None:
                 continue
             tag = _TAG + json.dumps({"backend": self.backend, "share": st["share_id"]},
@@ -408,8 +459,8 @@ class KernelNfsHelper(ExportHelper):
         proc = self._run("-v")
         return parse_exportfs_v(proc.stdout.decode(errors="replace"))
 
-    def _export_client(self, client: str, level: str, path: str) -> None:
-        self._run("-o", ",".join(self.export_options + [level]), f"{exportfs_host(client)}:{path}")
+    def _export_client(self, share_id: str, client: str, grant: Grant, path: str) -> None:
+        self._run("-o", self._options(share_id, grant), f"{exportfs_host(client)}:{path}")
 
     def _unexport_client(self, client: str, path: str) -> None:
         proc = self._run("-u", f"{exportfs_host(client)}:{path}", check=False)
@@ -420,19 +471,19 @@ class KernelNfsHelper(ExportHelper):
             raise BackendFailure(f"{self.exportfs} -u {exportfs_host(client)}:{path} failed "
                                  f"(exit {proc.returncode}): {err[-500:]}")
 
-    def _sync_kernel(self, path: str, rules: Dict[str, str]) -> None:
+    def _sync_kernel(self, share_id: str, path: str, rules: Dict[str, Grant]) -> None:
         """Make the kernel's clients of path exactly the rendered ones."""
         wanted = client_forms(rules)
         names = {c for c, _ in wanted}
-        for client, level in wanted:           # add, or change options in place
-            self._export_client(client, level, path)
+        for client, grant in wanted:           # add, or change options in place
+            self._export_client(share_id, client, grant, path)
         for client in self._exported().get(path, []):
             if client not in names:
                 self._unexport_client(client, path)
 
     # --- the ExportHelper interface ------------------------------------------
-    def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, str]:
-        return rule_map(rules, rule_key)
+    def _rule_map(self, rules: Iterable[AccessRule]) -> Dict[str, Grant]:
+        return rule_map(rules, rule_key, self.config)
 
     def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
         self._check_share(share, path)
@@ -448,11 +499,11 @@ class KernelNfsHelper(ExportHelper):
         self._validate_all(list(access_rules) + list(add_rules))
         with self._locked():
             state = self._read_state(share.id)
-            current = {to: level for to, level in state["rules"]} if state is not None else None
+            current = _grants(state["rules"]) if state is not None else None
             self._apply(share, path, merge_access(current, access_rules, add_rules,
-                                                  delete_rules, rule_key))
+                                                  delete_rules, rule_key, self.config))
 
-    def _apply(self, share: Share, path: str, rules: Dict[str, str]) -> None:
+    def _apply(self, share: Share, path: str, rules: Dict[str, Grant]) -> None:
         """Save the state, rewrite the file, change the kernel; undo on failure."""
         old = self._read_state(share.id)
         if old is not None and old["path"] != path:
@@ -460,7 +511,7 @@ class KernelNfsHelper(ExportHelper):
         self._write_state(share.id, path, rules)
         try:
             self._write_file()
-            self._sync_kernel(path, rules)
+            self._sync_kernel(share.id, path, rules)
         except BaseException:
             self._restore(share, path, old)
             raise
@@ -472,10 +523,10 @@ class KernelNfsHelper(ExportHelper):
                 self._write_file()
                 self._unexport_path(path)
             else:
-                old_rules = {to: lvl for to, lvl in old["rules"]}
+                old_rules = _grants(old["rules"])
                 self._write_state(share.id, old["path"], old_rules)
                 self._write_file()
-                self._sync_kernel(old["path"], old_rules)
+                self._sync_kernel(share.id, old["path"], old_rules)
         except (BackendFailure, OSError) as exc:
             log.error("restoring the kernel export of share %s failed: %s", share.id, exc)
 
@@ -544,5 +595,5 @@ class KernelNfsHelper(ExportHelper):
         with self._locked():
             self._write_file()
             for st in self._all_states():
-                self._sync_kernel(st["path"], {to: lvl for to, lvl in st["rules"]})
+                self._sync_kernel(st["share_id"], st["path"], _grants(st["rules"]))
 

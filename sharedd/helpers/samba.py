@@ -7,16 +7,57 @@ never touched.
 
 Access mapping (Samba checks host and user separately):
 - `ip` rules -> `hosts allow`, always with `hosts deny = ALL` (which, unlike
-  0.0.0.0/0, also closes IPv6). Samba has no per-host read-only, so an `ip`
-  rule must be rw.
+  0.0.0.0/0, also closes IPv6).
 - `user` rules -> `valid users` (every granted user) plus `read list` (the ro
   ones). The share's root directory gets POSIX ACL entries (recursive, plus
   default entries for new files; `inherit acls = yes`) so every granted user
   can write (rw) or read (ro) at the file-system level too.
-- With only user rules every host is admitted (`hosts allow = ALL`); with only
-  ip rules every authenticated user from those hosts is admitted (the file
-  system's own permissions still apply to them); with both, a client must
-  pass both checks; with none, nobody is admitted.
+- With only user rules every host is admitted (`hosts allow = ALL`); with
+  both, a client must pass both checks (host in `hosts allow`, user in
+  `valid users`) and the user rules alone decide who may write; with none,
+  nobody is admitted.
+- With only ip rules every authenticated Samba user from a granted host is
+  admitted and may write, as an `ip rw` rule says (Manila's generic CIFS
+  helper makes such shares writable too): see "Writable for ip rules".
+- `ip ro` is refused (NotSupported, at AllowAccess): `hosts allow` only
+  admits or refuses a host, Samba has no per-host read-only. For read-only
+  access grant the hosts with `ip rw` and the accounts with `user ro` rules
+  (a client must then pass both checks, and the ro users stay read-only).
+
+Writable for ip rules: while a share has ip rules and no user rules, it gets
+`force group = sharedd-cifs` (IP_GROUP) and the POSIX ACL entries
+`group:sharedd-cifs:rwX` plus the same default entry on its root
+(recursive), so every admitted session, whatever its account, can create
+files and change the other sessions' files (new ones inherit the entry).
+The group must exist on the Samba host and have no members: a missing
+group, or one that lists members, makes a grant or export fail with
+BackendFailure saying what to do (`groupadd --system sharedd-cifs`); a
+deny still goes through, leaving the remaining ip rules without write
+access. Files keep their writer as owner. Why not the alternatives:
+- chmod 777 on the share root (Manila's generic driver): every local account
+  of the storage host would get write access too. CIFS users are local
+  accounts and smbd works as the user, so the directories above a share must
+  be traversable by every account (a share under a 0750 root-only directory,
+  such as the default state_path /var/lib/sharedd, is denied to every CIFS
+  user, measured; the volume driver makes its mount directory 0711 for this
+  reason), and share ids (the mount point names) are readable on the bus.
+  A hidden parent directory is no protection here.
+- per-user ACL entries: "every Samba account" cannot be named (accounts
+  added later would not be covered) and they would collide with the entries
+  of user rules.
+- `force user`: every file would belong to one account, and who wrote what
+  would be lost.
+With force group the extra access exists only inside smbd sessions of the
+share (hosts allow still applies); a local process gets it only as a member
+of the group, hence no members. Both the force group and the group's ACL
+entries are removed as soon as the share has no ip rule left (deny) or gets
+a user rule: the named entries recursively, and on the files made meanwhile
+(owned by the group, smbd merges the group's entry into their `group::`)
+the group's permissions are emptied; this happens before the parameter is
+dropped, so a failure in between is retried. Open sessions are cut then, so
+no session keeps the forced group and the share is not left writable after
+access shrinks. A full sync (export, recovery) also does this when it finds
+entries of the group on the share root without the parameter.
 
 Changes are made with the share closed (`available = no`) and reopened last,
 so no client ever sees a half-applied rule set; a new share is created closed
@@ -29,8 +70,9 @@ so unexport returns only when the share's file system can be unmounted.
 
 Test/deployment hooks: `samba_config_file` is passed to net and smbcontrol
 as `-s FILE`; `samba_command_prefix` is put before every command this helper
-runs (net, smbcontrol, smbstatus, setfacl, getent), e.g. `nsenter,--mount=/proc/PID/ns/mnt,--`
-to reach a Samba instance in another mount namespace.
+runs (net, smbcontrol, smbstatus, setfacl, getfacl, getent, find), e.g.
+`nsenter,--mount=/proc/PID/ns/mnt,--` to reach a Samba instance in another
+mount namespace.
 """
 
 from __future__ import annotations
@@ -56,13 +98,16 @@ RESERVED_NAMES = {"global", "homes", "printers", "print$", "ipc$"}
 COMMENT_PREFIX = "sharedd "
 # Parameters this helper owns on its shares (lower case, as compared).
 MANAGED = ("path", "comment", "read only", "guest ok", "browseable", "inherit acls",
-           "hosts deny", "hosts allow", "valid users", "read list", "available")
+           "hosts deny", "hosts allow", "valid users", "read list", "force group", "available")
+# The group that makes shares with only ip rules writable (see the module doc).
+IP_GROUP = "sharedd-cifs"
 
 
 class SambaHelper(ExportHelper):
     helper_name = "samba"
     protocol = "CIFS"
     access_levels = {"ip": ("rw",), "user": ("rw", "ro")}
+    ip_group = IP_GROUP
 
     OPTIONS = [
         Opt("samba_config_file", "path", "",
@@ -114,12 +159,17 @@ class SambaHelper(ExportHelper):
 
     def setup(self) -> None:
         self._net("list")   # the registry is reachable (fails with exit 255 otherwise)
+        if self._run(["getent", "group", self.ip_group], check=False).returncode != 0:
+            log.warning("group %s does not exist: CIFS 'ip' rules will fail until it is created "
+                        "without members (groupadd --system %s)", self.ip_group, self.ip_group)
 
     # --- rules -> parameters -------------------------------------------------------
     def validate_access(self, access_type: str, access_level: str) -> None:
         if access_type == "ip" and access_level == "ro":
-            raise NotSupported("Samba cannot make a share read-only per host (hosts allow only "
-                               "admits or refuses a host); use a 'user' rule with level ro")
+            raise NotSupported("Samba cannot make a share read-only per host ('hosts allow' only "
+                               "admits or refuses a host, and every user it admits may write); "
+                               "for read-only access use 'user' rules with level ro (with 'ip' rw "
+                               "rules beside them a client must pass both checks)")
         super().validate_access(access_type, access_level)
 
     def _check_rule(self, rule: AccessRule) -> None:
@@ -140,7 +190,14 @@ class SambaHelper(ExportHelper):
             return str(net.ip)
         return f"{net.network}/{net.prefixlen}"
 
-    def _desired(self, share: Share, path: str, rules: List[AccessRule]) -> Dict[str, str]:
+    @staticmethod
+    def _ip_writable(rules: List[AccessRule]) -> bool:
+        """Only ip rules: every admitted user writes, through the forced group."""
+        kinds = {r.access_type for r in rules}
+        return "ip" in kinds and "user" not in kinds
+
+    def _desired(self, share: Share, path: str, rules: List[AccessRule],
+                 force_group: bool = False) -> Dict[str, str]:
         hosts = sorted({self._host(r.access_to) for r in rules if r.access_type == "ip"})
         users = sorted({r.access_to for r in rules if r.access_type == "user"})
         ro = sorted({r.access_to for r in rules if r.access_type == "user" and r.access_level == "ro"})
@@ -161,6 +218,8 @@ class SambaHelper(ExportHelper):
             params["valid users"] = ", ".join(users)
         if ro:
             params["read list"] = ", ".join(ro)
+        if force_group:
+            params["force group"] = self.ip_group
         return params
 
     @staticmethod
@@ -203,6 +262,55 @@ class SambaHelper(ExportHelper):
             log.warning("cannot remove ACL entries of %s on %s: %s", user, path,
                         proc.stderr.decode(errors="replace").strip())
 
+    def _check_group(self) -> None:
+        """The ip group exists and lists no members (they would write locally)."""
+        group = self.ip_group
+        proc = self._run(["getent", "group", group], check=False)
+        if proc.returncode != 0:
+            raise BackendFailure(
+                f"group {group!r} does not exist on the Samba host; CIFS 'ip' rules need it to "
+                f"make the share writable for the users they admit: create it without members "
+                f"(groupadd --system {group})")
+        members = proc.stdout.decode(errors="replace").strip().split(":")[3:]
+        members = [m for m in ",".join(members).split(",") if m]
+        if members:
+            raise BackendFailure(
+                f"group {group!r} has members ({', '.join(members)}): they would get write access "
+                f"to every CIFS share with 'ip' rules on the storage host; remove them "
+                f"(gpasswd -d USER {group})")
+
+    def _grant_group(self, path: str) -> None:
+        g = self.ip_group
+        self._run(["setfacl", "-R", "-m", f"g:{g}:rwX,d:g:{g}:rwX", path])
+
+    def _revoke_group(self, path: str, group: str) -> None:
+        if self._run(["getent", "group", group], check=False).returncode != 0:
+            # deleted meanwhile: nobody can hold it, and it cannot be named any more
+            log.warning("group %s no longer exists; its ACL entries on %s stay", group, path)
+            return
+        # check=True: a failure must not go on to drop `force group` (the retry's marker)
+        self._run(["setfacl", "-R", "-x", f"g:{group},d:g:{group}", path])
+        # Files made under force group have the group as owning group, and smbd
+        # merges the group's entry into their `group::` entry: empty that too
+        # (not on symlinks, which setfacl would follow).
+        self._run(["find", path, "-group", group, "!", "-type", "l",
+                   "-exec", "setfacl", "-m", "g::---", "{}", "+"])
+
+    def _root_has_group(self, path: str, group: str) -> bool:
+        """Whether the share root has access or default ACL entries for group."""
+        proc = self._run(["getfacl", "-p", "--omit-header", path], check=False)
+        if proc.returncode != 0:
+            log.warning("cannot read the ACL of %s: %s", path,
+                        proc.stderr.decode(errors="replace").strip())
+            return False
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            fields = line.split("#", 1)[0].strip().split(":")
+            if fields[0] == "default":
+                fields = fields[1:]
+            if len(fields) >= 3 and fields[0] == "group" and fields[1] == group:
+                return True
+        return False
+
     # --- the sync -----------------------------------------------------------------------
     def _sync(self, share: Share, path: str, rules: List[AccessRule], *, full: bool,
               close: bool = False, new_users: Set[str] = frozenset()) -> None:
@@ -214,21 +322,47 @@ class SambaHelper(ExportHelper):
         unknown = sorted(u for u in new_users if not self._user_known(u))
         if unknown:
             raise InvalidArgument(f"unknown user(s) on the Samba host: {', '.join(unknown)}")
+        want_group = self._ip_writable(rules)
+        if want_group:
+            try:
+                self._check_group()
+            except BackendFailure as exc:
+                if not close:
+                    raise
+                # A revocation is never held back: apply it without the group
+                # (less access, never more); the next grant or ensure reports it.
+                log.error("share %s: %s; 'ip' rules left without write access", share.id, exc)
+                want_group = False
         exists = name.lower() in self._shares()
         current = self._show(name) if exists else {}
         if exists and current.get("comment") != COMMENT_PREFIX + share.id:
             raise AlreadyExists(f"Samba share {name!r} exists and is not sharedd's share {share.id}")
-        desired = self._desired(share, path, rules)
+        desired = self._desired(share, path, rules, force_group=want_group)
         changes = [(k, v) for k, v in desired.items() if current.get(k) != v]
         removals = [k for k in MANAGED if k in current and k not in desired]
         old_hosts, old_users, old_ro = self._access_of(current) if exists else (set(), set(), set())
         new_hosts, new_users_set, new_ro = self._access_of(desired)
         levels = {r.access_to: r.access_level for r in rules if r.access_type == "user"}
+        old_group = current.get("force group") or None
+        new_group = desired.get("force group")
+        stale_groups: Set[str] = set()
+        if old_group and old_group != new_group:
+            stale_groups.add(old_group)
+        if full and not want_group and self._root_has_group(path, self.ip_group):
+            stale_groups.add(self.ip_group)
 
         if changes or removals:
             # Closed while changing: no client connects under a half-applied set.
             # (On an unknown share this setparm creates it, closed.)
             self._net("setparm", name, "available", "no")
+        # The ip group's ACL entries go on before `force group` is set and come
+        # off before it is removed: a failure in between leaves the parameter
+        # saying what is still to do, and the retry does it.
+        if want_group and (full or old_group != new_group):
+            self._grant_group(path)
+        for group in sorted(stale_groups):
+            self._revoke_group(path, group)
+        if changes or removals:
             for key, value in changes:
                 self._net("setparm", name, key, value)
             for key in removals:
@@ -247,7 +381,7 @@ class SambaHelper(ExportHelper):
         if changes or removals:
             self._net("delparm", name, "available")   # open again
         if close or self._lacks(old_hosts, new_hosts) or self._lacks(old_users, new_users_set) \
-                or (new_ro - old_ro):
+                or (new_ro - old_ro) or stale_groups:
             self.close_sessions(share)
 
     # --- ExportHelper ---------------------------------------------------------------------

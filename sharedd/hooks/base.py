@@ -26,6 +26,10 @@ class HookContext:
 class Hook:
     """Base class: override the entry points you need."""
 
+    #: False for a hook that never blocks (it only hands the record on): it is
+    #: called on the event loop instead of in a worker thread
+    blocking = True
+
     def __init__(self, backend_name: str, backend_config, context: HookContext):
         self.backend_name = backend_name
         self.config = backend_config

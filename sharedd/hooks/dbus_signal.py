@@ -33,6 +33,7 @@ class DbusSignalHook(Hook):
     """Emits org.sharedd.Sharedd1.Hooks.Fired for pre, post and periodic records."""
 
     _warned_no_bus = False
+    blocking = False   # the signal is queued on the bus connection
 
     def emit(self, record: Dict[str, Any]) -> None:
         text = record_json(record)

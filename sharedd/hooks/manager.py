@@ -45,6 +45,8 @@ class HookManager:
                      "periodic": self.config.enable_periodic_hooks}[phase])
 
     async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None) -> Any:
+        if not hook.blocking:
+            return fn(*args)
         limit = self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), limit)
 

@@ -13,8 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def rule_dict(r: AccessRule) -> Dict[str, Any]:
-    return {"id": r.id, "access_type": r.access_type, "access_to": r.access_to,
-            "access_level": r.access_level, "state": r.state}
+    out = {"id": r.id, "access_type": r.access_type, "access_to": r.access_to,
+           "access_level": r.access_level, "state": r.state}
+    out.update(r.options())
+    return out
 
 
 def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
