@@ -450,7 +450,7 @@ forged file handles by a raw NFSv4.0 client (see the test module's docstring).""
 import fcntl, json, os, re, signal, struct, subprocess, sys, time, traceback, uuid
 sys.path.insert(0, "/mnt/repo")
 from tests.support import nfs4wire as w
-from tests.support.guestlib import sh
+from tests.support.guestlib import run_main, sh
 
 signal.alarm(400)              # well inside the host's timeout: fail, don't hang
 TAG, ID_A, ID_B = "@TAG@", "@ID_A@", "@ID_B@"
@@ -727,12 +727,7 @@ def main():
     log("done")
 
 
-try:
-    main()
-except Exception:
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.exit(1)
+run_main(main)
 '''
 
 
@@ -815,3 +810,390 @@ def test_knfsd_isolation_in_guest(qemu_guest_image, capsys):
         assert not fixed[key]["ok"] and _secret_absent(fixed[key]), (key, d)
     for key in ("guessed_dir", "old_guessed_dir"):
         assert not fixed[key]["ok"] and "names" not in fixed[key], (key, d)
+
+
+# --- a client's root over kernel NFS: setuid binaries and device nodes ----------------
+# A second guest test (issue 12, the kernel NFS half): the guest is the storage
+# host (nfsd serving two btrfs subvolume shares, mounted as the btrfs driver
+# mounts them: mount(2) with nosuid,nodev,noexec) and, through its own kernel
+# NFS client, the client. As uid 0 through `mount -t nfs4` it copies
+# /usr/bin/id, chowns it to 0, chmods it 04755 and mknods a block device
+# (7,0: /dev/loop0) mode 0666 into each share:
+#
+# - S1, exported by KernelNfsHelper with the default squash (root_squash): the
+#   copy belongs to 65534, the chown is refused (EPERM) and so is the mknod
+#   (nfsd drops CAP_MKNOD for a squashed user: EPERM), so nothing setuid-root
+#   or device-like exists;
+# - S2, exported with no_root_squash: owner 0, mode 04755 and the node exist,
+#   yet on the storage host (the share's own mount point) the copy does not
+#   run for an unprivileged user (noexec: EACCES; a bind mount of the share
+#   with only nosuid,nodev shows nosuid alone keeps the uid 65534) and the
+#   node opens neither for nobody nor for root (nodev: EACCES).
+#
+# A control in /var/tmp (the guest's root file system, none of those flags)
+# shows the same payload does print 0 for uid 65534 and the same node opens,
+# so the refusals are the share mounts'. The same probes through the client's
+# NFS mount are reported too (the client's own mount options decide there).
+SUID_SUBNET4, SUID_SUBNET6 = "10.82.0.0/24", "fd82::/64"
+SUID_IP = "10.82.0.21"
+
+SUID_SCRIPT = r'''#!/usr/bin/python3
+"""Runs inside the guest: root on a kernel NFS client plants a setuid-root
+binary and a device node in two btrfs subvolume shares (root_squash and
+no_root_squash); what the storage host makes of them (see the test module)."""
+import ctypes, errno, json, os, shutil, signal, stat, sys, time, traceback, uuid
+sys.path.insert(0, "/mnt/repo")
+from tests.support.guestlib import run_main, sh
+from sharedd.drivers.btrfs_kernel import MS_NODEV, MS_NOSUID
+MS_REMOUNT, MS_BIND = 32, 4096
+
+signal.alarm(400)              # well inside the host's timeout: fail, don't hang
+TAG, IP = "@TAG@", "@IP@"
+ID1, ID2 = "@ID1@", "@ID2@"
+NOBODY = 65534
+BASE = f"/srv/suid-{TAG}"
+IMG, POOL, MOUNTS = f"/var/tmp/suid-{TAG}.img", BASE + "/pool", BASE + "/mounts"
+CLIENT, CONTROL = BASE + "/client", f"/var/tmp/suid-control-{TAG}"
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+OPEN_PROBE = ("import errno, os, sys\n"
+              "try:\n"
+              "    os.close(os.open(sys.argv[1], os.O_RDONLY))\n"
+              "    print('ok')\n"
+              "except OSError as e:\n"
+              "    print(errno.errorcode.get(e.errno, e.errno))\n")
+STRERROR = {os.strerror(n): errno.errorcode[n] for n in errno.errorcode}
+T0 = time.monotonic()
+
+
+def say(key, value):
+    print(f"RESULT {key}=" + json.dumps(value, sort_keys=True), flush=True)
+
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:6.1f} s] {msg}", flush=True)
+
+
+def attempt(fn, *args):
+    """'ok', or the errno's name."""
+    try:
+        fn(*args)
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+def file_info(path):
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return {"exists": False, "errno": errno.errorcode.get(exc.errno, str(exc.errno))}
+    out = {"exists": True, "uid": st.st_uid, "gid": st.st_gid, "mode": oct(st.st_mode),
+           "perm": oct(stat.S_IMODE(st.st_mode)), "setuid": bool(st.st_mode & stat.S_ISUID),
+           "blk": stat.S_ISBLK(st.st_mode), "chr": stat.S_ISCHR(st.st_mode)}
+    if out["blk"] or out["chr"]:
+        out["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+    out["setuid_root"] = out["setuid"] and st.st_uid == 0 and stat.S_ISREG(st.st_mode)
+    return out
+
+
+def exec_as_nobody(path):
+    """`setpriv ... PATH -u`: the effective uid the payload runs with, or why not."""
+    p = sh(*AS_NOBODY, path, "-u", check=False)
+    out = {"rc": p.returncode, "out": p.stdout.strip(), "err": p.stderr.strip()[-200:]}
+    if p.returncode:         # setpriv: failed to execute PATH: <strerror>
+        out["errno"] = STRERROR.get(p.stderr.strip().rsplit(": ", 1)[-1], "?")
+    return out
+
+
+def open_as_nobody(path):
+    return sh(*AS_NOBODY, "/usr/bin/python3", "-c", OPEN_PROBE, path,
+              check=False).stdout.strip() or "probe failed"
+
+
+def open_as_root(path):
+    return attempt(lambda p: os.close(os.open(p, os.O_RDONLY)), path)
+
+
+def mountinfo(path):
+    """The mount at path from /proc/self/mountinfo (the last one stacked there)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.rstrip("\n").split(" - ", 1)
+            fields, rest = left.split(), right.split()
+            if fields[4] == path:
+                found = {"mount_options": fields[5].split(","), "fstype": rest[0],
+                         "source": rest[1], "super_options": rest[2].split(",")}
+    return found
+
+
+def plant(where):
+    """As root, into where: the setuid copy of id and a block device node."""
+    payload, node = where + "/id", where + "/blk"
+    umask = os.umask(0)          # the node is made 0666, as asked
+    try:
+        return {"copy": attempt(shutil.copyfile, "/usr/bin/id", payload),
+                "chown_0": attempt(os.chown, payload, 0, 0),     # before chmod: chown
+                "chmod_4755": attempt(os.chmod, payload, 0o4755),  # clears setuid
+                "mknod_blk_7_0": attempt(os.mknod, node, stat.S_IFBLK | 0o666,
+                                         os.makedev(7, 0))}
+    finally:
+        os.umask(umask)
+
+
+def probe(where, root=True):
+    """What becomes of the planted files, seen at where."""
+    payload, node = where + "/id", where + "/blk"
+    r = {"payload": file_info(payload), "node": file_info(node),
+         "read_payload_as_nobody": open_as_nobody(payload),
+         "exec_as_nobody": exec_as_nobody(payload)}
+    if os.path.lexists(node):
+        r["open_node_as_nobody"] = open_as_nobody(node)
+        if root:
+            r["open_node_as_root"] = open_as_root(node)
+    return r
+
+
+# --- the storage host: the pool and two shares, as the btrfs driver makes them ---
+def setup():
+    from sharedd.drivers import btrfs_kernel as kernel
+    sh("truncate", "-s", "512M", IMG)
+    sh("mkfs.btrfs", "-q", "-f", IMG)
+    os.makedirs(POOL)
+    sh("mount", "-t", "btrfs", "-o", "loop,nosuid,nodev,noexec", IMG, POOL)
+    os.chmod(POOL, 0o700)
+    dev = sh("findmnt", "-n", "-o", "SOURCE", POOL).stdout.strip()
+    say("pool_device", dev)
+    os.makedirs(POOL + "/shares", mode=0o700)
+    # The driver keeps its mount directory at 0700; here it is traversable, so
+    # that an unprivileged user's refusal is the mount's, not a directory's.
+    os.makedirs(MOUNTS, mode=0o755)
+    os.chmod(BASE, 0o755)
+    os.chmod(MOUNTS, 0o755)
+    mps = {}
+    for name, sid in (("s1", ID1), ("s2", ID2)):
+        kernel.create_subvolume(f"{POOL}/shares/{sid}")
+        os.chmod(f"{POOL}/shares/{sid}", 0o777)      # as the driver does for NFS shares
+        mp = f"{MOUNTS}/{sid}"
+        os.makedirs(mp, mode=0o700)
+        kernel.mount_subvolume(dev, f"/shares/{sid}", mp)    # flags=SERVED_ONLY
+        mps[name] = mp
+    say("served_only_flags", kernel.SERVED_ONLY)
+    say("kernel", os.uname().release)
+    return mps
+
+
+def export(mps):
+    from sharedd.config import BackendConfig
+    from sharedd.drivers import driver_class
+    from sharedd.helpers.kernel_nfs import KernelNfsHelper
+    from sharedd.models import AccessRule, Share
+    cfg = BackendConfig("suid", {"share_export_ip": IP, "kernel_nfs_release_timeout": 0,
+                                 "kernel_nfs_exports_file": f"/etc/exports.d/suid-{TAG}.exports"})
+    h = KernelNfsHelper(cfg, f"/var/lib/sharedd-suid-{TAG}/kernel", command_timeout=60)
+    # As sharedd.backend.Backend wires a helper to the btrfs driver (True).
+    h.isolate_subtrees = driver_class("btrfs").shares_share_a_file_system
+    say("isolate_subtrees", h.isolate_subtrees)
+    h.setup()
+    shares = {}
+    for name, sid, squash in (("s1", ID1, ""), ("s2", ID2, "no_root_squash")):
+        share = Share(id=sid, name=name, backend="suid", protocol="NFS", size_gib=1,
+                      status="available")
+        h.export(share, mps[name], [AccessRule(id=uuid.uuid4().hex, share_id=sid,
+                                               access_type="ip", access_to=IP,
+                                               access_level="rw", state="active",
+                                               squash=squash)])
+        shares[name] = share
+    with open(h.exports_file) as f:
+        say("exports_file", f.read())
+    say("exportfs", sh("exportfs", "-v").stdout)
+    return h, shares
+
+
+def nfs_mount(h, share, mp, target):
+    hints = h.mount_hints(share, mp)
+    os.makedirs(target)
+    opts = ",".join(hints["options"] + ["timeo=30", "retrans=1"])
+    m = sh("timeout", "90", "mount", "-t", hints["fstype"], "-o", opts, hints["export"],
+           target, check=False)
+    if m.returncode:
+        raise RuntimeError(f"mount {hints['export']}: {m.stderr.strip()}")
+    return hints
+
+
+def control():
+    """The same payload and node outside the shares: what they do unhindered."""
+    os.makedirs(CONTROL, mode=0o755)
+    os.chmod(CONTROL, 0o755)
+    r = {"plant": plant(CONTROL)}
+    r.update(probe(CONTROL))
+    t = sh("findmnt", "-n", "-o", "TARGET,FSTYPE,OPTIONS", "-T", CONTROL).stdout.split()
+    r["mount"] = {"target": t[0], "fstype": t[1], "mount_options": t[2].split(",")}
+    return r
+
+
+def nosuid_only(mp):
+    """The share bind-mounted with nosuid,nodev but exec allowed: nosuid alone."""
+    target = f"{BASE}/nosuid-only"
+    os.makedirs(target, mode=0o755)
+    sh("mount", "--bind", mp, target)
+    try:
+        # mount(2) itself: the bind mount's flags become exactly nosuid,nodev.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(None, target.encode(), None,
+                      MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, None) != 0:
+            raise OSError(ctypes.get_errno(), f"remount {target}")
+        return {"mount_options": mountinfo(target)["mount_options"],
+                "exec_as_nobody": exec_as_nobody(target + "/id")}
+    finally:
+        sh("umount", target, check=False)
+
+
+def main():
+    mps = setup()
+    say("control", control())
+    h, shares = export(mps)
+    mounted = []
+    try:
+        for name in ("s1", "s2"):
+            mp, target = mps[name], f"{CLIENT}/{name}"
+            log(f"{name}: mount -t nfs4 {IP}:{mp}")
+            say(name + "_hints", nfs_mount(h, shares[name], mp, target))
+            mounted.append(target)
+            r = {"client_mount": mountinfo(target)}
+            r["plant"] = plant(target)                     # root, through NFS
+            os.sync()
+            r["server"] = probe(mp)                        # the share's own mount
+            r["server"]["mount"] = mountinfo(mp)
+            r["server"]["uids_in_share"] = sorted({os.lstat(os.path.join(mp, n)).st_uid
+                                                   for n in os.listdir(mp)})
+            r["client"] = probe(target, root=False)        # through the NFS mount
+            if name == "s2" and r["server"]["payload"].get("setuid_root"):
+                r["server"]["nosuid_only"] = nosuid_only(mp)
+            say(name, r)
+    finally:
+        for target in mounted:
+            sh("umount", target, check=False)
+        for name, share in shares.items():
+            h.unexport(share, mps[name])
+    log("done")
+
+
+run_main(main)
+'''
+
+
+def test_knfsd_root_setuid_and_devices_in_guest(qemu_guest_image, capsys):
+    from tests.fixtures.netlab import make_lab
+    from tests.fixtures.qemu_guest import run_in_guest
+
+    tag = uuid.uuid4().hex[:8]
+    id1, id2 = uuid.uuid4().hex, uuid.uuid4().hex
+    script = (SUID_SCRIPT.replace("@TAG@", tag).replace("@IP@", SUID_IP)
+              .replace("@ID1@", id1).replace("@ID2@", id2))
+    t0 = time.monotonic()
+    with make_lab(SUID_SUBNET4, SUID_SUBNET6) as lab:
+        res = run_in_guest(script, netns=lab.server_ns, bridge="br0",
+                           ip_cidr=[f"{SUID_IP}/24"], hostname=f"knfsd-suid-{tag}",
+                           image=qemu_guest_image, timeout=600)
+    total = time.monotonic() - t0
+    r = _results(res.output)
+    d = res.describe()
+
+    def brief(probe: dict) -> dict:
+        keep = ("uid", "gid", "perm", "setuid", "setuid_root", "blk", "rdev", "exists", "errno")
+        out = {k: ({x: y for x, y in v.items() if x in keep} if k in ("payload", "node") else v)
+               for k, v in probe.items() if k not in ("mount", "client_mount")}
+        if isinstance(out.get("exec_as_nobody"), dict):
+            out["exec_as_nobody"] = {k: v for k, v in out["exec_as_nobody"].items()
+                                     if k != "err"}
+        return out
+
+    with capsys.disabled():
+        print(f"\n[knfsd suid] boot {res.boot_seconds} s, cycle {res.seconds:.1f} s, "
+              f"total {total:.1f} s, kernel {r.get('kernel')}, pool {r.get('pool_device')}")
+        for line in str(r.get("exports_file", "")).splitlines():
+            if line.startswith("/"):
+                print(f"[knfsd suid] the helper's export line: {line}")
+        ctl = r.get("control")
+        if isinstance(ctl, dict):
+            print(f"[knfsd suid] control ({ctl['mount']['target']}, "
+                  f"{','.join(ctl['mount']['mount_options'])}): plant {json.dumps(ctl['plant'])}")
+            print(f"[knfsd suid] control: {json.dumps(brief(ctl))}")
+        for name in ("s1", "s2"):
+            s = r.get(name)
+            if not isinstance(s, dict):
+                continue
+            mount = s["server"].get("mount") or {}
+            print(f"[knfsd suid] {name}: server mount {mount.get('mount_options')} "
+                  f"super {mount.get('super_options')}")
+            print(f"[knfsd suid] {name}: client mount "
+                  f"{(s.get('client_mount') or {}).get('mount_options')}")
+            print(f"[knfsd suid] {name}: root over NFS: {json.dumps(s['plant'])}")
+            print(f"[knfsd suid] {name}: storage host: {json.dumps(brief(s['server']))}")
+            print(f"[knfsd suid] {name}: through the NFS mount: {json.dumps(brief(s['client']))}")
+    assert res.returncode == 0 and not res.timed_out, d
+    ctl, s1, s2 = r["control"], r["s1"], r["s2"]
+    assert r["isolate_subtrees"] is True, d
+
+    # The exports as the helper rendered them: default squash on S1, no_root_squash on S2.
+    lines = {line.split()[0]: line for line in r["exports_file"].splitlines()
+             if line.startswith("/")}
+    s1_line = next(v for k, v in lines.items() if k.endswith("/" + id1))
+    s2_line = next(v for k, v in lines.items() if k.endswith("/" + id2))
+    for line, squash in ((s1_line, "root_squash"), (s2_line, "no_root_squash")):
+        opts = re.search(r"\(([^)]*)\)", line).group(1).split(",")
+        assert squash in opts and "subtree_check" in opts and "rw" in opts, (line, d)
+        assert any(o.startswith("fsid=") for o in opts), (line, d)
+        if squash == "root_squash":
+            assert "no_root_squash" not in opts, (line, d)
+
+    # The control: the payload is setuid root and runs as root for nobody; the
+    # node opens. Whatever the shares refuse below, the shares' mounts refuse.
+    assert ctl["plant"] == {"copy": "ok", "chown_0": "ok", "chmod_4755": "ok",
+                            "mknod_blk_7_0": "ok"}, d
+    assert not {"nosuid", "nodev", "noexec"} & set(ctl["mount"]["mount_options"]), d
+    assert ctl["payload"]["setuid_root"] and ctl["payload"]["perm"] == "0o4755", d
+    assert ctl["exec_as_nobody"]["rc"] == 0 and ctl["exec_as_nobody"]["out"] == "0", d
+    assert ctl["node"]["blk"] and ctl["node"]["rdev"] == [7, 0], d
+    assert ctl["open_node_as_nobody"] == "ok", d
+
+    # Both shares' mounts on the storage host: nosuid,nodev,noexec, each its subvolume.
+    for sid, s in ((id1, s1), (id2, s2)):
+        mount = s["server"]["mount"]
+        assert mount and mount["fstype"] == "btrfs", d
+        assert {"nosuid", "nodev", "noexec"} <= set(mount["mount_options"]), (mount, d)
+        assert f"subvol=/shares/{sid}" in mount["super_options"], (mount, d)
+        assert s["plant"]["copy"] == "ok", d
+        # The payload is readable by nobody: a refused exec is not a refused path.
+        assert s["server"]["read_payload_as_nobody"] == "ok", d
+
+    # S1 (root_squash): root's files are nobody's; no chown to 0, no device node.
+    srv = s1["server"]
+    assert srv["payload"]["uid"] == srv["payload"]["gid"] == 65534, d
+    assert not srv["payload"]["setuid_root"], d
+    assert srv["uids_in_share"] == [65534], d
+    assert s1["plant"]["chown_0"] == "EPERM", d
+    assert s1["plant"]["mknod_blk_7_0"] == "EPERM" or (
+        srv["node"]["exists"] and srv["open_node_as_nobody"] != "ok"
+        and srv["open_node_as_root"] != "ok"), d
+    assert srv["exec_as_nobody"]["out"] != "0", d
+
+    # S2 (no_root_squash): the writes work...
+    srv = s2["server"]
+    assert s2["plant"] == {"copy": "ok", "chown_0": "ok", "chmod_4755": "ok",
+                           "mknod_blk_7_0": "ok"}, d
+    assert srv["payload"]["uid"] == 0 and srv["payload"]["setuid_root"], d
+    assert srv["payload"]["perm"] == "0o4755", d
+    assert srv["node"]["blk"] and srv["node"]["rdev"] == [7, 0], d
+    assert srv["node"]["perm"] == "0o666" and srv["node"]["uid"] == 0, d
+    # ...yet the storage host neither runs the setuid payload (noexec; and with
+    # exec allowed, nosuid keeps nobody's uid) nor opens the node (nodev).
+    assert srv["exec_as_nobody"]["rc"] != 0 and srv["exec_as_nobody"]["out"] == "", d
+    assert srv["exec_as_nobody"]["errno"] == "EACCES", d
+    only = srv["nosuid_only"]
+    assert {"nosuid", "nodev"} <= set(only["mount_options"]), d
+    assert "noexec" not in only["mount_options"], d
+    assert only["exec_as_nobody"]["rc"] == 0 and only["exec_as_nobody"]["out"] == "65534", d
+    assert srv["open_node_as_nobody"] == "EACCES", d
+    assert srv["open_node_as_root"] == "EACCES", d

@@ -56,9 +56,10 @@ def translate(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
         started = time.monotonic()
-        outcome = "ok"
+        outcome = "interrupted"       # cancelled (the daemon is stopping)
         try:
             result = await fn(self, *args)
+            outcome = "ok"
         except SharedError as exc:
             log.info("%s refused: %s: %s", fn.__name__, exc.name, exc)
             outcome = f"refused: {exc.name}: {exc}"

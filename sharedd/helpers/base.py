@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .. import constants as C
 from ..constants import RULE_DENYING, RULE_QUEUED_TO_DENY
@@ -48,6 +48,12 @@ class Grant:
                    _int(getattr(config, "default_anonuid", None)),
                    _int(getattr(config, "default_anongid", None)))
 
+    def priority(self) -> Tuple[bool, int, int, int]:
+        """Who wins where networks overlap (lower first): rw over ro, then
+        the stricter squash (root gets less)."""
+        return (self.level != "rw", _STRICT_FIRST.index(self.squash), self.anonuid,
+                self.anongid)
+
     def to_json(self) -> List[Any]:
         return [self.level, self.squash, self.anonuid, self.anongid]
 
@@ -65,6 +71,17 @@ class Grant:
                         for i in (grant.anonuid, grant.anongid)):
             raise ValueError(f"bad grant {value!r}")
         return grant
+
+
+_STRICT_FIRST = ("all_squash", "root_squash", "no_root_squash")
+
+
+def grants_from_json(entries: Any) -> Dict[str, Grant]:
+    """A helper's saved rule set, [[client, grant], ...]; ValueError if not."""
+    try:
+        return {str(to): Grant.from_json(value) for to, value in entries}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"unreadable rule set: {exc}") from None
 
 
 def _int(value: Any) -> int:

@@ -64,7 +64,7 @@ from ..errors import (BackendFailure, CapacityExceeded, ConfigError,
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import BusCallError, ExportHelper, Grant, merge_access, rule_map
+from .base import BusCallError, ExportHelper, Grant, grants_from_json, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +86,13 @@ _SQUASH = {"root_squash": "Root_Squash", "all_squash": "All_Squash",
            "no_root_squash": "No_Root_Squash"}
 
 
-def _block_order(grant: Grant) -> Tuple[bool, int, int, int]:
-    return (grant.level != "rw", _STRICT_FIRST.index(grant.squash), grant.anonuid,
-            grant.anongid)
-
-
-_STRICT_FIRST = ("all_squash", "root_squash", "no_root_squash")
-
-
 def _grants(entries: Any) -> Optional[Dict[str, Grant]]:
     """The rule set an export file records; None if unreadable (the caller
     then starts from the rules the engine passed)."""
     try:
-        return {str(to): Grant.from_json(value) for to, value in entries}
-    except (TypeError, ValueError) as exc:
-        log.warning("export file rule set unreadable (%s); using the share's rules", exc)
+        return grants_from_json(entries)
+    except ValueError as exc:
+        log.warning("export file: %s; using the share's rules", exc)
         return None
 
 
@@ -301,7 +293,7 @@ class GaneshaHelper(ExportHelper):
         groups: Dict[Grant, List[str]] = {}
         for to, grant in sorted(rules.items()):
             groups.setdefault(grant, []).extend(self.client_spec("ip", to))
-        for grant in sorted(groups, key=_block_order):
+        for grant in sorted(groups, key=Grant.priority):
             lines.append(f"    CLIENT {{ Clients = {', '.join(groups[grant])}; "
                          f"Access_Type = {grant.level.upper()}; Protocols = 4; "
                          f"Squash = {_SQUASH[grant.squash]}; Anonymous_Uid = {grant.anonuid}; "

@@ -82,7 +82,7 @@ from ..errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import ExportHelper, Grant, merge_access, rule_map
+from .base import ExportHelper, Grant, grants_from_json, merge_access, rule_map
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,6 @@ def rule_key(access_to: str) -> str:
     return str(net)
 
 
-def _priority(grant: Grant) -> Tuple[bool, int, int, int]:
-    """Who wins where networks overlap: rw over ro, then the stricter squash."""
-    return (grant.level != "rw", _STRICT_FIRST.index(grant.squash), grant.anonuid,
-            grant.anongid)
-
-
-_STRICT_FIRST = ("all_squash", "root_squash", "no_root_squash")
-
-
 def resolve(rules: Dict[str, Grant]) -> List[Tuple[Network, Grant]]:
     """(network, grant) pairs such that no client is in two networks with
     different grants (the higher priority wins: rw over ro, then the stricter
@@ -138,7 +129,7 @@ def resolve(rules: Dict[str, Grant]) -> List[Tuple[Network, Grant]]:
     out: List[Tuple[Network, Grant]] = []
     for version in (4, 6):
         taken: List[Network] = []          # networks of the grants already placed
-        for grant in sorted(set(rules.values()), key=_priority):
+        for grant in sorted(set(rules.values()), key=Grant.priority):
             pieces_all: List[Network] = []
             for key, g in rules.items():
                 net = canonical_network(key)
@@ -158,14 +149,14 @@ def resolve(rules: Dict[str, Grant]) -> List[Tuple[Network, Grant]]:
             mine = list(ipaddress.collapse_addresses(pieces_all))
             out += [(n, grant) for n in mine]
             taken += mine
-    return sorted(out, key=lambda pair: _priority(pair[1]))
+    return sorted(out, key=lambda pair: pair[1].priority())
 
 
 def client_forms(rules: Dict[str, Grant]) -> List[Tuple[str, Grant]]:
     """(client as written in the exports file, grant), in priority order."""
     resolved = resolve(rules)
     everyone = {(n.version, g) for n, g in resolved if n.prefixlen == 0}
-    star = next((g for g in sorted({g for _, g in everyone}, key=_priority)
+    star = next((g for g in sorted({g for _, g in everyone}, key=Grant.priority)
                  if (4, g) in everyone and (6, g) in everyone), None)
     out: List[Tuple[str, Grant]] = []
     if star is not None:
@@ -180,7 +171,7 @@ def client_forms(rules: Dict[str, Grant]) -> List[Tuple[str, Grant]]:
             out.append((str(net.network_address), grant))
         else:
             out.append((str(net), grant))
-    return sorted(out, key=lambda pair: _priority(pair[1]))
+    return sorted(out, key=lambda pair: pair[1].priority())
 
 
 def grant_options(grant: Grant) -> List[str]:
@@ -197,12 +188,11 @@ def fsid(share_id: str) -> str:
 
 
 def _grants(entries: Any) -> Dict[str, Grant]:
-    """A state file's rules: [[client, grant], ...] (a bare level in files
-    written before squash existed)."""
+    """A state file's rules (a bare level in files written before squash)."""
     try:
-        return {str(to): Grant.from_json(value) for to, value in entries}
-    except (TypeError, ValueError) as exc:
-        raise BackendFailure(f"kernel NFS state: unreadable rule set: {exc}") from None
+        return grants_from_json(entries)
+    except ValueError as exc:
+        raise BackendFailure(f"kernel NFS state: {exc}") from None
 
 
 def exportfs_host(client: str) -> str:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import traceback
+from typing import Callable
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -12,3 +15,14 @@ def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.Compl
     if check and p.returncode:
         raise RuntimeError(f"{argv}: exit {p.returncode}: {p.stderr.strip()}")
     return p
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """A guest script's entry: a failure prints its traceback (the host shows
+    the guest's output) and exits non-zero."""
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.exit(1)
