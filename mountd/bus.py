@@ -34,6 +34,12 @@ class MountdInterface(ServiceInterface):
     def Mounts(self) -> "a(sssss)":
         return [list(row) for row in self._daemon.mounts_table()]
 
+    @dbus_property(access=PropertyAccess.READ)
+    def SpoolStatus(self) -> "a{ss}":
+        """Sharedd hosts ("" for the spool itself) whose records cannot be read
+        now, and why; their mounts are kept as last verified. Empty: all well."""
+        return self._daemon.spool_status()
+
     @method()
     async def Rescan(self):
         await self._daemon.rescan()
@@ -118,6 +124,9 @@ class MountdBus:
                 self.iface.Unmounted(ev[1], ev[2])
         self.iface.emit_properties_changed(
             {"Mounts": [list(r) for r in self.daemon.mounts_table()]})
+
+    def spool_changed(self) -> None:
+        self.iface.emit_properties_changed({"SpoolStatus": self.daemon.spool_status()})
 
     async def wait_closed(self) -> None:
         """Returns when the bus connection is gone (e.g. the bus restarted)."""

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 from sharedd.errors import ConfigError
@@ -62,6 +62,8 @@ class Daemon:
         old_source = getattr(self, "source", None)
         self.source = RecordSource(cfg.spool_dir, cfg.allowed_uids)
         if old_source is not None:
+            self.source.last = old_source.last
+            self.source.expect_hosts(old_source.known_hosts)
             # Records that came over the bus have no spool copy: keep them.
             for host in old_source.hosts.values():
                 for rec in host.bus.values():
@@ -76,6 +78,8 @@ class Daemon:
             # Keep responsibility for the mounts already made.
             self.reconciler.mounts = old.mounts
             store.save(old.mounts)
+        # The hosts the mounts came from: a spool without them is a fault.
+        self.source.expect_hosts({m.host for m in self.reconciler.mounts.values()})
 
     def _notify(self, text: str) -> None:
         self.notifier.notify(text)
@@ -139,7 +143,10 @@ class Daemon:
             shares, identity, cfg.protocols,
             {"NFS": cfg.nfs_mount_options, "GLUSTERFS": cfg.glusterfs_mount_options},
             have_client_cert=bool(cfg.glusterfs_client_cert and cfg.glusterfs_client_key))
-        outcome = self.reconciler.run(desired)
+        faults = self.source.unavailable()
+        keep = frozenset(self.reconciler.hosts()) if "" in faults else frozenset(faults)
+        outcome = self.reconciler.run(desired, keep)
+        self._faults = faults
         # The bus reads a snapshot taken between passes, never a half-done pass.
         self._table = self.reconciler.mounts_table()
         return outcome
@@ -155,8 +162,17 @@ class Daemon:
             self.bus.mounts_changed(outcome.events)
         failed = sum(1 for m in self.reconciler.mounts.values() if m.state != "mounted")
         n = self.reconciler.mounted_count()
+        faults = getattr(self, "_faults", {})
         self._notify(f"STATUS={n} share{'s' if n != 1 else ''} mounted"
-                     + (f", {failed} failing" if failed else ""))
+                     + (f", {failed} failing" if failed else "")
+                     + (f"; spool unavailable ({len(faults)}), mounts kept" if faults else ""))
+        if self.bus is not None and faults != getattr(self, "_faults_shown", {}):
+            self.bus.spool_changed()
+        self._faults_shown = faults
+
+    def spool_status(self) -> Dict[str, str]:
+        """host ("" for the whole spool) -> why its records cannot be read."""
+        return dict(getattr(self, "_faults", {}))
 
     # --- main loop -----------------------------------------------------------
     async def _watchdog(self, usec: int) -> None:

@@ -391,7 +391,9 @@ class Reconciler:
             else:
                 own.state = "failed"
 
-    def run(self, desired: Dict[str, Desired]) -> Outcome:
+    def run(self, desired: Dict[str, Desired], keep_hosts: frozenset = frozenset()) -> Outcome:
+        """Make the mounts match desired; mounts of keep_hosts (whose records
+        cannot be read now) are neither withdrawn nor changed."""
         outcome = Outcome()
         now = self.clock()
         top = top_mounts(self.mountinfo())
@@ -411,6 +413,8 @@ class Reconciler:
         # Withdrawn access and deleted shares first (deny arrives before the server acts).
         for sid in sorted(set(self.mounts) - set(desired)):
             own = self.mounts[sid]
+            if own.host in keep_hosts:
+                continue              # no verified record withdrew it
             entry = top.get(own.mount_point)
             if own.owns(entry):
                 if self._unmount(own, outcome):
@@ -454,6 +458,10 @@ class Reconciler:
         """(share id, mount point, export, level, state) for the bus."""
         return [(m.share_id, m.mount_point, m.export, m.level, m.state)
                 for m in sorted(self.mounts.values(), key=lambda m: m.share_id)]
+
+    def hosts(self) -> List[str]:
+        """The sharedd hosts the mounts mountd is responsible for came from."""
+        return sorted({m.host for m in self.mounts.values()})
 
     def mounted_count(self) -> int:
         return sum(1 for m in self.mounts.values() if m.state == "mounted")

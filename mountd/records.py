@@ -1,6 +1,13 @@
 """The records mountd knows, per sharedd host: spool files (read through
 spool_reader, cached by file identity) plus records received as D-Bus
-Fired signals. Produces the folded share state of every host."""
+Fired signals. Produces the folded share state of every host.
+
+Fail safe, not open: only records withdraw access. A spool that cannot be
+listed, a spool directory or host directory that disappears, or a host
+directory that is suddenly empty (an empty file system mounted over the
+spool, a network spool whose server went away) changes nothing: the host's
+last verified state stands and the host is reported as unavailable until
+its records can be read again."""
 
 from __future__ import annotations
 
@@ -40,6 +47,12 @@ class RecordSource:
         self.hosts: Dict[str, _Host] = {}
         self.rejected = 0          # spool files refused so far (each logged once)
         self._lock = threading.Lock()
+        # host -> its last verified folded state; hosts whose records mountd
+        # relies on (set from its own mounts at start, and by every read)
+        self.last: Dict[str, Dict[str, dict]] = {}
+        self.known_hosts: set = set()
+        # host ("" for the spool itself) -> why its records cannot be read now
+        self.faults: Dict[str, str] = {}
 
     def add_bus_record(self, record: dict) -> None:
         """A validated record from a Fired signal."""
@@ -49,12 +62,23 @@ class RecordSource:
             while len(host.bus) > MAX_BUS_RECORDS:
                 del host.bus[min(host.bus, key=lambda k: (host.bus[k]["timestamp"], k[1]))]
 
-    def _scan_host(self, host: _Host, host_dir: str) -> None:
+    def _fault(self, host: str, why: str) -> None:
+        if self.faults.get(host) != why:
+            log.error("%s; keeping the last verified state (%s)", why,
+                      "of every host" if not host else f"of host {host}")
+        self.faults[host] = why
+
+    def _scan_host(self, host: _Host, host_dir: str) -> bool:
+        """Read new files of one host; False if they cannot be read (or are
+        all gone at once, which only a fault or a wiped spool does)."""
         try:
-            paths = [rf.path for rf in spool_reader.list_records(host_dir)]
+            paths = [rf.path for rf in spool_reader.list_records(host_dir, missing_ok=False)]
         except OSError as exc:
-            log.error("cannot list %s: %s", host_dir, exc)
-            return
+            self._fault(host.name, f"cannot list {host_dir}: {exc.strerror or exc}")
+            return False
+        if not paths and host.files:
+            self._fault(host.name, f"{host_dir} is suddenly empty")
+            return False
         present = {}
         for path in paths:
             name = os.path.basename(path)
@@ -85,6 +109,7 @@ class RecordSource:
                 host.files[name] = (key, None, None)
                 continue
             host.files[name] = (key, _meta(record), record)
+        return True
 
     def _records(self, host: _Host) -> List[dict]:
         metas = [m for _, m, _ in host.files.values() if m is not None]
@@ -119,27 +144,55 @@ class RecordSource:
         return list(out.values()) + [_superseded(m) for _, m, rec in
                                      host.files.values() if m and rec is None]
 
+    def expect_hosts(self, hosts) -> None:
+        """Hosts whose records mountd's existing mounts came from (at start):
+        their absence from the spool is a fault, not a withdrawal."""
+        self.known_hosts.update(hosts)
+
+    def unavailable(self) -> Dict[str, str]:
+        """host ("" for the whole spool) -> why its records cannot be read."""
+        with self._lock:
+            return dict(self.faults)
+
     def scan(self) -> Dict[str, Dict[str, dict]]:
-        """Read new spool files; return host -> share id -> share."""
+        """Read new spool files; return host -> share id -> share (for an
+        unreadable host: its last verified state)."""
         with self._lock:
             try:
-                dirs = spool_reader.list_host_dirs(self.spool_dir)
+                dirs: Optional[List[str]] = spool_reader.list_host_dirs(self.spool_dir,
+                                                                        missing_ok=False)
+                self.faults.pop("", None)
             except OSError as exc:
-                log.error("cannot list spool directory %s: %s", self.spool_dir, exc)
-                dirs = []
-            seen = set()
-            for name in dirs:
-                seen.add(name)
-                host = self.hosts.setdefault(name, _Host(name))
-                self._scan_host(host, os.path.join(self.spool_dir, name))
-            for name in list(self.hosts):
-                if name not in seen:
-                    self.hosts[name].files.clear()
-                    if not self.hosts[name].bus:
-                        del self.hosts[name]
-            result = {}
+                if not self.known_hosts and isinstance(exc, FileNotFoundError):
+                    dirs = []          # a spool that never had records: nothing to keep
+                else:
+                    self._fault("", f"cannot list spool directory {self.spool_dir}: "
+                                    f"{exc.strerror or exc}")
+                    dirs = None
+            failed = set()
+            if dirs is not None:
+                for name in self.known_hosts - set(dirs):
+                    self._fault(name, f"spool directory of host {name} is gone")
+                    failed.add(name)
+                for name in dirs:
+                    host = self.hosts.setdefault(name, _Host(name))
+                    if self._scan_host(host, os.path.join(self.spool_dir, name)):
+                        self.faults.pop(name, None)
+                    else:
+                        failed.add(name)
+            else:
+                failed = set(self.known_hosts) | set(self.hosts)
+            result: Dict[str, Dict[str, dict]] = {}
             for name, host in self.hosts.items():
+                if name in failed:
+                    continue
                 result[name] = fold(self._records(host))[1]
+                if host.files or host.bus:
+                    self.known_hosts.add(name)
+                    self.last[name] = result[name]
+            for name in failed:
+                if name in self.last:
+                    result[name] = self.last[name]
             return result
 
 

@@ -59,9 +59,10 @@ def is_host_id(name: str) -> bool:
     return re.fullmatch(rec.HOST_ID_RE, name) is not None
 
 
-def list_host_dirs(spool_dir: str) -> List[str]:
+def list_host_dirs(spool_dir: str, missing_ok: bool = True) -> List[str]:
     """Host ids under spool_dir: directories (not symlinks) with valid names,
-    sorted. A missing spool_dir is an empty spool."""
+    sorted. A missing spool_dir is an empty spool if missing_ok (else
+    FileNotFoundError: mountd tells "no records yet" from "records gone")."""
     hosts = []
     try:
         with os.scandir(spool_dir) as it:
@@ -69,11 +70,13 @@ def list_host_dirs(spool_dir: str) -> List[str]:
                 if is_host_id(entry.name) and entry.is_dir(follow_symlinks=False):
                     hosts.append(entry.name)
     except FileNotFoundError:
+        if not missing_ok:
+            raise
         return []
     return sorted(hosts)
 
 
-def list_records(host_dir: str, after_seq: int = 0) -> List[RecordFile]:
+def list_records(host_dir: str, after_seq: int = 0, missing_ok: bool = True) -> List[RecordFile]:
     """Record files of one host directory in sequence order, skipping
     temporary files (names starting with '.') and anything not named like a
     record; only seq > after_seq. Names only: read_record checks the rest."""
@@ -85,6 +88,8 @@ def list_records(host_dir: str, after_seq: int = 0) -> List[RecordFile]:
                 if rf is not None and rf.seq > after_seq:
                     found.append(rf._replace(path=os.path.join(host_dir, entry.name)))
     except FileNotFoundError:
+        if not missing_ok:
+            raise
         return []
     found.sort(key=lambda r: (r.seq, r.name))
     return found

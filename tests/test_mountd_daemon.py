@@ -410,3 +410,69 @@ def test_reconnects_when_the_bus_restarts(mountd_tmp):
                 os.kill(p, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def test_an_unreadable_spool_withdraws_nothing(mountd_bus, mountd_tmp):
+    """Fail safe, not open: an empty file system over the spool, a vanished
+    host directory or spool directory, or a restart without the spool keep
+    every mount mountd is responsible for (reported in SpoolStatus and
+    STATUS=); a verified deny record still withdraws at once."""
+    from tests.fixtures.mountd_env import HOST
+
+    def status():
+        out = mountd_bus.busctl("--json=short", "get-property", *M, "SpoolStatus").stdout
+        return json.loads(out)["data"]
+
+    def ids():
+        mountd_bus.busctl("call", *M, "Rescan")
+        return [x[0] for x in mounts(mountd_bus)]
+
+    d = Mountd(mountd_tmp, mountd_bus)
+    try:
+        d.wait_notify("READY=1")
+        a = make_share(name="kept", rules=[rule(CLIENT4, "rw")], export="127.0.0.1:/kept")
+        write_record(d.spool, make_record(1, "post", "allow_access", share=a))
+        wait_mounts(mountd_bus, lambda r: a["id"] in [x[0] for x in r])
+        assert status() == {}
+        # An empty file system mounted over the spool (a network spool whose
+        # server went away, say): the host's records are gone, not withdrawn.
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d.spool], check=True,
+                       timeout=30)
+        try:
+            assert a["id"] in ids()
+            assert "is gone" in status()[HOST], status()
+            d.wait_notify("spool unavailable")
+        finally:
+            subprocess.run(["umount", d.spool], check=True, timeout=30)
+        assert a["id"] in ids() and status() == {}
+        # A host directory with every record gone at once.
+        host_dir, moved = os.path.join(d.spool, HOST), os.path.join(d.spool, ".moved")
+        os.rename(host_dir, moved)          # (a dot name is never a host)
+        os.makedirs(host_dir)
+        assert a["id"] in ids() and "suddenly empty" in status()[HOST]
+        os.rmdir(host_dir)
+        os.rename(moved, host_dir)
+        # The spool directory itself gone.
+        os.rename(d.spool, d.spool + ".away")
+        assert a["id"] in ids() and "cannot list spool directory" in status()[""]
+        os.rename(d.spool + ".away", d.spool)
+        assert a["id"] in ids() and status() == {}
+    finally:
+        assert d.stop() == 0, d.text()
+    # A restart with the host's records gone: the persisted mounts name their
+    # host, so the absence is a fault too.
+    os.rename(os.path.join(d.spool, HOST), os.path.join(mountd_tmp, "away"))
+    os.unlink(d.notify_path)
+    d = Mountd(mountd_tmp, mountd_bus)
+    try:
+        d.wait_notify("READY=1")
+        assert a["id"] in ids() and HOST in status()
+        os.rename(os.path.join(mountd_tmp, "away"), os.path.join(d.spool, HOST))
+        assert a["id"] in ids() and status() == {}
+        # Only a verified record withdraws.
+        write_record(d.spool, make_record(2, "pre", "deny_access",
+                                          share=dict(a, access_rules=[dict(a["access_rules"][0],
+                                                                           state="denying")])))
+        assert a["id"] not in ids()
+    finally:
+        assert d.stop() == 0, d.text()
