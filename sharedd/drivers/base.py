@@ -11,10 +11,14 @@ an error), because start-up recovery replays interrupted operations.
 from __future__ import annotations
 
 import abc
+import logging
+import os
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import NotSupported
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
+
+log = logging.getLogger(__name__)
 
 
 class ShareDriver(abc.ABC):
@@ -176,6 +180,23 @@ class ShareDriver(abc.ABC):
     def get_backend_info(self) -> Dict[str, Any]:
         """Data whose change means shares must be ensured again."""
         return {"driver": self.driver_name, "version": self.driver_version}
+
+    # --- the directory share mounts live in ----------------------------------------
+    def prepare_mount_dir(self, path: str) -> None:
+        """Make the directory of the share mounts: 0700, or 0711 where the
+        backend serves CIFS (smbd opens a share as the connecting user, who
+        must traverse to it). NFS share roots are world-writable (squashed
+        clients write as the anonymous user): on a backend serving both, a
+        local user who names an NFS share's directory reaches it, so say so."""
+        protocols = list(getattr(self.config, "enabled_share_protocols", None) or ["NFS"])
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o711 if "CIFS" in protocols else 0o700)
+        if "CIFS" in protocols and "NFS" in protocols:
+            log.warning("backend %s serves NFS and CIFS: its mount directory %s must be "
+                        "traversable for smbd's users, so local users of this host who know "
+                        "an NFS share's id can reach that share; serve NFS and CIFS from "
+                        "separate backends where local users are not trusted",
+                        self.backend_name, path)
 
     # --- capabilities -------------------------------------------------------------
     def _implements(self, method: str) -> bool:

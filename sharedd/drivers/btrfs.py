@@ -220,9 +220,6 @@ class BtrfsDriver(ShareDriver):
             self._pool_entry = (key, m)
         return self._pool_entry[1]
 
-    def _protocols(self) -> List[str]:
-        return list(getattr(self.config, "enabled_share_protocols", None) or ["NFS"])
-
     def _path(self, rel: str) -> str:
         return os.path.join(self.pool, rel)
 
@@ -429,10 +426,7 @@ class BtrfsDriver(ShareDriver):
             # through the pool, whatever the pool's own mount allows.
             os.makedirs(self._path(sub), mode=0o700, exist_ok=True)
             os.chmod(self._path(sub), 0o700)
-        os.makedirs(self.mount_dir, mode=0o700, exist_ok=True)
-        # smbd opens a CIFS share as the connecting user, who must traverse
-        # to it; nothing else may list or enter.
-        os.chmod(self.mount_dir, 0o711 if "CIFS" in self._protocols() else 0o700)
+        self.prepare_mount_dir(self.mount_dir)
         flags = set(self._pool_mount().mount_options)
         if not {"nosuid", "nodev"} <= flags:
             log.warning("btrfs pool %s is mounted without nosuid,nodev: share content "

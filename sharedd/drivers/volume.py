@@ -275,8 +275,7 @@ class VolumeDriver(ShareDriver):
     # --- lifecycle --------------------------------------------------------------
     def do_setup(self) -> None:
         self.provider.setup()
-        os.makedirs(self.mount_dir, exist_ok=True)
-        os.chmod(self.mount_dir, 0o711)   # CIFS users must traverse to their share
+        self.prepare_mount_dir(self.mount_dir)
         mdir = os.path.realpath(self.mount_dir)
         if not is_mounted(mdir):
             # A shared mount point: mounts and unmounts below it reach mount
