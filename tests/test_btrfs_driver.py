@@ -587,7 +587,7 @@ def test_share_content_cannot_act_on_the_storage_host(env):
         assert oct(os.stat(drv.mount_dir).st_mode & 0o777) == "0o711"
         # A backend that serves no CIFS lets nobody traverse.
         only_nfs = os.path.join(pool.state_dir, f"nfs-only-{uuid.uuid4().hex[:6]}")
-        pool.driver({}, enabled_share_protocols=["NFS"]).prepare_mount_dir(only_nfs)
+        pool.driver({"NFS": RecordingHelper("NFS")}).prepare_mount_dir(only_nfs)
         assert oct(os.stat(only_nfs).st_mode & 0o777) == "0o700"
         os.rmdir(only_nfs)
         # A setuid-root copy of id(1) and a block device node, as a client

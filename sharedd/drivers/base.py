@@ -188,7 +188,7 @@ class ShareDriver(abc.ABC):
         must traverse to it). NFS share roots are world-writable (squashed
         clients write as the anonymous user): on a backend serving both, a
         local user who names an NFS share's directory reaches it, so say so."""
-        protocols = list(getattr(self.config, "enabled_share_protocols", None) or ["NFS"])
+        protocols = set(self.helpers)       # one export helper per protocol served
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o711 if "CIFS" in protocols else 0o700)
         if "CIFS" in protocols and "NFS" in protocols:
