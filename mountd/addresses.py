@@ -3,7 +3,12 @@ follows RTM_NEWADDR/RTM_DELADDR events.
 
 Loopback addresses (127.0.0.0/8, ::1) are every host's: they identify this
 host in access rules only where the configuration says so (match_loopback),
-else a rule for 127.0.0.1 would make every client mount the share."""
+else a rule for 127.0.0.1 would make every client mount the share.
+
+Only usable addresses count: an IPv6 address still in duplicate address
+detection (tentative) or that failed it belongs to this host only perhaps,
+or to another one; the kernel announces the end of DAD with another
+RTM_NEWADDR, and the monitor reads the addresses again then."""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 
 log = logging.getLogger(__name__)
+
+# linux/if_addr.h
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
 
 
 def _attr(msg, name: str):
@@ -34,10 +43,24 @@ def is_loopback(addr: str) -> bool:
         return False
 
 
+def address_flags(msg) -> int:
+    """The address flags: IFA_FLAGS holds all 32 bits, the header's field
+    only the low 8 (kernels before 3.14 send no IFA_FLAGS)."""
+    flags = _attr(msg, "IFA_FLAGS")
+    return int(flags) if flags is not None else int(msg["flags"])
+
+
+def usable(flags: int) -> bool:
+    """Neither tentative nor DAD-failed. Optimistic DAD (RFC 4429) lets the
+    kernel use a tentative address already, but until DAD ends it may be
+    another host's: it does not identify this one yet."""
+    return not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
+
+
 def read_addresses(interfaces: Sequence[str] = (), ipr: Optional[IPRoute] = None,
                    loopback: bool = False) -> Tuple[str, ...]:
-    """Sorted addresses of every interface (or only of `interfaces`), without
-    loopback addresses unless asked for."""
+    """Sorted usable addresses of every interface (or only of `interfaces`),
+    without loopback addresses unless asked for."""
     own = ipr is None
     ipr = ipr or IPRoute()
     try:
@@ -45,6 +68,8 @@ def read_addresses(interfaces: Sequence[str] = (), ipr: Optional[IPRoute] = None
         out = set()
         for msg in ipr.get_addr():
             if interfaces and names.get(msg["index"]) not in interfaces:
+                continue
+            if not usable(address_flags(msg)):
                 continue
             addr = _attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")
             if addr and (loopback or not is_loopback(addr)):

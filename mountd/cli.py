@@ -12,6 +12,7 @@ from typing import List, Optional
 from sharedd.errors import ConfigError
 
 from . import config as configlib
+from .trust import describe
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -64,6 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check_config:
         used = ", ".join(f for f in cfg.files if os.path.exists(f)) or "built-in defaults"
         print(f"sharedd-mountd: configuration OK ({used})")
+        print(f"  {describe(cfg.trust)}")
         return 0
     setup_logging(cfg.log_level)
     from .daemon import Daemon

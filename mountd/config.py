@@ -19,6 +19,8 @@ from sharedd.errors import ConfigError
 from sharedd.options import Opt, config_files, parse_options, read_ini
 from sharedd.record import MOUNT_OPTION_RE
 
+from .trust import Trust, load_keys
+
 DEFAULT_CONFIG = "/etc/sharedd/mountd.conf"
 SECTION = "mountd"
 SPOOL_USER = "sharedd"   # the sharedd system user, trusted as spool owner if present
@@ -58,6 +60,16 @@ OPTIONS: List[Opt] = [
     Opt("allowed_spool_owners", "list", [],
         help="User names or uids that may own spool files (empty: root, and the "
              "sharedd user if it exists)."),
+    Opt("trusted_keys", "list", [],
+        help="Record signing keys of the sharedd hosts this client trusts, as "
+             "<host id>:<base64 key> (the middle word of sharedd --print-public-key)."),
+    Opt("trusted_keys_dir", "path", "/etc/sharedd/trusted-keys.d",
+        help="Directory of trusted keys, one file <name>.pub per sharedd host holding the "
+             "line sharedd --print-public-key prints (root-owned, not writable by others)."),
+    Opt("accept_unsigned", "bool", None,
+        help="Act on records of hosts without a trusted key, trusting file ownership "
+             "alone: only for a spool that nobody but this host's root writes. Default: "
+             "true while no key is trusted at all, else false."),
     Opt("mount_timeout", "float", 60.0, min=1,
         help="Seconds one mount or unmount command may take."),
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"),
@@ -109,6 +121,8 @@ class MountdConfig:
     values: Dict[str, Any]
     #: uids trusted to own spool files
     allowed_uids: Tuple[int, ...] = ()
+    #: whose records count (signing keys, accept_unsigned)
+    trust: Trust = dataclasses.field(default_factory=lambda: Trust({}, True))
 
     def __getattr__(self, item: str) -> Any:
         try:
@@ -197,4 +211,9 @@ def load(path: str = DEFAULT_CONFIG, *, optional: bool = False) -> MountdConfig:
         if values[key] and not os.path.isfile(values[key]):
             raise ConfigError(f"{where(key)}: {values[key]} does not exist or is not a file")
     uids = _uids(values["allowed_spool_owners"], where("allowed_spool_owners"))
-    return MountdConfig(files=files, values=values, allowed_uids=uids)
+    keys = load_keys(values["trusted_keys"], values["trusted_keys_dir"], where("trusted_keys"),
+                     where("trusted_keys_dir"))
+    if values["accept_unsigned"] is None:
+        values["accept_unsigned"] = not keys
+    return MountdConfig(files=files, values=values, allowed_uids=uids,
+                        trust=Trust(keys, values["accept_unsigned"]))

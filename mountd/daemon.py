@@ -2,7 +2,8 @@
 
 Reconcile passes run one at a time in a worker thread; external commands
 inside them carry timeouts. Triggers (inotify, D-Bus records, address
-changes, Rescan, the periodic timer, retry times) are debounced into passes.
+changes, Rescan, the periodic timer, retry times) wake the loop; a pass takes
+in everything that arrived before it started, so a burst costs few passes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -26,12 +28,13 @@ from .mounter import Mounter
 from .reconcile import Identity, Reconciler, desired_mounts
 from .records import RecordSource
 from .state import StateStore
+from .trust import describe
 from .watcher import SpoolWatcher
 
 log = logging.getLogger("mountd")
 
-DEBOUNCE = 0.2     # seconds: coalesce bursts of records into one pass
 RECONNECT_DELAY = 2.0   # seconds between attempts to reach a restarted bus
+SETTLE_MAX = 1.0        # seconds a pass may keep reading a burst before it acts
 
 
 class Daemon:
@@ -49,6 +52,8 @@ class Daemon:
         self.watcher: Optional[SpoolWatcher] = None
         self.monitor: Optional[AddressMonitor] = None
         self._wake: Optional[asyncio.Event] = None
+        # set by every trigger, from any thread: a pass reads on while it is set
+        self._dirty = threading.Event()
         self._waiters: List[asyncio.Future] = []
         self._stopping = False
         self._reload = False
@@ -60,7 +65,7 @@ class Daemon:
     def _build(self) -> None:
         cfg = self.cfg
         old_source = getattr(self, "source", None)
-        self.source = RecordSource(cfg.spool_dir, cfg.allowed_uids)
+        self.source = RecordSource(cfg.spool_dir, cfg.allowed_uids, cfg.trust, cfg.state_path)
         if old_source is not None:
             self.source.last = old_source.last
             self.source.expect_hosts(old_source.known_hosts)
@@ -73,7 +78,10 @@ class Daemon:
             log.error("no CN found in %s: cert rules will not match", cfg.glusterfs_client_cert)
         store = StateStore(cfg.state_path)
         old = getattr(self, "reconciler", None)
-        self.reconciler = Reconciler(cfg.mount_dir, self.mounter_factory(cfg), store)
+        if old is not None:
+            old.close(wait=True)     # its commands end (timeouts) before the state is handed on
+        self.reconciler = Reconciler(cfg.mount_dir, self.mounter_factory(cfg), store,
+                                     on_done=self._mount_finished)
         if old is not None and old.store.path != store.path:
             # Keep responsibility for the mounts already made.
             self.reconciler.mounts = old.mounts
@@ -92,7 +100,8 @@ class Daemon:
         self.monitor.start()
 
     def _start_watcher(self) -> None:
-        self.watcher = SpoolWatcher(self.cfg.spool_dir, lambda p: self.trigger("spool"), self.loop)
+        self.watcher = SpoolWatcher(self.cfg.spool_dir, lambda p: self.trigger("spool"), self.loop,
+                                    allowed_uids=self.cfg.allowed_uids)
         self.watcher.start()
 
     def _do_reload(self) -> None:
@@ -108,7 +117,7 @@ class Daemon:
                 (new.interfaces, new.expected_ip_addresses, new.match_loopback):
             self.monitor.stop()
             self._start_monitor()
-        if old.spool_dir != new.spool_dir:
+        if (old.spool_dir, old.allowed_uids) != (new.spool_dir, new.allowed_uids):
             self.watcher.stop()
             self._start_watcher()
         log.info("configuration reloaded")
@@ -117,13 +126,19 @@ class Daemon:
     def trigger(self, reason: str = "") -> None:
         if reason:
             log.debug("reconcile requested: %s", reason)
+        self._dirty.set()
         if self._wake is not None:
             self._wake.set()
 
+    def _mount_finished(self) -> None:
+        """A mount command a pass stopped waiting for has ended (any thread)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.trigger, "mount command finished")
+
     def accept_record(self, record: dict) -> None:
-        """A validated record from the bus: same path as a spool record."""
-        self.source.add_bus_record(record)
-        self.trigger("Fired signal")
+        """A schema-valid record from the bus: same path as a spool record."""
+        if self.source.add_bus_record(record):
+            self.trigger("Fired signal")
 
     async def rescan(self) -> None:
         fut = self.loop.create_future()
@@ -137,7 +152,21 @@ class Daemon:
     # --- one pass ------------------------------------------------------------
     def _pass(self):
         cfg = self.cfg
-        shares = self.source.scan()
+        # A burst still arriving is read on before anything is mounted (each
+        # read costs little, a mount made for a state already superseded
+        # costs a mount and an unmount); acting waits at most SETTLE_MAX
+        # after the first read.
+        settle_until = None
+        reads = 0
+        while True:
+            self._dirty.clear()
+            shares = self.source.scan()
+            reads += 1
+            settle_until = settle_until or time.monotonic() + SETTLE_MAX
+            if not self._dirty.is_set() or time.monotonic() > settle_until:
+                break
+        if reads > 1:
+            log.debug("read the spool %d times before acting", reads)
         identity = Identity(addresses=self.monitor.addresses(), cert_cn=self.cert_cn)
         desired = desired_mounts(
             shares, identity, cfg.protocols,
@@ -152,11 +181,13 @@ class Daemon:
         return outcome
 
     async def _run_pass(self) -> None:
+        started = time.monotonic()
         try:
             outcome = await self.loop.run_in_executor(self.executor, self._pass)
         except Exception:
             log.exception("reconcile pass failed")
             return
+        log.debug("pass: %.3fs, %d events", time.monotonic() - started, len(outcome.events))
         self._next_retry = outcome.next_retry
         if self.bus is not None and outcome.changed:
             self.bus.mounts_changed(outcome.events)
@@ -200,8 +231,11 @@ class Daemon:
                 bus_keeper = asyncio.ensure_future(self._keep_bus(MountdBus))
             await self._run_pass()
             self._notify("READY=1")
-            log.info("sharedd-mountd ready: spool %s, mounts under %s", self.cfg.spool_dir,
-                     self.cfg.mount_dir)
+            log.info("sharedd-mountd ready: spool %s, mounts under %s; %s", self.cfg.spool_dir,
+                     self.cfg.mount_dir, describe(self.cfg.trust))
+            if self.cfg.trust.accept_unsigned:
+                log.warning("records without a trusted signature are accepted on file ownership "
+                            "alone: only safe for a spool no other host writes (trusted_keys)")
             await self._loop()
             return 0
         finally:
@@ -216,6 +250,7 @@ class Daemon:
             if self.bus is not None:
                 self.bus.close()
             self.executor.shutdown(wait=True)
+            self.reconciler.close()
             for fut in self._waiters:
                 if not fut.done():
                     fut.cancel()
@@ -251,7 +286,9 @@ class Daemon:
                 timeout = min(timeout, max(0.0, self._next_retry - time.time()) + 0.05)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-                await asyncio.sleep(DEBOUNCE)
+                # No fixed delay: events already queued join this pass, and
+                # whatever arrives while it runs is folded into the next one.
+                await asyncio.sleep(0)
             except asyncio.TimeoutError:
                 pass
             if self._stopping:
@@ -286,5 +323,6 @@ class Daemon:
 
 def _real_mounter(cfg) -> Mounter:
     return Mounter(timeout=cfg.mount_timeout, nosuid_nodev=cfg.mount_nosuid_nodev,
+                   mount_dir=cfg.mount_dir,
                    glusterfs_cert=cfg.glusterfs_client_cert,
                    glusterfs_key=cfg.glusterfs_client_key, glusterfs_ca=cfg.glusterfs_ca)

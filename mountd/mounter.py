@@ -8,6 +8,7 @@ the real thing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from sharedd.record import EXPORT_RE
 from sharedd.util import run
 
 from .config import option_allowed
-from .state import read_mountinfo, top_mounts
+from .state import MountEntry, read_mountinfo, top_mounts
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,70 @@ def _check_options(fstype: str, options: Sequence[str]) -> None:
 def _check_mount_point(mp: str) -> None:
     if not mp.startswith("/") or "\n" in mp or "," in mp:
         raise InvalidArgument(f"refusing mount point {mp[:100]!r}")
+
+
+class NestedMounts(BackendFailure):
+    """A busy mount point has mounts inside it: a lazy unmount would detach
+    them too, so mountd leaves it mounted and tries again later."""
+
+    def __init__(self, message: str, nested: Sequence[str]):
+        super().__init__(message)
+        self.nested = tuple(nested)
+
+
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _below(path: str, top: str) -> bool:
+    return top == "/" or path.startswith(top.rstrip("/") + "/")
+
+
+def check_no_symlinks(mount_dir: str, mount_point: str) -> None:
+    """Refuse mount_point unless it lies below mount_dir and no component of
+    its path is a symlink (or not a directory).
+
+    mount(8) and umount(8) follow symlinks: whoever could replace a directory
+    on the way with a symlink could make root mount over, or detach, any
+    path. The walk starts at / and opens one component at a time relative to
+    the last, never following a symlink. mount_dir is resolved first, as the
+    Reconciler does (an administrator may configure a symlinked mount_dir).
+    """
+    top = os.path.realpath(mount_dir)
+    mp = mount_point
+    if os.path.normpath(mp) != mp:
+        # The commands get this very string: "link/.." would be resolved
+        # by the kernel after the walk checked something else.
+        raise InvalidArgument(f"refusing mount point {mp[:100]!r}: not a normalized path")
+    if not mp.startswith("/") or mp == top or not _below(mp, top):
+        raise InvalidArgument(f"refusing mount point {mp[:100]!r}: not below {top}")
+    fd = os.open("/", _WALK_FLAGS)
+    walked = ""
+    try:
+        for part in mp.split("/")[1:]:
+            walked += "/" + part
+            try:
+                nfd = os.open(part, _WALK_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    what = ("a symlink" if os.path.islink(walked) else "not a directory")
+                    raise InvalidArgument(f"refusing mount point {mp[:100]!r}: "
+                                          f"{walked[:100]} is {what}") from None
+                raise BackendFailure(f"cannot open {walked}: {exc.strerror}") from None
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+def mounts_below(mount_point: str, entries: Optional[List[MountEntry]] = None) -> List[str]:
+    """Mount points strictly inside mount_point, in kernel order."""
+    entries = read_mountinfo() if entries is None else entries
+    out: List[str] = []
+    for e in entries:
+        if e.mount_point != mount_point and _below(e.mount_point, mount_point) \
+                and e.mount_point not in out:
+            out.append(e.mount_point)
+    return out
 
 
 def nfs_argv(export: str, mount_point: str, level: str, options: Sequence[str],
@@ -101,12 +166,19 @@ def restrict_argv(mount_point: str, level: str, nosuid_nodev: bool) -> List[str]
 
 
 class Mounter:
-    """The real thing: mount(8), umount(8), glusterfs(8)."""
+    """The real thing: mount(8), umount(8), glusterfs(8).
+
+    Every command runs in a session of its own, so a timeout kills the
+    helpers it started too (mount.nfs, glusterfs). With mount_dir set, each
+    mount point must lie below it and is walked without following symlinks
+    before a command touches it.
+    """
 
     def __init__(self, *, timeout: float = 60.0, nosuid_nodev: bool = True,
                  glusterfs_cert: str = "", glusterfs_key: str = "", glusterfs_ca: str = "",
-                 glusterfs_log_dir: str = ""):
+                 glusterfs_log_dir: str = "", mount_dir: str = ""):
         self.timeout = timeout
+        self.mount_dir = mount_dir
         # Empty: glusterfs's default log (/var/log/glusterfs/<mount point>.log).
         self.glusterfs_log_dir = glusterfs_log_dir
         self.nosuid_nodev = nosuid_nodev
@@ -130,8 +202,26 @@ class Mounter:
         return {"nfs": {"nfs", "nfs4"}, "nfs4": {"nfs4", "nfs"},
                 "glusterfs": {"fuse.glusterfs"}}.get(fstype, set())
 
+    def _run(self, argv: Sequence[str], timeout: Optional[float] = None,
+             check: bool = True) -> None:
+        run(argv, timeout=self.timeout if timeout is None else timeout, check=check,
+            new_session=True)
+
+    def _check_path(self, mount_point: str, unmounting: bool = False) -> None:
+        _check_mount_point(mount_point)
+        if not self.mount_dir:
+            return
+        top = os.path.realpath(self.mount_dir)
+        if unmounting and not _below(os.path.normpath(mount_point), top):
+            # A mount made under an earlier mount_dir must still come off;
+            # its path is still walked without following symlinks.
+            top = "/"
+        check_no_symlinks(top, mount_point)
+
     def mount(self, d, mount_point: str) -> None:
-        run(self.argv(d, mount_point), timeout=self.timeout)
+        argv = self.argv(d, mount_point)
+        self._check_path(mount_point)
+        self._run(argv)
         if d.fstype == "glusterfs":
             self._wait_glusterfs(d.export, mount_point)
 
@@ -145,7 +235,8 @@ class Mounter:
             entry = top_mounts(read_mountinfo()).get(mount_point)
             if entry is not None and entry.fstype in self.kernel_fstypes("glusterfs"):
                 try:
-                    run(["stat", "-f", "--", mount_point], timeout=max(1.0, deadline - time.monotonic()))
+                    self._run(["stat", "-f", "--", mount_point],
+                              timeout=max(1.0, deadline - time.monotonic()))
                     return
                 except BackendFailure as exc:
                     last = str(exc)
@@ -153,28 +244,43 @@ class Mounter:
                 break
             time.sleep(0.2)
         if entry is not None and entry.fstype in self.kernel_fstypes("glusterfs"):
-            run([UMOUNT, "-l", "--", mount_point], timeout=self.timeout, check=False)
+            self._run([UMOUNT, "-l", "--", mount_point], check=False)
         raise BackendFailure(f"glusterfs mount of {export} at {mount_point} did not come up "
                              f"(refused by the server? see /var/log/glusterfs/): {last[-300:]}")
 
     def restrict(self, mount_point: str, level: str) -> None:
-        run(restrict_argv(mount_point, level, self.nosuid_nodev), timeout=self.timeout)
+        argv = restrict_argv(mount_point, level, self.nosuid_nodev)
+        self._check_path(mount_point)
+        self._run(argv)
 
     def remount(self, d, mount_point: str) -> None:
         """Change the access level in place (NFS); glusterfs must mount again."""
         if d.fstype not in ("nfs", "nfs4"):
             raise NotImplementedError
-        _check_mount_point(mount_point)
-        run([MOUNT, "-o", f"remount,{d.level}", "--", mount_point], timeout=self.timeout)
+        if d.level not in ("ro", "rw"):
+            raise InvalidArgument("bad level")
+        self._check_path(mount_point)
+        self._run([MOUNT, "-o", f"remount,{d.level}", "--", mount_point])
 
     def unmount(self, mount_point: str) -> str:
-        """'clean', or 'lazy' when a plain unmount failed or hung (logged)."""
-        _check_mount_point(mount_point)
+        """'clean', or 'lazy' when a plain unmount failed or hung (logged).
+
+        A lazy unmount detaches every mount inside the share too (a user's
+        FUSE mount, a bind mount): with mounts below it, NestedMounts is
+        raised instead and the mount stays until a later attempt succeeds.
+        """
+        self._check_path(mount_point, unmounting=True)
         try:
-            run([UMOUNT, "--", mount_point], timeout=self.timeout)
+            self._run([UMOUNT, "--", mount_point])
             return "clean"
         except BackendFailure as exc:
-            log.warning("unmount of %s failed (%s); detaching it lazily (umount -l)",
-                        mount_point, exc)
-        run([UMOUNT, "-l", "--", mount_point], timeout=self.timeout)
+            failure = exc
+        nested = mounts_below(os.path.normpath(mount_point))
+        if nested:
+            shown = ", ".join(nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
+            raise NestedMounts(f"cannot unmount {mount_point} ({failure}); not detaching it "
+                               f"lazily because mounts inside it would go too: {shown}", nested)
+        self._run([UMOUNT, "-l", "--", mount_point])
+        log.warning("unmount of %s failed (%s); detached it lazily (umount -l)",
+                    mount_point, failure)
         return "lazy"

@@ -9,17 +9,20 @@ source recorded right after mounting.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import re
 import stat
+import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from sharedd.constants import PHASE_PERIODIC, PHASE_PRE
-from sharedd.record import EXPORT_RE
+from sharedd.record import EXPORT_RE, mount_export
 
 from . import matching
 from .config import option_allowed
@@ -32,62 +35,134 @@ GONE_STATUSES = ("deleting", "deleted", "unmanage_starting")
 GONE_METHODS = ("delete_share", "unmanage_share")
 FSTYPES = {"NFS": ("nfs4", "nfs"), "GLUSTERFS": ("glusterfs",)}
 RETRY_BASE = 5.0
+MOUNT_WORKERS = 8      # mount commands running at once (each share's one at a time)
+PASS_WAIT = 2.0        # seconds a pass waits for its commands; slower ones end in the background
 RETRY_MAX = 600.0
 
 
 # --- desired state ------------------------------------------------------------
 
-def _key(record: dict) -> Tuple[str, int, int]:
+def record_key(record: dict) -> Tuple[str, int, int]:
     # Timestamps differ in fraction length ("...:30Z", "...:30.5Z"): compare
     # the seconds text, then the fraction as microseconds.
     base, _, frac = record["timestamp"].rstrip("Z").partition(".")
     return (base, int((frac or "0").ljust(6, "0")[:6]), record["seq"])
 
 
-def current_epoch(metas: Iterable[dict]) -> Optional[str]:
-    """The epoch of the newest record (seq restarts in a new epoch, so the
-    newest is told by timestamp, then seq)."""
-    newest = None
-    for m in metas:
-        if newest is None or _key(m) > _key(newest):
-            newest = m
-    return newest["epoch"] if newest else None
+#: load(view) -> the record, validated and trusted, or None if it must not count
+Load = Callable[[dict], Optional[dict]]
+
+
+def _as_is(record: dict) -> Optional[dict]:
+    return record
+
+
+def current_epoch(metas: Iterable[dict], load: Load = _as_is) -> Optional[str]:
+    """The epoch of the newest record that loads (seq restarts in a new
+    epoch, so the newest is told by timestamp, then seq)."""
+    metas = list(metas)
+    if not metas:
+        return None
+    newest = max(metas, key=record_key)
+    if load(newest) is not None:
+        return newest["epoch"]
+    for m in sorted(metas, key=record_key, reverse=True)[1:]:
+        if load(m) is not None:
+            return m["epoch"]
+    return None
+
+
+def periodic_bases(records: Iterable[dict], epoch: Optional[str],
+                   load: Load = _as_is) -> Dict[str, List[dict]]:
+    """backend -> the parts of its newest complete periodic state in epoch
+    (every part present and loaded: parts have consecutive seqs, the last
+    part the highest)."""
+    periodic = {r["seq"]: r for r in records
+                if r["epoch"] == epoch and r["phase"] == PHASE_PERIODIC}
+    bases: Dict[str, List[dict]] = {}
+    for seq in sorted(periodic, reverse=True):
+        r = periodic[seq]
+        parts = r.get("parts", 1)
+        if r["backend"] in bases or r.get("part", 1) != parts:
+            continue
+        seqs = range(seq - parts + 1, seq + 1)
+        if not all(s in periodic and periodic[s]["backend"] == r["backend"]
+                   and periodic[s].get("parts", 1) == parts
+                   and periodic[s].get("part", 1) == i for i, s in enumerate(seqs, 1)):
+            continue
+        loaded = [load(periodic[s]) for s in seqs]
+        if all(x is not None for x in loaded):
+            bases[r["backend"]] = loaded      # type: ignore[assignment]
+    return bases
+
+
+@dataclasses.dataclass
+class Folded:
+    epoch: Optional[str]
+    shares: Dict[str, dict]               # share id -> share, as in the records
+    latest: Dict[str, int]                # share id -> seq of the record that decided it
+    bases: Dict[str, range]               # backend -> seqs of its periodic state
 
 
 def fold(records: Iterable[dict]) -> Tuple[Optional[str], Dict[str, dict]]:
-    """Share id -> share (as in the records) for one sharedd host.
+    """Share id -> share (as in the records) for one sharedd host."""
+    folded = fold_records(records)
+    return folded.epoch, folded.shares
 
-    Starts from the newest periodic record of each backend in the current
-    epoch, then applies the later records of that backend in seq order.
-    Records of other epochs are ignored (an epoch change resets the state).
+
+def fold_records(records: Iterable[dict], load: Load = _as_is) -> Folded:
+    """The state of one sharedd host's shares.
+
+    Starts from the newest complete periodic state of each backend in the
+    current epoch and the later records of that backend; for each share,
+    the record with the highest seq wins, whatever its backend. Records of
+    other epochs are ignored (an epoch change resets the state).
+
+    records may be light views (order and fold fields, the share's id and
+    status); load(view) is asked, newest first, only for the records that
+    decide something (the epoch, a periodic state, a share) and gives the
+    whole record, or None to pass the record over. A reader thus reads and
+    verifies in full what it acts on, not every record of a burst.
     """
     records = list(records)
-    epoch = current_epoch(records)
-    recs = sorted((r for r in records if r["epoch"] == epoch), key=lambda r: r["seq"])
-    base: Dict[str, dict] = {}
-    for r in recs:
-        if r["phase"] == PHASE_PERIODIC:
-            base[r["backend"]] = r          # sorted: the last one is the newest
-    shares: Dict[str, dict] = {}
-    for backend, r in sorted(base.items()):
-        for share in r.get("shares", []):
-            shares[share["id"]] = dict(share, backend=share.get("backend", backend))
+    epoch = current_epoch(records, load)
+    recs = [r for r in records if r["epoch"] == epoch]
+    bases = periodic_bases(recs, epoch, load)
+    # share id -> (seq of the newest word on it, the share or None if gone):
+    # whatever backend spoke last about a share wins, by seq, never by name.
+    best: Dict[str, Tuple[int, Optional[dict]]] = {}
+    for backend, parts in bases.items():
+        last = parts[-1]["seq"]
+        for part in parts:
+            for share in part.get("shares", []):
+                if last > best.get(share["id"], (0, None))[0]:
+                    best[share["id"]] = (last, dict(share, backend=share.get("backend", backend)))
+    base_end = {b: parts[-1]["seq"] for b, parts in bases.items()}
+    later: Dict[str, List[dict]] = {}
     for r in recs:
         if r["phase"] == PHASE_PERIODIC or r.get("share") is None:
             continue
-        b = base.get(r["backend"])
-        if b is not None and r["seq"] <= b["seq"]:
-            continue
-        share = r["share"]
-        gone = share["status"] in GONE_STATUSES or (
-            r["phase"] == PHASE_PRE and r["method"] in GONE_METHODS)
-        if gone:
-            shares.pop(share["id"], None)
-        else:
-            shares[share["id"]] = dict(share, backend=share.get("backend", r["backend"]))
-    for sid in [s for s, v in shares.items() if v["status"] in GONE_STATUSES]:
-        del shares[sid]
-    return epoch, shares
+        if r["seq"] > base_end.get(r["backend"], 0):
+            later.setdefault(r["share"]["id"], []).append(r)
+    for sid, candidates in later.items():
+        for view in sorted(candidates, key=lambda r: r["seq"], reverse=True):
+            if view["seq"] <= best.get(sid, (0, None))[0]:
+                break
+            r = load(view)
+            if r is None:
+                continue
+            share = r["share"]
+            gone = share["status"] in GONE_STATUSES or (
+                r["phase"] == PHASE_PRE and r["method"] in GONE_METHODS)
+            best[sid] = (r["seq"], None if gone else
+                         dict(share, backend=share.get("backend", r["backend"])))
+            break
+    return Folded(epoch=epoch,
+                  shares={sid: share for sid, (_, share) in best.items()
+                          if share is not None and share["status"] not in GONE_STATUSES},
+                  latest={sid: seq for sid, (seq, _) in best.items()},
+                  bases={b: range(parts[0]["seq"], parts[-1]["seq"] + 1)
+                         for b, parts in bases.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +220,7 @@ def _describe(host: str, share: dict, level: str, extra: Dict[str, Sequence[str]
     hints = share.get("mount_hints") or {}
     proto = share["protocol"]
     fstype = hints.get("fstype") or FSTYPES[proto][0]
-    export = hints.get("export") or next(
-        (e for e in share.get("export_locations", []) if re.fullmatch(EXPORT_RE, e)), "")
+    export = mount_export(share)
     error = ""
     if fstype not in FSTYPES[proto]:
         error = f"file system type {fstype!r} does not fit protocol {proto}"
@@ -180,6 +254,16 @@ class Outcome:
     next_retry: Optional[float] = None      # wall clock of the earliest retry due
     changed: bool = False
 
+    def retry_at(self, when: float) -> None:
+        if when and (self.next_retry is None or when < self.next_retry):
+            self.next_retry = when
+
+    def merge(self, other: "Outcome") -> None:
+        self.events += other.events
+        self.changed = self.changed or other.changed
+        if other.next_retry is not None:
+            self.retry_at(other.next_retry)
+
 
 class Reconciler:
     """Brings the mounts in line with the desired state. Not thread-safe:
@@ -187,7 +271,8 @@ class Reconciler:
 
     def __init__(self, mount_dir: str, mounter, store: StateStore, *,
                  mountinfo: Callable[[], List[MountEntry]] = read_mountinfo,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, workers: int = MOUNT_WORKERS,
+                 pass_wait: float = PASS_WAIT, on_done: Optional[Callable[[], None]] = None):
         # mountinfo shows resolved paths: a symlink in mount_dir must not hide our mounts.
         self.mount_dir = os.path.realpath(mount_dir)
         self.mounter = mounter
@@ -195,10 +280,45 @@ class Reconciler:
         self.mountinfo = mountinfo
         self.clock = clock
         self.mounts: Dict[str, OwnMount] = store.load()
+        # Mount commands of different shares run side by side (one share's
+        # at a time), so one dead server delays no other share and no revoke.
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers,
+                                                           thread_name_prefix="mountd-mount")
+        self._lock = threading.RLock()        # self.mounts, the state file, _late, _busy
+        self._busy: Dict[str, concurrent.futures.Future] = {}
+        self._late = Outcome()                # what jobs did since the last pass collected it
+        self._pass_open = False
+        self.pass_wait = pass_wait
+        # called when a job a pass stopped waiting for ends (a new pass is due)
+        self.on_done = on_done
 
     # -- helpers
     def _save(self) -> None:
-        self.store.save(self.mounts)
+        with self._lock:
+            self.store.save(self.mounts)
+
+    def close(self, wait: bool = False) -> None:
+        """Stop taking work; commands running end by their own timeouts
+        (wait: until they have)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def busy(self) -> List[str]:
+        with self._lock:
+            return sorted(self._busy)
+
+    def _job(self, sid: str, work: Callable[[Outcome], None]) -> None:
+        out = Outcome()
+        try:
+            work(out)
+        except Exception:       # a bug must not lose the share: the next pass retries
+            log.exception("share %s: reconcile step failed", sid)
+            out.changed = True
+        with self._lock:
+            self._busy.pop(sid, None)
+            self._late.merge(out)
+            late = not self._pass_open
+        if late and self.on_done is not None:
+            self.on_done()
 
     def _mount_points(self, desired: Dict[str, Desired]) -> Dict[str, str]:
         """Share id -> mount point; a name clash gets the full id."""
@@ -266,13 +386,15 @@ class Reconciler:
         return entry
 
     # -- actions
-    def _mount(self, d: Desired, mp: str, outcome: Outcome) -> None:
+    def _mount(self, d: Desired, mp: str, outcome: Outcome,
+               top: Optional[Dict[str, MountEntry]] = None) -> None:
         own = self.mounts.get(d.share_id)
         if own is None or own.mount_point != mp or (own.export, own.fstype, tuple(own.options)) != d.params():
             own = OwnMount(share_id=d.share_id, share_name=d.share_name, host=d.host,
                            mount_point=mp, export=d.export, fstype=d.fstype, level=d.level,
                            options=list(d.options), state="failed")
-            self.mounts[d.share_id] = own
+            with self._lock:
+                self.mounts[d.share_id] = own
         own.level = d.level
         own.host = d.host
         if d.error:
@@ -282,7 +404,8 @@ class Reconciler:
                 log.error("share %s (%s): not mounted: %s", d.share_name, d.share_id, d.error)
                 outcome.changed = True
             return
-        top = top_mounts(self.mountinfo())
+        if top is None:
+            top = top_mounts(self.mountinfo())
         try:
             own.created_dir = self._prepare_dir(mp, top) or own.created_dir
             own.state = "mounting"   # persisted first: a crash now is recognised on restart
@@ -339,7 +462,8 @@ class Reconciler:
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT,):
                     log.warning("cannot remove mount point %s: %s", own.mount_point, exc)
-        self.mounts.pop(own.share_id, None)
+        with self._lock:
+            self.mounts.pop(own.share_id, None)
 
     def _remount(self, own: OwnMount, d: Desired, outcome: Outcome) -> None:
         old = own.level
@@ -393,14 +517,24 @@ class Reconciler:
 
     def run(self, desired: Dict[str, Desired], keep_hosts: frozenset = frozenset()) -> Outcome:
         """Make the mounts match desired; mounts of keep_hosts (whose records
-        cannot be read now) are neither withdrawn nor changed."""
+        cannot be read now) are neither withdrawn nor changed.
+
+        The commands run in the pool, withdrawals first; the pass waits for
+        them up to pass_wait. A share whose command still runs is left alone
+        by later passes until it ends (on_done then asks for a new pass)."""
         outcome = Outcome()
         now = self.clock()
-        top = top_mounts(self.mountinfo())
-        ids = {e.mount_id for e in self.mountinfo()}
+        entries = self.mountinfo()
+        top = top_mounts(entries)
+        ids = {e.mount_id for e in entries}
+        with self._lock:
+            busy = set(self._busy)
+            self._pass_open = True
         self.adopt_interrupted(top)
         # Mounts that disappeared behind mountd's back are mounted again below.
-        for own in self.mounts.values():
+        for own in list(self.mounts.values()):
+            if own.share_id in busy:
+                continue
             if own.state == "mounted" and not own.owns(top.get(own.mount_point)):
                 if own.mount_id in ids:
                     log.warning("share %s: %s is covered by another mount", own.share_id,
@@ -410,49 +544,75 @@ class Reconciler:
                 own.state, own.mount_id, own.failures, own.next_attempt = "failed", None, 0, 0.0
                 own.error = "mount disappeared"
                 outcome.changed = True
+        jobs: List[Tuple[str, Callable[[Outcome], None]]] = []
         # Withdrawn access and deleted shares first (deny arrives before the server acts).
-        for sid in sorted(set(self.mounts) - set(desired)):
+        for sid in sorted(set(self.mounts) - set(desired) - busy):
             own = self.mounts[sid]
             if own.host in keep_hosts:
                 continue              # no verified record withdrew it
             entry = top.get(own.mount_point)
             if own.owns(entry):
-                if self._unmount(own, outcome):
-                    self._forget(own)
+                jobs.append((sid, functools.partial(self._withdraw, own)))
             elif own.mount_id is not None and own.mount_id in ids:
                 log.error("share %s: cannot unmount %s: another mount covers it",
                           sid, own.mount_point)
             else:
                 self._forget(own)
                 outcome.changed = True
+        # Lowered levels next: write access that was withdrawn goes before anything is added.
         mps = self._mount_points(desired)
-        for sid in sorted(desired):
+        later: List[Tuple[str, Callable[[Outcome], None]]] = []
+        for sid in sorted(set(desired) - busy):
             d = desired[sid]
             mp = mps[sid]
             own = self.mounts.get(sid)
             if own is not None and own.state == "mounted" and own.owns(top.get(own.mount_point)):
                 if own.mount_point != mp or (own.export, own.fstype, tuple(own.options)) != d.params():
                     log.info("share %s: export or options changed; mounting again", sid)
-                    if self._unmount(own, outcome):
-                        self._forget(own)
-                        self._mount(d, mp, outcome)
+                    jobs.append((sid, functools.partial(self._replace, own, d, mp)))
                 elif own.level != d.level:
-                    self._remount(own, d, outcome)
+                    (jobs if d.level == "ro" else later).append(
+                        (sid, functools.partial(self._remount, own, d)))
                 continue
             if own is not None and own.state == "mounted":
                 continue      # covered by another mount: leave it, warned above
             if (own is not None and own.mount_point == mp and not d.error
                     and (own.export, own.fstype, tuple(own.options)) == d.params()
                     and own.next_attempt > now and own.level == d.level):
-                outcome.next_retry = min(filter(None, (outcome.next_retry, own.next_attempt)))
+                outcome.retry_at(own.next_attempt)
                 continue
-            self._mount(d, mp, outcome)
-            own = self.mounts.get(sid)
-            if own is not None and own.state == "failed" and own.next_attempt and not d.error:
-                outcome.next_retry = min(filter(None, (outcome.next_retry, own.next_attempt)))
+            later.append((sid, functools.partial(self._mount_and_retry, d, mp, top)))
+        futures = []
+        with self._lock:
+            for sid, work in jobs + later:
+                fut = self._pool.submit(self._job, sid, work)
+                self._busy[sid] = fut
+                futures.append(fut)
+        if futures:
+            concurrent.futures.wait(futures, timeout=self.pass_wait)
+        with self._lock:
+            self._pass_open = False
+            outcome.merge(self._late)
+            self._late = Outcome()
         if outcome.changed:
             self._save()
         return outcome
+
+    def _withdraw(self, own: OwnMount, outcome: Outcome) -> None:
+        if self._unmount(own, outcome):
+            self._forget(own)
+
+    def _replace(self, own: OwnMount, d: Desired, mp: str, outcome: Outcome) -> None:
+        if self._unmount(own, outcome):
+            self._forget(own)
+            self._mount(d, mp, outcome)
+
+    def _mount_and_retry(self, d: Desired, mp: str, top: Dict[str, MountEntry],
+                         outcome: Outcome) -> None:
+        self._mount(d, mp, outcome, top)
+        own = self.mounts.get(d.share_id)
+        if own is not None and own.state == "failed" and own.next_attempt and not d.error:
+            outcome.retry_at(own.next_attempt)
 
     def mounts_table(self) -> List[Tuple[str, str, str, str, str]]:
         """(share id, mount point, export, level, state) for the bus."""

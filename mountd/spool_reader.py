@@ -59,16 +59,29 @@ def is_host_id(name: str) -> bool:
     return re.fullmatch(rec.HOST_ID_RE, name) is not None
 
 
-def list_host_dirs(spool_dir: str, missing_ok: bool = True) -> List[str]:
+def list_host_dirs(spool_dir: str, missing_ok: bool = True,
+                   allowed_uids: Optional[Iterable[int]] = None) -> List[str]:
     """Host ids under spool_dir: directories (not symlinks) with valid names,
-    sorted. A missing spool_dir is an empty spool if missing_ok (else
-    FileNotFoundError: mountd tells "no records yet" from "records gone")."""
+    sorted; with allowed_uids, only those owned by one of them and writable
+    by their owner alone (a local user who can write the spool cannot make
+    mountd read directories of their own). A missing spool_dir is an empty
+    spool if missing_ok (else FileNotFoundError: mountd tells "no records
+    yet" from "records gone")."""
+    uids = None if allowed_uids is None else frozenset(allowed_uids)
     hosts = []
     try:
         with os.scandir(spool_dir) as it:
             for entry in it:
-                if is_host_id(entry.name) and entry.is_dir(follow_symlinks=False):
-                    hosts.append(entry.name)
+                if not (is_host_id(entry.name) and entry.is_dir(follow_symlinks=False)):
+                    continue
+                if uids is not None:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if st.st_uid not in uids or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                        continue
+                hosts.append(entry.name)
     except FileNotFoundError:
         if not missing_ok:
             raise
@@ -110,8 +123,13 @@ def _check_owner(path: str, st: os.stat_result, allowed_uids: Optional[FrozenSet
                                       f"{sorted(allowed_uids)}")
 
 
-def read_record(path: str, allowed_uids: Optional[Iterable[int]] = DEFAULT_ALLOWED_UIDS) -> Dict[str, Any]:
+def read_record(path: str, allowed_uids: Optional[Iterable[int]] = DEFAULT_ALLOWED_UIDS,
+                full: bool = True) -> Dict[str, Any]:
     """Read, check and parse one spool file; raise SpoolFileRejected.
+
+    full=False checks only what orders and folds the record
+    (sharedd.record.check_meta): the caller validates it in full before
+    acting on it.
 
     allowed_uids: owners accepted for the file and its host directory
     (default root only); None skips ownership checks, for file systems
@@ -140,7 +158,7 @@ def read_record(path: str, allowed_uids: Optional[Iterable[int]] = DEFAULT_ALLOW
     finally:
         os.close(dfd)
     try:
-        record = rec.loads(data)
+        record = rec.loads(data, full)
     except rec.RecordError as exc:
         raise SpoolFileRejected(path, str(exc)) from None
     except RecursionError:
@@ -174,6 +192,8 @@ def _read_file(path: str, name: str, dfd: int, uids: Optional[FrozenSet[int]]) -
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
             raise SpoolFileRejected(path, "changed while being opened")
         _check_owner(path, st, uids)
+        if uids is not None and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise SpoolFileRejected(path, "writable by group or others")
         if st.st_size > rec.MAX_RECORD_BYTES:
             raise SpoolFileRejected(path, f"{st.st_size} bytes, more than {rec.MAX_RECORD_BYTES}")
         chunks, left = [], rec.MAX_RECORD_BYTES + 1   # one more: notice growth

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from sharedd.mountinfo import MountEntry, parse_mountinfo, read_mountinfo, top_mounts  # noqa: F401 (re-exported)
 from sharedd.util import atomic_write
@@ -53,6 +53,8 @@ class StateStore:
     def __init__(self, state_path: str):
         self.state_path = state_path
         self.path = os.path.join(state_path, STATE_FILE)
+        # errnos already logged since the last save that worked
+        self._failing: Set[Optional[int]] = set()
 
     def load(self) -> Dict[str, OwnMount]:
         try:
@@ -78,10 +80,27 @@ class StateStore:
             mounts[m.share_id] = m
         return mounts
 
-    def save(self, mounts: Dict[str, OwnMount]) -> None:
-        os.makedirs(self.state_path, mode=0o755, exist_ok=True)
+    def save(self, mounts: Dict[str, OwnMount]) -> bool:
+        """Write the record; False if the state directory refused it.
+
+        A full or read-only state directory must not stop mounting (the
+        kernel's table still shows the mounts), nor flood the log on every
+        pass: one error line per errno until a save works again."""
         data = {"version": STATE_VERSION,
                 "mounts": [dataclasses.asdict(m) for m in sorted(mounts.values(),
                                                                  key=lambda m: m.share_id)]}
-        atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n",
-                     mode=0o644)
+        try:
+            os.makedirs(self.state_path, mode=0o755, exist_ok=True)
+            atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n",
+                         mode=0o644)
+        except OSError as exc:
+            if exc.errno not in self._failing:
+                self._failing.add(exc.errno)
+                log.error("cannot save mount state to %s: %s (logged once; mounts go on, "
+                          "the record is written once saving works again)",
+                          self.path, exc.strerror or exc)
+            return False
+        if self._failing:
+            self._failing.clear()
+            log.info("saving mount state to %s works again", self.path)
+        return True

@@ -69,7 +69,7 @@ class Backend:
         self.config = config
         self.context = context
         self.driver: ShareDriver = cls(name, config, helpers, bdir, command_timeout)
-        self.hooks = HookManager(name, config, context)
+        self.hooks = HookManager(name, config, context, self.driver.served_addresses())
         self.stats: Dict[str, Any] = {}
         self._driver_stats: Optional[Dict[str, Any]] = None   # and when read:
         self._driver_stats_at = 0.0
@@ -100,7 +100,8 @@ class Backend:
                 self.config.values[key] = value
             elif self.config.values.get(key) != value:
                 pending.append(f"[{self.name}] {key}")
-        self.hooks = HookManager(self.name, self.config, self.context)
+        self.hooks = HookManager(self.name, self.config, self.context,
+                                 self.driver.served_addresses())
         return pending
 
     # --- what it offers ------------------------------------------------------
@@ -156,20 +157,23 @@ class Backend:
             log.warning("share %s: no mount hints: %s", share.id, exc)
             return {}
 
-    async def periodic(self, host: str, epoch: str, seq: int, shares: List[Share],
+    async def periodic(self, host: str, epoch: str, seqs: List[int], shares: List[Share],
                        rules: Dict[str, List[AccessRule]]) -> None:
-        """The periodic hook: every share of this backend with its rules."""
+        """The periodic hook: every share of this backend with its rules, in
+        len(seqs) records (consecutive seqs, records.periodic_parts)."""
         data: Dict[str, Dict[str, Any]] = {}
         if self.setup_error is None:
             try:
                 data = await asyncio.to_thread(self.driver.get_periodic_hook_data, shares) or {}
             except Exception as exc:
                 log.warning("backend %s: get_periodic_hook_data failed: %s", self.name, exc)
-        rec = records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
-                            method="periodic", backend=self.name,
-                            shares=[records.share_dict(s, rules.get(s.id, []), data.get(s.id, {}))
-                                    for s in shares])
-        await self.hooks.periodic(rec)
+        runs = records.split(shares, rules, len(seqs))
+        for i, (seq, run) in enumerate(zip(seqs, runs), 1):
+            rec = records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
+                                method="periodic", backend=self.name, part=(i, len(seqs)),
+                                shares=[records.share_dict(s, rules.get(s.id, []),
+                                                           data.get(s.id, {})) for s in run])
+            await self.hooks.periodic(rec)
 
     # --- capacity ---------------------------------------------------------------
     async def refresh_stats(self, share_count: int, provisioned_gib: int,

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                         f"(default: {config_mod.DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true",
                    help="validate the configuration, print a summary and exit")
+    p.add_argument("--print-public-key", action="store_true",
+                   help="print the public key of the record signing key (made if missing) "
+                        "as clients list it in trusted_keys_dir, and exit")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help="override log_level from the configuration")
     p.add_argument("--version", action="version", version=f"sharedd {__version__}")
@@ -58,6 +61,15 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"sharedd: configuration error: {exc}", file=sys.stderr)
         return 1
+    if args.print_public_key:
+        from .signing import open_key
+        setup_logging("warning")
+        try:
+            print(open_key(cfg.record_signing_key, cfg.host_id).public.line())
+        except ConfigError as exc:
+            print(f"sharedd: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.check_config:
         print(f"configuration OK: {', '.join(cfg.files)}")
         for name, b in cfg.backends.items():

@@ -18,6 +18,8 @@ import netaddr
 from . import constants as C
 from .errors import ConfigError
 from .options import Opt, config_files, parse_options, read_ini
+from .record import HOST_ID
+from .signing import default_key_path
 
 DEFAULT_CONFIG = "/etc/sharedd/sharedd.conf"
 SECTION_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")   # also an object path element
@@ -28,6 +30,10 @@ GLOBAL_OPTIONS: List[Opt] = [
     Opt("state_path", "path", "/var/lib/sharedd", help="State directory (SQLite database, export files, share mounts)."),
     Opt("spool_dir", "path", "/var/spool/sharedd", help="Spool directory for hook records."),
     Opt("host_id", "str", "", help="Name of this storage host in hook records (default: the host name)."),
+    Opt("record_signing_key", "path", "",
+        help="Ed25519 private key (PEM, root, 0600) that signs every hook record; made at "
+             "first start if missing (default: record-signing.key beside the main "
+             "configuration file). Clients trust its public key: sharedd --print-public-key."),
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"), help="Log level."),
     Opt("command_timeout", "float", 120.0, min=1, help="Timeout for one external command, seconds."),
     Opt("stats_refresh_interval", "float", 60.0, min=1, help="How often backend Stats are refreshed, seconds."),
@@ -137,9 +143,12 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
                            lambda key: f"{where('DEFAULT', key)}: [DEFAULT] {key}", check_unknown=())
     if not values["host_id"]:
         values["host_id"] = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
-    elif not re.fullmatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["host_id"]):
+    elif not re.fullmatch(HOST_ID, values["host_id"], re.ASCII):
         raise ConfigError(f"{where('DEFAULT', 'host_id')}: [DEFAULT] host_id: "
                           f"{values['host_id']!r} may only use letters, digits, '.', '_' and '-'")
+
+    if not values["record_signing_key"]:
+        values["record_signing_key"] = default_key_path(files[0])
 
     enabled = values["enabled_share_backends"]
     if not enabled:

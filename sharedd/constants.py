@@ -83,6 +83,12 @@ BACKEND_SIGNAL_INTERVAL = 0.5
 # --- Limits: the record schema and the options' maxima derive from these -----
 #: access rules on one share (option max_access_rules_per_share may lower it)
 MAX_ACCESS_RULES_PER_SHARE = 5000
+#: a periodic record is split into parts of about this many bytes (estimated
+#: before it is built: per share PERIODIC_SHARE_BYTES plus PERIODIC_RULE_BYTES
+#: per rule, generous bounds), far below sharedd.record.MAX_RECORD_BYTES
+PERIODIC_PART_BYTES = 1 << 20
+PERIODIC_SHARE_BYTES = 2048
+PERIODIC_RULE_BYTES = 320
 #: metadata entries on one share (option max_metadata_entries may lower it)
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_LENGTH = 64

@@ -21,11 +21,12 @@ import os
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
-from . import access, recovery, validation
+from . import access, recovery, signing, validation
 from .backend import Backend, BackendInfo
 from .config import Config
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
                      InvalidArgument, InvalidState, NotFound, SharedError)
+from .hooks import records
 from .hooks.base import HookContext
 from .models import AccessRule, Share, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
@@ -52,6 +53,7 @@ class Engine:
         self._ensuring = (0, 0)   # (done, of) while shares are being ensured
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._lock_fd: Optional[int] = None
+        self.signer: signing.SigningKey
 
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -63,9 +65,10 @@ class Engine:
         self.runner = Runner(self.store, self.observer, cfg.host_id)
         self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn)
         self._started = True
+        self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
         context = HookContext(cfg.host_id, cfg.spool_dir, emit_signal=self.observer.hook_fired,
                               retention_seconds=cfg.spool_retention_seconds,
-                              retention_count=cfg.spool_retention_count)
+                              retention_count=cfg.spool_retention_count, signer=self.signer)
         for name, bconf in cfg.backends.items():
             self.backends[name] = Backend(name, bconf, cfg.state_path, cfg.command_timeout, context,
                                           self.observer.bus_call)
@@ -176,6 +179,11 @@ class Engine:
 
     # ----------------------------------------------------------------- reads
     @property
+    def record_public_key(self) -> str:
+        """The public key line clients trust (sharedd.signing)."""
+        return self.signer.public.line()
+
+    @property
     def host_id(self) -> str:
         return str(self.config.host_id)
 
@@ -259,10 +267,11 @@ class Engine:
     # ------------------------------------------------------------------ hooks
     async def periodic(self, b: Backend) -> None:
         if b.hooks.enabled(C.PHASE_PERIODIC):
-            with self.store.tx():   # one consistent view, and its number
-                seq, shares, rules = self.store.next_seq(), self.store.shares(b.name), \
-                    self.store.all_rules()
-            await b.periodic(self.host_id, self.store.epoch, seq, shares, rules)
+            with self.store.tx():   # one consistent view, and its numbers
+                shares, rules = self.store.shares(b.name), self.store.all_rules()
+                seqs = [self.store.next_seq()
+                        for _ in range(records.periodic_parts(shares, rules))]
+            await b.periodic(self.host_id, self.store.epoch, seqs, shares, rules)
 
     async def run_periodic_hooks(self, options: Dict[str, Any]) -> None:
         validation.options(options, {"backend": str})

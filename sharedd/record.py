@@ -13,23 +13,35 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Sequence
 
+from .errors import InvalidArgument
+from . import validation
 from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES, MAX_ANON_ID,
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
-                        RULE_STATES, SHARE_STATUSES, SQUASH_MODES)
+                        RULE_STATES, SHARE_NAME_PATTERN, SHARE_STATUSES, SQUASH_MODES)
 
 SCHEMA_VERSION = 1
 #: spool files larger than this are refused unread
 MAX_RECORD_BYTES = 4 * 1024 * 1024
+#: the parts one periodic state may be split into (sharedd.hooks.records)
+MAX_PERIODIC_PARTS = 10000
 #: spool file names: <seq, 20 digits>-<phase>-<method>.json
 FILE_NAME_RE = re.compile(r"^(\d{20})-(pre|post|periodic)-([a-z_]+)\.json$")
-HOST_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$(?!\n)"
+HOST_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+HOST_ID_RE = rf"^{HOST_ID}$(?!\n)"
 ID_RE = r"^[0-9a-f]{32}$(?!\n)"
 # host:/path, host an IPv4 address, a bracketed IPv6 address or a DNS name;
 # the path is absolute and has no characters a mount helper could misread.
 EXPORT_RE = (r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):"
              r"/[A-Za-z0-9._/-]{0,1023}$(?!\n)")
+# An address a server declares it serves from: IPv4, IPv6 (unbracketed) or DNS name.
+SERVER_ADDRESS_RE = r"^([0-9A-Fa-f:.]{2,45}|[A-Za-z0-9][A-Za-z0-9.-]{0,252})$(?!\n)"
+# Share and snapshot names, as sharedd's validation accepts them
+NAME_RE = SHARE_NAME_PATTERN + r"(?!\n)"
+# The "signature" member (sharedd.signing): key id = 16 hex of sha256(public key)
+KEY_ID_RE = r"^[0-9a-f]{16}$(?!\n)"
+SIGNATURE_RE = r"^[A-Za-z0-9+/]{86}==$(?!\n)"     # 64 bytes, base64
 # Mount options travel as separate list items; each one is a plain word.
 MOUNT_OPTION_RE = r"^[A-Za-z0-9_.=:/-]{1,256}$(?!\n)"
 
@@ -40,6 +52,7 @@ _rule = {
     "properties": {
         "id": {"type": "string", "pattern": ID_RE},
         "access_type": {"enum": list(ACCESS_TYPES)},
+        # checked in sharedd's canonical form by validate() (sharedd.validation)
         "access_to": {"type": "string", "minLength": 1, "maxLength": 255},
         "access_level": {"enum": list(ACCESS_LEVELS)},
         "state": {"enum": list(RULE_STATES)},
@@ -70,7 +83,7 @@ _share = {
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string", "pattern": ID_RE},
-        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$(?!\n)"},
+        "name": {"type": "string", "pattern": NAME_RE},
         "backend": {"type": "string", "pattern": HOST_ID_RE},
         "protocol": {"enum": list(PROTOCOLS)},
         "export_locations": {"type": "array", "maxItems": 16,
@@ -89,7 +102,7 @@ _snapshot = {
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string", "pattern": ID_RE},
-        "name": {"type": "string", "maxLength": 255},
+        "name": {"type": "string", "pattern": NAME_RE},
         "status": {"enum": list(SHARE_STATUSES) + ["deleted"]},
         "size_gib": {"type": "integer", "minimum": 0},
     },
@@ -132,8 +145,25 @@ SCHEMA: Dict[str, Any] = {
                            "warnings": {"type": "array", "maxItems": MAX_RECORD_WARNINGS,
                                         "items": {"type": "string", "maxLength": 1000}}},
         },
-        # periodic only: the full state of every share of the backend.
+        # The addresses the signing server serves exports from: every export
+        # a reader mounts from this record names one of them.
+        "server_addresses": {"type": "array", "maxItems": 64,
+                             "items": {"type": "string", "pattern": SERVER_ADDRESS_RE}},
+        # Ed25519 over the canonical form of everything else (sharedd.signing).
+        "signature": {
+            "type": "object",
+            "required": ["algorithm", "key_id", "value"],
+            "additionalProperties": False,
+            "properties": {"algorithm": {"const": "ed25519"},
+                           "key_id": {"type": "string", "pattern": KEY_ID_RE},
+                           "value": {"type": "string", "pattern": SIGNATURE_RE}},
+        },
+        # periodic only: the full state of every share of the backend, split
+        # into `parts` records with consecutive seqs (part 1 first) when large;
+        # a reader uses a periodic state only once it holds every part.
         "shares": {"type": "array", "maxItems": 100000, "items": _share},
+        "part": {"type": "integer", "minimum": 1, "maximum": MAX_PERIODIC_PARTS},
+        "parts": {"type": "integer", "minimum": 1, "maximum": MAX_PERIODIC_PARTS},
     },
     # Cross-field rules; validate() checks them by hand with clear messages.
     "allOf": [
@@ -150,65 +180,124 @@ class RecordError(ValueError):
     """A record does not match the schema (message says where and why)."""
 
 
-_TYPES = {
-    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+_TYPES: Dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
 }
+_MISSING = object()
 
 
-def _is_type(value: Any, name: str) -> bool:
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, _TYPES[name])
+class _Fail(Exception):
+    """Raised inside a compiled check; containers add where, outermost last."""
+
+    def __init__(self, message: str, inner: Sequence["_Fail"] = ()):
+        super().__init__(message)
+        self.message = message
+        self.inner = inner        # oneOf: why each form did not match
+        self.path: List[str] = []
+
+    def text(self, root: str) -> str:
+        where = root + "".join(reversed(self.path))
+        if self.inner:
+            return (f"{where}: {self.message} "
+                    f"({'; '.join(e.text(where) for e in self.inner)})")
+        return f"{where}: {self.message}"
+
+
+def _compile(schema: Dict[str, Any]) -> Callable[[Any], None]:
+    """A checker for the JSON Schema subset SCHEMA uses, built once: records
+    are checked on every write and every read (10,000 in a burst)."""
+    if "oneOf" in schema:
+        options = [_compile(o) for o in schema["oneOf"]]
+
+        def one_of(v: Any) -> None:
+            errors = []
+            for option in options:
+                try:
+                    option(v)
+                except _Fail as exc:
+                    errors.append(exc)
+            if len(errors) != len(options) - 1:
+                raise _Fail("matches none of the allowed forms", errors)
+        return one_of
+    const = schema.get("const", _MISSING)
+    enum = {(type(e), e) for e in schema["enum"]} if "enum" in schema else None
+    names = schema.get("type")
+    names = [names] if isinstance(names, str) else names
+    types = [_TYPES[n] for n in names] if names else None
+    min_len, max_len = schema.get("minLength", 0), schema.get("maxLength")
+    # ASCII: \d and [0-9] must not admit other scripts' digits
+    pattern = re.compile(schema["pattern"], re.ASCII) if "pattern" in schema else None
+    minimum, maximum = schema.get("minimum"), schema.get("maximum")
+    max_items = schema.get("maxItems")
+    items = _compile(schema["items"]) if "items" in schema else None
+    required = tuple(schema.get("required", ()))
+    props = {k: _compile(v) for k, v in schema.get("properties", {}).items()}
+    closed = schema.get("additionalProperties", True) is False
+
+    def check(v: Any) -> None:
+        if const is not _MISSING and (v != const or type(v) is not type(const)):
+            raise _Fail(f"must be {const!r}")
+        if enum is not None and (type(v), v) not in enum:
+            raise _Fail(f"{v!r} is not one of {schema['enum']}")
+        if types is not None and not any(t(v) for t in types):
+            raise _Fail(f"expected {' or '.join(names)}")
+        if isinstance(v, str):
+            if len(v) < min_len:
+                raise _Fail("too short")
+            if max_len is not None and len(v) > max_len:
+                raise _Fail(f"longer than {max_len}")
+            if pattern is not None and not pattern.search(v):
+                raise _Fail(f"{v[:80]!r} does not match {schema['pattern']}")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if minimum is not None and v < minimum:
+                raise _Fail(f"below {minimum}")
+            if maximum is not None and v > maximum:
+                raise _Fail(f"above {maximum}")
+        elif isinstance(v, list):
+            if max_items is not None and len(v) > max_items:
+                raise _Fail(f"more than {max_items} items")
+            if items is not None:
+                for i, item in enumerate(v):
+                    try:
+                        items(item)
+                    except _Fail as exc:
+                        exc.path.append(f"[{i}]")
+                        raise
+        elif isinstance(v, dict):
+            for key in required:
+                if key not in v:
+                    raise _Fail(f"missing {key!r}")
+            for key, item in v.items():
+                sub = props.get(key)
+                if sub is not None:
+                    try:
+                        sub(item)
+                    except _Fail as exc:
+                        exc.path.append(f".{key}")
+                        raise
+                elif closed:
+                    raise _Fail(f"unexpected key {str(key)[:40]!r}")
+    return check
+
+
+_CHECKS: Dict[int, Callable[[Any], None]] = {}
 
 
 def _check(value: Any, schema: Dict[str, Any], where: str) -> None:
-    if "oneOf" in schema:
-        errors = []
-        for option in schema["oneOf"]:
-            try:
-                _check(value, option, where)
-            except RecordError as exc:
-                errors.append(str(exc))
-        if len(errors) != len(schema["oneOf"]) - 1:
-            raise RecordError(f"{where}: matches none of the allowed forms"
-                              f" ({'; '.join(errors)})")
-        return
-    if "const" in schema and (value != schema["const"] or type(value) is not type(schema["const"])):
-        raise RecordError(f"{where}: must be {schema['const']!r}")
-    if "enum" in schema and not any(value == e and type(value) is type(e) for e in schema["enum"]):
-        raise RecordError(f"{where}: {value!r} is not one of {schema['enum']}")
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, t) for t in types):
-            raise RecordError(f"{where}: expected {' or '.join(types)}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            raise RecordError(f"{where}: too short")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            raise RecordError(f"{where}: longer than {schema['maxLength']}")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            raise RecordError(f"{where}: {value[:80]!r} does not match {schema['pattern']}")
-    if _is_type(value, "integer") and "minimum" in schema and value < schema["minimum"]:
-        raise RecordError(f"{where}: below {schema['minimum']}")
-    if _is_type(value, "integer") and "maximum" in schema and value > schema["maximum"]:
-        raise RecordError(f"{where}: above {schema['maximum']}")
-    if isinstance(value, list):
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise RecordError(f"{where}: more than {schema['maxItems']} items")
-        for i, item in enumerate(value):
-            _check(item, schema.get("items", {}), f"{where}[{i}]")
-    if isinstance(value, dict):
-        for key in schema.get("required", ()):
-            if key not in value:
-                raise RecordError(f"{where}: missing {key!r}")
-        props = schema.get("properties", {})
-        for key, item in value.items():
-            if key in props:
-                _check(item, props[key], f"{where}.{key}")
-            elif schema.get("additionalProperties", True) is False:
-                raise RecordError(f"{where}: unexpected key {key[:40]!r}")
+    """Raise RecordError unless value matches schema (a part of SCHEMA)."""
+    checker = _CHECKS.get(id(schema))
+    if checker is None:
+        checker = _CHECKS[id(schema)] = _compile(schema)
+    try:
+        checker(value)
+    except _Fail as exc:
+        raise RecordError(exc.text(where)) from None
 
 
 def validate(record: Any) -> Dict[str, Any]:
@@ -221,24 +310,101 @@ def validate(record: Any) -> Dict[str, Any]:
         raise RecordError("record: only periodic records carry 'shares'")
     if phase == "post" and "result" not in record:
         raise RecordError("record: a post record must carry 'result'")
+    if ("part" in record or "parts" in record) and phase != "periodic":
+        raise RecordError("record: only periodic records have parts")
+    if record.get("part", 1) > record.get("parts", 1):
+        raise RecordError(f"record: part {record.get('part')} of {record.get('parts', 1)}")
+    for where, rules in _rule_lists(record):
+        for i, r in enumerate(rules):
+            try:
+                canonical = validation.access_to(r["access_type"], r["access_to"])
+            except InvalidArgument as exc:
+                raise RecordError(f"{where}[{i}].access_to: {exc}") from None
+            if canonical != r["access_to"]:
+                raise RecordError(f"{where}[{i}].access_to: {r['access_to']!r} is not in "
+                                  f"sharedd's form ({canonical!r})")
     return record
 
 
-def loads(data: bytes) -> Dict[str, Any]:
-    """Parse and validate one record from bytes (size-capped, JSON only)."""
+def _rule_lists(record: Dict[str, Any]):
+    yield "record.access_rules", record["access_rules"]
+    if record.get("share"):
+        yield "record.share.access_rules", record["share"]["access_rules"]
+    for i, share in enumerate(record.get("shares", ())):
+        yield f"record.shares[{i}].access_rules", share["access_rules"]
+
+
+def _no_duplicates(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise RecordError(f"record: key {key[:40]!r} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
+#: what a reader needs to order and fold records before it validates them in full
+META_FIELDS = ("schema", "host", "epoch", "seq", "timestamp", "phase", "method", "backend",
+               "part", "parts")
+
+
+def check_meta(record: Any) -> Dict[str, Any]:
+    """Raise RecordError unless the fields that order and fold a record
+    (META_FIELDS, and the share's id and status) match SCHEMA: a reader can
+    then fold thousands of records and validate in full (validate()) only
+    those it acts on."""
+    if not isinstance(record, dict):
+        raise RecordError("record: expected object")
+    props = SCHEMA["properties"]
+    for key in META_FIELDS:
+        if key in record:
+            _check(record[key], props[key], f"record.{key}")
+        elif key in SCHEMA["required"]:
+            raise RecordError(f"record: missing {key!r}")
+    share = record.get("share")
+    if share is not None:
+        if not isinstance(share, dict):
+            raise RecordError("record.share: expected null or object")
+        for key in ("id", "status"):
+            if key not in share:
+                raise RecordError(f"record.share: missing {key!r}")
+            _check(share[key], _share["properties"][key], f"record.share.{key}")
+    return record
+
+
+def loads(data: bytes, full: bool = True) -> Dict[str, Any]:
+    """Parse and validate one record from bytes (size-capped, JSON only);
+    full=False: check_meta() only."""
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(f"record: larger than {MAX_RECORD_BYTES} bytes")
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecordError:
+        raise
     except (UnicodeDecodeError, ValueError) as exc:
         raise RecordError(f"record: not valid JSON: {exc}") from None
     except RecursionError:
         raise RecordError("record: not valid JSON: nested too deeply") from None
-    return validate(obj)
+    return validate(obj) if full else check_meta(obj)
 
 
 def dumps(record: Dict[str, Any]) -> bytes:
     return json.dumps(validate(record), sort_keys=True, indent=1).encode() + b"\n"
+
+
+def mount_export(share: Dict[str, Any]) -> str:
+    """The host:/path a client mounts a record's share from ("" if none)."""
+    hints = share.get("mount_hints") or {}
+    if hints.get("export"):
+        return str(hints["export"])
+    return next((e for e in share.get("export_locations", ())
+                 if re.fullmatch(EXPORT_RE, e, re.ASCII)), "")
+
+
+def export_host(export: str) -> str:
+    """The host part of host:/path (brackets of an IPv6 address removed)."""
+    m = re.fullmatch(EXPORT_RE, export, re.ASCII)
+    return m.group(1).strip("[]") if m else ""
 
 
 def file_name(record: Dict[str, Any]) -> str:

@@ -6,10 +6,11 @@ import fcntl
 import logging
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .errors import AlreadyRunning, BackendFailure
 
@@ -43,16 +44,23 @@ def public_text(text: str, limit: int = 1000) -> str:
 
 def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
         check: bool = True, input: Optional[bytes] = None,
-        env: Optional[Dict[str, str]] = None) -> "subprocess.CompletedProcess[bytes]":
+        env: Optional[Dict[str, str]] = None,
+        new_session: bool = False) -> "subprocess.CompletedProcess[bytes]":
     """Run an argument vector (never a shell) with a timeout.
 
     Failures become BackendFailure naming the command and the tail of stderr.
+    new_session: start the command in a session (and process group) of its
+    own and, on timeout, kill that whole group: helpers the command started
+    (mount.nfs, glusterfs ...) must not outlive a command given up on.
     """
     argv = [str(a) for a in argv]
     log.debug("run: %s", argv)
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True,
-                              timeout=timeout, env=env)
+        if new_session:
+            proc = _run_in_session(argv, timeout, input, env)
+        else:
+            proc = subprocess.run(argv, input=input, capture_output=True,
+                                  timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise BackendFailure(f"{argv[0]} timed out after {timeout:g}s: "
                              f"{' '.join(argv)}") from None
@@ -63,6 +71,44 @@ def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
         raise BackendFailure(f"{' '.join(argv)} failed (exit {proc.returncode}):"
                              f" {err.strip()[-500:]}")
     return proc
+
+
+#: seconds to wait for a killed command to be reaped (a task stuck in the
+#: kernel dies only when its system call returns)
+_REAP_TIMEOUT = 10.0
+
+
+def _run_in_session(argv: List[str], timeout: float, input: Optional[bytes],
+                    env: Optional[Dict[str, str]]) -> "subprocess.CompletedProcess[bytes]":
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        # Timeout (or interrupted): the group id is the child's pid; killing
+        # the group also ends grandchildren that still hold our pipes.
+        _kill_group(proc, argv[0])
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _kill_group(proc: "subprocess.Popen[bytes]", name: str) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass      # the child and every member of its group are gone already
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+    try:
+        proc.wait(_REAP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log.error("%s (pid %d) did not die within %gs of SIGKILL", name, proc.pid,
+                  _REAP_TIMEOUT)
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:

@@ -5,13 +5,17 @@ and sequence numbers that keep growing across restarts."""
 
 import json
 import os
+import pathlib
 import subprocess
 import time
 
+import pytest
 
 from sharedd import record as record_schema
+from sharedd import signing
 from tests.support.signals import SignalCollector
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
 ERR = "org.sharedd.Sharedd1.Error."
 SHARE = "org.sharedd.Sharedd1.Share"
 
@@ -24,6 +28,7 @@ host_id = storage1
 
 [mem]
 share_driver = tests.memdriver:MemoryDriver
+share_export_ip = 127.0.0.1
 hook_drivers = spool, dbus, tests.testhooks:ControlledHook
 enable_pre_hooks = true
 enable_post_hooks = true
@@ -98,6 +103,23 @@ def test_signals_and_spool_in_phase_order(sharedd_factory, system_bus):
     log = [x for x in hooklog(d) if x["seq"] >= spool[0]["seq"]]
     assert [(x["phase"], x["method"]) for x in log] == want
     assert [x["seq"] for x in log] == seqs
+    # Every record is signed with the key the daemon publishes (the D-Bus
+    # property and --print-public-key agree), and declares its addresses.
+    line = json.loads(system_bus.busctl("--json=short", "get-property", "org.sharedd.Sharedd1",
+                                        "/org/sharedd/Sharedd1", "org.sharedd.Sharedd1.Manager",
+                                        "RecordSigningKey").stdout)["data"]
+    printed = subprocess.run(["/usr/bin/python3", "-m", "sharedd", "--config", d.config_path,
+                              "--print-public-key"], capture_output=True, text=True, check=True,
+                             cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert printed.stdout.strip() == line
+    key = signing.parse_public_line(line)
+    assert key.host == "storage1"
+    for r in spool:
+        key.verify(r)
+        assert r["server_addresses"] == ["127.0.0.1"]
+    tampered = dict(spool[0], seq=spool[0]["seq"] + 1000)
+    with pytest.raises(signing.SignatureError):
+        key.verify(tampered)
 
 
 def test_failing_pre_hook_refuses_and_changes_nothing(sharedd_factory):

@@ -11,7 +11,9 @@ import uuid
 
 import pytest
 
-from mountd.addresses import AddressMonitor, read_addresses
+from pyroute2 import NetNS
+
+from mountd.addresses import AddressMonitor, address_flags, read_addresses, usable
 from tests.support import components
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -128,3 +130,80 @@ def test_read_addresses_on_this_host():
     lo = read_addresses(["lo"], loopback=True)
     assert lo and all(a in ("127.0.0.1", "::1") for a in lo)
     assert AddressMonitor(lambda a: None, expected=["127.0.0.1"]).addresses() == ("127.0.0.1",)
+
+
+def _slow_dad(ns, iface, transmits=2, retrans_ms=2000):
+    """DAD on iface takes transmits * retrans_ms (plus up to 1 s delay)."""
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                    f"net.ipv6.conf.{iface}.dad_transmits={transmits}",
+                    f"net.ipv6.neigh.{iface}.retrans_time_ms={retrans_ms}"],
+                   check=True, capture_output=True, timeout=30)
+
+
+def _ip_flags(ns, iface, addr):
+    """The words `ip` prints after the address (scope, tentative, dadfailed...)."""
+    out = subprocess.run(["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", iface],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if f"{addr}/64" in words:
+            return set(words[words.index(f"{addr}/64") + 1:])
+    return None
+
+
+def _wait_flags(ns, iface, addr, pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flags = _ip_flags(ns, iface, addr)
+        if flags is not None and pred(flags):
+            return flags
+        time.sleep(0.1)
+    raise AssertionError(f"{addr} on {iface}: flags {_ip_flags(ns, iface, addr)}")
+
+
+def test_tentative_and_dadfailed_addresses_do_not_count(netns):
+    _slow_dad(netns, "dum74")
+    _ip("-n", netns, "addr", "add", "fd74::51/64", "dev", "dum74", "nodad")
+    _ip("-n", netns, "addr", "add", "fd74::31/64", "dev", "dum74")
+    # The same address on the peer answers dum74's DAD probe: DAD fails.
+    _ip("-n", netns, "addr", "add", "fd74::41/64", "dev", "other74", "nodad")
+    _ip("-n", netns, "addr", "add", "fd74::41/64", "dev", "dum74")
+    _ip("-n", netns, "addr", "add", "10.74.0.31/24", "dev", "dum74")
+    ipr = NetNS(netns)
+    try:
+        assert "tentative" in _ip_flags(netns, "dum74", "fd74::31")
+        during = read_addresses(["dum74"], ipr=ipr)
+        assert "tentative" in _ip_flags(netns, "dum74", "fd74::31")   # still, after reading
+        assert "fd74::31" not in during
+        assert "fd74::51" in during and "10.74.0.31" in during
+        _wait_flags(netns, "dum74", "fd74::41", lambda f: "dadfailed" in f)
+        _wait_flags(netns, "dum74", "fd74::31", lambda f: "tentative" not in f)
+        after = read_addresses(["dum74"], ipr=ipr)
+        assert nonlocal_(after) == ["10.74.0.31", "fd74::31", "fd74::51"]
+        # On the peer the same address is valid: it counts there.
+        assert "fd74::41" in read_addresses(["other74"], ipr=ipr)
+    finally:
+        ipr.close()
+
+
+def test_flags_from_ifa_flags_or_the_header():
+    """IFA_FLAGS carries all 32 bits; without it the header's 8 bits count."""
+    assert address_flags({"flags": 0, "attrs": [("IFA_FLAGS", 0x40)]}) == 0x40
+    assert address_flags({"flags": 0xc8, "attrs": []}) == 0xc8
+    assert not usable(0x40) and not usable(0x08) and not usable(0x44)
+    assert usable(0x80) and usable(0x200) and usable(0x20)
+
+
+def test_monitor_counts_an_address_once_dad_is_done(netns):
+    _slow_dad(netns, "dum74")
+    probe = Probe(netns, "dum74")
+    try:
+        assert nonlocal_(probe.line()["ready"]) == []
+        _ip("-n", netns, "addr", "add", "fd74::61/64", "dev", "dum74")
+        assert "tentative" in _ip_flags(netns, "dum74", "fd74::61")
+        # The first event naming it comes when DAD is done (RTM_NEWADDR again).
+        event = probe.wait_for(lambda a: "fd74::61" in a, timeout=20)
+        assert "tentative" not in _ip_flags(netns, "dum74", "fd74::61")
+        assert nonlocal_(event) == ["fd74::61"]
+    finally:
+        probe.close()

@@ -20,6 +20,7 @@ from dbus_next.aio import MessageBus
 
 from sharedd import record as recordlib
 from sharedd.constants import BUS_NAME, IFACE_HOOKS, ROOT_PATH
+from tests.support import components
 from tests.fixtures.mountd_env import (CLIENT4, make_record, make_share, rule,
                                        write_record)
 
@@ -29,7 +30,7 @@ M = ["org.sharedd.Mountd1", "/org/sharedd/Mountd1", "org.sharedd.Mountd1"]
 
 class Mountd:
     def __init__(self, tmp, bus=None, extra="", args=(), prefix=(), interval=3,
-                 addresses=CLIENT4):
+                 addresses=CLIENT4, env=None):
         self.interval, self.addresses = interval, addresses
         self.tmp = tmp
         self.spool = os.path.join(tmp, "spool")
@@ -43,7 +44,7 @@ class Mountd:
         self._drain = threading.Thread(target=self._read_notify, daemon=True)
         self.log_path = os.path.join(tmp, "mountd.log")
         env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=self.notify_path,
-                   WATCHDOG_USEC="400000")
+                   WATCHDOG_USEC="400000", **(env or {}))
         if bus is not None:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
         self.log = open(self.log_path, "w")
@@ -51,6 +52,7 @@ class Mountd:
                                       *args], stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=str(REPO), env=env)
         self._drain.start()
+        components.used("sharedd-mountd daemon (python3 -m mountd)")
 
     def _read_notify(self):
         while True:

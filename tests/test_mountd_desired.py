@@ -162,7 +162,7 @@ def test_record_source_reads_spool_and_bus_records(tmp_path):
     assert a["id"] in src.scan()["storage1"]
     # Superseded spool records are not kept in memory, but still not re-read.
     host = src.hosts["storage1"]
-    assert all(rec is None for _, m, rec in host.files.values() if m and m["seq"] < 43)
+    assert all(f.record is None for f in host.files.values() if f.view and f.view["seq"] < 43)
     assert src.scan()["storage1"] == dict(fold(recs)[1], **{a["id"]: dict(a, backend="main")})
 
 

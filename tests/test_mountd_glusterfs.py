@@ -42,7 +42,9 @@ def _reconciler(lab, tmp, cn):
     os.makedirs(logs, exist_ok=True)
     mounter = Mounter(timeout=30, glusterfs_cert=c["cert"], glusterfs_key=c["key"],
                       glusterfs_ca=c["ca"], glusterfs_log_dir=logs)
-    return Reconciler(os.path.join(tmp, "mnt"), mounter, StateStore(os.path.join(tmp, "state")))
+    # pass_wait: each run() here waits for its glusterfs commands (refusals take ~15 s)
+    return Reconciler(os.path.join(tmp, "mnt"), mounter, StateStore(os.path.join(tmp, "state")),
+                      pass_wait=120)
 
 
 def _desired(share, cn):

@@ -7,6 +7,7 @@ import os
 import pathlib
 import stat
 import subprocess
+import threading
 
 from mountd.reconcile import Identity, Reconciler, desired_mounts
 from mountd.records import RecordSource
@@ -251,3 +252,55 @@ def test_mountinfo_parser_handles_escapes_on_a_real_mount(mountd_tmp):
     e = entry(mp)
     assert e is not None and e.mount_point == mp and e.read_only
     assert e.root.endswith("/src dir") or e.root == "/"
+
+
+class HangingMounter(RecordingMounter):
+    """Mounting the shares in `hang` blocks until `release` is set (a dead
+    server), the others are real bind mounts."""
+
+    def __init__(self, source_dir, hang):
+        super().__init__(source_dir)
+        self.hang = hang
+        self.release = threading.Event()
+
+    def mount(self, d, mount_point):
+        if d.share_id in self.hang:
+            self.calls.append(("hanging", d.share_id))
+            assert self.release.wait(60), "never released"
+            raise RuntimeError("server did not answer")
+        super().mount(d, mount_point)
+
+
+def test_a_hanging_mount_delays_no_other_share_and_no_revoke(mountd_tmp):
+    dead = make_share(name="dead", rules=[rule(CLIENT4, "rw")])
+    b = make_share(name="beta", rules=[rule(CLIENT4, "rw")])
+    c = make_share(name="gamma", rules=[rule(CLIENT4, "ro")])
+    mounter = HangingMounter(os.path.join(mountd_tmp, "src"), {dead["id"]})
+    finished = threading.Event()
+    rec = Reconciler(os.path.join(mountd_tmp, "mnt"), mounter,
+                     StateStore(os.path.join(mountd_tmp, "state")), clock=Clock(),
+                     pass_wait=0.5, on_done=finished.set)
+    try:
+        rec.run(desired(b, c))
+        mp_c = rec.mounts[c["id"]].mount_point
+        # The dead server's mount hangs; beta's level change and gamma's
+        # revoke in the same pass, and a new share in the next, go on.
+        b_ro = dict(b, access_rules=[rule(CLIENT4, "ro")])
+        out = rec.run(desired(dead, b_ro))
+        assert ("Unmounted", c["id"], mp_c) in out.events and entry(mp_c) is None
+        assert entry(rec.mounts[b["id"]].mount_point).read_only
+        assert rec.busy() == [dead["id"]] and not finished.is_set()
+        d = make_share(name="delta", rules=[rule(CLIENT4, "rw")])
+        out = rec.run(desired(dead, b_ro, d))
+        assert [e[:2] for e in out.events] == [("Mounted", d["id"])]
+        assert [c for c in mounter.calls if c[0] == "hanging"] == [("hanging", dead["id"])], \
+            "a pass leaves a share whose command still runs alone"
+        # The dead server answers at last (a failure): the caller is told.
+        mounter.release.set()
+        assert finished.wait(10)
+        rec.run(desired(dead, b_ro, d))
+        assert rec.busy() == [] and rec.mounts[dead["id"]].state == "failed"
+        assert "did not answer" in rec.mounts[dead["id"]].error
+    finally:
+        mounter.release.set()
+        rec.close(wait=True)

@@ -242,6 +242,10 @@ class Manager(_Base):
     def SpoolDir(self) -> "s":
         return self.engine.spool_dir
 
+    @dbus_property(access=PropertyAccess.READ)
+    def RecordSigningKey(self) -> "s":
+        return self.engine.record_public_key
+
 
 class Hooks(_Base):
     def __init__(self, engine):

@@ -173,6 +173,12 @@ class ShareDriver(abc.ABC):
         """
         return {}
 
+    def served_addresses(self) -> List[str]:
+        """Addresses clients mount this backend's exports from; signed
+        records declare them, and mountd mounts no export named elsewhere."""
+        ip = str(getattr(self.config, "share_export_ip", "") or "")
+        return [ip] if ip else []
+
     def get_periodic_hook_data(self, shares: List[Share]) -> Dict[str, Dict[str, Any]]:
         """share id -> extra data for the periodic hook (mount hints by default)."""
         return {s.id: self.get_mount_hints(s) for s in shares}

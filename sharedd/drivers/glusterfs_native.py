@@ -858,6 +858,9 @@ class GlusterfsNativeDriver(ShareDriver):
         export = share.export_locations[0] if share.export_locations else share.provider_location
         return {"fstype": "glusterfs", "export": export, "client_certificate_required": True}
 
+    def served_addresses(self) -> List[str]:
+        return sorted({t.host for t in self.targets})
+
     def get_backend_info(self) -> Dict[str, Any]:
         info = super().get_backend_info()
         info.update(targets=[t.export for t in self.targets],

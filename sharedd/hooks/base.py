@@ -6,7 +6,10 @@ match sharedd.record.SCHEMA. A hook never receives secrets.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+if TYPE_CHECKING:
+    from ..signing import SigningKey
 
 
 class HookContext:
@@ -14,8 +17,11 @@ class HookContext:
 
     def __init__(self, host_id: str, spool_dir: str,
                  emit_signal: Optional[Callable[[str, str, str], None]] = None,
-                 retention_seconds: int = 0, retention_count: int = 0):
+                 retention_seconds: int = 0, retention_count: int = 0,
+                 signer: Optional["SigningKey"] = None):
         self.host_id = host_id
+        # Signs every record before any hook sees it (None: unsigned).
+        self.signer = signer
         self.spool_dir = spool_dir
         # The engine observer's hook_fired (thread-safe); None without one.
         self.emit_signal = emit_signal

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..drivers import load_class
 from ..errors import BackendFailure, ConfigError
@@ -24,9 +24,13 @@ class HookFailed(BackendFailure):
 
 
 class HookManager:
-    def __init__(self, backend_name: str, bconfig, context: HookContext):
+    def __init__(self, backend_name: str, bconfig, context: HookContext,
+                 addresses: Sequence[str] = ()):
         self.backend_name = backend_name
         self.config = bconfig
+        self.context = context
+        # the backend's served addresses, declared in (and signed with) every record
+        self.addresses = list(addresses)
         self.hooks: List[Hook] = []
         for spec in bconfig.hook_drivers:
             try:
@@ -44,6 +48,13 @@ class HookManager:
                      "post": self.config.enable_post_hooks,
                      "periodic": self.config.enable_periodic_hooks}[phase])
 
+    def finish(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record as hooks get it: with the served addresses, signed."""
+        if self.addresses:
+            record = dict(record, server_addresses=self.addresses)
+        signer = self.context.signer
+        return signer.sign(record) if signer is not None else record
+
     async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None) -> Any:
         if not hook.blocking:
             return fn(*args)
@@ -56,6 +67,7 @@ class HookManager:
 
     async def pre(self, record: Dict[str, Any], timeout: Optional[float] = None) -> List[Any]:
         """timeout: a shorter limit than hook_timeout (revocations)."""
+        record = self.finish(record)
         data = []
         for hook in self.hooks:
             try:
@@ -73,6 +85,7 @@ class HookManager:
     async def post(self, record: Dict[str, Any], pre_data: Optional[List[Any]]) -> Dict[str, Any]:
         updates: Dict[str, Any] = {}
         errors = []
+        record = self.finish(record)
         for i, hook in enumerate(self.hooks):
             pdata = pre_data[i] if pre_data and i < len(pre_data) else None
             try:
@@ -91,6 +104,7 @@ class HookManager:
         return updates
 
     async def periodic(self, record: Dict[str, Any]) -> None:
+        record = self.finish(record)
         for hook in self.hooks:
             try:
                 await self._call(hook, hook.execute_periodic_hook, record)

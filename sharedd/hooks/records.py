@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from .. import constants as C
 from .. import record as record_schema
 from ..models import AccessRule, Share, Snapshot
 
@@ -49,7 +50,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
           share: Optional[Dict[str, Any]] = None, snapshot: Optional[Dict[str, Any]] = None,
           rules: Optional[List[AccessRule]] = None, is_allow: Optional[bool] = None,
           result: Optional[Dict[str, Any]] = None,
-          shares: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+          shares: Optional[List[Dict[str, Any]]] = None,
+          part: Tuple[int, int] = (1, 1)) -> Dict[str, Any]:
     rec: Dict[str, Any] = {
         "schema": record_schema.SCHEMA_VERSION, "host": host, "epoch": epoch, "seq": seq,
         "timestamp": timestamp(), "phase": phase, "method": method, "backend": backend,
@@ -61,4 +63,31 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
         rec["result"] = result
     if shares is not None:
         rec["shares"] = shares
+    if part != (1, 1):
+        rec["part"], rec["parts"] = part
     return record_schema.validate(rec)
+
+
+def periodic_parts(shares: List[Share], rules: Dict[str, List[AccessRule]]) -> int:
+    """How many records one periodic state of these shares takes (decided
+    with the seqs, before the records are built)."""
+    return max(1, -(-estimate(shares, rules) // C.PERIODIC_PART_BYTES))
+
+
+def estimate(shares: List[Share], rules: Dict[str, List[AccessRule]]) -> int:
+    return sum(C.PERIODIC_SHARE_BYTES + C.PERIODIC_RULE_BYTES * len(rules.get(s.id, ()))
+               for s in shares)
+
+
+def split(shares: List[Share], rules: Dict[str, List[AccessRule]], parts: int) -> List[List[Share]]:
+    """shares in parts runs (in order) of about equal estimated size."""
+    target = -(-estimate(shares, rules) // parts) if shares else 0
+    out: List[List[Share]] = [[] for _ in range(parts)]
+    i, size = 0, 0
+    for s in shares:
+        cost = C.PERIODIC_SHARE_BYTES + C.PERIODIC_RULE_BYTES * len(rules.get(s.id, ()))
+        if size and size + cost > target and i < parts - 1:
+            i, size = i + 1, 0
+        out[i].append(s)
+        size += cost
+    return out

@@ -42,7 +42,7 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .. import record as rec
 from ..errors import InvalidArgument, InvalidState
@@ -72,6 +72,7 @@ class _Entry:
     written: float                  # seconds since the epoch
     backend: Optional[str] = None   # periodic records only; None: not known yet
     epoch: Optional[str] = None     # known for records written by this process
+    part: Tuple[int, int] = (1, 1)  # periodic records: (part, parts)
 
 
 class _HostSpool:
@@ -84,8 +85,11 @@ class _HostSpool:
         self.seqs: List[int] = []        # sorted keys of entries
         self.epoch: Optional[str] = None
         self._epoch_known = False
-        # backend -> seq of its newest periodic record; None until first needed
-        self._newest_periodic: Optional[Dict[str, int]] = None
+        # backend -> seqs of its newest complete periodic state (every part);
+        # None until first needed
+        self._newest_periodic: Optional[Dict[str, range]] = None
+        # seqs of periodic parts written after it (a state being written)
+        self._partial: Dict[int, str] = {}
         with self.lock:
             self._prepare_dir()
             self._scan()
@@ -135,31 +139,64 @@ class _HostSpool:
             bisect.insort(self.seqs, entry.seq)
         self.entries[entry.seq] = entry
         newest = self._newest_periodic
-        if newest is not None and entry.phase == "periodic" and entry.backend \
-                and entry.seq > newest.get(entry.backend, -1):
-            newest[entry.backend] = entry.seq
+        if newest is not None and entry.phase == "periodic" and entry.backend:
+            seqs = self._complete(entry)
+            if seqs is not None and entry.seq > newest.get(entry.backend, range(0)).stop - 1:
+                newest[entry.backend] = seqs
+                # parts of older, never completed states of this backend are not kept
+                self._partial = {q: b for q, b in self._partial.items()
+                                 if b != entry.backend or q > entry.seq}
+            elif seqs is None:
+                self._partial[entry.seq] = entry.backend
+
+    def _complete(self, last: _Entry) -> Optional[range]:
+        """The seqs of the periodic state whose last part is `last`, if every
+        part of it is here (parts are written in order, with consecutive seqs)."""
+        part, parts = last.part
+        if part != parts:
+            return None
+        seqs = range(last.seq - parts + 1, last.seq + 1)
+        for seq in seqs[:-1]:
+            e = self.entries.get(seq)
+            if e is None or e.phase != "periodic" or e.part[1] != parts:
+                return None
+        return seqs
 
     def _remove(self, seq: int) -> None:
+        self._partial.pop(seq, None)
         entry = self.entries.pop(seq)
         del self.seqs[bisect.bisect_left(self.seqs, seq)]
         _unlink(os.path.join(self.directory, entry.name))
 
-    def _read_field(self, entry: _Entry, field: str) -> Optional[str]:
-        """One field of a record found at start (parsed once, then cached)."""
+    def _read_field(self, entry: _Entry, field: str) -> Any:
+        """One field of a record found at start (callers cache it)."""
         raw = _read_regular(os.path.join(self.directory, entry.name), rec.MAX_RECORD_BYTES)
         try:
             data = json.loads(raw) if raw is not None else None
-            value = data.get(field) if isinstance(data, dict) else None
+            return data.get(field) if isinstance(data, dict) else None
         except (ValueError, RecursionError):
-            value = None
-        return value if isinstance(value, str) else None
+            return None
+
+    def _learn_periodic(self, entry: _Entry) -> None:
+        """backend and part of a periodic record found at start."""
+        raw = _read_regular(os.path.join(self.directory, entry.name), rec.MAX_RECORD_BYTES)
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except (ValueError, RecursionError):
+            data = None
+        data = data if isinstance(data, dict) else {}
+        backend, part, parts = data.get("backend"), data.get("part", 1), data.get("parts", 1)
+        entry.backend = backend if isinstance(backend, str) else ""
+        if isinstance(part, int) and isinstance(parts, int) and 1 <= part <= parts:
+            entry.part = (part, parts)
 
     def _current_epoch(self) -> Optional[str]:
         if not self._epoch_known:
             # The newest readable record found at start tells the epoch.
             for seq in reversed(self.seqs[-5:]):
                 entry = self.entries[seq]
-                entry.epoch = entry.epoch or self._read_field(entry, "epoch")
+                epoch = entry.epoch or self._read_field(entry, "epoch")
+                entry.epoch = epoch if isinstance(epoch, str) else None
                 if entry.epoch:
                     self.epoch = entry.epoch
                     break
@@ -179,7 +216,7 @@ class _HostSpool:
                             self.directory, epoch, record["epoch"], len(self.seqs))
                 for seq in list(self.seqs):
                     self._remove(seq)
-                self._newest_periodic = None
+                self._newest_periodic, self._partial = None, {}
             self.epoch = record["epoch"]
             known = self.entries.get(record["seq"])
             if known is not None and known.name != name:
@@ -198,30 +235,35 @@ class _HostSpool:
                 log.warning("spool directory %s vanished; recreating it", self.directory)
                 self.entries.clear()
                 self.seqs.clear()
-                self._newest_periodic = None
+                self._newest_periodic, self._partial = None, {}
                 self._prepare_dir()
                 _write_new(self.directory, name, data)
             self._add(_Entry(record["seq"], name, record["phase"], _now(),
                              record["backend"] if record["phase"] == "periodic" else None,
-                             record["epoch"]))
+                             record["epoch"], (record.get("part", 1), record.get("parts", 1))))
             self._prune(retention_seconds, retention_count)
         return path
 
     # --- retention -------------------------------------------------------------
     def _protected(self) -> Set[int]:
-        """Seqs of the newest periodic record of every backend."""
+        """Seqs of the newest complete periodic state of every backend."""
         if self._newest_periodic is None:      # once: records found at start
-            newest: Dict[str, int] = {}
+            for seq in self.seqs:
+                entry = self.entries[seq]
+                if entry.phase == "periodic" and entry.backend is None:
+                    self._learn_periodic(entry)
+            newest: Dict[str, range] = {}
             for seq in reversed(self.seqs):
                 entry = self.entries[seq]
-                if entry.phase != "periodic":
+                if entry.phase != "periodic" or not entry.backend or entry.backend in newest:
                     continue
-                if entry.backend is None:
-                    entry.backend = self._read_field(entry, "backend") or ""
-                if entry.backend and entry.backend not in newest:
-                    newest[entry.backend] = seq
+                seqs = self._complete(entry)
+                if seqs is not None:
+                    newest[entry.backend] = seqs
+                else:
+                    self._partial[seq] = entry.backend
             self._newest_periodic = newest
-        return set(self._newest_periodic.values())
+        return {seq for seqs in self._newest_periodic.values() for seq in seqs} | set(self._partial)
 
     def _prune(self, retention_seconds: int, retention_count: int) -> None:
         """Remove from the oldest end what is too old or over the count;

@@ -1,0 +1,109 @@
+"""Large periodic states in parts, and fold's order.
+
+A periodic state is split into records of bounded size with consecutive
+seqs (sharedd.hooks.records.periodic_parts); the spool keeps every part of
+the newest complete state; mountd uses a periodic state only when it holds
+every part. The engine runs in-process with the real spool hook; the part
+size is made small so a few shares need several parts.
+"""
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from mountd.reconcile import fold
+from mountd.records import RecordSource
+from mountd.trust import Trust
+from sharedd import config as config_mod
+from sharedd import constants as C
+from sharedd import record as recordlib
+from sharedd.engine import Engine
+from tests.fixtures.mountd_env import make_record, make_share, rule
+
+CONFIG = """
+[DEFAULT]
+enabled_share_backends = mem
+state_path = {root}/state
+spool_dir = {root}/spool
+host_id = storage1
+spool_retention_count = 3
+
+[mem]
+share_driver = tests.memdriver:MemoryDriver
+share_export_ip = 192.0.2.1
+hook_drivers = spool
+enable_post_hooks = true
+enable_periodic_hooks = true
+periodic_hooks_interval = 3600
+"""
+
+
+def spool_files(root):
+    d = os.path.join(root, "spool", "storage1")
+    out = {}
+    for name in sorted(os.listdir(d)):
+        with open(os.path.join(d, name)) as f:
+            out[name] = json.load(f)
+    return out
+
+
+def test_a_large_periodic_state_goes_in_parts_and_is_used_only_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "PERIODIC_PART_BYTES", 3 * C.PERIODIC_SHARE_BYTES)
+    root = str(tmp_path)
+    with open(os.path.join(root, "sharedd.conf"), "w") as f:
+        f.write(CONFIG.format(root=root))
+    loop = asyncio.new_event_loop()
+    engine = Engine(config_mod.load(os.path.join(root, "sharedd.conf")))
+    try:
+        loop.run_until_complete(engine.start())
+        for i in range(7):
+            loop.run_until_complete(engine.create_share(f"s{i}", "NFS", 1, {}))
+        loop.run_until_complete(engine.run_periodic_hooks({}))
+        first = [r for r in spool_files(root).values() if r["phase"] == "periodic"]
+        assert [(r["part"], r["parts"]) for r in first] == [(1, 3), (2, 3), (3, 3)]
+        assert [r["seq"] for r in first] == list(range(first[0]["seq"], first[0]["seq"] + 3))
+        assert sum(len(r["shares"]) for r in first) == 7
+        # Retention (3 records) keeps every part of the newest complete state.
+        assert len(spool_files(root)) == 3
+        loop.run_until_complete(engine.create_share("s7", "NFS", 1, {}))
+        loop.run_until_complete(engine.run_periodic_hooks({}))
+        files = spool_files(root)
+        periodic = [r for r in files.values() if r["phase"] == "periodic"]
+        assert [(r["part"], r["parts"]) for r in periodic] == [(1, 3), (2, 3), (3, 3)]
+        assert sum(len(r["shares"]) for r in periodic) == 8, [(n, r["seq"], len(r["shares"])) for n, r in files.items()]
+        trust = Trust({"storage1": engine.signer.public}, accept_unsigned=False)
+        spool = os.path.join(root, "spool")
+        shares = RecordSource(spool, (0,), trust).scan()["storage1"]
+        assert sorted(s["name"] for s in shares.values()) == [f"s{i}" for i in range(8)]
+        # Without its middle part the state is not used: nothing is known whole.
+        middle = next(n for n, r in files.items() if r.get("part") == 2)
+        os.unlink(os.path.join(spool, "storage1", middle))
+        assert RecordSource(spool, (0,), trust).scan()["storage1"] == {}
+    finally:
+        loop.run_until_complete(engine.stop(timeout=5))
+        loop.close()
+
+
+def test_the_newest_word_on_a_share_wins_whatever_its_backend():
+    sid = "a" * 32
+    granted = make_share(sid=sid, backend="a", rules=[rule("10.74.0.11", "rw")])
+    stale = make_share(sid=sid, backend="b", rules=[])
+    # backend "b" sorts after "a" but spoke earlier (seq 3): it must not win.
+    records = [make_record(5, "periodic", shares=[granted], backend="a"),
+               make_record(3, "periodic", shares=[stale], backend="b")]
+    assert fold(records)[1][sid]["access_rules"][0]["access_level"] == "rw"
+    # A later record of the other backend is newer: it wins.
+    moved = make_share(sid=sid, backend="b", rules=[rule("10.74.0.11", "ro")])
+    records.append(make_record(6, "post", "allow_access", share=moved, backend="b"))
+    assert fold(records)[1][sid]["access_rules"][0]["access_level"] == "ro"
+
+
+def test_parts_are_only_for_periodic_records():
+    rec = make_record(4, "post", "allow_access", share=make_share())
+    with pytest.raises(recordlib.RecordError, match="only periodic"):
+        recordlib.validate(dict(rec, part=1, parts=2))
+    per = make_record(4, "periodic", shares=[])
+    with pytest.raises(recordlib.RecordError, match="part 3 of 2"):
+        recordlib.validate(dict(per, part=3, parts=2))
