@@ -65,10 +65,10 @@ def set_options(config_path: str, section_lines: Dict[str, str]) -> None:
 
 
 @contextlib.contextmanager
-def storage_host(bus, lab, ganesha, image_gib: int = 16) -> Iterator:
+def storage_host(bus, lab, ganesha, image_gib: int = 16, extra: str = "") -> Iterator:
     tmp = tempfile.mkdtemp(prefix="sharedd-bench-")
     os.chmod(tmp, 0o755)
-    h = make_storage_host(bus, lab, ganesha, tmp)
+    h = make_storage_host(bus, lab, ganesha, tmp, extra=extra)
     set_options(h.config_path, {"btrfs_pool_image_size_gib": str(image_gib),
                                 "max_over_subscription_ratio": "1000"})
     try:

@@ -11,13 +11,13 @@ import dataclasses
 import os
 import pwd
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import netaddr
 
 from sharedd.errors import ConfigError
 from sharedd.options import Opt, config_files, parse_options, read_ini
-from sharedd.record import MOUNT_OPTION_RE
+from sharedd.record import EXPORT_RE, MOUNT_OPTION_RE
 
 from .trust import Trust, load_keys
 
@@ -28,6 +28,13 @@ SPOOL_USER = "sharedd"   # the sharedd system user, trusted as spool owner if pr
 OPTIONS: List[Opt] = [
     Opt("spool_dir", "path", "/var/spool/sharedd",
         help="Spool directory: one subdirectory per sharedd host, holding its hook records."),
+    Opt("spool_source", "str", "",
+        help="host:/path of a storage host's spool export (its Manager.SpoolExport "
+             "property): mountd mounts it read-only at spool_dir (NFS, nosuid,nodev,noexec, "
+             "soft) before reading records. Empty: spool_dir is used as it is."),
+    Opt("spool_poll_interval", "float", 0.25, min=0.05, max=60,
+        help="Seconds between looks at a network spool's directories for new records "
+             "(inotify does not see other hosts' writes)."),
     Opt("mount_dir", "path", "/mnt/shares",
         help="Shares are mounted at mount_dir/<share name>-<first 8 characters of the share id>."),
     Opt("consume_interval", "float", 30.0, min=1,
@@ -48,7 +55,9 @@ OPTIONS: List[Opt] = [
     Opt("state_path", "path", "/var/lib/sharedd-mountd",
         help="State directory (the record of the mounts mountd made)."),
     Opt("nfs_mount_options", "list", [],
-        help="Extra NFS mount options, e.g. vers=4.2,hard,timeo=600."),
+        help="Extra NFS mount options, e.g. soft,timeo=100,retrans=3. Without them the "
+             "kernel's defaults apply: hard (I/O waits for a server that went away, and "
+             "goes on when it is back), timeo=600 (tenths of a second), retrans=2."),
     Opt("glusterfs_mount_options", "list", [],
         help="Extra GlusterFS client options, e.g. log-level=WARNING."),
     Opt("mount_nosuid_nodev", "bool", True,
@@ -72,6 +81,13 @@ OPTIONS: List[Opt] = [
              "true while no key is trusted at all, else false."),
     Opt("mount_timeout", "float", 60.0, min=1,
         help="Seconds one mount or unmount command may take."),
+    Opt("health_check_interval", "float", 30.0, min=0,
+        help="Seconds between checks that every mounted share answers (statfs in a child "
+             "process, health_check_timeout): one that does not is reported stale (the "
+             "Mounts property, STATUS=) until it answers again; one whose file handle went "
+             "stale is mounted again. 0: no checks."),
+    Opt("health_check_timeout", "float", 10.0, min=1,
+        help="Seconds a mounted share has to answer a health check."),
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"),
         help="Log level."),
 ]
@@ -123,6 +139,15 @@ class MountdConfig:
     allowed_uids: Tuple[int, ...] = ()
     #: whose records count (signing keys, accept_unsigned)
     trust: Trust = dataclasses.field(default_factory=lambda: Trust({}, True))
+
+    def spool_owners(self) -> Optional[Tuple[int, ...]]:
+        """Owners spool files and host directories must have; None (any) for
+        a spool mountd mounts from another host when only signed records
+        count: NFS may show root's files as nobody, and the signature, not
+        the owner, decides there."""
+        if self.values.get("spool_source") and not self.trust.accept_unsigned:
+            return None
+        return self.allowed_uids
 
     def __getattr__(self, item: str) -> Any:
         try:
@@ -210,6 +235,9 @@ def load(path: str = DEFAULT_CONFIG, *, optional: bool = False) -> MountdConfig:
     for key in cert_keys:
         if values[key] and not os.path.isfile(values[key]):
             raise ConfigError(f"{where(key)}: {values[key]} does not exist or is not a file")
+    if values["spool_source"] and not re.fullmatch(EXPORT_RE, values["spool_source"], re.ASCII):
+        raise ConfigError(f"{where('spool_source')}: {values['spool_source']!r} is not "
+                          "host:/path")
     uids = _uids(values["allowed_spool_owners"], where("allowed_spool_owners"))
     keys = load_keys(values["trusted_keys"], values["trusted_keys_dir"], where("trusted_keys"),
                      where("trusted_keys_dir"))

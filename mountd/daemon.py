@@ -27,6 +27,7 @@ from .matching import certificate_cn
 from .mounter import Mounter
 from .reconcile import Identity, Reconciler, desired_mounts
 from .records import RecordSource
+from .remote_spool import SpoolPoller, ensure_mounted
 from .state import StateStore
 from .trust import describe
 from .watcher import SpoolWatcher
@@ -50,6 +51,7 @@ class Daemon:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mountd-work")
         self.bus = None
         self.watcher: Optional[SpoolWatcher] = None
+        self.poller: Optional[SpoolPoller] = None
         self.monitor: Optional[AddressMonitor] = None
         self._wake: Optional[asyncio.Event] = None
         # set by every trigger, from any thread: a pass reads on while it is set
@@ -65,7 +67,7 @@ class Daemon:
     def _build(self) -> None:
         cfg = self.cfg
         old_source = getattr(self, "source", None)
-        self.source = RecordSource(cfg.spool_dir, cfg.allowed_uids, cfg.trust, cfg.state_path)
+        self.source = RecordSource(cfg.spool_dir, cfg.spool_owners(), cfg.trust, cfg.state_path)
         if old_source is not None:
             self.source.last = old_source.last
             self.source.expect_hosts(old_source.known_hosts)
@@ -101,8 +103,17 @@ class Daemon:
 
     def _start_watcher(self) -> None:
         self.watcher = SpoolWatcher(self.cfg.spool_dir, lambda p: self.trigger("spool"), self.loop,
-                                    allowed_uids=self.cfg.allowed_uids)
+                                    allowed_uids=self.cfg.spool_owners())
         self.watcher.start()
+        self.poller = SpoolPoller(self.cfg.spool_dir, self._spool_polled,
+                                  self.cfg.spool_poll_interval)
+        self.poller.start()
+
+    def _spool_polled(self) -> None:
+        """A network spool's directories changed (poller thread)."""
+        self._dirty.set()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.trigger, "network spool changed")
 
     def _do_reload(self) -> None:
         try:
@@ -117,8 +128,10 @@ class Daemon:
                 (new.interfaces, new.expected_ip_addresses, new.match_loopback):
             self.monitor.stop()
             self._start_monitor()
-        if (old.spool_dir, old.allowed_uids) != (new.spool_dir, new.allowed_uids):
+        if (old.spool_dir, old.spool_owners(), old.spool_poll_interval) != \
+                (new.spool_dir, new.spool_owners(), new.spool_poll_interval):
             self.watcher.stop()
+            self.poller.stop()
             self._start_watcher()
         log.info("configuration reloaded")
 
@@ -150,7 +163,7 @@ class Daemon:
         return self._table
 
     # --- one pass ------------------------------------------------------------
-    def _pass(self):
+    def _pass(self, quick: bool = False):
         cfg = self.cfg
         # A burst still arriving is read on before anything is mounted (each
         # read costs little, a mount made for a state already superseded
@@ -160,7 +173,12 @@ class Daemon:
         reads = 0
         while True:
             self._dirty.clear()
-            shares = self.source.scan()
+            problem = ensure_mounted(cfg.spool_source, cfg.spool_dir, cfg.mount_timeout) \
+                if cfg.spool_source else None
+            if problem:
+                shares = self.source.unreadable(problem)
+                break
+            shares = self.source.scan(quick)
             reads += 1
             settle_until = settle_until or time.monotonic() + SETTLE_MAX
             if not self._dirty.is_set() or time.monotonic() > settle_until:
@@ -180,10 +198,10 @@ class Daemon:
         self._table = self.reconciler.mounts_table()
         return outcome
 
-    async def _run_pass(self) -> None:
+    async def _run_pass(self, quick: bool = False) -> None:
         started = time.monotonic()
         try:
-            outcome = await self.loop.run_in_executor(self.executor, self._pass)
+            outcome = await self.loop.run_in_executor(self.executor, self._pass, quick)
         except Exception:
             log.exception("reconcile pass failed")
             return
@@ -245,6 +263,8 @@ class Daemon:
                     task.cancel()
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.poller is not None:
+                self.poller.stop()
             if self.monitor is not None:
                 self.monitor.stop()
             if self.bus is not None:
@@ -280,8 +300,9 @@ class Daemon:
 
     async def _loop(self) -> None:
         next_periodic = time.monotonic() + self.cfg.consume_interval
+        next_health = time.monotonic() + (self.cfg.health_check_interval or float("inf"))
         while not self._stopping:
-            timeout = max(0.0, next_periodic - time.monotonic())
+            timeout = max(0.0, min(next_periodic, next_health) - time.monotonic())
             if self._next_retry is not None:
                 timeout = min(timeout, max(0.0, self._next_retry - time.time()) + 0.05)
             try:
@@ -300,10 +321,17 @@ class Daemon:
                 self._notify("RELOADING=1")
                 await self.loop.run_in_executor(self.executor, self._do_reload)
                 self._notify("READY=1")
+            # Between full rescans a network spool is read by new names only.
+            quick = self.poller is not None and self.poller.active
             if time.monotonic() >= next_periodic:
                 next_periodic = time.monotonic() + self.cfg.consume_interval
+                quick = False
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + (self.cfg.health_check_interval or float("inf"))
+                # results arrive as later passes (on_done)
+                self.reconciler.check_health(self.cfg.health_check_timeout)
             self.watcher.ensure_watches()
-            await self._run_pass()
+            await self._run_pass(quick)
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)

@@ -248,6 +248,12 @@ class Mounter:
         raise BackendFailure(f"glusterfs mount of {export} at {mount_point} did not come up "
                              f"(refused by the server? see /var/log/glusterfs/): {last[-300:]}")
 
+    def probe(self, mount_point: str, timeout: float) -> None:
+        """Raise BackendFailure unless the mount answers within timeout (a
+        statfs in a child: a dead server blocks the child, never mountd)."""
+        self._check_path(mount_point)
+        run(["stat", "-f", "--", mount_point], timeout=timeout, new_session=True)
+
     def restrict(self, mount_point: str, level: str) -> None:
         argv = restrict_argv(mount_point, level, self.nosuid_nodev)
         self._check_path(mount_point)

@@ -35,6 +35,8 @@ GONE_STATUSES = ("deleting", "deleted", "unmanage_starting")
 GONE_METHODS = ("delete_share", "unmanage_share")
 FSTYPES = {"NFS": ("nfs4", "nfs"), "GLUSTERFS": ("glusterfs",)}
 RETRY_BASE = 5.0
+#: states of a share mountd has mounted: "stale" answers no probe (server gone)
+MOUNTED = ("mounted", "stale")
 MOUNT_WORKERS = 8      # mount commands running at once (each share's one at a time)
 PASS_WAIT = 2.0        # seconds a pass waits for its commands; slower ones end in the background
 RETRY_MAX = 600.0
@@ -302,6 +304,12 @@ class Reconciler:
         (wait: until they have)."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no command runs; False if some still do after timeout."""
+        with self._lock:
+            futures = list(self._busy.values())
+        return not concurrent.futures.wait(futures, timeout=timeout).not_done
+
     def busy(self) -> List[str]:
         with self._lock:
             return sorted(self._busy)
@@ -535,7 +543,7 @@ class Reconciler:
         for own in list(self.mounts.values()):
             if own.share_id in busy:
                 continue
-            if own.state == "mounted" and not own.owns(top.get(own.mount_point)):
+            if own.state in MOUNTED and not own.owns(top.get(own.mount_point)):
                 if own.mount_id in ids:
                     log.warning("share %s: %s is covered by another mount", own.share_id,
                                 own.mount_point)
@@ -566,7 +574,7 @@ class Reconciler:
             d = desired[sid]
             mp = mps[sid]
             own = self.mounts.get(sid)
-            if own is not None and own.state == "mounted" and own.owns(top.get(own.mount_point)):
+            if own is not None and own.state in MOUNTED and own.owns(top.get(own.mount_point)):
                 if own.mount_point != mp or (own.export, own.fstype, tuple(own.options)) != d.params():
                     log.info("share %s: export or options changed; mounting again", sid)
                     jobs.append((sid, functools.partial(self._replace, own, d, mp)))
@@ -574,7 +582,7 @@ class Reconciler:
                     (jobs if d.level == "ro" else later).append(
                         (sid, functools.partial(self._remount, own, d)))
                 continue
-            if own is not None and own.state == "mounted":
+            if own is not None and own.state in MOUNTED:
                 continue      # covered by another mount: leave it, warned above
             if (own is not None and own.mount_point == mp and not d.error
                     and (own.export, own.fstype, tuple(own.options)) == d.params()
@@ -597,6 +605,43 @@ class Reconciler:
         if outcome.changed:
             self._save()
         return outcome
+
+    def check_health(self, timeout: float) -> None:
+        """Probe every mounted share not busy (in the pool; results come with
+        a later pass): one that does not answer is reported stale, one whose
+        file handle went stale is mounted again."""
+        probe = getattr(self.mounter, "probe", None)
+        if probe is None:
+            return
+        with self._lock:
+            for own in list(self.mounts.values()):
+                if own.state in MOUNTED and own.share_id not in self._busy:
+                    self._busy[own.share_id] = self._pool.submit(
+                        self._job, own.share_id, functools.partial(self._probe, own, timeout))
+
+    def _probe(self, own: OwnMount, timeout: float, outcome: Outcome) -> None:
+        try:
+            self.mounter.probe(own.mount_point, timeout)
+        except Exception as exc:
+            text = str(exc)
+            if "Stale file handle" in text:
+                log.warning("share %s at %s: stale file handle (the export changed on the "
+                            "server); mounting it again", own.share_id, own.mount_point)
+                if self._unmount(own, outcome):
+                    own.state, own.mount_id, own.failures, own.next_attempt = "failed", None, 0, 0.0
+                    own.error = "stale file handle: mounted again"
+                    outcome.changed = True
+                return
+            if own.state != "stale":
+                log.warning("share %s at %s does not answer (%s); reported as stale until it "
+                            "does", own.share_id, own.mount_point, text[-200:])
+                own.state, own.error = "stale", f"not answering: {text[-200:]}"
+                outcome.changed = True
+            return
+        if own.state == "stale":
+            log.info("share %s at %s answers again", own.share_id, own.mount_point)
+            own.state, own.error = "mounted", ""
+            outcome.changed = True
 
     def _withdraw(self, own: OwnMount, outcome: Outcome) -> None:
         if self._unmount(own, outcome):

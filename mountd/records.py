@@ -106,7 +106,8 @@ class RecordSource:
     def __init__(self, spool_dir: str, allowed_uids, trust: Optional[Trust] = None,
                  state_path: str = ""):
         self.spool_dir = spool_dir
-        self.allowed_uids = tuple(allowed_uids)
+        # None: any owner (a network spool where only signatures count)
+        self.allowed_uids = None if allowed_uids is None else tuple(allowed_uids)
         # default: every host's records count (tests of folding alone)
         self.trust = trust or Trust({}, True)
         self.applied = Applied(state_path)
@@ -142,7 +143,7 @@ class RecordSource:
                       "of every host" if not host else f"of host {host}")
         self.faults[host] = why
 
-    def _scan_host(self, host: _Host, host_dir: str) -> bool:
+    def _scan_host(self, host: _Host, host_dir: str, quick: bool = False) -> bool:
         """Read new files of one host (order and fold fields only: records
         are verified when a fold needs them); False if they cannot be read
         (or are all gone at once, which only a fault or a wiped spool does)."""
@@ -157,6 +158,9 @@ class RecordSource:
         present = {}
         for path in paths:
             name = os.path.basename(path)
+            if quick and name in host.files:
+                present[name] = host.files[name].key    # a quick scan reads new names only
+                continue
             try:
                 st = os.lstat(path)
             except OSError:
@@ -285,14 +289,22 @@ class RecordSource:
         their absence from the spool is a fault, not a withdrawal."""
         self.known_hosts.update(hosts)
 
+    def unreadable(self, why: str) -> Dict[str, Dict[str, dict]]:
+        """The spool cannot be reached at all (its mount failed): every
+        host's last verified state stands."""
+        with self._lock:
+            self._fault("", why)
+            return dict(self.last)
+
     def unavailable(self) -> Dict[str, str]:
         """host ("" for the whole spool) -> why its records cannot be read."""
         with self._lock:
             return dict(self.faults)
 
-    def scan(self) -> Dict[str, Dict[str, dict]]:
+    def scan(self, quick: bool = False) -> Dict[str, Dict[str, dict]]:
         """Read new spool files; return host -> share id -> share (for an
-        unreadable host: its last verified state)."""
+        unreadable host: its last verified state). quick: look only at names
+        not seen before (a network spool between full rescans)."""
         with self._lock:
             try:
                 dirs: Optional[List[str]] = spool_reader.list_host_dirs(
@@ -312,7 +324,7 @@ class RecordSource:
                     failed.add(name)
                 for name in dirs:
                     host = self.hosts.setdefault(name, _Host(name))
-                    if not self._scan_host(host, os.path.join(self.spool_dir, name)):
+                    if not self._scan_host(host, os.path.join(self.spool_dir, name), quick):
                         failed.add(name)
             else:
                 failed = set(self.known_hosts) | set(self.hosts)

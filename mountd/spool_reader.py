@@ -62,8 +62,8 @@ def is_host_id(name: str) -> bool:
 def list_host_dirs(spool_dir: str, missing_ok: bool = True,
                    allowed_uids: Optional[Iterable[int]] = None) -> List[str]:
     """Host ids under spool_dir: directories (not symlinks) with valid names,
-    sorted; with allowed_uids, only those owned by one of them and writable
-    by their owner alone (a local user who can write the spool cannot make
+    sorted; only those writable by their owner alone and, with allowed_uids,
+    owned by one of them (a local user who can write the spool cannot make
     mountd read directories of their own). A missing spool_dir is an empty
     spool if missing_ok (else FileNotFoundError: mountd tells "no records
     yet" from "records gone")."""
@@ -74,13 +74,13 @@ def list_host_dirs(spool_dir: str, missing_ok: bool = True,
             for entry in it:
                 if not (is_host_id(entry.name) and entry.is_dir(follow_symlinks=False)):
                     continue
-                if uids is not None:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if st.st_uid not in uids or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                        continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if (uids is not None and st.st_uid not in uids) \
+                        or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    continue
                 hosts.append(entry.name)
     except FileNotFoundError:
         if not missing_ok:
@@ -152,7 +152,7 @@ def read_record(path: str, allowed_uids: Optional[Iterable[int]] = DEFAULT_ALLOW
     try:
         dst = os.fstat(dfd)
         _check_owner(host_dir, dst, uids)
-        if uids is not None and dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise SpoolFileRejected(path, "host directory is writable by group or others")
         data = _read_file(path, name, dfd, uids)
     finally:
@@ -192,7 +192,7 @@ def _read_file(path: str, name: str, dfd: int, uids: Optional[FrozenSet[int]]) -
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
             raise SpoolFileRejected(path, "changed while being opened")
         _check_owner(path, st, uids)
-        if uids is not None and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise SpoolFileRejected(path, "writable by group or others")
         if st.st_size > rec.MAX_RECORD_BYTES:
             raise SpoolFileRejected(path, f"{st.st_size} bytes, more than {rec.MAX_RECORD_BYTES}")

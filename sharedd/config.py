@@ -16,7 +16,8 @@ from typing import Any, Dict, List
 import netaddr
 
 from . import constants as C
-from .errors import ConfigError
+from . import validation
+from .errors import ConfigError, InvalidArgument
 from .options import Opt, config_files, parse_options, read_ini
 from .record import HOST_ID
 from .signing import default_key_path
@@ -30,6 +31,11 @@ GLOBAL_OPTIONS: List[Opt] = [
     Opt("state_path", "path", "/var/lib/sharedd", help="State directory (SQLite database, export files, share mounts)."),
     Opt("spool_dir", "path", "/var/spool/sharedd", help="Spool directory for hook records."),
     Opt("host_id", "str", "", help="Name of this storage host in hook records (default: the host name)."),
+    Opt("spool_export_clients", "list", [],
+        help="Export the spool read-only over NFS to these client addresses or networks "
+             "(CIDR), through the NFS helper of the first backend serving NFS; clients mount "
+             "it with mountd's spool_source (its location: the Manager's SpoolExport "
+             "property). Empty: not exported."),
     Opt("record_signing_key", "path", "",
         help="Ed25519 private key (PEM, root, 0600) that signs every hook record; made at "
              "first start if missing (default: record-signing.key beside the main "
@@ -149,6 +155,14 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
 
     if not values["record_signing_key"]:
         values["record_signing_key"] = default_key_path(files[0])
+    clients = []
+    for text in values["spool_export_clients"]:
+        try:
+            clients.append(validation.ip_rule(text))
+        except InvalidArgument as exc:
+            raise ConfigError(f"{where('DEFAULT', 'spool_export_clients')}: [DEFAULT] "
+                              f"spool_export_clients: {exc}") from None
+    values["spool_export_clients"] = clients
 
     enabled = values["enabled_share_backends"]
     if not enabled:

@@ -31,6 +31,7 @@ from .hooks.base import HookContext
 from .models import AccessRule, Share, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
 from .states import Observer
+from .spool_export import SpoolExport
 from .store import Store, new_id
 from .util import lock_state_dir, now_us, private_dir
 
@@ -54,6 +55,8 @@ class Engine:
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._lock_fd: Optional[int] = None
         self.signer: signing.SigningKey
+        self.spool_export = SpoolExport(config.host_id, config.spool_dir,
+                                        config.spool_export_clients, self.backends)
 
     # ------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -76,6 +79,7 @@ class Engine:
             await b.setup()
         await recovery.recover(self.store, self.runner, self.backends)
         await self.ensure_all()
+        await self.spool_export.ensure()
         for b in self.backends.values():
             await self._refresh(b)
             await self._publish_capabilities(b)
@@ -103,6 +107,7 @@ class Engine:
             log.info("backend %s is usable now: recovering and ensuring its shares", b.name)
             await recovery.recover(self.store, self.runner, self.backends, only=b.name)
         await self.ensure_all(backend=b.name)
+        await self.spool_export.ensure()
         await self._refresh(b)
         await self._publish_capabilities(b)
 
@@ -115,6 +120,7 @@ class Engine:
                     await self._bring_up(b)
                 else:
                     await self.ensure_all(backend=b.name)
+                    await self.spool_export.ensure()
 
     def _stats_interval(self, b: Backend) -> float:
         return float(self.config.stats_refresh_interval)
@@ -178,6 +184,11 @@ class Engine:
                 log.exception("backend %s: %s failed", b.name, getattr(fn, "__name__", fn))
 
     # ----------------------------------------------------------------- reads
+    @property
+    def spool_export_location(self) -> str:
+        """host:/path clients mount the spool from ("" if not exported)."""
+        return self.spool_export.location
+
     @property
     def record_public_key(self) -> str:
         """The public key line clients trust (sharedd.signing)."""

@@ -21,7 +21,10 @@ from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES, 
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
                         RULE_STATES, SHARE_NAME_PATTERN, SHARE_STATUSES, SQUASH_MODES)
 
-SCHEMA_VERSION = 1
+#: the version sharedd writes; 2 added signature, server_addresses, part and
+#: parts (and the rules' squash options); readers also take 1 (an older sharedd)
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)
 #: spool files larger than this are refused unread
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 #: the parts one periodic state may be split into (sharedd.hooks.records)
@@ -110,7 +113,7 @@ _snapshot = {
 
 SCHEMA: Dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
-    "$id": "https://sharedd.invalid/schema/spool-record-1.json",
+    "$id": "https://sharedd.invalid/schema/spool-record-2.json",
     "title": "sharedd hook record",
     "type": "object",
     "required": ["schema", "host", "epoch", "seq", "timestamp", "phase",
@@ -118,7 +121,7 @@ SCHEMA: Dict[str, Any] = {
                  "is_allow_operation"],
     "additionalProperties": False,
     "properties": {
-        "schema": {"const": SCHEMA_VERSION},
+        "schema": {"enum": list(READ_VERSIONS)},
         "host": {"type": "string", "pattern": HOST_ID_RE},
         # Changes when sharedd's state database is recreated: seq restarts.
         "epoch": {"type": "string", "pattern": ID_RE},

@@ -16,10 +16,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
     (["bench/ops", "--smoke"], "hooks off"),
     (["bench/scale", "--smoke"], "restart"),
+    (["bench/mountd", "--smoke"], "mountd p50"),
+    (["bench/remote", "--smoke"], "mountd p50"),
 ])
-def test_bench_script_runs(argv, header):
+def test_bench_script_runs(argv, header, request):
+    if argv[0] == "bench/remote":
+        request.getfixturevalue("qemu_guest_image")   # built (or found) like the tests' own
     proc = subprocess.run(["/usr/bin/python3", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert header in proc.stdout, proc.stdout
     table = proc.stdout.split(header, 1)[1].splitlines()[1:]

@@ -304,3 +304,47 @@ def test_a_hanging_mount_delays_no_other_share_and_no_revoke(mountd_tmp):
     finally:
         mounter.release.set()
         rec.close(wait=True)
+
+
+class ProbedMounter(RecordingMounter):
+    """Bind mounts whose health probe answers as told (the real probe is
+    `stat -f` in a child; see the guest test for a real dead server)."""
+
+    def __init__(self, source_dir):
+        super().__init__(source_dir)
+        self.answer = None        # None: fine; else the error text
+
+    def probe(self, mount_point, timeout):
+        self.calls.append(("probe", mount_point))
+        if self.answer:
+            raise RuntimeError(self.answer)
+
+
+def test_health_checks_report_stale_and_mount_a_stale_handle_again(mountd_tmp):
+    a = make_share(name="alpha", rules=[rule(CLIENT4, "rw")])
+    mounter = ProbedMounter(os.path.join(mountd_tmp, "src"))
+    rec = Reconciler(os.path.join(mountd_tmp, "mnt"), mounter,
+                     StateStore(os.path.join(mountd_tmp, "state")), clock=Clock())
+    try:
+        rec.run(desired(a))
+        mp = rec.mounts[a["id"]].mount_point
+
+        def check():
+            rec.check_health(5)
+            assert rec.wait_idle(10)      # the probes have run
+            return rec.run(desired(a))
+        mounter.answer = "stat -f timed out after 5s"
+        out = check()
+        assert rec.mounts[a["id"]].state == "stale" and out.changed
+        assert entry(mp) is not None, "a share that does not answer stays mounted"
+        assert rec.mounted_count() == 0
+        mounter.answer = None
+        check()
+        assert rec.mounts[a["id"]].state == "mounted"
+        mounter.answer = "stat: cannot read file system information: Stale file handle"
+        out = check()
+        assert ("Unmounted", a["id"], mp) in out.events
+        assert ("Mounted", a["id"], mp, "rw") in out.events, "mounted again by the same pass"
+        assert rec.mounts[a["id"]].state == "mounted"
+    finally:
+        rec.close(wait=True)

@@ -238,3 +238,29 @@ def test_no_mount_attempt_from_anything_but_a_genuine_current_record(mountd_tmp)
         assert all(f"{SERVER4}:/shares/target" in c for c in _calls(calls))
     finally:
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize("to", ["010.74.0.11", "10.74.0.11/16", " 10.74.0.11", "１０.74.0.11",
+                                "10.74.0.0/24 ", "::ffff:10.74.0.11", "0.0.0.0"])
+def test_records_carry_addresses_only_in_sharedds_own_form(to):
+    share = make_share(rules=[rule(CLIENT4)])
+    share["access_rules"][0]["access_to"] = to
+    with pytest.raises(recordlib.RecordError, match="access_to"):
+        make_record(5, "post", "allow_access", share=share)
+
+
+def test_a_record_rewritten_with_its_old_mtime_is_read_again(tmp_path):
+    spool = str(tmp_path)
+    share = make_share(rules=[rule(CLIENT4, "rw")])
+    path = write_record(spool, make_record(1, "periodic", shares=[share]))
+    src = RecordSource(spool, (0,))
+    assert src.scan()[HOST][share["id"]]["access_rules"][0]["access_level"] == "rw"
+    st = os.stat(path)
+    ro = dict(share, access_rules=[rule(CLIENT4, "ro")])
+    data = recordlib.dumps(make_record(1, "periodic", shares=[ro]))
+    assert len(data) == st.st_size          # same size, same inode, same mtime
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+    assert src.scan()[HOST][share["id"]]["access_rules"][0]["access_level"] == "ro"

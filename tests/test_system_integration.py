@@ -174,6 +174,15 @@ def test_units_installed_enabled_active_and_verified(ct):
     assert "/etc/sharedd/sharedd.conf" in ct.sh_out("dpkg-query", "-W", "-f=${Conffiles}", "sharedd")
     ct.run("sharedd", "--check-config", "--config", "/etc/sharedd/sharedd.conf")
     ct.run("sharedd-mountd", "--check-config", "--config", "/etc/sharedd/mountd.conf")
+    # The record signing key was made at install; its public half is published
+    # as a file, by --print-public-key and on the bus, all the same.
+    assert ct.sh_out("stat", "-c", "%a %U", "/etc/sharedd/record-signing.key").split() == \
+        ["600", "root"]
+    pub = ct.sh_out("cat", "/etc/sharedd/record-signing.pub").strip()
+    assert pub.startswith("sharedd-ed25519 ") and len(pub.split()) == 3, pub
+    assert ct.sh_out("sharedd", "--print-public-key").strip() == pub
+    assert prop(ct, ROOT, MANAGER, "RecordSigningKey") == pub
+    ct.run("test", "-d", "/etc/sharedd/trusted-keys.d")
     for page in ("sharedd", "sharedd.conf", "sharedd-mountd", "sharedd-mountd.conf"):
         section = "5" if page.endswith(".conf") else "8"
         ct.run("test", "-f", f"/usr/share/man/man{section}/{page}.{section}.gz")
@@ -454,6 +463,7 @@ def test_purge_leaves_nothing_behind(ct):
                       check=False).returncode != 0
     for f in POLICY_FILES + ("/etc/systemd/system/dbus-org.sharedd.Sharedd1.service",
                              "/etc/sharedd/sharedd.conf", "/etc/sharedd/mountd.conf",
+                             "/etc/sharedd/record-signing.key", "/etc/sharedd/record-signing.pub",
                              "/var/spool/sharedd", "/var/lib/sharedd-mountd",
                              "/usr/sbin/sharedd", "/usr/sbin/sharedd-mountd",
                              "/usr/share/dbus-1/interfaces/org.sharedd.Sharedd1.Manager.xml"):

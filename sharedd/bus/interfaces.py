@@ -246,6 +246,10 @@ class Manager(_Base):
     def RecordSigningKey(self) -> "s":
         return self.engine.record_public_key
 
+    @dbus_property(access=PropertyAccess.READ)
+    def SpoolExport(self) -> "s":
+        return self.engine.spool_export_location
+
 
 class Hooks(_Base):
     def __init__(self, engine):

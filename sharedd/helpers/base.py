@@ -186,6 +186,10 @@ class ExportHelper(abc.ABC):
                       add_rules: List[AccessRule], delete_rules: List[AccessRule]) -> None:
         """Apply access changes (recovery mode when add and delete are empty)."""
 
+    def has_export(self, share_id: str) -> bool:
+        """Does this helper hold an export of share_id (its own record of it)?"""
+        return False
+
     def export_locations(self, share: Share, path: str) -> List[str]:
         return []
 

@@ -514,6 +514,9 @@ class GaneshaHelper(ExportHelper):
                     self._ids.pop(export_id, None)
             self._forget_lock(share.id)
 
+    def has_export(self, share_id: str) -> bool:
+        return _SHARE_ID_RE.fullmatch(share_id) is not None and self._read_meta(share_id) is not None
+
     # --- recovery after a ganesha restart -----------------------------------
     def exported_share_ids(self) -> List[str]:
         with self._locked():

@@ -524,6 +524,9 @@ class KernelNfsHelper(ExportHelper):
         for client in self._exported().get(path, []):
             self._unexport_client(client, path)
 
+    def has_export(self, share_id: str) -> bool:
+        return _SHARE_ID_RE.fullmatch(share_id) is not None and self._read_state(share_id) is not None
+
     def unexport(self, share: Share, path: str) -> None:
         """Remove every client of path from the kernel, then from the file,
         and wait until nfsd lets go of the path, so the driver's umount that
