@@ -36,8 +36,9 @@ NETWORK_FSTYPES = ("nfs", "nfs4", "9p", "cifs", "smb3", "ceph", "afs", "glusterf
 
 
 def mount_of(path: str) -> Optional[MountEntry]:
-    """The mount path lives on (the longest mount point above it)."""
-    path = os.path.realpath(path)
+    """The mount path lives on (the longest mount point above it). Reads
+    only /proc: resolving the path could block on a dead server."""
+    path = os.path.normpath(os.path.abspath(path))
     best = None
     for e in read_mountinfo():
         mp = e.mount_point
@@ -60,7 +61,7 @@ def spool_argv(source: str, spool_dir: str) -> List[str]:
 
 def ensure_mounted(source: str, spool_dir: str, timeout: float) -> Optional[str]:
     """Mount source at spool_dir unless it is there; None, or why not."""
-    spool_dir = os.path.realpath(spool_dir)
+    spool_dir = os.path.normpath(os.path.abspath(spool_dir))
     e = mount_of(spool_dir)
     if e is not None and e.mount_point == spool_dir:
         if e.fstype in ("nfs", "nfs4") and e.source == source:

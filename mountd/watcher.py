@@ -23,6 +23,8 @@ import pyinotify
 
 from sharedd.record import HOST_ID_RE
 
+from .remote_spool import on_network_fs
+
 log = logging.getLogger(__name__)
 
 # IN_MOVED_FROM lets pyinotify follow renames between watched directories.
@@ -130,9 +132,11 @@ class SpoolWatcher:
 
     def ensure_watches(self) -> None:
         """Watch the spool dir's parent, the spool dir and every trusted host
-        dir; called at start and on rescans."""
+        dir; called at start and on rescans. Not on a network file system:
+        inotify sees nothing there, and listing it from the event loop would
+        block the loop while its server is away."""
         self._watch_parent()
-        if not os.path.isdir(self.spool_dir):
+        if on_network_fs(self.spool_dir) or not os.path.isdir(self.spool_dir):
             return
         self._add(self.spool_dir, _DIR_MASK)
         try:

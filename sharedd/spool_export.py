@@ -38,8 +38,12 @@ class SpoolExport:
         self.spool_dir = spool_dir
         self.clients = list(clients)
         self.backends = backends
+        # Records are written on the local file system, not through the export:
+        # NFS-Ganesha must not serve cached attributes or listings of them
+        # (its default, 60 s, would delay every grant by up to a minute).
         self.share = Share(id=spool_share_id(host_id), name=NAME, backend="", protocol="NFS",
-                           size_gib=0, status=C.STATUS_AVAILABLE)
+                           size_gib=0, status=C.STATUS_AVAILABLE,
+                           driver_data={"attr_expiration_time": 0})
         self.location = ""             # host:/path clients mount, once exported
         self.error: Optional[str] = None
 

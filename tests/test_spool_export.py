@@ -44,6 +44,12 @@ def test_the_spool_is_published_read_only_to_the_listed_clients(spool_host, netl
     location = h.get(*MANAGER, "SpoolExport")
     pseudo = f"/shares/{spool_share_id('storage1')}"
     assert location == f"{netlab.server_ip4}:{pseudo}"
+    # Records are written behind ganesha's back: no attribute cache on this export.
+    conf = os.path.join(h.state_path, "backends", "btrfs1", "ganesha",
+                        f"{spool_share_id('storage1')}.conf")
+    with open(conf) as f:
+        text = f.read()
+    assert "Attr_Expiration_Time = 0;" in text and "Access_Type = RO;" in text, text
     listing = h.ganesha.nfs_ls(reader, f"{pseudo}/storage1")
     assert listing.ok, listing
     names = sorted(n for n in os.listdir(os.path.join(h.spool_dir, "storage1"))

@@ -287,6 +287,11 @@ class GaneshaHelper(ExportHelper):
             "    Access_Type = None;",
             "    FSAL { Name = VFS; }",
         ]
+        # Content that changes on the local file system, behind ganesha's back
+        # (the spool): ganesha must not serve cached attributes and listings.
+        expire = share.driver_data.get("attr_expiration_time")
+        if isinstance(expire, int) and not isinstance(expire, bool) and expire >= 0:
+            lines.append(f"    Attr_Expiration_Time = {expire};")
         # One CLIENT block per grant. ganesha takes the first block that
         # matches a client: rw before ro (rw wins), and within a level the
         # stricter squash first (where two networks overlap, root gets less).
