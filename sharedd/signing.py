@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -67,10 +68,13 @@ class PublicKey(NamedTuple):
     def line(self) -> str:
         return f"{KEY_TYPE} {base64.b64encode(self.raw).decode()} {self.host}"
 
+    def inline(self) -> str:
+        """The form mountd's trusted_keys option takes (parse_inline)."""
+        return f"{self.host}:{base64.b64encode(self.raw).decode()}"
+
     def verify(self, record: Dict[str, Any]) -> None:
         """Raise SignatureError unless record is this key's, for its host."""
         from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         sig = record.get("signature")
         if not isinstance(sig, dict):
             raise SignatureError("record is not signed")
@@ -81,10 +85,17 @@ class PublicKey(NamedTuple):
                                  f"{self.host}'s trusted key {self.key_id}")
         try:
             value = base64.b64decode(str(sig.get("value")), validate=True)
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(value, canonical(record))
+            _verifier(self.raw).verify(value, canonical(record))
         except (InvalidSignature, binascii.Error, ValueError):
             raise SignatureError(f"signature does not verify with {self.host}'s key "
                                  f"{self.key_id}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _verifier(raw: bytes) -> Any:
+    """One OpenSSL key object per trusted key, not one per record verified."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def _raw(b64: str) -> bytes:

@@ -1,7 +1,7 @@
 """Bounded work: the real mountd process against a burst of 10,000 signed
 records (200 shares, access changing 50 times each) and against one
-periodic state of 10,000 shares in parts. mount(8) is a shell script on
-mountd's PATH that makes a bind mount and logs its call, so the test sees
+periodic state of 10,000 shares in parts. mount(8) is tests/support/mount_shim.py on
+mountd's PATH (a bind mount, each call logged), so the test sees
 every mount command. mountd must end with exactly what the last records
 grant, and fold the burst: far fewer mount commands than records. Timings
 are for bench/mountd, not asserted here."""
@@ -13,31 +13,16 @@ import uuid
 
 from tests.fixtures.mountd_env import (CLIENT4, HOST, make_record, make_share, new_key, rule,
                                        signed, write_record)
+from tests.support import mount_shim
 from tests.test_mountd_daemon import Mountd, own_state
-from tests.test_mountd_trust import inline
-
-SHIM = """#!/bin/sh
-echo "$*" >> {calls}
-if [ "$1" = "-t" ]; then
-  case ",$4," in *,ro,*) lvl=ro;; *) lvl=rw;; esac
-  /usr/bin/mount --bind {src} "$7" && exec /usr/bin/mount -o remount,bind,$lvl,nosuid,nodev "$7"
-fi
-if [ "$1" = "-o" ]; then
-  case "$2" in remount,bind*) ;; remount*) set -- -o "remount,bind${{2#remount}}" "$3" "$4";; esac
-fi
-exec /usr/bin/mount "$@"
-"""
-
 
 def _mountd(tmp, key):
     bindir, src = os.path.join(tmp, "bin"), os.path.join(tmp, "src")
-    os.makedirs(bindir)
     os.makedirs(src)
     calls = os.path.join(tmp, "mount-calls")
-    pathlib.Path(bindir, "mount").write_text(SHIM.format(calls=calls, src=src))
-    os.chmod(os.path.join(bindir, "mount"), 0o755)
+    mount_shim.install(bindir, src, calls)
     d = Mountd(tmp, None, args=("--no-bus",), interval=600,
-               extra=f"trusted_keys = {inline(key)}\nlog_level = warning\n",
+               extra=f"trusted_keys = {key.public.inline()}\nlog_level = warning\n",
                env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     return d, calls
 

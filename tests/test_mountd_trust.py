@@ -9,7 +9,6 @@
   signed grant does.
 """
 
-import base64
 import json
 import os
 import pathlib
@@ -27,10 +26,6 @@ from sharedd.errors import ConfigError
 from tests.fixtures.mountd_env import (CLIENT4, HOST, SERVER4, make_record, make_share,
                                        new_key, rule, signed, write_record)
 from tests.test_mountd_daemon import Mountd, wait_state
-
-
-def inline(key):
-    return f"{key.public.host}:{base64.b64encode(key.public.raw).decode()}"
 
 
 # --- the signature itself ------------------------------------------------------
@@ -73,7 +68,7 @@ def test_trusted_keys_from_options_and_a_directory(tmp_path):
     d = tmp_path / "keys"
     d.mkdir(mode=0o755)
     (d / "b1.pub").write_text(b.public.line() + "\n")
-    keys = load_keys([inline(a)], str(d), "conf: trusted_keys", "conf: trusted_keys_dir")
+    keys = load_keys([a.public.inline()], str(d), "conf: trusted_keys", "conf: trusted_keys_dir")
     assert keys == {"a1": a.public, "b1": b.public}
     (d / "x.pub").write_text(new_key("b1").public.line())
     with pytest.raises(ConfigError, match="second, different key for host b1"):
@@ -171,7 +166,7 @@ def test_no_mount_attempt_from_anything_but_a_genuine_current_record(mountd_tmp)
     key, rogue, other = new_key(), new_key(), new_key("storage75")
     bindir, calls = _counting_mount(mountd_tmp)
     d = Mountd(mountd_tmp, None, args=("--no-bus",), interval=60,
-               extra=f"trusted_keys = {inline(key)}\n",
+               extra=f"trusted_keys = {key.public.inline()}\n",
                env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     spool = d.spool
     try:

@@ -21,6 +21,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from sharedd import signing  # noqa: E402
 from tests.fixtures.bus import Bus, _bus_config  # noqa: E402
 from tests.fixtures.ganesha import make_ganesha  # noqa: E402
 from tests.fixtures.netlab import make_lab  # noqa: E402
@@ -155,12 +156,12 @@ def mountd_step(host, lab, client_ns, spool, tmp):
     have_nfs = any(line.split()[-1] in ("nfs", "nfs4") for line in open("/proc/filesystems"))
     conf = os.path.join(tmp, "mountd.conf")
     # bob trusts the storage host's record signing key (sharedd --print-public-key)
-    key = host.get("/org/sharedd/Sharedd1", "org.sharedd.Sharedd1.Manager", "RecordSigningKey")
-    _, b64, host_id = key.split()
+    key = signing.parse_public_line(host.get("/org/sharedd/Sharedd1",
+                                             "org.sharedd.Sharedd1.Manager", "RecordSigningKey"))
     with open(conf, "w") as f:
         f.write(f"[mountd]\nspool_dir = {host.spool_dir}\nmount_dir = {tmp}/mnt\n"
                 f"state_path = {tmp}/mountd-state\nconsume_interval = 2\n"
-                f"trusted_keys = {host_id}:{b64}\n")
+                f"trusted_keys = {key.inline()}\n")
     print(textwrap.indent(open(conf).read().strip(), "  "))
     if not have_nfs:
         print("  NOTE: this kernel has no NFS client (no nfs/nfs4 in /proc/filesystems), so the\n"
