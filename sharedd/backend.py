@@ -69,7 +69,7 @@ class Backend:
         self.config = config
         self.context = context
         self.driver: ShareDriver = cls(name, config, helpers, bdir, command_timeout)
-        self.hooks = HookManager(name, config, context, self.driver.served_addresses())
+        self.hooks = HookManager(name, config, context, self.driver.served_addresses)
         self.stats: Dict[str, Any] = {}
         self._driver_stats: Optional[Dict[str, Any]] = None   # and when read:
         self._driver_stats_at = 0.0
@@ -78,11 +78,14 @@ class Backend:
     # --- life cycle --------------------------------------------------------
     async def setup(self) -> None:
         def work() -> None:
-            if self.driver.helpers and not self.config.share_export_ip:
+            if self.config.driver_handles_share_servers:
+                pass   # each share server has its own address and export daemons
+            elif self.driver.helpers and not self.config.share_export_ip:
                 raise BackendFailure("share_export_ip is not set: name the address clients "
                                      "reach this host on in the backend's section")
-            for helper in self.driver.helpers.values():
-                helper.setup()
+            else:
+                for helper in self.driver.helpers.values():
+                    helper.setup()
             self.driver.do_setup()
             self.driver.check_for_setup_error()
         try:
@@ -101,7 +104,7 @@ class Backend:
             elif self.config.values.get(key) != value:
                 pending.append(f"[{self.name}] {key}")
         self.hooks = HookManager(self.name, self.config, self.context,
-                                 self.driver.served_addresses())
+                                 self.driver.served_addresses)
         return pending
 
     # --- what it offers ------------------------------------------------------

@@ -40,6 +40,14 @@ GLOBAL_OPTIONS: List[Opt] = [
         help="Ed25519 private key (PEM, root, 0600) that signs every hook record; made at "
              "first start if missing (default: record-signing.key beside the main "
              "configuration file). Clients trust its public key: sharedd --print-public-key."),
+    Opt("share_server_launcher", "str", "auto", choices=("auto", "systemd", "child"),
+        help="How share servers' daemons run: systemd (instances of the template units "
+             "sharedd-server-bus@ and sharedd-server-nfs@, started over systemd's D-Bus "
+             "API), child (children sharedd supervises), auto (systemd when it is PID 1 "
+             "and the units are installed)."),
+    Opt("share_server_run_dir", "path", "/run/sharedd/servers",
+        help="Volatile files of share servers (private bus sockets, pid files); the "
+             "template units read /run/sharedd/servers."),
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"), help="Log level."),
     Opt("command_timeout", "float", 120.0, min=1, help="Timeout for one external command, seconds."),
     Opt("stats_refresh_interval", "float", 60.0, min=1, help="How often backend Stats are refreshed, seconds."),
@@ -83,6 +91,15 @@ BACKEND_OPTIONS: List[Opt] = [
     Opt("suppress_pre_hooks_errors", "bool", False, help="Log pre-hook errors and go on instead of failing the call."),
     Opt("suppress_post_hooks_errors", "bool", False, help="Log post-hook errors instead of reporting them."),
     Opt("periodic_hooks_interval", "float", 300.0, min=1, help="Seconds between periodic hooks."),
+    Opt("driver_handles_share_servers", "bool", False,
+        help="Serve every share network from a share server of its own: a network namespace "
+             "on the network's bridge or VLAN with its own NFS-Ganesha, made with the "
+             "network's first share on this backend and removed with its last. CreateShare "
+             "then needs the share_network option. Drivers with export helpers (btrfs, "
+             "volume) and NFS through nfs_helper = ganesha."),
+    Opt("share_server_idle_seconds", "float", 0.0, min=0,
+        help="Keep a share server this long after its last share is gone (0: remove it at "
+             "once), so that a network's next share does not wait for a new server."),
 ]
 
 
@@ -235,6 +252,17 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
         if hook not in HOOK_DRIVERS and not re.fullmatch(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
             raise ConfigError(f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers: {hook!r} "
                               f"is neither a built-in ({', '.join(HOOK_DRIVERS)}) nor module:Class")
+    if b.driver_handles_share_servers:
+        where = f"{src('driver_handles_share_servers')}: " \
+                f"[{sec_of('driver_handles_share_servers')}] driver_handles_share_servers"
+        if not cls.can_serve_share_servers():
+            raise ConfigError(f"{where}: driver {b.share_driver} exports through its own "
+                              "service and cannot run share servers")
+        if cls.uses_export_helpers and (b.enabled_share_protocols != ["NFS"]
+                                        or b.nfs_helper != "ganesha"):
+            raise ConfigError(f"{where}: share servers serve NFS through nfs_helper = ganesha "
+                              "only (CIFS share servers are not implemented yet): set "
+                              "enabled_share_protocols = NFS")
     cls.check_config(b, src, sec_of)
 
 
@@ -244,7 +272,8 @@ def warnings(cfg: "Config") -> List[str]:
     from .drivers import driver_class
     out = []
     for name, b in cfg.backends.items():
-        if not driver_class(b.share_driver).uses_export_helpers:
+        if not driver_class(b.share_driver).uses_export_helpers \
+                or b.driver_handles_share_servers:
             continue
         ip = b.share_export_ip
         if not ip:

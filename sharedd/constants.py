@@ -11,10 +11,14 @@ IFACE_BACKEND = "org.sharedd.Sharedd1.Backend"
 IFACE_SHARE = "org.sharedd.Sharedd1.Share"
 IFACE_SNAPSHOT = "org.sharedd.Sharedd1.Snapshot"
 IFACE_HOOKS = "org.sharedd.Sharedd1.Hooks"
+IFACE_SHARE_NETWORK = "org.sharedd.Sharedd1.ShareNetwork"
+IFACE_SHARE_SERVER = "org.sharedd.Sharedd1.ShareServer"
 ERROR_PREFIX = "org.sharedd.Sharedd1.Error."
 BACKEND_PATH = ROOT_PATH + "/backend"
 SHARE_PATH = ROOT_PATH + "/share"
 SNAPSHOT_PATH = ROOT_PATH + "/snapshot"
+SHARE_NETWORK_PATH = ROOT_PATH + "/share_network"
+SHARE_SERVER_PATH = ROOT_PATH + "/share_server"
 
 #: the methods that change nothing: every local user may call them (the bus
 #: policy says so) and they leave no audit record
@@ -46,6 +50,12 @@ STATUS_SHRINKING = "shrinking"
 STATUS_REVERTING = "reverting"
 STATUS_MANAGE_STARTING = "manage_starting"
 STATUS_UNMANAGE_STARTING = "unmanage_starting"
+#: share servers (Manila's names)
+SERVER_ACTIVE = "active"
+SERVER_STATUSES = (STATUS_CREATING, SERVER_ACTIVE, STATUS_ERROR, STATUS_DELETING)
+#: addresses one share network's allocation range may hold (bounds the search)
+MAX_ALLOCATION_RANGE = 65536
+
 SHARE_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR,
                   STATUS_DELETING, STATUS_EXTENDING, STATUS_SHRINKING,
                   STATUS_REVERTING, STATUS_MANAGE_STARTING,
@@ -67,6 +77,7 @@ PHASE_PERIODIC = "periodic"
 HOOK_PHASES = (PHASE_PRE, PHASE_POST, PHASE_PERIODIC)
 HOOK_METHODS = (
     "create_share", "create_share_from_snapshot", "delete_share",
+    "setup_server", "delete_share_server",
     "create_snapshot", "delete_snapshot", "revert_to_snapshot",
     "allow_access", "deny_access", "extend_share", "shrink_share",
     "manage_share", "unmanage_share", "ensure_share",

@@ -21,16 +21,18 @@ import os
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
-from . import access, recovery, signing, validation
+from . import access, netns, recovery, signing, validation
 from .backend import Backend, BackendInfo
 from .config import Config
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
-                     InvalidArgument, InvalidState, NotFound, SharedError)
+                     InvalidArgument, InvalidState, NotFound, NotSupported, SharedError)
 from .hooks import records
 from .hooks.base import HookContext
-from .models import AccessRule, Share, ShareUpdate, Snapshot, fields_of
+from .models import AccessRule, Share, ShareNetwork, ShareServer, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
 from .states import Observer
+from .service_instance import ServiceInstances
+from .share_servers import ShareServers
 from .spool_export import SpoolExport
 from .store import Store, new_id
 from .util import lock_state_dir, now_us, private_dir
@@ -50,6 +52,9 @@ class Engine:
         self.store: Store
         self.runner: Runner
         self.revoker: access.Revoker
+        self.servers: ShareServers
+        self.instances: Optional[ServiceInstances] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
         self._ensuring = (0, 0)   # (done, of) while shares are being ensured
         self._tasks: Set[asyncio.Task[Any]] = set()
@@ -67,6 +72,9 @@ class Engine:
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
         self.runner = Runner(self.store, self.observer, cfg.host_id)
         self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn)
+        self.servers = ShareServers(self.store, self.runner, self.backends, self._spawn,
+                                    netns.check_bridge, netns.check_parent)
+        self._loop = asyncio.get_running_loop()
         self._started = True
         self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
         context = HookContext(cfg.host_id, cfg.spool_dir, emit_signal=self.observer.hook_fired,
@@ -75,8 +83,18 @@ class Engine:
         for name, bconf in cfg.backends.items():
             self.backends[name] = Backend(name, bconf, cfg.state_path, cfg.command_timeout, context,
                                           self.observer.bus_call)
+        if any(b.config.driver_handles_share_servers and b.driver.uses_export_helpers
+               for b in self.backends.values()):
+            self.instances = ServiceInstances(
+                os.path.join(cfg.state_path, "servers"), cfg.share_server_run_dir,
+                mode=cfg.share_server_launcher, command_timeout=cfg.command_timeout,
+                on_restart=self._server_restarted)
+            for b in self.backends.values():
+                if b.config.driver_handles_share_servers and b.driver.uses_export_helpers:
+                    b.driver.service_instances = self.instances
         for b in self.backends.values():
             await b.setup()
+        await self._recover_servers()
         await recovery.recover(self.store, self.runner, self.backends)
         await self.ensure_all()
         await self.spool_export.ensure()
@@ -105,6 +123,7 @@ class Engine:
             if b.setup_error:
                 return
             log.info("backend %s is usable now: recovering and ensuring its shares", b.name)
+            await self.servers.recover(backend=b.name)
             await recovery.recover(self.store, self.runner, self.backends, only=b.name)
         await self.ensure_all(backend=b.name)
         await self.spool_export.ensure()
@@ -122,6 +141,29 @@ class Engine:
                     await self.ensure_all(backend=b.name)
                     await self.spool_export.ensure()
 
+    async def _recover_servers(self) -> None:
+        """Share servers before shares: finish or undo set-ups and teardowns
+        a crash interrupted, bring the others back, remove what nothing owns."""
+        await self.servers.recover()
+        instances = self.instances
+        if instances is None:
+            return
+        owned = await asyncio.to_thread(instances.leftovers, True)
+        for server_id in self.servers.orphans(sorted(owned)):
+            log.warning("removing share server %s: left behind, unknown to the database",
+                        server_id)
+            try:
+                await asyncio.to_thread(instances.teardown, server_id)
+            except Exception as exc:
+                log.error("share server %s: cannot remove what is left of it: %s", server_id, exc)
+
+    def _server_restarted(self, server_id: str) -> None:
+        """A share server's export daemon came back (from the supervisor's
+        thread): it lost its runtime exports; ensure its shares again."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(
+                lambda: self._spawn(self.ensure_all(server=server_id)))
+
     def _stats_interval(self, b: Backend) -> float:
         return float(self.config.stats_refresh_interval)
 
@@ -135,6 +177,8 @@ class Engine:
         if self._started:
             await self.runner.wait_idle(timeout)
             self.store.close()
+        if self.instances is not None:
+            self.instances.close()   # the servers keep serving while sharedd is away
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -247,6 +291,31 @@ class Engine:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return self.store.snapshots(share_id)
 
+    # -------------------------------------------------- share networks, servers
+    def create_share_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
+        return self.servers.create_network(name, options)
+
+    def delete_share_network(self, network_id: str, options: Dict[str, Any]) -> None:
+        self.servers.delete_network(network_id, options)
+
+    def share_network(self, network_id: str) -> ShareNetwork:
+        return self.servers.network(network_id)
+
+    def share_networks(self) -> List[ShareNetwork]:
+        return self.servers.networks()
+
+    def share_server(self, server_id: str) -> ShareServer:
+        return self.servers.server(server_id)
+
+    def share_servers(self, network_id: Optional[str] = None) -> List[ShareServer]:
+        return self.servers.servers(network_id)
+
+    def share_server_share_ids(self, server_id: str) -> List[str]:
+        return self.servers.server_share_ids(server_id)
+
+    async def delete_share_server(self, server_id: str, options: Dict[str, Any]) -> None:
+        await self.servers.delete_server(server_id, options)
+
     def _backend(self, name: str) -> Backend:
         b = self.backends.get(name)
         if b is None:
@@ -308,7 +377,7 @@ class Engine:
     async def create_share(self, name: str, protocol: str, size_gib: int,
                            options: Dict[str, Any]) -> Share:
         validation.options(options, {"backend": str, "snapshot": str, "description": str,
-                                 "metadata": dict})
+                                 "metadata": dict, "share_network": str})
         name = validation.name(name)
         protocol = validation.protocol(protocol)
         size_gib = validation.size_gib(size_gib)
@@ -332,6 +401,7 @@ class Engine:
         b.require_protocol(protocol)
         if snap:
             b.require("create_share_from_snapshot_support", "create shares from snapshots")
+        network = self._share_network_for(b, options)
         share = Share(id=new_id(), name=name, backend=b.name, protocol=protocol, size_gib=size_gib,
                       status=C.STATUS_CREATING, created_at=now_us(), description=description,
                       metadata=metadata, snapshot_id=snap.id if snap else None)
@@ -344,9 +414,28 @@ class Engine:
             return _new_share(method, b, share, (lambda: b.call(method, share, snap, parent))
                               if snap else (lambda: b.call(method, share)),
                               compensate=lambda: b.call("delete_share", share), snapshot=snap)
-        await self.runner.run([share.id, f"name:{name}"] + ([parent.id] if parent else []), plan)
+        keys = [share.id, f"name:{name}"] + ([parent.id] if parent else [])
+        if network is None:
+            await self.runner.run(keys, plan)
+        else:
+            async with self.servers.serving(b, network) as server:
+                share.share_server_id = server.id
+                await self.runner.run(keys, plan)
         self._spawn(self._refresh(b, C.CAPACITY_STATS_MAX_AGE))
         return self.share(share.id)
+
+    def _share_network_for(self, b: Backend, options: Dict[str, Any]) -> Optional[ShareNetwork]:
+        """The share network a new share on b goes on: required where b
+        handles share servers, refused elsewhere."""
+        if not b.config.driver_handles_share_servers:
+            if "share_network" in options:
+                raise InvalidArgument(f"backend {b.name} does not handle share servers: "
+                                      "drop the share_network option")
+            return None
+        if "share_network" not in options:
+            raise InvalidArgument(f"backend {b.name} serves every share from its share "
+                                  "network's server: give the share_network option")
+        return self.servers.network(options["share_network"])
 
     async def manage_share(self, backend: str, protocol: str, export_path: str,
                            options: Dict[str, Any]) -> Share:
@@ -356,6 +445,9 @@ class Engine:
         protocol = validation.protocol(protocol)
         b.require_protocol(protocol)
         b.require("manage_support", "manage existing shares")
+        if b.config.driver_handles_share_servers:
+            raise NotSupported(f"backend {b.name} handles share servers: adopting existing "
+                               "storage into a share network's server is not implemented")
         export_path = validation.export_path(export_path)
         name = validation.name(options.get("name") or validation.name_from_path(export_path))
         drv_options = {}
@@ -423,6 +515,8 @@ class Engine:
         op = await self.runner.run([share_id], plan)
         self.runner.forget_lock(share_id)
         self._spawn(self._refresh(op.backend, C.CAPACITY_STATS_MAX_AGE))
+        if op.share is not None:
+            self.servers.released(op.share.share_server_id)
 
     async def extend_share(self, share_id: str, new_size: int, options: Dict[str, Any]) -> None:
         await self._resize(share_id, new_size, options, grow=True)
@@ -590,16 +684,19 @@ class Engine:
         await self.runner.run([share_id], plan)
 
     # ---------------------------------------------------------------- ensure
-    async def ensure_all(self, backend: Optional[str] = None, helper: Optional[str] = None) -> None:
+    async def ensure_all(self, backend: Optional[str] = None, helper: Optional[str] = None,
+                         server: Optional[str] = None) -> None:
         """Ensure every available or error share (mounted, exported, exactly its
-        granting rules); helper: only backends using that export helper."""
+        granting rules); helper: only backends using that export helper;
+        server: only the shares of that share server."""
         chosen = [b for b in self.backends.values() if not (
             b.setup_error or (backend and b.name != backend)
             or (helper and helper not in b.helper_names()))]
 
         def progress(done: int, total: int) -> None:
             self._ensuring = (done, total) if done < total else (0, 0)
-        await recovery.ensure_all(self.store, self.runner, self.revoker, chosen, progress)
+        await recovery.ensure_all(self.store, self.runner, self.revoker, chosen, progress,
+                                  server)
 
 
 def _nothing(*_: Any) -> None:

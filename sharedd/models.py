@@ -51,6 +51,8 @@ class Share:
     snapshot_id: Optional[str] = None
     # Extra driver state persisted for the driver (JSON-able).
     driver_data: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The share server that exports it (backends that handle share servers).
+    share_server_id: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -62,6 +64,36 @@ class Snapshot:
     status: str
     created_at: int = 0
     provider_location: str = ""
+
+
+@dataclasses.dataclass
+class ShareNetwork:
+    """A tenant's network, defined by the administrator: where share servers
+    attach (a bridge, or a VLAN of a parent interface) and which addresses
+    they may take."""
+    id: str
+    name: str
+    subnet: str                                   # CIDR
+    attachment: Dict[str, Any]                    # {"bridge": s} or {"parent": s, "vlan": n}
+    allocation_range: str                         # "first-last" (inclusive)
+    gateway: str = ""
+    mtu: int = 0
+    created_at: int = 0
+
+
+@dataclasses.dataclass
+class ShareServer:
+    """One share network's server on one backend: a network namespace with
+    its own export daemons, made with the first share and removed with the
+    last."""
+    id: str
+    network_id: str
+    backend: str
+    status: str
+    addresses: List[str] = dataclasses.field(default_factory=list)
+    created_at: int = 0
+    # What setup_server returned (namespace, daemons): the driver's own.
+    details: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

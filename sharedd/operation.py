@@ -32,7 +32,7 @@ from .backend import Backend
 from .errors import SharedError
 from .hooks import records
 from .hooks.manager import HookFailed
-from .models import AccessRule, Share, Snapshot
+from .models import AccessRule, Share, ShareServer, Snapshot
 from .states import Changes, deliver
 from .store import Store
 from .util import public_text
@@ -60,6 +60,7 @@ class Operation:
     restorable: bool = False
     share: Optional[Share] = None                # what the records describe
     snapshot: Optional[Snapshot] = None
+    server: Optional[ShareServer] = None         # setup_server, delete_share_server
     rules: Sequence[AccessRule] = ()             # the rules concerned
     is_allow: Optional[bool] = None
 
@@ -231,12 +232,20 @@ class Runner:
             current_snap = self.store.get_snapshot(op.snapshot.id)
             snapshot = records.snapshot_dict(current_snap or op.snapshot,
                                              None if current_snap else "deleted")
+        server = None
+        if op.server is not None:
+            current_server = self.store.get_server(op.server.id)
+            server = records.server_dict(current_server or op.server,
+                                         None if current_server else "deleted")
         return records.build(host=self.host_id, epoch=self.store.epoch, seq=seq, phase=phase,
                              method=op.method, backend=b.name, share=share, snapshot=snapshot,
-                             rules=list(op.rules), is_allow=op.is_allow, result=result)
+                             rules=list(op.rules), is_allow=op.is_allow, result=result,
+                             server=server)
 
 
 def _what(op: Operation) -> str:
     if op.share is not None:
         return f"share {op.share.name} ({op.share.id})"
+    if op.server is not None:
+        return f"share server {op.server.id}"
     return f"backend {op.backend.name}"

@@ -19,7 +19,8 @@ from .errors import InvalidArgument
 from . import validation
 from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES, MAX_ANON_ID,
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
-                        RULE_STATES, SHARE_NAME_PATTERN, SHARE_STATUSES, SQUASH_MODES)
+                        RULE_STATES, SERVER_STATUSES, SHARE_NAME_PATTERN, SHARE_STATUSES,
+                        SQUASH_MODES)
 
 #: the version sharedd writes; 2 added signature, server_addresses, part and
 #: parts (and the rules' squash options); readers also take 1 (an older sharedd)
@@ -96,6 +97,8 @@ _share = {
         # The share's full rule set after the change, with states.
         "access_rules": {"type": "array", "maxItems": MAX_ACCESS_RULES_PER_SHARE, "items": _rule},
         "mount_hints": _mount_hints,
+        # the share server that exports it (backends that handle share servers)
+        "share_server": {"type": "string", "pattern": ID_RE},
     },
 }
 
@@ -108,6 +111,19 @@ _snapshot = {
         "name": {"type": "string", "pattern": NAME_RE},
         "status": {"enum": list(SHARE_STATUSES) + ["deleted"]},
         "size_gib": {"type": "integer", "minimum": 0},
+    },
+}
+
+_server = {
+    "type": "object",
+    "required": ["id", "share_network", "status", "addresses"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": ID_RE},
+        "share_network": {"type": "string", "pattern": ID_RE},
+        "status": {"enum": list(SERVER_STATUSES) + ["deleted"]},
+        "addresses": {"type": "array", "maxItems": 16,
+                      "items": {"type": "string", "pattern": SERVER_ADDRESS_RE}},
     },
 }
 
@@ -134,6 +150,8 @@ SCHEMA: Dict[str, Any] = {
         # The share concerned (null for periodic and backend-wide records).
         "share": {"oneOf": [{"type": "null"}, _share]},
         "snapshot": {"oneOf": [{"type": "null"}, _snapshot]},
+        # setup_server and delete_share_server: the server concerned.
+        "share_server": _server,
         # The rules this change concerns (allow/deny); [] otherwise.
         "access_rules": {"type": "array", "maxItems": MAX_ACCESS_RULES_PER_SHARE, "items": _rule},
         "is_allow_operation": {"type": ["boolean", "null"]},

@@ -115,12 +115,14 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
 
 
 async def ensure_all(store: Store, runner: Runner, revoker: access.Revoker,
-                     backends: List[Backend], progress: Callable[[int, int], None]) -> None:
+                     backends: List[Backend], progress: Callable[[int, int], None],
+                     server: Optional[str] = None) -> None:
     """Ensure every available or error share of these backends: mounted,
     exported, exactly its granting rules applied, pending denies completed
     (access.ensure_operation). A few at a time: drivers run commands."""
     todo = [(b, share) for b in backends for share in store.shares(b.name)
-            if share.status in (C.STATUS_AVAILABLE, C.STATUS_ERROR)]
+            if share.status in (C.STATUS_AVAILABLE, C.STATUS_ERROR)
+            and (server is None or share.share_server_id == server)]
     queue, done = iter(todo), [0]
 
     async def ensure(b: Backend, share_id: str) -> None:

@@ -49,7 +49,10 @@ class SpoolExport:
 
     def backend(self) -> Optional[Backend]:
         """The first backend that serves NFS (whether it is up or not)."""
-        return next((b for b in self.backends.values() if "NFS" in b.driver.helpers), None)
+        # A share server's ganesha serves its tenant's network only: the spool
+        # goes out through the host's own export service.
+        return next((b for b in self.backends.values() if "NFS" in b.driver.helpers
+                     and not b.config.driver_handles_share_servers), None)
 
     def rules(self) -> List[AccessRule]:
         return [AccessRule(id=hashlib.sha256(c.encode()).hexdigest()[:32], share_id=self.share.id,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from . import constants as C
-from .models import AccessRule, Share, Snapshot
+from .models import AccessRule, Share, ShareNetwork, ShareServer, Snapshot
 from .store import Store
 
 Edge = Tuple[Optional[str], Optional[str]]
@@ -68,12 +68,22 @@ RULE: FrozenSet[Edge] = frozenset({
     (C.RULE_DENYING, None), (C.RULE_QUEUED_TO_DENY, None),
 })
 
+SERVER: FrozenSet[Edge] = frozenset({
+    (None, C.STATUS_CREATING),
+    (C.STATUS_CREATING, C.SERVER_ACTIVE), (C.STATUS_CREATING, C.STATUS_ERROR),
+    (C.STATUS_CREATING, None),                  # set-up undone (failure, pre hook)
+    (C.SERVER_ACTIVE, C.STATUS_DELETING), (C.STATUS_ERROR, C.STATUS_DELETING),
+    (C.SERVER_ACTIVE, C.STATUS_ERROR), (C.STATUS_ERROR, C.SERVER_ACTIVE),   # ensure
+    (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
+})
+
 #: rules the backend must enforce (Manila's "active or being applied")
 GRANTING = (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING, C.RULE_ACTIVE)
 #: rules whose revocation is pending: never enforced, never re-granted
 DENY_PENDING = (C.RULE_QUEUED_TO_DENY, C.RULE_DENYING)
 
-TABLES: Dict[str, FrozenSet[Edge]] = {"share": SHARE, "snapshot": SNAPSHOT, "rule": RULE}
+TABLES: Dict[str, FrozenSet[Edge]] = {"share": SHARE, "snapshot": SNAPSHOT, "rule": RULE,
+                                      "server": SERVER}
 
 
 class IllegalTransition(AssertionError):
@@ -154,6 +164,36 @@ class Changes:
         self.store.delete_snapshot(snap.id)
         self._event("snapshot_removed", snap.id)
 
+    # --- share networks and servers ------------------------------------------
+    def add_network(self, network: ShareNetwork) -> None:
+        self.store.insert_network(network)
+        self._event("network_added", network)
+
+    def remove_network(self, network: ShareNetwork) -> None:
+        self.store.delete_network(network.id)
+        self._event("network_removed", network.id)
+
+    def add_server(self, server: ShareServer, task: Optional[Dict[str, Any]] = None) -> None:
+        check("server", None, server.status)
+        self.store.insert_server(server, task)
+        self._event("server_added", server)
+        self._event("network_changed", server.network_id)
+
+    def server(self, server: ShareServer, status: str, *,
+               task: Optional[Dict[str, Any]] = None, **fields: Any) -> None:
+        check("server", self.store.server_status(server.id), status)
+        for key, value in fields.items():
+            setattr(server, key, value)
+        server.status = status
+        self.store.update_server(server, task)
+        self._event("server_changed", server)
+
+    def remove_server(self, server: ShareServer) -> None:
+        check("server", self.store.server_status(server.id), None)
+        self.store.delete_server(server.id)
+        self._event("server_removed", server.id)
+        self._event("network_changed", server.network_id)
+
     # --- rules -------------------------------------------------------------
     def add_rule(self, share: Share, rule: AccessRule) -> None:
         check("rule", None, rule.state)
@@ -185,6 +225,12 @@ class Observer:
     def snapshot_changed(self, snapshot: Snapshot) -> None: ...
     def snapshot_removed(self, snapshot_id: str) -> None: ...
     def backend_changed(self, name: str) -> None: ...
+    def network_added(self, network: ShareNetwork) -> None: ...
+    def network_changed(self, network_id: str) -> None: ...
+    def network_removed(self, network_id: str) -> None: ...
+    def server_added(self, server: ShareServer) -> None: ...
+    def server_changed(self, server: ShareServer) -> None: ...
+    def server_removed(self, server_id: str) -> None: ...
 
     def hook_fired(self, phase: str, method: str, record_json: str) -> None:
         """The dbus hook's record; called from worker threads."""

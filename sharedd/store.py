@@ -16,9 +16,9 @@ import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError
-from .models import AccessRule, Share, Snapshot
+from .models import AccessRule, Share, ShareNetwork, ShareServer, Snapshot
 
-SCHEMA_VERSION = 2   # 2: rules have squash, anonuid, anongid
+SCHEMA_VERSION = 3   # 2: rules have squash, anonuid, anongid; 3: share networks and servers
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,6 +61,27 @@ CREATE TABLE IF NOT EXISTS share_totals (
     gib INTEGER NOT NULL,
     PRIMARY KEY (backend, status)
 );
+CREATE TABLE IF NOT EXISTS share_networks (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    subnet TEXT NOT NULL,
+    attachment TEXT NOT NULL,
+    allocation_range TEXT NOT NULL,
+    gateway TEXT NOT NULL DEFAULT '',
+    mtu INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS share_servers (
+    id TEXT PRIMARY KEY,
+    network_id TEXT NOT NULL REFERENCES share_networks(id),
+    backend TEXT NOT NULL,
+    status TEXT NOT NULL,
+    addresses TEXT NOT NULL DEFAULT '[]',
+    created_at INTEGER NOT NULL,
+    details TEXT NOT NULL DEFAULT '{}',
+    task TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS servers_by_network ON share_servers(network_id, backend);
 CREATE TABLE IF NOT EXISTS rules (
     id TEXT PRIMARY KEY,
     share_id TEXT NOT NULL REFERENCES shares(id),
@@ -82,6 +103,7 @@ _ADDED_COLUMNS = [
     ("rules", "squash", "TEXT NOT NULL DEFAULT ''"),
     ("rules", "anonuid", "INTEGER NOT NULL DEFAULT 65534"),
     ("rules", "anongid", "INTEGER NOT NULL DEFAULT 65534"),
+    ("shares", "share_server_id", "TEXT"),
 ]
 
 
@@ -129,6 +151,8 @@ class Store:
                 have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_server "
+                            "ON shares(share_server_id)")
             for statement in _TRIGGERS:
                 self.db.execute(statement)
             # Recounted at every open (one scan): totals can never drift.
@@ -191,16 +215,17 @@ class Store:
                      metadata=json.loads(row["metadata"]),
                      export_locations=json.loads(row["export_locations"]),
                      provider_location=row["provider_location"], snapshot_id=row["snapshot_id"],
-                     driver_data=json.loads(row["driver_data"]))
+                     driver_data=json.loads(row["driver_data"]),
+                     share_server_id=row["share_server_id"])
 
     def insert_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
             "INSERT INTO shares(id, name, backend, protocol, size_gib, status, created_at, description,"
-            " metadata, export_locations, provider_location, snapshot_id, driver_data, task)"
-            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " metadata, export_locations, provider_location, snapshot_id, driver_data, task,"
+            " share_server_id) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.backend, s.protocol, s.size_gib, s.status, s.created_at, s.description,
              json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
-             s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {})))
+             s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {}), s.share_server_id))
 
     def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
@@ -257,11 +282,92 @@ class Store:
     def share_ids(self, **equal: str) -> List[str]:
         """Ids of the shares whose columns equal the given values, oldest first
         (ListShares: nothing but ids is read, whatever the number of shares)."""
-        assert set(equal) <= {"backend", "protocol", "status", "name"}
+        assert set(equal) <= {"backend", "protocol", "status", "name", "share_server_id"}
         where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
         rows = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id",
                                tuple(equal[k] for k in sorted(equal)))
         return [r[0] for r in rows]
+
+    # --- share networks and servers ---------------------------------------------
+    @staticmethod
+    def _network(row: sqlite3.Row) -> ShareNetwork:
+        return ShareNetwork(id=row["id"], name=row["name"], subnet=row["subnet"],
+                            attachment=json.loads(row["attachment"]),
+                            allocation_range=row["allocation_range"], gateway=row["gateway"],
+                            mtu=row["mtu"], created_at=row["created_at"])
+
+    def insert_network(self, n: ShareNetwork) -> None:
+        self.db.execute(
+            "INSERT INTO share_networks(id, name, subnet, attachment, allocation_range, gateway,"
+            " mtu, created_at) VALUES(?,?,?,?,?,?,?,?)",
+            (n.id, n.name, n.subnet, json.dumps(n.attachment, sort_keys=True), n.allocation_range,
+             n.gateway, n.mtu, n.created_at))
+
+    def delete_network(self, network_id: str) -> None:
+        self.db.execute("DELETE FROM share_networks WHERE id=?", (network_id,))
+
+    def get_network(self, network_id: str) -> Optional[ShareNetwork]:
+        row = self.db.execute("SELECT * FROM share_networks WHERE id=?", (network_id,)).fetchone()
+        return self._network(row) if row else None
+
+    def find_network(self, name: str) -> Optional[ShareNetwork]:
+        row = self.db.execute("SELECT * FROM share_networks WHERE name=?", (name,)).fetchone()
+        return self._network(row) if row else None
+
+    def networks(self) -> List[ShareNetwork]:
+        rows = self.db.execute("SELECT * FROM share_networks ORDER BY created_at, id")
+        return [self._network(r) for r in rows]
+
+    @staticmethod
+    def _server(row: sqlite3.Row) -> ShareServer:
+        return ShareServer(id=row["id"], network_id=row["network_id"], backend=row["backend"],
+                           status=row["status"], addresses=json.loads(row["addresses"]),
+                           created_at=row["created_at"], details=json.loads(row["details"]))
+
+    def insert_server(self, s: ShareServer, task: Optional[Dict[str, Any]] = None) -> None:
+        self.db.execute(
+            "INSERT INTO share_servers(id, network_id, backend, status, addresses, created_at,"
+            " details, task) VALUES(?,?,?,?,?,?,?,?)",
+            (s.id, s.network_id, s.backend, s.status, json.dumps(s.addresses), s.created_at,
+             json.dumps(s.details), json.dumps(task or {})))
+
+    def update_server(self, s: ShareServer, task: Optional[Dict[str, Any]] = None) -> None:
+        self.db.execute("UPDATE share_servers SET status=?, addresses=?, details=?, task=? "
+                        "WHERE id=?", (s.status, json.dumps(s.addresses), json.dumps(s.details),
+                                      json.dumps(task or {}), s.id))
+
+    def delete_server(self, server_id: str) -> None:
+        self.db.execute("DELETE FROM share_servers WHERE id=?", (server_id,))
+
+    def get_server(self, server_id: str) -> Optional[ShareServer]:
+        row = self.db.execute("SELECT * FROM share_servers WHERE id=?", (server_id,)).fetchone()
+        return self._server(row) if row else None
+
+    def server_status(self, server_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT status FROM share_servers WHERE id=?",
+                              (server_id,)).fetchone()
+        return row[0] if row else None
+
+    def server_task(self, server_id: str) -> Dict[str, Any]:
+        row = self.db.execute("SELECT task FROM share_servers WHERE id=?", (server_id,)).fetchone()
+        task: Dict[str, Any] = json.loads(row[0]) if row else {}
+        return task
+
+    def servers(self, network_id: Optional[str] = None,
+                backend: Optional[str] = None) -> List[ShareServer]:
+        where, args = [], []
+        for column, value in (("network_id", network_id), ("backend", backend)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        rows = self.db.execute("SELECT * FROM share_servers WHERE " + (" AND ".join(where) or "1")
+                               + " ORDER BY created_at, id", tuple(args))
+        return [self._server(r) for r in rows]
+
+    def count_server_shares(self, server_id: str) -> int:
+        row = self.db.execute("SELECT COUNT(*) FROM shares WHERE share_server_id=?",
+                              (server_id,)).fetchone()
+        return int(row[0])
 
     # --- snapshots -------------------------------------------------------------
     @staticmethod

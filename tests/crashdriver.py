@@ -14,7 +14,7 @@ from sharedd.drivers.btrfs import BtrfsDriver
 
 METHODS = ("create_share", "create_share_from_snapshot", "delete_share", "create_snapshot",
            "delete_snapshot", "revert_to_snapshot", "update_access", "extend_share",
-           "shrink_share", "manage_existing", "unmanage")
+           "shrink_share", "manage_existing", "unmanage", "setup_server", "teardown_server")
 
 
 class CrashingBtrfsDriver(BtrfsDriver):
@@ -44,3 +44,17 @@ def _wrap(name):
 
 for _name in METHODS:
     setattr(CrashingBtrfsDriver, _name, _wrap(_name))
+
+
+def crash_during(h, backend: str, method: str, when: str, call) -> None:
+    """Make the daemon of handle h (tests/fixtures/sharedd_daemon.Sharedd)
+    SIGKILL itself around backend's driver method during call(), then
+    start it again."""
+    with open(os.path.join(h.state_path, "backends", backend, "crash.json"), "w") as f:
+        json.dump({"method": method, "when": when}, f)
+    proc = call()
+    assert proc.returncode != 0, "the call should have been cut by the crash"
+    h.proc.wait(timeout=30)
+    assert h.proc.returncode == -9
+    h._close()
+    h.start()

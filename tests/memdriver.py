@@ -177,6 +177,7 @@ class World:
         self.fail = set()      # methods that raise BackendFailure
         self.crash = None      # (method, "before" | "after"): raise Crash once
         self.calls = []
+        self.servers = {}      # share server id -> its address
 
 
 class SimDriver(ShareDriver):
@@ -273,6 +274,22 @@ class SimDriver(ShareDriver):
 
     def unmanage(self, share):
         return self._act("unmanage", lambda: self.w.shares.pop(share.id, None) and None)
+
+    # share servers: set up, ensured and torn down in the world
+    def setup_server(self, server, network_info):
+        def work():
+            self.w.servers[server.id] = network_info.address.split("/")[0]
+            return {"address": self.w.servers[server.id]}
+        return self._act("setup_server", work)
+
+    def ensure_server(self, server, network_info):
+        def work():
+            self.w.servers[server.id] = network_info.address.split("/")[0]
+            return {"address": self.w.servers[server.id]}
+        return self._act("ensure_server", work)
+
+    def teardown_server(self, server):
+        return self._act("teardown_server", lambda: self.w.servers.pop(server.id, None) and None)
 
     def get_share_stats(self):
         cap = float(self.config.sim_capacity_gib)

@@ -4,7 +4,6 @@ a share, no share without its storage, no transitional state left, rules as
 the backend enforces them, and the data (checksums) intact."""
 
 import hashlib
-import json
 import os
 import subprocess
 import tempfile
@@ -15,6 +14,7 @@ from sharedd.mountinfo import is_mounted, read_mountinfo, top_mounts
 from sharedd.config import BACKEND_OPTIONS, BackendConfig
 from sharedd.helpers.ganesha import GaneshaHelper
 from sharedd.hooks import HOOK_OPTIONS
+from tests import crashdriver
 from tests.fixtures.storage_host import destroy_storage_host, make_storage_host
 from tests.support import components
 
@@ -73,14 +73,7 @@ def check_invariants(h):
 
 
 def crash_during(h, method, when, call):
-    with open(os.path.join(h.state_path, "backends", "btrfs1", "crash.json"), "w") as f:
-        json.dump({"method": method, "when": when}, f)
-    proc = call()
-    assert proc.returncode != 0, "the call should have been cut by the crash"
-    h.proc.wait(timeout=30)
-    assert h.proc.returncode == -9
-    h._close()
-    h.start()
+    crashdriver.crash_during(h, "btrfs1", method, when, call)
 
 
 def setup_share(h, name, with_snapshot=False):

@@ -180,7 +180,7 @@ def test_no_deny_state_leads_back_to_a_grant():
 
 def test_every_state_in_the_tables_is_a_known_state():
     known = {"share": set(C.SHARE_STATUSES), "snapshot": set(C.SHARE_STATUSES),
-             "rule": set(C.RULE_STATES)}
+             "rule": set(C.RULE_STATES), "server": set(C.SERVER_STATUSES)}
     for kind, table in states.TABLES.items():
         for old, new in table:
             assert {old, new} - {None} <= known[kind], (kind, old, new)
@@ -739,6 +739,150 @@ _SOAK = int(os.environ.get("SHAREDD_ENGINE_EXAMPLES", "0"))
 TestEngineMachine.settings = settings(max_examples=_SOAK or 150, stateful_step_count=40,
                                       deadline=None, database=None, derandomize=not _SOAK,
                                       suppress_health_check=list(HealthCheck))
+
+
+# --- share networks and servers (SimDriver's own setup_server) ------------------------
+DHSS = "driver_handles_share_servers = true"
+
+
+@pytest.fixture
+def hs(monkeypatch):
+    """A harness whose backend handles share servers; any interface counts
+    as a bridge (the real checks run in tests/test_share_servers.py)."""
+    from sharedd import netns
+    monkeypatch.setattr(netns, "check_bridge", lambda name: None)
+    harness = Harness(extra=DHSS)
+    yield harness
+    harness.close()
+
+
+def _net(hs, name="tenant", bridge="simbr0", subnet="10.90.0.0/24"):
+    return hs.engine.create_share_network(name, {"bridge": bridge, "subnet": subnet,
+                                                 "allocation_range": subnet[:-4] + "10-"
+                                                 + subnet[:-4] + "12"})
+
+
+def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
+    net = _net(hs)
+    with pytest.raises(InvalidArgument, match="share_network"):
+        hs.create("nonet")
+    with pytest.raises(SharedError, match="not implemented"):
+        hs.run(hs.engine.manage_share("sim", "NFS", "/sim/m", {}))
+    a = hs.create("a", share_network=net.id)
+    b = hs.create("b", share_network=net.id)
+    assert a.share_server_id == b.share_server_id
+    server = hs.engine.share_server(a.share_server_id)
+    assert server.status == C.SERVER_ACTIVE and server.addresses == ["10.90.0.10"]
+    assert hs.world.servers == {server.id: "10.90.0.10"}
+    other = hs.create("c", share_network=_net(hs, "other", "simbr1", "10.91.0.0/24").id)
+    assert other.share_server_id != server.id
+    methods = [(r["method"], r["phase"]) for r in RecordingHook.records
+               if r.get("share_server")]
+    assert ("setup_server", "pre") in methods and ("setup_server", "post") in methods
+    with pytest.raises(SharedError, match="still serves"):
+        hs.run(hs.engine.delete_share_server(server.id, {}))
+    with pytest.raises(SharedError, match="share server"):
+        hs.engine.delete_share_network(net.id, {})
+    hs.run(hs.engine.delete_share(a.id, {}))
+    hs.settle()
+    assert server.id in hs.world.servers
+    hs.run(hs.engine.delete_share(b.id, {}))
+    for _ in range(100):
+        hs.run(asyncio.sleep(0.005))
+        if server.id not in hs.world.servers:
+            break
+    hs.run(hs.engine.runner.wait_idle(5.0))
+    assert server.id not in hs.world.servers
+    assert [s.id for s in hs.engine.share_servers(net.id)] == []
+    assert ("delete_share_server", "post") in [(r["method"], r["phase"])
+                                              for r in RecordingHook.records]
+    hs.engine.delete_share_network(net.id, {})
+
+
+def test_bad_share_networks_change_nothing(hs):
+    for options in ({"bridge": "x"}, {"subnet": "10.92.0.0/24"},
+                    {"bridge": "x", "subnet": "10.92.0.1/24"},
+                    {"bridge": "x", "subnet": "10.92.0.0/31"},
+                    {"bridge": "x", "subnet": "10.92.0.0/24", "gateway": "10.93.0.1"},
+                    {"bridge": "x", "subnet": "10.92.0.0/24", "allocation_range": "10.92.0.9-10.92.0.3"},
+                    {"bridge": "x", "subnet": "10.92.0.0/24", "mtu": 100},
+                    {"parent": "eth0", "vlan": 0, "subnet": "10.92.0.0/24"},
+                    {"bridge": "x", "parent": "eth0", "vlan": 3, "subnet": "10.92.0.0/24"},
+                    {"bridge": "x", "subnet": "10.92.0.0/24", "colour": "red"}):
+        with pytest.raises(InvalidArgument):
+            hs.engine.create_share_network("bad", options)
+    assert hs.engine.share_networks() == []
+    _net(hs, "one", "br1", "10.92.0.0/24")
+    with pytest.raises(InvalidArgument, match="overlaps"):
+        _net(hs, "two", "br2", "10.92.0.0/16")
+    with pytest.raises(InvalidArgument, match="already carries"):
+        _net(hs, "two", "br1", "10.94.0.0/24")
+    with pytest.raises(AlreadyExists):
+        _net(hs, "one", "br3", "10.95.0.0/24")
+    assert [n.name for n in hs.engine.share_networks()] == ["one"]
+
+
+def test_failed_setup_and_teardown_tell_the_truth(hs):
+    net = _net(hs)
+    hs.world.fail = {"setup_server"}
+    with pytest.raises(BackendFailure):
+        hs.create("a", share_network=net.id)
+    assert hs.engine.share_servers() == [] and hs.engine.shares() == []    # undone
+    hs.world.fail = {"setup_server", "teardown_server"}
+    with pytest.raises(BackendFailure):
+        hs.create("a", share_network=net.id)
+    [failed] = hs.engine.share_servers()
+    assert failed.status == C.STATUS_ERROR                                 # not undone
+    hs.world.fail = set()
+    a = hs.create("a", share_network=net.id)                               # replaced
+    assert a.share_server_id != failed.id
+    server = hs.engine.share_server(a.share_server_id)
+    # A server that cannot be brought back at start is in error, and active
+    # again once it can.
+    hs.world.fail = {"ensure_server"}
+    hs.restart()
+    assert hs.engine.share_server(server.id).status == C.STATUS_ERROR
+    hs.world.fail = set()
+    hs.restart()
+    assert hs.engine.share_server(server.id).status == C.SERVER_ACTIVE
+    # A failed teardown leaves the server in error; Delete tries again.
+    hs.world.fail = {"teardown_server"}
+    hs.run(hs.engine.delete_share(a.id, {}))
+    for _ in range(100):
+        hs.run(asyncio.sleep(0.005))
+        if hs.engine.share_server(server.id).status == C.STATUS_ERROR:
+            break
+    assert hs.engine.share_server(server.id).status == C.STATUS_ERROR
+    hs.world.fail = set()
+    hs.run(hs.engine.delete_share_server(server.id, {}))
+    assert hs.engine.share_servers() == [] and hs.world.servers == {}
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("method", ["setup_server", "teardown_server"])
+def test_crash_around_server_setup_and_teardown(hs, method, when):
+    net = _net(hs)
+    if method == "teardown_server":
+        a = hs.create("a", share_network=net.id)
+        hs.world.crash = (method, when)
+        hs.run(hs.engine.delete_share(a.id, {}))
+        # The teardown runs in the background once the last share is gone:
+        # the simulated crash ends that task; the restart below is the new process.
+        for _ in range(200):
+            hs.run(asyncio.sleep(0.005))
+            if hs.world.crash is None:
+                break
+        assert hs.world.crash is None, "the teardown never ran"
+    else:
+        hs.world.crash = (method, when)
+        with pytest.raises(Crash):
+            hs.create("a", share_network=net.id)
+    hs.restart()
+    hs.settle()
+    assert hs.engine.share_servers() == [] and hs.world.servers == {}
+    assert hs.engine.shares() == []
+    b = hs.create("b", share_network=net.id)
+    assert hs.world.servers == {b.share_server_id: "10.90.0.10"}
 
 
 def test_zz_every_allowed_transition_is_exercised():

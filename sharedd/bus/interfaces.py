@@ -17,6 +17,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from .. import __version__
 from .. import constants as C
 from ..errors import InvalidArgument, SharedError
+from ..share_servers import describe as describe_attachment
 from . import audit
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ OUT_NAMES = {
     "CreateShare": ["share"], "ManageShare": ["share"], "ListShares": ["shares"],
     "ListSnapshots": ["snapshots"], "FindShareByName": ["share"],
     "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"],
+    "CreateShareNetwork": ["share_network"],
     "Fired": ["phase", "method", "record"],     # a signal's arguments
 }
 
@@ -36,6 +38,14 @@ def share_path(share_id: str) -> str:
 
 def snapshot_path(snapshot_id: str) -> str:
     return f"{C.SNAPSHOT_PATH}/{snapshot_id}"
+
+
+def share_network_path(network_id: str) -> str:
+    return f"{C.SHARE_NETWORK_PATH}/{network_id}"
+
+
+def share_server_path(server_id: str) -> str:
+    return f"{C.SHARE_SERVER_PATH}/{server_id}"
 
 
 def backend_path(name: str) -> str:
@@ -183,9 +193,13 @@ class Manager(_Base):
     @translate
     async def CreateShare(self, name: "s", protocol: "s", size_gib: "t", options: "a{sv}") -> "o":
         opts = unpack_options(options, {"backend": ("s",), "snapshot": ("o",),
-                                        "description": ("s",), "metadata": ("a{ss}",)})
+                                        "description": ("s",), "metadata": ("a{ss}",),
+                                        "share_network": ("o",)})
         if "snapshot" in opts:
             opts["snapshot"] = _id_from_path(opts["snapshot"], C.SNAPSHOT_PATH, "snapshot")
+        if "share_network" in opts:
+            opts["share_network"] = _id_from_path(opts["share_network"], C.SHARE_NETWORK_PATH,
+                                                  "share network")
         share = await self.engine.create_share(name, protocol, size_gib, opts)
         return share_path(share.id)
 
@@ -216,6 +230,14 @@ class Manager(_Base):
     @translate
     async def FindShareByName(self, name: "s") -> "o":
         return share_path(self.engine.find_share_by_name(name).id)
+
+    @method()
+    @translate
+    async def CreateShareNetwork(self, name: "s", options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"bridge": ("s",), "parent": ("s",), "vlan": ("q", "u"),
+                                        "subnet": ("s",), "gateway": ("s",),
+                                        "allocation_range": ("s",), "mtu": ("q", "u")})
+        return share_network_path(self.engine.create_share_network(name, opts).id)
 
     @method()
     @translate
@@ -439,6 +461,11 @@ class Share(_Base):
         snap_id = self._s().snapshot_id
         return snapshot_path(snap_id) if snap_id else "/"
 
+    @dbus_property(access=PropertyAccess.READ)
+    def ShareServer(self) -> "o":
+        server_id = self._s().share_server_id
+        return share_server_path(server_id) if server_id else "/"
+
 
 class Snapshot(_Base):
     def __init__(self, engine, snap):
@@ -484,6 +511,122 @@ class Snapshot(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def Status(self) -> "s":
         return self._s().status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self._s().created_at
+
+
+class ShareNetwork(_Base):
+    """Few objects, read from the engine on every access (no cache)."""
+
+    def __init__(self, engine, network_id):
+        super().__init__(C.IFACE_SHARE_NETWORK, engine)
+        self.network_id = network_id
+
+    def object_path(self):
+        return share_network_path(self.network_id)
+
+    def _n(self):
+        return self.engine.share_network(self.network_id)
+
+    def props(self):
+        return {"ShareServers": self._servers()}
+
+    def _servers(self):
+        return [share_server_path(s.id) for s in self.engine.share_servers(self.network_id)]
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        self.engine.delete_share_network(self.network_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.network_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._n().name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Subnet(self) -> "s":
+        return self._n().subnet
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Gateway(self) -> "s":
+        return self._n().gateway
+
+    @dbus_property(access=PropertyAccess.READ)
+    def AllocationRange(self) -> "s":
+        return self._n().allocation_range
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Attachment(self) -> "s":
+        """bridge:NAME, or vlan:PARENT.ID"""
+        return describe_attachment(self._n().attachment)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Mtu(self) -> "u":
+        return self._n().mtu
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ShareServers(self) -> "ao":
+        return self._servers()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self._n().created_at
+
+
+class ShareServer(_Base):
+    def __init__(self, engine, server_id):
+        super().__init__(C.IFACE_SHARE_SERVER, engine)
+        self.server_id = server_id
+
+    def object_path(self):
+        return share_server_path(self.server_id)
+
+    def _s(self):
+        return self.engine.share_server(self.server_id)
+
+    def props(self):
+        s = self._s()
+        return {"Status": s.status, "Addresses": list(s.addresses), "Shares": self._shares()}
+
+    def _shares(self):
+        return [share_path(i) for i in self.engine.share_server_share_ids(self.server_id)]
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.delete_share_server(self.server_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.server_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self._s().status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ShareNetwork(self) -> "o":
+        return share_network_path(self._s().network_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":
+        return self._s().backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Addresses(self) -> "as":
+        return list(self._s().addresses)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Shares(self) -> "ao":
+        return self._shares()
 
     @dbus_property(access=PropertyAccess.READ)
     def CreatedAt(self) -> "t":

@@ -95,6 +95,8 @@ class BusService(Observer):
         self.shares = {}
         self.snapshots = {}
         self.backends = {}
+        self.networks = {}
+        self.servers = {}
         self.cache = {}
         self.hooks = None
         # Backend Stats change with every share operation: announced at most
@@ -120,6 +122,10 @@ class BusService(Observer):
             self.backends[name] = iface
             bus.export(I.backend_path(name), iface)
             self.cache[I.backend_path(name)] = iface.props()
+        for network in engine.share_networks():
+            self.network_added(network)
+        for server in engine.share_servers():
+            self.server_added(server)
         for share in engine.shares():
             self.share_added(share)
         for snap in engine.snapshots():
@@ -219,6 +225,7 @@ class BusService(Observer):
         self.shares[share.id] = iface
         self.cache[path] = iface.props()
         self.bus.export(path, iface)
+        self._server_touched(share.share_server_id)
 
     def share_changed(self, share, rules: bool = False) -> None:
         if self.engine is None:
@@ -236,9 +243,11 @@ class BusService(Observer):
         if self.engine is None:
             return
         path = I.share_path(share_id)
-        if self.shares.pop(share_id, None) is not None:
+        iface = self.shares.pop(share_id, None)
+        if iface is not None:
             self.cache.pop(path, None)
             self.bus.unexport(path)
+            self._server_touched(iface.cache.share_server_id)
 
     def snapshot_added(self, snap) -> None:
         if self.engine is None:
@@ -267,6 +276,52 @@ class BusService(Observer):
         if self.snapshots.pop(snapshot_id, None) is not None:
             self.cache.pop(path, None)
             self.bus.unexport(path)
+
+    # share networks and servers: few objects, exported and announced as they change
+    def _export(self, table, key, path, iface) -> None:
+        table[key] = iface
+        self.cache[path] = iface.props()
+        self.bus.export(path, iface)
+
+    def _unexport(self, table, key, path) -> None:
+        if table.pop(key, None) is not None:
+            self.cache.pop(path, None)
+            self.bus.unexport(path)
+
+    def network_added(self, network) -> None:
+        if self.engine is not None and network.id not in self.networks:
+            self._export(self.networks, network.id, I.share_network_path(network.id),
+                         I.ShareNetwork(self.engine, network.id))
+
+    def network_changed(self, network_id: str) -> None:
+        iface = self.networks.get(network_id)
+        if self.engine is not None and iface is not None:
+            self._changed(I.share_network_path(network_id), iface)
+
+    def network_removed(self, network_id: str) -> None:
+        if self.engine is not None:
+            self._unexport(self.networks, network_id, I.share_network_path(network_id))
+
+    def server_added(self, server) -> None:
+        if self.engine is not None and server.id not in self.servers:
+            self._export(self.servers, server.id, I.share_server_path(server.id),
+                         I.ShareServer(self.engine, server.id))
+
+    def server_changed(self, server) -> None:
+        if self.engine is None:
+            return
+        if server.id not in self.servers:
+            return self.server_added(server)
+        self._server_touched(server.id)
+
+    def _server_touched(self, server_id) -> None:
+        iface = self.servers.get(server_id) if server_id else None
+        if iface is not None and self.engine is not None:
+            self._changed(I.share_server_path(server_id), iface)
+
+    def server_removed(self, server_id: str) -> None:
+        if self.engine is not None:
+            self._unexport(self.servers, server_id, I.share_server_path(server_id))
 
     def backend_changed(self, name: str) -> None:
         if self.engine is None or name in self._backend_timers:

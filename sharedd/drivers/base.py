@@ -15,8 +15,8 @@ import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..errors import NotSupported
-from ..models import AccessRule, Share, ShareUpdate, Snapshot
+from ..errors import BackendFailure, NotSupported
+from ..models import AccessRule, Share, ShareServer, ShareUpdate, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ class ShareDriver(abc.ABC):
         self.helpers = helpers or {}
         self.state_dir = state_dir
         self.command_timeout = command_timeout
+        #: the share servers' runtime (sharedd.service_instance.ServiceInstances),
+        #: given by the engine to drivers of backends that handle share servers
+        self.service_instances: Any = None
+        # share server id -> protocol -> that server's export helper; its address
+        self._server_helpers: Dict[str, Dict[str, Any]] = {}
+        self._server_addresses: Dict[str, str] = {}
 
     # --- lifecycle -------------------------------------------------------
     def do_setup(self) -> None:
@@ -157,6 +163,77 @@ class ShareDriver(abc.ABC):
                            rules: List[AccessRule]) -> ShareUpdate:
         raise NotSupported(f"driver {self.driver_name} cannot revert to snapshots")
 
+    # --- share servers (driver_handles_share_servers) ---------------------------
+    # The Generic driver's shape: a server per share network, with its own
+    # export daemons. Here a network namespace (sharedd.service_instance);
+    # the driver's export helpers work unchanged, one instance per server.
+    def get_network_allocations_number(self) -> int:
+        """Addresses one share server takes from its network."""
+        return 1
+
+    def setup_server(self, server: ShareServer, network_info: Any) -> Dict[str, Any]:
+        """Make the server (idempotent); return its details (stored with it)."""
+        details = self._instances().setup(network_info)
+        self._attach(server.id, details)
+        return details
+
+    def ensure_server(self, server: ShareServer, network_info: Any) -> Dict[str, Any]:
+        """After a restart: the server's namespace and daemons back, its
+        helpers ready. Its shares are ensured afterwards."""
+        # setup() is idempotent: it recreates what is missing and adopts the
+        # daemons still running; every share is ensured (re-exported) next.
+        details = self._instances().setup(network_info)
+        self._attach(server.id, details)
+        return details
+
+    def teardown_server(self, server: ShareServer) -> None:
+        """Remove the server: daemons, namespace, addresses, files. Idempotent."""
+        helpers = self._server_helpers.pop(server.id, {})
+        self._server_addresses.pop(server.id, None)
+        self._instances().teardown(server.id)
+        for helper in helpers.values():
+            helper.forget()
+
+    @classmethod
+    def can_serve_share_servers(cls) -> bool:
+        """Its own setup_server, or export helpers run per server."""
+        return cls.uses_export_helpers or cls.setup_server is not ShareDriver.setup_server
+
+    def serves_share_servers(self) -> bool:
+        if type(self).setup_server is not ShareDriver.setup_server:
+            return True
+        return self.uses_export_helpers and self.service_instances is not None
+
+    def _instances(self) -> Any:
+        if self.service_instances is None or not self.uses_export_helpers:
+            raise NotSupported(f"driver {self.driver_name} cannot handle share servers")
+        return self.service_instances
+
+    def _attach(self, server_id: str, details: Dict[str, Any]) -> None:
+        helpers = {proto: helper.for_server(server_id, details)
+                   for proto, helper in self.helpers.items()}
+        for helper in helpers.values():
+            helper.setup()
+        self._server_helpers[server_id] = helpers
+        self._server_addresses[server_id] = str(details["address"])
+
+    def helper_for(self, share: Share) -> Optional[Any]:
+        """The export helper serving share: its share server's, if it has one."""
+        if share.share_server_id:
+            helpers = self._server_helpers.get(share.share_server_id)
+            if helpers is None:
+                raise BackendFailure(f"share server {share.share_server_id} of share {share.id} "
+                                     "is not running")
+            return helpers.get(share.protocol)
+        return self.helpers.get(share.protocol)
+
+    def _helper(self, share: Share) -> Any:
+        helper = self.helper_for(share)
+        if helper is None:
+            raise BackendFailure(f"backend {self.backend_name} has no export helper "
+                                 f"for {share.protocol}")
+        return helper
+
     # --- reads ---------------------------------------------------------------
     @abc.abstractmethod
     def get_share_stats(self) -> Dict[str, Any]:
@@ -177,7 +254,7 @@ class ShareDriver(abc.ABC):
         """Addresses clients mount this backend's exports from; signed
         records declare them, and mountd mounts no export named elsewhere."""
         ip = str(getattr(self.config, "share_export_ip", "") or "")
-        return [ip] if ip else []
+        return ([ip] if ip else []) + sorted(set(self._server_addresses.values()))
 
     def get_periodic_hook_data(self, shares: List[Share]) -> Dict[str, Dict[str, Any]]:
         """share id -> extra data for the periodic hook (mount hints by default)."""
@@ -217,4 +294,5 @@ class ShareDriver(abc.ABC):
             "shrink_support": self._implements("shrink_share"),
             "extend_support": self._implements("extend_share"),
             "manage_support": self._implements("manage_existing"),
+            "share_server_support": self.serves_share_servers(),
         }

@@ -252,13 +252,6 @@ class BtrfsDriver(ShareDriver):
         self._check_id("share", share.id)
         return os.path.join(self.mount_dir, share.id)
 
-    def _helper(self, share: Share):
-        helper = self.helpers.get(share.protocol)
-        if helper is None:
-            raise BackendFailure(f"backend {self.backend_name} has no export helper "
-                                 f"for {share.protocol}")
-        return helper
-
     def _subvol_id(self, path: str) -> int:
         return int(self._kernel("subvolume id of", kernel.subvolume_id, path))
 
@@ -666,7 +659,7 @@ class BtrfsDriver(ShareDriver):
         return self._qgroup(self._path(self._share_rel(share))).referenced / GiB
 
     def get_mount_hints(self, share: Share) -> Dict[str, Any]:
-        helper = self.helpers.get(share.protocol)
+        helper = self.helper_for(share)
         mp = self._mount_point(share)
         hints: Dict[str, Any] = dict(helper.mount_hints(share, mp)) if helper else {}
         if not hints.get("export"):

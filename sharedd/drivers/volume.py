@@ -101,12 +101,6 @@ class VolumeDriver(ShareDriver):
     def _mountpoint(self, share: Share) -> str:
         return os.path.join(self.mount_dir, share.id)
 
-    def _helper(self, share: Share):
-        helper = self.helpers.get(share.protocol)
-        if helper is None:
-            raise BackendFailure(f"backend {self.backend_name} has no export helper for {share.protocol}")
-        return helper
-
     def _blkid(self, path: str, tag: str) -> str:
         # -p: probe the device itself, not blkid's cache (stale after copies)
         proc = self._run(["blkid", "-p", "-o", "value", "-s", tag, path], check=False)
@@ -196,7 +190,7 @@ class VolumeDriver(ShareDriver):
         """Unexport (before unmounting: servers keep the path busy), unmount, detach."""
         mp = self._mountpoint(share)
         if unexport:
-            helper = self.helpers.get(share.protocol)
+            helper = self.helper_for(share)
             if helper is not None:
                 helper.unexport(share, mp)
         src = self._mounted_source(mp)
@@ -593,5 +587,5 @@ class VolumeDriver(ShareDriver):
         return self._usage_bytes(share) / GiB
 
     def get_mount_hints(self, share: Share) -> Dict[str, Any]:
-        helper = self.helpers.get(share.protocol)
+        helper = self.helper_for(share)
         return helper.mount_hints(share, self._mountpoint(share)) if helper else {}

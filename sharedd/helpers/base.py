@@ -132,6 +132,20 @@ def merge_access(current: Optional[Dict[str, Grant]], access_rules: List[AccessR
     return wanted
 
 
+class Overlay:
+    """A backend's configuration with some options replaced (one share
+    server's address, say): what a per-server helper reads."""
+
+    def __init__(self, config: Any, **values: Any):
+        self._config = config
+        self._values = values
+
+    def __getattr__(self, item: str) -> Any:
+        if item in self._values:
+            return self._values[item]
+        return getattr(self._config, item)
+
+
 class ExportHelper(abc.ABC):
     #: short name used in nfs_helper = / cifs_helper =
     helper_name: str = ""
@@ -156,6 +170,15 @@ class ExportHelper(abc.ABC):
 
     def setup(self) -> None:
         """Check that the export service is reachable; create state dirs."""
+
+    def for_server(self, server_id: str, details: Dict[str, Any]) -> "ExportHelper":
+        """This helper for one share server (sharedd.service_instance details:
+        its address, its export daemon's bus): same options, the server's
+        address, a state directory of its own."""
+        raise NotSupported(f"{self.helper_name} cannot serve share servers")
+
+    def forget(self) -> None:
+        """The server this helper served is gone: drop its state."""
 
     def validate_access(self, access_type: str, access_level: str) -> None:
         levels = self.access_levels.get(access_type)

@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -64,7 +65,8 @@ from ..errors import (BackendFailure, CapacityExceeded, ConfigError,
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import atomic_write, run
-from .base import BusCallError, ExportHelper, Grant, grants_from_json, merge_access, rule_map
+from .base import (BusCallError, ExportHelper, Grant, Overlay, grants_from_json, merge_access,
+                   rule_map)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,25 @@ class GaneshaHelper(ExportHelper):
         self._ids: Optional[Dict[int, str]] = None
         self._foreign: Set[int] = set()
         self._cursor = self.id_min
+        # A share server's own ganesha, on the server's private bus (None:
+        # the host's ganesha on the system bus).
+        self.bus_address: Optional[str] = None
+
+    def for_server(self, server_id: str, details: Dict[str, Any]) -> "GaneshaHelper":
+        address, bus = str(details.get("address", "")), str(details.get("bus_address", ""))
+        if not address or not bus.startswith("unix:path=/"):
+            raise BackendFailure(f"share server {server_id}: no address or bus in its details")
+        if not _SHARE_ID_RE.fullmatch(server_id):
+            raise InvalidArgument(f"bad share server id {server_id!r}")
+        helper = GaneshaHelper(Overlay(self.config, share_export_ip=address),
+                               os.path.join(self.state_dir, "servers", server_id),
+                               self.command_timeout)
+        helper.bus_address = bus
+        helper.isolate_subtrees = self.isolate_subtrees
+        return helper
+
+    def forget(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _opt(self, name: str, default):
         try:
@@ -326,9 +347,10 @@ class GaneshaHelper(ExportHelper):
         Over the daemon's own connection when it has one (no process per
         call), else through busctl. ganesha says "busy" as an error: retried."""
         timeout = max(5.0, min(60.0, self.command_timeout))
-        if self.bus_call is not None:
+        if self.bus_call is not None and self.bus_address is None:
             return self._over_bus(args, json_reply, timeout)
-        argv = ["busctl", "--system", "--no-pager", f"--timeout={timeout:g}"]
+        bus = f"--address={self.bus_address}" if self.bus_address else "--system"
+        argv = ["busctl", bus, "--no-pager", f"--timeout={timeout:g}"]
         if json_reply:
             argv.append("--json=short")
         argv += ["call", BUS_NAME, EXPORT_MGR_PATH, EXPORT_MGR_IFACE, *args]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..drivers import load_class
 from ..errors import BackendFailure, ConfigError
@@ -25,12 +25,13 @@ class HookFailed(BackendFailure):
 
 class HookManager:
     def __init__(self, backend_name: str, bconfig, context: HookContext,
-                 addresses: Sequence[str] = ()):
+                 addresses: Callable[[], Sequence[str]] = lambda: ()):
         self.backend_name = backend_name
         self.config = bconfig
         self.context = context
-        # the backend's served addresses, declared in (and signed with) every record
-        self.addresses = list(addresses)
+        # the backend's served addresses now (share servers come and go),
+        # declared in (and signed with) every record
+        self.addresses = addresses
         self.hooks: List[Hook] = []
         for spec in bconfig.hook_drivers:
             try:
@@ -50,8 +51,9 @@ class HookManager:
 
     def finish(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as hooks get it: with the served addresses, signed."""
-        if self.addresses:
-            record = dict(record, server_addresses=self.addresses)
+        addresses = list(self.addresses())
+        if addresses:
+            record = dict(record, server_addresses=addresses)
         signer = self.context.signer
         return signer.sign(record) if signer is not None else record
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import constants as C
 from .. import record as record_schema
-from ..models import AccessRule, Share, Snapshot
+from ..models import AccessRule, Share, ShareServer, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,24 @@ def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
         # A driver bug must not poison every record: drop the hints, say why.
         log.error("share %s: dropping invalid mount hints: %s", share.id, exc)
         hints = {}
-    return {
+    out = {
         "id": share.id, "name": share.name, "backend": share.backend,
         "protocol": share.protocol, "export_locations": list(share.export_locations),
         "size_gib": share.size_gib, "status": status or share.status,
         "access_rules": [rule_dict(r) for r in rules], "mount_hints": hints,
     }
+    if share.share_server_id:
+        out["share_server"] = share.share_server_id
+    return out
 
 
 def snapshot_dict(s: Snapshot, status: Optional[str] = None) -> Dict[str, Any]:
     return {"id": s.id, "name": s.name, "status": status or s.status, "size_gib": s.size_gib}
+
+
+def server_dict(s: ShareServer, status: Optional[str] = None) -> Dict[str, Any]:
+    return {"id": s.id, "share_network": s.network_id, "status": status or s.status,
+            "addresses": list(s.addresses)}
 
 
 def timestamp() -> str:
@@ -51,7 +59,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
           rules: Optional[List[AccessRule]] = None, is_allow: Optional[bool] = None,
           result: Optional[Dict[str, Any]] = None,
           shares: Optional[List[Dict[str, Any]]] = None,
-          part: Tuple[int, int] = (1, 1)) -> Dict[str, Any]:
+          part: Tuple[int, int] = (1, 1),
+          server: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     rec: Dict[str, Any] = {
         "schema": record_schema.SCHEMA_VERSION, "host": host, "epoch": epoch, "seq": seq,
         "timestamp": timestamp(), "phase": phase, "method": method, "backend": backend,
@@ -63,6 +72,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
         rec["result"] = result
     if shares is not None:
         rec["shares"] = shares
+    if server is not None:
+        rec["share_server"] = server
     if part != (1, 1):
         rec["part"], rec["parts"] = part
     return record_schema.validate(rec)
