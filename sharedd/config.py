@@ -42,9 +42,9 @@ GLOBAL_OPTIONS: List[Opt] = [
              "configuration file). Clients trust its public key: sharedd --print-public-key."),
     Opt("share_server_launcher", "str", "auto", choices=("auto", "systemd", "child"),
         help="How share servers' daemons run: systemd (instances of the template units "
-             "sharedd-server-bus@ and sharedd-server-nfs@, started over systemd's D-Bus "
-             "API), child (children sharedd supervises), auto (systemd when it is PID 1 "
-             "and the units are installed)."),
+             "sharedd-server-bus@, sharedd-server-nfs@ and sharedd-server-smb@, started "
+             "over systemd's D-Bus API), child (children sharedd supervises), auto "
+             "(systemd when it is PID 1 and the units are installed)."),
     Opt("share_server_run_dir", "path", "/run/sharedd/servers",
         help="Volatile files of share servers (private bus sockets, pid files); the "
              "template units read /run/sharedd/servers."),
@@ -96,7 +96,8 @@ BACKEND_OPTIONS: List[Opt] = [
              "on the network's bridge or VLAN with its own NFS-Ganesha, made with the "
              "network's first share on this backend and removed with its last. CreateShare "
              "then needs the share_network option. Drivers with export helpers (btrfs, "
-             "volume) and NFS through nfs_helper = ganesha."),
+             "volume); NFS through nfs_helper = ganesha, CIFS through cifs_helper = samba "
+             "(the server's own smbd, registry and passdb)."),
     Opt("share_server_idle_seconds", "float", 0.0, min=0,
         help="Keep a share server this long after its last share is gone (0: remove it at "
              "once), so that a network's next share does not wait for a new server."),
@@ -258,11 +259,13 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
         if not cls.can_serve_share_servers():
             raise ConfigError(f"{where}: driver {b.share_driver} exports through its own "
                               "service and cannot run share servers")
-        if cls.uses_export_helpers and (b.enabled_share_protocols != ["NFS"]
-                                        or b.nfs_helper != "ganesha"):
+        protos = b.enabled_share_protocols
+        if cls.uses_export_helpers and (not set(protos) <= {"NFS", "CIFS"}
+                                        or ("NFS" in protos and b.nfs_helper != "ganesha")
+                                        or ("CIFS" in protos and b.cifs_helper != "samba")):
             raise ConfigError(f"{where}: share servers serve NFS through nfs_helper = ganesha "
-                              "only (CIFS share servers are not implemented yet): set "
-                              "enabled_share_protocols = NFS")
+                              "and CIFS through cifs_helper = samba only: set "
+                              "enabled_share_protocols to NFS and/or CIFS with those helpers")
     cls.check_config(b, src, sec_of)
 
 

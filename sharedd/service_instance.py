@@ -1,5 +1,6 @@
-"""Share servers' runtime: one network namespace, one private D-Bus and one
-NFS-Ganesha per server (Manila's Generic driver "service instance").
+"""Share servers' runtime: one network namespace per server, with a private
+D-Bus and NFS-Ganesha for NFS, its own smbd in a mount namespace of its own
+for CIFS (Manila's Generic driver "service instance").
 
 Per server (id = 32 hex digits):
 
@@ -15,6 +16,34 @@ Per server (id = 32 hex digits):
   directory and log live in ``<base_dir>/<id>/``; everything volatile (bus
   socket, pid files, the systemd environment file) in ``<run_dir>/<id>/``.
 
+CIFS (NetworkInfo.protocols holds "CIFS"; a server serving only CIFS has
+no bus and no ganesha):
+
+- Samba keeps its registry, passdb and locks in /var/lib/samba,
+  /var/cache/samba and /run/samba whatever smb.conf says, so each such
+  server has a persistent mount namespace of its own, the file
+  ``<run_dir>/<id>/ns/mnt`` (made with ``unshare --mount=FILE --propagation
+  slave`` on ``ns/``, a private bind mount of itself: the namespace file may
+  not sit on a mount that propagates). In it those directories and
+  /var/log/samba are bind mounts of ``<base_dir>/<id>/samba/{lib,cache,run,
+  log}``. It is a slave of the host's namespace: shares mounted later on the
+  host reach smbd when mounted under a shared mount (every mount is shared
+  under systemd; where / is private, the share mount directory must be made
+  shared, and the Samba helper refuses to export a share smbd cannot see).
+  Anyone with CAP_SYS_ADMIN and CAP_SYS_CHROOT enters it with ``nsenter
+  --mount=FILE``, no access to any process needed (the Samba helper runs
+  net, smbcontrol, setfacl, getent there: sharedd.helpers.samba.for_server).
+- ``smbd --foreground --no-process-group -s <base>/<id>/smb.conf`` (a
+  standalone server on the server's address only, ``include = registry``)
+  runs in the server's network namespace and that mount namespace. Registry
+  shares persist across its restarts; a restart is reported through
+  on_restart all the same. Its helpers samba-dcerpcd and rpcd_* (started on
+  demand, in a session of their own, outliving smbd) are found by their
+  ``--configfile=`` and, with anything else in the namespace, by
+  /proc/PID/mountinfo, which shows the server's /var/lib/samba bind mount
+  (mount ids are unique on the host, and mountinfo needs no ptrace access,
+  unlike /proc/PID/ns/). Teardown ends them all, then unmounts the file.
+
 Two ways to run the processes:
 
 - ``child``: sharedd spawns them (posix_spawn, own session, no parent-death
@@ -26,7 +55,9 @@ Two ways to run the processes:
   (1 s doubling to 30 s; reset after a minute of good service) and calls
   ``on_restart(server_id)``.
 - ``systemd``: instances of the shipped template units
-  sharedd-server-bus@<id>.service and sharedd-server-nfs@<id>.service,
+  sharedd-server-bus@<id>.service, sharedd-server-nfs@<id>.service and
+  sharedd-server-smb@<id>.service (KillMode=control-group: smbd's helpers
+  stop with it),
   started over systemd's D-Bus API on the real system bus (sharedd's own
   tests point DBUS_SYSTEM_BUS_ADDRESS elsewhere, which is why the private
   bus address reaches ganesha through the units' EnvironmentFile, never
@@ -36,7 +67,9 @@ Two ways to run the processes:
   KillMode=mixed kills the rest of its cgroup), hence "auto" prefers units.
 
 A process is "ours" when its command line names this server's config file
-(``--config-file=<base>/<id>/bus.conf``, ``-f <base>/<id>/ganesha.conf``):
+(``--config-file=<base>/<id>/bus.conf``, ``-f <base>/<id>/ganesha.conf``,
+``-s <base>/<id>/smb.conf``; smbd's children share its command line, the
+main one is the one whose parent is not among them):
 pid files are only a fast path, always checked against /proc/PID/cmdline,
 and a scan of /proc finds what a crash left without a pid file. A ganesha
 in another network namespace than the server's current one is not adopted.
@@ -50,7 +83,8 @@ pid files (<run>/<id>/{bus,nfs}.pid: PID and start time) name the
 processes last handed out; ensure reports a ganesha it cannot match to
 them as restarted, because nobody knows which exports it has.
 
-Measured here (Debian 12, 2 cores): setup of a server 150-180 ms
+Measured here (Debian 12, 2 cores): a CIFS-only server's setup ~0.4 s
+(namespaces, smbd listening), teardown ~0.3 s. NFS: setup of a server 150-180 ms
 (namespace ~45 ms, bus ~25 ms, ganesha ready ~85 ms), teardown 60-140 ms
 (ganesha exits on SIGTERM at once); a killed ganesha serves again about a
 second later (the first backoff step).
@@ -58,6 +92,7 @@ second later (the first backoff step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -82,6 +117,10 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "child", "systemd")
 BUS_UNIT = "sharedd-server-bus@{}.service"
 NFS_UNIT = "sharedd-server-nfs@{}.service"
+SMB_UNIT = "sharedd-server-smb@{}.service"
+UNITS = {"bus": BUS_UNIT, "nfs": NFS_UNIT, "smb": SMB_UNIT}
+#: protocols a server serves -> the kinds of process it runs for them
+PROTOCOL_KINDS = {"NFS": ("bus", "nfs"), "CIFS": ("smb",)}
 UNIT_DIRS = ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
 #: the units' EnvironmentFile= is /run/sharedd/servers/%i/env
 SYSTEMD_RUN_DIR = "/run/sharedd/servers"
@@ -89,6 +128,12 @@ SYSTEMD_RUN_DIR = "/run/sharedd/servers"
 SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
 GANESHA_BUS_NAME = "org.ganesha.nfsd"
 NFS_PORT = 2049
+SMB_PORT = 445
+#: Samba's compiled-in directories (its registry, passdb, locks, logs live
+#: there whatever smb.conf says): in a CIFS server's mount namespace each is
+#: a bind mount of <base>/<id>/samba/<name>.
+SAMBA_DIRS = (("lib", "/var/lib/samba"), ("cache", "/var/cache/samba"),
+              ("run", "/run/samba"), ("log", "/var/log/samba"))
 
 CHILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 #: seconds for a server's processes to become ready (ganesha: ~30 ms here)
@@ -115,6 +160,21 @@ class NetworkInfo:
     address: str                   # "10.80.0.10/24"
     gateway: str = ""
     mtu: int = 0
+    protocols: Tuple[str, ...] = ("NFS",)   # of PROTOCOL_KINDS
+
+
+def _kinds(protocols: Any) -> Tuple[str, ...]:
+    """The process kinds serving these protocols, in start order."""
+    if isinstance(protocols, str) or not isinstance(protocols, (tuple, list)) or not protocols:
+        raise InvalidArgument("a share server's protocols must be a non-empty tuple of "
+                              f"{', '.join(PROTOCOL_KINDS)}")
+    wanted = set()
+    for proto in protocols:
+        if not isinstance(proto, str) or proto.upper() not in PROTOCOL_KINDS:
+            raise InvalidArgument(f"share servers cannot serve {str(proto)[:40]!r} (only "
+                                  f"{', '.join(PROTOCOL_KINDS)})")
+        wanted.add(proto.upper())
+    return tuple(k for proto in PROTOCOL_KINDS if proto in wanted for k in PROTOCOL_KINDS[proto])
 
 
 def _check_id(server_id: Any) -> str:
@@ -147,6 +207,47 @@ def _listening(pid: int, port: int = NFS_PORT) -> bool:
         except OSError:
             continue
     return False
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _mountinfo(pid: Any = "self") -> List[Tuple[str, str, str, str]]:
+    """(mount id, root, mount point, fs type) of each mount PID sees.
+
+    /proc/PID/mountinfo needs no ptrace access to PID (unlike /proc/PID/ns/),
+    and its mount ids are unique on the host: a mount belongs to exactly one
+    mount namespace, so a mount id seen there names the namespace."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in raw.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-", 6)
+            out.append((fields[0], fields[3], fields[4], fields[sep + 1]))
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def _top_mount(mounts: List[Tuple[str, str, str, str]], point: str) \
+        -> Optional[Tuple[str, str, str, str]]:
+    """The mount on top at point (mountinfo lists a stack bottom first)."""
+    found = None
+    for m in mounts:
+        if m[2] == point:
+            found = m
+    return found
 
 
 def _start_time(pid: int) -> int:
@@ -203,7 +304,7 @@ class _Proc:
     """One process of a server, held by a pidfd (identity pinned)."""
 
     def __init__(self, kind: str, pid: int, pidfd: int, started: float):
-        self.kind = kind            # "bus" or "nfs"
+        self.kind = kind            # "bus", "nfs", "smb" (or "aux": one of smbd's helpers)
         self.pid = pid
         self.pidfd = pidfd
         self.started = started      # monotonic time we started or adopted it
@@ -245,7 +346,8 @@ class _Proc:
 class _Server:
     def __init__(self, net: NetworkInfo):
         self.net = net
-        self.procs: Dict[str, Optional[_Proc]] = {"bus": None, "nfs": None}
+        self.procs: Dict[str, Optional[_Proc]] = {k: None for k in _kinds(net.protocols)}
+        self.smb_started = False                 # smbd (re)started by the last _start_missing
         self.failures = 0
         self.pending = False                     # a death not handled yet
         self.worker: Optional[threading.Thread] = None
@@ -276,7 +378,7 @@ class ServiceInstances:
         self.start_timeout = min(START_TIMEOUT, self.command_timeout)
         self.on_restart = on_restart
         self._conf_re = re.compile(re.escape(self.base_dir).encode()
-                                   + rb"/([0-9a-f]{32})/(bus|ganesha)\.conf")
+                                   + rb"/([0-9a-f]{32})/(bus|ganesha|smb)\.conf")
         self._lock = threading.Lock()                 # _servers, _retired, workers
         self._servers: Dict[str, _Server] = {}
         self._server_locks: Dict[str, threading.RLock] = {}
@@ -293,7 +395,7 @@ class ServiceInstances:
                 or os.path.normpath(run_dir) != SYSTEMD_RUN_DIR:
             return False
         return all(any(os.path.exists(os.path.join(d, unit.format(""))) for d in UNIT_DIRS)
-                   for unit in (BUS_UNIT, NFS_UNIT))
+                   for unit in UNITS.values())
 
     # ------------------------------------------------------------ paths
     def _base(self, sid: str) -> str:
@@ -317,7 +419,16 @@ class ServiceInstances:
                 "ganesha_pid": os.path.join(run_, "ganesha.pid"),
                 "env": os.path.join(run_, "env"),
                 "bus.pid": os.path.join(run_, "bus.pid"),
-                "nfs.pid": os.path.join(run_, "nfs.pid")}
+                "nfs.pid": os.path.join(run_, "nfs.pid"),
+                # CIFS: smbd's config and output, Samba's directories (bound
+                # at SAMBA_DIRS in the mount namespace), the namespace file
+                # (an nsfs bind mount in a private bind mount of ns/)
+                "smb_conf": os.path.join(base, "smb.conf"),
+                "smb_out": os.path.join(base, "smb.out"),
+                "samba": os.path.join(base, "samba"),
+                "ns_dir": os.path.join(run_, "ns"),
+                "mount_ns": os.path.join(run_, "ns", "mnt"),
+                "smb.pid": os.path.join(run_, "smb.pid")}
 
     # ------------------------------------------------------------ public API
     def setup(self, net: NetworkInfo) -> Dict[str, Any]:
@@ -343,14 +454,7 @@ class ServiceInstances:
             # finishes first, and finds the server gone once it is released.
             srv.stop.set()
         with self._server_lock(sid):
-            if self.mode == "systemd":
-                self._systemd_stop(sid)
-            procs = [p for p in (srv.procs.values() if srv else ()) if p is not None]
-            procs += self._strays(sid, "nfs", procs) + self._strays(sid, "bus", procs)
-            # ganesha first: it must not outlive its bus by long, nor the bus it.
-            self._terminate([p for p in procs if p.kind == "nfs"])
-            self._terminate([p for p in procs if p.kind == "bus"])
-            self._retire(procs)
+            self._stop(sid, srv, ("smb", "nfs", "bus"))
             netns.destroy(sid)
             _reap_spawned()
             for d in (self._base(sid), self._run(sid)):
@@ -360,14 +464,14 @@ class ServiceInstances:
         log.info("share server %s torn down", sid)
 
     def running(self, server_id: str) -> bool:
-        """Both of the server's processes are alive (not a readiness check)."""
+        """All of the server's processes are alive (not a readiness check)."""
         sid = _check_id(server_id)
         with self._lock:
             srv = self._servers.get(sid)
         if srv is not None:
             return all(p is not None and not p.exited() for p in srv.procs.values())
-        found = [self._find(sid, kind) for kind in ("bus", "nfs")]
-        alive = all(p is not None and not p.exited() for p in found)
+        found = [self._find(sid, kind) for kind in self._configured(sid)]
+        alive = bool(found) and all(p is not None and not p.exited() for p in found)
         self._retire([p for p in found if p is not None])
         return alive
 
@@ -418,6 +522,7 @@ class ServiceInstances:
         if not isinstance(net, NetworkInfo):
             raise InvalidArgument("share server network must be a NetworkInfo")
         sid = _check_id(net.server_id)
+        kinds = _kinds(net.protocols)
         if self._closed:
             raise BackendFailure("share server runtime is closed")
         _reap_spawned()
@@ -426,18 +531,29 @@ class ServiceInstances:
             # namespace of ours always has its directory, so
             # leftovers(owned_only=True) finds what a crash left.
             netns.check(sid, net.attachment, net.address, net.gateway, net.mtu)
-            self._write_files(sid)
+            had = self._configured(sid)
+            self._write_files(sid, net, kinds)
             ndetails = netns.create(sid, net.attachment, net.address, net.gateway, net.mtu)
             with self._lock:
                 srv = self._servers.get(sid) or _Server(net)
             srv.net = net
+            # A protocol the server no longer serves: its processes go.
+            dropped = tuple(k for k in ("smb", "nfs", "bus") if k not in kinds
+                            and (k in srv.procs or k in had))
+            if dropped:
+                log.info("share server %s: no longer serving %s; stopping it", sid,
+                         ", ".join(dropped))
+                self._stop(sid, srv, dropped)
+            for k in kinds:
+                srv.procs.setdefault(k, None)
             recorded = self._recorded(sid, "nfs")
             started = self._start_missing(srv, None)
-            nfs = srv.procs["nfs"]
+            nfs = srv.procs.get("nfs")
             # A ganesha other than the one recorded when it was last handed
             # out (systemd restarted it while sharedd was away) has lost its
             # exports as surely as one started now.
-            started = started or nfs is None or recorded != (nfs.pid, _start_time(nfs.pid))
+            if "nfs" in kinds:
+                started = started or nfs is None or recorded != (nfs.pid, _start_time(nfs.pid))
             for proc in srv.procs.values():
                 if proc is not None:
                     self._record(sid, proc)
@@ -447,27 +563,50 @@ class ServiceInstances:
                 self._servers[sid] = srv
             self._ensure_supervisor()
             self._wake()          # watch the new pidfds
-        details = dict(ndetails, server_id=sid, bus_address=self.bus_address(sid),
-                       mode=self.mode)
+        details = dict(ndetails, server_id=sid, mode=self.mode,
+                       protocols=[p for p in PROTOCOL_KINDS if set(PROTOCOL_KINDS[p]) <= set(kinds)])
+        if "nfs" in kinds:
+            details["bus_address"] = self.bus_address(sid)
+        if "smb" in kinds:
+            p = self._paths(sid)
+            details.update(samba_conf=p["smb_conf"], mount_ns=p["mount_ns"])
         return details, started
 
-    def _write_files(self, sid: str) -> None:
+    def _configured(self, sid: str) -> Tuple[str, ...]:
+        """The kinds of process the server's files say it runs."""
+        p = self._paths(sid)
+        return tuple((["bus", "nfs"] if os.path.exists(p["ganesha_conf"]) else [])
+                     + (["smb"] if os.path.exists(p["smb_conf"]) else []))
+
+    def _write_files(self, sid: str, net: NetworkInfo, kinds: Tuple[str, ...]) -> None:
         p = self._paths(sid)
         os.makedirs(self.base_dir, mode=0o755, exist_ok=True)
         os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
         private_dir(self._base(sid))
         private_dir(self._run(sid))
-        private_dir(p["recovery"])
         files = {
-            p["ganesha_conf"]: self._ganesha_conf(p),
-            p["bus_conf"]: self._bus_conf(p),
             p["env"]: (f"SHAREDD_SERVER_ID={sid}\n"
                        f"SHAREDD_BUS_CONF={p['bus_conf']}\n"
                        f"SHAREDD_GANESHA_CONF={p['ganesha_conf']}\n"
                        f"SHAREDD_GANESHA_LOG={p['ganesha_log']}\n"
                        f"SHAREDD_GANESHA_PID={p['ganesha_pid']}\n"
+                       f"SHAREDD_SMB_CONF={p['smb_conf']}\n"
+                       f"SHAREDD_MOUNT_NS={p['mount_ns']}\n"
                        f"DBUS_SYSTEM_BUS_ADDRESS=unix:path={p['socket']}\n"),
         }
+        if "nfs" in kinds:
+            private_dir(p["recovery"])
+            files[p["ganesha_conf"]] = self._ganesha_conf(p)
+            files[p["bus_conf"]] = self._bus_conf(p)
+        else:
+            for path in (p["ganesha_conf"], p["bus_conf"]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        if "smb" in kinds:
+            files[p["smb_conf"]] = self._smb_conf(net)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p["smb_conf"])
         for path, text in files.items():
             try:
                 with open(path) as f:
@@ -497,6 +636,31 @@ NFSv4 {{
 NFS_KRB5 {{
     Active_krb5 = false;
 }}
+"""
+
+    @staticmethod
+    def _smb_conf(net: NetworkInfo) -> str:
+        address = net.address.split("/", 1)[0]
+        return f"""# Written by sharedd for one share server; rewritten at each start.
+# smbd runs in the server's network namespace and in a mount namespace of
+# its own, where /var/lib/samba, /var/cache/samba, /run/samba and
+# /var/log/samba are this server's directories: its registry (shares, added
+# at run time with net conf), passdb and locks are nobody else's.
+[global]
+  server role = standalone server
+  workgroup = SHAREDD
+  interfaces = {address}
+  bind interfaces only = yes
+  disable netbios = yes
+  smb ports = {SMB_PORT}
+  passdb backend = tdbsam
+  map to guest = never
+  load printers = no
+  printing = bsd
+  printcap name = /dev/null
+  disable spoolss = yes
+  log level = 1
+  include = registry
 """
 
     @staticmethod
@@ -537,8 +701,53 @@ NFS_KRB5 {{
 """
 
     def _start_missing(self, srv: _Server, stop: Optional[threading.Event]) -> bool:
-        """Adopt or start the bus, then ganesha; wait until ganesha serves.
-        True if ganesha was started (its runtime exports are gone)."""
+        """Adopt or start the server's processes; wait until they serve.
+        True if ganesha was started (its runtime exports are gone); whether
+        smbd was (its registry shares persist) is left in srv.smb_started."""
+        srv.smb_started = False
+        started = False
+        if "nfs" in srv.procs:
+            started = self._start_missing_nfs(srv, stop)
+        if "smb" in srv.procs:
+            srv.smb_started = self._start_missing_smb(srv, stop)
+        return started
+
+    def _start_missing_smb(self, srv: _Server, stop: Optional[threading.Event]) -> bool:
+        sid = srv.net.server_id
+        mnt_id = self._ensure_mount_ns(sid)
+        smb = self._alive(srv, "smb")
+        if smb is not None and not self._in_mount_ns(smb.pid, mnt_id):
+            # The namespace was made anew (its file was lost): this smbd
+            # serves an old one that sharedd's commands no longer reach.
+            log.warning("share server %s: smbd %s is in another mount namespace; "
+                        "restarting it", sid, smb)
+            srv.procs["smb"] = None
+            self._terminate([smb])
+            self._retire([smb])
+            smb = None
+        if smb is not None and not self._smb_serving(smb, stop, min(5.0, self.start_timeout)):
+            log.warning("share server %s: smbd %s does not serve; restarting it", sid, smb)
+            srv.procs["smb"] = None
+            self._terminate([smb])
+            self._retire([smb])
+            smb = None
+        if smb is not None:
+            return False
+        srv.procs["smb"] = self._start(sid, "smb", stop)
+        return True
+
+    def _smb_serving(self, proc: _Proc, stop: Optional[threading.Event], grace: float) -> bool:
+        deadline = time.monotonic() + grace
+        while True:
+            if proc.exited():
+                return False
+            if _listening(proc.pid, SMB_PORT):
+                return True
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return False
+            time.sleep(0.05)
+
+    def _start_missing_nfs(self, srv: _Server, stop: Optional[threading.Event]) -> bool:
         sid = srv.net.server_id
         bus = self._alive(srv, "bus")
         nfs = self._alive(srv, "nfs")
@@ -574,8 +783,9 @@ NFS_KRB5 {{
             proc = None
         if proc is None:
             proc = self._find(sid, kind)
-            if proc is not None and kind == "nfs" and not self._in_server_netns(sid, proc.pid):
-                log.warning("share server %s: ganesha %s is in another network namespace; "
+            if proc is not None and kind in ("nfs", "smb") \
+                    and not self._in_server_netns(sid, proc.pid):
+                log.warning("share server %s: %s is in another network namespace; "
                             "stopping it", sid, proc)
                 self._terminate([proc])
                 self._retire([proc])
@@ -637,13 +847,184 @@ NFS_KRB5 {{
                 return False
         return True
 
+    # ------------------------------------------------------------ mount namespace (CIFS)
+    def _cmd(self, argv: List[str], check: bool = True) -> "subprocess.CompletedProcess[bytes]":
+        return run(argv, timeout=self.command_timeout, check=check, env={"PATH": CHILD_PATH})
+
+    def _ensure_mount_ns(self, sid: str) -> str:
+        """The server's mount namespace, made or completed; the mount id of
+        its /var/lib/samba bind mount (which names the namespace).
+
+        The namespace lives as long as the file <run>/<id>/ns/mnt is a bind
+        mount of it (no process holds it): sharedd and units enter it with
+        nsenter --mount=FILE, which needs no access to any process. unshare
+        can bind it only onto a mount that does not propagate (else the new
+        namespace would receive a mount of itself), hence ns/ is a private
+        bind mount of itself. The namespace is a slave of the host's: shares
+        mounted later on the host under a shared mount reach smbd (under
+        systemd every mount is shared), its own bind mounts never leave it."""
+        p = self._paths(sid)
+        for name, target in SAMBA_DIRS:
+            d = os.path.join(p["samba"], name)
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            os.chmod(d, 0o755)              # smbd checks the modes of its directories
+            os.makedirs(target, mode=0o755, exist_ok=True)   # the mount point
+        private_dir(os.path.join(p["samba"], "lib", "private"))
+        private_dir(p["ns_dir"])
+        host = _mountinfo()
+        if _top_mount(host, p["ns_dir"]) is None:
+            self._cmd(["mount", "--bind", p["ns_dir"], p["ns_dir"]])
+        # Always: a crash between the two commands leaves it shared.
+        self._cmd(["mount", "--make-private", p["ns_dir"]])
+        top = _top_mount(host, p["mount_ns"])
+        if top is None or top[3] != "nsfs":
+            with open(p["mount_ns"], "a"):
+                pass
+            self._make_mount_ns(sid, p["mount_ns"])
+            log.info("share server %s: mount namespace %s made", sid, p["mount_ns"])
+        inside = self._ns_mountinfo(sid)
+        for name, target in SAMBA_DIRS:
+            top = _top_mount(inside, target)
+            if top is None or not top[1].endswith(f"/{sid}/samba/{name}"):
+                self._cmd([self._executable("nsenter"), f"--mount={p['mount_ns']}", "--",
+                           "mount", "--bind", os.path.join(p["samba"], name), target])
+                inside = self._ns_mountinfo(sid)
+        top = _top_mount(inside, SAMBA_DIRS[0][1])
+        if top is None:
+            raise BackendFailure(f"share server {sid}: {SAMBA_DIRS[0][1]} is not bound in its "
+                                 "mount namespace")
+        return top[0]
+
+    def _make_mount_ns(self, sid: str, path: str) -> None:
+        """A new mount namespace (a slave of this one), bound at path.
+
+        The kernel binds a mount namespace's file only in a namespace with a
+        lower id (mnt_ns_loop; EINVAL otherwise). Since Linux 6.18 namespace
+        ids come from per-CPU batches (gen_cookie_next): they grow on each
+        CPU but not across CPUs, so a namespace unshare makes now on another
+        CPU than the one that made sharedd's may get a lower id and the bind
+        fails. sharedd's namespace is the initial one (lowest id) on a real
+        host, not in a container. On the CPU that made sharedd's namespace
+        every new id is higher, so after a refused bind the command is
+        retried pinned to each CPU in turn (taskset; only that short-lived
+        command, whatever CPUAffinity= sharedd has)."""
+        argv = [self._executable("unshare"), f"--mount={path}", "--propagation", "slave",
+                "true"]
+        try:
+            self._cmd(argv)
+            return
+        except BackendFailure as exc:
+            if "Invalid argument" not in str(exc):
+                raise
+            first = exc
+        for cpu in range(os.cpu_count() or 1):
+            if self._cmd([self._executable("taskset"), "--cpu-list", str(cpu)] + argv,
+                         check=False).returncode == 0:
+                log.info("share server %s: mount namespace bound from CPU %d (per-CPU "
+                         "namespace ids, Linux 6.18)", sid, cpu)
+                return
+        raise first
+
+    def _ns_mountinfo(self, sid: str) -> List[Tuple[str, str, str, str]]:
+        proc = self._cmd([self._executable("nsenter"), f"--mount={self._paths(sid)['mount_ns']}",
+                          "--", "cat", "/proc/self/mountinfo"])
+        out = []
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+                out.append((fields[0], fields[3], fields[4], fields[sep + 1]))
+            except (ValueError, IndexError):
+                continue
+        return out
+
+    @staticmethod
+    def _in_mount_ns(pid: int, mnt_id: str) -> bool:
+        return any(m[0] == mnt_id and m[2] == SAMBA_DIRS[0][1] for m in _mountinfo(pid))
+
+    @staticmethod
+    def _in_any_mount_ns_of(pid: int, sid: str) -> bool:
+        """pid sees a /var/lib/samba of this server: it is in one of its
+        mount namespaces (the current one, or one whose file was lost)."""
+        suffix = f"/{sid}/samba/{SAMBA_DIRS[0][0]}"
+        return any(m[2] == SAMBA_DIRS[0][1] and m[1].endswith(suffix) for m in _mountinfo(pid))
+
+    def _ns_members(self, sid: str, known: List[_Proc]) -> List[_Proc]:
+        """Every process (not in known) in one of the server's mount namespaces."""
+        pids = {p.pid for p in known}
+        out = []
+        me = os.getpid()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if pid in pids or pid == me or not self._in_any_mount_ns_of(pid, sid):
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except (ProcessLookupError, OSError):
+                continue
+            if not self._in_any_mount_ns_of(pid, sid):     # the PID was reused meanwhile
+                os.close(pidfd)
+                continue
+            out.append(_Proc("aux", pid, pidfd, time.monotonic()))
+        return out
+
+    def _remove_mount_ns(self, sid: str) -> None:
+        """Unmount the namespace file and its private directory (the
+        namespace dies with its last process and mount)."""
+        p = self._paths(sid)
+        for path in (p["mount_ns"], p["ns_dir"]):
+            for _ in range(16):          # stacked by repeated half-done set-ups
+                if _top_mount(_mountinfo(), path) is None:
+                    break
+                self._cmd(["umount", path], check=False)
+            if _top_mount(_mountinfo(), path) is not None:
+                raise BackendFailure(f"share server {sid}: could not unmount {path}")
+
+    def _stop(self, sid: str, srv: Optional[_Server], kinds: Tuple[str, ...]) -> None:
+        """Stop the server's processes of these kinds: units, known ones and
+        strays; for smb also its helpers (samba-dcerpcd, rpcd_*) and whatever
+        else runs in its mount namespace, and the namespace itself."""
+        if self.mode == "systemd":
+            self._systemd_stop(sid, kinds)
+        procs = []
+        if srv is not None:
+            for kind in kinds:
+                proc = srv.procs.pop(kind, None)
+                if proc is not None:
+                    procs.append(proc)
+        for kind in kinds:
+            procs += self._strays(sid, kind, procs)
+        if "smb" in kinds:
+            smb = [p for p in procs if p.kind == "smb"]
+            self._terminate(smb)
+            # smbd's helpers outlive it (samba-dcerpcd starts a session of
+            # its own): by their command line, then by their namespace.
+            rest = self._strays(sid, "aux", procs)
+            paths = self._paths(sid)
+            if smb or rest or os.path.lexists(paths["ns_dir"]) \
+                    or os.path.lexists(paths["samba"]):
+                rest += self._ns_members(sid, procs + rest)
+            procs += rest
+            self._terminate(rest)
+            if os.path.lexists(paths["ns_dir"]):
+                self._remove_mount_ns(sid)
+        # ganesha first: it must not outlive its bus by long, nor the bus it.
+        self._terminate([p for p in procs if p.kind == "nfs"])
+        self._terminate([p for p in procs if p.kind == "bus"])
+        self._retire(procs)
+        _reap_spawned()
+
     # ------------------------------------------------------------ processes
     def _executable(self, name: str) -> str:
         if name not in self._exe:
             path = shutil.which(name, path=CHILD_PATH)
             if path is None:
                 pkg = {"ganesha.nfsd": "nfs-ganesha and nfs-ganesha-vfs",
-                       "dbus-daemon": "dbus", "nsenter": "util-linux"}.get(name, name)
+                       "dbus-daemon": "dbus", "nsenter": "util-linux", "unshare": "util-linux",
+                       "taskset": "util-linux",
+                       "smbd": "samba"}.get(name, name)
                 raise BackendFailure(f"{name} is not installed (package {pkg})")
             self._exe[name] = path
         return self._exe[name]
@@ -653,6 +1034,13 @@ NFS_KRB5 {{
         if kind == "bus":
             return [self._executable("dbus-daemon"), "--nofork", "--nopidfile",
                     f"--config-file={p['bus_conf']}"]
+        if kind == "smb":
+            # Both namespaces: the network's and the server's own mount
+            # namespace (its registry). nsenter execs smbd: the PID is smbd's.
+            return [self._executable("nsenter"), f"--net={netns.netns_path(sid)}",
+                    f"--mount={p['mount_ns']}", "--",
+                    self._executable("smbd"), "--foreground", "--no-process-group",
+                    "--debug-stdout", "-s", p["smb_conf"]]
         # nsenter --net, not ip netns exec: same mount namespace as the host,
         # so shares mounted later are visible to ganesha. nsenter execs
         # ganesha (no fork without --pid), so the PID is ganesha's.
@@ -665,6 +1053,10 @@ NFS_KRB5 {{
         # systemd mode: systemd owns the unit's processes (and may be
         # restarting one right now); strays outside units are teardown's.
         strays = self._strays(sid, kind, []) if self.mode == "child" else []
+        if kind == "smb" and self.mode == "child":
+            # A dead smbd's samba-dcerpcd and rpcd_* would serve the new one
+            # with the old one's state: a fresh start.
+            strays += self._strays(sid, "aux", strays)
         if strays:
             log.warning("share server %s: stopping stray %s", sid, strays)
             self._terminate(strays)
@@ -686,8 +1078,8 @@ NFS_KRB5 {{
 
     def _spawn(self, sid: str, kind: str) -> _Proc:
         p = self._paths(sid)
-        out = p["bus_log"] if kind == "bus" else p["ganesha_out"]
-        for path in ([out] if kind == "bus" else [out, p["ganesha_log"]]):
+        out = {"bus": p["bus_log"], "nfs": p["ganesha_out"], "smb": p["smb_out"]}[kind]
+        for path in ([out, p["ganesha_log"]] if kind == "nfs" else [out]):
             try:
                 if os.stat(path).st_size > LOG_MAX:
                     os.replace(path, path + ".1")
@@ -741,23 +1133,29 @@ NFS_KRB5 {{
     def _wait_ready(self, sid: str, proc: _Proc, stop: Optional[threading.Event]) -> None:
         p = self._paths(sid)
         deadline = time.monotonic() + self.start_timeout
+        names = {"bus": "dbus-daemon", "nfs": "ganesha.nfsd", "smb": "smbd"}
         while True:
             if proc.kind == "bus":
                 if self._bus_ready(sid):
                     return
+            elif proc.kind == "smb":
+                if self._smb_serving(proc, stop, grace=0):
+                    return
             elif self._serving(sid, proc, stop, grace=0):
                 return
-            logs = [p["bus_log"]] if proc.kind == "bus" else [p["ganesha_out"], p["ganesha_log"]]
+            logs = {"bus": [p["bus_log"]], "nfs": [p["ganesha_out"], p["ganesha_log"]],
+                    "smb": [p["smb_out"]]}[proc.kind]
             if proc.exited():
-                name = "dbus-daemon" if proc.kind == "bus" else "ganesha.nfsd"
+                name = names[proc.kind]
                 raise BackendFailure(f"share server {sid}: {name} exited at start:\n"
                                      f"{_log_tail(logs)}")
             if stop is not None and stop.is_set():
                 raise BackendFailure(f"share server {sid}: start of {proc} interrupted")
             if time.monotonic() >= deadline:
-                what = ("its private bus did not accept connections" if proc.kind == "bus"
-                        else f"ganesha did not own {GANESHA_BUS_NAME} and listen on TCP "
-                             f"{NFS_PORT}")
+                what = {"bus": "its private bus did not accept connections",
+                        "nfs": f"ganesha did not own {GANESHA_BUS_NAME} and listen on TCP "
+                               f"{NFS_PORT}",
+                        "smb": f"smbd did not listen on TCP {SMB_PORT}"}[proc.kind]
                 raise BackendFailure(f"share server {sid}: {what} within "
                                      f"{self.start_timeout:g}s:\n{_log_tail(logs)}")
             time.sleep(0.02 if proc.kind == "bus" else 0.05)
@@ -791,7 +1189,10 @@ NFS_KRB5 {{
             if proc is not None:
                 return proc
         # No valid pid file (a crash right after spawning): the scan finds it.
-        for pid in self._scan().get((sid, kind), []):
+        # smbd's children share its command line: the main one has no
+        # parent among them.
+        pids = self._scan().get((sid, kind), [])
+        for pid in sorted(pids, key=lambda pid: _ppid(pid) in pids):
             proc = self._adopt(sid, kind, pid)
             if proc is not None:
                 return proc
@@ -808,12 +1209,21 @@ NFS_KRB5 {{
                     m = self._conf_re.fullmatch(a[len(b"--config-file="):])
                     if m and m.group(2) == b"bus":
                         return m.group(1).decode(), "bus"
-        elif exe in (b"ganesha.nfsd", b"nsenter"):     # nsenter: just before its exec
+        elif exe in (b"ganesha.nfsd", b"smbd", b"nsenter"):   # nsenter: just before its exec
             for i, a in enumerate(argv[1:-1], 1):
-                if a == b"-f":
+                if a in (b"-f", b"-s"):
                     m = self._conf_re.fullmatch(argv[i + 1])
-                    if m and m.group(2) == b"ganesha":
+                    if m and (a, m.group(2)) == (b"-f", b"ganesha"):
                         return m.group(1).decode(), "nfs"
+                    if m and (a, m.group(2)) == (b"-s", b"smb"):
+                        return m.group(1).decode(), "smb"
+        elif exe == b"samba-dcerpcd" or exe.startswith(b"rpcd_"):
+            # smbd's RPC helpers (started on demand; they outlive smbd)
+            for a in argv[1:]:
+                if a.startswith(b"--configfile="):
+                    m = self._conf_re.fullmatch(a[len(b"--configfile="):])
+                    if m and m.group(2) == b"smb":
+                        return m.group(1).decode(), "aux"
         return None
 
     def _scan(self) -> Dict[Tuple[str, str], List[int]]:
@@ -876,7 +1286,7 @@ NFS_KRB5 {{
         return words[1].strip('"') if proc.returncode == 0 and len(words) >= 2 else ""
 
     def _unit(self, sid: str, kind: str) -> str:
-        return (BUS_UNIT if kind == "bus" else NFS_UNIT).format(sid)
+        return UNITS[kind].format(sid)
 
     def _main_pid(self, sid: str, kind: str) -> int:
         value = self._unit_property(self._unit(sid, kind), "org.freedesktop.systemd1.Service",
@@ -897,15 +1307,18 @@ NFS_KRB5 {{
                 break
             time.sleep(0.1)
         p = self._paths(sid)
+        logs = [p["ganesha_log"]] if kind == "nfs" else []
         raise BackendFailure(f"share server {sid}: {unit} did not start (see journalctl -u "
-                             f"{unit}):\n{_log_tail([p['ganesha_log']])}")
+                             f"{unit}):\n{_log_tail(logs)}")
 
-    def _systemd_stop(self, sid: str) -> None:
-        for kind in ("nfs", "bus"):
+    def _systemd_stop(self, sid: str, kinds: Tuple[str, ...] = ("smb", "nfs", "bus")) -> None:
+        # KillMode=control-group: a unit's stop ends every process of its
+        # cgroup (smbd's samba-dcerpcd and rpcd_* too).
+        for kind in kinds:
             unit = self._unit(sid, kind)
             self._manager("StopUnit", "ss", unit, "replace", check=False)
         deadline = time.monotonic() + 3 * STOP_TIMEOUT
-        for kind in ("nfs", "bus"):
+        for kind in kinds:
             unit = self._unit(sid, kind)
             while time.monotonic() < deadline:
                 state = self._unit_property(unit, "org.freedesktop.systemd1.Unit",
@@ -1016,15 +1429,17 @@ NFS_KRB5 {{
                     if self._servers.get(sid) is not srv:
                         srv.worker = None
                         return
-                nfs = srv.procs["nfs"]
-                nfs_died = nfs is None or nfs.exited()
+                # ganesha's death loses its exports; smbd's loses nothing (its
+                # shares are in the registry), but reporting it is harmless.
+                died = any(p is None or p.exited()
+                           for p in (srv.procs[k] for k in ("nfs", "smb") if k in srv.procs))
                 try:
                     if not netns.exists(sid):        # removed behind our back
                         net = srv.net
                         netns.create(sid, net.attachment, net.address, net.gateway, net.mtu)
                     # systemd may have brought a new ganesha up by itself: that
                     # one has no exports either.
-                    started = self._start_missing(srv, srv.stop) or nfs_died
+                    started = self._start_missing(srv, srv.stop) or srv.smb_started or died
                     for proc in srv.procs.values():
                         if proc is not None:
                             self._record(sid, proc)

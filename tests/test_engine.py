@@ -799,6 +799,28 @@ def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
     hs.engine.delete_share_network(net.id, {})
 
 
+def test_an_idle_server_is_kept_for_a_while_and_reused(monkeypatch):
+    from sharedd import netns
+    monkeypatch.setattr(netns, "check_bridge", lambda name: None)
+    hs = Harness(extra=DHSS + "\nshare_server_idle_seconds = 0.3")
+    try:
+        net = _net(hs)
+        a = hs.create("a", share_network=net.id)
+        hs.run(hs.engine.delete_share(a.id, {}))
+        hs.run(asyncio.sleep(0.05))
+        assert a.share_server_id in hs.world.servers          # idle, kept
+        b = hs.create("b", share_network=net.id)
+        assert b.share_server_id == a.share_server_id         # and reused
+        hs.run(hs.engine.delete_share(b.id, {}))
+        for _ in range(200):
+            hs.run(asyncio.sleep(0.01))
+            if not hs.world.servers:
+                break
+        assert hs.world.servers == {} and hs.engine.share_servers() == []
+    finally:
+        hs.close()
+
+
 def test_bad_share_networks_change_nothing(hs):
     for options in ({"bridge": "x"}, {"subnet": "10.92.0.0/24"},
                     {"bridge": "x", "subnet": "10.92.0.1/24"},

@@ -70,6 +70,29 @@ def pid_gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
+def mountinfo(pid: Any = "self") -> List[List[str]]:
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return [line.split() for line in f.read().splitlines()]
+    except OSError:
+        return []
+
+
+def mounts_under(path: str) -> List[str]:
+    return sorted({w[4] for w in mountinfo() if w[4] == path or w[4].startswith(path + "/")})
+
+
+def in_mount_ns_of(sid: str) -> List[int]:
+    """Processes that see a CIFS server's /var/lib/samba: its mount namespace."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid() and any(
+                w[4] == "/var/lib/samba" and w[3].endswith(f"/{sid}/samba/lib")
+                for w in mountinfo(name)):
+            out.append(int(name))
+    return out
+
+
 def zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -169,11 +192,12 @@ class Runtime:
         return si
 
     def server(self, host: int, attachment: Optional[dict] = None,
-               address: Optional[str] = None) -> NetworkInfo:
+               address: Optional[str] = None,
+               protocols: Tuple[str, ...] = ("NFS",)) -> NetworkInfo:
         sid = uuid.uuid4().hex
         self.ids.append(sid)
         return NetworkInfo(sid, attachment or {"bridge": self.lab.bridge},
-                           address or f"{self.lab.subnet}.{host}/24")
+                           address or f"{self.lab.subnet}.{host}/24", protocols=protocols)
 
     def our_pids(self) -> Dict[int, str]:
         """Every process whose command line names this runtime's directory."""
@@ -192,7 +216,7 @@ class Runtime:
     def close(self) -> None:
         for si in self.instances:
             si.close()
-        left = list(self.our_pids())
+        left = list(self.our_pids()) + [pid for sid in self.ids for pid in in_mount_ns_of(sid)]
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -209,6 +233,14 @@ class Runtime:
             with contextlib.suppress(Exception):
                 netns.destroy(sid)
             sh("ip", "netns", "delete", netns.netns_name(sid), check=False)
+        # The CIFS servers' namespace files and the tests' own mounts, deepest first.
+        for _ in range(8):
+            targets = mounts_under(self.tmp)
+            if not targets:
+                break
+            for target in sorted(targets, key=len, reverse=True):
+                if sh("umount", target, check=False).returncode != 0:
+                    sh("umount", "-l", target, check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -608,7 +640,7 @@ def test_systemd_units_verify_and_match_the_environment_file(rt: Runtime, tmp_pa
     """The template units load (systemd-analyze verify) and read exactly the
     variables ServiceInstances writes to their EnvironmentFile."""
     units = {kind: open(os.path.join(REPO, "systemd", f"sharedd-server-{kind}@.service")).read()
-             for kind in ("bus", "nfs")}
+             for kind in ("bus", "nfs", "smb")}
     sid = "0123456789abcdef0123456789abcdef"
     for kind, text in units.items():
         (tmp_path / f"sharedd-server-{kind}@.service").write_text(text)
@@ -617,16 +649,25 @@ def test_systemd_units_verify_and_match_the_environment_file(rt: Runtime, tmp_pa
              *[str(tmp_path / f"sharedd-server-{k}@{sid}.service") for k in units],
              check=False, timeout=120)
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
-    nfs = units["nfs"]
-    assert "NetworkNamespacePath=/run/netns/sharedd-%i" in nfs
-    assert "PrivateMounts=no" in nfs and "BindsTo=sharedd-server-bus@%i.service" in nfs
-    for forbidden in ("ProtectSystem=", "ProtectHome=", "PrivateTmp=", "PrivateDevices=",
-                      "ReadWritePaths=", "ProtectKernel", "ProtectControlGroups=", "ProtectProc=",
-                      "PrivateIPC=", "PrivateNetwork="):
-        assert not any(line.startswith(forbidden) for line in nfs.splitlines()), forbidden
+    nfs, smb = units["nfs"], units["smb"]
+    assert "BindsTo=sharedd-server-bus@%i.service" in nfs
+    # smbd: the server's mount namespace through nsenter; the whole cgroup
+    # (samba-dcerpcd, rpcd_*) stops with the unit.
+    assert "--mount=${SHAREDD_MOUNT_NS}" in smb and "-s ${SHAREDD_SMB_CONF}" in smb
+    assert "KillMode=control-group" in smb
+    for unit in (nfs, smb):
+        assert "NetworkNamespacePath=/run/netns/sharedd-%i" in unit
+        assert "PrivateMounts=no" in unit
+        for forbidden in ("ProtectSystem=", "ProtectHome=", "PrivateTmp=", "PrivateDevices=",
+                          "ReadWritePaths=", "ProtectKernel", "ProtectControlGroups=",
+                          "ProtectProc=", "PrivateIPC=", "PrivateNetwork="):
+            assert not any(line.startswith(forbidden) for line in unit.splitlines()), forbidden
+    install = open(os.path.join(REPO, "packaging", "debian", "sharedd.install")).read()
+    assert all(f"systemd/sharedd-server-{k}@.service lib/systemd/system" in install
+               for k in units)
 
     si = rt.new()
-    net = rt.server(21)
+    net = rt.server(21, protocols=("NFS", "CIFS"))
     si.setup(net)
     with open(os.path.join(rt.run, net.server_id, "env")) as f:
         env = dict(line.split("=", 1) for line in f.read().splitlines())
@@ -634,8 +675,198 @@ def test_systemd_units_verify_and_match_the_environment_file(rt: Runtime, tmp_pa
             re.findall(r"\$\{[A-Z_]+\}", text)}
     assert used <= set(env), used - set(env)
     assert env["DBUS_SYSTEM_BUS_ADDRESS"] == f"unix:path={rt.run}/{net.server_id}/bus"
-    assert all(os.path.exists(env[k]) for k in ("SHAREDD_BUS_CONF", "SHAREDD_GANESHA_CONF"))
+    assert all(os.path.exists(env[k]) for k in ("SHAREDD_BUS_CONF", "SHAREDD_GANESHA_CONF",
+                                                "SHAREDD_SMB_CONF", "SHAREDD_MOUNT_NS"))
     components.used("systemd-analyze verify (share server units)")
+
+
+# ------------------------------------------------------------------ CIFS
+def smb_pid(rt: Runtime, sid: str) -> int:
+    with open(os.path.join(rt.run, sid, "smb.pid")) as f:
+        return int(f.read().split()[0])
+
+
+def smb_listening(d: dict) -> bool:
+    out = sh("ip", "netns", "exec", d["netns"], "ss", "-Hltn", "sport", "=", ":445").stdout
+    return f"{d['address']}:445" in out
+
+
+def in_ns(d: dict, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh("nsenter", f"--mount={d['mount_ns']}", "--", *argv, check=check)
+
+
+def samba_processes(rt: Runtime, sid: str) -> List[str]:
+    """Names of the server's smbd, samba-dcerpcd and rpcd_* (by their config path)."""
+    conf = os.path.join(rt.base, sid, "smb.conf")
+    return [cmd.split()[0] for cmd in rt.our_pids().values() if conf in cmd]
+
+
+def smb_client_conf(rt: Runtime) -> str:
+    d = os.path.join(rt.tmp, "smbclient")
+    os.makedirs(d, exist_ok=True)
+    conf = os.path.join(d, "smb.conf")
+    with open(conf, "w") as f:
+        f.write("[global]\n  client min protocol = SMB2\n" + "".join(
+            f"  {k} = {d}\n" for k in ("lock directory", "state directory", "cache directory",
+                                       "private dir", "ncalrpc dir", "pid directory")))
+    return conf
+
+
+def list_shares(rt: Runtime, d: dict) -> subprocess.CompletedProcess:
+    """An anonymous share list from the lab's client (srvsvc: smbd starts samba-dcerpcd)."""
+    return sh("ip", "netns", "exec", rt.lab.client_ns, "smbclient", "-s", smb_client_conf(rt),
+              "-N", "-L", f"//{d['address']}", check=False)
+
+
+def test_cifs_server_has_its_own_smbd_registry_and_mount_namespace(rt: Runtime):
+    # Mounts made on the host after the server exist reach its smbd from a
+    # shared mount (as every mount under systemd); / is private here.
+    shared = os.path.join(rt.tmp, "shared")
+    private = os.path.join(rt.tmp, "private")
+    for d_ in (shared, private):
+        os.makedirs(d_)
+    sh("mount", "--bind", shared, shared)
+    sh("mount", "--make-shared", shared)
+    host_registry = os.path.exists("/var/lib/samba/registry.tdb")
+
+    si = rt.new()
+    net = rt.server(30, protocols=("NFS", "CIFS"))
+    sid = net.server_id
+    d = si.setup(net)
+    components.used("CIFS share servers (smbd in a private mount namespace)")
+    assert d["protocols"] == ["NFS", "CIFS"]
+    assert d["samba_conf"] == os.path.join(rt.base, sid, "smb.conf")
+    assert d["mount_ns"] == os.path.join(rt.run, sid, "ns", "mnt")
+    assert d["bus_address"] == f"unix:path={rt.run}/{sid}/bus"
+    # The namespace lives in a file (an nsfs bind mount), not in a process.
+    mine = {w[4]: w[w.index("-", 6) + 1] for w in mountinfo()}
+    assert mine[d["mount_ns"]] == "nsfs" and os.path.dirname(d["mount_ns"]) in mine
+    assert si.running(sid) and smb_listening(d)
+    pid = smb_pid(rt, sid)
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(d["netns_path"]).st_ino
+    assert os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat(d["mount_ns"]).st_ino
+    assert pids(rt, sid)["nfs"] and ganesha_count(rt, sid) == 1   # NFS beside it
+    conf = open(d["samba_conf"]).read()
+    for line in (f"interfaces = {d['address']}", "bind interfaces only = yes",
+                 "disable netbios = yes", "include = registry", "passdb backend = tdbsam"):
+        assert line in conf, line
+
+    # Samba's directories are the server's own inside; the host's are untouched.
+    inside = {w[4]: w[3] for w in (line.split() for line in
+                                   in_ns(d, "cat", "/proc/self/mountinfo").stdout.splitlines())}
+    for name, target in (("lib", "/var/lib/samba"), ("cache", "/var/cache/samba"),
+                         ("run", "/run/samba"), ("log", "/var/log/samba")):
+        assert inside[target].endswith(f"/{sid}/samba/{name}"), (target, inside.get(target))
+    os.makedirs(os.path.join(shared, "late"))
+    sh("mount", "-t", "tmpfs", "late", os.path.join(shared, "late"))
+    with open(os.path.join(shared, "late", "late.txt"), "w") as f:
+        f.write("late")
+    in_ns(d, "net", "-s", d["samba_conf"], "conf", "addshare", "late",
+          os.path.join(shared, "late"), "writeable=n", "guest_ok=y")
+    assert os.path.exists(os.path.join(rt.base, sid, "samba", "lib", "registry.tdb"))
+    assert os.path.exists("/var/lib/samba/registry.tdb") == host_registry
+    assert "late" in in_ns(d, "net", "-s", d["samba_conf"], "conf", "listshares").stdout
+    res = list_shares(rt, d)
+    assert res.returncode == 0 and "late" in res.stdout, res.stdout + res.stderr
+
+    # The Samba helper for this server runs its commands in the namespace.
+    from types import SimpleNamespace
+    from sharedd.helpers.samba import SambaHelper
+    base_helper = SambaHelper(SimpleNamespace(share_export_ip="192.0.2.1"),
+                              os.path.join(rt.tmp, "samba-state"))
+    helper = base_helper.for_server(sid, d)
+    assert helper.export_ip == d["address"] and helper.conf_file == d["samba_conf"]
+    assert helper.prefix == ["nsenter", f"--mount={d['mount_ns']}", "--"]
+    assert helper.state_dir == os.path.join(rt.tmp, "samba-state", "servers", sid)
+    helper.setup()
+    assert "late" in helper._shares() and os.path.isdir(helper.state_dir)
+    # A share mounted later under the shared mount is seen by smbd; one
+    # mounted where mounts do not propagate is refused by name.
+    helper._check_visible(os.path.join(shared, "late"))
+    os.makedirs(os.path.join(private, "hidden"))
+    sh("mount", "-t", "tmpfs", "hidden", os.path.join(private, "hidden"))
+    with pytest.raises(BackendFailure, match="propagate"):
+        helper._check_visible(os.path.join(private, "hidden"))
+    helper.forget()
+    assert not os.path.exists(helper.state_dir)
+    with pytest.raises(BackendFailure, match="samba_conf"):
+        base_helper.for_server(sid, {"address": d["address"]})
+
+    # A restarted runtime adopts the running smbd (and its namespace).
+    si.close()
+    si2 = rt.new()
+    assert si2.running(sid)
+    assert si2.setup(net) == d and smb_pid(rt, sid) == pid
+
+    # A killed smbd comes back in the same namespaces, with the registry's shares.
+    wait_for("samba-dcerpcd", lambda: "/usr/libexec/samba/samba-dcerpcd"
+             in samba_processes(rt, sid))
+    os.kill(pid, signal.SIGKILL)
+    assert rt.restarted.wait(WAIT), "on_restart was not called"
+    assert rt.restarts == [sid]
+    new = smb_pid(rt, sid)
+    assert new != pid and os.stat(f"/proc/{new}/ns/mnt").st_ino == os.stat(d["mount_ns"]).st_ino
+    wait_for("smbd listening again", lambda: smb_listening(d))
+    wait_for("the killed smbd to be reaped", lambda: pid_gone(pid))
+    res = list_shares(rt, d)
+    assert res.returncode == 0 and "late" in res.stdout, res.stdout + res.stderr
+    assert pids(rt, sid)["nfs"] and ganesha_count(rt, sid) == 1
+
+    # Teardown: no smbd, samba-dcerpcd, rpcd_* nor anything in the namespace;
+    # the namespace file and its directory unmounted; no file left.
+    assert samba_processes(rt, sid)
+    si2.teardown(sid)
+    assert not samba_processes(rt, sid) and not in_mount_ns_of(sid) and not rt.our_pids()
+    assert not [m for m in mounts_under(rt.tmp) if sid in m]
+    assert not os.path.exists(os.path.join(rt.base, sid))
+    assert not os.path.exists(os.path.join(rt.run, sid))
+    assert sid not in si2.leftovers()
+    assert os.path.exists("/var/lib/samba/registry.tdb") == host_registry
+
+
+def test_cifs_only_server_and_protocol_changes(rt: Runtime):
+    si = rt.new()
+    net = rt.server(31, protocols=("CIFS",))
+    sid = net.server_id
+    d = si.setup(net)
+    # No bus and no ganesha for a server that serves CIFS only.
+    assert "bus_address" not in d and d["protocols"] == ["CIFS"]
+    assert ganesha_count(rt, sid) == 0 and smb_listening(d)
+    assert not os.path.exists(os.path.join(rt.run, sid, "nfs.pid"))
+    assert si.running(sid)
+
+    # The namespace file lost behind sharedd's back: ensure makes a new
+    # namespace and moves smbd into it (the old one is out of reach).
+    old = smb_pid(rt, sid)
+    sh("umount", d["mount_ns"])
+    si.ensure(net)
+    new = smb_pid(rt, sid)
+    assert new != old and os.stat(f"/proc/{new}/ns/mnt").st_ino == os.stat(d["mount_ns"]).st_ino
+    wait_for("the old smbd gone", lambda: pid_gone(old))
+    assert smb_listening(d)
+
+    # NFS added: ganesha starts beside smbd; CIFS dropped: smbd, its
+    # namespace and its config go.
+    both = NetworkInfo(sid, net.attachment, net.address, protocols=("CIFS", "NFS"))
+    assert si.ensure(both) is True                 # a new ganesha: exports to add
+    d2 = si.setup(both)
+    assert "bus_address" in d2 and ganesha_count(rt, sid) == 1 and smb_pid(rt, sid) == new
+    nfs_only = NetworkInfo(sid, net.attachment, net.address)
+    d3 = si.setup(nfs_only)
+    assert "mount_ns" not in d3 and ganesha_count(rt, sid) == 1
+    wait_for("smbd stopped", lambda: pid_gone(new))
+    assert not samba_processes(rt, sid) and not in_mount_ns_of(sid)
+    assert not [m for m in mounts_under(rt.tmp) if sid in m]
+    assert not os.path.exists(os.path.join(rt.base, sid, "smb.conf"))
+    assert si.running(sid)
+    si.teardown(sid)
+    assert not rt.our_pids() and not os.path.exists(os.path.join(rt.base, sid))
+
+    with pytest.raises(InvalidArgument):
+        si.setup(NetworkInfo(uuid.uuid4().hex, net.attachment, net.address,
+                             protocols=("GLUSTERFS",)))
+    with pytest.raises(InvalidArgument):
+        si.setup(NetworkInfo(uuid.uuid4().hex, net.attachment, net.address, protocols=()))
 
 
 # ------------------------------------------------------------------ systemd mode
@@ -747,7 +978,7 @@ print("RESULT " + json.dumps(out))
 
 def test_systemd_mode_under_a_real_systemd(nspawn_base):
     with nspawn.boot(nspawn_base, bind_ro={REPO: "/mnt/src"}) as ct:
-        for kind in ("bus", "nfs"):
+        for kind in ("bus", "nfs", "smb"):
             ct.run("cp", f"/mnt/src/systemd/sharedd-server-{kind}@.service",
                    "/etc/systemd/system/")
         ct.run("systemctl", "daemon-reload")

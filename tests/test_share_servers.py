@@ -411,6 +411,31 @@ def test_each_backend_serves_a_network_from_a_server_of_its_own(host, tenants):
         wait_for("no leftovers", lambda: no_leftovers(h, sid))
 
 
+def test_a_reboot_brings_every_server_back_before_its_shares(host, tenants):
+    """sharedd stopped, the server's processes, namespace and volatile files
+    gone (as after a reboot): the next start makes them again, then exports."""
+    h = host
+    net = network(h, tenants, "a", name="reboot")
+    p = h.create_share("rebooted", share_network=net)
+    sid = server_of(h, p)[1]
+    share_id = p.rsplit("/", 1)[1]
+    h.share(p, "AllowAccess", "sssa{sv}", "ip", tenants.addr("a", 1), "rw", 0)
+    assert tenants.nfs_ls("a", 1, "10.86.1.10", f"/shares/{share_id}")[0]
+    assert h.stop() == 0
+    assert _ganesha_pid(sid), "a server keeps serving while sharedd is stopped"
+    for pid in _processes_of(sid):
+        _kill(pid)
+    wait_for("processes gone", lambda: not _processes_of(sid))
+    _ip("netns", "delete", f"sharedd-{sid}")
+    shutil.rmtree(os.path.join(h.workdir, "run", sid))
+    h.start()
+    assert _netns_exists(sid) and _ganesha_pid(sid)
+    ok, out = tenants.nfs_ls("a", 1, "10.86.1.10", f"/shares/{share_id}")
+    assert ok, out
+    cleanup(h)
+    wait_for("no leftovers", lambda: no_leftovers(h, sid))
+
+
 def _create(h, name, net):
     return lambda: h.manager("CreateShare", "ssta{sv}", name, "NFS", 1, 1,
                              "share_network", "o", net, check=False)

@@ -11,6 +11,7 @@ an error), because start-up recovery replays interrupted operations.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional
@@ -173,7 +174,7 @@ class ShareDriver(abc.ABC):
 
     def setup_server(self, server: ShareServer, network_info: Any) -> Dict[str, Any]:
         """Make the server (idempotent); return its details (stored with it)."""
-        details = self._instances().setup(network_info)
+        details = self._instances().setup(self._serving(network_info))
         self._attach(server.id, details)
         return details
 
@@ -182,9 +183,14 @@ class ShareDriver(abc.ABC):
         helpers ready. Its shares are ensured afterwards."""
         # setup() is idempotent: it recreates what is missing and adopts the
         # daemons still running; every share is ensured (re-exported) next.
-        details = self._instances().setup(network_info)
+        details = self._instances().setup(self._serving(network_info))
         self._attach(server.id, details)
         return details
+
+    def _serving(self, network_info: Any) -> Any:
+        """network_info with the protocols this driver has export helpers for
+        (the server runs their daemons: ganesha for NFS, smbd for CIFS)."""
+        return dataclasses.replace(network_info, protocols=tuple(sorted(self.helpers)))
 
     def teardown_server(self, server: ShareServer) -> None:
         """Remove the server: daemons, namespace, addresses, files. Idempotent."""

@@ -73,14 +73,24 @@ as `-s FILE`; `samba_command_prefix` is put before every command this helper
 runs (net, smbcontrol, smbstatus, setfacl, getfacl, getent, find), e.g.
 `nsenter,--mount=/proc/PID/ns/mnt,--` to reach a Samba instance in another
 mount namespace.
+
+Share servers (`for_server`): one helper per server, with the server's
+address, its smb.conf and `nsenter --mount=<its namespace file> --` as the
+prefix (sharedd.service_instance: the server's registry, passdb and
+accounts are those of its mount namespace), and a state directory of its
+own. Before each export it checks that the share's mount reached that
+namespace (same device and inode inside): mounts made on the host propagate
+there only from shared mounts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import netaddr
 
@@ -88,7 +98,7 @@ from ..errors import AlreadyExists, BackendFailure, InvalidArgument, NotSupporte
 from ..models import AccessRule, Share
 from ..options import Opt
 from ..util import run
-from .base import ExportHelper
+from .base import ExportHelper, Overlay
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +111,7 @@ MANAGED = ("path", "comment", "read only", "guest ok", "browseable", "inherit ac
            "hosts deny", "hosts allow", "valid users", "read list", "force group", "available")
 # The group that makes shares with only ip rules writable (see the module doc).
 IP_GROUP = "sharedd-cifs"
+_SERVER_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class SambaHelper(ExportHelper):
@@ -133,6 +144,38 @@ class SambaHelper(ExportHelper):
         self.close_timeout = float(getattr(config, "samba_close_timeout", 10.0))
         self.prefix = list(getattr(config, "samba_command_prefix", []) or [])
         self.export_ip = getattr(config, "share_export_ip", "") or ""
+        # A share server's helper: its smbd sees the host's mounts only
+        # through propagation, checked at each export.
+        self.server_id: Optional[str] = None
+
+    def for_server(self, server_id: str, details: Dict[str, Any]) -> "SambaHelper":
+        """This helper for one share server (sharedd.service_instance): its
+        address, its smb.conf, every command run inside its mount namespace
+        (where /var/lib/samba etc. are the server's own: net conf edits its
+        registry, smbcontrol reaches its smbd, getent reads the namespace's
+        accounts), a state directory of its own."""
+        address = str(details.get("address", ""))
+        conf = str(details.get("samba_conf", ""))
+        mount_ns = str(details.get("mount_ns", ""))
+        if not address or not conf.startswith("/") or not mount_ns.startswith("/"):
+            raise BackendFailure(f"share server {server_id}: no address, samba_conf or mount_ns "
+                                 "in its details (is CIFS among the server's protocols?)")
+        if not isinstance(server_id, str) or not _SERVER_ID_RE.fullmatch(server_id):
+            raise InvalidArgument(f"bad share server id {str(server_id)[:80]!r}")
+        helper = SambaHelper(Overlay(self.config, share_export_ip=address,
+                                     samba_config_file=conf,
+                                     samba_command_prefix=["nsenter", f"--mount={mount_ns}",
+                                                           "--"]),
+                             os.path.join(self.state_dir, "servers", server_id),
+                             self.command_timeout)
+        helper.server_id = server_id
+        helper.bus_call = self.bus_call
+        helper.isolate_subtrees = self.isolate_subtrees
+        return helper
+
+    def forget(self) -> None:
+        if self.server_id is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     # --- commands -------------------------------------------------------------
     def _run(self, argv, check=True):
@@ -158,6 +201,8 @@ class SambaHelper(ExportHelper):
         return params
 
     def setup(self) -> None:
+        if self.server_id is not None:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self._net("list")   # the registry is reachable (fails with exit 255 otherwise)
         if self._run(["getent", "group", self.ip_group], check=False).returncode != 0:
             log.warning("group %s does not exist: CIFS 'ip' rules will fail until it is created "
@@ -385,7 +430,24 @@ class SambaHelper(ExportHelper):
             self.close_sessions(share)
 
     # --- ExportHelper ---------------------------------------------------------------------
+    def _check_visible(self, path: str) -> None:
+        """The share's mount reached the server's mount namespace (a slave
+        of the host's: mounts propagate only from shared mounts)."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise BackendFailure(f"cannot stat {path}: {exc}") from None
+        out = self._run(["stat", "-L", "-c", "%d:%i", path], check=False)
+        if out.stdout.decode(errors="replace").strip() != f"{st.st_dev}:{st.st_ino}":
+            raise BackendFailure(
+                f"{path} is not the same directory in share server {self.server_id}'s mount "
+                "namespace: the share was mounted on the host where mounts do not propagate "
+                "(the mount's parent must be a shared mount, as under systemd; "
+                "e.g. mount --make-rshared /)")
+
     def export(self, share: Share, path: str, rules: List[AccessRule]) -> List[str]:
+        if self.server_id is not None:
+            self._check_visible(path)
         self._sync(share, path, rules, full=True)
         return self.export_locations(share, path)
 
