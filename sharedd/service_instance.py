@@ -209,13 +209,20 @@ def _listening(pid: int, port: int = NFS_PORT) -> bool:
     return False
 
 
-def _ppid(pid: int) -> int:
+def _stat_field(pid: int, field: int) -> int:
+    """Field number `field` (1-based, as proc(5) counts) of /proc/PID/stat, 0 if
+    gone; the fields after the command name, which may hold spaces, counted
+    from its closing parenthesis."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
+        return int(stat[stat.rindex(b")") + 2:].split()[field - 3])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _ppid(pid: int) -> int:
+    return _stat_field(pid, 4)
 
 
 def _mountinfo(pid: Any = "self") -> List[Tuple[str, str, str, str]]:
@@ -252,12 +259,7 @@ def _top_mount(mounts: List[Tuple[str, str, str, str]], point: str) \
 
 def _start_time(pid: int) -> int:
     """The process's start time (field 22 of /proc/PID/stat), 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
+    return _stat_field(pid, 22)
 
 
 def _log_tail(paths: List[str], limit: int = 1500) -> str:
@@ -721,20 +723,23 @@ NFS_KRB5 {{
             # serves an old one that sharedd's commands no longer reach.
             log.warning("share server %s: smbd %s is in another mount namespace; "
                         "restarting it", sid, smb)
-            srv.procs["smb"] = None
-            self._terminate([smb])
-            self._retire([smb])
+            self._drop(srv, "smb", smb)
             smb = None
         if smb is not None and not self._smb_serving(smb, stop, min(5.0, self.start_timeout)):
             log.warning("share server %s: smbd %s does not serve; restarting it", sid, smb)
-            srv.procs["smb"] = None
-            self._terminate([smb])
-            self._retire([smb])
+            self._drop(srv, "smb", smb)
             smb = None
         if smb is not None:
             return False
         srv.procs["smb"] = self._start(sid, "smb", stop)
         return True
+
+    def _drop(self, srv: _Server, kind: str, proc: _Proc) -> None:
+        """Forget the server's process of this kind (first: its exit is then
+        no news to recover) and stop it."""
+        srv.procs[kind] = None
+        self._terminate([proc])
+        self._retire([proc])
 
     def _smb_serving(self, proc: _Proc, stop: Optional[threading.Event], grace: float) -> bool:
         deadline = time.monotonic() + grace
@@ -756,17 +761,13 @@ NFS_KRB5 {{
                 # Its bus connection died with the old bus: it cannot be
                 # reached for exports any more.
                 log.warning("share server %s: bus gone, restarting ganesha %s", sid, nfs)
-                srv.procs["nfs"] = None          # first: its exit is no news to recover
-                self._terminate([nfs])
-                self._retire([nfs])
+                self._drop(srv, "nfs", nfs)
                 nfs = None
             bus = srv.procs["bus"] = self._start(sid, "bus", stop)
         grace = min(5.0, self.start_timeout)
         if nfs is not None and not self._serving(sid, nfs, stop, grace):
             log.warning("share server %s: ganesha %s does not serve; restarting it", sid, nfs)
-            srv.procs["nfs"] = None
-            self._terminate([nfs])
-            self._retire([nfs])
+            self._drop(srv, "nfs", nfs)
             nfs = None
         if nfs is not None:
             return False

@@ -18,8 +18,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-import uuid
 
 import pytest
 
@@ -27,8 +25,10 @@ from tests.crashdriver import crash_during
 from tests.fixtures.btrfs_pool import teardown_tree
 from tests.fixtures.sharedd_daemon import Sharedd
 from tests.support import components
+from tests.support.tenants import (NET_IFACE, TenantLab, cleanup, ip, object_paths, server_of,
+                                   wait_for)
+from tests.support.tenants import network as make_network
 
-NET_IFACE = "org.sharedd.Sharedd1.ShareNetwork"
 SRV_IFACE = "org.sharedd.Sharedd1.ShareServer"
 
 CONFIG = """
@@ -63,41 +63,11 @@ volume_fs_type = ext4
 TENANTS = {"a": "10.86.1", "b": "10.86.2"}
 
 
-def _ip(*args, check=True):
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-    return proc
-
-
-class Tenants:
-    """Two bridges on this host and client namespaces on them."""
+class Tenants(TenantLab):
+    """Two tenants' bridges and clients, reached over NFS with libnfs."""
 
     def __init__(self):
-        tag = uuid.uuid4().hex[:6]
-        self.bridges = {t: f"sdt{t}{tag}" for t in TENANTS}
-        self.clients = {}           # (tenant, n) -> namespace
-        self.links = []
-        for br in self.bridges.values():
-            _ip("link", "add", br, "type", "bridge")
-            self.links.append(br)
-            _ip("link", "set", br, "up")
-        for t, prefix in TENANTS.items():
-            for n in (1, 2):
-                ns = f"sdtc{t}{n}-{tag}"
-                host_end = f"sdc{t}{n}{tag}"
-                _ip("netns", "add", ns)
-                self.clients[(t, n)] = ns
-                _ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0",
-                    "netns", ns)
-                self.links.append(host_end)
-                _ip("link", "set", host_end, "master", self.bridges[t], "up")
-                _ip("-n", ns, "addr", "add", f"{prefix}.{50 + n}/24", "dev", "eth0")
-                _ip("-n", ns, "link", "set", "eth0", "up")
-                _ip("-n", ns, "link", "set", "lo", "up")
-
-    def addr(self, tenant, n):
-        return f"{TENANTS[tenant]}.{50 + n}"
+        super().__init__(TENANTS, "sdt")
 
     def nfs_ls(self, tenant, n, host, path, timeout=30):
         ns = self.clients[(tenant, n)]
@@ -106,16 +76,10 @@ class Tenants:
                                    f"nfs://{host}{path}?version=4"],
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            neigh = _ip("-n", ns, "neigh", "show", check=False).stdout
+            neigh = ip("-n", ns, "neigh", "show", check=False).stdout
             return False, f"nfs-ls timed out after {timeout}s; neighbours of {ns}:\n{neigh}"
         ok = proc.returncode == 0 and "NFS4ERR" not in proc.stderr
         return ok, proc.stdout + proc.stderr
-
-    def close(self):
-        for ns in self.clients.values():
-            _ip("netns", "delete", ns, check=False)
-        for link in self.links:
-            _ip("link", "delete", link, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +117,7 @@ def _destroy(host):
         for sid in _server_ids_in(host.state_path):
             for pid in _processes_of(sid):
                 _kill(pid)
-            _ip("netns", "delete", f"sharedd-{sid}", check=False)
+            ip("netns", "delete", f"sharedd-{sid}", check=False)
         teardown_tree(host.workdir, [host.pool_image]
                       + glob.glob(os.path.join(host.workdir, "vpool", "**"), recursive=True))
 
@@ -207,51 +171,14 @@ def _netns_exists(server_id):
     return os.path.exists(f"/run/netns/sharedd-{server_id}")
 
 
-def wait_for(what, fn, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def network(h, tenants, tenant, name=None):
-    prefix = TENANTS[tenant]
-    return h.manager("CreateShareNetwork", "sa{sv}", name or f"net-{tenant}", 3,
-                     "bridge", "s", tenants.bridges[tenant],
-                     "subnet", "s", f"{prefix}.0/24",
-                     "allocation_range", "s", f"{prefix}.10-{prefix}.20")
-
-
-def server_of(h, share_path):
-    path = h.share_prop(share_path, "ShareServer")
-    assert path.startswith("/org/sharedd/Sharedd1/share_server/"), path
-    return path, path.rsplit("/", 1)[1]
+    return make_network(h, tenants, tenant, name or f"net-{tenant}")
 
 
 def no_leftovers(h, server_id):
     return (not _netns_exists(server_id) and not _processes_of(server_id)
             and server_id not in _server_ids_in(h.state_path)
             and not os.path.exists(os.path.join(h.workdir, "run", server_id)))
-
-
-def servers_listed(h):
-    out = h.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1",
-                       "org.freedesktop.DBus.ObjectManager", "GetManagedObjects").stdout
-    return [p for p in json.loads(out)["data"][0] if "/share_server/" in p]
-
-
-def cleanup(h):
-    for p in h.manager("ListShares", "a{sv}", 0):
-        h.share(p, "Delete", "a{sv}", 0)
-    wait_for("every server removed", lambda: not servers_listed(h))
-    out = h.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1",
-                       "org.freedesktop.DBus.ObjectManager", "GetManagedObjects").stdout
-    for p in json.loads(out)["data"][0]:
-        if "/share_network/" in p:
-            h.call(p, NET_IFACE, "Delete", "a{sv}", 0)
 
 
 # --------------------------------------------------------------------- tests
@@ -369,7 +296,7 @@ def test_each_tenant_reaches_only_its_own_server(host, tenants):
     assert _netns_exists(sid_a)
     h.share(a2, "Delete", "a{sv}", 0)
     wait_for("server A removed", lambda: no_leftovers(h, sid_a))
-    assert srv_a not in servers_listed(h)
+    assert srv_a not in object_paths(h, "share_server")
     assert h.get(net_a, NET_IFACE, "ShareServers") == []
     ok, out = tenants.nfs_ls("b", 1, addr_b, f"/shares/{id_b}")
     assert ok, out
@@ -426,7 +353,7 @@ def test_a_reboot_brings_every_server_back_before_its_shares(host, tenants):
     for pid in _processes_of(sid):
         _kill(pid)
     wait_for("processes gone", lambda: not _processes_of(sid))
-    _ip("netns", "delete", f"sharedd-{sid}")
+    ip("netns", "delete", f"sharedd-{sid}")
     shutil.rmtree(os.path.join(h.workdir, "run", sid))
     h.start()
     assert _netns_exists(sid) and _ganesha_pid(sid)
@@ -451,7 +378,7 @@ def test_sigkill_around_server_setup_and_teardown(host, tenants, method, when):
         crash_during(h, "tenants", method, when, _create(h, "crashshare", net))
         # The set-up is rolled back (no share was made on it): nothing left.
         assert h.manager("ListShares", "a{sv}", 0) == []
-        assert not servers_listed(h)
+        assert not object_paths(h, "share_server")
         for sid in _server_ids_in(h.state_path) - before:
             wait_for("no leftovers", lambda: no_leftovers(h, sid))
         assert not [n for n in os.listdir("/run/netns") if n.startswith("sharedd-")
@@ -475,6 +402,6 @@ def test_sigkill_around_server_setup_and_teardown(host, tenants, method, when):
         h._close()
         h.start()
         wait_for("server removed after restart", lambda: no_leftovers(h, sid))
-        assert not servers_listed(h)
+        assert not object_paths(h, "share_server")
     cleanup(h)
     wait_for("no leftovers", lambda: no_leftovers(h, sid))

@@ -21,7 +21,6 @@ nothing left (processes, namespaces, mounts, files).
 """
 
 import glob
-import json
 import os
 import pathlib
 import shutil
@@ -29,15 +28,15 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 
 from tests.fixtures.btrfs_pool import teardown_tree
 from tests.fixtures.sharedd_daemon import Sharedd
 from tests.support import components
+from tests.support.tenants import TenantLab, cleanup, server_of, wait_for
+from tests.support.tenants import network as make_network
 
-NET_IFACE = "org.sharedd.Sharedd1.ShareNetwork"
 SRV_IFACE = "org.sharedd.Sharedd1.ShareServer"
 
 CONFIG = """
@@ -65,7 +64,6 @@ TENANTS = {"a": "10.87.1", "b": "10.87.2"}
 USERS = {"smbrw87": 48701, "smbro87": 48702}
 PASSWORD = "Sharedd-87-pass"
 GROUPS = {"sharedd-cifs": 48710}
-WAIT = 60.0            # an upper bound for anything asynchronous, never asserted as timing
 UNREACHABLE = ("NT_STATUS_NETWORK_UNREACHABLE", "NT_STATUS_HOST_UNREACHABLE",
                "NT_STATUS_IO_TIMEOUT", "NT_STATUS_CONNECTION_REFUSED")
 HOST_SAMBA = "/var/lib/samba"
@@ -80,44 +78,13 @@ def sh(*argv, check=True, input=None, timeout=60):
     return proc
 
 
-def wait_for(what, fn, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-class Tenants:
-    """Two bridges, two client namespaces on each, and smbclient's files."""
+class Tenants(TenantLab):
+    """Two tenants' bridges and clients, and smbclient's files."""
 
     def __init__(self):
-        tag = uuid.uuid4().hex[:6]
         self.tmp = tempfile.mkdtemp(prefix=f"sdk-cifs-clients-{os.getpid()}-")
-        self.bridges = {t: f"sdkb{t}{tag}" for t in TENANTS}
-        self.clients = {}
-        self.links = []
         try:
-            for br in self.bridges.values():
-                sh("ip", "link", "add", br, "type", "bridge")
-                self.links.append(br)
-                sh("ip", "link", "set", br, "addrgenmode", "none")
-                sh("ip", "link", "set", br, "up")
-            for t, prefix in TENANTS.items():
-                for n in (1, 2):
-                    ns, port = f"sdkc{t}{n}-{tag}", f"sdk{t}{n}{tag}"
-                    sh("ip", "netns", "add", ns)
-                    self.clients[(t, n)] = ns
-                    sh("ip", "link", "add", port, "type", "veth", "peer", "name", "eth0",
-                       "netns", ns)
-                    self.links.append(port)
-                    sh("ip", "link", "set", port, "master", self.bridges[t], "up")
-                    sh("ip", "-n", ns, "addr", "add", f"{prefix}.{50 + n}/24", "dev", "eth0")
-                    sh("ip", "-n", ns, "link", "set", "eth0", "up")
-                    sh("ip", "-n", ns, "link", "set", "lo", "up")
+            super().__init__(TENANTS, "sdk")
             self.conf = os.path.join(self.tmp, "smb.conf")
             state = os.path.join(self.tmp, "state")
             os.makedirs(state)
@@ -134,9 +101,6 @@ class Tenants:
         except BaseException:
             self.close()
             raise
-
-    def addr(self, tenant, n):
-        return f"{TENANTS[tenant]}.{50 + n}"
 
     def smbclient(self, tenant, n, host, share, user, commands, timeout=30):
         """One smbclient run from a client namespace: (ok, output)."""
@@ -160,11 +124,7 @@ class Tenants:
         return proc.returncode == 0, proc.stdout + proc.stderr
 
     def close(self):
-        for ns in self.clients.values():
-            sh("ip", "netns", "delete", ns, check=False)
-        for link in self.links:
-            if os.path.exists(f"/sys/class/net/{link}"):
-                sh("ip", "link", "delete", link, check=False)
+        super().close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -358,28 +318,7 @@ def host(system_bus, tenants):
 
 
 def network(h, tenants, tenant, name=None):
-    prefix = TENANTS[tenant]
-    return h.manager("CreateShareNetwork", "sa{sv}", name or f"cifs-net-{tenant}", 3,
-                     "bridge", "s", tenants.bridges[tenant],
-                     "subnet", "s", f"{prefix}.0/24",
-                     "allocation_range", "s", f"{prefix}.10-{prefix}.20")
-
-
-def server_of(h, share_path):
-    path = h.share_prop(share_path, "ShareServer")
-    assert path.startswith("/org/sharedd/Sharedd1/share_server/"), path
-    return path, path.rsplit("/", 1)[1]
-
-
-def cleanup(h):
-    for p in h.manager("ListShares", "a{sv}", 0):
-        h.share(p, "Delete", "a{sv}", 0)
-    wait_for("every server removed", lambda: not _server_ids(h))
-    out = h.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1",
-                       "org.freedesktop.DBus.ObjectManager", "GetManagedObjects").stdout
-    for p in json.loads(out)["data"][0]:
-        if "/share_network/" in p:
-            h.call(p, NET_IFACE, "Delete", "a{sv}", 0)
+    return make_network(h, tenants, tenant, name or f"cifs-net-{tenant}")
 
 
 # --------------------------------------------------------------------- tests
