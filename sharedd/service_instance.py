@@ -109,6 +109,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from xml.sax.saxutils import escape as xml_escape
 
 from . import netns
+from .mountinfo import MountEntry, parse_mountinfo, read_mountinfo, top_mounts
 from .errors import BackendFailure, ConfigError, InvalidArgument
 from .util import atomic_write, private_dir, run
 
@@ -225,36 +226,21 @@ def _ppid(pid: int) -> int:
     return _stat_field(pid, 4)
 
 
-def _mountinfo(pid: Any = "self") -> List[Tuple[str, str, str, str]]:
-    """(mount id, root, mount point, fs type) of each mount PID sees.
+def _mounts_of(pid: Any = "self") -> List[MountEntry]:
+    """The mounts PID sees, [] if it is gone.
 
     /proc/PID/mountinfo needs no ptrace access to PID (unlike /proc/PID/ns/),
     and its mount ids are unique on the host: a mount belongs to exactly one
     mount namespace, so a mount id seen there names the namespace."""
     try:
-        with open(f"/proc/{pid}/mountinfo", "rb") as f:
-            raw = f.read().decode(errors="replace")
+        return read_mountinfo(f"/proc/{pid}/mountinfo")
     except OSError:
         return []
-    out = []
-    for line in raw.splitlines():
-        fields = line.split()
-        try:
-            sep = fields.index("-", 6)
-            out.append((fields[0], fields[3], fields[4], fields[sep + 1]))
-        except (ValueError, IndexError):
-            continue
-    return out
 
 
-def _top_mount(mounts: List[Tuple[str, str, str, str]], point: str) \
-        -> Optional[Tuple[str, str, str, str]]:
-    """The mount on top at point (mountinfo lists a stack bottom first)."""
-    found = None
-    for m in mounts:
-        if m[2] == point:
-            found = m
-    return found
+def _top_mount(mounts: List[MountEntry], point: str) -> Optional[MountEntry]:
+    """The mount on top at point."""
+    return top_mounts(mounts).get(point)
 
 
 def _start_time(pid: int) -> int:
@@ -852,7 +838,7 @@ NFS_KRB5 {{
     def _cmd(self, argv: List[str], check: bool = True) -> "subprocess.CompletedProcess[bytes]":
         return run(argv, timeout=self.command_timeout, check=check, env={"PATH": CHILD_PATH})
 
-    def _ensure_mount_ns(self, sid: str) -> str:
+    def _ensure_mount_ns(self, sid: str) -> int:
         """The server's mount namespace, made or completed; the mount id of
         its /var/lib/samba bind mount (which names the namespace).
 
@@ -872,13 +858,13 @@ NFS_KRB5 {{
             os.makedirs(target, mode=0o755, exist_ok=True)   # the mount point
         private_dir(os.path.join(p["samba"], "lib", "private"))
         private_dir(p["ns_dir"])
-        host = _mountinfo()
+        host = _mounts_of()
         if _top_mount(host, p["ns_dir"]) is None:
             self._cmd(["mount", "--bind", p["ns_dir"], p["ns_dir"]])
         # Always: a crash between the two commands leaves it shared.
         self._cmd(["mount", "--make-private", p["ns_dir"]])
         top = _top_mount(host, p["mount_ns"])
-        if top is None or top[3] != "nsfs":
+        if top is None or top.fstype != "nsfs":
             with open(p["mount_ns"], "a"):
                 pass
             self._make_mount_ns(sid, p["mount_ns"])
@@ -886,7 +872,7 @@ NFS_KRB5 {{
         inside = self._ns_mountinfo(sid)
         for name, target in SAMBA_DIRS:
             top = _top_mount(inside, target)
-            if top is None or not top[1].endswith(f"/{sid}/samba/{name}"):
+            if top is None or not top.root.endswith(f"/{sid}/samba/{name}"):
                 self._cmd([self._executable("nsenter"), f"--mount={p['mount_ns']}", "--",
                            "mount", "--bind", os.path.join(p["samba"], name), target])
                 inside = self._ns_mountinfo(sid)
@@ -894,7 +880,7 @@ NFS_KRB5 {{
         if top is None:
             raise BackendFailure(f"share server {sid}: {SAMBA_DIRS[0][1]} is not bound in its "
                                  "mount namespace")
-        return top[0]
+        return top.mount_id
 
     def _make_mount_ns(self, sid: str, path: str) -> None:
         """A new mount namespace (a slave of this one), bound at path.
@@ -926,29 +912,23 @@ NFS_KRB5 {{
                 return
         raise first
 
-    def _ns_mountinfo(self, sid: str) -> List[Tuple[str, str, str, str]]:
+    def _ns_mountinfo(self, sid: str) -> List[MountEntry]:
         proc = self._cmd([self._executable("nsenter"), f"--mount={self._paths(sid)['mount_ns']}",
                           "--", "cat", "/proc/self/mountinfo"])
-        out = []
-        for line in proc.stdout.decode(errors="replace").splitlines():
-            fields = line.split()
-            try:
-                sep = fields.index("-", 6)
-                out.append((fields[0], fields[3], fields[4], fields[sep + 1]))
-            except (ValueError, IndexError):
-                continue
-        return out
+        return parse_mountinfo(proc.stdout.decode(errors="surrogateescape"))
 
     @staticmethod
-    def _in_mount_ns(pid: int, mnt_id: str) -> bool:
-        return any(m[0] == mnt_id and m[2] == SAMBA_DIRS[0][1] for m in _mountinfo(pid))
+    def _in_mount_ns(pid: int, mnt_id: int) -> bool:
+        return any(m.mount_id == mnt_id and m.mount_point == SAMBA_DIRS[0][1]
+                   for m in _mounts_of(pid))
 
     @staticmethod
     def _in_any_mount_ns_of(pid: int, sid: str) -> bool:
         """pid sees a /var/lib/samba of this server: it is in one of its
         mount namespaces (the current one, or one whose file was lost)."""
         suffix = f"/{sid}/samba/{SAMBA_DIRS[0][0]}"
-        return any(m[2] == SAMBA_DIRS[0][1] and m[1].endswith(suffix) for m in _mountinfo(pid))
+        return any(m.mount_point == SAMBA_DIRS[0][1] and m.root.endswith(suffix)
+                   for m in _mounts_of(pid))
 
     def _ns_members(self, sid: str, known: List[_Proc]) -> List[_Proc]:
         """Every process (not in known) in one of the server's mount namespaces."""
@@ -977,10 +957,10 @@ NFS_KRB5 {{
         p = self._paths(sid)
         for path in (p["mount_ns"], p["ns_dir"]):
             for _ in range(16):          # stacked by repeated half-done set-ups
-                if _top_mount(_mountinfo(), path) is None:
+                if _top_mount(_mounts_of(), path) is None:
                     break
                 self._cmd(["umount", path], check=False)
-            if _top_mount(_mountinfo(), path) is not None:
+            if _top_mount(_mounts_of(), path) is not None:
                 raise BackendFailure(f"share server {sid}: could not unmount {path}")
 
     def _stop(self, sid: str, srv: Optional[_Server], kinds: Tuple[str, ...]) -> None:
