@@ -453,8 +453,9 @@ class Reconciler:
             own.error = f"unmount failed: {exc}"
             outcome.changed = True
             return False
-        still = [e for e in self.mountinfo() if e.mount_id == own.mount_id]
-        if still:
+        # By id at its mount point: a freed mount id is soon given to another mount.
+        if any((e.mount_id, e.mount_point) == (own.mount_id, own.mount_point)
+               for e in self.mountinfo()):
             own.error = "still mounted after unmount"
             log.error("share %s: %s is still mounted after unmount", own.share_id, own.mount_point)
             return False
@@ -534,7 +535,9 @@ class Reconciler:
         now = self.clock()
         entries = self.mountinfo()
         top = top_mounts(entries)
-        ids = {e.mount_id for e in entries}
+        # Mount ids are reused as soon as they are free, so a mount is
+        # recognised by its id at its own mount point, never by id alone.
+        ids = {(e.mount_id, e.mount_point) for e in entries}
         with self._lock:
             busy = set(self._busy)
             self._pass_open = True
@@ -544,7 +547,7 @@ class Reconciler:
             if own.share_id in busy:
                 continue
             if own.state in MOUNTED and not own.owns(top.get(own.mount_point)):
-                if own.mount_id in ids:
+                if (own.mount_id, own.mount_point) in ids:
                     log.warning("share %s: %s is covered by another mount", own.share_id,
                                 own.mount_point)
                     continue
@@ -561,7 +564,7 @@ class Reconciler:
             entry = top.get(own.mount_point)
             if own.owns(entry):
                 jobs.append((sid, functools.partial(self._withdraw, own)))
-            elif own.mount_id is not None and own.mount_id in ids:
+            elif own.mount_id is not None and (own.mount_id, own.mount_point) in ids:
                 log.error("share %s: cannot unmount %s: another mount covers it",
                           sid, own.mount_point)
             else:

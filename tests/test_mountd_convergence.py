@@ -132,6 +132,9 @@ class Mountd:
         self.reconciler = Reconciler(self.mnt, self.mounter, StateStore(self.state))
 
     def restart(self) -> None:
+        # A stopped unit's mount commands end with it (systemd kills the
+        # cgroup): none of the old engine's may still run beside the new one.
+        self.reconciler.close(wait=True)
         del self.source, self.mounter, self.reconciler
         self.restarts += 1
         self._build()
@@ -141,6 +144,9 @@ class Mountd:
         desired = desired_mounts(self.source.scan(), Identity(CLIENT_ADDRS), ("NFS",), EXTRA,
                                  have_client_cert=False)
         self.reconciler.run(desired)
+        # A loaded machine can outlast the pass's own wait; the test's
+        # claims are about the pass's result, so wait for every command.
+        assert self.reconciler.wait_idle(120)
         return {sid: d.level for sid, d in desired.items()}
 
     def mounted(self) -> Dict[str, str]:

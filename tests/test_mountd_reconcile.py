@@ -1,6 +1,7 @@
 """Reconciliation against the real kernel mount table: a RecordingMounter
 makes real bind mounts; mountinfo is parsed from /proc/self/mountinfo."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -150,6 +151,53 @@ def test_mount_removed_behind_its_back_is_mounted_again(mountd_tmp):
     out = rec.run(desired(a))
     assert out.events == [("Mounted", a["id"], mp, "ro")]
     assert entry(mp).read_only
+
+
+def test_a_mount_id_given_to_another_mount_is_not_taken_for_ours(mountd_tmp):
+    """The kernel hands a freed mount id to the next mount made anywhere (a
+    share mounted beside in the pool, often). The reuse is made certain
+    here: mountinfo reports a real foreign mount under our old id."""
+    foreign_src = os.path.join(mountd_tmp, "foreign")
+    foreign_mp = os.path.join(mountd_tmp, "elsewhere")
+    os.makedirs(foreign_src)
+    os.makedirs(foreign_mp)
+    reuse = {}
+
+    def mountinfo():
+        out = []
+        for e in read_mountinfo():
+            if e.mount_point == foreign_mp and reuse:
+                e = dataclasses.replace(e, mount_id=reuse["id"])
+            out.append(e)
+        return out
+
+    class Reusing(RecordingMounter):
+        def unmount(self, mount_point):
+            result = super().unmount(mount_point)
+            subprocess.run(["mount", "--bind", foreign_src, foreign_mp], check=True)
+            return result
+
+    a = make_share(name="alpha", rules=[rule(CLIENT4, "rw")])
+    mounter = Reusing(os.path.join(mountd_tmp, "src"))
+    rec = Reconciler(os.path.join(mountd_tmp, "mnt"), mounter,
+                     StateStore(os.path.join(mountd_tmp, "state")), mountinfo=mountinfo)
+    rec.run(desired(a))
+    mp = rec.mounts[a["id"]].mount_point
+    reuse["id"] = rec.mounts[a["id"]].mount_id
+    # Withdrawn: the unmount worked although the old id is in the table again.
+    out = rec.run({})
+    assert out.events == [("Unmounted", a["id"], mp)] and rec.mounts == {}
+    subprocess.run(["umount", foreign_mp], check=True)
+    # Removed behind mountd's back while the id lives on elsewhere: not
+    # "covered by another mount" but gone, so mounted again.
+    rec.run(desired(a))
+    reuse["id"] = rec.mounts[a["id"]].mount_id
+    subprocess.run(["umount", mp], check=True)
+    subprocess.run(["mount", "--bind", foreign_src, foreign_mp], check=True)
+    out = rec.run(desired(a))
+    assert out.events == [("Mounted", a["id"], mp, "rw")]
+    assert rec.mounts[a["id"]].owns(entry(mp))
+    rec.close(wait=True)
 
 
 def test_failed_mount_is_retried_with_backoff(mountd_tmp):
