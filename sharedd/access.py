@@ -136,15 +136,18 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
         for r in retried:
             tx.rule(share, r, C.RULE_QUEUED_TO_APPLY)
 
+    # A migrating share stays so (ensure re-exports its source meanwhile).
+    settled = C.STATUS_MIGRATING if share.status == C.STATUS_MIGRATING else C.STATUS_AVAILABLE
+
     def done(tx: Changes, update: Optional[ShareUpdate]) -> None:
-        tx.share(share, C.STATUS_AVAILABLE, **fields_of(update))
+        tx.share(share, settled, **fields_of(update))
         for r in applied:
             tx.rule(share, r, C.RULE_ACTIVE)
         for r in pending:
             tx.rule(share, r, None)
 
     def failed(tx: Changes, _: bool) -> None:
-        tx.share(share, C.STATUS_ERROR)
+        tx.share(share, C.STATUS_ERROR if settled == C.STATUS_AVAILABLE else settled)
         for r in store.rules(share.id):   # not known to be applied: retried next time
             if r.state in (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING):
                 tx.rule(share, r, C.RULE_ERROR)

@@ -13,12 +13,14 @@ IFACE_SNAPSHOT = "org.sharedd.Sharedd1.Snapshot"
 IFACE_HOOKS = "org.sharedd.Sharedd1.Hooks"
 IFACE_SHARE_NETWORK = "org.sharedd.Sharedd1.ShareNetwork"
 IFACE_SHARE_SERVER = "org.sharedd.Sharedd1.ShareServer"
+IFACE_JOB = "org.sharedd.Sharedd1.Job"
 ERROR_PREFIX = "org.sharedd.Sharedd1.Error."
 BACKEND_PATH = ROOT_PATH + "/backend"
 SHARE_PATH = ROOT_PATH + "/share"
 SNAPSHOT_PATH = ROOT_PATH + "/snapshot"
 SHARE_NETWORK_PATH = ROOT_PATH + "/share_network"
 SHARE_SERVER_PATH = ROOT_PATH + "/share_server"
+JOB_PATH = ROOT_PATH + "/job"
 
 #: the methods that change nothing: every local user may call them (the bus
 #: policy says so) and they leave no audit record
@@ -50,6 +52,8 @@ STATUS_SHRINKING = "shrinking"
 STATUS_REVERTING = "reverting"
 STATUS_MANAGE_STARTING = "manage_starting"
 STATUS_UNMANAGE_STARTING = "unmanage_starting"
+#: a share being moved to another backend (Manila's task_state, as a status)
+STATUS_MIGRATING = "migrating"
 #: share servers (Manila's names)
 SERVER_ACTIVE = "active"
 SERVER_STATUSES = (STATUS_CREATING, SERVER_ACTIVE, STATUS_ERROR, STATUS_DELETING)
@@ -59,7 +63,7 @@ MAX_ALLOCATION_RANGE = 65536
 SHARE_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR,
                   STATUS_DELETING, STATUS_EXTENDING, STATUS_SHRINKING,
                   STATUS_REVERTING, STATUS_MANAGE_STARTING,
-                  STATUS_UNMANAGE_STARTING)
+                  STATUS_UNMANAGE_STARTING, STATUS_MIGRATING)
 
 RULE_QUEUED_TO_APPLY = "queued_to_apply"
 RULE_APPLYING = "applying"
@@ -81,6 +85,7 @@ HOOK_METHODS = (
     "create_snapshot", "delete_snapshot", "revert_to_snapshot",
     "allow_access", "deny_access", "extend_share", "shrink_share",
     "manage_share", "unmanage_share", "ensure_share",
+    "migration_start", "migration_complete", "migration_cancel",
     "publish_service_capabilities", "periodic",
 )
 

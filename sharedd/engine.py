@@ -28,6 +28,8 @@ from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
                      InvalidArgument, InvalidState, NotFound, NotSupported, SharedError)
 from .hooks import records
 from .hooks.base import HookContext
+from .jobs import Job, Jobs
+from .migration import Migrations
 from .models import AccessRule, Share, ShareNetwork, ShareServer, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
 from .states import Observer
@@ -53,6 +55,8 @@ class Engine:
         self.runner: Runner
         self.revoker: access.Revoker
         self.servers: ShareServers
+        self.migrations: Migrations
+        self.jobs = Jobs(self.observer)
         self.instances: Optional[ServiceInstances] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
@@ -74,6 +78,8 @@ class Engine:
         self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn)
         self.servers = ShareServers(self.store, self.runner, self.backends, self._spawn,
                                     netns.check_bridge, netns.check_parent)
+        self.migrations = Migrations(self.store, self.runner, self.backends, self.jobs,
+                                     self._spawn, self._check_capacity)
         self._loop = asyncio.get_running_loop()
         self._started = True
         self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
@@ -604,7 +610,9 @@ class Engine:
         access_id = validation.object_id(access_id, "access id")
 
         async def plan() -> Operation:
-            share = self._share_in(share_id, (C.STATUS_AVAILABLE, C.STATUS_ERROR), "changed")
+            # A migrating share's rules can still be revoked (on its source).
+            share = self._share_in(share_id, (C.STATUS_AVAILABLE, C.STATUS_ERROR,
+                                              C.STATUS_MIGRATING), "changed")
             rule = self.store.get_rule(access_id)
             if rule is None or rule.share_id != share.id:
                 raise NotFound(f"share {share.name} has no access rule {access_id}")
@@ -682,6 +690,27 @@ class Engine:
                              failed=lambda tx, _: tx.share(share, C.STATUS_ERROR),
                              undo=lambda tx: tx.share(share, C.STATUS_AVAILABLE))
         await self.runner.run([share_id], plan)
+
+    # -------------------------------------------------------- migration, jobs
+    async def migrate_share(self, share_id: str, backend: str, options: Dict[str, Any],
+                            uid: int) -> Job:
+        return await self.migrations.start(share_id, backend, options, uid)
+
+    async def complete_migration(self, share_id: str, options: Dict[str, Any], uid: int) -> Job:
+        return await self.migrations.complete(share_id, options, uid)
+
+    async def cancel_migration(self, share_id: str, options: Dict[str, Any]) -> None:
+        await self.migrations.cancel(share_id, options)
+
+    def job(self, job_id: str) -> Job:
+        return self.jobs.get(job_id)
+
+    def all_jobs(self) -> List[Job]:
+        return self.jobs.all()
+
+    def cancel_job(self, job_id: str, options: Dict[str, Any]) -> None:
+        validation.options(options, {})
+        self.jobs.cancel(job_id)
 
     # ---------------------------------------------------------------- ensure
     async def ensure_all(self, backend: Optional[str] = None, helper: Optional[str] = None,

@@ -40,12 +40,17 @@ class BackendFailure(SharedError):
     name = "BackendFailure"
 
 
+class Cancelled(SharedError):
+    """A job was cancelled (Job.Cancel) before it finished."""
+    name = "Cancelled"
+
+
 class ConfigError(Exception):
     """Invalid configuration; the message names file, section and option."""
 
 
 ALL_ERRORS = (InvalidArgument, NotFound, AlreadyExists, InvalidState,
-              NotSupported, CapacityExceeded, BackendFailure)
+              NotSupported, CapacityExceeded, BackendFailure, Cancelled)
 
 
 class AlreadyRunning(Exception):

@@ -63,6 +63,9 @@ class Operation:
     server: Optional[ShareServer] = None         # setup_server, delete_share_server
     rules: Sequence[AccessRule] = ()             # the rules concerned
     is_allow: Optional[bool] = None
+    # The call copies data for a long time: the objects' locks are released
+    # while it runs (the intent's status refuses other operations meanwhile).
+    call_unlocked: bool = False
 
 
 class Runner:
@@ -136,21 +139,40 @@ class Runner:
                 seq = tx.next_seq() if pre else None
             warnings: List[str] = []
             pre_data = await self._pre(op, seq, warnings)
-            try:
-                result = await op.call()
-            except SharedError as exc:
+            if not op.call_unlocked:
+                await self._call_and_settle(op, pre_data, warnings)
+                return op
+        # A long copy: the locks are free meanwhile, so revocations (denies)
+        # of the share go on; the intent's status keeps every other change out.
+        try:
+            result = await op.call()
+        except SharedError as exc:
+            async with self.locked(keys):
                 await self._failed(op, exc, pre_data, warnings)
-                raise
-            with self.tx() as tx:
-                op.done(tx, result)
-                seq = tx.next_seq() if b.hooks.enabled(C.PHASE_POST) else None
-            try:
-                await self.post(op, seq, pre_data, {"ok": True}, warnings)
-            except HookFailed as exc:
-                if not op.unblockable:
-                    raise   # reported after the change, as the seed's hooks do
-                log.warning("%s of %s was applied; %s", op.method, _what(op), exc)
-            return op
+            raise
+        async with self.locked(keys):
+            await self._settle(op, result, pre_data, warnings)
+        return op
+
+    async def _call_and_settle(self, op: Operation, pre_data: Any, warnings: List[str]) -> None:
+        try:
+            result = await op.call()
+        except SharedError as exc:
+            await self._failed(op, exc, pre_data, warnings)
+            raise
+        await self._settle(op, result, pre_data, warnings)
+
+    async def _settle(self, op: Operation, result: Any, pre_data: Any,
+                      warnings: List[str]) -> None:
+        with self.tx() as tx:
+            op.done(tx, result)
+            seq = tx.next_seq() if op.backend.hooks.enabled(C.PHASE_POST) else None
+        try:
+            await self.post(op, seq, pre_data, {"ok": True}, warnings)
+        except HookFailed as exc:
+            if not op.unblockable:
+                raise   # reported after the change, as the seed's hooks do
+            log.warning("%s of %s was applied; %s", op.method, _what(op), exc)
 
     async def _pre(self, op: Operation, seq: Optional[int], warnings: List[str]) -> Any:
         if seq is None:

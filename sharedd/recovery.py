@@ -21,7 +21,7 @@ import logging
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional
 
 from . import constants as C
-from . import access
+from . import access, migration
 from .backend import Backend
 from .errors import SharedError
 from .models import Share, Snapshot
@@ -100,6 +100,11 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             log.warning("share %s (%s) is on backend %s, which is not enabled",
                         share.name, share.id, share.backend)
             continue
+        if share.status == C.STATUS_MIGRATING and not b.setup_error:
+            await _isolated(f"share {share.name} ({share.id})",
+                            migration.recover(store, runner, backends, share),
+                            lambda: _share_error(runner, share))
+            continue
         if b.setup_error or share.status not in SHARE_STEPS:
             continue
         await _isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
@@ -121,15 +126,14 @@ async def ensure_all(store: Store, runner: Runner, revoker: access.Revoker,
     exported, exactly its granting rules applied, pending denies completed
     (access.ensure_operation). A few at a time: drivers run commands."""
     todo = [(b, share) for b in backends for share in store.shares(b.name)
-            if share.status in (C.STATUS_AVAILABLE, C.STATUS_ERROR)
-            and (server is None or share.share_server_id == server)]
+            if _ensurable(store, share) and (server is None or share.share_server_id == server)]
     queue, done = iter(todo), [0]
 
     async def ensure(b: Backend, share_id: str) -> None:
         async def plan() -> Optional[Operation]:
             share = store.get_share(share_id)
-            if share is None or share.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
-                return None
+            if share is None or share.backend != b.name or not _ensurable(store, share):
+                return None     # gone, moved to another backend, or in a migration's switch
             return access.ensure_operation(store, b, share)
         await runner.run_if([share_id], plan)
 
@@ -144,6 +148,14 @@ async def ensure_all(store: Store, runner: Runner, revoker: access.Revoker,
     progress(0, len(todo))
     await asyncio.gather(*(worker() for _ in range(min(ENSURE_PARALLEL, len(todo)))))
     progress(len(todo), len(todo))
+
+
+def _ensurable(store: Store, share: Share) -> bool:
+    """Available or error shares, and migrating ones whose source still
+    serves read-write (copying, copied)."""
+    if share.status == C.STATUS_MIGRATING:
+        return migration.source_serves(store.share_task(share.id))
+    return share.status in (C.STATUS_AVAILABLE, C.STATUS_ERROR)
 
 
 async def _recover_share(store: Store, runner: Runner, b: Backend, share: Share) -> None:

@@ -42,6 +42,11 @@ SHARE: FrozenSet[Edge] = frozenset({
     (C.STATUS_REVERTING, C.STATUS_AVAILABLE), (C.STATUS_REVERTING, C.STATUS_ERROR),
     (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
     (C.STATUS_UNMANAGE_STARTING, None), (C.STATUS_UNMANAGE_STARTING, C.STATUS_ERROR),
+    # Migration: the share serves from its source until the switch; a
+    # failure or cancel leaves it available there; error only if neither
+    # side can be trusted (recovery could not settle it).
+    (C.STATUS_AVAILABLE, C.STATUS_MIGRATING),
+    (C.STATUS_MIGRATING, C.STATUS_AVAILABLE), (C.STATUS_MIGRATING, C.STATUS_ERROR),
 })
 
 SNAPSHOT: FrozenSet[Edge] = frozenset({
@@ -129,6 +134,8 @@ class Changes:
         current = self.store.share_status(share.id)
         target = share.status if status is None else status
         check("share", current, target)
+        if task is None and target == C.STATUS_MIGRATING:
+            task = self.store.share_task(share.id)   # a migration's intent outlives other writes
         if (current == target and task is None and share.status == target
                 and all(getattr(share, k) == v for k, v in fields.items())):
             return   # nothing changes (an ensure of a healthy share): no write, no event
@@ -231,6 +238,10 @@ class Observer:
     def server_added(self, server: ShareServer) -> None: ...
     def server_changed(self, server: ShareServer) -> None: ...
     def server_removed(self, server_id: str) -> None: ...
+    def job_added(self, job: Any) -> None: ...
+    def job_changed(self, job: Any) -> None: ...
+    def job_completed(self, outcome: Tuple[Any, bool, str]) -> None:
+        """(job, success, message): the job is gone afterwards."""
 
     def hook_fired(self, phase: str, method: str, record_json: str) -> None:
         """The dbus hook's record; called from worker threads."""

@@ -229,9 +229,9 @@ class Store:
 
     def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
-            "UPDATE shares SET size_gib=?, status=?, export_locations=?, provider_location=?,"
-            " driver_data=?, task=? WHERE id=?",
-            (s.size_gib, s.status, json.dumps(s.export_locations), s.provider_location,
+            "UPDATE shares SET backend=?, size_gib=?, status=?, export_locations=?,"
+            " provider_location=?, driver_data=?, task=? WHERE id=?",
+            (s.backend, s.size_gib, s.status, json.dumps(s.export_locations), s.provider_location,
              json.dumps(s.driver_data), json.dumps(task or {}), s.id))
 
     def delete_share(self, share_id: str) -> None:

@@ -11,13 +11,15 @@ import threading
 import time
 
 from sharedd.drivers.base import ShareDriver
-from sharedd.errors import BackendFailure, InvalidArgument
+from sharedd.errors import BackendFailure, Cancelled, InvalidArgument, NotSupported
 from sharedd.models import ShareUpdate
 from sharedd.options import Opt
 
 
 #: calls remembered in memory.json (tests compare recent calls only)
 MAX_CALLS = 2000
+#: two memory backends' files change together when a copy lands
+_MIGRATION_LOCK = threading.Lock()
 
 
 def _serialised(cls):
@@ -159,6 +161,46 @@ class MemoryDriver(ShareDriver):
         cap = float(self.config.memory_capacity_gib)
         return {"total_capacity_gb": cap, "free_capacity_gb": cap}
 
+    # migration between two memory backends: MIGRATION_STEPS steps of a
+    # copy, each sleeping control.json's sleep["migration_step"] seconds
+    MIGRATION_STEPS = 10
+
+    def migration_check_compatibility(self, share, dest_driver):
+        if not isinstance(dest_driver, MemoryDriver):
+            raise NotSupported("the memory driver migrates only to memory backends")
+        return {"compatible": True, "writable": True, "nondisruptive": False,
+                "preserve_snapshots": False, "driver_assisted": True}
+
+    def _copy(self, method, share, dest_driver, progress, cancel):
+        for step in range(1, self.MIGRATION_STEPS + 1):
+            self._control(method)
+            try:
+                with open(os.path.join(self.state_dir, "control.json")) as f:
+                    time.sleep(json.load(f).get("sleep", {}).get("migration_step", 0))
+            except FileNotFoundError:
+                pass
+            if cancel.is_set():
+                raise Cancelled(f"{method} of share {share.id} cancelled")
+            progress(step * 1000, self.MIGRATION_STEPS * 1000)
+        with _MIGRATION_LOCK:
+            src = self._load()["shares"][share.id]
+            st = dest_driver._call(method, share=share.id)
+            st["shares"][share.id] = {"size": share.size_gib, "rules": [], "data": src["data"]}
+            dest_driver._save(st)
+
+    def migration_start(self, share, dest_share, dest_driver, progress, cancel):
+        self._copy("migration_start", share, dest_driver, progress, cancel)
+        return {"method": "memory"}
+
+    def migration_complete(self, share, dest_share, dest_driver, state, progress, cancel):
+        self._copy("migration_complete", share, dest_driver, progress, cancel)
+
+    def migration_cancel(self, share, dest_share, dest_driver, state):
+        with _MIGRATION_LOCK:
+            st = dest_driver._call("migration_cancel", share=share.id)
+            st["shares"].pop(share.id, None)
+            dest_driver._save(st)
+
     def get_mount_hints(self, share):
         return {"fstype": "nfs4", "export": f"192.0.2.1:/{share.id}", "options": ["vers=4.1"]}
 
@@ -294,6 +336,32 @@ class SimDriver(ShareDriver):
     def get_share_stats(self):
         cap = float(self.config.sim_capacity_gib)
         return {"total_capacity_gb": cap, "free_capacity_gb": cap}
+
+    # migration to another sim backend: the share's entry copied into its world
+    def migration_check_compatibility(self, share, dest_driver):
+        if not isinstance(dest_driver, SimDriver):
+            raise NotSupported("the sim driver migrates only to sim backends")
+        return {"compatible": True, "driver_assisted": True}
+
+    def _copy_to(self, dest_driver, share, progress, cancel):
+        if cancel.is_set():
+            raise Cancelled("cancelled")
+        dest_driver.w.shares[share.id] = {"size": share.size_gib, "rules": {},
+                                          "copy_of": self.backend_name}
+        progress(1, 1)
+
+    def migration_start(self, share, dest_share, dest_driver, progress, cancel):
+        return self._act("migration_start",
+                         lambda: self._copy_to(dest_driver, share, progress, cancel)
+                         or {"method": "sim"})
+
+    def migration_complete(self, share, dest_share, dest_driver, state, progress, cancel):
+        return self._act("migration_complete",
+                         lambda: self._copy_to(dest_driver, share, progress, cancel))
+
+    def migration_cancel(self, share, dest_share, dest_driver, state):
+        return self._act("migration_cancel",
+                         lambda: dest_driver.w.shares.pop(share.id, None) and None)
 
     def get_mount_hints(self, share):
         return {"fstype": "nfs4", "export": f"192.0.2.1:/{share.id}", "options": ["vers=4.1"]}

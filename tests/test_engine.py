@@ -25,7 +25,7 @@ from sharedd import record as record_schema
 from sharedd import states
 from sharedd.engine import Engine, Observer
 from sharedd.errors import (AlreadyExists, AlreadyRunning, BackendFailure, CapacityExceeded,
-                            ConfigError, InvalidArgument, NotFound, SharedError)
+                            ConfigError, InvalidArgument, InvalidState, NotFound, SharedError)
 from tests.memdriver import Crash, SimDriver
 from tests.testhooks import RecordingHook
 
@@ -67,6 +67,9 @@ class RecordingObserver(Observer):
             assert store.share_status(arg) is None
 
     def __getattribute__(self, name):
+        if name in ("job_added", "job_changed", "job_completed"):
+            return lambda arg: object.__getattribute__(self, "events").append(
+                (name, arg if name == "job_completed" else arg.id))
         if name in ("share_added", "share_changed", "rules_changed", "share_removed",
                     "snapshot_added", "snapshot_changed", "snapshot_removed", "backend_changed"):
             return lambda arg: self._committed(name, arg)
@@ -74,12 +77,12 @@ class RecordingObserver(Observer):
 
 
 class Harness:
-    def __init__(self, extra: str = ""):
+    def __init__(self, extra: str = "", config: str = CONFIG):
         self.root = tempfile.mkdtemp(prefix="sharedd-engine-",
                                      dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.conf = os.path.join(self.root, "sharedd.conf")
         with open(self.conf, "w") as f:
-            f.write(CONFIG.format(root=self.root, extra=extra))
+            f.write(config.format(root=self.root, extra=extra))
         self.loop = asyncio.new_event_loop()
         self.engine = None
         self.world = None
@@ -110,7 +113,8 @@ class Harness:
             self.stop()
         finally:
             self.loop.close()
-            SimDriver.worlds.pop(os.path.join(self.root, "state", "backends", "sim"), None)
+            for name in ("sim", "sim2"):
+                SimDriver.worlds.pop(os.path.join(self.root, "state", "backends", name), None)
             shutil.rmtree(self.root, ignore_errors=True)
 
     # shortcuts
@@ -905,6 +909,208 @@ def test_crash_around_server_setup_and_teardown(hs, method, when):
     assert hs.engine.shares() == []
     b = hs.create("b", share_network=net.id)
     assert hs.world.servers == {b.share_server_id: "10.90.0.10"}
+
+
+# --- migration between two sim backends (Jobs) -----------------------------------------
+MIG_CONFIG = CONFIG.replace("enabled_share_backends = sim", "enabled_share_backends = sim, sim2") + """
+[sim2]
+share_driver = tests.memdriver:SimDriver
+enabled_share_protocols = NFS, CIFS
+hook_drivers = tests.testhooks:RecordingHook
+enable_pre_hooks = true
+enable_post_hooks = true
+"""
+
+
+@pytest.fixture
+def hm():
+    harness = Harness(config=MIG_CONFIG)
+    yield harness
+    harness.close()
+
+
+def _world2(h):
+    return SimDriver.worlds[os.path.join(h.root, "state", "backends", "sim2")]
+
+
+def _wait_job(h, job):
+    """The job's Completed: (success, message)."""
+    for _ in range(400):
+        done = [e[1] for e in h.obs.events if e[0] == "job_completed" and e[1][0].id == job.id]
+        if done:
+            h.run(h.engine.runner.wait_idle(5.0))
+            return done[0][1], done[0][2]
+        h.run(asyncio.sleep(0.005))
+    raise AssertionError(f"job {job.id} never completed")
+
+
+def _phase(h, share):
+    return h.engine.store.share_task(share.id).get("phase")
+
+
+def test_migration_moves_a_share_with_its_rules_as_a_job(hm):
+    share = hm.create("m", 2)
+    rid = hm.allow(share, "10.0.0.9", "rw")
+    job = hm.run(hm.engine.migrate_share(share.id, "sim2", {}, 1000))
+    assert job.operation == "migration_start" and job.objects == [share.id]
+    assert job.started_by_uid == 1000
+    assert _wait_job(hm, job) == (True, "done")
+    moved = hm.engine.share(share.id)
+    assert (moved.backend, moved.status) == ("sim2", C.STATUS_AVAILABLE)
+    assert moved.export_locations == [f"sim:/{share.id}"]
+    assert share.id not in hm.world.shares, "the source is deleted"
+    assert _world2(hm).shares[share.id]["rules"] == {rid: "10.0.0.9"}
+    assert hm.rules(moved) == {rid: C.RULE_ACTIVE}
+    hooks = [(r["method"], r["phase"]) for r in RecordingHook.records
+             if r["method"].startswith("migration")]
+    assert hooks == [("migration_start", "pre"), ("migration_start", "post"),
+                     ("migration_complete", "pre"), ("migration_complete", "post")]
+    post = [r for r in RecordingHook.records if r["method"] == "migration_complete"][-1]
+    assert post["share"]["backend"] == "sim2"
+    kinds = [e[0] for e in hm.obs.events if e[0].startswith("job")]
+    assert kinds[0] == "job_added" and kinds.count("job_completed") == 1
+    assert hm.engine.all_jobs() == []
+    # Further operations go to the new backend.
+    hm.run(hm.engine.extend_share(share.id, 3, {}))
+    assert _world2(hm).shares[share.id]["size"] == 3
+
+
+def test_a_migration_waiting_for_complete_can_be_denied_completed_or_cancelled(hm):
+    share = hm.create("w", 1)
+    keep = hm.allow(share, "10.0.0.1", "rw")
+    gone = hm.allow(share, "10.0.0.2", "ro")
+    job = hm.run(hm.engine.migrate_share(share.id, "sim2", {"wait_for_complete": True}, 0))
+    assert _wait_job(hm, job) == (True, "done")
+    assert hm.engine.share(share.id).status == C.STATUS_MIGRATING and _phase(hm, share) == "copied"
+    with pytest.raises(InvalidState):
+        hm.allow(share, "10.0.0.3")
+    with pytest.raises(InvalidState):
+        hm.run(hm.engine.delete_share(share.id, {}))
+    # A revocation still works on the source, and the task survives it.
+    hm.deny(share, gone)
+    hm.settle()
+    assert set(hm.world.shares[share.id]["rules"]) == {keep} and _phase(hm, share) == "copied"
+    # A restart leaves a copied migration waiting (and its source exported).
+    hm.restart()
+    assert hm.engine.share(share.id).status == C.STATUS_MIGRATING and _phase(hm, share) == "copied"
+    assert set(hm.world.shares[share.id]["rules"]) == {keep}
+    done = hm.run(hm.engine.complete_migration(share.id, {}, 0))
+    assert done.operation == "migration_complete"
+    assert _wait_job(hm, done) == (True, "done")
+    assert hm.engine.share(share.id).backend == "sim2"
+    assert set(_world2(hm).shares[share.id]["rules"]) == {keep}
+    # And back, this time cancelled while copied: nothing left on sim.
+    job = hm.run(hm.engine.migrate_share(share.id, "sim", {"wait_for_complete": True}, 0))
+    _wait_job(hm, job)
+    assert share.id in hm.world.shares
+    hm.run(hm.engine.cancel_migration(share.id, {}))
+    assert hm.engine.share(share.id).status == C.STATUS_AVAILABLE
+    assert hm.engine.share(share.id).backend == "sim2" and share.id not in hm.world.shares
+    assert ("migration_cancel", "post") in [(r["method"], r["phase"]) for r in RecordingHook.records]
+
+
+def test_failed_or_cancelled_migrations_leave_the_source_serving(hm):
+    share = hm.create("f", 1)
+    rid = hm.allow(share, "10.0.0.4", "rw")
+    hm.world.fail.add("migration_start")
+    job = hm.run(hm.engine.migrate_share(share.id, "sim2", {}, 0))
+    ok, message = _wait_job(hm, job)
+    assert not ok and "BackendFailure" in message
+    assert hm.engine.share(share.id).status == C.STATUS_AVAILABLE
+    assert share.id not in _world2(hm).shares and share.id in hm.world.shares
+    hm.world.fail.clear()
+    # Phase 2 fails: the source is writable again, the copy waits for another try.
+    hm.world.fail.add("migration_complete")
+    job = hm.run(hm.engine.migrate_share(share.id, "sim2", {}, 0))
+    assert not _wait_job(hm, job)[0]
+    assert hm.engine.share(share.id).status == C.STATUS_MIGRATING and _phase(hm, share) == "copied"
+    assert hm.world.shares[share.id]["rules"] == {rid: "10.0.0.4"}
+    hm.world.fail.clear()
+    # Cancel during phase 2 (a job's Cancel is what CancelMigration does while one runs).
+    job = hm.run(hm.engine.complete_migration(share.id, {}, 0))
+    hm.engine.cancel_job(job.id, {})
+    ok, message = _wait_job(hm, job)
+    assert not ok and "cancelled" in message
+    assert hm.engine.share(share.id).status == C.STATUS_AVAILABLE
+    assert hm.engine.share(share.id).backend == "sim" and share.id not in _world2(hm).shares
+    with pytest.raises(NotFound):
+        hm.engine.cancel_job(job.id, {})
+
+
+def test_refused_migrations_change_nothing(hm):
+    share = hm.create("r", 1)
+    snap_share = hm.create("rs", 1)
+    hm.run(hm.engine.create_snapshot(snap_share.id, "x", {}))
+    before = len(RecordingHook.records)
+    for share_id, backend, options, error in [
+            (share.id, "sim", {}, InvalidArgument),
+            (share.id, "nosuch", {}, NotFound),
+            (share.id, "sim2", {"wait_for_complete": "yes"}, InvalidArgument),
+            (share.id, "sim2", {"bogus": True}, InvalidArgument),
+            (snap_share.id, "sim2", {}, InvalidState),
+            ("0" * 32, "sim2", {}, NotFound)]:
+        with pytest.raises(error):
+            hm.run(hm.engine.migrate_share(share_id, backend, options, 0))
+    for call in (lambda: hm.engine.complete_migration(share.id, {}, 0),
+                 lambda: hm.engine.cancel_migration(share.id, {})):
+        with pytest.raises(InvalidState):
+            hm.run(call())
+    assert len(RecordingHook.records) == before and hm.engine.all_jobs() == []
+    assert {s.status for s in hm.engine.shares()} == {C.STATUS_AVAILABLE}
+    assert _world2(hm).shares == {}
+
+
+MIGRATION_CRASHES = [("sim", "migration_start"), ("sim", "migration_complete"), ("sim", "unmanage"),
+                     ("sim2", "ensure_share"), ("sim", "delete_share")]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("world,method", MIGRATION_CRASHES)
+def test_crash_during_a_migration_then_recovery(hm, world, method, when):
+    share = hm.create("c", 1)
+    rid = hm.allow(share, "10.0.0.5", "rw")
+    target = hm.world if world == "sim" else _world2(hm)
+    target.crash = (method, when)
+    hm.run(hm.engine.migrate_share(share.id, "sim2", {}, 0))
+    for _ in range(200):
+        if target.crash is None:
+            break
+        hm.run(asyncio.sleep(0.005))
+    assert target.crash is None, "the crash point was reached"
+    hm.restart()
+    hm.settle()
+    s = hm.engine.share(share.id)
+    assert s.status == C.STATUS_AVAILABLE
+    rolled_back = method == "migration_start"
+    assert s.backend == ("sim" if rolled_back else "sim2")
+    here, other = (hm.world, _world2(hm)) if rolled_back else (_world2(hm), hm.world)
+    # Exactly one copy, serving the share's rules; nothing left on the other side.
+    assert here.shares[share.id]["rules"] == {rid: "10.0.0.5"}
+    assert share.id not in other.shares
+
+
+@pytest.mark.parametrize("also_fail", [(), ("migration_cancel",)])
+def test_an_interrupted_completion_that_cannot_finish_goes_back_to_the_source(hm, also_fail):
+    share = hm.create("e", 1)
+    rid = hm.allow(share, "10.0.0.6", "rw")
+    hm.world.crash = ("migration_complete", "before")
+    hm.run(hm.engine.migrate_share(share.id, "sim2", {}, 0))
+    for _ in range(200):
+        if hm.world.crash is None:
+            break
+        hm.run(asyncio.sleep(0.005))
+    hm.world.fail.update(("migration_complete",) + also_fail)
+    hm.restart()
+    hm.settle()
+    # Back on the source, writable with its rules (ensure); the copy removed,
+    # or - when even that failed - the share went through error.
+    s = hm.engine.share(share.id)
+    assert (s.backend, s.status) == ("sim", C.STATUS_AVAILABLE)
+    assert hm.world.shares[share.id]["rules"] == {rid: "10.0.0.6"}
+    if also_fail:
+        assert ("share", C.STATUS_MIGRATING, C.STATUS_ERROR) in SEEN
+    else:
+        assert share.id not in _world2(hm).shares
 
 
 def test_zz_every_allowed_transition_is_exercised():

@@ -1,6 +1,6 @@
 """The core modules (engine, runner, state table, store, models, access,
 recovery, backend, share servers and their runtime, the mount table, the bus object tree and wire format,
-the btrfs kernel calls, the audit records and the small
+the btrfs kernel calls, the audit records, the migration data movers and the small
 utilities) type-check with mypy --strict."""
 
 import pathlib
@@ -11,7 +11,7 @@ from tests.support import components
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend",
         "mountinfo", "bus/managed", "bus/wire", "bus/audit", "drivers/btrfs_kernel",
-        "util", "share_servers", "netns", "service_instance"]
+        "util", "share_servers", "netns", "service_instance", "jobs", "migration", "transfer"]
 
 
 def test_core_modules_are_strictly_typed(tmp_path):

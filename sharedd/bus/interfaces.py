@@ -28,7 +28,9 @@ OUT_NAMES = {
     "ListSnapshots": ["snapshots"], "FindShareByName": ["share"],
     "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"],
     "CreateShareNetwork": ["share_network"],
+    "Migrate": ["job"], "CompleteMigration": ["job"],
     "Fired": ["phase", "method", "record"],     # a signal's arguments
+    "Completed": ["success", "message"],
 }
 
 
@@ -46,6 +48,25 @@ def share_network_path(network_id: str) -> str:
 
 def share_server_path(server_id: str) -> str:
     return f"{C.SHARE_SERVER_PATH}/{server_id}"
+
+
+def job_path(job_id: str) -> str:
+    return f"{C.JOB_PATH}/{job_id}"
+
+
+#: StartedByUID when the caller's uid is unknown (uid_t's "no id")
+NO_UID = 2**32 - 1
+
+
+async def caller_uid() -> int:
+    """The uid of the bus client whose call is being handled (the bus
+    daemon says; never the caller's own claim)."""
+    call = audit.CALL.get()
+    auditor = getattr(call[0], "auditor", None) if call else None
+    if auditor is None:
+        return NO_UID
+    uid = (await auditor.caller(call[1]))[0]
+    return uid if 0 <= uid < NO_UID else NO_UID
 
 
 def backend_path(name: str) -> str:
@@ -406,6 +427,26 @@ class Share(_Base):
         unpack_options(options, {})
         await self.engine.unmanage_share(self.share_id, {})
 
+    @method()
+    @translate
+    async def Migrate(self, backend: "s", options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"wait_for_complete": ("b",)})
+        job = await self.engine.migrate_share(self.share_id, backend, opts, await caller_uid())
+        return job_path(job.id)
+
+    @method()
+    @translate
+    async def CompleteMigration(self, options: "a{sv}") -> "o":
+        unpack_options(options, {})
+        job = await self.engine.complete_migration(self.share_id, {}, await caller_uid())
+        return job_path(job.id)
+
+    @method()
+    @translate
+    async def CancelMigration(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.cancel_migration(self.share_id, {})
+
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
         return self.share_id
@@ -631,3 +672,70 @@ class ShareServer(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def CreatedAt(self) -> "t":
         return self._s().created_at
+
+
+class Job(_Base):
+    """A long operation in progress (UDisks2's Job): gone once Completed."""
+
+    def __init__(self, engine, job):
+        super().__init__(C.IFACE_JOB, engine)
+        self.job = job
+
+    def object_path(self):
+        return job_path(self.job.id)
+
+    def props(self):
+        j = self.job
+        return {"Progress": j.progress, "ProgressValid": j.progress_valid, "Bytes": j.bytes,
+                "Rate": j.rate, "ExpectedEndTime": j.expected_end_time,
+                "Cancelable": j.cancelable}
+
+    @method()
+    @translate
+    async def Cancel(self, options: "a{sv}"):
+        unpack_options(options, {})
+        self.engine.cancel_job(self.job.id, {})
+
+    @signal()
+    def Completed(self, success, message) -> "bs":
+        return [success, message]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Operation(self) -> "s":
+        return self.job.operation
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Objects(self) -> "ao":
+        return [share_path(i) for i in self.job.objects]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Progress(self) -> "d":
+        return self.job.progress
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProgressValid(self) -> "b":
+        return self.job.progress_valid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Bytes(self) -> "t":
+        return self.job.bytes
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Rate(self) -> "t":
+        return self.job.rate
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartTime(self) -> "t":
+        return self.job.start_time
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExpectedEndTime(self) -> "t":
+        return self.job.expected_end_time
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartedByUID(self) -> "u":
+        return self.job.started_by_uid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Cancelable(self) -> "b":
+        return self.job.cancelable

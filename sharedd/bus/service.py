@@ -97,6 +97,7 @@ class BusService(Observer):
         self.backends = {}
         self.networks = {}
         self.servers = {}
+        self.jobs = {}
         self.cache = {}
         self.hooks = None
         # Backend Stats change with every share operation: announced at most
@@ -322,6 +323,24 @@ class BusService(Observer):
     def server_removed(self, server_id: str) -> None:
         if self.engine is not None:
             self._unexport(self.servers, server_id, I.share_server_path(server_id))
+
+    # jobs: exported while they run; Completed, then removed
+    def job_added(self, job) -> None:
+        if self.engine is not None and job.id not in self.jobs:
+            self._export(self.jobs, job.id, I.job_path(job.id), I.Job(self.engine, job))
+
+    def job_changed(self, job) -> None:
+        iface = self.jobs.get(job.id)
+        if self.engine is not None and iface is not None:
+            self._changed(I.job_path(job.id), iface)
+
+    def job_completed(self, outcome) -> None:
+        job, success, message = outcome
+        iface = self.jobs.get(job.id)
+        if self.engine is None or iface is None:
+            return
+        iface.Completed(success, message)
+        self._unexport(self.jobs, job.id, I.job_path(job.id))
 
     def backend_changed(self, name: str) -> None:
         if self.engine is None or name in self._backend_timers:

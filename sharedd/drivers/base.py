@@ -164,6 +164,70 @@ class ShareDriver(abc.ABC):
                            rules: List[AccessRule]) -> ShareUpdate:
         raise NotSupported(f"driver {self.driver_name} cannot revert to snapshots")
 
+    # --- migration (Manila's migration_* methods) ---------------------------------
+    # Called on the source share's driver; dest_driver is the destination
+    # backend's driver in this same daemon, dest_share the share as it will
+    # be there (same id, the destination backend). The default is the
+    # host-assisted way: an empty share made on the destination and the files
+    # copied between the two shares' local mounts (sharedd.transfer.copy_tree);
+    # a driver overrides it for a destination it can feed natively (btrfs
+    # send/receive). Every step is idempotent: recovery replays them.
+    #: progress(bytes done, bytes expected or None) and cancel (threading.Event)
+    #: are the job's; a copy checks cancel and raises errors.Cancelled.
+
+    def local_path(self, share: Share) -> Optional[str]:
+        """Where the share's files are mounted on this host (None: nowhere)."""
+        return None
+
+    def migration_target(self, share: Share) -> None:
+        """The share made and mounted here but not exported (idempotent): a
+        migration's destination, exported only at the switch (both backends
+        may export through one service, which serves a share's path once)."""
+        raise NotSupported(f"driver {self.driver_name} cannot receive migrated shares")
+
+    def migration_check_compatibility(self, share: Share, dest_driver: "ShareDriver") -> Dict[str, Any]:
+        """What a migration of share to dest_driver can do; raises
+        NotSupported when it cannot be done at all."""
+        for drv, side in ((self, "source"), (dest_driver, "destination")):
+            if type(drv).local_path is ShareDriver.local_path:
+                raise NotSupported(f"the {side} driver {drv.driver_name} has no local mount of "
+                                   "its shares to copy between")
+        if type(dest_driver).migration_target is ShareDriver.migration_target:
+            raise NotSupported(f"driver {dest_driver.driver_name} cannot receive migrated shares")
+        return {"compatible": True, "writable": True, "nondisruptive": False,
+                "preserve_snapshots": False, "driver_assisted": False}
+
+    def migration_start(self, share: Share, dest_share: Share, dest_driver: "ShareDriver",
+                        progress: Any, cancel: Any) -> Dict[str, Any]:
+        """Phase 1, while the share serves: the destination share made and
+        filled. Returns what later steps need (stored with the share)."""
+        from .. import transfer   # a data mover, not needed by most calls
+        dest_driver.migration_target(dest_share)
+        src, dst = self._copy_paths(share, dest_share, dest_driver)
+        transfer.copy_tree(src, dst, progress=progress, cancel=cancel)
+        return {"method": "copy"}
+
+    def migration_complete(self, share: Share, dest_share: Share, dest_driver: "ShareDriver",
+                           state: Dict[str, Any], progress: Any, cancel: Any) -> None:
+        """Phase 2, the source read-only: the last changes copied. The engine
+        then exports the destination and deletes the source."""
+        from .. import transfer
+        src, dst = self._copy_paths(share, dest_share, dest_driver)
+        transfer.copy_tree(src, dst, progress=progress, cancel=cancel)
+
+    def migration_cancel(self, share: Share, dest_share: Share, dest_driver: "ShareDriver",
+                         state: Dict[str, Any]) -> None:
+        """Undo phase 1: the destination's copy removed; the source untouched."""
+        dest_driver.delete_share(dest_share)
+
+    def _copy_paths(self, share: Share, dest_share: Share,
+                    dest_driver: "ShareDriver") -> "tuple[str, str]":
+        src, dst = self.local_path(share), dest_driver.local_path(dest_share)
+        if not src or not dst:
+            raise BackendFailure(f"share {share.id} is not mounted on both backends "
+                                 f"(source {src}, destination {dst})")
+        return src, dst
+
     # --- share servers (driver_handles_share_servers) ---------------------------
     # The Generic driver's shape: a server per share network, with its own
     # export daemons. Here a network namespace (sharedd.service_instance);

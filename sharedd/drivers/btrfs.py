@@ -5,6 +5,9 @@ Pool layout (pool = btrfs_pool_path):
     <pool>/shares/<share id>        subvolume of a created share
     <pool>/snapshots/<snapshot id>  read-only snapshot
     <anything>.revert-new / .revert-old   transient, during a revert
+    <pool>/migrate/<share id>.1, .2 read-only snapshots of a share migrating
+                                    away (send/receive to another btrfs pool)
+    <pool>/migrate/<share id>/      what a share migrating in receives
 
 Each share subvolume is mounted on its own mount point
 (<mount_dir>/<share id>, with -o subvol=) and that mount point is what the
@@ -24,10 +27,11 @@ import math
 import os
 import re
 import stat
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from .. import util
-from ..errors import (AlreadyExists, BackendFailure, ConfigError, InvalidArgument)
+from .. import transfer, util
+from ..errors import (AlreadyExists, BackendFailure, Cancelled, ConfigError, InvalidArgument,
+                      NotSupported)
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
 from ..mountinfo import MountEntry, is_mounted, mount_at, mounted_id
 from ..options import Opt
@@ -46,6 +50,9 @@ SHARES_DIR = "shares"
 SNAPSHOTS_DIR = "snapshots"
 REVERT_NEW = ".revert-new"
 REVERT_OLD = ".revert-old"
+MIGRATE_DIR = "migrate"
+#: what migration_start returns for a send/receive migration (state["method"])
+MIGRATION_METHOD = "btrfs-send"
 
 # Ids become path components and mount point names.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -123,6 +130,16 @@ def parse_qgroup_show(text: str) -> Dict[int, Qgroup]:
 
 def _gib_ceil(nbytes: int) -> int:
     return max(1, math.ceil(nbytes / GiB))
+
+
+class _MigrationPaths(NamedTuple):
+    source: str             # the share's subvolume (source pool)
+    base: str               # snapshot of phase 1 (source pool)
+    final: str              # snapshot of phase 2 (source pool)
+    area: str               # where the destination pool receives
+    received_base: str
+    received_final: str
+    dest: str               # the destination share's subvolume
 
 
 class BtrfsDriver(ShareDriver):
@@ -455,8 +472,16 @@ class BtrfsDriver(ShareDriver):
 
     # --- shares ---------------------------------------------------------------------
     def create_share(self, share: Share) -> ShareUpdate:
-        rel = self._share_rel(share)
-        path = self._path(rel)
+        self._new_subvolume(share)
+        return self._serve(share, [])
+
+    def migration_target(self, share: Share) -> None:
+        path = self._new_subvolume(share)
+        self._set_limit(path, share.size_gib)
+        self._mount(share)
+
+    def _new_subvolume(self, share: Share) -> str:
+        path = self._path(self._share_rel(share))
         if not _is_subvolume(path):            # replay: it may already exist
             if os.path.lexists(path):
                 raise BackendFailure(f"{path} exists and is not a subvolume")
@@ -465,7 +490,7 @@ class BtrfsDriver(ShareDriver):
                 # Clients' root is squashed by default: the anonymous user
                 # must be able to write, as Manila's Generic driver does.
                 os.chmod(path, 0o777)
-        return self._serve(share, [])
+        return path
 
     def create_share_from_snapshot(self, share: Share, snapshot: Snapshot,
                                    parent: Share) -> ShareUpdate:
@@ -638,6 +663,245 @@ class BtrfsDriver(ShareDriver):
                 self._unexport(share)
                 self._unmount(mp, keep_dir=True)
             self._delete_subvolume(old)
+
+    # --- migration -------------------------------------------------------------------
+    # To another btrfs pool, driver-assisted with send/receive. Phase 1 sends
+    # a read-only snapshot of the share (the base, <pool>/migrate/<id>.1)
+    # whole into <destpool>/migrate/<id>/ and makes the destination share a
+    # writable snapshot of what arrived. Phase 2, the source read-only, sends
+    # a second snapshot (the final one, .2) as its difference from the base
+    # and makes the destination share a writable snapshot of that instead.
+    # The base is deleted first when phase 2 cleans up, so "no base, but a
+    # destination share" means an earlier run of phase 2 got that far. Any
+    # other destination: the base class's copy between the two mounts.
+
+    def local_path(self, share: Share) -> Optional[str]:
+        """The share's mount point, if its subvolume is mounted there (a copy
+        into a bare mount point directory would land on the host's disk)."""
+        mp = self._mount_point(share)
+        if self._is_mounted_subvol(mp, self._path(self._share_rel(share))):
+            return mp
+        return None
+
+    def _sends_to(self, dest_driver: ShareDriver, state: Optional[Dict[str, Any]] = None) -> bool:
+        """Whether this migration is (or was started as) a send/receive one."""
+        if state and state.get("method") != MIGRATION_METHOD:
+            return False
+        return isinstance(dest_driver, BtrfsDriver)
+
+    def _same_pool(self, other: "BtrfsDriver") -> bool:
+        if other.pool == self.pool:
+            return True
+        try:
+            return os.path.samefile(other.pool, self.pool)
+        except OSError:
+            return False
+
+    def migration_check_compatibility(self, share: Share,
+                                      dest_driver: ShareDriver) -> Dict[str, Any]:
+        result = super().migration_check_compatibility(share, dest_driver)
+        if not isinstance(dest_driver, BtrfsDriver):
+            return result
+        self._check_id("share", share.id)
+        if self._same_pool(dest_driver):
+            raise NotSupported(f"backends {self.backend_name} and {dest_driver.backend_name} "
+                               f"use the same btrfs pool {self.pool}: a share cannot migrate "
+                               "within one pool")
+        return {**result, "driver_assisted": not self._holds_subvolumes(share)}
+
+    def _holds_subvolumes(self, share: Share) -> bool:
+        """Whether subvolumes sit inside the share's (made on this host; a
+        client cannot): a snapshot, so btrfs send, shows each as an empty
+        directory, so such a share is copied file by file instead."""
+        path = self._path(self._share_rel(share))
+        if not _is_subvolume(path):
+            return False            # migration_start says what is wrong
+        out = self._run("btrfs", "subvolume", "list", "-o", path).stdout
+        return bool(out.strip())
+
+    def _migration_paths(self, share: Share, dest_share: Share,
+                         dest: "BtrfsDriver") -> "_MigrationPaths":
+        self._check_id("share", share.id)
+        base, final = f"{share.id}.1", f"{share.id}.2"
+        area = dest._path(f"{MIGRATE_DIR}/{share.id}")
+        return _MigrationPaths(
+            source=self._path(self._share_rel(share)),
+            base=self._path(f"{MIGRATE_DIR}/{base}"),
+            final=self._path(f"{MIGRATE_DIR}/{final}"),
+            area=area,
+            received_base=os.path.join(area, base),
+            received_final=os.path.join(area, final),
+            dest=dest._path(dest._share_rel(dest_share)))
+
+    def _migration_prepare(self, share: Share, dest: "BtrfsDriver",
+                           p: "_MigrationPaths") -> None:
+        self._pool_mount()
+        dest._pool_mount()
+        if not _is_subvolume(p.source):
+            raise BackendFailure(f"subvolume {p.source} of share {share.id} is missing")
+        util.private_dir(self._path(MIGRATE_DIR))
+        util.private_dir(dest._path(MIGRATE_DIR))
+        util.private_dir(p.area)
+
+    def migration_start(self, share: Share, dest_share: Share, dest_driver: ShareDriver,
+                        progress: Any, cancel: Any) -> Dict[str, Any]:
+        if not self._sends_to(dest_driver) or \
+                not self.migration_check_compatibility(share, dest_driver)["driver_assisted"]:
+            return super().migration_start(share, dest_share, dest_driver, progress, cancel)
+        assert isinstance(dest_driver, BtrfsDriver)
+        p = self._migration_paths(share, dest_share, dest_driver)
+        self._migration_prepare(share, dest_driver, p)
+        try:
+            self._snapshot(p.source, p.base, readonly=True)
+            received = transfer.btrfs_send_receive(
+                p.base, p.area, progress=progress, cancel=cancel,
+                expected=self._used_bytes(p.source), command_timeout=self.command_timeout)
+        except Cancelled:
+            self._migration_undo(self._migration_remove, share, dest_share, dest_driver, True)
+            raise
+        dest_driver._migration_take(dest_share, received, p.dest)
+        return {"method": MIGRATION_METHOD, "base": os.path.basename(p.base),
+                "source_dir": MIGRATE_DIR, "dest_dir": f"{MIGRATE_DIR}/{share.id}"}
+
+    def migration_complete(self, share: Share, dest_share: Share, dest_driver: ShareDriver,
+                           state: Dict[str, Any], progress: Any, cancel: Any) -> None:
+        if not self._sends_to(dest_driver, state):
+            super().migration_complete(share, dest_share, dest_driver, state, progress, cancel)
+            return
+        assert isinstance(dest_driver, BtrfsDriver)
+        p = self._migration_paths(share, dest_share, dest_driver)
+        if not _is_subvolume(p.base):
+            if _is_subvolume(p.dest):
+                log.info("share %s: migration to %s had finished its copy; cleaning up",
+                         share.id, dest_driver.backend_name)
+                self._migration_clean(p, dest_driver)
+                return
+            raise BackendFailure(f"share {share.id} has no migration base snapshot {p.base}: "
+                                 "phase 1 did not finish; cancel the migration and start again")
+        self._migration_prepare(share, dest_driver, p)
+        # Always a fresh final snapshot: one an earlier attempt left may
+        # predate writes made while the source was writable again.
+        self._delete_subvolume(p.final)
+        self._snapshot(p.source, p.final, readonly=True)
+        parent: Optional[str] = p.base
+        if not transfer.is_received(p.received_base, p.base):
+            log.warning("share %s: the destination lacks the base snapshot; sending the "
+                        "final one whole", share.id)
+            parent = None
+        try:
+            received = transfer.btrfs_send_receive(
+                p.final, p.area, parent=parent, progress=progress, cancel=cancel,
+                command_timeout=self.command_timeout)
+        except Cancelled:
+            self._migration_undo(self._delete_subvolume, p.final)
+            raise
+        dest_driver._migration_take(dest_share, received, p.dest)
+        self._migration_clean(p, dest_driver)
+
+    def migration_cancel(self, share: Share, dest_share: Share, dest_driver: ShareDriver,
+                         state: Dict[str, Any]) -> None:
+        if not self._sends_to(dest_driver, state):
+            super().migration_cancel(share, dest_share, dest_driver, state)
+            return
+        assert isinstance(dest_driver, BtrfsDriver)
+        # No state: migration_start never returned (a crash in phase 1, of
+        # either kind of copy), so a destination share can only be its.
+        self._migration_remove(share, dest_share, dest_driver, owned=not state)
+
+    @staticmethod
+    def _migration_undo(fn: Callable[..., None], *args: Any) -> None:
+        """Clean-up after a cancel: a failure is logged, the Cancelled raised
+        (migration_cancel, idempotent, removes what is left)."""
+        try:
+            fn(*args)
+        except BackendFailure as exc:
+            log.error("clean-up of a cancelled migration step failed: %s", exc)
+
+    def _used_bytes(self, path: str) -> Optional[int]:
+        try:
+            return self._qgroup(path).referenced
+        except BackendFailure:
+            return None
+
+    def _info(self, path: str) -> "transfer.SubvolumeInfo":
+        info: transfer.SubvolumeInfo = self._kernel("subvolume info of",
+                                                    transfer.subvolume_info, path)
+        return info
+
+    def _migration_take(self, share: Share, received: str, path: str) -> None:
+        """(On the destination.) The share's subvolume made a writable
+        snapshot of received and limited to the share's size; a replay finds
+        it made. Neither mounted nor exported: the engine ensures it later."""
+        want = self._info(received).uuid
+        if _is_subvolume(path) and self._info(path).parent_uuid != want:
+            self._migration_unserve(share)
+            self._delete_subvolume(path)
+        self._snapshot(received, path, readonly=False)
+        self._set_limit(path, share.size_gib)
+
+    def _migration_unserve(self, share: Share) -> None:
+        """(On the destination.) Its mount point unmounted and removed."""
+        mp = self._mount_point(share)
+        if is_mounted(mp):
+            try:
+                self._unexport(share)
+            except (BackendFailure, NotSupported) as exc:
+                log.warning("share %s: cannot unexport %s: %s", share.id, mp, exc)
+        self._unmount(mp)
+
+    @staticmethod
+    def _rmdir(path: str) -> None:
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc)
+
+    def _migration_clean(self, p: "_MigrationPaths", dest: "BtrfsDriver") -> None:
+        """The snapshots and received subvolumes of a finished copy deleted,
+        the base first (see the note above migration_start). Once the base
+        is gone nothing may fail the step: the engine would make the source
+        writable again after a failed migration_complete, and the next one
+        would take the destination as final. What stays is logged (a later
+        migration of the share replaces it)."""
+        try:
+            self._delete_subvolume(p.base)
+        except BackendFailure:
+            if _is_subvolume(p.base):
+                raise
+        for drv, path in ((self, p.final), (dest, p.received_final), (dest, p.received_base)):
+            try:
+                drv._delete_subvolume(path)
+            except BackendFailure as exc:
+                log.warning("migration of share %s: cannot delete %s: %s; delete it by hand",
+                            os.path.basename(p.area), path, exc)
+        self._rmdir(p.area)
+
+    def _migration_remove(self, share: Share, dest_share: Share, dest: "BtrfsDriver",
+                          owned: bool = False) -> None:
+        """Everything of the migration deleted on both sides; the source
+        share untouched. The destination share is deleted only while it is
+        this migration's: owned, or the base still exists (it goes last
+        here), or the share is a snapshot of a received subvolume still
+        there; else the migration had finished and the share is kept."""
+        p = self._migration_paths(share, dest_share, dest)
+        received = {self._info(r).uuid for r in (p.received_base, p.received_final)
+                    if _is_subvolume(r)}
+        if _is_subvolume(p.dest):
+            if owned or _is_subvolume(p.base) or self._info(p.dest).parent_uuid in received:
+                dest._migration_unserve(dest_share)
+                dest._delete_subvolume(p.dest)
+            else:
+                log.warning("share %s: %s was not made by this migration (it had finished); "
+                            "keeping it", share.id, p.dest)
+        else:
+            dest._migration_unserve(dest_share)
+        dest._delete_subvolume(p.received_final)
+        dest._delete_subvolume(p.received_base)
+        self._rmdir(p.area)
+        self._delete_subvolume(p.final)
+        self._delete_subvolume(p.base)
 
     # --- reads --------------------------------------------------------------------
     def get_share_stats(self) -> Dict[str, Any]:

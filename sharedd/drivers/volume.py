@@ -101,6 +101,9 @@ class VolumeDriver(ShareDriver):
     def _mountpoint(self, share: Share) -> str:
         return os.path.join(self.mount_dir, share.id)
 
+    def local_path(self, share: Share) -> Optional[str]:
+        return self._mountpoint(share)
+
     def _blkid(self, path: str, tag: str) -> str:
         # -p: probe the device itself, not blkid's cache (stale after copies)
         proc = self._run(["blkid", "-p", "-o", "value", "-s", tag, path], check=False)
@@ -313,20 +316,31 @@ class VolumeDriver(ShareDriver):
     def create_share(self, share: Share) -> ShareUpdate:
         name = self._image(share)
         with self._new_volume(share, name):
-            self.provider.create(name, share.size_gib * GiB)
-            path = self.provider.path(name)
-            # Never format a volume that already has a file system (replay).
-            if not self._blkid(path, "TYPE"):
-                self._mkfs(path, self.fs_type)
-            fs = self._blkid(path, "TYPE")
-            self._mount(share)
-            if share.protocol == "NFS":
-                # Clients' root is squashed by default: the anonymous user
-                # must be able to write (Manila's Generic driver does the same).
-                os.chmod(self._mountpoint(share), 0o777)
+            fs = self._make_volume(share)
             locations = self._export(share, [])
         return ShareUpdate(export_locations=locations, provider_location=name,
                            size_gib=share.size_gib, driver_data={"fs_type": fs})
+
+    def migration_target(self, share: Share) -> None:
+        with self._new_volume(share, self._image(share)):
+            self._make_volume(share)
+
+    def _make_volume(self, share: Share) -> str:
+        """The share's volume made (or found: a replay), formatted and
+        mounted; returns its file system type."""
+        name = self._image(share)
+        self.provider.create(name, share.size_gib * GiB)
+        path = self.provider.path(name)
+        # Never format a volume that already has a file system (replay).
+        if not self._blkid(path, "TYPE"):
+            self._mkfs(path, self.fs_type)
+        fs = self._blkid(path, "TYPE")
+        self._mount(share)
+        if share.protocol == "NFS":
+            # Clients' root is squashed by default: the anonymous user
+            # must be able to write (Manila's Generic driver does the same).
+            os.chmod(self._mountpoint(share), 0o777)
+        return fs
 
     def delete_share(self, share: Share) -> None:
         name = self._image(share)
