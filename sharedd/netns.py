@@ -13,9 +13,10 @@ always ``eth0``, carrying the server's one address:
 - VLAN attachment: a VLAN interface on the parent made directly inside the
   namespace (``ip link add link PARENT name eth0 netns NS type vlan``): the
   parent is looked up in the host, the new device is registered in the
-  namespace, so nothing of ours ever sits outside. (Not exercised on this
-  project's build machines, whose kernel lacks 802.1Q: there the refusal
-  names the missing 8021q module.)
+  namespace, so nothing of ours ever sits outside. (The project's build
+  machines' kernel lacks 802.1Q: there the refusal names the missing 8021q
+  module; tests/test_share_servers_vlan.py runs the whole path in a qemu
+  guest.)
 
 Everything is idempotent: ``create`` finishes whatever a crash left half
 made (a namespace file not mounted, a namespace without eth0, a host veth
