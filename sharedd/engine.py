@@ -177,6 +177,10 @@ class Engine:
         return float(b.config.periodic_hooks_interval)
 
     async def stop(self, timeout: float = 60.0) -> None:
+        # Copies end now (their worker threads would hold up the exit);
+        # start-up recovery settles each from its stored phase.
+        for job in self.jobs.all():
+            job.cancel_event.set()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

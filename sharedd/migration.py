@@ -48,6 +48,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 OP = "migration"
+#: phase-1 copies running at once; further migrations wait for a turn
+PARALLEL_COPIES = 4
 COPYING, COPIED, COMPLETING, SWITCHING, CANCELLING = (
     "copying", "copied", "completing", "switching", "cancelling")
 
@@ -79,6 +81,9 @@ class Migrations:
         self.spawn = spawn
         self.check_capacity = check_capacity
         self._running: Dict[str, Job] = {}      # share id -> its migration's job
+        # Full copies at once (each reads and writes a whole share); the
+        # final copies are incremental and run as they come.
+        self._copies = asyncio.Semaphore(PARALLEL_COPIES)
 
     # --- the engine's entry points ----------------------------------------------
     async def start(self, share_id: str, backend: str, options: Dict[str, Any], uid: int) -> Job:
@@ -100,8 +105,11 @@ class Migrations:
 
             async def call() -> Dict[str, Any]:
                 job = self._job("migration_start", share, uid, started)
-                return dict(await src.call("migration_start", share, target, dest.driver,
-                                           self.jobs.reporter(job), job.cancel_event) or {})
+                async with self._copies:      # queued (Bytes 0) behind other copies
+                    if job.cancel_event.is_set():
+                        raise Cancelled(f"the migration of share {share.name} was cancelled")
+                    return dict(await src.call("migration_start", share, target, dest.driver,
+                                               self.jobs.reporter(job), job.cancel_event) or {})
 
             def done(tx: Any, state: Dict[str, Any]) -> None:
                 task.update(phase=COPIED, state=state)

@@ -176,7 +176,7 @@ class MemoryDriver(ShareDriver):
             self._control(method)
             try:
                 with open(os.path.join(self.state_dir, "control.json")) as f:
-                    time.sleep(json.load(f).get("sleep", {}).get("migration_step", 0))
+                    cancel.wait(json.load(f).get("sleep", {}).get("migration_step", 0))
             except FileNotFoundError:
                 pass
             if cancel.is_set():

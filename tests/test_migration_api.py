@@ -145,3 +145,18 @@ def spool_records(d):
                 with open(os.path.join(root, name), "rb") as f:
                     out.append(recordlib.loads(f.read()))
     return out
+
+
+def test_stopping_sharedd_ends_a_copy_and_the_restart_rolls_it_back(sharedd_factory):
+    d = sharedd_factory(CONFIG)
+    path = d.create_share("interrupted", "NFS", 1)
+    pace(d, 3600)                 # the copy would take ten hours
+    job = d.share(path, "Migrate", "sa{sv}", "mem2", 0)
+    assert d.get(job, JOB, "Operation") == "migration_start"
+    assert d.stop(timeout=60) == 0, "SIGTERM ends the copy instead of waiting for it"
+    pace(d, 0)
+    d.start()
+    assert d.share_prop(path, "Status") == "available"
+    assert d.share_prop(path, "Backend") == "mem1"
+    with open(os.path.join(d.workdir, "state", "backends", "mem2", "memory.json")) as f:
+        assert path.rsplit("/", 1)[1] not in json.load(f)["shares"]
