@@ -140,11 +140,12 @@ class Migrations:
                 not in (COPIED, SWITCHING):
             raise InvalidState(f"share {share.name}'s migration is still copying; it can be "
                                "completed once copied")
-        self.jobs.check_room()
         started: "asyncio.Future[Job]" = asyncio.get_running_loop().create_future()
+        # Made before anything is awaited: a second CompleteMigration now finds it.
+        job = self._job("migration_complete", share, uid, started)
 
         async def body() -> None:
-            await self._complete(share_id, self._job("migration_complete", share, uid, started))
+            await self._complete(share_id, job)
         return await self._as_job(share_id, body, started)
 
     async def cancel(self, share_id: str, options: Dict[str, Any]) -> None:
@@ -176,9 +177,6 @@ class Migrations:
         await self.runner.run([share_id], plan)
         log.info("share %s: migration cancelled; it stays on backend %s", share.name,
                  share.backend)
-
-    def job_of(self, share_id: str) -> Optional[Job]:
-        return self._running.get(share_id)
 
     # --- phase 2 -------------------------------------------------------------------
     async def _complete(self, share_id: str, job: Job) -> None:

@@ -994,8 +994,12 @@ def test_a_migration_waiting_for_complete_can_be_denied_completed_or_cancelled(h
     hm.restart()
     assert hm.engine.share(share.id).status == C.STATUS_MIGRATING and _phase(hm, share) == "copied"
     assert set(hm.world.shares[share.id]["rules"]) == {keep}
-    done = hm.run(hm.engine.complete_migration(share.id, {}, 0))
-    assert done.operation == "migration_complete"
+    # Two callers at once: one completes, the other is told it is under way.
+    async def twice():
+        return await asyncio.gather(*(hm.engine.complete_migration(share.id, {}, 0)
+                                      for _ in range(2)), return_exceptions=True)
+    done, second = hm.run(twice())
+    assert done.operation == "migration_complete" and isinstance(second, InvalidState)
     assert _wait_job(hm, done) == (True, "done")
     assert hm.engine.share(share.id).backend == "sim2"
     assert set(_world2(hm).shares[share.id]["rules"]) == {keep}
