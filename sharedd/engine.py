@@ -352,7 +352,7 @@ class Engine:
 
     async def _check_capacity(self, b: Backend, extra_gib: int) -> None:
         await self._refresh(b, C.CAPACITY_STATS_MAX_AGE)
-        b.check_capacity(extra_gib)
+        b.check_capacity(extra_gib + self.store.gib_arriving(b.name))
 
     # ------------------------------------------------------------------ hooks
     async def periodic(self, b: Backend) -> None:

@@ -15,6 +15,7 @@ import sqlite3
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from . import constants as C
 from .errors import ConfigError
 from .models import AccessRule, Share, ShareNetwork, ShareServer, Snapshot
 
@@ -256,6 +257,21 @@ class Store:
         count, total = self.db.execute("SELECT COALESCE(SUM(shares), 0), COALESCE(SUM(gib), 0) "
                                        "FROM share_totals WHERE backend=?", (backend,)).fetchone()
         return int(count), int(total)
+
+    def gib_arriving(self, backend: str) -> int:
+        """GiB of shares being migrated to backend: counted against its room
+        from the start of the copy (they count for their source until the
+        switch). The shares are read only while some migrate (the totals say)."""
+        total = 0
+        migrating = self.db.execute("SELECT COALESCE(SUM(shares), 0) FROM share_totals "
+                                    "WHERE status=?", (C.STATUS_MIGRATING,)).fetchone()[0]
+        if not migrating:
+            return 0
+        for size, task in self.db.execute("SELECT size_gib, task FROM shares WHERE status=?",
+                                          (C.STATUS_MIGRATING,)):
+            if json.loads(task).get("dest") == backend:
+                total += int(size)
+        return total
 
     def share_task(self, share_id: str) -> Dict[str, Any]:
         row = self.db.execute("SELECT task FROM shares WHERE id=?", (share_id,)).fetchone()

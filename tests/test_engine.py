@@ -1041,6 +1041,24 @@ def test_failed_or_cancelled_migrations_leave_the_source_serving(hm):
         hm.engine.cancel_job(job.id, {})
 
 
+def test_a_migration_holds_its_room_on_the_destination(hm, monkeypatch):
+    monkeypatch.setattr(SimDriver, "get_share_stats",
+                        lambda self: {"total_capacity_gb": 10.0, "free_capacity_gb": 10.0}
+                        if self.backend_name == "sim2" else
+                        {"total_capacity_gb": 1000.0, "free_capacity_gb": 1000.0})
+    for backend in hm.engine.backends.values():
+        backend.driver.thin_provisioning = False
+        backend._driver_stats = None        # read the figures above, not the cached ones
+    big = hm.create("big", 6)
+    job = hm.run(hm.engine.migrate_share(big.id, "sim2", {"wait_for_complete": True}, 0))
+    _wait_job(hm, job)
+    # 6 GiB are on their way to sim2: another 6 GiB do not fit beside them.
+    with pytest.raises(CapacityExceeded):
+        hm.create("other", 6, backend="sim2")
+    hm.run(hm.engine.cancel_migration(big.id, {}))
+    hm.create("other", 6, backend="sim2")
+
+
 def test_refused_migrations_change_nothing(hm):
     share = hm.create("r", 1)
     snap_share = hm.create("rs", 1)
