@@ -19,6 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/mountd", "--smoke"], "mountd p50"),
     (["bench/remote", "--smoke"], "mountd p50"),
     pytest.param(["bench/servers", "--smoke"], "server set-up", id="servers"),
+    pytest.param(["bench/migration", "--smoke"], "share migration times", id="migration"),
 ])
 def test_bench_script_runs(argv, header, request):
     if argv[0] == "bench/remote":
