@@ -63,8 +63,11 @@ REAP_TIMEOUT = 10.0
 STDERR_TAIL = 4000
 #: bytes of it put in an error message
 MESSAGE_TAIL = 500
-#: bytes read from a pipe at a time
+#: bytes moved from send to receive at a time
 CHUNK = 1 << 20
+#: one read of a tool's text output (progress lines, stderr): a pipe holds
+#: 64 KiB, and a larger request allocates its full size every time
+TEXT_READ = 1 << 16
 #: longest output line kept while waiting for its end (rsync's are short)
 LINE_LIMIT = 1 << 16
 
@@ -368,7 +371,7 @@ def copy_tree(src: str, dst: str, *, progress: ProgressFn, cancel: threading.Eve
         while open_fds:
             _check_cancel(cancel, what)
             for fd, _ in poller.poll(int(POLL_INTERVAL * 1000)):
-                data = os.read(fd, CHUNK)
+                data = os.read(fd, TEXT_READ)
                 if not data:
                     poller.unregister(fd)
                     open_fds.discard(fd)
@@ -624,47 +627,50 @@ def _pipe(send: _Tool, recv: _Tool, cancel: threading.Event, what: str,
     out, into = _fd(send.proc.stdout), _fd(recv.proc.stdin)
     errs = {_fd(send.proc.stderr): send, _fd(recv.proc.stderr): recv}
     os.set_blocking(into, False)        # a slow receive must not block cancel
-    pending = memoryview(b"")
+    # splice(2) moves the stream pipe to pipe inside the kernel: counted, never
+    # copied into this process (no per-read buffer, no CPU for the bytes).
+    waiting_for_data = True             # else: for room in receive's pipe
     send_open, recv_open = True, True
     while send_open or recv_open or errs:
         _check_cancel(cancel, what)
         poller = select.poll()
-        if send_open and not pending:
-            poller.register(out, select.POLLIN)
-        if recv_open and pending:
-            poller.register(into, select.POLLOUT)
+        if send_open and recv_open:
+            if waiting_for_data:
+                poller.register(out, select.POLLIN)
+            else:
+                poller.register(into, select.POLLOUT)
         for fd in errs:
             poller.register(fd, select.POLLIN)
         for fd, ev in poller.poll(int(POLL_INTERVAL * 1000)):
             if fd in errs:
-                data = os.read(fd, CHUNK)
+                data = os.read(fd, TEXT_READ)
                 if data:
                     errs[fd].add_stderr(data)
                 else:
                     del errs[fd]
-            elif fd == out and send_open:
-                data = os.read(out, CHUNK)
-                if data:
-                    pending = memoryview(data)
-                    watchdog.touch()
-                else:
-                    send_open = False
-            elif fd == into and recv_open:
+            elif fd in (out, into) and send_open and recv_open:
                 try:
-                    n = os.write(into, pending)
+                    # (Python 3.10+; this mypy's typeshed predates it)
+                    n = os.splice(out, into, CHUNK,  # type: ignore[attr-defined]
+                                  flags=os.SPLICE_F_NONBLOCK)  # type: ignore[attr-defined]
                 except BlockingIOError:
+                    # ready for data but no room, or room but no data yet
+                    waiting_for_data = fd == into
                     continue
                 except BrokenPipeError:
                     # receive gave up (its stderr says why): nothing reads
                     # send's output any more, so send is stopped
-                    recv_open, send_open, pending = False, False, memoryview(b"")
+                    recv_open, send_open = False, False
                     errs.pop(_fd(send.proc.stderr), None)
                     send.stop()
                     continue
-                pending = pending[n:]
+                if n == 0:
+                    send_open = False           # the end of send's stream
+                    continue
+                waiting_for_data = True
                 watchdog.touch()
                 report.update(report.done + n, expected)
-        if recv_open and not send_open and not pending:
+        if recv_open and not send_open:
             assert recv.proc.stdin is not None
             recv.proc.stdin.close()     # the end of the stream
             recv_open = False

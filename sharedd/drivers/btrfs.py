@@ -391,12 +391,7 @@ class BtrfsDriver(ShareDriver):
         else:
             raise BackendFailure(f"{mp} is still mounted after repeated umount")
         if not keep_dir:
-            try:
-                os.rmdir(mp)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("cannot remove mount point %s: %s", mp, exc)
+            self._rmdir(mp)
 
     def _export(self, share: Share, mp: str, rules: List[AccessRule]) -> List[str]:
         return list(self._helper(share).export(share, mp, rules))
