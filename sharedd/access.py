@@ -11,6 +11,7 @@ grant (states.RULE), so a failed revocation can never turn into access.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Set
 
@@ -22,7 +23,7 @@ from .operation import Operation, Runner
 from .states import DENY_PENDING, GRANTING, Changes
 from .store import Store
 
-__all__ = ["DENY_PENDING", "GRANTING", "Revoker", "granting", "pending_denies",
+__all__ = ["DENY_PENDING", "GRANTING", "Revoker", "granting", "read_only", "pending_denies",
            "applied_state", "ensure_operation"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ RETRY_FIRST, RETRY_CAP = 1.0, 60.0
 def granting(store: Store, share_id: str) -> List[AccessRule]:
     """The rules the backend must enforce: active or being applied."""
     return store.rules(share_id, GRANTING)
+
+
+def read_only(rules: List[AccessRule]) -> List[AccessRule]:
+    """The rules as a read-only copy enforces them (a migration's source
+    while its last changes are copied, a readable replica)."""
+    return [dataclasses.replace(r, access_level=C.ACCESS_LEVELS[1]) for r in rules]
 
 
 def pending_denies(store: Store, share_id: str) -> List[AccessRule]:
@@ -48,11 +55,15 @@ def applied_state(states: Optional[Dict[str, str]], rule: AccessRule) -> str:
 
 class Revoker:
     def __init__(self, store: Store, runner: Runner, backends: Mapping[str, Backend],
-                 spawn: Callable[[Awaitable[Any]], None]):
+                 spawn: Callable[[Awaitable[Any]], None],
+                 copies: Callable[[Share], Awaitable[None]]):
         self.store = store
         self.runner = runner
         self.backends = backends
         self.spawn = spawn
+        # The share's other exported copies (readable replicas) take the same
+        # rules; a copy that cannot keeps the deny pending (retried).
+        self.copies = copies
         self._retrying: Set[str] = set()
 
     def operation(self, share: Share, rules: List[AccessRule]) -> Operation:
@@ -69,11 +80,14 @@ class Revoker:
         def move(tx: Changes, _: Any = None, state: Optional[str] = C.RULE_QUEUED_TO_DENY) -> None:
             for r in rules:
                 tx.rule(share, r, state)
+
+        async def call() -> None:
+            await b.call("update_access", share, granting(self.store, share.id), [], rules)
+            await self.copies(share)
         return Operation("deny_access", b, share=share, rules=rules, is_allow=False,
                          unblockable=True,
                          intent=lambda tx: move(tx, state=C.RULE_DENYING),
-                         call=lambda: b.call("update_access", share,
-                                             granting(self.store, share.id), [], rules),
+                         call=call,
                          done=lambda tx, _: move(tx, state=None),   # gone
                          failed=move)                                # queued again
 

@@ -98,6 +98,13 @@ BACKEND_OPTIONS: List[Opt] = [
              "then needs the share_network option. Drivers with export helpers (btrfs, "
              "volume); NFS through nfs_helper = ganesha, CIFS through cifs_helper = samba "
              "(the server's own smbd, registry and passdb)."),
+    Opt("replication_domain", "str", "",
+        help="Backends with the same non-empty replication domain can hold replicas of each "
+             "other's shares (CreateReplica); empty: this backend takes part in no "
+             "replication."),
+    Opt("replication_interval", "float", 300.0, min=1,
+        help="Seconds between two syncs of a replica of this backend's shares (incremental); "
+             "a replica whose last sync is older than twice this is out_of_sync."),
     Opt("share_server_idle_seconds", "float", 0.0, min=0,
         help="Keep a share server this long after its last share is gone (0: remove it at "
              "once), so that a network's next share does not wait for a new server."),

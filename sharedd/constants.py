@@ -14,6 +14,7 @@ IFACE_HOOKS = "org.sharedd.Sharedd1.Hooks"
 IFACE_SHARE_NETWORK = "org.sharedd.Sharedd1.ShareNetwork"
 IFACE_SHARE_SERVER = "org.sharedd.Sharedd1.ShareServer"
 IFACE_JOB = "org.sharedd.Sharedd1.Job"
+IFACE_REPLICA = "org.sharedd.Sharedd1.Replica"
 ERROR_PREFIX = "org.sharedd.Sharedd1.Error."
 BACKEND_PATH = ROOT_PATH + "/backend"
 SHARE_PATH = ROOT_PATH + "/share"
@@ -21,6 +22,7 @@ SNAPSHOT_PATH = ROOT_PATH + "/snapshot"
 SHARE_NETWORK_PATH = ROOT_PATH + "/share_network"
 SHARE_SERVER_PATH = ROOT_PATH + "/share_server"
 JOB_PATH = ROOT_PATH + "/job"
+REPLICA_PATH = ROOT_PATH + "/replica"
 
 #: the methods that change nothing: every local user may call them (the bus
 #: policy says so) and they leave no audit record
@@ -54,6 +56,8 @@ STATUS_MANAGE_STARTING = "manage_starting"
 STATUS_UNMANAGE_STARTING = "unmanage_starting"
 #: a share being moved to another backend (Manila's task_state, as a status)
 STATUS_MIGRATING = "migrating"
+#: a share whose active replica is changing (Manila's name): Promote
+STATUS_REPLICATION_CHANGE = "replication_change"
 #: share servers (Manila's names)
 SERVER_ACTIVE = "active"
 SERVER_STATUSES = (STATUS_CREATING, SERVER_ACTIVE, STATUS_ERROR, STATUS_DELETING)
@@ -63,7 +67,21 @@ MAX_ALLOCATION_RANGE = 65536
 SHARE_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR,
                   STATUS_DELETING, STATUS_EXTENDING, STATUS_SHRINKING,
                   STATUS_REVERTING, STATUS_MANAGE_STARTING,
-                  STATUS_UNMANAGE_STARTING, STATUS_MIGRATING)
+                  STATUS_UNMANAGE_STARTING, STATUS_MIGRATING, STATUS_REPLICATION_CHANGE)
+
+# Replication (Manila's names). A replica's status is its life cycle; its
+# role says which copy serves read-write; its state how current a copy is.
+REPLICA_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR, STATUS_DELETING)
+ROLE_ACTIVE = "active"
+ROLE_REPLICA = "replica"
+REPLICA_ROLES = (ROLE_ACTIVE, ROLE_REPLICA)
+REPLICA_IN_SYNC = "in_sync"
+REPLICA_OUT_OF_SYNC = "out_of_sync"
+REPLICA_STATES = (REPLICA_IN_SYNC, REPLICA_OUT_OF_SYNC, STATUS_ERROR)
+#: dr: the replica is not exported; readable: exported read-only with the share's rules
+REPLICATION_STYLES = ("dr", "readable")
+#: replicas one share may have besides its active copy
+MAX_REPLICAS_PER_SHARE = 8
 
 RULE_QUEUED_TO_APPLY = "queued_to_apply"
 RULE_APPLYING = "applying"
@@ -86,6 +104,9 @@ HOOK_METHODS = (
     "allow_access", "deny_access", "extend_share", "shrink_share",
     "manage_share", "unmanage_share", "ensure_share",
     "migration_start", "migration_complete", "migration_cancel",
+    "create_share_replica", "delete_share_replica", "promote_share_replica",
+    "update_share_replica", "create_replicated_snapshot", "delete_replicated_snapshot",
+    "revert_to_replicated_snapshot",
     "publish_service_capabilities", "periodic",
 )
 

@@ -30,8 +30,10 @@ from .hooks import records
 from .hooks.base import HookContext
 from .jobs import Job, Jobs
 from .migration import Migrations
-from .models import AccessRule, Share, ShareNetwork, ShareServer, ShareUpdate, Snapshot, fields_of
+from .models import (AccessRule, Replica, Share, ShareNetwork, ShareServer, ShareUpdate, Snapshot,
+                     fields_of)
 from .operation import Operation, Runner
+from .replication import Replications
 from .states import Observer
 from .service_instance import ServiceInstances
 from .share_servers import ShareServers
@@ -56,6 +58,7 @@ class Engine:
         self.revoker: access.Revoker
         self.servers: ShareServers
         self.migrations: Migrations
+        self.replications: Replications
         self.jobs = Jobs(self.observer)
         self.instances: Optional[ServiceInstances] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -75,7 +78,10 @@ class Engine:
         self._lock_fd = lock_state_dir(cfg.state_path)   # before the database is touched
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
         self.runner = Runner(self.store, self.observer, cfg.host_id)
-        self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn)
+        self.replications = Replications(self.store, self.runner, self.backends, self.jobs,
+                                         self._spawn, self._check_capacity)
+        self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn,
+                                      self.replications.copies)
         self.servers = ShareServers(self.store, self.runner, self.backends, self._spawn,
                                     netns.check_bridge, netns.check_parent)
         self.migrations = Migrations(self.store, self.runner, self.backends, self.jobs,
@@ -102,6 +108,7 @@ class Engine:
             await b.setup()
         await self._recover_servers()
         await recovery.recover(self.store, self.runner, self.backends)
+        await self.replications.recover()
         await self.ensure_all()
         await self.spool_export.ensure()
         for b in self.backends.values():
@@ -111,6 +118,7 @@ class Engine:
             self._spawn(self._every(self._periodic_interval, self.periodic, b))
             if b.setup_error:
                 self._spawn(self._setup_retries(b))
+        self._spawn(self.replications.run_periodic())
 
     async def _setup_retries(self, b: Backend) -> None:
         """A backend whose set-up failed (its export service not running yet,
@@ -131,6 +139,7 @@ class Engine:
             log.info("backend %s is usable now: recovering and ensuring its shares", b.name)
             await self.servers.recover(backend=b.name)
             await recovery.recover(self.store, self.runner, self.backends, only=b.name)
+            await self.replications.recover(only=b.name)
         await self.ensure_all(backend=b.name)
         await self.spool_export.ensure()
         await self._refresh(b)
@@ -515,6 +524,8 @@ class Engine:
             if snaps:
                 raise InvalidState(f"share {share.name} has {len(snaps)} snapshot(s); "
                                    "delete them first")
+            if self.replications.is_replicated(share.id):
+                raise InvalidState(f"share {share.name} has replicas; delete them first")
             return Operation(method, b, share=share, unblockable=True,
                              intent=lambda tx: tx.share(share, transitional,
                                                         task={"op": method,
@@ -592,11 +603,16 @@ class Engine:
                     f"({r.access_level}, {r.state}, id {r.id}); "
                     + ("wait until its deny is applied" if r.state in access.DENY_PENDING
                        else "deny it first"))
+
+            async def call() -> Any:
+                states = await b.call("update_access", share,
+                                      access.granting(self.store, share.id), [rule], [])
+                await self.replications.copies(share)
+                return states
             return Operation("allow_access", b, share=share, rules=[rule], is_allow=True,
                              restorable=True,
                              intent=lambda tx: tx.add_rule(share, rule),
-                             call=lambda: b.call("update_access", share,
-                                                 access.granting(self.store, share.id), [rule], []),
+                             call=call,
                              done=lambda tx, result: tx.rule(share, rule,
                                                               access.applied_state(result, rule)),
                              failed=lambda tx, _: tx.rule(share, rule, C.RULE_ERROR),
@@ -638,7 +654,9 @@ class Engine:
             if any(s.name == name for s in self.store.snapshots(share.id)):
                 raise AlreadyExists(f"share {share.name} already has a snapshot named {name!r}")
             snap.size_gib = share.size_gib
-            return Operation("create_snapshot", b, share=share, snapshot=snap,
+            method = "create_replicated_snapshot" if self.replications.is_replicated(share.id) \
+                else "create_snapshot"
+            return Operation(method, b, share=share, snapshot=snap,
                              intent=lambda tx: tx.add_snapshot(snap),
                              call=lambda: b.call("create_snapshot", snap, share),
                              done=lambda tx, loc: tx.snapshot(snap, C.STATUS_AVAILABLE,
@@ -647,7 +665,9 @@ class Engine:
                              failed=lambda tx, undone: tx.remove_snapshot(snap) if undone
                              else tx.snapshot(snap, C.STATUS_ERROR),
                              undo=lambda tx: tx.remove_snapshot(snap))
-        await self.runner.run([share_id], plan)
+        await self.runner.run(self.replications.keys(share_id), plan)
+        # Every replica holds it when this returns (one that cannot catches up).
+        await self.replications.sync_share(share_id)
         return self.snapshot(snap.id)
 
     async def delete_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
@@ -662,13 +682,20 @@ class Engine:
                 raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be deleted "
                                    "when available or in error")
             previous = snap.status
-            return Operation("delete_snapshot", b, share=share, snapshot=snap,
+            replicated = self.replications.is_replicated(share.id)
+
+            async def call() -> None:
+                await b.call("delete_snapshot", snap, share)
+                if replicated:
+                    await self.replications.delete_snapshot(share, snap)
+            return Operation("delete_replicated_snapshot" if replicated else "delete_snapshot",
+                             b, share=share, snapshot=snap,
                              intent=lambda tx: tx.snapshot(snap, C.STATUS_DELETING),
-                             call=lambda: b.call("delete_snapshot", snap, share),
+                             call=call,
                              done=lambda tx, _: tx.remove_snapshot(snap),
                              failed=lambda tx, _: tx.snapshot(snap, C.STATUS_ERROR),
                              undo=lambda tx: tx.snapshot(snap, previous))
-        await self.runner.run([share_id], plan)
+        await self.runner.run(self.replications.keys(share_id), plan)
 
     async def revert_to_snapshot(self, share_id: str, snapshot_id: str,
                                  options: Dict[str, Any]) -> None:
@@ -683,7 +710,9 @@ class Engine:
                 raise InvalidState(f"snapshot {snap.name} is {snap.status}, not available")
             b = self._backend(share.backend).usable()
             b.require("revert_to_snapshot_support", "revert shares to snapshots")
-            return Operation("revert_to_snapshot", b, share=share, snapshot=snap,
+            method = "revert_to_replicated_snapshot" \
+                if self.replications.is_replicated(share.id) else "revert_to_snapshot"
+            return Operation(method, b, share=share, snapshot=snap,
                              intent=lambda tx: tx.share(share, C.STATUS_REVERTING,
                                                         task={"op": "revert_to_snapshot",
                                                               "snapshot": snap.id}),
@@ -693,7 +722,29 @@ class Engine:
                                                               **fields_of(update)),
                              failed=lambda tx, _: tx.share(share, C.STATUS_ERROR),
                              undo=lambda tx: tx.share(share, C.STATUS_AVAILABLE))
-        await self.runner.run([share_id], plan)
+        await self.runner.run(self.replications.keys(share_id), plan)
+        self._spawn(self.replications.sync_share(share_id))   # the replicas follow
+
+    # ------------------------------------------------------------ replication
+    async def create_replica(self, share_id: str, backend: str, options: Dict[str, Any],
+                             uid: int) -> Job:
+        return await self.replications.create(share_id, backend, options, uid)
+
+    async def promote_replica(self, replica_id: str, options: Dict[str, Any]) -> None:
+        await self.replications.promote(replica_id, options)
+
+    async def resync_replica(self, replica_id: str, options: Dict[str, Any], uid: int) -> Job:
+        return await self.replications.resync(replica_id, options, uid)
+
+    async def delete_replica(self, replica_id: str, options: Dict[str, Any]) -> None:
+        await self.replications.delete(replica_id, options)
+
+    def replica(self, replica_id: str) -> Replica:
+        return self.replications.get(replica_id)
+
+    def replicas(self, share_id: Optional[str] = None) -> List[Replica]:
+        """A share's copies, the active first (every share's if None)."""
+        return self.replications.of_share(share_id)
 
     # -------------------------------------------------------- migration, jobs
     async def migrate_share(self, share_id: str, backend: str, options: Dict[str, Any],
@@ -730,6 +781,8 @@ class Engine:
             self._ensuring = (done, total) if done < total else (0, 0)
         await recovery.ensure_all(self.store, self.runner, self.revoker, chosen, progress,
                                   server)
+        if server is None:
+            await self.replications.ensure([b.name for b in chosen])
 
 
 def _nothing(*_: Any) -> None:

@@ -147,19 +147,40 @@ class Jobs:
             message = f"failed: {type(error).__name__}"
         self._tell("job_completed", (job, error is None, message[:4000]))
 
-    async def run(self, job: Job, work: Callable[[], Awaitable[Any]]) -> None:
-        """Run work as the job's body and complete the job with its outcome."""
-        try:
-            await work()
-        except asyncio.CancelledError:      # the daemon stops: recovery settles it
-            self.finish(job, Cancelled("sharedd is stopping"))
-            raise
-        except Exception as exc:
-            if not isinstance(exc, SharedError):
-                log.exception("job %s (%s) failed", job.id, job.operation)
-            self.finish(job, exc)
-        else:
-            self.finish(job, None)
+    async def background(self, spawn: Callable[[Awaitable[Any]], None],
+                         body: Callable[["asyncio.Future[Job]"], Awaitable[None]],
+                         settled: Callable[[Job], None] = lambda job: None) -> Job:
+        """Run body in the background and return the job it makes, as soon
+        as it hands it to the future it is given (an error before that, a
+        refusal, is the caller's). The job completes with body's outcome;
+        settled(job) runs just before."""
+        started: "asyncio.Future[Job]" = asyncio.get_running_loop().create_future()
+
+        def made() -> Optional[Job]:
+            if not started.done() or started.cancelled() or started.exception() is not None:
+                return None
+            return started.result()
+
+        async def run() -> None:
+            try:
+                await body(started)
+            except BaseException as exc:
+                error = exc if isinstance(exc, Exception) else Cancelled("sharedd is stopping")
+                job = made()
+                if not started.done():
+                    started.set_exception(error)
+                if job is not None:
+                    settled(job)
+                    self.finish(job, error)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            job = made()
+            if job is not None:
+                settled(job)
+                self.finish(job, None)
+        spawn(run())
+        return await asyncio.shield(started)
 
     def _tell(self, name: str, arg: Any) -> None:
         try:

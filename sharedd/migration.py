@@ -92,7 +92,7 @@ class Migrations:
         if not isinstance(backend, str) or not backend or len(backend) > 128:
             raise InvalidArgument("the destination backend must be a backend's name")
 
-        async def plan() -> Operation:
+        async def plan(started: "asyncio.Future[Job]") -> Operation:
             share = self._share(share_id, (C.STATUS_AVAILABLE,), "migrated")
             src, dest = self._usable(share.backend), self._usable(backend)
             if dest is src:
@@ -123,13 +123,12 @@ class Migrations:
                              failed=lambda tx, _: tx.share(share, C.STATUS_AVAILABLE),
                              undo=lambda tx: tx.share(share, C.STATUS_AVAILABLE))
         self.jobs.check_room()
-        started: "asyncio.Future[Job]" = asyncio.get_running_loop().create_future()
 
-        async def body() -> None:
-            await self.runner.run([share_id], plan)
+        async def body(started: "asyncio.Future[Job]") -> None:
+            await self.runner.run([share_id], lambda: plan(started))
             if not wait:
                 await self._complete(share_id, self._running[share_id])
-        return await self._as_job(share_id, body, started)
+        return await self.jobs.background(self.spawn, body, self._forget)
 
     async def complete(self, share_id: str, options: Dict[str, Any], uid: int) -> Job:
         """CompleteMigration: phase 2 of a migration that waits (copied), or
@@ -140,13 +139,14 @@ class Migrations:
                 not in (COPIED, SWITCHING):
             raise InvalidState(f"share {share.name}'s migration is still copying; it can be "
                                "completed once copied")
-        started: "asyncio.Future[Job]" = asyncio.get_running_loop().create_future()
         # Made before anything is awaited: a second CompleteMigration now finds it.
-        job = self._job("migration_complete", share, uid, started)
+        job = self.jobs.create("migration_complete", [share.id], uid)
+        self._running[share.id] = job
 
-        async def body() -> None:
+        async def body(started: "asyncio.Future[Job]") -> None:
+            started.set_result(job)
             await self._complete(share_id, job)
-        return await self._as_job(share_id, body, started)
+        return await self.jobs.background(self.spawn, body, self._forget)
 
     async def cancel(self, share_id: str, options: Dict[str, Any]) -> None:
         """CancelMigration: a running copy is stopped (its job completes as
@@ -222,7 +222,7 @@ class Migrations:
                           task: Dict[str, Any], progress: Any, cancel: threading.Event) -> None:
         rules = access.granting(self.store, share.id)
         # Read-only first, so that the last copy is final (no write is lost).
-        await src.call("update_access", share, read_only(rules), [], [])
+        await src.call("update_access", share, access.read_only(rules), [], [])
         try:
             await src.call("migration_complete", share, target, dest.driver,
                            dict(task.get("state") or {}), progress, cancel)
@@ -234,44 +234,16 @@ class Migrations:
             raise
 
     # --- helpers ------------------------------------------------------------------------
-    async def _as_job(self, share_id: str, body: Callable[[], Awaitable[None]],
-                      started: "asyncio.Future[Job]") -> Job:
-        """Run body in the background as the share's job; return the job as
-        soon as body makes it (_job sets started; a refusal before that is
-        the caller's error)."""
-
-        def mine() -> Optional[Job]:
-            """This run's job, if body made one (another run's stays)."""
-            if not started.done() or started.cancelled() or started.exception() is not None:
-                return None
-            job = started.result()
+    def _forget(self, job: Job) -> None:
+        """The job is over: the share's next migration step makes its own."""
+        for share_id in job.objects:
             if self._running.get(share_id) is job:
                 del self._running[share_id]
-            return job
-
-        async def run() -> None:
-            try:
-                await body()
-            except BaseException as exc:
-                error = exc if isinstance(exc, Exception) else Cancelled("sharedd is stopping")
-                job = mine()
-                if not started.done():
-                    started.set_exception(error)
-                if job is not None:
-                    self.jobs.finish(job, error)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            job = mine()
-            if job is not None:
-                self.jobs.finish(job, None)
-        self.spawn(run())
-        return await asyncio.shield(started)
 
     def _job(self, operation: str, share: Share, uid: int,
              started: "asyncio.Future[Job]") -> Job:
         """The share's job (made by the first step that copies), handed to
-        the caller waiting in _as_job."""
+        the caller waiting in Jobs.background."""
         job = self._running.get(share.id)
         if job is None:
             job = self.jobs.create(operation, [share.id], uid)
@@ -302,6 +274,9 @@ class Migrations:
         if src.config.driver_handles_share_servers or dest.config.driver_handles_share_servers:
             raise NotSupported("migrating shares of backends that handle share servers is not "
                                "implemented")
+        if self.store.replica_ids(share.id):
+            raise InvalidState(f"share {share.name} has replicas; delete them first (or promote "
+                               "the replica on the destination instead)")
         snaps = self.store.snapshots(share.id)
         if snaps:
             raise InvalidState(f"share {share.name} has {len(snaps)} snapshot(s); snapshots are "
@@ -311,10 +286,6 @@ class Migrations:
                 raise InvalidState(f"share {share.name} has a deny still pending (rule "
                                    f"{rule.id}); migrate it once the deny is applied")
             dest.driver.validate_rule(share, rule)
-
-
-def read_only(rules: List[Any]) -> List[Any]:
-    return [dataclasses.replace(r, access_level="ro") for r in rules]
 
 
 def _placement(update: Optional[ShareUpdate]) -> Dict[str, Any]:
@@ -362,7 +333,7 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             tx.share(share, C.STATUS_AVAILABLE)
         return
     if phase == COMPLETING:
-        await src.call("update_access", share, read_only(access.granting(store, share.id)),
+        await src.call("update_access", share, access.read_only(access.granting(store, share.id)),
                        [], [])
         try:
             await src.call("migration_complete", share, target, dest.driver, state,

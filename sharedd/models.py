@@ -67,6 +67,25 @@ class Snapshot:
 
 
 @dataclasses.dataclass
+class Replica:
+    """One copy of a replicated share on one backend. The share row holds
+    the active copy's placement; the active's replica row its identity."""
+    id: str
+    share_id: str
+    backend: str
+    role: str               # active | replica
+    status: str             # creating | available | deleting | error
+    state: str              # in_sync | out_of_sync | error
+    style: str              # dr | readable
+    last_sync: int = 0      # µs since epoch of the last completed sync
+    created_at: int = 0
+    export_locations: List[str] = dataclasses.field(default_factory=list)
+    provider_location: str = ""
+    # The driver's sync state (for btrfs: the last common snapshot).
+    driver_data: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class ShareNetwork:
     """A tenant's network, defined by the administrator: where share servers
     attach (a bridge, or a VLAN of a parent interface) and which addresses

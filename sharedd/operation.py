@@ -32,7 +32,7 @@ from .backend import Backend
 from .errors import SharedError
 from .hooks import records
 from .hooks.manager import HookFailed
-from .models import AccessRule, Share, ShareServer, Snapshot
+from .models import AccessRule, Replica, Share, ShareServer, Snapshot
 from .states import Changes, deliver
 from .store import Store
 from .util import public_text
@@ -61,6 +61,7 @@ class Operation:
     share: Optional[Share] = None                # what the records describe
     snapshot: Optional[Snapshot] = None
     server: Optional[ShareServer] = None         # setup_server, delete_share_server
+    replica: Optional[Replica] = None            # the replica methods
     rules: Sequence[AccessRule] = ()             # the rules concerned
     is_allow: Optional[bool] = None
     # The call copies data for a long time: the objects' locks are released
@@ -259,10 +260,15 @@ class Runner:
             current_server = self.store.get_server(op.server.id)
             server = records.server_dict(current_server or op.server,
                                          None if current_server else "deleted")
+        replica = None
+        if op.replica is not None:
+            current_replica = self.store.get_replica(op.replica.id)
+            replica = records.replica_dict(current_replica or op.replica,
+                                           None if current_replica else "deleted")
         return records.build(host=self.host_id, epoch=self.store.epoch, seq=seq, phase=phase,
                              method=op.method, backend=b.name, share=share, snapshot=snapshot,
                              rules=list(op.rules), is_allow=op.is_allow, result=result,
-                             server=server)
+                             server=server, replica=replica)
 
 
 def _what(op: Operation) -> str:

@@ -19,6 +19,7 @@ from .errors import InvalidArgument
 from . import validation
 from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES, MAX_ANON_ID,
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
+                        REPLICA_ROLES, REPLICA_STATES, REPLICA_STATUSES, REPLICATION_STYLES,
                         RULE_STATES, SERVER_STATUSES, SHARE_NAME_PATTERN, SHARE_STATUSES,
                         SQUASH_MODES)
 
@@ -127,6 +128,23 @@ _server = {
     },
 }
 
+_replica = {
+    "type": "object",
+    "required": ["id", "backend", "role", "status", "state", "style", "export_locations"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": ID_RE},
+        "backend": {"type": "string", "pattern": HOST_ID_RE},
+        "role": {"enum": list(REPLICA_ROLES)},
+        "status": {"enum": list(REPLICA_STATUSES) + ["deleted"]},
+        "state": {"enum": list(REPLICA_STATES)},
+        "style": {"enum": list(REPLICATION_STYLES)},
+        # a readable replica's read-only exports ([] for dr and the active)
+        "export_locations": {"type": "array", "maxItems": 16,
+                             "items": {"type": "string", "maxLength": 1300}},
+    },
+}
+
 SCHEMA: Dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "$id": "https://sharedd.invalid/schema/spool-record-2.json",
@@ -152,6 +170,9 @@ SCHEMA: Dict[str, Any] = {
         "snapshot": {"oneOf": [{"type": "null"}, _snapshot]},
         # setup_server and delete_share_server: the server concerned.
         "share_server": _server,
+        # replica methods (create/delete/promote/update_share_replica): the
+        # replica concerned (after a promote: the new active)
+        "replica": _replica,
         # The rules this change concerns (allow/deny); [] otherwise.
         "access_rules": {"type": "array", "maxItems": MAX_ACCESS_RULES_PER_SHARE, "items": _rule},
         "is_allow_operation": {"type": ["boolean", "null"]},

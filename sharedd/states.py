@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from . import constants as C
-from .models import AccessRule, Share, ShareNetwork, ShareServer, Snapshot
+from .models import AccessRule, Replica, Share, ShareNetwork, ShareServer, Snapshot
 from .store import Store
 
 Edge = Tuple[Optional[str], Optional[str]]
@@ -47,6 +47,22 @@ SHARE: FrozenSet[Edge] = frozenset({
     # side can be trusted (recovery could not settle it).
     (C.STATUS_AVAILABLE, C.STATUS_MIGRATING),
     (C.STATUS_MIGRATING, C.STATUS_AVAILABLE), (C.STATUS_MIGRATING, C.STATUS_ERROR),
+    # Promote: the active copy changes; back to available on either side.
+    (C.STATUS_AVAILABLE, C.STATUS_REPLICATION_CHANGE),
+    (C.STATUS_REPLICATION_CHANGE, C.STATUS_AVAILABLE),
+    (C.STATUS_REPLICATION_CHANGE, C.STATUS_ERROR),
+})
+
+REPLICA: FrozenSet[Edge] = frozenset({
+    (None, C.STATUS_CREATING),
+    (C.STATUS_CREATING, C.STATUS_AVAILABLE), (C.STATUS_CREATING, C.STATUS_ERROR),
+    (C.STATUS_CREATING, None),                  # undone (failure, pre hook, cancel)
+    # The active copy's row: made with the share's first replica, removed
+    # with its last (the share is then an ordinary share again).
+    (None, C.STATUS_AVAILABLE), (C.STATUS_AVAILABLE, None),
+    (C.STATUS_AVAILABLE, C.STATUS_DELETING), (C.STATUS_ERROR, C.STATUS_DELETING),
+    (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
+    (C.STATUS_AVAILABLE, C.STATUS_ERROR), (C.STATUS_ERROR, C.STATUS_AVAILABLE),   # resync
 })
 
 SNAPSHOT: FrozenSet[Edge] = frozenset({
@@ -88,7 +104,7 @@ GRANTING = (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING, C.RULE_ACTIVE)
 DENY_PENDING = (C.RULE_QUEUED_TO_DENY, C.RULE_DENYING)
 
 TABLES: Dict[str, FrozenSet[Edge]] = {"share": SHARE, "snapshot": SNAPSHOT, "rule": RULE,
-                                      "server": SERVER}
+                                      "server": SERVER, "replica": REPLICA}
 
 
 class IllegalTransition(AssertionError):
@@ -149,6 +165,8 @@ class Changes:
         check("share", self.store.share_status(share.id), None)
         for snap in self.store.snapshots(share.id):
             self._event("snapshot_removed", snap.id)
+        for replica_id in self.store.replica_ids(share.id):
+            self._event("replica_removed", replica_id)
         self.store.delete_share(share.id)   # its rules go with it
         self._event("share_removed", share.id)
 
@@ -170,6 +188,28 @@ class Changes:
         check("snapshot", self.store.snapshot_status(snap.id), None)
         self.store.delete_snapshot(snap.id)
         self._event("snapshot_removed", snap.id)
+
+    # --- replicas --------------------------------------------------------------
+    def add_replica(self, replica: Replica, task: Optional[Dict[str, Any]] = None) -> None:
+        check("replica", None, replica.status)
+        self.store.insert_replica(replica, task)
+        self._event("replica_added", replica)
+
+    def replica(self, replica: Replica, status: Optional[str] = None, *,
+                task: Optional[Dict[str, Any]] = None, **fields: Any) -> None:
+        """Change a replica's status, role, state or placement in one checked step."""
+        target = replica.status if status is None else status
+        check("replica", self.store.replica_status(replica.id), target)
+        for key, value in fields.items():
+            setattr(replica, key, value)
+        replica.status = target
+        self.store.update_replica(replica, task)
+        self._event("replica_changed", replica)
+
+    def remove_replica(self, replica: Replica) -> None:
+        check("replica", self.store.replica_status(replica.id), None)
+        self.store.delete_replica(replica.id)
+        self._event("replica_removed", replica.id)
 
     # --- share networks and servers ------------------------------------------
     def add_network(self, network: ShareNetwork) -> None:
@@ -238,6 +278,9 @@ class Observer:
     def server_added(self, server: ShareServer) -> None: ...
     def server_changed(self, server: ShareServer) -> None: ...
     def server_removed(self, server_id: str) -> None: ...
+    def replica_added(self, replica: Replica) -> None: ...
+    def replica_changed(self, replica: Replica) -> None: ...
+    def replica_removed(self, replica_id: str) -> None: ...
     def job_added(self, job: Any) -> None: ...
     def job_changed(self, job: Any) -> None: ...
     def job_completed(self, outcome: Tuple[Any, bool, str]) -> None:

@@ -17,9 +17,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import constants as C
 from .errors import ConfigError
-from .models import AccessRule, Share, ShareNetwork, ShareServer, Snapshot
+from .models import AccessRule, Replica, Share, ShareNetwork, ShareServer, Snapshot
 
-SCHEMA_VERSION = 3   # 2: rules have squash, anonuid, anongid; 3: share networks and servers
+SCHEMA_VERSION = 4   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
+#                      4: replicas
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,6 +84,23 @@ CREATE TABLE IF NOT EXISTS share_servers (
     task TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS servers_by_network ON share_servers(network_id, backend);
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY,
+    share_id TEXT NOT NULL REFERENCES shares(id),
+    backend TEXT NOT NULL,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    state TEXT NOT NULL,
+    style TEXT NOT NULL,
+    last_sync INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    export_locations TEXT NOT NULL DEFAULT '[]',
+    provider_location TEXT NOT NULL DEFAULT '',
+    driver_data TEXT NOT NULL DEFAULT '{}',
+    task TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (share_id, backend)
+);
+CREATE INDEX IF NOT EXISTS replicas_by_backend ON replicas(backend);
 CREATE TABLE IF NOT EXISTS rules (
     id TEXT PRIMARY KEY,
     share_id TEXT NOT NULL REFERENCES shares(id),
@@ -236,6 +254,7 @@ class Store:
              json.dumps(s.driver_data), json.dumps(task or {}), s.id))
 
     def delete_share(self, share_id: str) -> None:
+        self.db.execute("DELETE FROM replicas WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM shares WHERE id=?", (share_id,))
@@ -384,6 +403,68 @@ class Store:
         row = self.db.execute("SELECT COUNT(*) FROM shares WHERE share_server_id=?",
                               (server_id,)).fetchone()
         return int(row[0])
+
+    # --- replicas ----------------------------------------------------------------
+    @staticmethod
+    def _replica(row: sqlite3.Row) -> Replica:
+        return Replica(id=row["id"], share_id=row["share_id"], backend=row["backend"],
+                       role=row["role"], status=row["status"], state=row["state"],
+                       style=row["style"], last_sync=row["last_sync"],
+                       created_at=row["created_at"],
+                       export_locations=json.loads(row["export_locations"]),
+                       provider_location=row["provider_location"],
+                       driver_data=json.loads(row["driver_data"]))
+
+    def insert_replica(self, r: Replica, task: Optional[Dict[str, Any]] = None) -> None:
+        self.db.execute(
+            "INSERT INTO replicas(id, share_id, backend, role, status, state, style, last_sync,"
+            " created_at, export_locations, provider_location, driver_data, task)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (r.id, r.share_id, r.backend, r.role, r.status, r.state, r.style, r.last_sync,
+             r.created_at, json.dumps(r.export_locations), r.provider_location,
+             json.dumps(r.driver_data), json.dumps(task or {})))
+
+    def update_replica(self, r: Replica, task: Optional[Dict[str, Any]] = None) -> None:
+        self.db.execute(
+            "UPDATE replicas SET backend=?, role=?, status=?, state=?, style=?, last_sync=?,"
+            " export_locations=?, provider_location=?, driver_data=?, task=? WHERE id=?",
+            (r.backend, r.role, r.status, r.state, r.style, r.last_sync,
+             json.dumps(r.export_locations), r.provider_location, json.dumps(r.driver_data),
+             json.dumps(task or {}), r.id))
+
+    def delete_replica(self, replica_id: str) -> None:
+        self.db.execute("DELETE FROM replicas WHERE id=?", (replica_id,))
+
+    def get_replica(self, replica_id: str) -> Optional[Replica]:
+        row = self.db.execute("SELECT * FROM replicas WHERE id=?", (replica_id,)).fetchone()
+        return self._replica(row) if row else None
+
+    def replica_status(self, replica_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT status FROM replicas WHERE id=?", (replica_id,)).fetchone()
+        return row[0] if row else None
+
+    def replica_task(self, replica_id: str) -> Dict[str, Any]:
+        row = self.db.execute("SELECT task FROM replicas WHERE id=?", (replica_id,)).fetchone()
+        task: Dict[str, Any] = json.loads(row[0]) if row else {}
+        return task
+
+    def replicas(self, share_id: Optional[str] = None) -> List[Replica]:
+        """A share's replicas (every replica if None), the active first."""
+        order = "ORDER BY role = 'replica', created_at, id"
+        if share_id is None:
+            rows = self.db.execute(f"SELECT * FROM replicas {order}")
+        else:
+            rows = self.db.execute(f"SELECT * FROM replicas WHERE share_id=? {order}",
+                                   (share_id,))
+        return [self._replica(r) for r in rows]
+
+    def replica_ids(self, share_id: str) -> List[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM replicas WHERE share_id=? "
+                                              "ORDER BY created_at, id", (share_id,))]
+
+    def replicated_share_ids(self) -> List[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT share_id FROM replicas "
+                                              "ORDER BY share_id")]
 
     # --- snapshots -------------------------------------------------------------
     @staticmethod

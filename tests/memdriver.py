@@ -257,7 +257,8 @@ class SimDriver(ShareDriver):
     def create_share(self, share):
         def work():
             self.w.shares[share.id] = {"size": share.size_gib, "rules": {}}
-            return ShareUpdate(export_locations=[f"sim:/{share.id}"])
+            return ShareUpdate(export_locations=[f"sim:/{share.id}"],
+                               provider_location=f"sim/{share.id}")
         return self._act("create_share", work)
 
     def create_share_from_snapshot(self, share, snapshot, parent):
@@ -267,24 +268,28 @@ class SimDriver(ShareDriver):
         return self._act("create_share_from_snapshot", work)
 
     def delete_share(self, share):
-        return self._act("delete_share", lambda: self.w.shares.pop(share.id, None) and None)
+        return self._act("delete_share",
+                         lambda: self.w.shares.pop(self._key(share), None) and None)
 
     def ensure_share(self, share, rules):
         def work():
-            if share.id not in self.w.shares:
+            if self._key(share) not in self.w.shares:
                 raise BackendFailure(f"share {share.id} is missing")
-            self.w.shares[share.id]["rules"] = self._rules(rules)
+            self.w.shares[self._key(share)]["rules"] = self._rules(rules)
+            self.w.shares[self._key(share)]["levels"] = {r.id: r.access_level for r in rules}
             return ShareUpdate(export_locations=[f"sim:/{share.id}"])
         return self._act("ensure_share", work)
 
     def update_access(self, share, access_rules, add_rules, delete_rules):
         def work():
-            self.w.shares[share.id]["rules"] = self._rules(access_rules)
+            self.w.shares[self._key(share)]["rules"] = self._rules(access_rules)
+            self.w.shares[self._key(share)]["levels"] = {r.id: r.access_level
+                                                         for r in access_rules}
         return self._act("update_access", work)
 
     def extend_share(self, share, new_size_gib):
         return self._act("extend_share",
-                         lambda: self.w.shares[share.id].update(size=new_size_gib))
+                         lambda: self.w.shares[self._key(share)].update(size=new_size_gib))
 
     def shrink_share(self, share, new_size_gib):
         return self._act("shrink_share",
@@ -315,7 +320,7 @@ class SimDriver(ShareDriver):
         return self._act("manage_existing", work)
 
     def unmanage(self, share):
-        return self._act("unmanage", lambda: self.w.shares.pop(share.id, None) and None)
+        return self._act("unmanage", lambda: self.w.shares.pop(self._key(share), None) and None)
 
     # share servers: set up, ensured and torn down in the world
     def setup_server(self, server, network_info):
@@ -338,6 +343,47 @@ class SimDriver(ShareDriver):
         return {"total_capacity_gb": cap, "free_capacity_gb": cap}
 
     # migration to another sim backend: the share's entry copied into its world
+    # replication to another sim backend: the share's entry (its "data" and
+    # snapshots) copied under the replica's id, which its provider location names
+    def replica_sync(self, share, replica, dest_driver, state, snapshots, progress, cancel):
+        def work():
+            if not isinstance(dest_driver, SimDriver):
+                raise NotSupported("the sim driver replicates only to sim backends")
+            if cancel.is_set():
+                raise Cancelled("cancelled")
+            if self._key(share) not in self.w.shares:
+                raise BackendFailure(f"share {share.id} is missing")
+            source = self.w.shares[self._key(share)]
+            entry = dest_driver.w.shares.setdefault(dest_driver._key(replica), {"rules": {}})
+            entry.update(size=share.size_gib, data=source.get("data"))
+            for snap in snapshots:
+                dest_driver.w.snapshots[snap.id] = replica.id
+            progress(1, 1)
+            n = int(state.get("n", 0)) + 1
+            return {"base": f"{replica.id}.{n}", "n": n,
+                    "provider_location": f"sim/{dest_driver._key(replica)}"}
+        return self._act("replica_sync", work)
+
+    def replica_unserve(self, replica):
+        def work():
+            if self._key(replica) in self.w.shares:
+                self.w.shares[self._key(replica)].update(rules={}, levels={})
+        return self._act("replica_unserve", work)
+
+    def replica_remove(self, share, replica, state, snapshots, source):
+        def work():
+            self.w.shares.pop(self._key(replica), None)
+            for snap in snapshots:
+                self.w.snapshots.pop(snap.id, None)
+        return self._act("replica_remove", work)
+
+    @staticmethod
+    def _key(share):
+        """Where a share's entry is: a replica's (or a promoted one's) under its
+        provider location, any other under its id."""
+        loc = share.provider_location
+        return loc[4:] if loc.startswith("sim/") else share.id
+
     def migration_check_compatibility(self, share, dest_driver):
         if not isinstance(dest_driver, SimDriver):
             raise NotSupported("the sim driver migrates only to sim backends")

@@ -184,7 +184,8 @@ def test_no_deny_state_leads_back_to_a_grant():
 
 def test_every_state_in_the_tables_is_a_known_state():
     known = {"share": set(C.SHARE_STATUSES), "snapshot": set(C.SHARE_STATUSES),
-             "rule": set(C.RULE_STATES), "server": set(C.SERVER_STATUSES)}
+             "rule": set(C.RULE_STATES), "server": set(C.SERVER_STATUSES),
+             "replica": set(C.REPLICA_STATUSES)}
     for kind, table in states.TABLES.items():
         for old, new in table:
             assert {old, new} - {None} <= known[kind], (kind, old, new)
@@ -1133,6 +1134,261 @@ def test_an_interrupted_completion_that_cannot_finish_goes_back_to_the_source(hm
         assert ("share", C.STATUS_MIGRATING, C.STATUS_ERROR) in SEEN
     else:
         assert share.id not in _world2(hm).shares
+
+
+# --- replication (sim -> sim2, one replication domain) --------------------------------
+
+REP_CONFIG = MIG_CONFIG.replace("share_driver = tests.memdriver:SimDriver\n",
+                                "share_driver = tests.memdriver:SimDriver\n"
+                                "replication_domain = d1\nreplication_interval = 3600\n")
+
+
+@pytest.fixture
+def hr():
+    RecordingHook.records.clear()
+    harness = Harness(config=REP_CONFIG)
+    yield harness
+    harness.close()
+    RecordingHook.fail = set()
+
+
+def _replicate(h, share, style="dr"):
+    job = h.run(h.engine.create_replica(share.id, "sim2", {"style": style}, 1000))
+    assert _wait_job(h, job) == (True, "done")
+    return _copies(h, share)[1]
+
+
+def _copies(h, share):
+    """(the active copy, the replica) of a share with one replica."""
+    active, replica = h.engine.replicas(share.id)
+    assert (active.role, replica.role) == (C.ROLE_ACTIVE, C.ROLE_REPLICA)
+    return active, replica
+
+
+def _writable(h, share_key):
+    """Which worlds serve share_key read-write."""
+    return [name for name, w in (("sim", h.world), ("sim2", _world2(h)))
+            if "rw" in w.shares.get(share_key, {}).get("levels", {}).values()]
+
+
+def _until(h, check, what):
+    for _ in range(400):
+        if check():
+            h.run(h.engine.runner.wait_idle(5.0))
+            return
+        h.run(asyncio.sleep(0.005))
+    raise AssertionError(f"never: {what}")
+
+
+def test_a_replica_is_made_synced_promoted_and_deleted_within_hooks(hr):
+    share = hr.create("r", 2)
+    hr.world.shares[share.id]["data"] = "v1"
+    rid = hr.allow(share, "10.0.0.7", "rw")
+    snap = hr.run(hr.engine.create_snapshot(share.id, "before", {}))
+    job = hr.run(hr.engine.create_replica(share.id, "sim2", {"style": "readable"}, 1000))
+    assert (job.operation, job.objects, job.started_by_uid) == ("create_share_replica",
+                                                                [share.id], 1000)
+    assert _wait_job(hr, job) == (True, "done")
+    active, replica = _copies(hr, share)
+    assert (active.backend, active.status, active.state) == ("sim", "available", "in_sync")
+    assert (replica.backend, replica.status, replica.state, replica.style) == (
+        "sim2", "available", "in_sync", "readable")
+    assert replica.last_sync > 0
+    w2 = _world2(hr)
+    assert w2.shares[replica.id]["data"] == "v1" and w2.snapshots[snap.id] == replica.id
+    # Readable: exported read-only with the share's rules, which it follows.
+    assert w2.shares[replica.id]["levels"] == {rid: "ro"}
+    assert replica.export_locations == [f"sim:/{replica.id}"]
+    r2 = hr.allow(share, "10.0.0.8", "rw")
+    assert w2.shares[replica.id]["levels"] == {rid: "ro", r2: "ro"}
+    hr.deny(share, r2)
+    hr.settle()
+    assert w2.shares[replica.id]["levels"] == {rid: "ro"}
+    # A snapshot is on the replica when CreateSnapshot returns, with the data of then.
+    hr.world.shares[share.id]["data"] = "v2"
+    snap2 = hr.run(hr.engine.create_snapshot(share.id, "after", {}))
+    assert w2.snapshots[snap2.id] == replica.id and w2.shares[replica.id]["data"] == "v2"
+    hr.run(hr.engine.delete_snapshot(snap.id, {}))
+    assert snap.id not in w2.snapshots and snap.id not in hr.world.snapshots
+    hr.run(hr.engine.revert_to_snapshot(share.id, snap2.id, {}))
+    # What a replicated share refuses, and what a replica refuses.
+    for call in (hr.engine.migrate_share(share.id, "sim2", {}, 0),
+                 hr.engine.create_replica(share.id, "sim2", {}, 0),
+                 hr.engine.create_replica(share.id, "sim", {}, 0),
+                 hr.engine.delete_replica(active.id, {}),
+                 hr.engine.promote_replica(active.id, {})):
+        with pytest.raises((InvalidState, AlreadyExists, InvalidArgument)):
+            hr.run(call)
+    with pytest.raises(InvalidArgument):
+        hr.run(hr.engine.create_replica(share.id, "sim2", {"style": "mirror"}, 0))
+    # Promote: a last sync, then the replica serves read-write as the share.
+    hr.world.shares[share.id]["data"] = "v3"
+    hr.run(hr.engine.promote_replica(replica.id, {}))
+    s = hr.engine.share(share.id)
+    assert (s.backend, s.status, s.provider_location) == ("sim2", "available",
+                                                           f"sim/{replica.id}")
+    assert w2.shares[replica.id]["data"] == "v3"
+    assert _writable(hr, replica.id) == ["sim2"] and _writable(hr, share.id) == []
+    new_active, old = hr.engine.replicas(share.id)
+    assert (new_active.id, new_active.role, old.id, old.role) == (replica.id, "active",
+                                                                  active.id, "replica")
+    # The old active follows the new one at once (the other way round).
+    _until(hr, lambda: hr.engine.replica(old.id).state == C.REPLICA_IN_SYNC, "old active synced")
+    assert hr.world.shares[share.id]["levels"] == {rid: "ro"}       # readable, like before
+    hr.world.shares[share.id]["data"] = "stale"
+    w2.shares[replica.id]["data"] = "v4"
+    job = hr.run(hr.engine.resync_replica(old.id, {}, 0))
+    assert job.operation == "update_share_replica" and _wait_job(hr, job) == (True, "done")
+    assert hr.world.shares[share.id]["data"] == "v4"
+    # The hooks, with the seed's names; the post record of promote tells the new place.
+    methods = [(r["method"], r["phase"]) for r in RecordingHook.records]
+    for method in ("create_share_replica", "update_share_replica", "create_replicated_snapshot",
+                   "delete_replicated_snapshot", "revert_to_replicated_snapshot",
+                   "promote_share_replica"):
+        assert (method, "pre") in methods and (method, "post") in methods, method
+    post = [r for r in RecordingHook.records if r["method"] == "promote_share_replica"][-1]
+    assert post["result"]["ok"] and post["backend"] == "sim2"
+    assert post["share"]["backend"] == "sim2" and post["replica"]["role"] == "active"
+    assert post["share"]["export_locations"] == [f"sim:/{share.id}"]
+    # Deleting the last replica makes it an ordinary share again.
+    hr.run(hr.engine.delete_replica(old.id, {}))
+    assert hr.engine.replicas(share.id) == [] and share.id not in hr.world.shares
+    assert [r["replica"]["status"] for r in RecordingHook.records
+            if r["method"] == "delete_share_replica"][-1] == "deleted"
+    hr.run(hr.engine.delete_snapshot(snap2.id, {}))
+    hr.run(hr.engine.delete_share(share.id, {}))
+
+
+def test_replica_failures_leave_a_truthful_state(hr):
+    share = hr.create("f", 1)
+    rid = hr.allow(share, "10.0.0.9", "rw")
+    w2 = _world2(hr)
+    # A failed first sync takes the replica away (and the active copy's row).
+    hr.world.fail.add("replica_sync")
+    job = hr.run(hr.engine.create_replica(share.id, "sim2", {}, 0))
+    assert _wait_job(hr, job)[0] is False
+    assert hr.engine.replicas(share.id) == []
+    # A refusing pre hook: nothing changes.
+    hr.world.fail.clear()
+    RecordingHook.fail = {("pre", "create_share_replica")}
+    with pytest.raises(SharedError):
+        hr.run(hr.engine.create_replica(share.id, "sim2", {}, 0))
+    assert hr.engine.replicas(share.id) == []
+    RecordingHook.fail = set()
+    # A failure whose clean-up fails too: in error; Delete removes it later.
+    hr.world.fail.add("replica_sync")
+    w2.fail.add("replica_remove")
+    job = hr.run(hr.engine.create_replica(share.id, "sim2", {}, 0))
+    assert _wait_job(hr, job)[0] is False
+    assert _copies(hr, share)[1].status == C.STATUS_ERROR
+    hr.world.fail.clear()
+    with pytest.raises(BackendFailure):
+        hr.run(hr.engine.delete_replica(_copies(hr, share)[1].id, {}))
+    assert _copies(hr, share)[1].status == C.STATUS_ERROR
+    w2.fail.clear()
+    hr.run(hr.engine.delete_replica(_copies(hr, share)[1].id, {}))
+    assert hr.engine.replicas(share.id) == []
+    # A failed sync: out_of_sync; an export that fails: error; Resync mends both.
+    replica = _replicate(hr, share, "readable")
+    hr.world.fail.add("replica_sync")
+    assert _wait_job(hr, hr.run(hr.engine.resync_replica(replica.id, {}, 0)))[0] is False
+    assert hr.engine.replica(replica.id).state == C.REPLICA_OUT_OF_SYNC
+    hr.world.fail.clear()
+    w2.fail.add("ensure_share")
+    _wait_job(hr, hr.run(hr.engine.resync_replica(replica.id, {}, 0)))
+    assert hr.engine.replica(replica.id).status == C.STATUS_ERROR
+    w2.fail.clear()
+    assert _wait_job(hr, hr.run(hr.engine.resync_replica(replica.id, {}, 0))) == (True, "done")
+    assert (hr.engine.replica(replica.id).status, hr.engine.replica(replica.id).state) == (
+        C.STATUS_AVAILABLE, C.REPLICA_IN_SYNC)
+    # A promote whose last sync fails: nothing changes, the share writable again.
+    hr.world.fail.add("replica_sync")
+    with pytest.raises(BackendFailure):
+        hr.run(hr.engine.promote_replica(replica.id, {}))
+    assert hr.engine.share(share.id).backend == "sim" and _writable(hr, share.id) == ["sim"]
+    hr.world.fail.clear()
+    # A promote that fails while switching: error, and ensure serves the old
+    # active again (the replica never became writable).
+    w2.fail.add("ensure_share")
+    with pytest.raises(BackendFailure):
+        hr.run(hr.engine.promote_replica(replica.id, {}))
+    assert hr.engine.share(share.id).status == C.STATUS_ERROR
+    w2.fail.clear()
+    hr.run(hr.engine.ensure_all())
+    s = hr.engine.share(share.id)
+    assert (s.backend, s.status) == ("sim", C.STATUS_AVAILABLE)
+    assert _writable(hr, share.id) == ["sim"] and hr.world.shares[share.id]["rules"] == {
+        rid: "10.0.0.9"}
+    # A late replica is marked out_of_sync by the periodic look.
+    with hr.engine.runner.tx() as tx:
+        r = hr.engine.replica(replica.id)
+        tx.replica(r, last_sync=1)
+
+    async def look():                    # the periodic look, once, on the engine's loop
+        hr.engine.replications._due()
+    hr.run(look())
+    assert hr.engine.replica(replica.id).state == C.REPLICA_OUT_OF_SYNC
+    _until(hr, lambda: hr.engine.replica(replica.id).state == C.REPLICA_IN_SYNC, "synced")
+
+
+def test_promote_with_the_active_backend_away_leaves_it_in_error_until_resync(hr):
+    share = hr.create("away", 1)
+    rid = hr.allow(share, "10.0.0.4", "rw")
+    replica = _replicate(hr, share)
+    hr.engine.backends["sim"].setup_error = "gone for the test"
+    hr.run(hr.engine.promote_replica(replica.id, {}))
+    s = hr.engine.share(share.id)
+    assert s.backend == "sim2" and _world2(hr).shares[replica.id]["levels"] == {rid: "rw"}
+    old = hr.engine.replicas(share.id)[1]
+    assert (old.role, old.state) == (C.ROLE_REPLICA, C.STATUS_ERROR)
+    # The old active's backend comes back: it stops serving as the share.
+    assert _writable(hr, share.id) == ["sim"]
+    hr.engine.backends["sim"].setup_error = None
+    hr.run(hr.engine.ensure_all(backend="sim"))
+    assert _writable(hr, share.id) == []
+    assert _wait_job(hr, hr.run(hr.engine.resync_replica(old.id, {}, 0))) == (True, "done")
+    assert hr.engine.replica(old.id).state == C.REPLICA_IN_SYNC
+
+
+REPLICA_CRASHES = [("sim", "replica_sync", "create"), ("sim2", "replica_remove", "delete"),
+                   ("sim", "replica_sync", "promote"), ("sim", "replica_unserve", "promote"),
+                   ("sim2", "ensure_share", "promote")]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("world,method,operation", REPLICA_CRASHES)
+def test_crash_during_replication_then_recovery(hr, world, method, operation, when):
+    share = hr.create("k", 1)
+    rid = hr.allow(share, "10.0.0.3", "rw")
+    hr.world.shares[share.id]["data"] = "d"
+    replica = None if operation == "create" else _replicate(hr, share)
+    target = hr.world if world == "sim" else _world2(hr)
+    target.crash = (method, when)
+    if operation == "create":
+        hr.run(hr.engine.create_replica(share.id, "sim2", {}, 0))
+        _until(hr, lambda: target.crash is None, "the crash point")
+    else:
+        call = hr.engine.delete_replica if operation == "delete" else hr.engine.promote_replica
+        with pytest.raises(Crash):
+            hr.run(call(replica.id, {}))
+    hr.restart()
+    hr.settle()
+    s = hr.engine.share(share.id)
+    assert s.status == C.STATUS_AVAILABLE
+    copies = hr.engine.replicas(share.id)
+    if operation in ("create", "delete"):
+        assert copies == [] and len(_world2(hr).shares) == 0
+        assert s.backend == "sim"
+    else:
+        # Rolled back before the switch, forward from it: one writable copy.
+        forward = method != "replica_sync"
+        assert s.backend == ("sim2" if forward else "sim")
+        assert [c.backend for c in copies] == (["sim2", "sim"] if forward else ["sim", "sim2"])
+    key = s.provider_location[4:]
+    owner = hr.world if s.backend == "sim" else _world2(hr)
+    assert owner.shares[key]["rules"] == {rid: "10.0.0.3"} and owner.shares[key]["data"] == "d"
+    assert len([w for w in (hr.world, _world2(hr)) for e in w.shares.values()
+                if "rw" in e.get("levels", {}).values()]) == 1
 
 
 def test_zz_every_allowed_transition_is_exercised():

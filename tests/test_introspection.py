@@ -20,8 +20,8 @@ def test_shipped_xml_matches_live_introspection(sharedd_factory, system_bus):
     assert proc.returncode == 0, proc.stderr
     names = sorted(f for f in os.listdir(os.path.join(REPO, "dbus")) if f.endswith(".xml"))
     assert names == [f"org.sharedd.Sharedd1.{i}.xml" for i in
-                     ("Backend", "Hooks", "Job", "Manager", "Share", "ShareNetwork", "ShareServer",
-                      "Snapshot")]
+                     ("Backend", "Hooks", "Job", "Manager", "Replica", "Share", "ShareNetwork",
+                      "ShareServer", "Snapshot")]
     for name in names:
         root = ET.parse(os.path.join(REPO, "dbus", name)).getroot()
         for arg in root.iter("arg"):

@@ -28,7 +28,8 @@ OUT_NAMES = {
     "ListSnapshots": ["snapshots"], "FindShareByName": ["share"],
     "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"],
     "CreateShareNetwork": ["share_network"],
-    "Migrate": ["job"], "CompleteMigration": ["job"],
+    "Migrate": ["job"], "CompleteMigration": ["job"], "CreateReplica": ["job"],
+    "Resync": ["job"],
     "Fired": ["phase", "method", "record"],     # a signal's arguments
     "Completed": ["success", "message"],
 }
@@ -52,6 +53,10 @@ def share_server_path(server_id: str) -> str:
 
 def job_path(job_id: str) -> str:
     return f"{C.JOB_PATH}/{job_id}"
+
+
+def replica_path(replica_id: str) -> str:
+    return f"{C.REPLICA_PATH}/{replica_id}"
 
 
 #: StartedByUID when the caller's uid is unknown (uid_t's "no id")
@@ -447,6 +452,13 @@ class Share(_Base):
         unpack_options(options, {})
         await self.engine.cancel_migration(self.share_id, {})
 
+    @method()
+    @translate
+    async def CreateReplica(self, backend: "s", options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"style": ("s",)})
+        job = await self.engine.create_replica(self.share_id, backend, opts, await caller_uid())
+        return job_path(job.id)
+
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
         return self.share_id
@@ -672,6 +684,90 @@ class ShareServer(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def CreatedAt(self) -> "t":
         return self._s().created_at
+
+
+class Replica(_Base):
+    """One copy of a replicated share (the active one included)."""
+
+    def __init__(self, engine, replica):
+        super().__init__(C.IFACE_REPLICA, engine)
+        self.replica_id = replica.id
+        self.generation = 0
+        self.update(replica)
+
+    def object_path(self):
+        return replica_path(self.replica_id)
+
+    def update(self, replica):
+        self.cache = dataclasses.replace(replica)
+
+    def _r(self):
+        return self.cache
+
+    def props(self):
+        r = self._r()
+        return {"ReplicaRole": r.role, "ReplicaState": r.state, "Status": r.status,
+                "Backend": r.backend, "LastSync": r.last_sync, "Style": r.style,
+                "ExportLocations": list(r.export_locations)}
+
+    @method()
+    @translate
+    async def Promote(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.promote_replica(self.replica_id, {})
+
+    @method()
+    @translate
+    async def Resync(self, options: "a{sv}") -> "o":
+        unpack_options(options, {})
+        job = await self.engine.resync_replica(self.replica_id, {}, await caller_uid())
+        return job_path(job.id)
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.delete_replica(self.replica_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.replica_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Share(self) -> "o":
+        return share_path(self._r().share_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":
+        return self._r().backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ReplicaRole(self) -> "s":
+        return self._r().role
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ReplicaState(self) -> "s":
+        return self._r().state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self._r().status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Style(self) -> "s":
+        return self._r().style
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastSync(self) -> "t":
+        return self._r().last_sync
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExportLocations(self) -> "as":
+        return list(self._r().export_locations)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self._r().created_at
 
 
 class Job(_Base):

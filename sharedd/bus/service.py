@@ -98,6 +98,7 @@ class BusService(Observer):
         self.networks = {}
         self.servers = {}
         self.jobs = {}
+        self.replicas = {}
         self.cache = {}
         self.hooks = None
         # Backend Stats change with every share operation: announced at most
@@ -131,6 +132,8 @@ class BusService(Observer):
             self.share_added(share)
         for snap in engine.snapshots():
             self.snapshot_added(snap)
+        for replica in engine.replicas():
+            self.replica_added(replica)
         await bus.warm()
         await self._watch_ganesha()
         reply = await bus.request_name(C.BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -323,6 +326,24 @@ class BusService(Observer):
     def server_removed(self, server_id: str) -> None:
         if self.engine is not None:
             self._unexport(self.servers, server_id, I.share_server_path(server_id))
+
+    def replica_added(self, replica) -> None:
+        if self.engine is not None and replica.id not in self.replicas:
+            self._export(self.replicas, replica.id, I.replica_path(replica.id),
+                         I.Replica(self.engine, replica))
+
+    def replica_changed(self, replica) -> None:
+        iface = self.replicas.get(replica.id)
+        if self.engine is None:
+            return
+        if iface is None:
+            return self.replica_added(replica)
+        iface.update(replica)
+        self._changed(I.replica_path(replica.id), iface)
+
+    def replica_removed(self, replica_id: str) -> None:
+        if self.engine is not None:
+            self._unexport(self.replicas, replica_id, I.replica_path(replica_id))
 
     # jobs: exported while they run; Completed, then removed
     def job_added(self, job) -> None:

@@ -228,6 +228,35 @@ class ShareDriver(abc.ABC):
                                  f"(source {src}, destination {dst})")
         return src, dst
 
+    # --- replication -------------------------------------------------------------
+    # A replica is handled as a share of its own on its backend: the Share
+    # given for it has the replica's id, backend and placement, so the share
+    # methods serve it (ensure_share with read-only rules), unserve it and
+    # revoke rules on it. The active copy's driver moves the data (Manila's
+    # create_replica and update_replica_state); both must share a
+    # replication_domain. Every step is idempotent: recovery replays them.
+
+    def replica_sync(self, share: Share, replica: Share, dest_driver: "ShareDriver",
+                     state: Dict[str, Any], snapshots: List[Snapshot], progress: Any,
+                     cancel: Any) -> Dict[str, Any]:
+        """Bring the replica on dest_driver up to the share's data as it is
+        now, carrying the share's snapshots it lacks (oldest first) as the
+        same snapshots there. state: what the last sync returned ({} at the
+        first); returns the new one (its "provider_location", if any, is
+        the replica's placement). Used the other way round after a promote."""
+        raise NotSupported(f"driver {self.driver_name} cannot replicate shares")
+
+    def replica_unserve(self, replica: Share) -> None:
+        """(On the replica's backend.) Not exported, not mounted; data kept."""
+        self.unmanage(replica)
+
+    def replica_remove(self, share: Share, replica: Share, state: Dict[str, Any],
+                       snapshots: List[Snapshot], source: Optional["ShareDriver"]) -> None:
+        """(On the replica's backend.) The replica's data, its copies of the
+        snapshots and its sync state deleted; source, the active copy's
+        driver if usable, drops its side of the sync state."""
+        raise NotSupported(f"driver {self.driver_name} cannot replicate shares")
+
     # --- share servers (driver_handles_share_servers) ---------------------------
     # The Generic driver's shape: a server per share network, with its own
     # export daemons. Here a network namespace (sharedd.service_instance);
@@ -365,4 +394,5 @@ class ShareDriver(abc.ABC):
             "extend_support": self._implements("extend_share"),
             "manage_support": self._implements("manage_existing"),
             "share_server_support": self.serves_share_servers(),
+            "replication_support": self._implements("replica_sync"),
         }

@@ -51,6 +51,7 @@ SNAPSHOTS_DIR = "snapshots"
 REVERT_NEW = ".revert-new"
 REVERT_OLD = ".revert-old"
 MIGRATE_DIR = "migrate"
+REPLICATION_DIR = "replication"
 #: what migration_start returns for a send/receive migration (state["method"])
 MIGRATION_METHOD = "btrfs-send"
 
@@ -897,6 +898,132 @@ class BtrfsDriver(ShareDriver):
         self._rmdir(p.area)
         self._delete_subvolume(p.final)
         self._delete_subvolume(p.base)
+
+    # --- replication -----------------------------------------------------------------
+    # Each sync takes a read-only snapshot of the active share, the sync
+    # point <pool>/replication/<share id>/<replica id>.<n>, and sends it into
+    # the same directory of the replica's pool, incrementally from the last
+    # common point (the state's "base": present on both sides, see
+    # transfer.same_snapshot). The replica's subvolume then becomes a writable
+    # snapshot of what arrived (swapped in as a revert swaps, so a crash
+    # leaves the old or the new one), and the old point is deleted on both
+    # sides. Snapshots of the share travel the same way, each placed as the
+    # same snapshot in the replica's pool. After a promote the roles swap and
+    # the last point, on both pools, is the base of the reverse direction.
+
+    def _replication_area(self, share_id: str) -> str:
+        self._check_id("share", share_id)
+        return self._path(f"{REPLICATION_DIR}/{share_id}")
+
+    def _replication_dirs(self, share_id: str) -> str:
+        self._pool_mount()
+        util.private_dir(self._path(REPLICATION_DIR))
+        area = self._replication_area(share_id)
+        util.private_dir(area)
+        return area
+
+    def replica_sync(self, share: Share, replica: Share, dest_driver: ShareDriver,
+                     state: Dict[str, Any], snapshots: List[Snapshot], progress: Any,
+                     cancel: Any) -> Dict[str, Any]:
+        if not isinstance(dest_driver, BtrfsDriver) or self._same_pool(dest_driver):
+            raise NotSupported(f"backend {self.backend_name} replicates only to another "
+                               "btrfs pool")
+        self._check_id("replica", replica.id)
+        source = self._path(self._share_rel(share))
+        if not _is_subvolume(source):
+            raise BackendFailure(f"subvolume {source} of share {share.id} is missing")
+        src_area = self._replication_dirs(share.id)
+        dst_area = dest_driver._replication_dirs(share.id)
+        base = str(state.get("base") or "")
+        parent: Optional[str] = None
+        if base:
+            self._check_id("sync point", base)
+            if transfer.same_snapshot(os.path.join(src_area, base),
+                                      os.path.join(dst_area, base)):
+                parent = os.path.join(src_area, base)
+            else:
+                log.warning("share %s: replica %s shares no sync point with it; sending the "
+                            "share whole", share.id, replica.id)
+        # 1. the snapshots the replica lacks, each sent from the newest common
+        #    one (the sync point, or a snapshot sent just before)
+        for snap in snapshots:
+            path = self._path(self._snapshot_rel(snap))
+            there = dest_driver._path(dest_driver._snapshot_rel(snap))
+            if transfer.same_snapshot(path, there):
+                parent = parent or path               # common, if nothing newer is
+                continue
+            if os.path.basename(there) != os.path.basename(path):
+                raise BackendFailure(f"snapshot {snap.id} would be received as "
+                                     f"{os.path.basename(path)}, not at {there}")
+            # Received where it belongs: a read-only subvolume cannot move to
+            # another directory (its ".." would change).
+            dest_driver._delete_subvolume(there)      # a stale or partial copy
+            os.makedirs(os.path.dirname(there), mode=0o700, exist_ok=True)
+            transfer.btrfs_send_receive(
+                path, os.path.dirname(there), parent=parent, progress=progress, cancel=cancel,
+                command_timeout=self.command_timeout)
+            parent = path
+        # 2. a fresh sync point (one a failed attempt left predates later writes)
+        n = int(state.get("n") or 0) + 1
+        name = f"{replica.id}.{n}"
+        point = os.path.join(src_area, name)
+        self._delete_subvolume(point)
+        self._snapshot(source, point, readonly=True)
+        received = transfer.btrfs_send_receive(
+            point, dst_area, parent=parent, progress=progress, cancel=cancel,
+            expected=None if parent else self._used_bytes(source),
+            command_timeout=self.command_timeout)
+        # 3. the replica's data becomes what arrived
+        dest_driver._replica_take(replica, received)
+        # 4. the previous point is no longer needed on either side
+        if base and base != name:
+            for drv, area in ((self, src_area), (dest_driver, dst_area)):
+                try:
+                    drv._delete_subvolume(os.path.join(area, base))
+                except BackendFailure as exc:
+                    log.warning("share %s: cannot delete the old sync point %s: %s",
+                                share.id, base, exc)
+        return {"base": name, "n": n, "provider_location": dest_driver._share_rel(replica)}
+
+    def _replica_take(self, replica: Share, received: str) -> None:
+        """(On the replica's pool.) The replica's subvolume replaced by a
+        writable snapshot of received, limited to the share's size; not
+        served (the engine serves a readable replica afterwards)."""
+        path = self._path(self._share_rel(replica))
+        new, old = path + REVERT_NEW, path + REVERT_OLD
+        self._recover_revert(replica)
+        self._delete_subvolume(new)
+        self._snapshot(received, new, readonly=False)
+        self._set_limit(new, replica.size_gib)
+        self._migration_unserve(replica)
+        if _is_subvolume(path):
+            os.rename(path, old)
+        os.rename(new, path)
+        self._kernel("commit", kernel.commit, self.pool)
+        self._delete_subvolume(old)
+
+    def replica_unserve(self, replica: Share) -> None:
+        self._migration_unserve(replica)
+
+    def replica_remove(self, share: Share, replica: Share, state: Dict[str, Any],
+                       snapshots: List[Snapshot], source: Optional[ShareDriver]) -> None:
+        self._check_id("replica", replica.id)
+        self._migration_unserve(replica)
+        path = self._path(self._share_rel(replica))
+        for suffix in (REVERT_NEW, REVERT_OLD, ""):
+            self._delete_subvolume(path + suffix)
+        for snap in snapshots:
+            self._delete_subvolume(self._path(self._snapshot_rel(snap)))
+        base = str(state.get("base") or "")
+        sides = [self] + ([source] if isinstance(source, BtrfsDriver) else [])
+        for drv in sides:
+            area = drv._replication_area(share.id)
+            if not os.path.isdir(area):
+                continue
+            for entry in sorted(os.listdir(area)):
+                if entry == base or entry.startswith(f"{replica.id}."):
+                    drv._delete_subvolume(os.path.join(area, entry))
+            self._rmdir(area)
 
     # --- reads --------------------------------------------------------------------
     def get_share_stats(self) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import constants as C
 from .. import record as record_schema
-from ..models import AccessRule, Share, ShareServer, Snapshot
+from ..models import AccessRule, Replica, Share, ShareServer, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def server_dict(s: ShareServer, status: Optional[str] = None) -> Dict[str, Any]:
             "addresses": list(s.addresses)}
 
 
+def replica_dict(r: Replica, status: Optional[str] = None) -> Dict[str, Any]:
+    return {"id": r.id, "backend": r.backend, "role": r.role, "status": status or r.status,
+            "state": r.state, "style": r.style, "export_locations": list(r.export_locations)}
+
+
 def timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -60,7 +65,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
           result: Optional[Dict[str, Any]] = None,
           shares: Optional[List[Dict[str, Any]]] = None,
           part: Tuple[int, int] = (1, 1),
-          server: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+          server: Optional[Dict[str, Any]] = None,
+          replica: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     rec: Dict[str, Any] = {
         "schema": record_schema.SCHEMA_VERSION, "host": host, "epoch": epoch, "seq": seq,
         "timestamp": timestamp(), "phase": phase, "method": method, "backend": backend,
@@ -74,6 +80,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
         rec["shares"] = shares
     if server is not None:
         rec["share_server"] = server
+    if replica is not None:
+        rec["replica"] = replica
     if part != (1, 1):
         rec["part"], rec["parts"] = part
     return record_schema.validate(rec)

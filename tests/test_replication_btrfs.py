@@ -1,0 +1,303 @@
+"""Replication with real storage and real clients: the sharedd daemon with two
+btrfs backends in one replication domain (two pool images on loop devices),
+both exported by the lab's real NFS-Ganesha, the second one at a second
+address of the storage host, and a libnfs client in its own namespace.
+
+Proves, with checksums of every file:
+- CreateReplica returns a Job; the replica (readable) holds the share's data
+  and its snapshots, is exported read-only with the share's rules (a client
+  reads, its writes are refused) and follows later writes by the periodic
+  incremental sync (LastSync advances);
+- Promote makes the replica the share: every file written before it is
+  there, the export location changes to the second backend's address, the
+  client writes through it; the old active becomes a readable replica synced
+  the other way round;
+- snapshots are replicated (a snapshot taken after the promote is on both
+  pools) and revert works on the active, the replica following;
+- the hooks ran for every replica method (spool records with the seed's
+  names);
+- Delete removes the replica's data, snapshots and sync points;
+- SIGKILL of sharedd during the first sync, then a restart: the half-made
+  replica is gone from the database and from the second pool; replicating
+  again works.
+"""
+
+import glob
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from sharedd.mountinfo import read_mountinfo, top_mounts
+from tests.fixtures.btrfs_pool import teardown_tree
+from tests.fixtures.storage_host import CONFIG, StorageHost, remove_exports
+from tests.support import components
+from tests.support.signals import SignalCollector
+from tests.support.tenants import wait_for
+from tests.test_migration_btrfs import fill, nfs_write, on_pool, tree_sums
+
+REPLICA = "org.sharedd.Sharedd1.Replica"
+ROOT = "/org/sharedd/Sharedd1"
+BACKENDS = ("btrfs1", "btrfs2")
+SECOND_IP = "10.71.0.2"
+CLIENT_IP = "10.71.0.52"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DOMAIN = """replication_domain = lab
+replication_interval = 3
+"""
+MORE = """
+[btrfs2]
+share_driver = btrfs
+share_export_ip = {ip}
+nfs_helper = ganesha
+btrfs_pool_path = {work}/pool2
+btrfs_pool_image = {work}/pool2.img
+btrfs_pool_image_size_gib = 4
+hook_drivers = spool, dbus
+enable_pre_hooks = true
+enable_post_hooks = true
+""" + DOMAIN
+
+
+@pytest.fixture(scope="module")
+def host(system_bus, netlab, ganesha):
+    tmp_root = tempfile.mkdtemp(prefix=f"sharedd-replicate-{os.getpid()}-")
+    os.chmod(tmp_root, 0o755)
+    work = tempfile.mkdtemp(prefix="storage-", dir=tmp_root)
+    os.chmod(work, 0o755)
+    conf = os.path.join(work, "sharedd.conf")
+    text = CONFIG.format(work=work, ip=netlab.server_ip4, driver="btrfs", extra="")
+    text = text.replace("enabled_share_backends = btrfs1",
+                        "enabled_share_backends = " + ", ".join(BACKENDS))
+    pathlib.Path(conf).write_text(text + DOMAIN + MORE.format(work=work, ip=SECOND_IP))
+    # The second backend's exports are announced at a second address of the
+    # storage host (ganesha listens on every address of its namespace).
+    subprocess.run(["ip", "-n", netlab.server_ns, "addr", "add", f"{SECOND_IP}/24", "dev", "br0"],
+                   check=True, timeout=30)
+    h = StorageHost(system_bus, work, conf)
+    h.lab, h.ganesha = netlab, ganesha
+    h.state_path = os.path.join(work, "state")
+    try:
+        h.start()
+        components.used("share replication (btrfs send/receive, incremental) with NFS clients")
+        yield h
+    finally:
+        try:
+            h.stop()
+        finally:
+            for b in BACKENDS:
+                remove_exports(h.state_path, b)
+            subprocess.run(["ip", "-n", netlab.server_ns, "addr", "del", f"{SECOND_IP}/24",
+                            "dev", "br0"], timeout=30)
+            teardown_tree(work, [os.path.join(work, "pool.img"), os.path.join(work, "pool2.img")])
+            shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(netlab):
+    return netlab.add_client("rep-rw", ip4=CLIENT_IP)
+
+
+def mount_of(h, backend, object_id):
+    mp = os.path.join(h.state_path, "backends", backend, "mounts", object_id)
+    assert mp in top_mounts(read_mountinfo()), f"{mp} is not mounted"
+    return mp
+
+
+def replicas(h, share_path):
+    """{replica object path: its properties} of a share."""
+    objects = h.call(ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    return {p: {k: v["data"] for k, v in ifaces[REPLICA].items()}
+            for p, ifaces in objects.items()
+            if REPLICA in ifaces and ifaces[REPLICA]["Share"]["data"] == share_path}
+
+
+def by_role(h, share_path, role):
+    found = [p for p, props in replicas(h, share_path).items() if props["ReplicaRole"] == role]
+    assert len(found) == 1, replicas(h, share_path)
+    return found[0]
+
+
+def rprop(h, path, name):
+    return h.get(path, REPLICA, name)
+
+
+def completed(msgs, job):
+    return [m.body for m in msgs if m.member == "Completed" and m.path == job]
+
+
+def run_job(h, sig, job, timeout=300):
+    wait_for(f"job {job}", lambda: completed(sig.messages, job), timeout=timeout)
+    assert completed(sig.messages, job) == [[True, "done"]]
+
+
+def location(export):
+    host, _, pseudo = export.partition(":")
+    return host, pseudo
+
+
+def spool_methods(h):
+    methods = set()
+    for name in os.listdir(os.path.join(h.workdir, "spool", "storage1")):
+        if name.endswith(".json") and "-periodic-" not in name:
+            methods.add(name.split("-", 2)[2][:-len(".json")])
+    return methods
+
+
+def test_a_readable_replica_follows_is_promoted_and_syncs_back(host, client, system_bus):
+    h = host
+    path = h.create_share("rep-a", "NFS", 1)
+    sid = path.rsplit("/", 1)[1]
+    h.share(path, "AllowAccess", "sssa{sv}", "ip", CLIENT_IP, "rw", 0)
+    src = mount_of(h, "btrfs1", sid)
+    fill(src, n=20)
+    assert nfs_write(h, client, path, "before.txt", b"written before replication\n").ok
+    snap = h.share(path, "CreateSnapshot", "sa{sv}", "s1", 0)
+    snap_id = snap.rsplit("/", 1)[1]
+    s1_sums = tree_sums(src)
+
+    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    try:
+        job = h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 1, "style", "s", "readable")
+        assert job.startswith(f"{ROOT}/job/")
+        run_job(h, sig, job)
+        # The shipped interface descriptions match the live objects (a Replica exists now).
+        proc = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "tools", "gen-dbus-xml"),
+                               "--check"], capture_output=True, text=True,
+                              env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=system_bus.address))
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        sig.close()
+    rp, ap = by_role(h, path, "replica"), by_role(h, path, "active")
+    rid, aid = rp.rsplit("/", 1)[1], ap.rsplit("/", 1)[1]
+    props = replicas(h, path)[rp]
+    assert (props["Backend"], props["ReplicaState"], props["Status"], props["Style"]) == (
+        "btrfs2", "in_sync", "available", "readable")
+    assert replicas(h, path)[ap]["Backend"] == "btrfs1"
+    # Every byte, and the snapshot, on the second pool.
+    rmp = mount_of(h, "btrfs2", rid)
+    assert tree_sums(rmp) == tree_sums(src)
+    assert tree_sums(os.path.join(h.workdir, "pool2", "snapshots", snap_id)) == s1_sums
+    # Readable: the client reads at the replica's location and cannot write.
+    [export] = props["ExportLocations"]
+    rhost, rpseudo = location(export)
+    assert rhost == SECOND_IP
+    got = h.ganesha.nfs_cat(client, f"{rpseudo}/before.txt", host=rhost)
+    assert got.ok and got.stdout == "written before replication\n"
+    local = os.path.join(h.workdir, "w.txt")
+    pathlib.Path(local).write_text("must not land\n")
+    assert not h.ganesha.nfs_cp_to(client, local, f"{rpseudo}/refused.txt", host=rhost).ok
+    assert not os.path.exists(os.path.join(rmp, "refused.txt"))
+
+    # Later writes reach the replica with the periodic sync.
+    last = rprop(h, rp, "LastSync")
+    assert nfs_write(h, client, path, "later.txt", b"written after the first sync\n").ok
+    wait_for("a periodic sync", lambda: rprop(h, rp, "LastSync") > last, timeout=120)
+    rmp = mount_of(h, "btrfs2", rid)
+    assert open(os.path.join(rmp, "later.txt")).read() == "written after the first sync\n"
+
+    # Promote: written right before, there right after; a new location.
+    assert nfs_write(h, client, path, "last.txt", b"the last write on btrfs1\n").ok
+    expected = tree_sums(src)
+    h.call(rp, REPLICA, "Promote", "a{sv}", 0)
+    assert h.share_prop(path, "Backend") == "btrfs2"
+    assert h.share_prop(path, "Status") == "available"
+    [new_export] = h.share_prop(path, "ExportLocations")
+    nhost, npseudo = location(new_export)
+    assert nhost == SECOND_IP
+    dst = mount_of(h, "btrfs2", sid)
+    assert tree_sums(dst) == expected
+    assert rprop(h, rp, "ReplicaRole") == "active" and rprop(h, ap, "ReplicaRole") == "replica"
+    assert nfs_write(h, client, path, "on-btrfs2.txt", b"written to the new active\n").ok
+    got = h.ganesha.nfs_cat(client, f"{npseudo}/on-btrfs2.txt", host=nhost)
+    assert got.ok and got.stdout == "written to the new active\n"
+    assert open(os.path.join(dst, "on-btrfs2.txt")).read() == "written to the new active\n"
+    # The old active is a readable replica now, synced from the new one.
+    wait_for("the old active in sync", lambda: rprop(h, ap, "ReplicaState") == "in_sync",
+             timeout=120)
+    # (its data: the old share subvolume, replaced at each sync)
+    old_copy = os.path.join(h.workdir, "pool", "shares", sid)
+    wait_for("the old active following",
+             lambda: os.path.exists(os.path.join(old_copy, "on-btrfs2.txt")), timeout=120)
+    [old_export] = rprop(h, ap, "ExportLocations")
+    ohost, opseudo = location(old_export)
+    assert ohost == h.lab.server_ip4
+    got = h.ganesha.nfs_cat(client, f"{opseudo}/last.txt", host=ohost)
+    assert got.ok and got.stdout == "the last write on btrfs1\n"
+
+    # Replicated snapshots, and a revert on the active that the replica follows.
+    snap2 = h.share(path, "CreateSnapshot", "sa{sv}", "s2", 0)
+    snap2_id = snap2.rsplit("/", 1)[1]
+    for pool in ("pool", "pool2"):
+        assert os.path.exists(os.path.join(h.workdir, pool, "snapshots", snap2_id, "last.txt"))
+    h.call(snap, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
+    for pool in ("pool", "pool2"):
+        assert not os.path.exists(os.path.join(h.workdir, pool, "snapshots", snap_id))
+    assert nfs_write(h, client, path, "after-s2.txt", b"undone by the revert\n").ok
+    wait_for("the replica following", lambda: os.path.exists(
+        os.path.join(old_copy, "after-s2.txt")), timeout=120)
+    h.share(path, "RevertToSnapshot", "oa{sv}", snap2, 0)
+    reverted = mount_of(h, "btrfs2", sid)
+    assert not os.path.exists(os.path.join(reverted, "after-s2.txt"))
+    assert os.path.exists(os.path.join(reverted, "last.txt"))
+    wait_for("the replica reverted too",
+             lambda: not os.path.exists(os.path.join(old_copy, "after-s2.txt")), timeout=120)
+
+    # Every replica method ran inside the hooks, with the seed's names.
+    assert {"create_share_replica", "update_share_replica", "promote_share_replica",
+            "create_replicated_snapshot", "delete_replicated_snapshot",
+            "revert_to_replicated_snapshot"} <= spool_methods(h)
+    promoted = [json.load(open(f)) for f in sorted(glob.glob(
+        os.path.join(os.path.join(h.workdir, "spool", "storage1"), "*-post-promote_share_replica.json")))][-1]
+    assert promoted["share"]["backend"] == "btrfs2"
+    assert promoted["share"]["export_locations"] == [new_export]
+    assert promoted["replica"]["id"] == rid and promoted["replica"]["role"] == "active"
+
+    # Delete the replica: nothing of it stays on the first pool.
+    h.call(ap, REPLICA, "Delete", "a{sv}", 0)
+    assert replicas(h, path) == {}
+    assert "delete_share_replica" in spool_methods(h)
+    h.call(snap2, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
+    assert on_pool(h, "pool", sid) == [] and on_pool(h, "pool", aid) == []
+    assert os.listdir(os.path.join(h.workdir, "pool", "snapshots")) == []
+    h.share(path, "Delete", "a{sv}", 0)
+    assert on_pool(h, "pool2", sid) == [] and on_pool(h, "pool2", rid) == []
+
+
+def test_a_crash_during_the_first_sync_leaves_nothing_and_can_be_redone(host, client,
+                                                                         system_bus):
+    h = host
+    path = h.create_share("rep-crash", "NFS", 1)
+    sid = path.rsplit("/", 1)[1]
+    h.share(path, "AllowAccess", "sssa{sv}", "ip", CLIENT_IP, "rw", 0)
+    src = mount_of(h, "btrfs1", sid)
+    fill(src, n=400)
+    expected = tree_sums(src)
+    h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 0)
+    h.kill()
+    h.start()
+    assert replicas(h, path) == {}, "the half-made replica is gone"
+    assert on_pool(h, "pool2", sid) == []
+    assert h.share_prop(path, "Status") == "available"
+    assert nfs_write(h, client, path, "after-crash.txt", b"still served\n").ok
+    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    try:
+        run_job(h, sig, h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 0))
+    finally:
+        sig.close()
+    rp = by_role(h, path, "replica")
+    rid = rp.rsplit("/", 1)[1]
+    assert rprop(h, rp, "ExportLocations") == []          # dr: not exported
+    assert not os.path.exists(os.path.join(h.state_path, "backends", "btrfs2", "mounts", rid))
+    copy = os.path.join(h.workdir, "pool2", "shares", rid)
+    sums = tree_sums(copy)
+    assert {k: v for k, v in sums.items() if k in expected} == expected
+    assert "after-crash.txt" in sums
+    h.call(rp, REPLICA, "Delete", "a{sv}", 0)
+    assert not os.path.exists(copy)
+    h.share(path, "Delete", "a{sv}", 0)
