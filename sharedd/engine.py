@@ -77,7 +77,7 @@ class Engine:
         os.makedirs(cfg.spool_dir, mode=0o755, exist_ok=True)
         self._lock_fd = lock_state_dir(cfg.state_path)   # before the database is touched
         self.store = Store(os.path.join(cfg.state_path, "sharedd.db"))
-        self.runner = Runner(self.store, self.observer, cfg.host_id)
+        self.runner = Runner(self.store, self.observer, cfg.host_id, self.backends)
         self.replications = Replications(self.store, self.runner, self.backends, self.jobs,
                                          self._spawn, self._check_capacity)
         self.revoker = access.Revoker(self.store, self.runner, self.backends, self._spawn,

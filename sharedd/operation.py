@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List,
-                    Optional, Sequence)
+                    Mapping, Optional, Sequence)
 
 from . import constants as C
 from . import record as record_schema
@@ -70,8 +70,12 @@ class Operation:
 
 
 class Runner:
-    def __init__(self, store: Store, observer: Any, host_id: str):
+    def __init__(self, store: Store, observer: Any, host_id: str,
+                 backends: Optional[Mapping[str, Backend]] = None):
         self.store = store
+        # the backends by name: a record's share is described by its own
+        # backend (a replica operation runs on another one)
+        self.backends: Mapping[str, Backend] = backends if backends is not None else {}
         self.observer = observer
         self.host_id = host_id
         self._locks: Dict[str, asyncio.Lock] = {}
@@ -244,13 +248,17 @@ class Runner:
         cannot be built: a bug, handled by the caller, never a crash)."""
         b = op.backend
         share = snapshot = None
+        addresses: Optional[List[str]] = None
         if op.share is not None:
             current = self.store.get_share(op.share.id)
             if current is None:
                 share = records.share_dict(op.share, [], {}, "deleted")
             else:
+                home = self.backends.get(current.backend, b)
                 share = records.share_dict(current, self.store.rules(current.id),
-                                           await b.mount_hints(current))
+                                           await home.mount_hints(current))
+                if home is not b:
+                    addresses = list(home.driver.served_addresses())
         if op.snapshot is not None:
             current_snap = self.store.get_snapshot(op.snapshot.id)
             snapshot = records.snapshot_dict(current_snap or op.snapshot,
@@ -268,7 +276,7 @@ class Runner:
         return records.build(host=self.host_id, epoch=self.store.epoch, seq=seq, phase=phase,
                              method=op.method, backend=b.name, share=share, snapshot=snapshot,
                              rules=list(op.rules), is_allow=op.is_allow, result=result,
-                             server=server, replica=replica)
+                             server=server, replica=replica, server_addresses=addresses)
 
 
 def _what(op: Operation) -> str:

@@ -65,13 +65,16 @@ enable_post_hooks = true
 
 
 @pytest.fixture(scope="module")
-def host(system_bus, netlab, ganesha):
+def host(request, system_bus, netlab, ganesha):
+    """Also used by other modules, which may set REPLICATION_EXTRA: more
+    [DEFAULT] lines."""
     tmp_root = tempfile.mkdtemp(prefix=f"sharedd-replicate-{os.getpid()}-")
     os.chmod(tmp_root, 0o755)
     work = tempfile.mkdtemp(prefix="storage-", dir=tmp_root)
     os.chmod(work, 0o755)
     conf = os.path.join(work, "sharedd.conf")
-    text = CONFIG.format(work=work, ip=netlab.server_ip4, driver="btrfs", extra="")
+    text = CONFIG.format(work=work, ip=netlab.server_ip4, driver="btrfs",
+                         extra=getattr(request.module, "REPLICATION_EXTRA", ""))
     text = text.replace("enabled_share_backends = btrfs1",
                         "enabled_share_backends = " + ", ".join(BACKENDS))
     pathlib.Path(conf).write_text(text + DOMAIN + MORE.format(work=work, ip=SECOND_IP))

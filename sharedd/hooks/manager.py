@@ -50,9 +50,10 @@ class HookManager:
                      "periodic": self.config.enable_periodic_hooks}[phase])
 
     def finish(self, record: Dict[str, Any]) -> Dict[str, Any]:
-        """The record as hooks get it: with the served addresses, signed."""
+        """The record as hooks get it: with the served addresses (unless the
+        record names those of the backend its share lives on), signed."""
         addresses = list(self.addresses())
-        if addresses:
+        if addresses and "server_addresses" not in record:
             record = dict(record, server_addresses=addresses)
         signer = self.context.signer
         return signer.sign(record) if signer is not None else record

@@ -66,7 +66,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
           shares: Optional[List[Dict[str, Any]]] = None,
           part: Tuple[int, int] = (1, 1),
           server: Optional[Dict[str, Any]] = None,
-          replica: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+          replica: Optional[Dict[str, Any]] = None,
+          server_addresses: Optional[List[str]] = None) -> Dict[str, Any]:
     rec: Dict[str, Any] = {
         "schema": record_schema.SCHEMA_VERSION, "host": host, "epoch": epoch, "seq": seq,
         "timestamp": timestamp(), "phase": phase, "method": method, "backend": backend,
@@ -82,6 +83,8 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
         rec["share_server"] = server
     if replica is not None:
         rec["replica"] = replica
+    if server_addresses:
+        rec["server_addresses"] = list(server_addresses)
     if part != (1, 1):
         rec["part"], rec["parts"] = part
     return record_schema.validate(rec)
