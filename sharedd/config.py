@@ -65,7 +65,7 @@ GLOBAL_OPTIONS: List[Opt] = [
 ]
 
 BACKEND_OPTIONS: List[Opt] = [
-    Opt("share_driver", "str", required=True, help="Driver: btrfs, volume or glusterfs_native."),
+    Opt("share_driver", "str", required=True, help="Driver: btrfs, btrfs_remote (replicas only), volume or glusterfs_native."),
     Opt("share_backend_name", "str", "", help="Backend name reported in Stats (default: the section name)."),
     Opt("share_export_ip", "ip", "", help="Address clients use to reach exports."),
     Opt("enabled_share_protocols", "list", ["NFS"], help="Protocols this backend serves (NFS, CIFS, GLUSTERFS)."),

@@ -196,7 +196,8 @@ class Migrations:
                 self.jobs.not_cancelable(job)
                 with self.runner.tx() as tx:
                     tx.share(share, C.STATUS_MIGRATING, task=dict(task, phase=SWITCHING))
-                return await switch(share, target, src, dest, self.store)
+                return await switch(share, target, src, dest, self.store,
+                                    dict(task.get("state") or {}))
 
             def failed(tx: Any, _: bool) -> None:
                 if cancel.is_set() and _phase(self.store.share_task(share_id)) == COMPLETING:
@@ -297,11 +298,12 @@ def _placement(update: Optional[ShareUpdate]) -> Dict[str, Any]:
 
 
 async def switch(share: Share, target: Share, src: Backend, dest: Backend,
-                 store: Store) -> Optional[ShareUpdate]:
+                 store: Store, state: Dict[str, Any]) -> Optional[ShareUpdate]:
     """The source stops serving, the destination serves with the share's
-    rules, the source is deleted. Idempotent. The source goes first: both
-    backends may export through one service (one NFS-Ganesha), which serves
-    a share's pseudo path once; its data stays until the destination serves."""
+    rules, the source is deleted, then what the copy left. Idempotent. The
+    source goes first: both backends may export through one service (one
+    NFS-Ganesha), which serves a share's pseudo path once; its data stays
+    until the destination serves."""
     try:
         await src.call("unmanage", share)
     except NotSupported:
@@ -309,6 +311,11 @@ async def switch(share: Share, target: Share, src: Backend, dest: Backend,
     update: Optional[ShareUpdate] = await dest.call("ensure_share", target,
                                                     access.granting(store, share.id))
     await src.call("delete_share", share)
+    try:
+        await src.call("migration_cleanup", share, target, dest.driver, state)
+    except SharedError as exc:      # switched: only space is lost
+        log.warning("share %s: what its migration left could not all be removed: %s",
+                    share.name, exc)
     return update
 
 
@@ -349,6 +356,6 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             return
         with runner.tx() as tx:
             tx.share(share, C.STATUS_MIGRATING, task=dict(task, phase=SWITCHING))
-    update = await switch(share, target, src, dest, store)
+    update = await switch(share, target, src, dest, store, state)
     with runner.tx() as tx:
         tx.share(share, C.STATUS_AVAILABLE, backend=dest.name, **_placement(update))

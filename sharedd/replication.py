@@ -113,7 +113,7 @@ class Replications:
         async def plan(started: "asyncio.Future[Job]") -> Operation:
             share = self._share(share_id)
             src, dest = self._usable(share.backend), self._usable(backend)
-            self._check(share, src, dest)
+            self._check(share, src, dest, style)
             await self.check_capacity(dest, share.size_gib)
             now = now_us()
             replica = Replica(id=new_id(), share_id=share.id, backend=dest.name,
@@ -160,7 +160,7 @@ class Replications:
             await self.runner.run([share_id], lambda: plan(started))
         return await self.jobs.background(self.spawn, body)
 
-    def _check(self, share: Share, src: Backend, dest: Backend) -> None:
+    def _check(self, share: Share, src: Backend, dest: Backend, style: str) -> None:
         if dest is src:
             raise InvalidArgument(f"share {share.name} is on backend {dest.name} already")
         domain = src.config.replication_domain
@@ -169,6 +169,8 @@ class Replications:
                                "replication_domain")
         src.require("replication_support", "replicate shares")
         dest.require("replication_support", "hold replicas")
+        if style == "readable" and not dest.driver.serves_exports:
+            raise NotSupported(f"backend {dest.name} exports nothing: it holds dr replicas only")
         dest.require_protocol(share.protocol)
         if share.share_server_id or src.config.driver_handles_share_servers \
                 or dest.config.driver_handles_share_servers:
@@ -314,6 +316,9 @@ class Replications:
                                    "available replica can be promoted")
             active = self._active(share.id)
             dest = self._usable(r.backend)
+            if not dest.driver.serves_exports:
+                raise NotSupported(f"backend {dest.name} cannot serve share {share.name}: its "
+                                   "copy is on another host (serve it there)")
             task = {"op": PROMOTE, "replica": r.id, "active": active.id, "phase": SYNCING,
                     "state": dict(r.driver_data)}
 

@@ -482,22 +482,6 @@ def is_received(path: str, snapshot: str) -> bool:
     return got.readonly and got.received_uuid == want.stream_uuid != ""
 
 
-def same_snapshot(a: str, b: str) -> bool:
-    """Whether a and b (both local) are read-only copies of one snapshot,
-    so that either can be the parent of an incremental send to the other's
-    file system: one was received from the other (either way round: a send
-    from a received subvolume carries the original's uuid, and btrfs
-    receive finds the original by its own uuid), or both were received
-    from a third."""
-    if not (_is_subvolume(a) and _is_subvolume(b)):
-        return False
-    try:
-        x, y = subvolume_info(a), subvolume_info(b)
-    except OSError:
-        return False
-    return x.readonly and y.readonly and x.stream_uuid == y.stream_uuid != ""
-
-
 class _Destination:
     """Where btrfs receive runs: here, or behind receive_prefix (e.g. ssh),
     where the same questions are asked with btrfs-progs through the prefix."""

@@ -42,6 +42,21 @@ def public_text(text: str, limit: int = 1000) -> str:
     return text[:limit]
 
 
+def ssh_argv(host: str, user: str, *, port: int = 22, key: str = "", known_hosts: str = "",
+             options: Sequence[str] = ("-o", "BatchMode=yes")) -> List[str]:
+    """ssh to user@host, up to the "--" after which the remote words follow
+    (each quoted by the caller: ssh joins them for the remote shell). The
+    host key must be known (StrictHostKeyChecking=yes: in known_hosts, or
+    ssh's own file): an unknown or changed key refuses the connection."""
+    argv = ["ssh", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
+            "-p", str(port), "-l", user, *options]
+    if key:
+        argv += ["-i", key, "-o", "IdentitiesOnly=yes"]
+    if known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    return argv + ["--", host]
+
+
 def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
         check: bool = True, input: Optional[bytes] = None,
         env: Optional[Dict[str, str]] = None,

@@ -20,6 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/remote", "--smoke"], "mountd p50"),
     pytest.param(["bench/servers", "--smoke"], "server set-up", id="servers"),
     pytest.param(["bench/migration", "--smoke"], "share migration times", id="migration"),
+    pytest.param(["bench/replication", "--smoke"], "share replication times", id="replication"),
 ])
 def test_bench_script_runs(argv, header, request):
     if argv[0] == "bench/remote":

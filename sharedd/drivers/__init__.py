@@ -4,6 +4,7 @@ import importlib
 
 DRIVERS = {
     "btrfs": "sharedd.drivers.btrfs:BtrfsDriver",
+    "btrfs_remote": "sharedd.drivers.btrfs_remote:BtrfsRemoteDriver",
     "volume": "sharedd.drivers.volume:VolumeDriver",
     "glusterfs_native": "sharedd.drivers.glusterfs_native:GlusterfsNativeDriver",
 }

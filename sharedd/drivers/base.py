@@ -215,6 +215,12 @@ class ShareDriver(abc.ABC):
         src, dst = self._copy_paths(share, dest_share, dest_driver)
         transfer.copy_tree(src, dst, progress=progress, cancel=cancel)
 
+    def migration_cleanup(self, share: Share, dest_share: Share, dest_driver: "ShareDriver",
+                          state: Dict[str, Any]) -> None:
+        """After the switch (the source deleted): what the copy left on
+        either side removed. Idempotent."""
+        return None
+
     def migration_cancel(self, share: Share, dest_share: Share, dest_driver: "ShareDriver",
                          state: Dict[str, Any]) -> None:
         """Undo phase 1: the destination's copy removed; the source untouched."""
@@ -235,6 +241,11 @@ class ShareDriver(abc.ABC):
     # revoke rules on it. The active copy's driver moves the data (Manila's
     # create_replica and update_replica_state); both must share a
     # replication_domain. Every step is idempotent: recovery replays them.
+
+    #: the driver's backend can receive replicas (ReplicaPool)
+    holds_replicas = False
+    #: the driver serves what it holds (a readable replica, a promoted one)
+    serves_exports = True
 
     def replica_sync(self, share: Share, replica: Share, dest_driver: "ShareDriver",
                      state: Dict[str, Any], snapshots: List[Snapshot], progress: Any,
@@ -394,5 +405,5 @@ class ShareDriver(abc.ABC):
             "extend_support": self._implements("extend_share"),
             "manage_support": self._implements("manage_existing"),
             "share_server_support": self.serves_share_servers(),
-            "replication_support": self._implements("replica_sync"),
+            "replication_support": self._implements("replica_sync") or self.holds_replicas,
         }

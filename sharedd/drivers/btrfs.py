@@ -37,6 +37,8 @@ from ..mountinfo import MountEntry, is_mounted, mount_at, mounted_id
 from ..options import Opt
 from . import btrfs_kernel as kernel
 from .base import ShareDriver
+from .btrfs_layout import (REVERT_NEW, REVERT_OLD, SHARES_DIR, SNAPSHOTS_DIR, ReplicaPool,
+                           same_snapshot)
 from .btrfs_kernel import SUBVOL_INO, filesystem_uuid
 
 log = logging.getLogger(__name__)
@@ -46,17 +48,10 @@ GiB = 1 << 30
 _SUPER_MAGIC_OFFSET = 0x10000 + 0x40
 _SUPER_MAGIC = b"_BHRfS_M"
 
-SHARES_DIR = "shares"
-SNAPSHOTS_DIR = "snapshots"
-REVERT_NEW = ".revert-new"
-REVERT_OLD = ".revert-old"
 MIGRATE_DIR = "migrate"
-REPLICATION_DIR = "replication"
 #: what migration_start returns for a send/receive migration (state["method"])
 MIGRATION_METHOD = "btrfs-send"
 
-# Ids become path components and mount point names.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _QGROUP_HEADER_RE = re.compile(
     r"^qgroupid\s+(referenced|rfer)\s+(exclusive|excl)\s+"
     r"(max referenced|max_rfer)\s+(max exclusive|max_excl)\b", re.I)
@@ -143,7 +138,7 @@ class _MigrationPaths(NamedTuple):
     dest: str               # the destination share's subvolume
 
 
-class BtrfsDriver(ShareDriver):
+class BtrfsDriver(ReplicaPool, ShareDriver):
     driver_name = "btrfs"
     driver_version = "1.0"
     supported_protocols = ("NFS", "CIFS")
@@ -237,34 +232,6 @@ class BtrfsDriver(ShareDriver):
                 raise BackendFailure(f"{self.pool} is a {m.fstype} mount, not btrfs")
             self._pool_entry = (key, m)
         return self._pool_entry[1]
-
-    def _path(self, rel: str) -> str:
-        return os.path.join(self.pool, rel)
-
-    @staticmethod
-    def _check_id(kind: str, value: str) -> None:
-        if not _ID_RE.fullmatch(value or "") or value.endswith((REVERT_NEW, REVERT_OLD)):
-            raise InvalidArgument(f"{kind} id {value!r} cannot be used as a path component")
-
-    @staticmethod
-    def _check_rel(rel: str) -> str:
-        norm = os.path.normpath(rel)
-        if (not rel or os.path.isabs(rel) or norm in (".", "..")
-                or norm.startswith("../") or "\x00" in rel or "," in rel):
-            raise InvalidArgument(f"{rel!r} is not a path inside the pool")
-        return norm
-
-    def _share_rel(self, share: Share) -> str:
-        if share.provider_location:
-            return self._check_rel(share.provider_location)
-        self._check_id("share", share.id)
-        return f"{SHARES_DIR}/{share.id}"
-
-    def _snapshot_rel(self, snapshot: Snapshot) -> str:
-        if snapshot.provider_location:
-            return self._check_rel(snapshot.provider_location)
-        self._check_id("snapshot", snapshot.id)
-        return f"{SNAPSHOTS_DIR}/{snapshot.id}"
 
     def _mount_point(self, share: Share) -> str:
         self._check_id("share", share.id)
@@ -667,9 +634,10 @@ class BtrfsDriver(ShareDriver):
     # writable snapshot of what arrived. Phase 2, the source read-only, sends
     # a second snapshot (the final one, .2) as its difference from the base
     # and makes the destination share a writable snapshot of that instead.
-    # The base is deleted first when phase 2 cleans up, so "no base, but a
-    # destination share" means an earlier run of phase 2 got that far. Any
-    # other destination: the base class's copy between the two mounts.
+    # The snapshots go after the switch (migration_cleanup), the base first,
+    # so "no base, but a destination share" means the migration got that
+    # far (a sharedd before this one cleaned up inside phase 2). Any other
+    # destination: the base class's copy between the two mounts.
 
     def local_path(self, share: Share) -> Optional[str]:
         """The share's mount point, if its subvolume is mounted there (a copy
@@ -792,7 +760,15 @@ class BtrfsDriver(ShareDriver):
             self._migration_undo(self._delete_subvolume, p.final)
             raise
         dest_driver._migration_take(dest_share, received, p.dest)
-        self._migration_clean(p, dest_driver)
+
+    def migration_cleanup(self, share: Share, dest_share: Share, dest_driver: ShareDriver,
+                          state: Dict[str, Any]) -> None:
+        # Out of the read-only window: each delete commits, and with quotas
+        # on the next snapshot would wait for the cleaner.
+        if self._sends_to(dest_driver, state):
+            assert isinstance(dest_driver, BtrfsDriver)
+            self._migration_clean(self._migration_paths(share, dest_share, dest_driver),
+                                  dest_driver)
 
     def migration_cancel(self, share: Share, dest_share: Share, dest_driver: ShareDriver,
                          state: Dict[str, Any]) -> None:
@@ -857,10 +833,9 @@ class BtrfsDriver(ShareDriver):
     def _migration_clean(self, p: "_MigrationPaths", dest: "BtrfsDriver") -> None:
         """The snapshots and received subvolumes of a finished copy deleted,
         the base first (see the note above migration_start). Once the base
-        is gone nothing may fail the step: the engine would make the source
-        writable again after a failed migration_complete, and the next one
-        would take the destination as final. What stays is logged (a later
-        migration of the share replaces it)."""
+        is gone nothing may fail the step (a later step would take the
+        destination as final). What stays is logged (a later migration of
+        the share replaces it)."""
         try:
             self._delete_subvolume(p.base)
         except BackendFailure:
@@ -904,28 +879,46 @@ class BtrfsDriver(ShareDriver):
     # point <pool>/replication/<share id>/<replica id>.<n>, and sends it into
     # the same directory of the replica's pool, incrementally from the last
     # common point (the state's "base": present on both sides, see
-    # transfer.same_snapshot). The replica's subvolume then becomes a writable
+    # btrfs_layout.same_snapshot). The replica's subvolume then becomes a writable
     # snapshot of what arrived (swapped in as a revert swaps, so a crash
     # leaves the old or the new one), and the old point is deleted on both
     # sides. Snapshots of the share travel the same way, each placed as the
     # same snapshot in the replica's pool. After a promote the roles swap and
     # the last point, on both pools, is the base of the reverse direction.
 
-    def _replication_area(self, share_id: str) -> str:
-        self._check_id("share", share_id)
-        return self._path(f"{REPLICATION_DIR}/{share_id}")
+    # What the receiving side of a sync does in a local pool (ReplicaPool).
+    def _pool_info(self, path: str) -> Optional[transfer.SubvolumeInfo]:
+        if not _is_subvolume(path):
+            return None
+        try:
+            return transfer.subvolume_info(path)
+        except OSError:
+            return None
 
-    def _replication_dirs(self, share_id: str) -> str:
+    def _make_dirs(self, path: str) -> None:
         self._pool_mount()
-        util.private_dir(self._path(REPLICATION_DIR))
-        area = self._replication_area(share_id)
-        util.private_dir(area)
-        return area
+        rel = os.path.relpath(path, self.pool)
+        if rel.startswith(".."):
+            raise BackendFailure(f"{path} is outside the pool {self.pool}")
+        done = self.pool
+        for part in rel.split(os.sep):
+            done = os.path.join(done, part)
+            util.private_dir(done)
+
+    def _entries(self, path: str) -> List[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            return []
+
+    def _remove_dir(self, path: str) -> None:
+        self._rmdir(path)
 
     def replica_sync(self, share: Share, replica: Share, dest_driver: ShareDriver,
                      state: Dict[str, Any], snapshots: List[Snapshot], progress: Any,
                      cancel: Any) -> Dict[str, Any]:
-        if not isinstance(dest_driver, BtrfsDriver) or self._same_pool(dest_driver):
+        if not isinstance(dest_driver, ReplicaPool) or (
+                isinstance(dest_driver, BtrfsDriver) and self._same_pool(dest_driver)):
             raise NotSupported(f"backend {self.backend_name} replicates only to another "
                                "btrfs pool")
         self._check_id("replica", replica.id)
@@ -938,8 +931,8 @@ class BtrfsDriver(ShareDriver):
         parent: Optional[str] = None
         if base:
             self._check_id("sync point", base)
-            if transfer.same_snapshot(os.path.join(src_area, base),
-                                      os.path.join(dst_area, base)):
+            if same_snapshot(self._pool_info(os.path.join(src_area, base)),
+                             dest_driver._pool_info(os.path.join(dst_area, base))):
                 parent = os.path.join(src_area, base)
             else:
                 log.warning("share %s: replica %s shares no sync point with it; sending the "
@@ -949,7 +942,7 @@ class BtrfsDriver(ShareDriver):
         for snap in snapshots:
             path = self._path(self._snapshot_rel(snap))
             there = dest_driver._path(dest_driver._snapshot_rel(snap))
-            if transfer.same_snapshot(path, there):
+            if same_snapshot(self._pool_info(path), dest_driver._pool_info(there)):
                 parent = parent or path               # common, if nothing newer is
                 continue
             if os.path.basename(there) != os.path.basename(path):
@@ -958,9 +951,10 @@ class BtrfsDriver(ShareDriver):
             # Received where it belongs: a read-only subvolume cannot move to
             # another directory (its ".." would change).
             dest_driver._delete_subvolume(there)      # a stale or partial copy
-            os.makedirs(os.path.dirname(there), mode=0o700, exist_ok=True)
+            dest_driver._make_dirs(os.path.dirname(there))
             transfer.btrfs_send_receive(
                 path, os.path.dirname(there), parent=parent, progress=progress, cancel=cancel,
+                receive_prefix=dest_driver._receive_prefix(),
                 command_timeout=self.command_timeout)
             parent = path
         # 2. a fresh sync point (one a failed attempt left predates later writes)
@@ -972,7 +966,7 @@ class BtrfsDriver(ShareDriver):
         received = transfer.btrfs_send_receive(
             point, dst_area, parent=parent, progress=progress, cancel=cancel,
             expected=None if parent else self._used_bytes(source),
-            command_timeout=self.command_timeout)
+            receive_prefix=dest_driver._receive_prefix(), command_timeout=self.command_timeout)
         # 3. the replica's data becomes what arrived
         dest_driver._replica_take(replica, received)
         # 4. the previous point is no longer needed on either side
@@ -1004,26 +998,6 @@ class BtrfsDriver(ShareDriver):
 
     def replica_unserve(self, replica: Share) -> None:
         self._migration_unserve(replica)
-
-    def replica_remove(self, share: Share, replica: Share, state: Dict[str, Any],
-                       snapshots: List[Snapshot], source: Optional[ShareDriver]) -> None:
-        self._check_id("replica", replica.id)
-        self._migration_unserve(replica)
-        path = self._path(self._share_rel(replica))
-        for suffix in (REVERT_NEW, REVERT_OLD, ""):
-            self._delete_subvolume(path + suffix)
-        for snap in snapshots:
-            self._delete_subvolume(self._path(self._snapshot_rel(snap)))
-        base = str(state.get("base") or "")
-        sides = [self] + ([source] if isinstance(source, BtrfsDriver) else [])
-        for drv in sides:
-            area = drv._replication_area(share.id)
-            if not os.path.isdir(area):
-                continue
-            for entry in sorted(os.listdir(area)):
-                if entry == base or entry.startswith(f"{replica.id}."):
-                    drv._delete_subvolume(os.path.join(area, entry))
-            self._rmdir(area)
 
     # --- reads --------------------------------------------------------------------
     def get_share_stats(self) -> Dict[str, Any]:

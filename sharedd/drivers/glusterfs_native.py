@@ -172,24 +172,19 @@ class GlusterCLI:
         cmd += ["--xml", *args]
         if not self.target.remote:
             return cmd, None
-        ssh = ["ssh", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
-               "-p", str(self.ssh_port), "-l", self.target.user]
         env = None
+        options: Tuple[str, ...] = ("-o", "BatchMode=yes")
         if self.password:
             # BatchMode would refuse password prompts: the password comes from
             # an askpass script reading it from the child's environment only.
-            ssh += ["-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1",
-                    "-o", "KbdInteractiveAuthentication=no"]
+            options = ("-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=1",
+                       "-o", "KbdInteractiveAuthentication=no")
             env = dict(os.environ, SSH_ASKPASS=self.askpass, SSH_ASKPASS_REQUIRE="force",
                        SHAREDD_GLUSTERFS_PASSWORD=self.password)
-        else:
-            ssh += ["-o", "BatchMode=yes"]
-        if self.ssh_key:
-            ssh += ["-i", self.ssh_key, "-o", "IdentitiesOnly=yes"]
-        if self.known_hosts:
-            ssh += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        ssh = util.ssh_argv(self.target.host, self.target.user, port=self.ssh_port,
+                            key=self.ssh_key, known_hosts=self.known_hosts, options=options)
         # ssh joins the remote words with spaces for the remote shell: quote each.
-        return ssh + ["--", self.target.host] + [shlex.quote(a) for a in cmd], env
+        return ssh + [shlex.quote(a) for a in cmd], env
 
     def __call__(self, *args: str) -> ET.Element:
         argv, env = self.argv(list(args))
