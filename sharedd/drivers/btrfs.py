@@ -303,8 +303,11 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
             raise BackendFailure(f"{source} is not a subvolume")
         self._kernel("snapshot", kernel.snapshot, source, dest, readonly)
 
-    def _delete_subvolume(self, path: str) -> None:
-        """Delete the subvolume at path and its quota group; gone is fine."""
+    def _delete_subvolume(self, path: str, commit: bool = True) -> None:
+        """Delete the subvolume at path and its quota group; gone is fine.
+        commit=False where a snapshot follows at once (it commits both):
+        with quotas on, a committed delete makes the next snapshot wait for
+        the cleaner."""
         if not os.path.lexists(path):
             return
         if not _is_subvolume(path):
@@ -315,7 +318,7 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         # kernel keeps a stale one, which costs nothing and is cleared at the
         # next set-up: waiting for the cleaner here would cost a second or
         # more per delete.
-        self._kernel("subvolume delete", kernel.delete_subvolume, path)
+        self._kernel("subvolume delete", kernel.delete_subvolume, path, commit)
 
     def _is_mounted_subvol(self, mp: str, subvol_path: str) -> bool:
         if not is_mounted(mp):
@@ -807,7 +810,7 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         want = self._info(received).uuid
         if _is_subvolume(path) and self._info(path).parent_uuid != want:
             self._migration_unserve(share)
-            self._delete_subvolume(path)
+            self._delete_subvolume(path, commit=False)    # the snapshot commits it
         self._snapshot(received, path, readonly=False)
         self._set_limit(path, share.size_gib)
 
@@ -895,6 +898,9 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         except OSError:
             return None
 
+    def _commit(self) -> None:
+        self._kernel("commit", kernel.commit, self.pool)
+
     def _make_dirs(self, path: str) -> None:
         self._pool_mount()
         rel = os.path.relpath(path, self.pool)
@@ -969,14 +975,16 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
             receive_prefix=dest_driver._receive_prefix(), command_timeout=self.command_timeout)
         # 3. the replica's data becomes what arrived
         dest_driver._replica_take(replica, received)
-        # 4. the previous point is no longer needed on either side
-        if base and base != name:
-            for drv, area in ((self, src_area), (dest_driver, dst_area)):
-                try:
-                    drv._delete_subvolume(os.path.join(area, base))
-                except BackendFailure as exc:
-                    log.warning("share %s: cannot delete the old sync point %s: %s",
-                                share.id, base, exc)
+        # 4. the previous point is no longer needed on either side; one
+        #    commit per pool (a leftover of a power cut goes with the replica)
+        for drv, area in ((self, src_area), (dest_driver, dst_area)):
+            try:
+                if base and base != name:
+                    drv._delete_subvolume(os.path.join(area, base), commit=False)
+                drv._commit()
+            except BackendFailure as exc:
+                log.warning("share %s: cannot delete the old sync point %s: %s",
+                            share.id, base, exc)
         return {"base": name, "n": n, "provider_location": dest_driver._share_rel(replica)}
 
     def _replica_take(self, replica: Share, received: str) -> None:
@@ -993,8 +1001,8 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         if _is_subvolume(path):
             os.rename(path, old)
         os.rename(new, path)
-        self._kernel("commit", kernel.commit, self.pool)
-        self._delete_subvolume(old)
+        self._commit()
+        self._delete_subvolume(old, commit=False)      # the sync's last commit carries it
 
     def replica_unserve(self, replica: Share) -> None:
         self._migration_unserve(replica)

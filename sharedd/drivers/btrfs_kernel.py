@@ -113,10 +113,11 @@ def snapshot(source: str, dest: str, readonly: bool) -> None:
         os.close(src)
 
 
-def delete_subvolume(path: str) -> None:
+def delete_subvolume(path: str, commit: bool = True) -> None:
     """Delete the subvolume at path (a read-only one too; not one with
-    subvolumes inside: ENOTEMPTY) and commit, so that the deletion
-    survives a crash. Its blocks are freed later by the cleaner."""
+    subvolumes inside: ENOTEMPTY) and commit, so that the deletion survives
+    a power cut (without commit: the next transaction commit carries it).
+    Its blocks are freed later by the cleaner."""
     parent, name = os.path.split(path)
     args = bytearray(4096)
     raw = _name(name, _VOL_NAME_MAX)
@@ -124,7 +125,8 @@ def delete_subvolume(path: str) -> None:
     fd = _dir_fd(parent)
     try:
         fcntl.ioctl(fd, _IOC_SNAP_DESTROY, args)
-        fcntl.ioctl(fd, _IOC_SYNC)
+        if commit:
+            fcntl.ioctl(fd, _IOC_SYNC)
     finally:
         os.close(fd)
 

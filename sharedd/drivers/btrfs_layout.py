@@ -90,7 +90,12 @@ class ReplicaPool(BtrfsLayout):
         """The subvolume at path (None: nothing complete is there)."""
         raise NotImplementedError
 
-    def _delete_subvolume(self, path: str) -> None:
+    def _delete_subvolume(self, path: str, commit: bool = True) -> None:
+        """Delete the subvolume (gone is fine); commit=False: the pool's next
+        commit (_commit) carries it."""
+        raise NotImplementedError
+
+    def _commit(self) -> None:
         raise NotImplementedError
 
     def _make_dirs(self, path: str) -> None:

@@ -121,9 +121,13 @@ class BtrfsRemoteDriver(ReplicaPool, ShareDriver):
         info = parse_subvolume_show(out)
         return info if info.uuid else None
 
-    def _delete_subvolume(self, path: str) -> None:
+    def _delete_subvolume(self, path: str, commit: bool = True) -> None:
         if self._exists(path):
-            self._remote("btrfs", "subvolume", "delete", "--commit-after", path)
+            self._remote("btrfs", "subvolume", "delete", *(["--commit-after"] if commit else []),
+                         path)
+
+    def _commit(self) -> None:
+        self._remote("btrfs", "filesystem", "sync", self.pool)
 
     def _make_dirs(self, path: str) -> None:
         self._remote("mkdir", "-p", "-m", "0700", path)
@@ -154,8 +158,8 @@ class BtrfsRemoteDriver(ReplicaPool, ShareDriver):
         if self._exists(path):
             self._remote("mv", "-T", "--", path, old)
         self._remote("mv", "-T", "--", new, path)
-        self._remote("btrfs", "filesystem", "sync", self.pool)
-        self._delete_subvolume(old)
+        self._commit()
+        self._delete_subvolume(old, commit=False)      # the sync's last commit carries it
 
     def replica_unserve(self, replica: Share) -> None:
         return None                           # nothing is served there
