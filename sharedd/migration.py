@@ -33,7 +33,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Tuple
 
 from . import access, validation
 from . import constants as C

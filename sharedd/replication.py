@@ -49,7 +49,7 @@ from .util import now_us
 
 log = logging.getLogger(__name__)
 
-#: syncs running at once (periodic ones; Jobs run as asked)
+#: syncs (first ones included) moving data at once; more wait for a turn
 PARALLEL_SYNCS = 4
 #: seconds between two looks for replicas due a sync
 TICK_MIN, TICK_MAX = 0.5, 30.0
@@ -137,9 +137,10 @@ class Replications:
             async def call() -> Tuple[Dict[str, Any], Optional[ShareUpdate]]:
                 job = self.jobs.create("create_share_replica", [share.id], uid)
                 started.set_result(job)
-                state = dict(await src.call("replica_sync", share, view(share, replica),
-                                            dest.driver, {}, snaps, self.jobs.reporter(job),
-                                            job.cancel_event) or {})
+                async with self._slots:        # queued (Bytes 0) behind other copies
+                    state = dict(await src.call("replica_sync", share, view(share, replica),
+                                                dest.driver, {}, snaps, self.jobs.reporter(job),
+                                                job.cancel_event) or {})
                 replica.provider_location = str(state.pop("provider_location", ""))
                 return state, await self._serve(share, replica)
 
@@ -233,8 +234,9 @@ class Replications:
         cancel = job.cancel_event if job else threading.Event()
 
         async def call() -> Dict[str, Any]:
-            state = dict(await src.call("replica_sync", share, view(share, r), dest.driver,
-                                        dict(r.driver_data), snaps, progress, cancel) or {})
+            async with self._slots:
+                state = dict(await src.call("replica_sync", share, view(share, r), dest.driver,
+                                            dict(r.driver_data), snaps, progress, cancel) or {})
             state.pop("provider_location", None)
             return state
         return Operation("update_share_replica", dest, share=share, replica=r, restorable=True,
@@ -296,8 +298,7 @@ class Replications:
 
     async def _periodic_sync(self, replica_id: str) -> None:
         try:
-            async with self._slots:
-                await self.sync(replica_id)
+            await self.sync(replica_id)
         except SharedError as exc:
             log.warning("replica %s: sync failed: %s", replica_id, exc)
         finally:
@@ -305,7 +306,8 @@ class Replications:
 
     # --- Promote -------------------------------------------------------------------------
     async def promote(self, replica_id: str, options: Dict[str, Any]) -> None:
-        validation.options(options, {})
+        validation.options(options, {"force": bool})
+        force = bool(options.get("force", False))
         share_id = self.get(replica_id).share_id
 
         async def plan() -> Operation:
@@ -323,7 +325,7 @@ class Replications:
                     "state": dict(r.driver_data)}
 
             async def call() -> Tuple[Optional[ShareUpdate], Dict[str, Any], bool]:
-                state, synced = await self._final_sync(share, r, dest, task)
+                state, synced = await self._final_sync(share, r, dest, task, force)
                 with self.runner.tx() as tx:
                     tx.share(share, C.STATUS_REPLICATION_CHANGE,
                              task=dict(task, phase=SWITCHING, state=state, synced=synced))
@@ -350,24 +352,32 @@ class Replications:
         self._after_promote(share_id)
 
     async def _final_sync(self, share: Share, r: Replica, dest: Backend,
-                          task: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
+                          task: Dict[str, Any], force: bool) -> Tuple[Dict[str, Any], bool]:
         """The active made read-only and synced a last time, if its backend
-        can be reached; (the sync state, whether it was synced)."""
+        can be reached; (the sync state, whether it was synced). A failure
+        refuses the promote, unless forced: then it goes on from the last
+        sync (the active's data may be what failed)."""
         src = self.backends.get(share.backend)
+        as_is = dict(task["state"]), False
         if src is None or src.setup_error:
             log.warning("share %s: backend %s cannot be reached; promoting replica %s as it "
                         "is (last sync %s)", share.name, share.backend, r.id,
                         time.ctime(r.last_sync / 1e6))
-            return dict(task["state"]), False
+            return as_is
         rules = access.granting(self.store, share.id)
-        await src.call("update_access", share, access.read_only(rules), [], [])
         try:
+            await src.call("update_access", share, access.read_only(rules), [], [])
             state = dict(await src.call("replica_sync", share, view(share, r), dest.driver,
                                         dict(task["state"]), self._snapshots(share.id),
                                         _no_progress, threading.Event()) or {})
-        except SharedError:
-            await src.call("update_access", share, rules, [], [])    # writable again
-            raise
+        except SharedError as exc:
+            if not force:
+                await src.call("update_access", share, rules, [], [])    # writable again
+                raise
+            log.warning("share %s: the last sync to replica %s failed (%s); promoting it as "
+                        "it is (force; last sync %s)", share.name, r.id, exc,
+                        time.ctime(r.last_sync / 1e6))
+            return as_is
         state.pop("provider_location", None)
         return state, True
 
@@ -376,8 +386,16 @@ class Replications:
         """The old active stops serving; the replica serves as the share.
         Idempotent (recovery replays it)."""
         src = self.backends.get(share.backend)
-        if reachable and src is not None and not src.setup_error:
-            await src.call("replica_unserve", share)
+        if src is not None and not src.setup_error:
+            try:
+                await src.call("replica_unserve", share)
+            except SharedError as exc:
+                if reachable:
+                    raise
+                # Not synced: the old copy is in error, and ensure stops
+                # serving it once its backend works again.
+                log.error("share %s: the old active on backend %s could not be unexported: "
+                          "%s", share.name, src.name, exc)
         await dest.call("replica_unserve", view(share, r))
         new = dataclasses.replace(share, backend=dest.name,
                                   provider_location=r.provider_location, export_locations=[],

@@ -1350,6 +1350,31 @@ def test_promote_with_the_active_backend_away_leaves_it_in_error_until_resync(hr
     assert hr.engine.replica(old.id).state == C.REPLICA_IN_SYNC
 
 
+def test_a_forced_promote_goes_on_when_the_last_sync_fails(hr):
+    share = hr.create("forced", 1)
+    rid = hr.allow(share, "10.0.0.2", "rw")
+    hr.world.shares[share.id]["data"] = "synced"
+    replica = _replicate(hr, share)
+    hr.world.shares[share.id]["data"] = "after the last sync"
+    hr.world.fail.add("replica_sync")
+    with pytest.raises(BackendFailure):
+        hr.run(hr.engine.promote_replica(replica.id, {}))
+    assert hr.engine.share(share.id).backend == "sim" and _writable(hr, share.id) == ["sim"]
+    with pytest.raises(InvalidArgument):
+        hr.run(hr.engine.promote_replica(replica.id, {"force": "yes"}))
+    hr.run(hr.engine.promote_replica(replica.id, {"force": True}))
+    s = hr.engine.share(share.id)
+    assert (s.backend, s.status) == ("sim2", C.STATUS_AVAILABLE)
+    w2 = _world2(hr)
+    assert w2.shares[replica.id]["data"] == "synced"
+    assert _writable(hr, share.id) == [] and w2.shares[replica.id]["levels"] == {rid: "rw"}
+    old = hr.engine.replicas(share.id)[1]
+    assert (old.role, old.state) == (C.ROLE_REPLICA, C.STATUS_ERROR)
+    hr.world.fail.clear()
+    assert _wait_job(hr, hr.run(hr.engine.resync_replica(old.id, {}, 0))) == (True, "done")
+    assert hr.world.shares[share.id]["data"] == "synced"
+
+
 REPLICA_CRASHES = [("sim", "replica_sync", "create"), ("sim2", "replica_remove", "delete"),
                    ("sim", "replica_sync", "promote"), ("sim", "replica_unserve", "promote"),
                    ("sim2", "ensure_share", "promote")]

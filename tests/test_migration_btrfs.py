@@ -19,19 +19,13 @@ Proves, with checksums of every file:
 
 import hashlib
 import os
-import pathlib
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
 
 import pytest
 
 from sharedd.mountinfo import read_mountinfo, top_mounts
-from tests.fixtures.storage_host import CONFIG, StorageHost, remove_exports
-from tests.fixtures.btrfs_pool import teardown_tree
+from tests.fixtures.storage_host import multi_backend_host
 from tests.support import components
 from tests.support.signals import SignalCollector
 from tests.support.tenants import wait_for
@@ -59,30 +53,10 @@ volume_fs_type = ext4
 
 @pytest.fixture(scope="module")
 def host(system_bus, netlab, ganesha):
-    tmp_root = tempfile.mkdtemp(prefix=f"sharedd-migrate-{os.getpid()}-")
-    os.chmod(tmp_root, 0o755)
-    work = tempfile.mkdtemp(prefix="storage-", dir=tmp_root)
-    os.chmod(work, 0o755)
-    conf = os.path.join(work, "sharedd.conf")
-    text = CONFIG.format(work=work, ip=netlab.server_ip4, driver="btrfs", extra="")
-    text = text.replace("enabled_share_backends = btrfs1",
-                        "enabled_share_backends = " + ", ".join(BACKENDS))
-    pathlib.Path(conf).write_text(text + MORE.format(work=work, ip=netlab.server_ip4))
-    h = StorageHost(system_bus, work, conf)
-    h.lab, h.ganesha = netlab, ganesha
-    h.state_path = os.path.join(work, "state")
-    try:
-        h.start()
+    with multi_backend_host(system_bus, netlab, ganesha, "migrate", BACKENDS, MORE,
+                            images=("pool.img", "pool2.img")) as h:
         components.used("share migration (btrfs send/receive, file copy) with NFS clients")
         yield h
-    finally:
-        try:
-            h.stop()
-        finally:
-            for b in BACKENDS:
-                remove_exports(h.state_path, b)
-            teardown_tree(work, [os.path.join(work, "pool.img"), os.path.join(work, "pool2.img")])
-            shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,12 @@ import glob
 import json
 import os
 import pathlib
-import shutil
 import subprocess
-import tempfile
 
 import pytest
 
 from sharedd.mountinfo import read_mountinfo, top_mounts
-from tests.fixtures.btrfs_pool import teardown_tree
-from tests.fixtures.storage_host import CONFIG, StorageHost, remove_exports
+from tests.fixtures.storage_host import multi_backend_host
 from tests.support import components
 from tests.support.signals import SignalCollector
 from tests.support.tenants import wait_for
@@ -68,37 +65,21 @@ enable_post_hooks = true
 def host(request, system_bus, netlab, ganesha):
     """Also used by other modules, which may set REPLICATION_EXTRA: more
     [DEFAULT] lines."""
-    tmp_root = tempfile.mkdtemp(prefix=f"sharedd-replicate-{os.getpid()}-")
-    os.chmod(tmp_root, 0o755)
-    work = tempfile.mkdtemp(prefix="storage-", dir=tmp_root)
-    os.chmod(work, 0o755)
-    conf = os.path.join(work, "sharedd.conf")
-    text = CONFIG.format(work=work, ip=netlab.server_ip4, driver="btrfs",
-                         extra=getattr(request.module, "REPLICATION_EXTRA", ""))
-    text = text.replace("enabled_share_backends = btrfs1",
-                        "enabled_share_backends = " + ", ".join(BACKENDS))
-    pathlib.Path(conf).write_text(text + DOMAIN + MORE.format(work=work, ip=SECOND_IP))
     # The second backend's exports are announced at a second address of the
     # storage host (ganesha listens on every address of its namespace).
     subprocess.run(["ip", "-n", netlab.server_ns, "addr", "add", f"{SECOND_IP}/24", "dev", "br0"],
                    check=True, timeout=30)
-    h = StorageHost(system_bus, work, conf)
-    h.lab, h.ganesha = netlab, ganesha
-    h.state_path = os.path.join(work, "state")
     try:
-        h.start()
-        components.used("share replication (btrfs send/receive, incremental) with NFS clients")
-        yield h
+        with multi_backend_host(system_bus, netlab, ganesha, "replicate", BACKENDS,
+                                DOMAIN + MORE.replace("{ip}", SECOND_IP),
+                                extra=getattr(request.module, "REPLICATION_EXTRA", ""),
+                                images=("pool.img", "pool2.img")) as h:
+            components.used("share replication (btrfs send/receive, incremental) with NFS "
+                            "clients")
+            yield h
     finally:
-        try:
-            h.stop()
-        finally:
-            for b in BACKENDS:
-                remove_exports(h.state_path, b)
-            subprocess.run(["ip", "-n", netlab.server_ns, "addr", "del", f"{SECOND_IP}/24",
-                            "dev", "br0"], timeout=30)
-            teardown_tree(work, [os.path.join(work, "pool.img"), os.path.join(work, "pool2.img")])
-            shutil.rmtree(tmp_root, ignore_errors=True)
+        subprocess.run(["ip", "-n", netlab.server_ns, "addr", "del", f"{SECOND_IP}/24",
+                        "dev", "br0"], timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +120,19 @@ def run_job(h, sig, job, timeout=300):
     assert completed(sig.messages, job) == [[True, "done"]]
 
 
+def replicate(h, bus, path, backend, *options):
+    """CreateReplica (options: busctl words of the a{sv}) and wait for its
+    job; the replica's object path."""
+    sig = SignalCollector(bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    try:
+        job = h.share(path, "CreateReplica", "sa{sv}", backend, len(options) // 3, *options)
+        assert job.startswith(f"{ROOT}/job/")
+        run_job(h, sig, job)
+    finally:
+        sig.close()
+    return by_role(h, path, "replica")
+
+
 def location(export):
     host, _, pseudo = export.partition(":")
     return host, pseudo
@@ -169,6 +163,11 @@ def test_a_readable_replica_follows_is_promoted_and_syncs_back(host, client, sys
         job = h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 1, "style", "s", "readable")
         assert job.startswith(f"{ROOT}/job/")
         run_job(h, sig, job)
+        progress = [m.body[1]["Progress"].value for m in sig.messages
+                    if m.member == "PropertiesChanged" and m.path == job
+                    and "Progress" in m.body[1]]
+        assert progress and progress[-1] == 1.0
+        assert progress == sorted(progress), "Progress only rises"
         # The shipped interface descriptions match the live objects (a Replica exists now).
         proc = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "tools", "gen-dbus-xml"),
                                "--check"], capture_output=True, text=True,
@@ -190,8 +189,12 @@ def test_a_readable_replica_follows_is_promoted_and_syncs_back(host, client, sys
     [export] = props["ExportLocations"]
     rhost, rpseudo = location(export)
     assert rhost == SECOND_IP
-    got = h.ganesha.nfs_cat(client, f"{rpseudo}/before.txt", host=rhost)
-    assert got.ok and got.stdout == "written before replication\n"
+    listed = wait_for("a listing of the replica", lambda: (lambda r: r if r.ok else None)(
+        h.ganesha.nfs_ls(client, rpseudo, host=rhost)), timeout=60)
+    assert "before.txt" in listed.stdout, listed
+    got = wait_for("a read from the replica", lambda: (lambda r: r if r.ok else None)(
+        h.ganesha.nfs_cat(client, f"{rpseudo}/before.txt", host=rhost)), timeout=60)
+    assert got.stdout == "written before replication\n"
     local = os.path.join(h.workdir, "w.txt")
     pathlib.Path(local).write_text("must not land\n")
     assert not h.ganesha.nfs_cp_to(client, local, f"{rpseudo}/refused.txt", host=rhost).ok
@@ -230,8 +233,10 @@ def test_a_readable_replica_follows_is_promoted_and_syncs_back(host, client, sys
     [old_export] = rprop(h, ap, "ExportLocations")
     ohost, opseudo = location(old_export)
     assert ohost == h.lab.server_ip4
-    got = h.ganesha.nfs_cat(client, f"{opseudo}/last.txt", host=ohost)
-    assert got.ok and got.stdout == "the last write on btrfs1\n"
+    # (each sync re-exports a readable replica: a read may meet that moment)
+    got = wait_for("a read from the old active's export", lambda: (lambda r: r if r.ok else None)(
+        h.ganesha.nfs_cat(client, f"{opseudo}/last.txt", host=ohost)), timeout=60)
+    assert got.stdout == "the last write on btrfs1\n"
 
     # Replicated snapshots, and a revert on the active that the replica follows.
     snap2 = h.share(path, "CreateSnapshot", "sa{sv}", "s2", 0)
@@ -272,8 +277,8 @@ def test_a_readable_replica_follows_is_promoted_and_syncs_back(host, client, sys
     assert on_pool(h, "pool2", sid) == [] and on_pool(h, "pool2", rid) == []
 
 
-def test_a_crash_during_the_first_sync_leaves_nothing_and_can_be_redone(host, client,
-                                                                         system_bus):
+def test_cancel_and_a_crash_during_the_first_sync_leave_nothing_and_it_can_be_redone(
+        host, client, system_bus):
     h = host
     path = h.create_share("rep-crash", "NFS", 1)
     sid = path.rsplit("/", 1)[1]
@@ -281,6 +286,20 @@ def test_a_crash_during_the_first_sync_leaves_nothing_and_can_be_redone(host, cl
     src = mount_of(h, "btrfs1", sid)
     fill(src, n=400)
     expected = tree_sums(src)
+    # Job.Cancel during the first sync: the replica and its data are gone.
+    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    try:
+        job = h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 0)
+        h.call(job, "org.sharedd.Sharedd1.Job", "Cancel", "a{sv}", 0)
+        wait_for("the cancel", lambda: completed(sig.messages, job), timeout=300)
+        ok, message = completed(sig.messages, job)[0]
+    finally:
+        sig.close()
+    if ok:
+        pytest.fail("the first sync finished before Cancel reached it; make the data bigger")
+    assert "cancelled" in message, message
+    assert replicas(h, path) == {} and on_pool(h, "pool2", sid) == []
+    # SIGKILL during the first sync, then a restart.
     h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 0)
     h.kill()
     h.start()
@@ -288,12 +307,7 @@ def test_a_crash_during_the_first_sync_leaves_nothing_and_can_be_redone(host, cl
     assert on_pool(h, "pool2", sid) == []
     assert h.share_prop(path, "Status") == "available"
     assert nfs_write(h, client, path, "after-crash.txt", b"still served\n").ok
-    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
-    try:
-        run_job(h, sig, h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 0))
-    finally:
-        sig.close()
-    rp = by_role(h, path, "replica")
+    rp = replicate(h, system_bus, path, "btrfs2")
     rid = rp.rsplit("/", 1)[1]
     assert rprop(h, rp, "ExportLocations") == []          # dr: not exported
     assert not os.path.exists(os.path.join(h.state_path, "backends", "btrfs2", "mounts", rid))
@@ -304,3 +318,43 @@ def test_a_crash_during_the_first_sync_leaves_nothing_and_can_be_redone(host, cl
     h.call(rp, REPLICA, "Delete", "a{sv}", 0)
     assert not os.path.exists(copy)
     h.share(path, "Delete", "a{sv}", 0)
+
+
+def test_a_forced_promote_when_the_active_copy_is_lost(host, client, system_bus):
+    h = host
+    path = h.create_share("rep-lost", "NFS", 1)
+    sid = path.rsplit("/", 1)[1]
+    h.share(path, "AllowAccess", "sssa{sv}", "ip", CLIENT_IP, "rw", 0)
+    src = mount_of(h, "btrfs1", sid)
+    fill(src, n=10)
+    rp = replicate(h, system_bus, path, "btrfs2")
+    synced = tree_sums(src)
+    # The active copy's data is lost, behind sharedd's back.
+    lost = os.path.join(h.workdir, "pool", "shares", sid)
+    os.rename(lost, lost + ".lost")
+    try:
+        err = h.error(rp, REPLICA, "Promote", "a{sv}", 0)
+        assert err.startswith("org.sharedd.Sharedd1.Error.BackendFailure"), err
+        assert h.share_prop(path, "Backend") == "btrfs1"
+        # Forced: from the last sync.
+        h.call(rp, REPLICA, "Promote", "a{sv}", 1, "force", "b", "true")
+        assert h.share_prop(path, "Backend") == "btrfs2"
+        assert tree_sums(mount_of(h, "btrfs2", sid)) == synced
+        assert nfs_write(h, client, path, "after.txt", b"on the promoted copy\n").ok
+        ap = by_role(h, path, "replica")
+        assert rprop(h, ap, "ReplicaState") == "error"
+        assert not os.path.exists(os.path.join(h.state_path, "backends", "btrfs1", "mounts",
+                                               sid)), "the old active no longer served"
+        # Resync makes the old copy again from the new active.
+        sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+        try:
+            run_job(h, sig, h.call(ap, REPLICA, "Resync", "a{sv}", 0))
+        finally:
+            sig.close()
+        assert rprop(h, ap, "ReplicaState") == "in_sync"
+        assert tree_sums(lost) == tree_sums(mount_of(h, "btrfs2", sid))
+        h.call(ap, REPLICA, "Delete", "a{sv}", 0)
+        h.share(path, "Delete", "a{sv}", 0)
+    finally:
+        subprocess.run(["btrfs", "subvolume", "delete", lost + ".lost"], capture_output=True,
+                       timeout=60)

@@ -12,10 +12,9 @@ import os
 import shutil
 
 from tests.support import components
-from tests.support.signals import SignalCollector
 from tests.test_e2e_mountd_nfs_guest import MANAGER, _logs, read_state, wait_state
 from tests.test_replication_btrfs import (REPLICA, SECOND_IP, by_role, host,  # noqa: F401
-                                          mount_of, run_job)
+                                          mount_of, replicate)
 from tests.fixtures.qemu_guest import start_guest
 
 GUEST_IP = "10.71.0.61"
@@ -73,12 +72,7 @@ def test_mountd_remounts_a_promoted_share_from_its_new_location(host, netlab, sy
     path = h.create_share("rep-guest", "NFS", 1)
     sid = path.rsplit("/", 1)[1]
     # A dr replica on btrfs2, complete before the guest mounts anything.
-    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
-    try:
-        run_job(h, sig, h.share(path, "CreateReplica", "sa{sv}", "btrfs2", 0))
-    finally:
-        sig.close()
-    rp = by_role(h, path, "replica")
+    rp = replicate(h, system_bus, path, "btrfs2")
     state = os.path.join(h.workdir, "guest-state")
     guest = start_guest(GUEST_SCRIPT, netns=netlab.server_ns, bridge="br0",
                         ip_cidr=f"{GUEST_IP}/24", hostname="replica-guest",

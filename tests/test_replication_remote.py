@@ -19,7 +19,6 @@ Proves:
 """
 
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -28,16 +27,14 @@ import uuid
 
 import pytest
 
-from tests.fixtures.btrfs_pool import teardown_tree
-from tests.fixtures.storage_host import CONFIG, StorageHost, remove_exports
+from tests.fixtures.storage_host import multi_backend_host
 from tests.support import components
 from tests.support.signals import SignalCollector
 from tests.support.tenants import wait_for
 from tests.test_migration_btrfs import fill, tree_sums
-from tests.test_replication_btrfs import REPLICA, by_role, mount_of, replicas, run_job
+from tests.test_replication_btrfs import REPLICA, mount_of, replicas, replicate, run_job
 
 ERR = "org.sharedd.Sharedd1.Error."
-NET = "10.79.0.{}"
 
 
 def sh(*argv, check=True):
@@ -51,7 +48,9 @@ class RemoteHost:
         self.tmp = tmp
         tag = uuid.uuid4().hex[:6]
         self.ns, self.veth = f"shd-rh-{tag}", f"shdrh{tag}"
-        self.here, self.ip = NET.format(1), NET.format(2)
+        # A /30 of its own (a second run on the machine takes another one).
+        net = f"10.79.{int(tag[:2], 16)}"
+        self.here, self.ip = f"{net}.1", f"{net}.2"
         self.pool = os.path.join(tmp, "remote-pool")
         self.image = os.path.join(tmp, "remote-pool.img")
         self.sshd = None
@@ -143,35 +142,18 @@ replication_domain = lab
 
 @pytest.fixture(scope="module")
 def remote(system_bus, netlab, ganesha):
-    tmp_root = tempfile.mkdtemp(prefix=f"sharedd-remote-{os.getpid()}-")
-    os.chmod(tmp_root, 0o755)
-    work = tempfile.mkdtemp(prefix="storage-", dir=tmp_root)
-    os.chmod(work, 0o755)
-    rh = RemoteHost(tmp_root)
-    h = None
+    tmp = tempfile.mkdtemp(prefix=f"sharedd-remote-host-{os.getpid()}-")
+    rh = RemoteHost(tmp)
     try:
         rh.start()
-        conf = os.path.join(work, "sharedd.conf")
-        text = CONFIG.format(work=work, ip=netlab.server_ip4, driver="btrfs", extra="")
-        text = text.replace("enabled_share_backends = btrfs1",
-                            "enabled_share_backends = btrfs1, remote, badkey")
-        pathlib.Path(conf).write_text(text + REMOTE.format(ip=rh.ip, pool=rh.pool,
-                                                           ssh=rh.ssh_dir))
-        h = StorageHost(system_bus, work, conf)
-        h.lab, h.ganesha = netlab, ganesha
-        h.state_path = os.path.join(work, "state")
-        h.start()
-        h.rh = rh
-        yield h
+        more = REMOTE.format(ip=rh.ip, pool=rh.pool, ssh=rh.ssh_dir)
+        with multi_backend_host(system_bus, netlab, ganesha, "remote",
+                                ("btrfs1", "remote", "badkey"), more) as h:
+            h.rh = rh
+            yield h
     finally:
-        try:
-            if h is not None:
-                h.stop()
-                remove_exports(h.state_path, "btrfs1")
-        finally:
-            rh.stop()
-            teardown_tree(work, [os.path.join(work, "pool.img")])
-            shutil.rmtree(tmp_root, ignore_errors=True)
+        rh.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_the_remote_host_key_is_checked(remote):
@@ -196,19 +178,18 @@ def test_a_replica_on_another_host_over_ssh(remote, system_bus):
     err = h.error(path, "org.sharedd.Sharedd1.Share", "CreateReplica", "sa{sv}", "remote", 1,
                   "style", "s", "readable")
     assert err.startswith(ERR + "NotSupported"), err
+    rp = replicate(h, system_bus, path, "remote")
+    rid = rp.rsplit("/", 1)[1]
+    assert h.get(rp, REPLICA, "Backend") == "remote"
+    assert tree_sums(rh.path(f"shares/{rid}")) == tree_sums(src)
+    assert tree_sums(rh.path(f"snapshots/{snap_id}")) == tree_sums(src)
+    assert not os.listdir(rh.pool), "the pool is not visible outside the remote host"
+    # An incremental sync carries a change.
+    with open(os.path.join(src, "changed.txt"), "w") as f:
+        f.write("changed after the first sync\n")
+    os.unlink(os.path.join(src, "local", "f003"))
     sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
     try:
-        run_job(h, sig, h.share(path, "CreateReplica", "sa{sv}", "remote", 0))
-        rp = by_role(h, path, "replica")
-        rid = rp.rsplit("/", 1)[1]
-        assert h.get(rp, REPLICA, "Backend") == "remote"
-        assert tree_sums(rh.path(f"shares/{rid}")) == tree_sums(src)
-        assert tree_sums(rh.path(f"snapshots/{snap_id}")) == tree_sums(src)
-        assert not os.listdir(rh.pool), "the pool is not visible outside the remote host"
-        # An incremental sync carries a change.
-        with open(os.path.join(src, "changed.txt"), "w") as f:
-            f.write("changed after the first sync\n")
-        os.unlink(os.path.join(src, "local", "f003"))
         run_job(h, sig, h.call(rp, REPLICA, "Resync", "a{sv}", 0))
     finally:
         sig.close()

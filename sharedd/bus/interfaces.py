@@ -713,8 +713,8 @@ class Replica(_Base):
     @method()
     @translate
     async def Promote(self, options: "a{sv}"):
-        unpack_options(options, {})
-        await self.engine.promote_replica(self.replica_id, {})
+        opts = unpack_options(options, {"force": ("b",)})
+        await self.engine.promote_replica(self.replica_id, opts)
 
     @method()
     @translate

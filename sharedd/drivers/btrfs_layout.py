@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..errors import BackendFailure, InvalidArgument
+from ..errors import InvalidArgument
 from ..models import Share, Snapshot
 from ..transfer import SubvolumeInfo
 
