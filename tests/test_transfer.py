@@ -571,6 +571,9 @@ def test_migration_send_receive(migrating):
     same_tree(mp, dpath)
     assert rec2.calls[-1][0] < 10 * MiB                  # only the difference travelled
     assert qgroup_limit(dst.driver, dpath) == GiB
+    # the snapshots stay until the clean-up after the switch
+    assert leftovers(src, share.id) != []
+    src.driver.migration_cleanup(share, dest, dst.driver, state)
     assert leftovers(src, share.id) == [] and leftovers(dst, share.id) == []
 
     # a replay (crash after it returned) changes nothing
@@ -615,25 +618,29 @@ def test_migration_complete_replays_after_crashes(migrating, monkeypatch):
     monkeypatch.setattr(transfer, "btrfs_send_receive", real)
     assert os.path.isdir(os.path.join(dst.pool.path, "migrate", share.id, f"{share.id}.2"))
 
-    # 2. the replay crashes in its clean-up, after the base went
+    # 2. the replay converges
+    src.driver.migration_complete(share, dest, dst.driver, state, Recorder(), threading.Event())
+    same_tree(mp, dpath)
+    assert qgroup_limit(dst.driver, dpath) == GiB
+
+    # 3. the clean-up after the switch crashes after the base went
     real_delete = BtrfsDriver._delete_subvolume
 
-    def delete_then_crash(self, path):
-        real_delete(self, path)
+    def delete_then_crash(self, path, commit=True):
+        real_delete(self, path, commit)
         if path.endswith(f"{share.id}.1"):
             raise Crash()
     monkeypatch.setattr(BtrfsDriver, "_delete_subvolume", delete_then_crash)
     with pytest.raises(Crash):
-        src.driver.migration_complete(share, dest, dst.driver, state, Recorder(),
-                                      threading.Event())
+        src.driver.migration_cleanup(share, dest, dst.driver, state)
     monkeypatch.setattr(BtrfsDriver, "_delete_subvolume", real_delete)
     assert leftovers(src, share.id) == [os.path.join(src.pool.path, "migrate", f"{share.id}.2")]
 
-    # 3. the next replay converges
+    # 4. its replay converges; a replay of the copy then changes nothing
+    src.driver.migration_cleanup(share, dest, dst.driver, state)
+    assert leftovers(src, share.id) == [] and leftovers(dst, share.id) == []
     src.driver.migration_complete(share, dest, dst.driver, state, Recorder(), threading.Event())
     same_tree(mp, dpath)
-    assert qgroup_limit(dst.driver, dpath) == GiB
-    assert leftovers(src, share.id) == [] and leftovers(dst, share.id) == []
 
 
 def test_migration_cancel_leaves_nothing(migrating):
@@ -743,21 +750,22 @@ def test_migration_complete_after_a_failed_one_takes_later_writes(migrating, mon
     write(os.path.join(mp, "written-in-between"), 4096, "between")
     os.unlink(os.path.join(mp, "data"))
 
-    # the clean-up after the copy is final does not fail the step
-    real_delete = BtrfsDriver._delete_subvolume
-
-    base = os.path.join(src.pool.path, "migrate", f"{share.id}.1")
-
-    def stubborn(self, path):
-        if path.endswith(f"/{share.id}.2") and not os.path.lexists(base):
-            raise BackendFailure("busy")
-        real_delete(self, path)
-    monkeypatch.setattr(BtrfsDriver, "_delete_subvolume", stubborn)
     src.driver.migration_complete(share, dest, dst.driver, state, Recorder(), threading.Event())
-    monkeypatch.setattr(BtrfsDriver, "_delete_subvolume", real_delete)
     same_tree(mp, dpath)
     assert os.path.exists(os.path.join(dpath, "written-in-between"))
     assert qgroup_limit(dst.driver, dpath) == GiB
+
+    # the clean-up (after the switch) does not fail on what it cannot delete
+    real_delete = BtrfsDriver._delete_subvolume
+    base = os.path.join(src.pool.path, "migrate", f"{share.id}.1")
+
+    def stubborn(self, path, commit=True):
+        if path.endswith(f"/{share.id}.2") and not os.path.lexists(base):
+            raise BackendFailure("busy")
+        real_delete(self, path, commit)
+    monkeypatch.setattr(BtrfsDriver, "_delete_subvolume", stubborn)
+    src.driver.migration_cleanup(share, dest, dst.driver, state)
+    monkeypatch.setattr(BtrfsDriver, "_delete_subvolume", real_delete)
     assert not os.path.lexists(base)
     for path in (os.path.join(src.pool.path, "migrate", f"{share.id}.2"),
                  os.path.join(dst.pool.path, "migrate", share.id, f"{share.id}.2")):
