@@ -153,9 +153,11 @@ class Backend:
             log.exception("backend %s: %s failed", self.name, method)
             raise BackendFailure(f"{method} failed on backend {self.name}: {exc}") from None
 
-    async def mount_hints(self, share: Share) -> Dict[str, Any]:
+    def mount_hints(self, share: Share) -> Dict[str, Any]:
+        """On the event loop: hints are computed from the share and the
+        configuration only (DriverBase.get_mount_hints)."""
         try:
-            return await asyncio.to_thread(self.driver.get_mount_hints, share) or {}
+            return self.driver.get_mount_hints(share) or {}
         except Exception as exc:
             log.warning("share %s: no mount hints: %s", share.id, exc)
             return {}

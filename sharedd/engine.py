@@ -105,6 +105,12 @@ class Engine:
                 if b.config.driver_handles_share_servers and b.driver.uses_export_helpers:
                     b.driver.service_instances = self.instances
         for b in self.backends.values():
+            # a power cut may have lost a commit whose seq a hook kept
+            kept = b.hooks.last_seq(self.store.epoch)
+            if self.store.raise_seq(kept):
+                log.warning("hook records of backend %s reach seq %d, past the state "
+                            "database's counter (a lost commit): going on after it", b.name, kept)
+        for b in self.backends.values():
             await b.setup()
         await self._recover_servers()
         await recovery.recover(self.store, self.runner, self.backends)

@@ -54,9 +54,10 @@ class Operation:
     # hooks say, waiting at most revocation_hook_timeout for them.
     unblockable: bool = False
     # The driver's effect is one that ensure_share puts back to the committed
-    # state (a quota, an export's client list): without pre hooks its intent
-    # need not reach the disk before the driver acts, the outcome's commit
-    # flushes both. With pre hooks it must: the record's number is in it.
+    # state (a quota, an export's client list): its intent need not reach the
+    # disk before the driver acts, the outcome's commit flushes both. With
+    # pre hooks the record's number is in it: it must, unless the first hook
+    # puts the record on disk (HookManager.keeps_seq).
     restorable: bool = False
     share: Optional[Share] = None                # what the records describe
     snapshot: Optional[Snapshot] = None
@@ -139,7 +140,10 @@ class Runner:
                 return None
             b = op.backend
             pre = b.hooks.enabled(C.PHASE_PRE)
-            with self.tx(durable=pre or not op.restorable) as tx:
+            # A restorable change needs no fsync before the driver acts; its
+            # pre record's seq does, unless a durable first hook keeps it.
+            durable = not op.restorable or (pre and not b.hooks.keeps_seq())
+            with self.tx(durable=durable) as tx:
                 op.intent(tx)
                 seq = tx.next_seq() if pre else None
             warnings: List[str] = []
@@ -256,7 +260,7 @@ class Runner:
             else:
                 home = self.backends.get(current.backend, b)
                 share = records.share_dict(current, self.store.rules(current.id),
-                                           await home.mount_hints(current))
+                                           home.mount_hints(current))
                 if home is not b:
                     addresses = list(home.driver.served_addresses())
         if op.snapshot is not None:

@@ -225,6 +225,15 @@ class Store:
     def last_seq(self) -> int:
         return int(self._meta("seq") or 0)
 
+    def raise_seq(self, seq: int) -> bool:
+        """Never hand out seq again: a durable hook holds it (a power cut
+        lost the commit that took it). True if the counter moved."""
+        with self.tx():
+            if seq <= self.last_seq():
+                return False
+            self._set_meta("seq", str(seq))
+            return True
+
     # --- shares --------------------------------------------------------------
     @staticmethod
     def _share(row: sqlite3.Row) -> Share:

@@ -325,6 +325,43 @@ def test_a_hung_pre_hook_delays_a_revocation_only_briefly(h, monkeypatch):
     assert h.applied(share) == set()
 
 
+@pytest.mark.parametrize("first", ["spool", "tests.testhooks:RecordingHook"])
+def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
+    """An Extend's intent is fsynced only when no durable first hook keeps its
+    pre record's seq. A power cut may then lose the commit that took a seq
+    while the fsynced spool file stays: start-up goes on after that seq."""
+    import sqlite3
+    hooks = ", ".join(dict.fromkeys([first, "spool", "tests.testhooks:RecordingHook"]))
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            f"hook_drivers = {hooks}"))
+    try:
+        store = harness.engine.store
+        share = harness.create("kept")
+        flags = []
+        real_tx = store.tx
+        monkeypatch.setattr(store, "tx", lambda durable=True: flags.append(durable) or real_tx(durable))
+        harness.run(harness.engine.extend_share(share.id, 2, {}))
+        assert flags[0] is (first != "spool")    # the intent
+        assert flags[1] is True                  # the outcome: always on disk
+        last = store.last_seq()
+        spool = os.path.join(harness.root, "spool", "storage1")
+        assert max(int(n[:20]) for n in os.listdir(spool)) == last
+        harness.stop()
+        # the power cut: the counter as it was two commits ago
+        db = sqlite3.connect(os.path.join(harness.root, "state", "sharedd.db"))
+        with db:
+            db.execute("UPDATE meta SET value=? WHERE key='seq'", (str(last - 2),))
+        db.close()
+        before = set(os.listdir(spool))
+        harness.start()                          # ensure writes records too
+        harness.run(harness.engine.extend_share(share.id, 3, {}))
+        new = sorted(int(n[:20]) for n in set(os.listdir(spool)) - before)
+        assert new == list(range(last + 1, harness.engine.store.last_seq() + 1))
+        assert harness.engine.share(share.id).size_gib == 3
+    finally:
+        harness.close()
+
+
 # --- deny: an intent that is never lost -------------------------------------------
 def test_failed_deny_is_queued_retried_and_never_regranted(h):
     share = h.create("d")

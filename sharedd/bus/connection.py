@@ -59,12 +59,32 @@ class _Writer(_MessageWriter):
             data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
         self.messages.put_nowait((data, copy.copy(msg.unix_fds), future))
 
+    def schedule_write(self, msg: Optional[Message] = None, future: Any = None) -> None:
+        if msg is not None:
+            self.buffer_message(msg, future)
+        if not self.bus.unique_name:
+            return   # before Hello's reply: sent once the bus is ready
+        # What the socket takes now goes at once (the library waits for a
+        # loop round and two epoll_ctl calls per message); the writer is
+        # registered only for what is left.
+        if self.buf is None and self.messages.qsize() == 1:
+            self._write(register=False)
+        if self.buf is not None or self.messages.qsize():
+            self.loop.add_writer(self.fd, self.write_callback)
+
     def write_callback(self) -> None:
+        self._write(register=True)
+
+    def _write(self, register: bool) -> None:
+        """Send queued messages until done or the socket is full. From
+        schedule_write (register False) an error is left for the writer's
+        callback to meet again and end the connection from the loop."""
         try:
             while True:
                 if self.buf is None:
                     if self.messages.qsize() == 0:
-                        self.loop.remove_writer(self.fd)
+                        if register:
+                            self.loop.remove_writer(self.fd)
                         return
                     buf, unix_fds, fut = self.messages.get_nowait()
                     self.unix_fds = unix_fds
@@ -85,8 +105,10 @@ class _Writer(_MessageWriter):
                 else:
                     return   # partly written: the loop calls again when writable
         except (BlockingIOError, InterruptedError):
-            return           # the buffer is full: still registered, called when writable
+            return           # the buffer is full: (still) registered, called when writable
         except Exception as exc:
+            if not register:
+                return
             if self.fut is not None and not self.fut.done():
                 self.fut.set_exception(exc)
             self.bus._finalize(exc)

@@ -357,6 +357,8 @@ class ShareDriver(abc.ABC):
         """What a client needs to mount the share (no secrets).
 
         Keys: fstype, export, options (list of str), and driver extras.
+        Called on the event loop for every hook record: computed from the
+        share and the configuration only, never by I/O or a command.
         """
         return {}
 

@@ -35,6 +35,10 @@ class Hook:
     #: False for a hook that never blocks (it only hands the record on): it is
     #: called on the event loop instead of in a worker thread
     blocking = True
+    #: True for a hook that has its record on disk when it returns: the
+    #: record's seq then survives a power cut without the store's fsync
+    #: (see last_seq and HookManager.keeps_seq)
+    durable = False
 
     def __init__(self, backend_name: str, backend_config, context: HookContext):
         self.backend_name = backend_name
@@ -50,6 +54,10 @@ class Hook:
         """Runs after the driver call with its results in record. May return a
         dict of result updates (currently: export_locations)."""
         return None
+
+    def last_seq(self, epoch: str) -> int:
+        """The highest seq of epoch this hook holds on disk (0: none)."""
+        return 0
 
     def execute_periodic_hook(self, record: Dict[str, Any]) -> None:
         """Runs every periodic_hooks_interval with the full state."""

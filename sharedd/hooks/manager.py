@@ -49,6 +49,24 @@ class HookManager:
                      "post": self.config.enable_post_hooks,
                      "periodic": self.config.enable_periodic_hooks}[phase])
 
+    def keeps_seq(self) -> bool:
+        """Whether a pre record's seq is on disk before anything else sees it
+        (the first hook is durable and its failure refuses the call): then an
+        intent need not be fsynced for its seq's sake, as start-up raises the
+        store's counter past last_seq()."""
+        return bool(self.hooks) and self.hooks[0].durable and \
+            not self.config.suppress_pre_hooks_errors
+
+    def last_seq(self, epoch: str) -> int:
+        """The highest seq of epoch the hooks hold on disk."""
+        seqs = [0]
+        for hook in self.hooks:
+            try:
+                seqs.append(int(hook.last_seq(epoch)))
+            except Exception as exc:   # hooks are third-party code
+                log.warning("hook %s: last_seq failed: %s", self._name(hook), _describe(exc))
+        return max(seqs)
+
     def finish(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as hooks get it: with the served addresses (unless the
         record names those of the backend its share lives on), signed."""

@@ -203,6 +203,13 @@ class _HostSpool:
             self._epoch_known = True
         return self.epoch
 
+    def last_seq(self, epoch: str) -> int:
+        """The newest seq here if the spool is of this epoch (else 0)."""
+        with self.lock:
+            if not self.seqs or self._current_epoch() != epoch:
+                return 0
+            return self.seqs[-1]
+
     # --- writing ------------------------------------------------------------
     def write(self, record: Dict[str, Any], data: bytes, retention_seconds: int,
               retention_count: int) -> str:
@@ -348,6 +355,8 @@ def _host_spool(directory: str) -> _HostSpool:
 class SpoolHook(Hook):
     """Writes pre, post and periodic records as spool files."""
 
+    durable = True   # fsynced file and directory before the call returns
+
     def __init__(self, backend_name: str, backend_config, context: HookContext):
         super().__init__(backend_name, backend_config, context)
         if not isinstance(context.host_id, str) or \
@@ -379,6 +388,9 @@ class SpoolHook(Hook):
                                   f" bytes, more than {rec.MAX_RECORD_BYTES}")
         return self._spool.write(record, data, int(self.context.retention_seconds or 0),
                                  int(self.context.retention_count or 0))
+
+    def last_seq(self, epoch: str) -> int:
+        return self._spool.last_seq(epoch)
 
     def execute_pre_hook(self, record: Dict[str, Any]) -> Any:
         self.write(record)
