@@ -8,10 +8,10 @@ It reuses the environment code of the test suite (tests/fixtures), which the
 tests prove.
 """
 
-import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,11 +93,13 @@ def main():
             def probe(name, ns):
                 ls = ganesha.nfs_ls(ns, pseudo)
                 if not ls.ok:
-                    return f"{name}: no access ({ls.output.strip().splitlines()[-1][:80] if ls.output.strip() else 'denied'})"
+                    why = ls.output.strip().splitlines()[-1][:300] if ls.output.strip() else "denied"
+                    return f"{name}: no access ({why})"
                 f = os.path.join(tmp, f"{name}.txt")
                 open(f, "w").write(f"written by {name}\n")
                 w = ganesha.nfs_cp_to(ns, f, f"{pseudo}/{name}.txt")
-                return f"{name}: can list; write {'OK' if w.ok else 'refused: ' + ('read-only file system' if w.rofs else w.output.strip()[:60])}"
+                why = "read-only file system" if w.rofs else w.output.strip()[:300]
+                return f"{name}: can list; write {'OK' if w.ok else 'refused: ' + why}"
 
             def probe_all():
                 for name, ns in (("alice", alice), ("bob", bob), ("eve", eve)):
@@ -116,12 +118,17 @@ def main():
             say("snapshot, change, revert")
             snap = share_path(call(p, S, "CreateSnapshot", "sa{sv}", "before", "0"))
             mp = os.path.join(host.state_path, "backends", "btrfs1", "mounts", p.rsplit("/", 1)[1])
-            with open(os.path.join(mp, "alice.txt"), "w") as f:
+            alice_txt = os.path.join(mp, "alice.txt")
+            print("  alice.txt in the snapshot: " + open(alice_txt).read().strip())
+            with open(alice_txt, "w") as f:
                 f.write("changed on the server\n")
+            print("  alice.txt changed on the server: " + open(alice_txt).read().strip())
             call(p, S, "RevertToSnapshot", "oa{sv}", snap, "0")
-            print("  alice.txt after revert: " + open(os.path.join(mp, "alice.txt")).read().strip())
+            print("  alice.txt after revert: " + open(alice_txt).read().strip())
             say("extend to 2 GiB")
             call(p, S, "Extend", "ta{sv}", "2", "0")
+            run(["busctl", "--system", "get-property", "org.sharedd.Sharedd1", p, S, "SizeGiB"],
+                env=env)
             say("revoke alice")
             call(p, S, "DenyAccess", "sa{sv}", rid, "0")
             probe_all()
@@ -130,9 +137,10 @@ def main():
             names = sorted(n for n in os.listdir(spool) if not n.startswith("."))
             for n in names[-8:]:
                 print(f"  {n}")
-            last = json.load(open(os.path.join(spool, [n for n in names if "allow_access" in n][-1])))
-            print(textwrap.indent(json.dumps({k: last[k] for k in ("seq", "phase", "method", "is_allow_operation")}
-                                             | {"share.mount_hints": last["share"]["mount_hints"]}), "  "))
+            last = [n for n in names if "post-allow_access" in n][-1]
+            print(f"  $ cat {last}   (the post record of bob's grant, as written)")
+            with open(os.path.join(spool, last)) as f:
+                print(textwrap.indent(f.read().strip(), "  "))
             mountd_step(host, lab, bob, spool, tmp)
             say("delete")
             call(snap, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", "0")
@@ -164,19 +172,33 @@ def mountd_step(host, lab, client_ns, spool, tmp):
                 f"trusted_keys = {key.inline()}\n")
     print(textwrap.indent(open(conf).read().strip(), "  "))
     if not have_nfs:
-        print("  NOTE: this kernel has no NFS client (no nfs/nfs4 in /proc/filesystems), so the\n"
+        print("  NOTE: this machine's kernel has no NFS client (no nfs/nfs4 in /proc/filesystems), so the\n"
               "  final mount(8) call fails here; every step before it is real. The test suite\n"
               "  proves the real mount inside a Debian guest under qemu.")
     proc = subprocess.Popen(["ip", "netns", "exec", client_ns, "/usr/bin/python3", "-m", "mountd",
                              "--config", conf, "--no-bus"], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    print(f"  $ ip netns exec <bob> sharedd-mountd --config {conf} --no-bus   (pid {proc.pid}, 6 s)")
+    print(f"  $ ip netns exec <bob> /usr/bin/python3 -m mountd --config {conf} --no-bus"
+          f"   (from the checkout; installed, the command is sharedd-mountd; pid {proc.pid},"
+          " stopped after 6 s)")
     time.sleep(6)
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     print(textwrap.indent(out.strip()[-4000:], "  | "))
 
 
+def _interrupted(signum, frame):
+    # A second Ctrl-C must not cut the clean-up short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything the demo had started is stopped and removed",
+              file=sys.stderr)
+        sys.exit(130)
