@@ -9,6 +9,7 @@ import os
 import sys
 from typing import List, Optional
 
+from sharedd import __version__
 from sharedd.errors import ConfigError
 
 from . import config as configlib
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
                    help="validate the configuration and exit (0: valid)")
     p.add_argument("--no-bus", action="store_true",
                    help="run without D-Bus (no Mountd1 object, no Fired signals)")
+    p.add_argument("--version", action="version", version=f"sharedd-mountd {__version__}")
     return p
 
 
@@ -61,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = configlib.load(path, optional=optional)
     except ConfigError as exc:
         print(f"sharedd-mountd: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     if args.check_config:
         used = ", ".join(f for f in cfg.files if os.path.exists(f)) or "built-in defaults"
         print(f"sharedd-mountd: configuration OK ({used})")
@@ -74,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return asyncio.run(daemon.run())
     except ConfigError as exc:
         logging.getLogger("mountd").error("configuration error: %s", exc)
-        return 2
+        return 1
     except Exception as exc:
         logging.getLogger("mountd").exception("fatal: %s", exc)
         return 1

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
         for name, b in cfg.backends.items():
             print(f"  backend {name}: driver {b.share_driver}, protocols "
                   f"{', '.join(b.enabled_share_protocols)}, hooks {', '.join(b.hook_drivers) or 'none'}")
+        for name in cfg.unlisted:
+            print(f"  section [{name}]: valid, not served (not in enabled_share_backends)")
         for text in config_mod.warnings(cfg):
             print(f"warning: {text}")
         return 0

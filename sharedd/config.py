@@ -18,7 +18,7 @@ import netaddr
 from . import constants as C
 from . import validation
 from .errors import ConfigError, InvalidArgument
-from .options import Opt, config_files, parse_options, read_ini
+from .options import Opt, config_files, parse_options, read_ini, unknown
 from .record import HOST_ID
 from .signing import default_key_path
 
@@ -128,6 +128,8 @@ class Config:
     files: List[str]
     values: Dict[str, Any]
     backends: Dict[str, BackendConfig]   # in enabled_share_backends order
+    # sections not in enabled_share_backends: checked as strictly, not served
+    unlisted: List[str] = dataclasses.field(default_factory=list)
 
     def __getattr__(self, item: str) -> Any:
         try:
@@ -197,40 +199,52 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
         raise ConfigError(f"{where('DEFAULT', 'enabled_share_backends')}: [DEFAULT] "
                           "enabled_share_backends: lists a backend twice")
 
-    backends: Dict[str, BackendConfig] = {}
     for name in enabled:
         if name not in merged:
             raise ConfigError(f"{where('DEFAULT', 'enabled_share_backends')}: [DEFAULT] "
                               f"enabled_share_backends: no section [{name}]")
-        if not SECTION_RE.fullmatch(name):
-            raise ConfigError(f"{where(name, 'share_driver')}: [{name}]: a backend section name "
-                              "may only use letters, digits and '_'")
-        section = dict(default)
-        section.update(merged[name])
-        # Where an option came from: the backend section, else [DEFAULT] if set
-        # there, else (not set anywhere) the backend section of the main file.
-        def src(key, n=name):
-            return where("DEFAULT", key) if key not in merged[n] and key in default else where(n, key)
-
-        def sec_of(key, n=name):
-            return "DEFAULT" if key not in merged[n] and key in default else n
-        if "share_driver" not in section:
-            raise ConfigError(f"{where(name, '')}: [{name}] share_driver: required option is missing")
-        opts = BACKEND_OPTIONS + _extra_options(section, name, src)
-        bvalues = parse_options(opts, section, lambda key: f"{src(key)}: [{sec_of(key)}] {key}",
-                                check_unknown=merged[name])
-        bvalues["share_backend_name"] = bvalues["share_backend_name"] or name
-        backends[name] = BackendConfig(name, bvalues)
-        _check_backend(backends[name], src, sec_of)
+    backends = {name: _backend(name, merged, default, where) for name in enabled}
+    # A section not listed is checked all the same (a typo there must not
+    # wait for the day it is enabled), and reported by --check-config.
+    unlisted = [name for name in merged if name != "DEFAULT" and name not in backends]
+    checked = {name: _backend(name, merged, default, where) for name in unlisted}
 
     # Unknown options in [DEFAULT]: neither global nor any backend's option.
     backend_known = set()
-    for b in backends.values():
+    for b in list(backends.values()) + list(checked.values()):
         backend_known |= set(b.values)
     for key in default:
         if key not in global_names and key not in backend_known:
-            raise ConfigError(f"{where('DEFAULT', key)}: [DEFAULT] {key}: unknown option")
-    return Config(files=files, values=values, backends=backends)
+            raise ConfigError(f"{where('DEFAULT', key)}: [DEFAULT] {key}: "
+                              f"{unknown(key, global_names | backend_known)}")
+    return Config(files=files, values=values, backends=backends, unlisted=unlisted)
+
+
+def _backend(name: str, merged: Dict[str, Dict[str, str]], default: Dict[str, str],
+             where: Any) -> BackendConfig:
+    """One backend section parsed and checked, [DEFAULT] applied."""
+    if not SECTION_RE.fullmatch(name):
+        raise ConfigError(f"{where(name, 'share_driver')}: [{name}]: a backend section name "
+                          "may only use letters, digits and '_'")
+    section = dict(default)
+    section.update(merged[name])
+    # Where an option came from: the backend section, else [DEFAULT] if set
+    # there, else (not set anywhere) the backend section of the main file.
+    def src(key: str) -> str:
+        return where("DEFAULT", key) if key not in merged[name] and key in default \
+            else where(name, key)
+
+    def sec_of(key: str) -> str:
+        return "DEFAULT" if key not in merged[name] and key in default else name
+    if "share_driver" not in section:
+        raise ConfigError(f"{where(name, '')}: [{name}] share_driver: required option is missing")
+    opts = BACKEND_OPTIONS + _extra_options(section, name, src)
+    bvalues = parse_options(opts, section, lambda key: f"{src(key)}: [{sec_of(key)}] {key}",
+                            check_unknown=merged[name])
+    bvalues["share_backend_name"] = bvalues["share_backend_name"] or name
+    backend = BackendConfig(name, bvalues)
+    _check_backend(backend, src, sec_of)
+    return backend
 
 
 def _check_backend(b: BackendConfig, src, sec_of) -> None:
@@ -256,10 +270,16 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
         raise ConfigError(f"{src('cifs_helper')}: [{sec_of('cifs_helper')}] cifs_helper: {b.cifs_helper!r} "
                           f"is not one of {', '.join(helpers.CIFS_HELPERS) or '(none available)'}")
     from .hooks import HOOK_DRIVERS
+    from .hooks.manager import hook_class
     for hook in b.hook_drivers:
+        where = f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers"
         if hook not in HOOK_DRIVERS and not re.fullmatch(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", hook):
-            raise ConfigError(f"{src('hook_drivers')}: [{sec_of('hook_drivers')}] hook_drivers: {hook!r} "
-                              f"is neither a built-in ({', '.join(HOOK_DRIVERS)}) nor module:Class")
+            raise ConfigError(f"{where}: {hook!r} is neither a built-in "
+                              f"({', '.join(HOOK_DRIVERS)}) nor module:Class")
+        try:
+            hook_class(hook)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if b.driver_handles_share_servers:
         where = f"{src('driver_handles_share_servers')}: " \
                 f"[{sec_of('driver_handles_share_servers')}] driver_handles_share_servers"

@@ -8,8 +8,10 @@ an OPTIONS attribute; the config loader collects them.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import dataclasses
+import difflib
 import glob
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -51,10 +53,11 @@ def parse_value(opt: Opt, raw: str) -> Any:
             value = int(raw) if opt.type == "int" else float(raw)
         except ValueError:
             raise ValueError(f"{raw!r} is not a{'n integer' if opt.type == 'int' else ' number'}") from None
+        # the value as written (not -3.0 for -3)
         if opt.min is not None and value < opt.min:
-            raise ValueError(f"{value} is below the minimum {opt.min:g}")
+            raise ValueError(f"{raw} is below the minimum {opt.min:g}")
         if opt.max is not None and value > opt.max:
-            raise ValueError(f"{value} is above the maximum {opt.max:g}")
+            raise ValueError(f"{raw} is above the maximum {opt.max:g}")
         return value
     if opt.type == "list":
         items = [i.strip() for i in raw.replace("\n", ",").split(",") if i.strip()]
@@ -107,13 +110,38 @@ def read_ini(files: List[str], optional_main: bool = False
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
         except configparser.Error as exc:
-            raise ConfigError(f"{path}: {exc}".replace("\n", " ")) from None
+            raise ConfigError(f"{path}: {ini_error(exc)}") from None
         for section in parser.sections():
             merged.setdefault(section, {})      # an empty section still exists
             for key, value in parser.items(section, raw=True):
                 merged[section][key] = value
                 origin[(section, key)] = path
     return merged, origin
+
+
+def ini_error(exc: configparser.Error) -> str:
+    """configparser's complaint in one line, with the line number first."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return (f"line {exc.lineno}: {exc.line.strip()!r} comes before any [section] "
+                "header")
+    if isinstance(exc, configparser.ParsingError):
+        lineno, line = exc.errors[0]
+        try:
+            line = str(ast.literal_eval(line))   # configparser keeps its repr
+        except (ValueError, SyntaxError):
+            pass
+        return f"line {lineno}: {line.strip()!r} is neither 'option = value' nor a [section]"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"line {exc.lineno}: section [{exc.section}] appears twice"
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"line {exc.lineno}: [{exc.section}] {exc.option} is set twice"
+    return " ".join(str(exc).split())
+
+
+def unknown(key: str, known: Iterable[str]) -> str:
+    """'unknown option', with the likeliest meant one."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    return "unknown option" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 def parse_options(opts: Sequence[Opt], raw: Dict[str, str], where: Callable[[str], str],
@@ -126,7 +154,7 @@ def parse_options(opts: Sequence[Opt], raw: Dict[str, str], where: Callable[[str
     known = {o.name for o in opts}
     for key in (raw if check_unknown is None else check_unknown):
         if key not in known:
-            raise ConfigError(f"{where(key)}: unknown option")
+            raise ConfigError(f"{where(key)}: {unknown(key, known)}")
     values: Dict[str, Any] = {}
     for opt in opts:
         if opt.name in raw:

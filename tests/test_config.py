@@ -37,6 +37,22 @@ def test_valid_config_and_summary(tmp_path):
     assert "backend b1: driver btrfs, protocols NFS" in proc.stdout
 
 
+def test_an_unlisted_valid_section_is_named_as_not_served(tmp_path):
+    proc = check(tmp_path, BASE + "\n[spare]\nshare_driver = btrfs\nbtrfs_pool_path = /p\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "section [spare]: valid, not served (not in enabled_share_backends)" in proc.stdout
+
+
+def test_the_shipped_configuration_is_valid(tmp_path):
+    text = open(os.path.join(REPO, "etc", "sharedd.conf")).read()
+    conf = tmp_path / "sharedd.conf"
+    conf.write_text(text)
+    proc = subprocess.run([PY, "-m", "sharedd", "--config", str(conf), "--check-config"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend btrfs: driver btrfs" in proc.stdout
+
+
 @pytest.mark.parametrize("change, message", [
     (("share_export_ip = 192.0.2.1", "share_export_ip = 192.0.2.300"),
      "[b1] share_export_ip: '192.0.2.300' is not an IPv4 or IPv6 address"),
@@ -49,6 +65,28 @@ def test_valid_config_and_summary(tmp_path):
     (("[b1]\n", "[b1]\nreserved_share_percentage = 120\n"), "above the maximum 100"),
     (("[b1]\n", "[b1]\nenabled_share_protocols = NFS, GLUSTERFS\n"), "driver btrfs cannot serve GLUSTERFS"),
     (("[DEFAULT]\n", "[DEFAULT]\nfrobnicate = 1\n"), "[DEFAULT] frobnicate: unknown option"),
+    # the option probably meant; integers as written
+    (("[DEFAULT]\n", "[DEFAULT]\ncommand_timout = 5\n"),
+     "[DEFAULT] command_timout: unknown option (did you mean command_timeout?)"),
+    (("[b1]\n", "[b1]\nreserved_share_percentge = 5\n"),
+     "[b1] reserved_share_percentge: unknown option (did you mean reserved_share_percentage?)"),
+    (("[b1]\n", "[b1]\nreserved_share_percentage = -3\n"),
+     "[b1] reserved_share_percentage: -3 is below the minimum 0"),
+    # a hook is loaded at --check-config, not first at start
+    (("[b1]\n", "[b1]\nhook_drivers = spool, nosuch.module:Hook\n"),
+     "[b1] hook_drivers: cannot load 'nosuch.module:Hook': No module named 'nosuch'"),
+    (("[b1]\n", "[b1]\nhook_drivers = sharedd.config:Config\n"),
+     "[b1] hook_drivers: 'sharedd.config:Config' is not a sharedd Hook class"),
+    # a section enabled_share_backends does not list is checked all the same
+    (("[b1]\n", "[spare]\nshare_driver = bogus\n\n[b1]\n"),
+     "[spare] share_driver: 'bogus' is neither one of"),
+    (("[b1]\n", "[spare]\nshare_driver = btrfs\nbtrfs_pool_path = /p\ncolor = 1\n\n[b1]\n"),
+     "[spare] color: unknown option"),
+    # INI syntax, in one line with its line number
+    (("[b1]\n", "[b1]\nnot an option line\n"),
+     "line 7: 'not an option line' is neither 'option = value' nor a [section]"),
+    (("[DEFAULT]\n", "stray = 1\n[DEFAULT]\n"), "line 1: 'stray = 1' comes before any [section] header"),
+    (("[b1]\n", "[b1]\nshare_driver = volume\n"), "line 8: [b1] share_driver is set twice"),
 ])
 def test_bad_config_names_file_section_option(tmp_path, change, message):
     old, new = change

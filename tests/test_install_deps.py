@@ -95,12 +95,12 @@ def test_demo_install_says_what_and_leaves_no_unit_enabled(local_repo, tmp_path)
     out = install_deps("--demo", env=env)
     components.used("apt-get and dpkg (tools/install-deps, a local repository)")
     assert out.returncode == 0, out.stderr
-    assert f"installing 1 Debian package(s) for the demo" in out.stdout
+    assert "installing 1 Debian package(s) for the demo" in out.stdout
     assert name in out.stdout.split("\n")[0]
     assert subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", name],
                           capture_output=True, text=True).stdout == "installed"
     # the postinst enabled it; install-deps disabled it again and said so
-    assert f"disabled what those packages enabled" in out.stdout and unit in out.stdout
+    assert "disabled what those packages enabled" in out.stdout and unit in out.stdout
     assert not (UNIT_DIR / unit).exists()
     state = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True, text=True)
     assert state.stdout.strip() == "disabled", state

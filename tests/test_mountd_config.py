@@ -100,9 +100,13 @@ def test_check_config_cli(tmp_path):
     assert proc.returncode == 0 and "configuration OK" in proc.stdout
     bad = write(tmp_path / "bad.conf", "[mountd]\nprotocols = CIFS\n")
     proc = _cli("--check-config", "--config", bad)
-    assert proc.returncode == 2
+    assert proc.returncode == 1      # as sharedd's; 2 is a usage error
     assert f"{bad}: [mountd] protocols: CIFS is not supported" in proc.stderr
     proc = _cli("--check-config", "--config", str(tmp_path / "missing.conf"))
-    assert proc.returncode == 2 and "file not found" in proc.stderr
+    assert proc.returncode == 1 and "file not found" in proc.stderr
+    proc = _cli("--no-such-option")
+    assert proc.returncode == 2 and "usage:" in proc.stderr
     proc = _cli("--help")
     assert proc.returncode == 0 and "--check-config" in proc.stdout and "--no-bus" in proc.stdout
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("sharedd-mountd ")

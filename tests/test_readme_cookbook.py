@@ -63,7 +63,6 @@ def readme_commands() -> Iterator[Tuple[int, List[str]]]:
         if m:
             variables[m.group(1)] = m.group(2).strip('"')
             continue
-        m = re.search(r"`([A-Z])=(/org/sharedd/\S+)`", stripped)
         if not (stripped.startswith("$B ") or stripped.startswith("busctl ")):
             continue
         for key, value in PLACEHOLDERS.items():
@@ -76,11 +75,10 @@ def readme_commands() -> Iterator[Tuple[int, List[str]]]:
             else:
                 expanded.append(word)
         yield number, expanded
-    # the share and snapshot paths the README writes as (`P=...`), (`N=...`)
-    del variables
 
 
 def path_variables() -> Dict[str, str]:
+    """The object paths the README names in text: (`P=/org/...`)."""
     text = (REPO / "README.md").read_text()
     return {k: v.replace("<id>", PLACEHOLDERS["<id>"])
             for k, v in re.findall(r"`([A-Z])=(/org/sharedd/[^`]+)`", text)}

@@ -23,6 +23,17 @@ class HookFailed(BackendFailure):
     """A pre hook refused the operation, or a post hook failed."""
 
 
+def hook_class(spec: str) -> type:
+    """The Hook subclass a hook_drivers entry names (ConfigError if none)."""
+    try:
+        cls = load_class(HOOK_DRIVERS.get(spec, spec))
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot load {spec!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Hook)):
+        raise ConfigError(f"{spec!r} is not a sharedd Hook class")
+    return cls
+
+
 class HookManager:
     def __init__(self, backend_name: str, bconfig, context: HookContext,
                  addresses: Callable[[], Sequence[str]] = lambda: ()):
@@ -35,11 +46,9 @@ class HookManager:
         self.hooks: List[Hook] = []
         for spec in bconfig.hook_drivers:
             try:
-                cls = load_class(HOOK_DRIVERS.get(spec, spec))
-            except (ImportError, AttributeError, ValueError) as exc:
-                raise ConfigError(f"[{backend_name}] hook_drivers: cannot load {spec!r}: {exc}") from None
-            if not (isinstance(cls, type) and issubclass(cls, Hook)):
-                raise ConfigError(f"[{backend_name}] hook_drivers: {spec!r} is not a sharedd Hook class")
+                cls = hook_class(spec)
+            except ConfigError as exc:
+                raise ConfigError(f"[{backend_name}] hook_drivers: {exc}") from None
             self.hooks.append(cls(backend_name, bconfig, context))
 
     def enabled(self, phase: str) -> bool:
