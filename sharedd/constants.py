@@ -103,6 +103,7 @@ HOOK_METHODS = (
     "create_snapshot", "delete_snapshot", "revert_to_snapshot",
     "allow_access", "deny_access", "extend_share", "shrink_share",
     "manage_share", "unmanage_share", "ensure_share",
+    "manage_existing_snapshot", "unmanage_snapshot",
     "migration_start", "migration_complete", "migration_cancel",
     "create_share_replica", "delete_share_replica", "promote_share_replica",
     "update_share_replica", "create_replicated_snapshot", "delete_replicated_snapshot",

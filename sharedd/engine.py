@@ -37,6 +37,7 @@ from .replication import Replications
 from .states import Observer
 from .service_instance import ServiceInstances
 from .share_servers import ShareServers
+from .snapshots import Snapshots
 from .spool_export import SpoolExport
 from .store import Store, new_id
 from .util import lock_state_dir, now_us, private_dir
@@ -59,6 +60,7 @@ class Engine:
         self.servers: ShareServers
         self.migrations: Migrations
         self.replications: Replications
+        self.snapshot_ops: Snapshots
         self.jobs = Jobs(self.observer)
         self.instances: Optional[ServiceInstances] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -86,6 +88,8 @@ class Engine:
                                     netns.check_bridge, netns.check_parent)
         self.migrations = Migrations(self.store, self.runner, self.backends, self.jobs,
                                      self._spawn, self._check_capacity)
+        self.snapshot_ops = Snapshots(self.store, self.runner, self.backends, self.replications,
+                                      self._spawn, self._share_in)
         self._loop = asyncio.get_running_loop()
         self._started = True
         self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
@@ -647,89 +651,21 @@ class Engine:
 
     # ------------------------------------------------------------- snapshots
     async def create_snapshot(self, share_id: str, name: str, options: Dict[str, Any]) -> Snapshot:
-        validation.options(options, {})
-        name = validation.name(name, "snapshot")
-
-        snap = Snapshot(id=new_id(), name=name, share_id=share_id, size_gib=0,
-                        status=C.STATUS_CREATING, created_at=now_us())
-
-        async def plan() -> Operation:
-            share = self._share_in(share_id, (C.STATUS_AVAILABLE,), "snapshotted")
-            b = self._backend(share.backend).usable()
-            b.require("snapshot_support", "take snapshots")
-            if any(s.name == name for s in self.store.snapshots(share.id)):
-                raise AlreadyExists(f"share {share.name} already has a snapshot named {name!r}")
-            snap.size_gib = share.size_gib
-            method = "create_replicated_snapshot" if self.replications.is_replicated(share.id) \
-                else "create_snapshot"
-            return Operation(method, b, share=share, snapshot=snap,
-                             intent=lambda tx: tx.add_snapshot(snap),
-                             call=lambda: b.call("create_snapshot", snap, share),
-                             done=lambda tx, loc: tx.snapshot(snap, C.STATUS_AVAILABLE,
-                                                              provider_location=loc or ""),
-                             compensate=lambda: b.call("delete_snapshot", snap, share),
-                             failed=lambda tx, undone: tx.remove_snapshot(snap) if undone
-                             else tx.snapshot(snap, C.STATUS_ERROR),
-                             undo=lambda tx: tx.remove_snapshot(snap))
-        await self.runner.run(self.replications.keys(share_id), plan)
-        # Every replica holds it when this returns (one that cannot catches up).
-        await self.replications.sync_share(share_id)
-        return self.snapshot(snap.id)
+        return await self.snapshot_ops.create(share_id, name, options)
 
     async def delete_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
-        validation.options(options, {})
-        share_id = self.snapshot(snapshot_id).share_id
-
-        async def plan() -> Operation:
-            snap = self.snapshot(snapshot_id)
-            share = self.share(share_id)
-            b = self._backend(share.backend).usable()
-            if snap.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
-                raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be deleted "
-                                   "when available or in error")
-            previous = snap.status
-            replicated = self.replications.is_replicated(share.id)
-
-            async def call() -> None:
-                await b.call("delete_snapshot", snap, share)
-                if replicated:
-                    await self.replications.delete_snapshot(share, snap)
-            return Operation("delete_replicated_snapshot" if replicated else "delete_snapshot",
-                             b, share=share, snapshot=snap,
-                             intent=lambda tx: tx.snapshot(snap, C.STATUS_DELETING),
-                             call=call,
-                             done=lambda tx, _: tx.remove_snapshot(snap),
-                             failed=lambda tx, _: tx.snapshot(snap, C.STATUS_ERROR),
-                             undo=lambda tx: tx.snapshot(snap, previous))
-        await self.runner.run(self.replications.keys(share_id), plan)
+        await self.snapshot_ops.delete(snapshot_id, options)
 
     async def revert_to_snapshot(self, share_id: str, snapshot_id: str,
                                  options: Dict[str, Any]) -> None:
-        validation.options(options, {})
+        await self.snapshot_ops.revert(share_id, snapshot_id, options)
 
-        async def plan() -> Operation:
-            share = self._share_in(share_id, (C.STATUS_AVAILABLE,), "reverted")
-            snap = self.snapshot(snapshot_id)
-            if snap.share_id != share.id:
-                raise InvalidArgument(f"snapshot {snap.name} belongs to another share")
-            if snap.status != C.STATUS_AVAILABLE:
-                raise InvalidState(f"snapshot {snap.name} is {snap.status}, not available")
-            b = self._backend(share.backend).usable()
-            b.require("revert_to_snapshot_support", "revert shares to snapshots")
-            method = "revert_to_replicated_snapshot" \
-                if self.replications.is_replicated(share.id) else "revert_to_snapshot"
-            return Operation(method, b, share=share, snapshot=snap,
-                             intent=lambda tx: tx.share(share, C.STATUS_REVERTING,
-                                                        task={"op": "revert_to_snapshot",
-                                                              "snapshot": snap.id}),
-                             call=lambda: b.call("revert_to_snapshot", share, snap,
-                                                 access.granting(self.store, share.id)),
-                             done=lambda tx, update: tx.share(share, C.STATUS_AVAILABLE,
-                                                              **fields_of(update)),
-                             failed=lambda tx, _: tx.share(share, C.STATUS_ERROR),
-                             undo=lambda tx: tx.share(share, C.STATUS_AVAILABLE))
-        await self.runner.run(self.replications.keys(share_id), plan)
-        self._spawn(self.replications.sync_share(share_id))   # the replicas follow
+    async def manage_snapshot(self, share_id: str, provider_location: str,
+                              options: Dict[str, Any]) -> Snapshot:
+        return await self.snapshot_ops.manage(share_id, provider_location, options)
+
+    async def unmanage_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
+        await self.snapshot_ops.unmanage(snapshot_id, options)
 
     # ------------------------------------------------------------ replication
     async def create_replica(self, share_id: str, backend: str, options: Dict[str, Any],

@@ -74,8 +74,11 @@ SHARE_STEPS: Mapping[str, ShareStep] = {
     C.STATUS_REVERTING: _settle_revert,
 }
 
-#: snapshots caught creating or deleting are removed
-SNAPSHOT_STEPS = (C.STATUS_CREATING, C.STATUS_DELETING)
+#: snapshots caught creating or deleting are removed; caught being adopted
+#: or released, they are released (their data stays on the backend)
+SNAPSHOT_STEPS: Mapping[str, str] = {C.STATUS_CREATING: "delete_snapshot", C.STATUS_DELETING: "delete_snapshot",
+                  C.STATUS_MANAGE_STARTING: "unmanage_snapshot",
+                  C.STATUS_UNMANAGE_STARTING: "unmanage_snapshot"}
 
 #: rules: a deny caught in flight is queued again (ensure or the retry loop
 #: finishes it); applies are re-applied by ensure; errors are retried there.
@@ -174,8 +177,10 @@ async def _recover_snapshot(store: Store, runner: Runner, backends: Mapping[str,
     b = backends.get(share.backend) if share else None
     if share is None or b is None or b.setup_error:
         return
-    log.info("recovery: snapshot %s was %s: removing it", snap.id, snap.status)
-    await b.call("delete_snapshot", snap, share)
+    step = SNAPSHOT_STEPS[snap.status]
+    log.info("recovery: snapshot %s was %s: %s", snap.id, snap.status,
+             "removing it" if step == "delete_snapshot" else "releasing it, its data kept")
+    await b.call(step, snap, share)
     with runner.tx() as tx:
         tx.remove_snapshot(snap)
 

@@ -489,8 +489,8 @@ class Store:
             (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location))
 
     def update_snapshot(self, s: Snapshot) -> None:
-        self.db.execute("UPDATE snapshots SET status=?, provider_location=? WHERE id=?",
-                        (s.status, s.provider_location, s.id))
+        self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=? WHERE id=?",
+                        (s.status, s.provider_location, s.size_gib, s.id))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
@@ -502,6 +502,12 @@ class Store:
     def snapshot_status(self, snapshot_id: str) -> Optional[str]:
         row = self.db.execute("SELECT status FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return row[0] if row else None
+
+    def snapshot_at(self, share_id: str, location: str) -> Optional[Snapshot]:
+        """The snapshot of share_id whose storage is at location, if any."""
+        row = self.db.execute("SELECT * FROM snapshots WHERE share_id=? AND provider_location=?",
+                              (share_id, location)).fetchone()
+        return self._snapshot(row) if row else None
 
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         if share_id is None:

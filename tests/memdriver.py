@@ -216,6 +216,7 @@ class World:
     def __init__(self):
         self.shares = {}       # share id -> {"size": int, "rules": {rule id: access_to}}
         self.snapshots = {}    # snapshot id -> share id
+        self.loose = {}        # snapshots no one manages: location -> share id
         self.fail = set()      # methods that raise BackendFailure
         self.crash = None      # (method, "before" | "after"): raise Crash once
         self.calls = []
@@ -306,6 +307,25 @@ class SimDriver(ShareDriver):
 
     def revert_to_snapshot(self, share, snapshot, rules):
         return self._act("revert_to_snapshot", lambda: ShareUpdate())
+
+    def check_manage_snapshot(self, share, provider_location):
+        if self.w.loose.get(provider_location) != self._key(share):
+            raise InvalidArgument(f"{provider_location} is no snapshot of share {share.id}")
+        return provider_location
+
+    def manage_existing_snapshot(self, snapshot, share, provider_location):
+        def work():
+            self.check_manage_snapshot(share, provider_location)
+            self.w.snapshots[snapshot.id] = self.w.loose.pop(provider_location)
+            return 1
+        return self._act("manage_existing_snapshot", work)
+
+    def unmanage_snapshot(self, snapshot, share):
+        def work():
+            owner = self.w.snapshots.pop(snapshot.id, None)
+            if owner is not None:
+                self.w.loose[snapshot.provider_location or f"snap/{snapshot.id}"] = owner
+        return self._act("unmanage_snapshot", work)
 
     def check_manage(self, export_path, options):
         if not export_path.startswith("/sim/"):

@@ -333,6 +333,64 @@ def test_manage_and_unmanage(env):
     sh("btrfs", "subvolume", "delete", path)
 
 
+def test_manage_and_unmanage_snapshots(env):
+    """A read-only snapshot of the share made by hand is adopted, reverted
+    to and cloned; release keeps it; everything else is refused unchanged."""
+    pool, drv, helpers = env
+    share = new_share(size_gib=1)
+    share.provider_location = drv.create_share(share).provider_location or ""
+    mp = os.path.join(pool.mount_dir, share.id)
+    digest = write_file(os.path.join(mp, "f"), 3 << 20, b"before")
+    sub = os.path.join(pool.path, "shares", share.id)
+    name = f"handmade-{uuid.uuid4().hex[:6]}"
+    rel = f"snapshots/{name}"
+    sh("btrfs", "subvolume", "snapshot", "-r", sub, os.path.join(pool.path, rel))
+    write_file(os.path.join(mp, "f"), 100, b"after")
+
+    snap = new_snapshot(share)
+    assert drv.check_manage_snapshot(share, rel) == rel
+    assert drv.check_manage_snapshot(share, os.path.join(pool.path, rel) + "/") == rel
+    assert drv.manage_existing_snapshot(snap, share, rel) == 1      # 3 MiB, rounded up
+    snap.provider_location = rel
+    # an adopted snapshot is one like any other: revert, clone
+    drv.revert_to_snapshot(share, snap, [])
+    assert checksum(os.path.join(mp, "f")) == digest
+    clone = new_share(size_gib=1)
+    drv.create_share_from_snapshot(clone, snap, share)
+    assert checksum(os.path.join(pool.mount_dir, clone.id, "f")) == digest
+    drv.delete_share(clone)
+    # released: the subvolume stays, read-only
+    drv.unmanage_snapshot(snap, share)
+    assert subprocess.run(["btrfs", "property", "get", os.path.join(pool.path, rel), "ro"],
+                          capture_output=True, text=True).stdout.strip() == "ro=true"
+
+    # refusals: not in the snapshot area, writable, another share's, not a subvolume
+    other = new_share(size_gib=1)
+    drv.create_share(other)
+    other_snap = f"snapshots/other-{uuid.uuid4().hex[:6]}"
+    sh("btrfs", "subvolume", "snapshot", "-r", os.path.join(pool.path, "shares", other.id),
+       os.path.join(pool.path, other_snap))
+    writable = f"snapshots/rw-{uuid.uuid4().hex[:6]}"
+    sh("btrfs", "subvolume", "snapshot", sub, os.path.join(pool.path, writable))
+    plain = f"snapshots/plain-{uuid.uuid4().hex[:6]}"
+    os.mkdir(os.path.join(pool.path, plain))
+    for bad, why in ((f"shares/{share.id}", "outside what backend"),
+                     ("../outside", "not inside the btrfs pool"), ("/etc", "not inside"),
+                     ("", "empty"), (pool.path, "not inside"),
+                     (writable, "writable subvolume"),
+                     (other_snap, "not a snapshot of share"),
+                     (plain, "not a btrfs subvolume"), (rel + "-missing", "not a btrfs subvolume")):
+        with pytest.raises(InvalidArgument, match=why):
+            drv.check_manage_snapshot(share, bad)
+        with pytest.raises(InvalidArgument, match=why):
+            drv.manage_existing_snapshot(new_snapshot(share), share, bad)
+    for path in (rel, other_snap, writable):
+        sh("btrfs", "subvolume", "delete", os.path.join(pool.path, path))
+    os.rmdir(os.path.join(pool.path, plain))
+    drv.delete_share(other)
+    drv.delete_share(share)
+
+
 def test_ensure_share_recovers_interrupted_reverts(env):
     pool, drv, helpers = env
     share = new_share(size_gib=1)

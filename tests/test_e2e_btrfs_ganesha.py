@@ -192,6 +192,57 @@ def test_spool_records_for_real_operations(storage_host, clients):
     h.share(path, "Delete", "a{sv}", 0)
 
 
+def test_a_snapshot_made_by_hand_is_adopted_over_the_bus(storage_host, clients):
+    """ManageSnapshot adopts a read-only snapshot of the share an
+    administrator made with btrfs; revert to it restores what a client then
+    reads over NFS; Snapshot.Unmanage keeps the subvolume; bad locations are
+    refused with a named error."""
+    h = storage_host
+    path = h.create_share("handmade", "NFS", 1)
+    share_id = path.rsplit("/", 1)[1]
+    p = pseudo(h, path)
+    rid = h.share(path, "AllowAccess", "sssa{sv}", "ip", "10.71.0.22", "ro", 0)
+    mp = mount_of(h, path)[0]
+    with open(os.path.join(mp, "data.bin"), "wb") as f:
+        f.write(b"as it was")
+    sub = os.path.join(h.pool_path, "shares", share_id)
+    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", sub,
+                    os.path.join(h.pool_path, "snapshots", "before-upgrade")],
+                   check=True, capture_output=True)
+    with open(os.path.join(mp, "data.bin"), "wb") as f:
+        f.write(b"changed")
+    MGR, SNAP = "org.sharedd.Sharedd1.Manager", "org.sharedd.Sharedd1.Snapshot"
+    for location, error in (("shares/" + share_id, "InvalidArgument"),
+                            ("../../etc", "InvalidArgument"),
+                            ("snapshots/none", "InvalidArgument")):
+        assert h.error("/org/sharedd/Sharedd1", MGR, "ManageSnapshot", "osa{sv}", path,
+                       location, 0).startswith(ERR + error), location
+    snap = h.manager("ManageSnapshot", "osa{sv}", path, "snapshots/before-upgrade", 0)
+    assert h.get(snap, SNAP, "Name") == "before-upgrade"
+    assert h.get(snap, SNAP, "Status") == "available" and h.get(snap, SNAP, "SizeGiB") == 1
+    assert h.manager("ListSnapshots", "a{sv}", 1, "share", "o", path) == [snap]
+    h.share(path, "RevertToSnapshot", "oa{sv}", snap, 0)
+    got = h.ganesha.nfs_cat(clients["ro"], f"{p}/data.bin")
+    assert got.ok and got.output == "as it was", got
+    h.call(snap, SNAP, "Unmanage", "a{sv}", 0)
+    assert h.manager("ListSnapshots", "a{sv}", 1, "share", "o", path) == []
+    assert os.path.isdir(os.path.join(h.pool_path, "snapshots", "before-upgrade"))
+    spool = os.path.join(h.spool_dir, "storage1")
+    methods = {(r["phase"], r["method"]) for r in
+               (json.load(open(os.path.join(spool, n))) for n in os.listdir(spool)
+                if not n.startswith("."))}
+    for m in ("manage_existing_snapshot", "unmanage_snapshot"):
+        assert ("pre", m) in methods and ("post", m) in methods
+    # adopted again, then deleted for good with the share
+    snap = h.manager("ManageSnapshot", "osa{sv}", path,
+                     os.path.join(h.pool_path, "snapshots", "before-upgrade"), 1, "name", "s", "v1")
+    assert h.get(snap, SNAP, "Name") == "v1"
+    h.call(snap, SNAP, "Delete", "a{sv}", 0)
+    assert not os.path.exists(os.path.join(h.pool_path, "snapshots", "before-upgrade"))
+    h.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    h.share(path, "Delete", "a{sv}", 0)
+
+
 def test_nothing_sharedd_creates_is_open_to_local_users(storage_host):
     """Every directory under the state path and the pool is private (the
     state path 0750, the rest 0700; the mount directory of a backend that

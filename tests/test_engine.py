@@ -263,6 +263,112 @@ def test_refused_calls_leave_no_trace(h):
     assert [s.name for s in h.engine.shares()] == ["keep"]
 
 
+# --- snapshots adopted and released (manage_existing_snapshot, unmanage_snapshot) ---
+def test_a_snapshot_is_released_and_adopted_again_within_hooks(h):
+    share = h.create("base", 2)
+    snap = h.run(h.engine.create_snapshot(share.id, "nightly", {}))
+    h.run(h.engine.unmanage_snapshot(snap.id, {}))
+    assert h.engine.snapshots(share.id) == []
+    assert h.world.loose == {snap.provider_location: share.id}, "the data stays"
+    adopted = h.run(h.engine.manage_snapshot(share.id, snap.provider_location,
+                                             {"name": "again"}))
+    assert (adopted.name, adopted.status, adopted.size_gib) == ("again", C.STATUS_AVAILABLE, 1)
+    assert adopted.provider_location == snap.provider_location and h.world.loose == {}
+    # what an adopted snapshot is for: revert, a new share from it, delete
+    h.run(h.engine.revert_to_snapshot(share.id, adopted.id, {}))
+    clone = h.create("clone", 2, snapshot=adopted.id)
+    h.run(h.engine.delete_share(clone.id, {}))
+    h.run(h.engine.delete_snapshot(adopted.id, {}))
+    assert h.world.snapshots == {} and h.world.loose == {}
+    methods = [(r["phase"], r["method"]) for r in RecordingHook.records]
+    for m in ("unmanage_snapshot", "manage_existing_snapshot"):
+        assert ("pre", m) in methods and ("post", m) in methods, m
+    post = [r for r in RecordingHook.records if r["phase"] == "post"
+            and r["method"] == "manage_existing_snapshot"][0]
+    assert post["snapshot"]["name"] == "again" and post["share"]["id"] == share.id
+
+
+def test_adopting_a_snapshot_refuses_before_anything_changes(h):
+    share = h.create("base", 2)
+    other = h.create("other", 2)
+    snap = h.run(h.engine.create_snapshot(share.id, "kept", {}))
+    h.run(h.engine.unmanage_snapshot(snap.id, {}))
+    loc = snap.provider_location
+    twin = h.run(h.engine.create_snapshot(share.id, "twin", {}))
+    before = (len(RecordingHook.records), list(h.world.calls), h.engine.snapshots())
+    for call, error in [
+        (lambda: h.run(h.engine.manage_snapshot(other.id, loc, {})), InvalidArgument),   # not its
+        (lambda: h.run(h.engine.manage_snapshot(share.id, "snap/none", {})), InvalidArgument),
+        (lambda: h.run(h.engine.manage_snapshot(share.id, loc, {"name": "twin"})), AlreadyExists),
+        (lambda: h.run(h.engine.manage_snapshot(share.id, loc, {"name": "../x"})), InvalidArgument),
+        (lambda: h.run(h.engine.manage_snapshot(share.id, "x\n", {})), InvalidArgument),
+        (lambda: h.run(h.engine.manage_snapshot(share.id, loc, {"size": 3})), InvalidArgument),
+        (lambda: h.run(h.engine.manage_snapshot("f" * 32, loc, {})), NotFound),
+        (lambda: h.run(h.engine.unmanage_snapshot("f" * 32, {})), NotFound),
+    ]:
+        with pytest.raises(error):
+            call()
+    calls = [c for c in h.world.calls[len(before[1]):] if c != "check_manage_snapshot"]
+    assert (len(RecordingHook.records), calls, h.engine.snapshots()) == \
+        (before[0], [], before[2])
+    # a location another snapshot of the share already has
+    h.world.loose[twin.provider_location] = share.id
+    with pytest.raises(AlreadyExists, match="already snapshot twin"):
+        h.run(h.engine.manage_snapshot(share.id, twin.provider_location, {"name": "dup"}))
+
+
+def test_adopting_or_releasing_fails_or_is_refused_by_a_hook(h):
+    share = h.create("base", 2)
+    snap = h.run(h.engine.create_snapshot(share.id, "s", {}))
+    # a pre hook refuses: nothing changed either way
+    RecordingHook.fail.add(("pre", "unmanage_snapshot"))
+    with pytest.raises(BackendFailure, match="pre hook"):
+        h.run(h.engine.unmanage_snapshot(snap.id, {}))
+    assert h.engine.snapshot(snap.id).status == C.STATUS_AVAILABLE
+    RecordingHook.fail.clear()
+    h.run(h.engine.unmanage_snapshot(snap.id, {}))
+    RecordingHook.fail.add(("pre", "manage_existing_snapshot"))
+    with pytest.raises(BackendFailure, match="pre hook"):
+        h.run(h.engine.manage_snapshot(share.id, snap.provider_location, {}))
+    assert h.engine.snapshots(share.id) == [] and h.world.loose
+    RecordingHook.fail.clear()
+    # the driver fails: adopting leaves no snapshot, releasing leaves it in error
+    h.world.fail.add("manage_existing_snapshot")
+    with pytest.raises(BackendFailure):
+        h.run(h.engine.manage_snapshot(share.id, snap.provider_location, {}))
+    assert h.engine.snapshots(share.id) == []
+    h.world.fail.clear()
+    adopted = h.run(h.engine.manage_snapshot(share.id, snap.provider_location, {}))
+    h.world.fail.add("unmanage_snapshot")
+    with pytest.raises(BackendFailure):
+        h.run(h.engine.unmanage_snapshot(adopted.id, {}))
+    assert h.engine.snapshot(adopted.id).status == C.STATUS_ERROR
+    h.world.fail.clear()
+    h.run(h.engine.unmanage_snapshot(adopted.id, {}))    # from error
+    assert h.engine.snapshots(share.id) == [] and h.world.loose
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("method", ["manage_existing_snapshot", "unmanage_snapshot"])
+def test_a_crash_while_adopting_or_releasing_keeps_the_data(h, method, when):
+    share = h.create("base", 2)
+    snap = h.run(h.engine.create_snapshot(share.id, "s", {}))
+    if method == "manage_existing_snapshot":
+        h.run(h.engine.unmanage_snapshot(snap.id, {}))
+    h.world.crash = (method, when)
+    with pytest.raises(Crash):
+        if method == "manage_existing_snapshot":
+            h.run(h.engine.manage_snapshot(share.id, snap.provider_location, {}))
+        else:
+            h.run(h.engine.unmanage_snapshot(snap.id, {}))
+    h.restart()
+    # released either way, never deleted: it can be adopted (again)
+    assert h.engine.snapshots(share.id) == []
+    assert h.world.loose == {snap.provider_location: share.id}
+    again = h.run(h.engine.manage_snapshot(share.id, snap.provider_location, {}))
+    assert again.status == C.STATUS_AVAILABLE
+
+
 # --- hooks: grants wait for consent, revocations never do -------------------------
 REFUSABLE = ["create_share", "allow_access", "extend_share", "shrink_share", "create_snapshot",
              "revert_to_snapshot", "manage_share", "delete_snapshot"]

@@ -309,6 +309,39 @@ def test_snapshot_mounts_beside_origin(venv):
     assert not os.listdir(venv.pool)
 
 
+def test_snapshot_released_and_adopted_again(venv):
+    drv, share = venv.driver, venv.create(1)
+    mp = venv.mp(share)
+    before = write_data(mp, "data")
+    snap = Snapshot(id=uuid.uuid4().hex, name="s", share_id=share.id, size_gib=1, status="creating")
+    snap.provider_location = drv.create_snapshot(snap, share)
+    image = os.path.join(venv.pool, snap.provider_location)
+    drv.unmanage_snapshot(snap, share)
+    assert os.path.isfile(image), "released, not deleted"
+    write_data(mp, "data")                  # the share moves on
+    again = Snapshot(id=uuid.uuid4().hex, name="a", share_id=share.id, size_gib=0,
+                     status="manage_starting")
+    assert drv.check_manage_snapshot(share, snap.provider_location) == snap.provider_location
+    assert drv.manage_existing_snapshot(again, share, image) == 1
+    again.provider_location = snap.provider_location
+    drv.revert_to_snapshot(share, again, [])
+    assert digest(os.path.join(venv.mp(share), "data")) == before
+    # refusals: a share's image, outside the pool, not snap-*, another fs type, missing
+    other_fs = os.path.join(venv.pool, "snap-otherfs.img")
+    subprocess.run(["truncate", "-s", "16M", other_fs], check=True)
+    subprocess.run(["mkfs.ext2", "-q", "-F", other_fs], check=True, capture_output=True)
+    for bad, why in ((venv.image(share), "not a snapshot image"),
+                     ("../snap-x.img", "not a snapshot image"), ("/etc/passwd", "not a snapshot"),
+                     ("snap-missing.img", "not an existing regular file"),
+                     ("snap-otherfs.img", "file system")):
+        with pytest.raises(errors.InvalidArgument, match=why):
+            drv.check_manage_snapshot(share, bad)
+    os.unlink(other_fs)
+    drv.delete_snapshot(again, share)
+    assert not os.path.exists(image)
+    drv.delete_share(share)
+
+
 def test_shrink_refusals_change_nothing(venv):
     drv, share = venv.driver, venv.create(2)
     mp, img = venv.mp(share), venv.image(share)

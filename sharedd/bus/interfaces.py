@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 OUT_NAMES = {
     "CreateShare": ["share"], "ManageShare": ["share"], "ListShares": ["shares"],
     "ListSnapshots": ["snapshots"], "FindShareByName": ["share"],
-    "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"],
+    "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"], "ManageSnapshot": ["snapshot"],
     "CreateShareNetwork": ["share_network"],
     "Migrate": ["job"], "CompleteMigration": ["job"], "CreateReplica": ["job"],
     "Resync": ["job"],
@@ -237,6 +237,15 @@ class Manager(_Base):
                                         "metadata": ("a{ss}",), "size_gib": ("t", "u", "x", "i")})
         share = await self.engine.manage_share(backend, protocol, export_path, opts)
         return share_path(share.id)
+
+    @method()
+    @translate
+    async def ManageSnapshot(self, share: "o", provider_location: "s",
+                             options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"name": ("s",)})
+        share_id = _id_from_path(share, C.SHARE_PATH, "share")
+        snap = await self.engine.manage_snapshot(share_id, provider_location, opts)
+        return snapshot_path(snap.id)
 
     @method()
     @translate
@@ -544,6 +553,12 @@ class Snapshot(_Base):
     async def Delete(self, options: "a{sv}"):
         unpack_options(options, {})
         await self.engine.delete_snapshot(self.snapshot_id, {})
+
+    @method()
+    @translate
+    async def Unmanage(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.unmanage_snapshot(self.snapshot_id, {})
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":

@@ -164,6 +164,24 @@ class ShareDriver(abc.ABC):
                            rules: List[AccessRule]) -> ShareUpdate:
         raise NotSupported(f"driver {self.driver_name} cannot revert to snapshots")
 
+    def check_manage_snapshot(self, share: Share, provider_location: str) -> str:
+        """Refuse, before anything is recorded, what manage_existing_snapshot
+        would refuse: storage outside the share's snapshot area, not a
+        snapshot of this share, in use. Reads only. Returns the location the
+        snapshot would get (the engine refuses one another snapshot has)."""
+        raise NotSupported(f"driver {self.driver_name} cannot manage existing snapshots")
+
+    def manage_existing_snapshot(self, snapshot: Snapshot, share: Share,
+                                 provider_location: str) -> int:
+        """Adopt the snapshot at provider_location (checked again); its size
+        in GiB. The data is the driver's from now on: delete_snapshot
+        removes it."""
+        raise NotSupported(f"driver {self.driver_name} cannot manage existing snapshots")
+
+    def unmanage_snapshot(self, snapshot: Snapshot, share: Share) -> None:
+        """Stop using the snapshot but keep its data (idempotent)."""
+        raise NotSupported(f"driver {self.driver_name} cannot unmanage snapshots")
+
     # --- migration (Manila's migration_* methods) ---------------------------------
     # Called on the source share's driver; dest_driver is the destination
     # backend's driver in this same daemon, dest_share the share as it will
@@ -406,6 +424,7 @@ class ShareDriver(abc.ABC):
             "shrink_support": self._implements("shrink_share"),
             "extend_support": self._implements("extend_share"),
             "manage_support": self._implements("manage_existing"),
+            "manage_snapshot_support": self._implements("manage_existing_snapshot"),
             "share_server_support": self.serves_share_servers(),
             "replication_support": self._implements("replica_sync") or self.holds_replicas,
         }

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import stat
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from .. import transfer, util
 from ..errors import (AlreadyExists, BackendFailure, Cancelled, ConfigError, InvalidArgument,
@@ -576,6 +576,71 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def delete_snapshot(self, snapshot: Snapshot, share: Share) -> None:
         self._delete_subvolume(self._path(self._snapshot_rel(snapshot)))
+
+    def check_manage_snapshot(self, share: Share, provider_location: str) -> str:
+        """A read-only subvolume under the pool's snapshots directory (or a
+        btrfs_manage_paths area) taken of the share (_lineage), not mounted
+        anywhere."""
+        if not provider_location or "\x00" in provider_location:
+            raise InvalidArgument("the snapshot's location is empty")
+        given = provider_location if os.path.isabs(provider_location) \
+            else self._path(provider_location)
+        real = os.path.realpath(given)
+        if os.path.commonpath([real, self.pool]) != self.pool or real == self.pool:
+            raise InvalidArgument(f"{provider_location} is not inside the btrfs pool {self.pool}")
+        rel = self._check_rel(os.path.relpath(real, self.pool))
+        areas = [SNAPSHOTS_DIR] + [self._check_rel(a) for a in self.manage_paths]
+        if not any(rel.startswith(a.rstrip("/") + "/") for a in areas):
+            raise InvalidArgument(
+                f"{provider_location} is outside what backend {self.backend_name} may adopt "
+                f"as a snapshot: subvolumes under {', '.join(self._path(a) for a in areas)}")
+        if not _is_subvolume(real):
+            raise InvalidArgument(f"{provider_location} is not a btrfs subvolume")
+        info = self._info(real)
+        if not info.readonly:
+            raise InvalidArgument(f"{provider_location} is a writable subvolume; a snapshot "
+                                  "is read-only (btrfs subvolume snapshot -r)")
+        family = self._lineage(share, os.path.dirname(real))
+        if not info.parent_uuid or not {info.parent_uuid, info.uuid} & family:
+            raise InvalidArgument(f"{provider_location} is not a snapshot of share "
+                                  f"{share.name} (its parent subvolume is "
+                                  f"{info.parent_uuid or 'none'})")
+        if is_mounted(real):
+            raise InvalidArgument(f"{provider_location} is a separate mount, not part of the pool")
+        return rel
+
+    def _lineage(self, share: Share, also: str) -> Set[str]:
+        """The uuids a snapshot of the share may have as parent: the share's
+        subvolume and, as reverts make the share a snapshot of a snapshot,
+        its ancestors (found among the subvolumes of the snapshots area and
+        of the directory `also`; the first one not found ends the chain)."""
+        own = self._info(self._path(self._share_rel(share)))
+        known: Dict[str, str] = {}
+        for area in {self._path(SNAPSHOTS_DIR), also}:
+            try:
+                names = os.listdir(area)
+            except OSError:
+                continue
+            for name in names:
+                sub = os.path.join(area, name)
+                if _is_subvolume(sub):
+                    info = self._pool_info(sub)
+                    if info is not None and info.uuid:
+                        known[info.uuid] = info.parent_uuid
+        family = {own.uuid}
+        parent = own.parent_uuid
+        while parent and parent not in family:
+            family.add(parent)
+            parent = known.get(parent, "")
+        return family - {""}
+
+    def manage_existing_snapshot(self, snapshot: Snapshot, share: Share,
+                                 provider_location: str) -> int:
+        rel = self.check_manage_snapshot(share, provider_location)
+        return max(1, _gib_ceil(self._qgroup(self._path(rel)).referenced))
+
+    def unmanage_snapshot(self, snapshot: Snapshot, share: Share) -> None:
+        return None   # a snapshot is not served: nothing to stop, the subvolume stays
 
     def revert_to_snapshot(self, share: Share, snapshot: Snapshot,
                            rules: List[AccessRule]) -> ShareUpdate:

@@ -520,6 +520,35 @@ class VolumeDriver(ShareDriver):
         self.provider.delete("." + snap + NEW_SUFFIX)
         self.provider.delete(snap)
 
+    def check_manage_snapshot(self, share: Share, provider_location: str) -> str:
+        """A snapshot image (snap-*.img) directly inside the pool, holding
+        the share's file-system type, not attached or mounted."""
+        path = provider_location if os.path.isabs(provider_location) \
+            else os.path.join(self.pool_path, provider_location)
+        name = os.path.basename(path)
+        if ".." in provider_location.split("/") or "\x00" in provider_location \
+                or os.path.realpath(os.path.dirname(path)) != os.path.realpath(self.pool_path) \
+                or not VOLUME_NAME_RE.fullmatch(name) or not name.startswith("snap-"):
+            raise InvalidArgument(f"{provider_location!r} is not a snapshot image (snap-*.img) "
+                                  f"directly inside the pool {self.pool_path}")
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise InvalidArgument(f"{provider_location!r} is not an existing regular file")
+        fs, want = self._blkid(path, "TYPE"), self._fs_of(share)
+        if fs != want:
+            raise InvalidArgument(f"{provider_location!r} holds {fs or 'no'} file system; share "
+                                  f"{share.name} is {want}")
+        if self.provider.device(name):
+            raise InvalidArgument(f"{provider_location!r} is in use (attached to a device)")
+        return name
+
+    def manage_existing_snapshot(self, snapshot: Snapshot, share: Share,
+                                 provider_location: str) -> int:
+        name = self.check_manage_snapshot(share, provider_location)
+        return max(1, math.ceil(self.provider.size(name) / GiB))
+
+    def unmanage_snapshot(self, snapshot: Snapshot, share: Share) -> None:
+        return None   # a snapshot image is not served: it stays as it is
+
     def create_share_from_snapshot(self, share: Share, snapshot: Snapshot,
                                    parent: Share) -> ShareUpdate:
         snap = self._snap_image(snapshot)
