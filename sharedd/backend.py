@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 RELOADABLE = ("hook_drivers", "enable_pre_hooks", "enable_post_hooks", "enable_periodic_hooks",
               "suppress_pre_hooks_errors", "suppress_post_hooks_errors",
               "periodic_hooks_interval", "hook_timeout", "reserved_share_percentage",
-              "max_over_subscription_ratio")
+              "max_over_subscription_ratio", "snapshot_schedule", "snapshot_retention")
 
 
 @dataclasses.dataclass(frozen=True)

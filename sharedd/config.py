@@ -108,6 +108,15 @@ BACKEND_OPTIONS: List[Opt] = [
     Opt("share_server_idle_seconds", "float", 0.0, min=0,
         help="Keep a share server this long after its last share is gone (0: remove it at "
              "once), so that a network's next share does not wait for a new server."),
+    Opt("snapshot_schedule", "str", "",
+        help="When every share of this backend gets a scheduled snapshot (named "
+             "auto-YYYYMMDDTHHMMSSZ), unless the share sets its own: an interval (15min, 4h, "
+             "1d) or a calendar expression as systemd-analyze calendar reads it (daily, "
+             "Mon..Fri *-*-* 08:00, *:0/15, with UTC at the end for UTC). Empty: none."),
+    Opt("snapshot_retention", "str", "",
+        help="Which scheduled snapshots are kept, unless the share sets its own: a count "
+             "(the N newest), an age (7d: those younger), or both (3, 7d: either keeps one). "
+             "Empty: all are kept. Snapshots in use are never pruned."),
 ]
 
 
@@ -280,6 +289,13 @@ def _check_backend(b: BackendConfig, src, sec_of) -> None:
             hook_class(hook)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    from .schedule import Retention, Schedule
+    for key, parse in (("snapshot_schedule", Schedule.parse), ("snapshot_retention", Retention.parse)):
+        if b.values.get(key):
+            try:
+                parse(b.values[key])
+            except InvalidArgument as exc:
+                raise ConfigError(f"{src(key)}: [{sec_of(key)}] {key}: {exc}") from None
     if b.driver_handles_share_servers:
         where = f"{src('driver_handles_share_servers')}: " \
                 f"[{sec_of('driver_handles_share_servers')}] driver_handles_share_servers"

@@ -129,6 +129,7 @@ class Engine:
             if b.setup_error:
                 self._spawn(self._setup_retries(b))
         self._spawn(self.replications.run_periodic())
+        self._spawn(self.snapshot_ops.scheduler.run())
 
     async def _setup_retries(self, b: Backend) -> None:
         """A backend whose set-up failed (its export service not running yet,
@@ -225,6 +226,8 @@ class Engine:
             self.config.values[key] = new.values[key]
         pending += [k for k in ("state_path", "spool_dir", "host_id")
                     if new.values[k] != self.config.values[k]]
+        if self._started:
+            self.snapshot_ops.scheduler.changed()   # a backend's schedule may have changed
         return pending
 
     def status(self) -> str:
@@ -406,7 +409,9 @@ class Engine:
     async def create_share(self, name: str, protocol: str, size_gib: int,
                            options: Dict[str, Any]) -> Share:
         validation.options(options, {"backend": str, "snapshot": str, "description": str,
-                                 "metadata": dict, "share_network": str})
+                                 "metadata": dict, "share_network": str,
+                                 "snapshot_schedule": str, "snapshot_retention": str})
+        schedule, retention = self.snapshot_ops.check_policy(options)
         name = validation.name(name)
         protocol = validation.protocol(protocol)
         size_gib = validation.size_gib(size_gib)
@@ -450,6 +455,8 @@ class Engine:
             async with self.servers.serving(b, network) as server:
                 share.share_server_id = server.id
                 await self.runner.run(keys, plan)
+        if schedule or retention:
+            self.snapshot_ops.set_policy(self.share(share.id), schedule, retention)
         self._spawn(self._refresh(b, C.CAPACITY_STATS_MAX_AGE))
         return self.share(share.id)
 
@@ -666,6 +673,17 @@ class Engine:
 
     async def unmanage_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
         await self.snapshot_ops.unmanage(snapshot_id, options)
+
+    def set_snapshot_policy(self, share_id: str, options: Dict[str, Any]) -> None:
+        """The share's own snapshot_schedule and/or snapshot_retention ("":
+        its backend's; schedule "none": no schedule; retention "all": keep all)."""
+        validation.options(options, {"snapshot_schedule": str, "snapshot_retention": str})
+        schedule, retention = self.snapshot_ops.check_policy(options)
+        self.snapshot_ops.set_policy(self.share(share_id), schedule, retention)
+
+    def snapshot_policy(self, share: Share) -> Tuple[str, str]:
+        """(schedule, retention) in force for the share."""
+        return self.snapshot_ops.policy(share)
 
     # ------------------------------------------------------------ replication
     async def create_replica(self, share_id: str, backend: str, options: Dict[str, Any],

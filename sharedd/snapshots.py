@@ -7,20 +7,32 @@ change). Adopting is bounded like ManageShare: the driver accepts only what
 lies in the share's snapshot area and is a snapshot of that share, refused
 before anything is recorded. Releasing keeps the data; a crash while adopting
 or releasing leaves the data in place and the snapshot unmanaged.
+
+Schedules (`Scheduler`): a share's snapshot_schedule (its own, else its
+backend's) names when it gets a snapshot called after the elapse
+(auto-YYYYMMDDTHHMMSSZ, UTC); after each, its snapshot_retention prunes the
+scheduled snapshots no rule keeps, never one in use. Shares with the same
+schedule are taken together at each elapse; an elapse missed while sharedd
+was down is taken once at start. Scheduled snapshots are created and
+deleted by the same operations as any other (hooks included), so a crash
+in the middle is recovered the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Dict, Mapping, Tuple
+import time
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
 
 from . import access, validation
 from . import constants as C
 from .backend import Backend
-from .errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from .errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, SharedError
 from .models import Share, Snapshot, fields_of
 from .operation import Operation, Runner
 from .replication import Replications
+from .schedule import Retention, Schedule, name_time, scheduled_name
 from .store import Store, new_id
 from .util import now_us
 
@@ -37,6 +49,10 @@ class Snapshots:
         self.replications = replications
         self.spawn = spawn
         self.share_in = share_in      # the share, refused unless in one of the statuses
+        # share id -> (schedule, retention) of its own ("" for its backend's)
+        self._policies: Dict[str, Tuple[str, str]] = store.snapshot_policies()
+        self._parsed: Dict[str, Schedule] = {}
+        self.scheduler = Scheduler(self)
 
     def get(self, snapshot_id: str) -> Snapshot:
         s = self.store.get_snapshot(snapshot_id)
@@ -211,3 +227,199 @@ class Snapshots:
                              failed=lambda tx, _: tx.snapshot(snap, C.STATUS_ERROR),
                              undo=lambda tx: tx.snapshot(snap, previous))
         await self.runner.run(self.replications.keys(share_id), plan)
+
+    # -------------------------------------------------------------- policies
+    def policy(self, share: Share) -> Tuple[str, str]:
+        """(schedule, retention) in force for the share: its own, else its
+        backend's; "" for no schedule, and for keeping every snapshot."""
+        own_schedule, own_retention = self._policies.get(share.id, ("", ""))
+        b = self.backends.get(share.backend)
+        defaults = (str(getattr(b.config, "snapshot_schedule", "") or ""),
+                    str(getattr(b.config, "snapshot_retention", "") or "")) if b else ("", "")
+        schedule = "" if own_schedule == NONE else own_schedule or defaults[0]
+        retention = "" if own_retention == ALL else own_retention or defaults[1]
+        return schedule, retention
+
+    def own_policy(self, share_id: str) -> Tuple[str, str]:
+        return self._policies.get(share_id, ("", ""))
+
+    @staticmethod
+    def check_policy(options: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+        """(schedule, retention) named by options (None: not named), checked."""
+        schedule = options.get("snapshot_schedule")
+        retention = options.get("snapshot_retention")
+        if schedule is not None:
+            schedule = str(schedule).strip()
+            if schedule not in ("", NONE):
+                Schedule.parse(schedule)
+        if retention is not None:
+            retention = str(retention).strip()
+            if retention not in ("", ALL):
+                Retention.parse(retention)
+        return schedule, retention
+
+    def set_policy(self, share: Share, schedule: Optional[str], retention: Optional[str]) -> None:
+        """Record the share's own schedule and/or retention (checked)."""
+        old = self._policies.get(share.id, ("", ""))
+        new = (old[0] if schedule is None else schedule, old[1] if retention is None else retention)
+        if new == old:
+            return
+        with self.runner.tx() as tx:
+            self.store.set_snapshot_policy(share.id, *new)
+            tx.share_touched(share)
+        if new == ("", ""):
+            self._policies.pop(share.id, None)
+        else:
+            self._policies[share.id] = new
+        self.scheduler.changed()
+
+    def forget_policy(self, share_id: str) -> None:
+        """The share is gone (its row went with it)."""
+        self._policies.pop(share_id, None)
+
+    def schedule_of(self, text: str) -> Schedule:
+        sched = self._parsed.get(text)
+        if sched is None:
+            sched = self._parsed[text] = Schedule.parse(text)
+        return sched
+
+    # ------------------------------------------------------ scheduled snapshots
+    async def take_scheduled(self, share_id: str, elapse: float) -> None:
+        """The share's snapshot of this elapse (once), then its pruning."""
+        share = self.store.get_share(share_id)
+        if share is None:
+            return
+        name = scheduled_name(elapse)
+        if share.status != C.STATUS_AVAILABLE:
+            log.warning("share %s is %s: no scheduled snapshot %s", share.name, share.status, name)
+            return
+        if not any(s.name == name for s in self.store.snapshots(share.id)):
+            try:
+                await self.create(share.id, name, {})
+            except SharedError as exc:
+                log.warning("share %s: scheduled snapshot %s not taken: %s", share.name, name, exc)
+                return
+        await self.prune(share_id)
+
+    async def prune(self, share_id: str, now: Optional[float] = None) -> List[str]:
+        """Delete the share's scheduled snapshots its retention lets go,
+        except those in use; the ids deleted."""
+        share = self.store.get_share(share_id)
+        if share is None or share.status != C.STATUS_AVAILABLE:
+            return []
+        retention = Retention.parse(self.policy(share)[1])
+        scheduled = [(s, name_time(s.name)) for s in self.store.snapshots(share.id)]
+        created = [(s.id, at) for s, at in scheduled if at is not None]
+        deleted = []
+        for sid in retention.doomed(created, time.time() if now is None else now):
+            snap = self.store.get_snapshot(sid)
+            if snap is None or self.in_use(snap):
+                continue
+            try:
+                await self.delete(sid, {})
+                deleted.append(sid)
+            except SharedError as exc:
+                log.warning("share %s: scheduled snapshot %s not pruned: %s",
+                            share.name, snap.name, exc)
+        return deleted
+
+    def in_use(self, snap: Snapshot) -> bool:
+        """Kept whatever the retention says: not settled, or a share is
+        being made from it."""
+        return snap.status != C.STATUS_AVAILABLE or self.store.share_made_from(snap.id)
+
+    def scheduled_shares(self) -> Dict[str, List[str]]:
+        """schedule text -> ids of the shares it applies to (read at each
+        elapse: every share of a backend with a default schedule, else only
+        those with a schedule of their own)."""
+        defaults = [name for name, b in self.backends.items()
+                    if getattr(b.config, "snapshot_schedule", "")]
+        if defaults:
+            shares = [s for name in defaults for s in self.store.shares(name)]
+            shares += [s for s in (self.store.get_share(i) for i in self._policies)
+                       if s is not None and s.backend not in defaults]
+        else:
+            shares = [s for s in (self.store.get_share(i) for i in self._policies)
+                      if s is not None]
+        out: Dict[str, List[str]] = {}
+        for share in shares:
+            text = self.policy(share)[0]
+            if text:
+                out.setdefault(text, []).append(share.id)
+        return out
+
+
+#: a share's own schedule "none": no scheduled snapshots, whatever its backend says
+NONE = "none"
+#: a share's own retention "all": keep every scheduled snapshot
+ALL = "all"
+
+
+class Scheduler:
+    """Takes the scheduled snapshots: one task, asleep until the next elapse
+    of any schedule in use (or a change)."""
+
+    #: longest sleep between two looks (a policy change wakes it at once)
+    TICK_MAX = 3600.0
+    #: scheduled snapshots taken at once
+    PARALLEL = 4
+
+    def __init__(self, snapshots: Snapshots):
+        self.snapshots = snapshots
+        self._wake = asyncio.Event()
+        self._done: Dict[str, float] = {}      # schedule text -> elapse last taken
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        await self.catch_up()
+        while True:
+            self._wake.clear()
+            groups = self.snapshots.scheduled_shares()
+            now = time.time()
+            for text, share_ids in groups.items():
+                sched = self.snapshots.schedule_of(text)
+                last = sched.last_at_or_before(now)
+                if last is None:
+                    continue
+                done = self._done.setdefault(text, last)   # new: from its next elapse on
+                if last > done:
+                    self._done[text] = last
+                    await self._take(share_ids, last)
+            nexts = [self.snapshots.schedule_of(t).next_after(time.time()) for t in groups]
+            delay = min([n - time.time() for n in nexts] + [self.TICK_MAX])
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.01, delay + 0.01))
+            except asyncio.TimeoutError:
+                pass
+
+    async def catch_up(self) -> None:
+        """An elapse missed while sharedd was down: taken once, now."""
+        now = time.time()
+        for text, share_ids in self.snapshots.scheduled_shares().items():
+            last = self.snapshots.schedule_of(text).last_at_or_before(now)
+            if last is None:
+                continue
+            self._done[text] = last
+            behind = []
+            for share_id in share_ids:
+                taken = [name_time(s.name) for s in self.snapshots.store.snapshots(share_id)]
+                newest = max((t for t in taken if t is not None), default=None)
+                if newest is None or newest < last:
+                    behind.append(share_id)
+            if behind:
+                log.info("taking %d scheduled snapshot(s) missed while sharedd was down "
+                         "(schedule %s)", len(behind), text)
+                await self._take(behind, last)
+
+    async def _take(self, share_ids: List[str], elapse: float) -> None:
+        turns = asyncio.Semaphore(self.PARALLEL)
+
+        async def one(share_id: str) -> None:
+            async with turns:
+                try:
+                    await self.snapshots.take_scheduled(share_id, elapse)
+                except Exception:   # one share's trouble must not stop the schedule
+                    log.exception("scheduled snapshot of share %s failed", share_id)
+        await asyncio.gather(*(one(i) for i in share_ids))

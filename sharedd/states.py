@@ -190,6 +190,10 @@ class Changes:
         self.store.update_snapshot(snap)
         self._event("snapshot_changed", snap)
 
+    def share_touched(self, share: Share) -> None:
+        """Something the share's object shows changed, not its state."""
+        self._event("share_changed", share)
+
     def remove_snapshot(self, snap: Snapshot) -> None:
         check("snapshot", self.store.snapshot_status(snap.id), None)
         self.store.delete_snapshot(snap.id)

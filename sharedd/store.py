@@ -19,8 +19,8 @@ from . import constants as C
 from .errors import ConfigError
 from .models import AccessRule, Replica, Share, ShareNetwork, ShareServer, Snapshot
 
-SCHEMA_VERSION = 4   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
-#                      4: replicas
+SCHEMA_VERSION = 5   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
+#                      4: replicas; 5: snapshot policies
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,6 +101,11 @@ CREATE TABLE IF NOT EXISTS replicas (
     UNIQUE (share_id, backend)
 );
 CREATE INDEX IF NOT EXISTS replicas_by_backend ON replicas(backend);
+CREATE TABLE IF NOT EXISTS snapshot_policies (
+    share_id TEXT PRIMARY KEY REFERENCES shares(id),
+    schedule TEXT NOT NULL DEFAULT '',
+    retention TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS rules (
     id TEXT PRIMARY KEY,
     share_id TEXT NOT NULL REFERENCES shares(id),
@@ -263,6 +268,7 @@ class Store:
              json.dumps(s.driver_data), json.dumps(task or {}), s.id))
 
     def delete_share(self, share_id: str) -> None:
+        self.db.execute("DELETE FROM snapshot_policies WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM replicas WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,))
@@ -502,6 +508,25 @@ class Store:
     def snapshot_status(self, snapshot_id: str) -> Optional[str]:
         row = self.db.execute("SELECT status FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return row[0] if row else None
+
+    # --- snapshot policies: a share's own schedule and retention ("": the
+    # backend's default; "none": no schedule for this share) ---------------
+    def set_snapshot_policy(self, share_id: str, schedule: str, retention: str) -> None:
+        if not schedule and not retention:
+            self.db.execute("DELETE FROM snapshot_policies WHERE share_id=?", (share_id,))
+            return
+        self.db.execute("INSERT INTO snapshot_policies VALUES(?,?,?) ON CONFLICT(share_id) "
+                        "DO UPDATE SET schedule=excluded.schedule, retention=excluded.retention",
+                        (share_id, schedule, retention))
+
+    def snapshot_policies(self) -> Dict[str, Tuple[str, str]]:
+        return {r[0]: (r[1], r[2]) for r in
+                self.db.execute("SELECT share_id, schedule, retention FROM snapshot_policies")}
+
+    def share_made_from(self, snapshot_id: str) -> bool:
+        """Whether a share is being created from the snapshot now."""
+        return self.db.execute("SELECT 1 FROM shares WHERE snapshot_id=? AND status=? LIMIT 1",
+                               (snapshot_id, C.STATUS_CREATING)).fetchone() is not None
 
     def snapshot_at(self, share_id: str, location: str) -> Optional[Snapshot]:
         """The snapshot of share_id whose storage is at location, if any."""

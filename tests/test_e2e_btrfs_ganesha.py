@@ -6,6 +6,7 @@ access after every rule change."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -240,6 +241,49 @@ def test_a_snapshot_made_by_hand_is_adopted_over_the_bus(storage_host, clients):
     h.call(snap, SNAP, "Delete", "a{sv}", 0)
     assert not os.path.exists(os.path.join(h.pool_path, "snapshots", "before-upgrade"))
     h.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    h.share(path, "Delete", "a{sv}", 0)
+
+
+def test_a_snapshot_schedule_keeps_the_newest_three(storage_host):
+    """A schedule every 2 s with retention 3 over the bus: real btrfs
+    snapshots appear, named by their elapse, and exactly the three newest
+    stay, in the store and in the pool."""
+    h = storage_host
+    path = h.create_share("scheduled", "NFS", 1, snapshot_schedule="2s", snapshot_retention="3")
+    assert h.share_prop(path, "SnapshotSchedule") == "2s"
+    assert h.share_prop(path, "SnapshotRetention") == "3"
+    spool = os.path.join(h.spool_dir, "storage1")
+
+    def records(method):
+        out = []
+        for n in os.listdir(spool):
+            if n.startswith(".") or method not in n or "-post-" not in n:
+                continue
+            try:
+                rec = json.load(open(os.path.join(spool, n)))
+            except (OSError, ValueError):
+                continue
+            if rec["share"] and rec["share"]["name"] == "scheduled":
+                out.append(rec)
+        return out
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(records("-delete_snapshot")) < 2:
+        time.sleep(0.2)
+    assert len(records("-delete_snapshot")) >= 2
+    h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_schedule", "s", "none")
+    time.sleep(0.5)                                  # an elapse in flight settles
+    snaps = h.manager("ListSnapshots", "a{sv}", 1, "share", "o", path)
+    names = sorted(h.get(p, "org.sharedd.Sharedd1.Snapshot", "Name") for p in snaps)
+    assert len(names) == 3 and all(re.fullmatch(r"auto-\d{8}T\d{6}Z", n) for n in names)
+    created = sorted(r["snapshot"]["name"] for r in records("-create_snapshot"))
+    assert names == created[-3:], "the three newest are kept"
+    ids = {p.rsplit("/", 1)[1] for p in snaps}
+    pool_snaps = set(os.listdir(os.path.join(h.pool_path, "snapshots")))
+    assert ids <= pool_snaps
+    gone = {r["snapshot"]["id"] for r in records("-delete_snapshot")}
+    assert not gone & pool_snaps, "pruned snapshots are gone from the pool"
+    for p in snaps:
+        h.call(p, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
     h.share(path, "Delete", "a{sv}", 0)
 
 

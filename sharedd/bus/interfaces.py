@@ -220,7 +220,8 @@ class Manager(_Base):
     async def CreateShare(self, name: "s", protocol: "s", size_gib: "t", options: "a{sv}") -> "o":
         opts = unpack_options(options, {"backend": ("s",), "snapshot": ("o",),
                                         "description": ("s",), "metadata": ("a{ss}",),
-                                        "share_network": ("o",)})
+                                        "share_network": ("o",), "snapshot_schedule": ("s",),
+                                        "snapshot_retention": ("s",)})
         if "snapshot" in opts:
             opts["snapshot"] = _id_from_path(opts["snapshot"], C.SNAPSHOT_PATH, "snapshot")
         if "share_network" in opts:
@@ -373,9 +374,11 @@ class Share(_Base):
 
     def props(self):
         s = self._s()
+        schedule, retention = self.engine.snapshot_policy(s)
         return {"SizeGiB": s.size_gib, "Status": s.status,
                 "ExportLocations": list(s.export_locations),
-                "AccessRules": self._rules(), "AccessRuleOptions": self._rule_options()}
+                "AccessRules": self._rules(), "AccessRuleOptions": self._rule_options(),
+                "SnapshotSchedule": schedule, "SnapshotRetention": retention}
 
     def _rule_list(self):
         if self._rule_cache is None:
@@ -402,6 +405,13 @@ class Share(_Base):
     async def DenyAccess(self, access_id: "s", options: "a{sv}"):
         unpack_options(options, {})
         await self.engine.deny_access(self.share_id, access_id, {})
+
+    @method()
+    @translate
+    async def SetSnapshotPolicy(self, options: "a{sv}"):
+        opts = unpack_options(options, {"snapshot_schedule": ("s",),
+                                        "snapshot_retention": ("s",)})
+        self.engine.set_snapshot_policy(self.share_id, opts)
 
     @method()
     @translate
@@ -517,6 +527,14 @@ class Share(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def Metadata(self) -> "a{ss}":
         return dict(self._s().metadata)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SnapshotSchedule(self) -> "s":
+        return self.engine.snapshot_policy(self._s())[0]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SnapshotRetention(self) -> "s":
+        return self.engine.snapshot_policy(self._s())[1]
 
     @dbus_property(access=PropertyAccess.READ)
     def SourceSnapshot(self) -> "o":
