@@ -8,6 +8,7 @@ delivered in order because the engine serialises operations per share.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -89,7 +90,9 @@ class HookManager:
         if not hook.blocking:
             return fn(*args)
         limit = self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args), limit)
+        # a plain executor future: wait_for needs no task of its own for it
+        return await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args)), limit)
 
     @staticmethod
     def _name(hook: Hook) -> str:
