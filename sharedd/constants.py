@@ -15,6 +15,8 @@ IFACE_SHARE_NETWORK = "org.sharedd.Sharedd1.ShareNetwork"
 IFACE_SHARE_SERVER = "org.sharedd.Sharedd1.ShareServer"
 IFACE_JOB = "org.sharedd.Sharedd1.Job"
 IFACE_REPLICA = "org.sharedd.Sharedd1.Replica"
+IFACE_SHARE_GROUP = "org.sharedd.Sharedd1.ShareGroup"
+IFACE_SHARE_GROUP_SNAPSHOT = "org.sharedd.Sharedd1.ShareGroupSnapshot"
 ERROR_PREFIX = "org.sharedd.Sharedd1.Error."
 BACKEND_PATH = ROOT_PATH + "/backend"
 SHARE_PATH = ROOT_PATH + "/share"
@@ -23,6 +25,8 @@ SHARE_NETWORK_PATH = ROOT_PATH + "/share_network"
 SHARE_SERVER_PATH = ROOT_PATH + "/share_server"
 JOB_PATH = ROOT_PATH + "/job"
 REPLICA_PATH = ROOT_PATH + "/replica"
+SHARE_GROUP_PATH = ROOT_PATH + "/share_group"
+SHARE_GROUP_SNAPSHOT_PATH = ROOT_PATH + "/share_group_snapshot"
 
 #: the methods that change nothing: every local user may call them (the bus
 #: policy says so) and they leave no audit record
@@ -72,6 +76,10 @@ SHARE_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR,
 # Replication (Manila's names). A replica's status is its life cycle; its
 # role says which copy serves read-write; its state how current a copy is.
 REPLICA_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR, STATUS_DELETING)
+#: share groups and their snapshots
+GROUP_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR, STATUS_DELETING)
+#: shares one share group may hold (each group snapshot takes one snapshot of each)
+MAX_GROUP_MEMBERS = 64
 ROLE_ACTIVE = "active"
 ROLE_REPLICA = "replica"
 REPLICA_ROLES = (ROLE_ACTIVE, ROLE_REPLICA)
@@ -104,6 +112,8 @@ HOOK_METHODS = (
     "allow_access", "deny_access", "extend_share", "shrink_share",
     "manage_share", "unmanage_share", "ensure_share",
     "manage_existing_snapshot", "unmanage_snapshot",
+    "create_share_group", "delete_share_group", "create_share_group_snapshot",
+    "delete_share_group_snapshot", "create_share_group_from_share_group_snapshot",
     "migration_start", "migration_complete", "migration_cancel",
     "create_share_replica", "delete_share_replica", "promote_share_replica",
     "update_share_replica", "create_replicated_snapshot", "delete_replicated_snapshot",

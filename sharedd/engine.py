@@ -30,13 +30,14 @@ from .hooks import records
 from .hooks.base import HookContext
 from .jobs import Job, Jobs
 from .migration import Migrations
-from .models import (AccessRule, Replica, Share, ShareNetwork, ShareServer, ShareUpdate, Snapshot,
-                     fields_of)
+from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
+                     ShareServer, ShareUpdate, Snapshot, fields_of)
 from .operation import Operation, Runner
 from .replication import Replications
 from .states import Observer
 from .service_instance import ServiceInstances
 from .share_servers import ShareServers
+from .share_groups import ShareGroups
 from .snapshots import Snapshots
 from .spool_export import SpoolExport
 from .store import Store, new_id
@@ -61,6 +62,7 @@ class Engine:
         self.migrations: Migrations
         self.replications: Replications
         self.snapshot_ops: Snapshots
+        self.groups: ShareGroups
         self.jobs = Jobs(self.observer)
         self.instances: Optional[ServiceInstances] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -90,6 +92,7 @@ class Engine:
                                      self._spawn, self._check_capacity)
         self.snapshot_ops = Snapshots(self.store, self.runner, self.backends, self.replications,
                                       self._spawn, self._share_in)
+        self.groups = ShareGroups(self.store, self.runner, self.backends, self.create_share)
         self._loop = asyncio.get_running_loop()
         self._started = True
         self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
@@ -119,6 +122,7 @@ class Engine:
         await self._recover_servers()
         await recovery.recover(self.store, self.runner, self.backends)
         await self.replications.recover()
+        await self.groups.recover()
         await self.ensure_all()
         await self.spool_export.ensure()
         for b in self.backends.values():
@@ -151,6 +155,7 @@ class Engine:
             await self.servers.recover(backend=b.name)
             await recovery.recover(self.store, self.runner, self.backends, only=b.name)
             await self.replications.recover(only=b.name)
+            await self.groups.recover(only=b.name)
         await self.ensure_all(backend=b.name)
         await self.spool_export.ensure()
         await self._refresh(b)
@@ -410,7 +415,8 @@ class Engine:
                            options: Dict[str, Any]) -> Share:
         validation.options(options, {"backend": str, "snapshot": str, "description": str,
                                  "metadata": dict, "share_network": str,
-                                 "snapshot_schedule": str, "snapshot_retention": str})
+                                 "snapshot_schedule": str, "snapshot_retention": str,
+                                 "share_group": str})
         schedule, retention = self.snapshot_ops.check_policy(options)
         name = validation.name(name)
         protocol = validation.protocol(protocol)
@@ -436,9 +442,12 @@ class Engine:
         if snap:
             b.require("create_share_from_snapshot_support", "create shares from snapshots")
         network = self._share_network_for(b, options)
+        group = self.groups.for_new_share(options["share_group"], b.name) \
+            if "share_group" in options else None
         share = Share(id=new_id(), name=name, backend=b.name, protocol=protocol, size_gib=size_gib,
                       status=C.STATUS_CREATING, created_at=now_us(), description=description,
-                      metadata=metadata, snapshot_id=snap.id if snap else None)
+                      metadata=metadata, snapshot_id=snap.id if snap else None,
+                      share_group_id=group.id if group else None)
         method = "create_share_from_snapshot" if snap else "create_share"
 
         async def plan() -> Operation:
@@ -673,6 +682,38 @@ class Engine:
 
     async def unmanage_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
         await self.snapshot_ops.unmanage(snapshot_id, options)
+
+    # ----------------------------------------------------------- share groups
+    async def create_share_group(self, name: str, options: Dict[str, Any]) -> ShareGroup:
+        return await self.groups.create(name, options)
+
+    async def delete_share_group(self, group_id: str, options: Dict[str, Any]) -> None:
+        await self.groups.delete(group_id, options)
+
+    async def create_share_group_snapshot(self, group_id: str, name: str,
+                                          options: Dict[str, Any]) -> ShareGroupSnapshot:
+        return await self.groups.create_snapshot(group_id, name, options)
+
+    async def delete_share_group_snapshot(self, gs_id: str, options: Dict[str, Any]) -> None:
+        await self.groups.delete_snapshot(gs_id, options)
+
+    def share_group(self, group_id: str) -> ShareGroup:
+        return self.groups.get(group_id)
+
+    def share_groups(self) -> List[ShareGroup]:
+        return self.store.groups()
+
+    def group_members(self, group_id: str) -> List[Share]:
+        return self.groups.members(group_id)
+
+    def share_group_snapshot(self, gs_id: str) -> ShareGroupSnapshot:
+        return self.groups.get_snapshot(gs_id)
+
+    def share_group_snapshots(self, group_id: Optional[str] = None) -> List[ShareGroupSnapshot]:
+        return self.store.group_snapshots(group_id)
+
+    def group_snapshot_members(self, gs_id: str) -> List[Snapshot]:
+        return self.groups.snapshot_members(gs_id)
 
     def set_snapshot_policy(self, share_id: str, options: Dict[str, Any]) -> None:
         """The share's own snapshot_schedule and/or snapshot_retention ("":

@@ -53,6 +53,8 @@ class Share:
     driver_data: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # The share server that exports it (backends that handle share servers).
     share_server_id: Optional[str] = None
+    # The share group it belongs to, if any.
+    share_group_id: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -64,6 +66,31 @@ class Snapshot:
     status: str
     created_at: int = 0
     provider_location: str = ""
+    # the share group snapshot this snapshot is a member of
+    group_snapshot_id: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ShareGroup:
+    """Shares snapshotted together; all on one backend."""
+    id: str
+    name: str
+    backend: str
+    status: str
+    created_at: int = 0
+    # the group snapshot its shares were made from, if any
+    source_group_snapshot_id: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ShareGroupSnapshot:
+    """One snapshot of every member share, taken together; the members are
+    the snapshots whose group_snapshot_id is this one's id."""
+    id: str
+    name: str
+    group_id: str
+    status: str
+    created_at: int = 0
 
 
 @dataclasses.dataclass

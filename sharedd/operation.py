@@ -32,7 +32,7 @@ from .backend import Backend
 from .errors import SharedError
 from .hooks import records
 from .hooks.manager import HookFailed
-from .models import AccessRule, Replica, Share, ShareServer, Snapshot
+from .models import AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareServer, Snapshot
 from .states import Changes, deliver
 from .store import Store
 from .util import public_text
@@ -63,6 +63,8 @@ class Operation:
     snapshot: Optional[Snapshot] = None
     server: Optional[ShareServer] = None         # setup_server, delete_share_server
     replica: Optional[Replica] = None            # the replica methods
+    group: Optional[ShareGroup] = None           # the share group methods
+    group_snapshot: Optional[ShareGroupSnapshot] = None
     rules: Sequence[AccessRule] = ()             # the rules concerned
     is_allow: Optional[bool] = None
     # The call copies data for a long time: the objects' locks are released
@@ -277,10 +279,23 @@ class Runner:
             current_replica = self.store.get_replica(op.replica.id)
             replica = records.replica_dict(current_replica or op.replica,
                                            None if current_replica else "deleted")
+        group = group_snapshot = None
+        if op.group is not None:
+            current_group = self.store.get_group(op.group.id)
+            group = records.group_dict(current_group or op.group,
+                                       [s.id for s in self.store.group_members(op.group.id)],
+                                       None if current_group else "deleted")
+        if op.group_snapshot is not None:
+            gs = op.group_snapshot
+            current_gs = self.store.get_group_snapshot(gs.id)
+            group_snapshot = records.group_snapshot_dict(
+                current_gs or gs, self.store.group_snapshot_members(gs.id),
+                None if current_gs else "deleted")
         return records.build(host=self.host_id, epoch=self.store.epoch, seq=seq, phase=phase,
                              method=op.method, backend=b.name, share=share, snapshot=snapshot,
                              rules=list(op.rules), is_allow=op.is_allow, result=result,
-                             server=server, replica=replica, server_addresses=addresses)
+                             server=server, replica=replica, server_addresses=addresses,
+                             group=group, group_snapshot=group_snapshot)
 
 
 def _what(op: Operation) -> str:
@@ -288,4 +303,6 @@ def _what(op: Operation) -> str:
         return f"share {op.share.name} ({op.share.id})"
     if op.server is not None:
         return f"share server {op.server.id}"
+    if op.group is not None:
+        return f"share group {op.group.name} ({op.group.id})"
     return f"backend {op.backend.name}"

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Sequence
 
 from .errors import InvalidArgument
 from . import validation
-from .constants import (ACCESS_LEVELS, ACCESS_TYPES, HOOK_METHODS, HOOK_PHASES, MAX_ANON_ID,
+from .constants import (ACCESS_LEVELS, ACCESS_TYPES, GROUP_STATUSES, HOOK_METHODS, HOOK_PHASES,
+                        MAX_ANON_ID, MAX_GROUP_MEMBERS,
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
                         REPLICA_ROLES, REPLICA_STATES, REPLICA_STATUSES, REPLICATION_STYLES,
                         RULE_STATES, SERVER_STATUSES, SHARE_NAME_PATTERN, SHARE_STATUSES,
@@ -100,6 +101,8 @@ _share = {
         "mount_hints": _mount_hints,
         # the share server that exports it (backends that handle share servers)
         "share_server": {"type": "string", "pattern": ID_RE},
+        # the share group it belongs to
+        "share_group": {"type": "string", "pattern": ID_RE},
     },
 }
 
@@ -145,6 +148,36 @@ _replica = {
     },
 }
 
+_group = {
+    "type": "object",
+    "required": ["id", "name", "status", "shares"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": ID_RE},
+        "name": {"type": "string", "pattern": NAME_RE},
+        "status": {"enum": list(GROUP_STATUSES) + ["deleted"]},
+        "shares": {"type": "array", "maxItems": MAX_GROUP_MEMBERS,
+                   "items": {"type": "string", "pattern": ID_RE}},
+    },
+}
+
+_group_snapshot = {
+    "type": "object",
+    "required": ["id", "name", "share_group", "status", "members"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": ID_RE},
+        "name": {"type": "string", "pattern": NAME_RE},
+        "share_group": {"type": "string", "pattern": ID_RE},
+        "status": {"enum": list(GROUP_STATUSES) + ["deleted"]},
+        # one snapshot of each member share
+        "members": {"type": "array", "maxItems": MAX_GROUP_MEMBERS, "items": {
+            "type": "object", "required": ["snapshot", "share"], "additionalProperties": False,
+            "properties": {"snapshot": {"type": "string", "pattern": ID_RE},
+                           "share": {"type": "string", "pattern": ID_RE}}}},
+    },
+}
+
 SCHEMA: Dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "$id": "https://sharedd.invalid/schema/spool-record-2.json",
@@ -173,6 +206,10 @@ SCHEMA: Dict[str, Any] = {
         # replica methods (create/delete/promote/update_share_replica): the
         # replica concerned (after a promote: the new active)
         "replica": _replica,
+        # share group methods: the group concerned (with its member shares),
+        # and the group snapshot (its source, for a group made from one)
+        "share_group": _group,
+        "share_group_snapshot": _group_snapshot,
         # The rules this change concerns (allow/deny); [] otherwise.
         "access_rules": {"type": "array", "maxItems": MAX_ACCESS_RULES_PER_SHARE, "items": _rule},
         "is_allow_operation": {"type": ["boolean", "null"]},

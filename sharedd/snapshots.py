@@ -69,6 +69,12 @@ class Snapshots:
     def _backend(self, share: Share) -> Backend:
         return self.backends[share.backend].usable()
 
+    @staticmethod
+    def _not_in_group(snap: Snapshot, verb: str) -> None:
+        if snap.group_snapshot_id:
+            raise InvalidState(f"snapshot {snap.name} is a member of share group snapshot "
+                               f"{snap.group_snapshot_id}: it is {verb} with that one")
+
     def _unique_name(self, share: Share, name: str) -> None:
         if any(s.name == name for s in self.store.snapshots(share.id)):
             raise AlreadyExists(f"share {share.name} already has a snapshot named {name!r}")
@@ -115,6 +121,7 @@ class Snapshots:
             if snap.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
                 raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be deleted "
                                    "when available or in error")
+            self._not_in_group(snap, "deleted")
             previous = snap.status
             replicated = self.replications.is_replicated(share.id)
 
@@ -216,6 +223,7 @@ class Snapshots:
             if snap.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
                 raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be unmanaged "
                                    "when available or in error")
+            self._not_in_group(snap, "unmanaged")
             if self.replications.is_replicated(share.id):
                 raise InvalidState(f"share {share.name} has replicas, which hold this snapshot "
                                    "too; delete them first")
@@ -324,9 +332,10 @@ class Snapshots:
         return deleted
 
     def in_use(self, snap: Snapshot) -> bool:
-        """Kept whatever the retention says: not settled, or a share is
-        being made from it."""
-        return snap.status != C.STATUS_AVAILABLE or self.store.share_made_from(snap.id)
+        """Kept whatever the retention says: not settled, a member of a
+        share group snapshot, or a share is being made from it."""
+        return snap.status != C.STATUS_AVAILABLE or bool(snap.group_snapshot_id) \
+            or self.store.share_made_from(snap.id)
 
     def scheduled_shares(self) -> Dict[str, List[str]]:
         """schedule text -> ids of the shares it applies to (read at each

@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from . import constants as C
-from .models import AccessRule, Replica, Share, ShareNetwork, ShareServer, Snapshot
+from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
+                     ShareServer, Snapshot)
 from .store import Store
 
 Edge = Tuple[Optional[str], Optional[str]]
@@ -104,13 +105,24 @@ SERVER: FrozenSet[Edge] = frozenset({
     (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
 })
 
+#: share groups and group snapshots: made, removed (a pre hook may refuse either)
+GROUP: FrozenSet[Edge] = frozenset({
+    (None, C.STATUS_CREATING),
+    (C.STATUS_CREATING, C.STATUS_AVAILABLE), (C.STATUS_CREATING, C.STATUS_ERROR),
+    (C.STATUS_CREATING, None),
+    (C.STATUS_AVAILABLE, C.STATUS_DELETING), (C.STATUS_ERROR, C.STATUS_DELETING),
+    (C.STATUS_DELETING, None), (C.STATUS_DELETING, C.STATUS_ERROR),
+    (C.STATUS_DELETING, C.STATUS_AVAILABLE),
+})
+
 #: rules the backend must enforce (Manila's "active or being applied")
 GRANTING = (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING, C.RULE_ACTIVE)
 #: rules whose revocation is pending: never enforced, never re-granted
 DENY_PENDING = (C.RULE_QUEUED_TO_DENY, C.RULE_DENYING)
 
 TABLES: Dict[str, FrozenSet[Edge]] = {"share": SHARE, "snapshot": SNAPSHOT, "rule": RULE,
-                                      "server": SERVER, "replica": REPLICA}
+                                      "server": SERVER, "replica": REPLICA,
+                                      "group": GROUP, "group_snapshot": GROUP}
 
 
 class IllegalTransition(AssertionError):
@@ -198,6 +210,39 @@ class Changes:
         check("snapshot", self.store.snapshot_status(snap.id), None)
         self.store.delete_snapshot(snap.id)
         self._event("snapshot_removed", snap.id)
+
+    # --- share groups and group snapshots ---------------------------------------
+    def add_group(self, group: ShareGroup) -> None:
+        check("group", None, group.status)
+        self.store.insert_group(group)
+        self._event("group_added", group)
+
+    def group(self, group: ShareGroup, status: str) -> None:
+        check("group", self.store.group_status(group.id), status)
+        group.status = status
+        self.store.update_group(group)
+        self._event("group_changed", group)
+
+    def remove_group(self, group: ShareGroup) -> None:
+        check("group", self.store.group_status(group.id), None)
+        self.store.delete_group(group.id)
+        self._event("group_removed", group.id)
+
+    def add_group_snapshot(self, gs: ShareGroupSnapshot) -> None:
+        check("group_snapshot", None, gs.status)
+        self.store.insert_group_snapshot(gs)
+        self._event("group_snapshot_added", gs)
+
+    def group_snapshot(self, gs: ShareGroupSnapshot, status: str) -> None:
+        check("group_snapshot", self.store.group_snapshot_status(gs.id), status)
+        gs.status = status
+        self.store.update_group_snapshot(gs)
+        self._event("group_snapshot_changed", gs)
+
+    def remove_group_snapshot(self, gs: ShareGroupSnapshot) -> None:
+        check("group_snapshot", self.store.group_snapshot_status(gs.id), None)
+        self.store.delete_group_snapshot(gs.id)
+        self._event("group_snapshot_removed", gs.id)
 
     # --- replicas --------------------------------------------------------------
     def add_replica(self, replica: Replica, task: Optional[Dict[str, Any]] = None) -> None:
@@ -291,6 +336,12 @@ class Observer:
     def replica_added(self, replica: Replica) -> None: ...
     def replica_changed(self, replica: Replica) -> None: ...
     def replica_removed(self, replica_id: str) -> None: ...
+    def group_added(self, group: ShareGroup) -> None: ...
+    def group_changed(self, group: ShareGroup) -> None: ...
+    def group_removed(self, group_id: str) -> None: ...
+    def group_snapshot_added(self, gs: ShareGroupSnapshot) -> None: ...
+    def group_snapshot_changed(self, gs: ShareGroupSnapshot) -> None: ...
+    def group_snapshot_removed(self, gs_id: str) -> None: ...
     def job_added(self, job: Any) -> None: ...
     def job_changed(self, job: Any) -> None: ...
     def job_completed(self, outcome: Tuple[Any, bool, str]) -> None:

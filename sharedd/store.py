@@ -17,10 +17,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import constants as C
 from .errors import ConfigError
-from .models import AccessRule, Replica, Share, ShareNetwork, ShareServer, Snapshot
+from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
+                     ShareServer, Snapshot)
 
 SCHEMA_VERSION = 5   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
-#                      4: replicas; 5: snapshot policies
+#                      4: replicas; 5: snapshot policies, share groups
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,6 +102,22 @@ CREATE TABLE IF NOT EXISTS replicas (
     UNIQUE (share_id, backend)
 );
 CREATE INDEX IF NOT EXISTS replicas_by_backend ON replicas(backend);
+CREATE TABLE IF NOT EXISTS share_groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    backend TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    source_group_snapshot_id TEXT
+);
+CREATE TABLE IF NOT EXISTS group_snapshots (
+    id TEXT PRIMARY KEY,
+    group_id TEXT NOT NULL REFERENCES share_groups(id),
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (group_id, name)
+);
 CREATE TABLE IF NOT EXISTS snapshot_policies (
     share_id TEXT PRIMARY KEY REFERENCES shares(id),
     schedule TEXT NOT NULL DEFAULT '',
@@ -128,6 +145,8 @@ _ADDED_COLUMNS = [
     ("rules", "anonuid", "INTEGER NOT NULL DEFAULT 65534"),
     ("rules", "anongid", "INTEGER NOT NULL DEFAULT 65534"),
     ("shares", "share_server_id", "TEXT"),
+    ("shares", "share_group_id", "TEXT"),
+    ("snapshots", "group_snapshot_id", "TEXT"),
 ]
 
 
@@ -177,6 +196,9 @@ class Store:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_server "
                             "ON shares(share_server_id)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_group ON shares(share_group_id)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_group "
+                            "ON snapshots(group_snapshot_id)")
             for statement in _TRIGGERS:
                 self.db.execute(statement)
             # Recounted at every open (one scan): totals can never drift.
@@ -249,16 +271,18 @@ class Store:
                      export_locations=json.loads(row["export_locations"]),
                      provider_location=row["provider_location"], snapshot_id=row["snapshot_id"],
                      driver_data=json.loads(row["driver_data"]),
-                     share_server_id=row["share_server_id"])
+                     share_server_id=row["share_server_id"],
+                     share_group_id=row["share_group_id"])
 
     def insert_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
             "INSERT INTO shares(id, name, backend, protocol, size_gib, status, created_at, description,"
             " metadata, export_locations, provider_location, snapshot_id, driver_data, task,"
-            " share_server_id) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " share_server_id, share_group_id) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.backend, s.protocol, s.size_gib, s.status, s.created_at, s.description,
              json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
-             s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {}), s.share_server_id))
+             s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {}), s.share_server_id,
+             s.share_group_id))
 
     def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
@@ -486,13 +510,15 @@ class Store:
     def _snapshot(row: sqlite3.Row) -> Snapshot:
         return Snapshot(id=row["id"], name=row["name"], share_id=row["share_id"],
                         size_gib=row["size_gib"], status=row["status"],
-                        created_at=row["created_at"], provider_location=row["provider_location"])
+                        created_at=row["created_at"], provider_location=row["provider_location"],
+                        group_snapshot_id=row["group_snapshot_id"])
 
     def insert_snapshot(self, s: Snapshot) -> None:
         self.db.execute(
-            "INSERT INTO snapshots(id, name, share_id, size_gib, status, created_at, provider_location)"
-            " VALUES(?,?,?,?,?,?,?)",
-            (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location))
+            "INSERT INTO snapshots(id, name, share_id, size_gib, status, created_at, provider_location,"
+            " group_snapshot_id) VALUES(?,?,?,?,?,?,?,?)",
+            (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location,
+             s.group_snapshot_id))
 
     def update_snapshot(self, s: Snapshot) -> None:
         self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=? WHERE id=?",
@@ -508,6 +534,79 @@ class Store:
     def snapshot_status(self, snapshot_id: str) -> Optional[str]:
         row = self.db.execute("SELECT status FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return row[0] if row else None
+
+    # --- share groups and their snapshots ---------------------------------------
+    @staticmethod
+    def _group(row: sqlite3.Row) -> ShareGroup:
+        return ShareGroup(id=row["id"], name=row["name"], backend=row["backend"],
+                          status=row["status"], created_at=row["created_at"],
+                          source_group_snapshot_id=row["source_group_snapshot_id"])
+
+    def insert_group(self, g: ShareGroup) -> None:
+        self.db.execute("INSERT INTO share_groups VALUES(?,?,?,?,?,?)",
+                        (g.id, g.name, g.backend, g.status, g.created_at,
+                         g.source_group_snapshot_id))
+
+    def update_group(self, g: ShareGroup) -> None:
+        self.db.execute("UPDATE share_groups SET status=? WHERE id=?", (g.status, g.id))
+
+    def delete_group(self, group_id: str) -> None:
+        self.db.execute("DELETE FROM share_groups WHERE id=?", (group_id,))
+
+    def get_group(self, group_id: str) -> Optional[ShareGroup]:
+        row = self.db.execute("SELECT * FROM share_groups WHERE id=?", (group_id,)).fetchone()
+        return self._group(row) if row else None
+
+    def group_status(self, group_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT status FROM share_groups WHERE id=?", (group_id,)).fetchone()
+        return row[0] if row else None
+
+    def find_group(self, name: str) -> Optional[ShareGroup]:
+        row = self.db.execute("SELECT * FROM share_groups WHERE name=?", (name,)).fetchone()
+        return self._group(row) if row else None
+
+    def groups(self) -> List[ShareGroup]:
+        return [self._group(r) for r in
+                self.db.execute("SELECT * FROM share_groups ORDER BY created_at, id")]
+
+    def group_members(self, group_id: str) -> List[Share]:
+        return [self._share(r) for r in self.db.execute(
+            "SELECT * FROM shares WHERE share_group_id=? ORDER BY created_at, id", (group_id,))]
+
+    @staticmethod
+    def _group_snapshot(row: sqlite3.Row) -> ShareGroupSnapshot:
+        return ShareGroupSnapshot(id=row["id"], name=row["name"], group_id=row["group_id"],
+                                  status=row["status"], created_at=row["created_at"])
+
+    def insert_group_snapshot(self, g: ShareGroupSnapshot) -> None:
+        self.db.execute("INSERT INTO group_snapshots VALUES(?,?,?,?,?)",
+                        (g.id, g.group_id, g.name, g.status, g.created_at))
+
+    def update_group_snapshot(self, g: ShareGroupSnapshot) -> None:
+        self.db.execute("UPDATE group_snapshots SET status=? WHERE id=?", (g.status, g.id))
+
+    def delete_group_snapshot(self, gs_id: str) -> None:
+        self.db.execute("DELETE FROM group_snapshots WHERE id=?", (gs_id,))
+
+    def get_group_snapshot(self, gs_id: str) -> Optional[ShareGroupSnapshot]:
+        row = self.db.execute("SELECT * FROM group_snapshots WHERE id=?", (gs_id,)).fetchone()
+        return self._group_snapshot(row) if row else None
+
+    def group_snapshot_status(self, gs_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT status FROM group_snapshots WHERE id=?", (gs_id,)).fetchone()
+        return row[0] if row else None
+
+    def group_snapshots(self, group_id: Optional[str] = None) -> List[ShareGroupSnapshot]:
+        if group_id is None:
+            rows = self.db.execute("SELECT * FROM group_snapshots ORDER BY created_at, id")
+        else:
+            rows = self.db.execute("SELECT * FROM group_snapshots WHERE group_id=? "
+                                   "ORDER BY created_at, id", (group_id,))
+        return [self._group_snapshot(r) for r in rows]
+
+    def group_snapshot_members(self, gs_id: str) -> List[Snapshot]:
+        return [self._snapshot(r) for r in self.db.execute(
+            "SELECT * FROM snapshots WHERE group_snapshot_id=? ORDER BY created_at, id", (gs_id,))]
 
     # --- snapshot policies: a share's own schedule and retention ("": the
     # backend's default; "none": no schedule for this share) ---------------

@@ -308,6 +308,12 @@ class SimDriver(ShareDriver):
     def revert_to_snapshot(self, share, snapshot, rules):
         return self._act("revert_to_snapshot", lambda: ShareUpdate())
 
+    def create_share_group(self, group):
+        return self._act("create_share_group", lambda: None)
+
+    def delete_share_group(self, group):
+        return self._act("delete_share_group", lambda: None)
+
     def check_manage_snapshot(self, share, provider_location):
         if self.w.loose.get(provider_location) != self._key(share):
             raise InvalidArgument(f"{provider_location} is no snapshot of share {share.id}")

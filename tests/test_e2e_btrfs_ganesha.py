@@ -287,6 +287,84 @@ def test_a_snapshot_schedule_keeps_the_newest_three(storage_host):
     h.share(path, "Delete", "a{sv}", 0)
 
 
+def tree_digest(root: str) -> dict:
+    out = {}
+    for name in sorted(os.listdir(root)):
+        with open(os.path.join(root, name), "rb") as f:
+            out[name] = sha(f.read())
+    return out
+
+
+def test_a_share_group_snapshot_restored_into_a_new_group(storage_host, clients):
+    """Three shares in a group, a client writing to all three over NFS while
+    the group snapshot is taken; a new group made from it holds, share by
+    share, exactly what each member snapshot holds (checksums)."""
+    import threading
+    h = storage_host
+    GROUP, GSNAP = "org.sharedd.Sharedd1.ShareGroup", "org.sharedd.Sharedd1.ShareGroupSnapshot"
+    g = h.manager("CreateShareGroup", "sa{sv}", "trio", 0)
+    paths = [h.create_share(f"trio{i}", "NFS", 1, share_group=g) for i in range(3)]
+    assert sorted(h.get(g, GROUP, "Shares")) == sorted(paths)
+    assert h.share_prop(paths[0], "ShareGroup") == g
+    rids = [h.share(p, "AllowAccess", "sssa{sv}", "ip", "10.71.0.21", "rw", 0) for p in paths]
+    pseudos = [pseudo(h, p) for p in paths]
+    for p in pseudos:
+        assert write(h, clients["rw"], p, "before", b"written before").ok
+    stop, written = threading.Event(), []
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            for p in pseudos:
+                if write(h, clients["rw"], p, f"w{i}", f"during {i}".encode()).ok:
+                    written.append((p, i))
+            i += 1
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.5)
+        gs = h.call(g, GROUP, "CreateSnapshot", "sa{sv}", "point", 0)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join(60)
+    assert written, "the client wrote during the snapshot"
+    members = h.get(gs, GSNAP, "Snapshots")
+    assert len(members) == 3 and h.get(gs, GSNAP, "ShareGroup") == g
+    by_share = {h.get(m, "org.sharedd.Sharedd1.Snapshot", "Share"): m for m in members}
+    assert set(by_share) == set(paths)
+    # restore into a new group: one share per member, made from it
+    g2 = h.manager("CreateShareGroup", "sa{sv}", "trio2", 1, "source_group_snapshot", "o", gs)
+    made = h.get(g2, GROUP, "Shares")
+    assert len(made) == 3 and h.get(g2, GROUP, "SourceGroupSnapshot") == gs
+    for new in made:
+        source = h.share_prop(new, "SourceSnapshot")
+        origin = h.get(source, "org.sharedd.Sharedd1.Snapshot", "Share")
+        assert by_share[origin] == source
+        snap_dir = os.path.join(h.pool_path, "snapshots", source.rsplit("/", 1)[1])
+        restored = tree_digest(mount_of(h, new)[0])
+        assert restored == tree_digest(snap_dir), "the new share holds its member snapshot"
+        assert restored["before"] == sha(b"written before")
+    spool = os.path.join(h.spool_dir, "storage1")
+    recs = [json.load(open(os.path.join(spool, n))) for n in os.listdir(spool)
+            if "share_group" in n and "-post-" in n]
+    assert {r["method"] for r in recs} >= {"create_share_group", "create_share_group_snapshot",
+                                           "create_share_group_from_share_group_snapshot"}
+    # member snapshots go with their group snapshot only
+    err = h.error(members[0], "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
+    assert err.startswith(ERR + "InvalidState")
+    for p in made:
+        h.share(p, "Delete", "a{sv}", 0)
+    h.call(gs, GSNAP, "Delete", "a{sv}", 0)
+    for p, rid in zip(paths, rids):
+        h.share(p, "DenyAccess", "sa{sv}", rid, 0)
+        h.share(p, "Delete", "a{sv}", 0)
+    for group in (g, g2):
+        h.call(group, GROUP, "Delete", "a{sv}", 0)
+    assert not [n for n in os.listdir(os.path.join(h.pool_path, "snapshots"))
+                if n in {m.rsplit("/", 1)[1] for m in members}]
+
+
 def test_nothing_sharedd_creates_is_open_to_local_users(storage_host):
     """Every directory under the state path and the pool is private (the
     state path 0750, the rest 0700; the mount directory of a backend that

@@ -186,7 +186,8 @@ def test_no_deny_state_leads_back_to_a_grant():
 def test_every_state_in_the_tables_is_a_known_state():
     known = {"share": set(C.SHARE_STATUSES), "snapshot": set(C.SHARE_STATUSES),
              "rule": set(C.RULE_STATES), "server": set(C.SERVER_STATUSES),
-             "replica": set(C.REPLICA_STATUSES)}
+             "replica": set(C.REPLICA_STATUSES), "group": set(C.GROUP_STATUSES),
+             "group_snapshot": set(C.GROUP_STATUSES)}
     for kind, table in states.TABLES.items():
         for old, new in table:
             assert {old, new} - {None} <= known[kind], (kind, old, new)
@@ -495,6 +496,219 @@ def test_a_crash_in_a_scheduled_snapshot_leaves_no_orphan(h):
     assert all(s.status == C.STATUS_AVAILABLE for s in snaps)
     assert set(h.world.snapshots) == {s.id for s in snaps}
     assert [s.name for s in snaps] == scheduled(h, share) and len(snaps) == 1
+
+
+# --- share groups -------------------------------------------------------------------
+def group_of(h, name="g", **opts):
+    return h.run(h.engine.create_share_group(name, opts))
+
+
+def test_a_share_group_is_snapshotted_and_made_again_within_hooks(h):
+    g = group_of(h)
+    a = h.create("a", 2, share_group=g.id)
+    b = h.create("b", 1, share_group=g.id)
+    loose = h.create("loose")
+    assert [s.id for s in h.engine.group_members(g.id)] == [a.id, b.id]
+    assert a.share_group_id == g.id and loose.share_group_id is None
+    gs = h.run(h.engine.create_share_group_snapshot(g.id, "before", {}))
+    members = h.engine.group_snapshot_members(gs.id)
+    assert gs.status == C.STATUS_AVAILABLE and len(members) == 2
+    assert {m.share_id for m in members} == {a.id, b.id}
+    assert all(m.status == C.STATUS_AVAILABLE and m.name == "before" for m in members)
+    assert set(h.world.snapshots) == {m.id for m in members}
+    # a member is a snapshot of its share (revert), deleted only with the group snapshot
+    mine = [m for m in members if m.share_id == a.id][0]
+    h.run(h.engine.revert_to_snapshot(a.id, mine.id, {}))
+    with pytest.raises(InvalidState, match="member of share group snapshot"):
+        h.run(h.engine.delete_snapshot(members[0].id, {}))
+    with pytest.raises(InvalidState, match="member of share group snapshot"):
+        h.run(h.engine.unmanage_snapshot(members[0].id, {}))
+    # a new group from the group snapshot: one share per member, made from it
+    g2 = group_of(h, "g2", source_group_snapshot=gs.id)
+    made = h.engine.group_members(g2.id)
+    assert g2.status == C.STATUS_AVAILABLE and g2.source_group_snapshot_id == gs.id
+    assert sorted((s.name, s.size_gib, s.snapshot_id) for s in made) == sorted(
+        [("g2-a", 2, [m.id for m in members if m.share_id == a.id][0]),
+         ("g2-b", 1, [m.id for m in members if m.share_id == b.id][0])])
+    # what must go first
+    with pytest.raises(InvalidState, match="share\\(s\\)"):
+        h.run(h.engine.delete_share_group(g.id, {}))
+    with pytest.raises(InvalidState, match="has 1 snapshot"):
+        h.run(h.engine.delete_share(a.id, {}))
+    h.run(h.engine.delete_share_group_snapshot(gs.id, {}))
+    assert h.world.snapshots == {} and h.engine.share_group_snapshots() == []
+    for s in made + [a, b, loose]:
+        h.run(h.engine.delete_share(s.id, {}))
+    for group in (g, g2):
+        h.run(h.engine.delete_share_group(group.id, {}))
+    assert h.engine.share_groups() == []
+    methods = {(r["phase"], r["method"]) for r in RecordingHook.records}
+    for m in ("create_share_group", "delete_share_group", "create_share_group_snapshot",
+              "delete_share_group_snapshot", "create_share_group_from_share_group_snapshot"):
+        assert ("pre", m) in methods and ("post", m) in methods, m
+    post = [r for r in RecordingHook.records if r["phase"] == "post"
+            and r["method"] == "create_share_group_snapshot"][0]
+    assert post["share_group"]["shares"] == [a.id, b.id]
+    assert {m["share"] for m in post["share_group_snapshot"]["members"]} == {a.id, b.id}
+    # the shares made from it were made inside the group's operation
+    seq = [(r["phase"], r["method"]) for r in RecordingHook.records]
+    first = seq.index(("pre", "create_share_group_from_share_group_snapshot"))
+    last = seq.index(("post", "create_share_group_from_share_group_snapshot"))
+    assert seq[first:last].count(("post", "create_share_from_snapshot")) == 2
+    share_recs = [r for r in RecordingHook.records if r["method"] == "create_share_from_snapshot"]
+    assert all(r["share"]["share_group"] == g2.id for r in share_recs)
+
+
+def test_share_group_refusals_change_nothing(h, monkeypatch):
+    g = group_of(h)
+    before = (h.engine.share_groups(), h.engine.shares(), len(RecordingHook.records))
+    for call, error in [
+        (lambda: group_of(h, "g"), AlreadyExists),
+        (lambda: group_of(h, "bad name"), InvalidArgument),
+        (lambda: group_of(h, "x", backend="nope"), NotFound),
+        (lambda: group_of(h, "x", source_group_snapshot="f" * 32), NotFound),
+        (lambda: group_of(h, "x", colour="blue"), InvalidArgument),
+        (lambda: h.create("x", share_group="f" * 32), NotFound),
+        (lambda: h.create("x", share_group="../x"), InvalidArgument),
+        (lambda: h.run(h.engine.create_share_group_snapshot(g.id, "s", {})), InvalidState),
+        (lambda: h.run(h.engine.delete_share_group_snapshot("f" * 32, {})), NotFound),
+    ]:
+        with pytest.raises(error):
+            call()
+    assert (h.engine.share_groups(), h.engine.shares(), len(RecordingHook.records)) == before
+    monkeypatch.setattr(C, "MAX_GROUP_MEMBERS", 1)
+    h.create("one", share_group=g.id)
+    with pytest.raises(CapacityExceeded):
+        h.create("two", share_group=g.id)
+
+
+def test_share_group_hooks_refuse_and_drivers_fail(h):
+    # a pre hook refuses: nothing changes
+    for method, call in [
+        ("create_share_group", lambda: group_of(h, "r")),
+    ]:
+        RecordingHook.fail.add(("pre", method))
+        with pytest.raises(BackendFailure, match="pre hook"):
+            call()
+        RecordingHook.fail.clear()
+    assert h.engine.share_groups() == []
+    g = group_of(h)
+    a = h.create("a", share_group=g.id)
+    RecordingHook.fail.add(("pre", "create_share_group_snapshot"))
+    with pytest.raises(BackendFailure, match="pre hook"):
+        h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+    RecordingHook.fail.clear()
+    assert h.engine.share_group_snapshots() == [] and h.engine.snapshots() == []
+    # the driver fails a member: the ones made are removed, nothing is recorded
+    h.world.fail.add("create_snapshot")
+    with pytest.raises(BackendFailure):
+        h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+    h.world.fail.clear()
+    assert h.engine.share_group_snapshots() == [] and h.world.snapshots == {}
+    gs = h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+    RecordingHook.fail.add(("pre", "delete_share_group_snapshot"))
+    with pytest.raises(BackendFailure, match="pre hook"):
+        h.run(h.engine.delete_share_group_snapshot(gs.id, {}))
+    RecordingHook.fail.clear()
+    assert h.engine.share_group_snapshot(gs.id).status == C.STATUS_AVAILABLE
+    h.world.fail.add("delete_snapshot")
+    with pytest.raises(BackendFailure):
+        h.run(h.engine.delete_share_group_snapshot(gs.id, {}))
+    assert h.engine.share_group_snapshot(gs.id).status == C.STATUS_ERROR
+    h.world.fail.clear()
+    h.run(h.engine.delete_share_group_snapshot(gs.id, {}))      # from error
+    assert h.engine.share_group_snapshots() == [] and h.world.snapshots == {}
+    h.run(h.engine.delete_share(a.id, {}))
+    RecordingHook.fail.add(("pre", "delete_share_group"))
+    with pytest.raises(BackendFailure, match="pre hook"):
+        h.run(h.engine.delete_share_group(g.id, {}))
+    RecordingHook.fail.clear()
+    assert h.engine.share_group(g.id).status == C.STATUS_AVAILABLE
+    h.world.fail.add("delete_share_group")
+    with pytest.raises(BackendFailure):
+        h.run(h.engine.delete_share_group(g.id, {}))
+    assert h.engine.share_group(g.id).status == C.STATUS_ERROR
+    h.world.fail.clear()
+    h.run(h.engine.delete_share_group(g.id, {}))               # from error
+    assert h.engine.share_groups() == []
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_group_made_from_a_snapshot_that_fails_midway(h, failing):
+    g = group_of(h)
+    for name in ("a", "b"):
+        h.create(name, share_group=g.id)
+    gs = h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+    calls = []
+    real = h.world.fail
+
+    class FailNth(set):
+        def __contains__(self, method):
+            if method == "create_share_from_snapshot":
+                calls.append(method)
+                return len(calls) == failing + 1
+            return set.__contains__(real, method)
+    h.world.fail = FailNth()
+    with pytest.raises(BackendFailure):
+        group_of(h, "g2", source_group_snapshot=gs.id)
+    h.world.fail = set()
+    g2 = h.engine.store.find_group("g2")
+    if failing == 0:
+        assert g2 is None, "nothing was made: no group"
+    else:
+        assert g2.status == C.STATUS_ERROR and len(h.engine.group_members(g2.id)) == 1
+        h.run(h.engine.delete_share(h.engine.group_members(g2.id)[0].id, {}))
+        h.run(h.engine.delete_share_group(g2.id, {}))
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("method", ["create_snapshot", "delete_snapshot"])
+def test_a_crash_in_a_group_snapshot_leaves_no_orphan(h, method, when):
+    g = group_of(h)
+    for name in ("a", "b"):
+        h.create(name, share_group=g.id)
+    gs = None
+    if method == "delete_snapshot":
+        gs = h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+    h.world.crash = (method, when)
+    with pytest.raises(Crash):
+        if gs is None:
+            h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+        else:
+            h.run(h.engine.delete_share_group_snapshot(gs.id, {}))
+    h.restart()
+    assert h.engine.share_group_snapshots() == [] and h.engine.snapshots() == []
+    assert h.world.snapshots == {}, "no member snapshot left on the backend"
+
+
+def test_recovery_that_cannot_remove_a_group_snapshot_leaves_it_in_error(h):
+    g = group_of(h)
+    h.create("a", share_group=g.id)
+    h.world.crash = ("create_snapshot", "after")
+    with pytest.raises(Crash):
+        h.run(h.engine.create_share_group_snapshot(g.id, "s", {}))
+    h.world.fail.add("delete_snapshot")
+    h.restart()
+    [gs] = h.engine.share_group_snapshots()
+    assert gs.status == C.STATUS_ERROR
+    h.world.fail.clear()
+    h.run(h.engine.delete_share_group_snapshot(gs.id, {}))
+    assert h.world.snapshots == {}
+
+
+def test_a_crash_while_a_group_is_made_or_removed(h):
+    g = group_of(h)
+    h.world.crash = ("delete_share_group", "before")
+    with pytest.raises(Crash):
+        h.run(h.engine.delete_share_group(g.id, {}))
+    h.world.crash = None
+    h.restart()
+    assert h.engine.share_groups() == []
+    h.world.crash = ("create_share_group", "after")
+    with pytest.raises(Crash):
+        group_of(h, "g3")
+    h.restart()
+    assert h.engine.share_groups() == []
 
 
 # --- hooks: grants wait for consent, revocations never do -------------------------

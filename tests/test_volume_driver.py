@@ -342,6 +342,70 @@ def test_snapshot_released_and_adopted_again(venv):
     drv.delete_share(share)
 
 
+def read_from_image(venv, image: str, name: str) -> bytes:
+    """A file of a snapshot image, mounted read-only beside everything."""
+    side = tempfile.mkdtemp(dir=venv.root)
+    dev = subprocess.run(["losetup", "--find", "--show", "--read-only", image],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "ro", dev, side], check=True)
+        try:
+            with open(os.path.join(side, name), "rb") as f:
+                return f.read()
+        finally:
+            subprocess.run(["umount", side], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+        os.rmdir(side)
+
+
+def test_group_snapshot_is_one_point_in_time(venv):
+    """A writer counts up in two shares in turn (A gets n, then B gets n),
+    each write fsynced; the group snapshot freezes both file systems before
+    copying either, so the copies differ by at most the one write in
+    between: A - B is 0 or 1. (Taken one after another, B would be far
+    behind or ahead: each copy takes tens of milliseconds.)"""
+    import threading
+    drv = venv.driver
+    a, b = venv.create(1), venv.create(1)
+    stop = threading.Event()
+    count = [0]
+
+    def put(share, n):
+        path = os.path.join(venv.mp(share), "counter")
+        with open(path + ".new", "w") as f:
+            f.write(str(n))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".new", path)
+
+    def writer():
+        while not stop.is_set():
+            count[0] += 1
+            put(a, count[0])
+            put(b, count[0])
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        snaps = [Snapshot(id=uuid.uuid4().hex, name="g", share_id=s.id, size_gib=1,
+                          status="creating") for s in (a, b)]
+        names = drv.create_share_group_snapshot(list(zip(snaps, (a, b))))
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join(30)
+    assert count[0] > 10, "the writer was running"
+    got = [int(read_from_image(venv, os.path.join(venv.pool, n), "counter")) for n in names]
+    assert got[0] - got[1] in (0, 1), got
+    assert drv.capabilities()["consistent_group_snapshot_support"] is True
+    for snap, share, name in zip(snaps, (a, b), names):
+        snap.provider_location = name
+        drv.delete_snapshot(snap, share)
+    for share in (a, b):
+        drv.delete_share(share)
+
+
 def test_shrink_refusals_change_nothing(venv):
     drv, share = venv.driver, venv.create(2)
     mp, img = venv.mp(share), venv.image(share)

@@ -29,7 +29,7 @@ OUT_NAMES = {
     "AllowAccess": ["access_id"], "CreateSnapshot": ["snapshot"], "ManageSnapshot": ["snapshot"],
     "CreateShareNetwork": ["share_network"],
     "Migrate": ["job"], "CompleteMigration": ["job"], "CreateReplica": ["job"],
-    "Resync": ["job"],
+    "Resync": ["job"], "CreateShareGroup": ["share_group"],
     "Fired": ["phase", "method", "record"],     # a signal's arguments
     "Completed": ["success", "message"],
 }
@@ -57,6 +57,14 @@ def job_path(job_id: str) -> str:
 
 def replica_path(replica_id: str) -> str:
     return f"{C.REPLICA_PATH}/{replica_id}"
+
+
+def share_group_path(group_id: str) -> str:
+    return f"{C.SHARE_GROUP_PATH}/{group_id}"
+
+
+def group_snapshot_path(gs_id: str) -> str:
+    return f"{C.SHARE_GROUP_SNAPSHOT_PATH}/{gs_id}"
 
 
 #: StartedByUID when the caller's uid is unknown (uid_t's "no id")
@@ -221,9 +229,12 @@ class Manager(_Base):
         opts = unpack_options(options, {"backend": ("s",), "snapshot": ("o",),
                                         "description": ("s",), "metadata": ("a{ss}",),
                                         "share_network": ("o",), "snapshot_schedule": ("s",),
-                                        "snapshot_retention": ("s",)})
+                                        "snapshot_retention": ("s",), "share_group": ("o",)})
         if "snapshot" in opts:
             opts["snapshot"] = _id_from_path(opts["snapshot"], C.SNAPSHOT_PATH, "snapshot")
+        if "share_group" in opts:
+            opts["share_group"] = _id_from_path(opts["share_group"], C.SHARE_GROUP_PATH,
+                                                "share group")
         if "share_network" in opts:
             opts["share_network"] = _id_from_path(opts["share_network"], C.SHARE_NETWORK_PATH,
                                                   "share network")
@@ -238,6 +249,16 @@ class Manager(_Base):
                                         "metadata": ("a{ss}",), "size_gib": ("t", "u", "x", "i")})
         share = await self.engine.manage_share(backend, protocol, export_path, opts)
         return share_path(share.id)
+
+    @method()
+    @translate
+    async def CreateShareGroup(self, name: "s", options: "a{sv}") -> "o":
+        opts = unpack_options(options, {"backend": ("s",), "source_group_snapshot": ("o",)})
+        if "source_group_snapshot" in opts:
+            opts["source_group_snapshot"] = _id_from_path(
+                opts["source_group_snapshot"], C.SHARE_GROUP_SNAPSHOT_PATH, "share group snapshot")
+        group = await self.engine.create_share_group(name, opts)
+        return share_group_path(group.id)
 
     @method()
     @translate
@@ -529,6 +550,11 @@ class Share(_Base):
         return dict(self._s().metadata)
 
     @dbus_property(access=PropertyAccess.READ)
+    def ShareGroup(self) -> "o":
+        group_id = self._s().share_group_id
+        return share_group_path(group_id) if group_id else "/"
+
+    @dbus_property(access=PropertyAccess.READ)
     def SnapshotSchedule(self) -> "s":
         return self.engine.snapshot_policy(self._s())[0]
 
@@ -589,6 +615,11 @@ class Snapshot(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def Share(self) -> "o":
         return share_path(self._s().share_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ShareGroupSnapshot(self) -> "o":
+        gs_id = self._s().group_snapshot_id
+        return group_snapshot_path(gs_id) if gs_id else "/"
 
     @dbus_property(access=PropertyAccess.READ)
     def SizeGiB(self) -> "t":
@@ -868,3 +899,113 @@ class Job(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def Cancelable(self) -> "b":
         return self.job.cancelable
+
+
+class ShareGroup(_Base):
+    """Shares snapshotted together (all on one backend)."""
+
+    def __init__(self, engine, group):
+        super().__init__(C.IFACE_SHARE_GROUP, engine)
+        self.group_id = group.id
+        self.generation = 0
+        self.update(group)
+
+    def object_path(self):
+        return share_group_path(self.group_id)
+
+    def update(self, group):
+        self.cache = dataclasses.replace(group)
+
+    def props(self):
+        return {"Status": self.cache.status, "Shares": self.Shares}
+
+    @method()
+    @translate
+    async def CreateSnapshot(self, name: "s", options: "a{sv}") -> "o":
+        unpack_options(options, {})
+        gs = await self.engine.create_share_group_snapshot(self.group_id, name, {})
+        return group_snapshot_path(gs.id)
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.delete_share_group(self.group_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.group_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.cache.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":
+        return self.cache.backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self.cache.status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Shares(self) -> "ao":
+        return [share_path(s.id) for s in self.engine.group_members(self.group_id)]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SourceGroupSnapshot(self) -> "o":
+        source = self.cache.source_group_snapshot_id
+        return group_snapshot_path(source) if source else "/"
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self.cache.created_at
+
+
+class ShareGroupSnapshot(_Base):
+    """One snapshot of every member share of a group, taken together."""
+
+    def __init__(self, engine, gs):
+        super().__init__(C.IFACE_SHARE_GROUP_SNAPSHOT, engine)
+        self.gs_id = gs.id
+        self.generation = 0
+        self.update(gs)
+
+    def object_path(self):
+        return group_snapshot_path(self.gs_id)
+
+    def update(self, gs):
+        self.cache = dataclasses.replace(gs)
+
+    def props(self):
+        return {"Status": self.cache.status, "Snapshots": self.Snapshots}
+
+    @method()
+    @translate
+    async def Delete(self, options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.delete_share_group_snapshot(self.gs_id, {})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.gs_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.cache.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ShareGroup(self) -> "o":
+        return share_group_path(self.cache.group_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self.cache.status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Snapshots(self) -> "ao":
+        return [snapshot_path(s.id) for s in self.engine.group_snapshot_members(self.gs_id)]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedAt(self) -> "t":
+        return self.cache.created_at

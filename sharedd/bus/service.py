@@ -99,6 +99,8 @@ class BusService(Observer):
         self.servers = {}
         self.jobs = {}
         self.replicas = {}
+        self.groups = {}
+        self.group_snapshots = {}
         self.cache = {}
         self.hooks = None
         # Backend Stats change with every share operation: announced at most
@@ -134,6 +136,10 @@ class BusService(Observer):
             self.snapshot_added(snap)
         for replica in engine.replicas():
             self.replica_added(replica)
+        for group in engine.share_groups():
+            self.group_added(group)
+        for gs in engine.share_group_snapshots():
+            self.group_snapshot_added(gs)
         await bus.warm()
         await self._watch_ganesha()
         reply = await bus.request_name(C.BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -230,6 +236,7 @@ class BusService(Observer):
         self.cache[path] = iface.props()
         self.bus.export(path, iface)
         self._server_touched(share.share_server_id)
+        self._group_touched(share.share_group_id)
 
     def share_changed(self, share, rules: bool = False) -> None:
         if self.engine is None:
@@ -252,6 +259,7 @@ class BusService(Observer):
             self.cache.pop(path, None)
             self.bus.unexport(path)
             self._server_touched(iface.cache.share_server_id)
+            self._group_touched(iface.cache.share_group_id)
 
     def snapshot_added(self, snap) -> None:
         if self.engine is None:
@@ -323,6 +331,11 @@ class BusService(Observer):
         if iface is not None and self.engine is not None:
             self._changed(I.share_server_path(server_id), iface)
 
+    def _group_touched(self, group_id) -> None:
+        iface = self.groups.get(group_id) if group_id else None
+        if iface is not None and self.engine is not None:
+            self._changed(I.share_group_path(group_id), iface)
+
     def server_removed(self, server_id: str) -> None:
         if self.engine is not None:
             self._unexport(self.servers, server_id, I.share_server_path(server_id))
@@ -344,6 +357,42 @@ class BusService(Observer):
     def replica_removed(self, replica_id: str) -> None:
         if self.engine is not None:
             self._unexport(self.replicas, replica_id, I.replica_path(replica_id))
+
+    def group_added(self, group) -> None:
+        if self.engine is not None and group.id not in self.groups:
+            self._export(self.groups, group.id, I.share_group_path(group.id),
+                         I.ShareGroup(self.engine, group))
+
+    def group_changed(self, group) -> None:
+        iface = self.groups.get(group.id)
+        if self.engine is None:
+            return
+        if iface is None:
+            return self.group_added(group)
+        iface.update(group)
+        self._changed(I.share_group_path(group.id), iface)
+
+    def group_removed(self, group_id: str) -> None:
+        if self.engine is not None:
+            self._unexport(self.groups, group_id, I.share_group_path(group_id))
+
+    def group_snapshot_added(self, gs) -> None:
+        if self.engine is not None and gs.id not in self.group_snapshots:
+            self._export(self.group_snapshots, gs.id, I.group_snapshot_path(gs.id),
+                         I.ShareGroupSnapshot(self.engine, gs))
+
+    def group_snapshot_changed(self, gs) -> None:
+        iface = self.group_snapshots.get(gs.id)
+        if self.engine is None:
+            return
+        if iface is None:
+            return self.group_snapshot_added(gs)
+        iface.update(gs)
+        self._changed(I.group_snapshot_path(gs.id), iface)
+
+    def group_snapshot_removed(self, gs_id: str) -> None:
+        if self.engine is not None:
+            self._unexport(self.group_snapshots, gs_id, I.group_snapshot_path(gs_id))
 
     # jobs: exported while they run; Completed, then removed
     def job_added(self, job) -> None:

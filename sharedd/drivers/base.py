@@ -14,10 +14,10 @@ import abc
 import dataclasses
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import BackendFailure, NotSupported
-from ..models import AccessRule, Share, ShareServer, ShareUpdate, Snapshot
+from ..models import AccessRule, Share, ShareGroup, ShareServer, ShareUpdate, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,41 @@ class ShareDriver(abc.ABC):
     def revert_to_snapshot(self, share: Share, snapshot: Snapshot,
                            rules: List[AccessRule]) -> ShareUpdate:
         raise NotSupported(f"driver {self.driver_name} cannot revert to snapshots")
+
+    # --- share groups (Manila's share group methods) --------------------------------
+    #: True where create_share_group_snapshot takes every member at one point
+    #: in time (writes to all members paused together); False: one after another
+    consistent_group_snapshots = False
+
+    def create_share_group(self, group: ShareGroup) -> None:
+        """Prepare what the backend needs for a group (nothing by default)."""
+
+    def delete_share_group(self, group: ShareGroup) -> None:
+        """Remove what create_share_group made (nothing by default)."""
+
+    def create_share_group_snapshot(self, members: List[Tuple[Snapshot, Share]]
+                                    ) -> List[Optional[str]]:
+        """A snapshot of every member share; their provider locations, in
+        order. By default one after another with create_snapshot; on a
+        failure the ones made are removed again and the error raised."""
+        made: List[Optional[str]] = []
+        try:
+            for snap, share in members:
+                made.append(self.create_snapshot(snap, share))
+        except Exception:
+            for (snap, share), location in zip(members, made):
+                try:
+                    self.delete_snapshot(dataclasses.replace(snap, provider_location=location or ""),
+                                         share)
+                except Exception as exc:   # the caller leaves the group snapshot in error
+                    log.error("group snapshot: cannot remove member %s again: %s", snap.id, exc)
+            raise
+        return made
+
+    def delete_share_group_snapshot(self, members: List[Tuple[Snapshot, Share]]) -> None:
+        """Delete every member snapshot (each idempotent)."""
+        for snap, share in members:
+            self.delete_snapshot(snap, share)
 
     def check_manage_snapshot(self, share: Share, provider_location: str) -> str:
         """Refuse, before anything is recorded, what manage_existing_snapshot
@@ -425,6 +460,9 @@ class ShareDriver(abc.ABC):
             "extend_support": self._implements("extend_share"),
             "manage_support": self._implements("manage_existing"),
             "manage_snapshot_support": self._implements("manage_existing_snapshot"),
+            "share_group_snapshot_support": self._implements("create_snapshot"),
+            "consistent_group_snapshot_support": bool(self.consistent_group_snapshots)
+            and self._implements("create_snapshot"),
             "share_server_support": self.serves_share_servers(),
             "replication_support": self._implements("replica_sync") or self.holds_replicas,
         }

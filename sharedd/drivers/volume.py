@@ -520,6 +520,37 @@ class VolumeDriver(ShareDriver):
         self.provider.delete("." + snap + NEW_SUFFIX)
         self.provider.delete(snap)
 
+    # Every member's file system is frozen before the first copy and thawed
+    # after the last: the member snapshots show one point in time.
+    consistent_group_snapshots = True
+
+    def create_share_group_snapshot(self, members: List[Tuple[Snapshot, Share]]
+                                    ) -> List[Optional[str]]:
+        names = [self._snap_image(snap) for snap, _ in members]
+        frozen: List[str] = []
+        try:
+            for (snap, share), name in zip(members, names):
+                self.provider.delete("." + name + NEW_SUFFIX)
+            for _, share in members:
+                mp = self._mountpoint(share)
+                if self._mounted_source(mp) is not None:
+                    self._run(["fsfreeze", "-f", mp])
+                    frozen.append(mp)
+            for (snap, share), name in zip(members, names):
+                self.provider.copy(self._image(share), "." + name + NEW_SUFFIX)
+        except Exception:
+            for name in names:
+                self.provider.delete("." + name + NEW_SUFFIX)
+            raise
+        finally:
+            for mp in frozen:
+                self._run(["fsfreeze", "-u", mp], check=False)   # never leave one frozen
+        for (snap, share), name in zip(members, names):
+            staging = "." + name + NEW_SUFFIX
+            self._fresh_uuid(staging, self._fs_of(share))
+            self.provider.rename(staging, name)
+        return list(names)
+
     def check_manage_snapshot(self, share: Share, provider_location: str) -> str:
         """A snapshot image (snap-*.img) directly inside the pool, holding
         the share's file-system type, not attached or mounted."""

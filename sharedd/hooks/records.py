@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import constants as C
 from .. import record as record_schema
-from ..models import AccessRule, Replica, Share, ShareServer, Snapshot
+from ..models import AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareServer, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
     }
     if share.share_server_id:
         out["share_server"] = share.share_server_id
+    if share.share_group_id:
+        out["share_group"] = share.share_group_id
     return out
 
 
@@ -55,6 +57,17 @@ def replica_dict(r: Replica, status: Optional[str] = None) -> Dict[str, Any]:
             "state": r.state, "style": r.style, "export_locations": list(r.export_locations)}
 
 
+def group_dict(g: ShareGroup, share_ids: List[str], status: Optional[str] = None) -> Dict[str, Any]:
+    return {"id": g.id, "name": g.name, "status": status or g.status, "shares": list(share_ids)}
+
+
+def group_snapshot_dict(gs: ShareGroupSnapshot, members: List[Snapshot],
+                        status: Optional[str] = None) -> Dict[str, Any]:
+    return {"id": gs.id, "name": gs.name, "share_group": gs.group_id,
+            "status": status or gs.status,
+            "members": [{"snapshot": s.id, "share": s.share_id} for s in members]}
+
+
 def timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -67,7 +80,9 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
           part: Tuple[int, int] = (1, 1),
           server: Optional[Dict[str, Any]] = None,
           replica: Optional[Dict[str, Any]] = None,
-          server_addresses: Optional[List[str]] = None) -> Dict[str, Any]:
+          server_addresses: Optional[List[str]] = None,
+          group: Optional[Dict[str, Any]] = None,
+          group_snapshot: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     rec: Dict[str, Any] = {
         "schema": record_schema.SCHEMA_VERSION, "host": host, "epoch": epoch, "seq": seq,
         "timestamp": timestamp(), "phase": phase, "method": method, "backend": backend,
@@ -83,6 +98,10 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
         rec["share_server"] = server
     if replica is not None:
         rec["replica"] = replica
+    if group is not None:
+        rec["share_group"] = group
+    if group_snapshot is not None:
+        rec["share_group_snapshot"] = group_snapshot
     if server_addresses:
         rec["server_addresses"] = list(server_addresses)
     if part != (1, 1):
