@@ -88,6 +88,12 @@ OPTIONS: List[Opt] = [
              "stale is mounted again. 0: no checks."),
     Opt("health_check_timeout", "float", 10.0, min=1,
         help="Seconds a mounted share has to answer a health check."),
+    Opt("metrics_path", "path", "/var/lib/prometheus/node-exporter/sharedd-mountd.prom",
+        help="Where the Prometheus metrics are written (text format, replaced atomically) for "
+             "the node exporter's textfile collector; nothing is written while its directory "
+             "does not exist."),
+    Opt("metrics_interval", "float", 30.0, min=0,
+        help="Seconds between two writes of metrics_path (0: never)."),
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"),
         help="Log level."),
 ]

@@ -9,6 +9,7 @@ in everything that arrived before it started, so a burst costs few passes.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import concurrent.futures
 import logging
 import os
@@ -18,6 +19,7 @@ import time
 from typing import Dict, List, Optional
 
 
+from sharedd import metrics
 from sharedd.errors import ConfigError
 from sharedd.notify import Notifier
 
@@ -235,7 +237,7 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGTERM, self._signal_stop)
         self.loop.add_signal_handler(signal.SIGINT, self._signal_stop)
         self.loop.add_signal_handler(signal.SIGHUP, self._signal_reload)
-        watchdog = bus_keeper = None
+        watchdog = bus_keeper = metrics_writer = None
         try:
             usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
             if usec > 0:
@@ -248,6 +250,7 @@ class Daemon:
                 await self.bus.start()
                 bus_keeper = asyncio.ensure_future(self._keep_bus(MountdBus))
             await self._run_pass()
+            metrics_writer = asyncio.ensure_future(self._write_metrics_every())
             self._notify("READY=1")
             log.info("sharedd-mountd ready: spool %s, mounts under %s; %s", self.cfg.spool_dir,
                      self.cfg.mount_dir, describe(self.cfg.trust))
@@ -258,7 +261,7 @@ class Daemon:
             return 0
         finally:
             self._notify("STOPPING=1")
-            for task in (watchdog, bus_keeper):
+            for task in (watchdog, bus_keeper, metrics_writer):
                 if task is not None:
                     task.cancel()
             if self.watcher is not None:
@@ -274,6 +277,45 @@ class Daemon:
             for fut in self._waiters:
                 if not fut.done():
                     fut.cancel()
+
+    # --- metrics ------------------------------------------------------------
+    def metrics_text(self) -> str:
+        """The mounts by state (as of the last pass), the mount failures so
+        far, and per storage host the newest record applied and its age."""
+        states: Dict[str, int] = {}
+        for row in self._table:
+            states[row[4]] = states.get(row[4], 0) + 1
+        now = time.time()
+        seqs, ages = [], []
+        for host, meta in sorted(self.source.applied.hosts.items()):
+            seqs.append(({"host": host}, meta["seq"]))
+            text = meta["timestamp"].rstrip("Z")
+            try:
+                stamp = datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc)
+            except ValueError:
+                continue
+            ages.append(({"host": host}, max(0.0, now - stamp.timestamp())))
+        fams = [
+            metrics.gauge("sharedd_mountd_mounts", "Shares this host should mount, by state.",
+                          [({"state": s}, n) for s, n in sorted(states.items())]),
+            metrics.gauge("sharedd_mountd_record_seq", "The newest record applied, per "
+                          "storage host.", seqs),
+            metrics.gauge("sharedd_mountd_record_age_seconds", "Age of the newest record "
+                          "applied, per storage host (from the record's timestamp).", ages),
+        ]
+        failures = metrics.Family("sharedd_mountd_mount_failures_total", "counter",
+                                  "Mount attempts that failed since mountd started.")
+        failures.add(self.reconciler.failures_total)
+        return metrics.exposition(fams + [failures])
+
+    async def _write_metrics_every(self) -> None:
+        while self.cfg.metrics_interval > 0:
+            try:
+                text = self.metrics_text()
+                await self.loop.run_in_executor(None, metrics.write, self.cfg.metrics_path, text)
+            except OSError as exc:
+                log.warning("cannot write the metrics to %s: %s", self.cfg.metrics_path, exc)
+            await asyncio.sleep(self.cfg.metrics_interval)
 
     async def _keep_bus(self, bus_class) -> None:
         """The system bus may restart: reconnect and own the name again."""

@@ -293,6 +293,7 @@ class Reconciler:
         self.pass_wait = pass_wait
         # called when a job a pass stopped waiting for ends (a new pass is due)
         self.on_done = on_done
+        self.failures_total = 0               # mount attempts that failed (metrics)
 
     # -- helpers
     def _save(self) -> None:
@@ -345,6 +346,8 @@ class Reconciler:
         own.state = "failed"
         own.error = why
         own.failures += 1
+        with self._lock:
+            self.failures_total += 1
         delay = min(RETRY_BASE * 2 ** (own.failures - 1), RETRY_MAX)
         own.next_attempt = self.clock() + delay
         log.error("share %s (%s): %s; retrying in %.0fs (attempt %d failed)",

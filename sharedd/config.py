@@ -51,6 +51,12 @@ GLOBAL_OPTIONS: List[Opt] = [
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"), help="Log level."),
     Opt("command_timeout", "float", 120.0, min=1, help="Timeout for one external command, seconds."),
     Opt("stats_refresh_interval", "float", 60.0, min=1, help="How often backend Stats are refreshed, seconds."),
+    Opt("metrics_path", "path", "/var/lib/prometheus/node-exporter/sharedd.prom",
+        help="Where the Prometheus metrics are written (text format, replaced atomically) for "
+             "the node exporter's textfile collector; nothing is written while its directory "
+             "does not exist."),
+    Opt("metrics_interval", "float", 30.0, min=0,
+        help="Seconds between two writes of metrics_path (0: never)."),
     Opt("spool_retention_seconds", "int", 86400, min=0,
         help="Spool records older than this are pruned (0: keep by age forever); the newest periodic record of every backend is always kept."),
     Opt("spool_retention_count", "int", 10000, min=0,

@@ -21,7 +21,7 @@ import os
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
-from . import access, netns, recovery, signing, validation
+from . import access, metrics, netns, recovery, signing, validation
 from .backend import Backend, BackendInfo
 from .config import Config
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
@@ -64,6 +64,7 @@ class Engine:
         self.snapshot_ops: Snapshots
         self.groups: ShareGroups
         self.jobs = Jobs(self.observer)
+        self.metrics = metrics.Registry()
         self.instances: Optional[ServiceInstances] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
@@ -96,9 +97,11 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._started = True
         self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
+        self.runner.metrics = self.metrics
         context = HookContext(cfg.host_id, cfg.spool_dir, emit_signal=self.observer.hook_fired,
                               retention_seconds=cfg.spool_retention_seconds,
-                              retention_count=cfg.spool_retention_count, signer=self.signer)
+                              retention_count=cfg.spool_retention_count, signer=self.signer,
+                              metrics=self.metrics)
         for name, bconf in cfg.backends.items():
             self.backends[name] = Backend(name, bconf, cfg.state_path, cfg.command_timeout, context,
                                           self.observer.bus_call)
@@ -134,6 +137,7 @@ class Engine:
                 self._spawn(self._setup_retries(b))
         self._spawn(self.replications.run_periodic())
         self._spawn(self.snapshot_ops.scheduler.run())
+        self._spawn(self._write_metrics_every())
 
     async def _setup_retries(self, b: Backend) -> None:
         """A backend whose set-up failed (its export service not running yet,
@@ -227,7 +231,7 @@ class Engine:
             if name in new.backends:
                 pending += b.reload(new.backends[name])
         for key in ("log_level", "stats_refresh_interval", "max_access_rules_per_share",
-                    "max_metadata_entries", "max_description_length"):
+                    "max_metadata_entries", "max_description_length", "metrics_path"):
             self.config.values[key] = new.values[key]
         pending += [k for k in ("state_path", "spool_dir", "host_id")
                     if new.values[k] != self.config.values[k]]
@@ -263,6 +267,57 @@ class Engine:
                 await fn(b)
             except Exception:
                 log.exception("backend %s: %s failed", b.name, getattr(fn, "__name__", fn))
+
+    # --------------------------------------------------------------- metrics
+    def metrics_text(self) -> str:
+        """Every metric in the Prometheus text format: the counters, and the
+        gauges read now (aggregate queries, one row per share for sizes)."""
+        GiB = 1 << 30
+        tallies = self.store.tallies()
+        fams = [
+            metrics.gauge("sharedd_shares", "Shares by backend and status.",
+                          metrics.by_label(tallies["shares"], "backend", "status")),
+            metrics.gauge("sharedd_snapshots", "Snapshots by backend and status.",
+                          metrics.by_label(tallies["snapshots"], "backend", "status")),
+            metrics.gauge("sharedd_access_rules", "Access rules by backend and state.",
+                          metrics.by_label(tallies["rules"], "backend", "state")),
+            metrics.gauge("sharedd_backend_up", "1 if the backend is usable, 0 if its set-up "
+                          "failed (it is retried).",
+                          [({"backend": b.name}, 0 if b.setup_error else 1)
+                           for b in self.backends.values()]),
+        ]
+        capacity = []
+        for b in self.backends.values():
+            for kind in ("total", "free", "provisioned"):
+                value = b.stats.get(f"{kind}_capacity_gb")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    capacity.append(({"backend": b.name, "kind": kind}, float(value) * GiB))
+        fams.append(metrics.gauge("sharedd_backend_capacity_bytes",
+                                  "Backend capacity: total and free as the driver reports them, "
+                                  "provisioned as the sum of the share sizes.", capacity))
+        fams.append(metrics.gauge("sharedd_share_provisioned_bytes",
+                                  "The size of each share (its quota).",
+                                  [({"share": i, "name": n, "backend": b}, size * GiB)
+                                   for i, n, b, size in self.store.share_sizes()]))
+        fams.append(metrics.gauge("sharedd_hook_last_seq", "The newest hook record's sequence "
+                                  "number (clients compare it with what they applied).",
+                                  [({}, self.store.last_seq())]))
+        fams.append(metrics.gauge("sharedd_jobs", "Jobs (long operations) running.",
+                                  [({}, len(self.jobs.all()))]))
+        return metrics.exposition(fams + self.metrics.families())
+
+    async def write_metrics(self) -> bool:
+        """Write metrics_path now (False: its directory does not exist)."""
+        text = self.metrics_text()
+        return await asyncio.to_thread(metrics.write, self.config.metrics_path, text)
+
+    async def _write_metrics_every(self) -> None:
+        while self.config.metrics_interval > 0:
+            try:
+                await self.write_metrics()
+            except OSError as exc:
+                log.warning("cannot write the metrics to %s: %s", self.config.metrics_path, exc)
+            await asyncio.sleep(self.config.metrics_interval)
 
     # ----------------------------------------------------------------- reads
     @property

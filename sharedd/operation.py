@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List,
                     Mapping, Optional, Sequence)
 
@@ -85,6 +86,7 @@ class Runner:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.metrics: Any = None    # a sharedd.metrics.Registry, if counted
 
     # --- plumbing ----------------------------------------------------------
     @contextlib.contextmanager
@@ -136,10 +138,34 @@ class Runner:
     async def run_if(self, keys: Iterable[str],
                      plan: Callable[[], Awaitable[Optional[Operation]]]) -> Optional[Operation]:
         """run(), for plans that may find nothing to do (None)."""
+        started = time.monotonic()
+        ran: List[Operation] = []
+        outcome = "failed"
+        try:
+            op = await self._run_if(keys, plan, ran)
+            outcome = "ok"
+            return op
+        except HookFailed:
+            outcome = "hook_failed"
+            raise
+        finally:
+            if ran and self.metrics is not None:
+                self.metrics.inc("sharedd_operations_total",
+                                 "Driver operations run, by hook method and outcome "
+                                 "(refusals before the plan is made are not counted).",
+                                 method=ran[0].method, outcome=outcome)
+                self.metrics.observe("sharedd_operation_duration_seconds",
+                                     "How long operations took, locks included.",
+                                     time.monotonic() - started, method=ran[0].method)
+
+    async def _run_if(self, keys: Iterable[str],
+                      plan: Callable[[], Awaitable[Optional[Operation]]],
+                      ran: List[Operation]) -> Optional[Operation]:
         async with self.locked(keys):
             op = await plan()
             if op is None:
                 return None
+            ran.append(op)
             b = op.backend
             pre = b.hooks.enabled(C.PHASE_PRE)
             # A restorable change needs no fsync before the driver acts; its

@@ -310,6 +310,25 @@ class Store:
         return dict(self.db.execute("SELECT status, SUM(shares) FROM share_totals GROUP BY status "
                                     "HAVING SUM(shares) > 0").fetchall())
 
+    def tallies(self) -> Dict[str, List[Tuple[str, str, int]]]:
+        """(backend, status or state, count) of shares, snapshots and rules,
+        each by one aggregate query (the metrics)."""
+        return {
+            "shares": self.db.execute("SELECT backend, status, shares FROM share_totals "
+                                      "WHERE shares > 0 ORDER BY 1, 2").fetchall(),
+            "snapshots": self.db.execute(
+                "SELECT s.backend, n.status, COUNT(*) FROM snapshots n JOIN shares s "
+                "ON n.share_id = s.id GROUP BY 1, 2 ORDER BY 1, 2").fetchall(),
+            "rules": self.db.execute(
+                "SELECT s.backend, r.state, COUNT(*) FROM rules r JOIN shares s "
+                "ON r.share_id = s.id GROUP BY 1, 2 ORDER BY 1, 2").fetchall(),
+        }
+
+    def share_sizes(self) -> List[Tuple[str, str, str, int]]:
+        """(id, name, backend, size GiB) of every share."""
+        return self.db.execute("SELECT id, name, backend, size_gib FROM shares "
+                               "ORDER BY backend, name").fetchall()
+
     def backend_totals(self, backend: str) -> Tuple[int, int]:
         """(shares, provisioned GiB) of a backend, without loading the shares."""
         count, total = self.db.execute("SELECT COALESCE(SUM(shares), 0), COALESCE(SUM(gib), 0) "

@@ -18,7 +18,7 @@ class HookContext:
     def __init__(self, host_id: str, spool_dir: str,
                  emit_signal: Optional[Callable[[str, str, str], None]] = None,
                  retention_seconds: int = 0, retention_count: int = 0,
-                 signer: Optional["SigningKey"] = None):
+                 signer: Optional["SigningKey"] = None, metrics: Any = None):
         self.host_id = host_id
         # Signs every record before any hook sees it (None: unsigned).
         self.signer = signer
@@ -27,6 +27,8 @@ class HookContext:
         self.emit_signal = emit_signal
         self.retention_seconds = retention_seconds
         self.retention_count = retention_count
+        # sharedd.metrics.Registry counting records and hook failures (or None)
+        self.metrics = metrics
 
 
 class Hook:

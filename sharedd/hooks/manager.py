@@ -77,9 +77,20 @@ class HookManager:
                 log.warning("hook %s: last_seq failed: %s", self._name(hook), _describe(exc))
         return max(seqs)
 
+    def _count(self, name: str, help_text: str, phase: str) -> None:
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is not None:
+            metrics.inc(name, help_text, backend=self.backend_name, phase=phase)
+
+    def _failed(self, phase: str) -> None:
+        self._count("sharedd_hook_failures_total", "Hook calls that failed (or timed out), "
+                    "suppressed ones included.", phase)
+
     def finish(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as hooks get it: with the served addresses (unless the
         record names those of the backend its share lives on), signed."""
+        self._count("sharedd_hook_records_total", "Hook records handed to the hooks.",
+                    str(record.get("phase", "")))
         addresses = list(self.addresses())
         if addresses and "server_addresses" not in record:
             record = dict(record, server_addresses=addresses)
@@ -106,6 +117,7 @@ class HookManager:
             try:
                 data.append(await self._call(hook, hook.execute_pre_hook, record, timeout=timeout))
             except Exception as exc:  # hooks are third-party code
+                self._failed("pre")
                 msg = f"pre hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
                 if self.config.suppress_pre_hooks_errors:
                     log.warning("%s (suppressed)", msg)
@@ -126,6 +138,7 @@ class HookManager:
                 if isinstance(result, dict):
                     updates.update(result)
             except Exception as exc:
+                self._failed("post")
                 msg = f"post hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
                 if self.config.suppress_post_hooks_errors:
                     log.warning("%s (suppressed)", msg)
@@ -142,6 +155,7 @@ class HookManager:
             try:
                 await self._call(hook, hook.execute_periodic_hook, record)
             except Exception as exc:
+                self._failed("periodic")
                 log.error("periodic hook %s failed: %s", self._name(hook), _describe(exc))
 
 
