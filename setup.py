@@ -16,6 +16,7 @@ setup(
     entry_points={
         "console_scripts": [
             "sharedd = sharedd.cli:main",
+            "sharectl = sharedd.sharectl:main",
             "sharedd-mountd = mountd.cli:main",
         ],
     },

@@ -95,7 +95,7 @@ def _values(spec: str, component: str, names: Sequence[str] = ()) -> FrozenSet[i
         if not low <= value <= high:
             raise InvalidArgument(f"{component} {value} is outside {low}..{high}")
         return value
-    out = set()
+    out: "set[int]" = set()
     for part in spec.split(","):
         if not part:
             raise InvalidArgument(f"{component} {spec!r} has an empty list item")
