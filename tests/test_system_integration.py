@@ -210,6 +210,22 @@ def test_introspect_and_read_only_properties(ct):
     assert prop(ct, ROOT, MANAGER, "Backends") == [f"{ROOT}/backend/btrfs"]
 
 
+def test_sharectl_from_the_package(ct):
+    """The installed sharectl drives the installed unit; a user outside the
+    sharedd group may read but not change (exit status 1 with the error)."""
+    out = ct.sh_out("sharectl", "share", "create", "from-ctl", "--size", "1")
+    assert out.startswith("share from-ctl created: ")
+    table = ct.sh_out("sharectl", "share", "list")
+    assert any(line.split()[0] == "from-ctl" for line in table.splitlines()[1:])
+    ct.run("useradd", "--system", "--no-create-home", "ctl-reader", check=False)
+    assert "from-ctl" in ct.sh_out("sharectl", "share", "list", user="ctl-reader")
+    refused = ct.run("sharectl", "share", "delete", "from-ctl", user="ctl-reader", check=False)
+    assert refused.returncode == 1 and "AccessDenied" in refused.stderr, refused
+    assert ct.run("test", "-f", "/usr/share/bash-completion/completions/sharectl",
+                  check=False).returncode == 0
+    ct.run("sharectl", "share", "delete", "from-ctl")
+
+
 def test_share_lifecycle_exported_by_ganesha(ct):
     path = create_share(ct, "demo")
     assert path.startswith(f"{ROOT}/share/")
