@@ -51,6 +51,14 @@ GLOBAL_OPTIONS: List[Opt] = [
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"), help="Log level."),
     Opt("command_timeout", "float", 120.0, min=1, help="Timeout for one external command, seconds."),
     Opt("stats_refresh_interval", "float", 60.0, min=1, help="How often backend Stats are refreshed, seconds."),
+    Opt("authorization", "str", "auto", choices=("auto", "polkit", "group"),
+        help="Who may change things (reading is for everyone): polkit decides per call "
+             "(actions org.sharedd.Sharedd1.*; the shipped rules grant admin_group the "
+             "manage actions), group lets root and members of admin_group, auto uses polkit "
+             "where it is installed and group elsewhere. Root may always."),
+    Opt("admin_group", "str", "sharedd",
+        help="The group whose members may change things without polkit, and whom the "
+             "shipped polkit rules grant the manage actions."),
     Opt("metrics_path", "path", "/var/lib/prometheus/node-exporter/sharedd.prom",
         help="Where the Prometheus metrics are written (text format, replaced atomically) for "
              "the node exporter's textfile collector; nothing is written while its directory "

@@ -32,6 +32,34 @@ SHARE_GROUP_SNAPSHOT_PATH = ROOT_PATH + "/share_group_snapshot"
 #: policy says so) and they leave no audit record
 READ_ONLY_METHODS = ("ListShares", "ListSnapshots", "FindShareByName")
 
+# --- Authorization (polkit) ----------------------------------------------------
+POLKIT_PREFIX = "org.sharedd.Sharedd1."
+ACTION_READ = POLKIT_PREFIX + "read"
+ACTION_MANAGE_SHARES = POLKIT_PREFIX + "manage-shares"
+ACTION_MANAGE_ACCESS = POLKIT_PREFIX + "manage-access"
+ACTION_MANAGE_SNAPSHOTS = POLKIT_PREFIX + "manage-snapshots"
+ACTION_ADMIN = POLKIT_PREFIX + "admin"
+#: the polkit action each state-changing method needs, by interface short
+#: name and member; a method not listed needs ACTION_ADMIN (fail closed)
+METHOD_ACTIONS = {
+    **{("Manager", m): ACTION_MANAGE_SHARES
+       for m in ("CreateShare", "ManageShare", "CreateShareGroup")},
+    **{("Share", m): ACTION_MANAGE_SHARES
+       for m in ("Extend", "Shrink", "Delete", "Unmanage", "Migrate", "CompleteMigration",
+                 "CancelMigration", "CreateReplica", "SetSnapshotPolicy")},
+    **{("Replica", m): ACTION_MANAGE_SHARES for m in ("Promote", "Resync", "Delete")},
+    ("ShareGroup", "Delete"): ACTION_MANAGE_SHARES,
+    ("Share", "AllowAccess"): ACTION_MANAGE_ACCESS,
+    ("Share", "DenyAccess"): ACTION_MANAGE_ACCESS,
+    **{("Share", m): ACTION_MANAGE_SNAPSHOTS for m in ("CreateSnapshot", "RevertToSnapshot")},
+    **{("Snapshot", m): ACTION_MANAGE_SNAPSHOTS for m in ("Delete", "Unmanage")},
+    ("Manager", "ManageSnapshot"): ACTION_MANAGE_SNAPSHOTS,
+    ("ShareGroup", "CreateSnapshot"): ACTION_MANAGE_SNAPSHOTS,
+    ("ShareGroupSnapshot", "Delete"): ACTION_MANAGE_SNAPSHOTS,
+}
+#: the a{sv} option that asks for no authentication dialog (as UDisks2's)
+OPTION_NO_USER_INTERACTION = "auth.no_user_interaction"
+
 MOUNTD_BUS_NAME = "org.sharedd.Mountd1"
 MOUNTD_ROOT_PATH = "/org/sharedd/Mountd1"
 MOUNTD_IFACE = "org.sharedd.Mountd1"

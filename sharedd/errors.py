@@ -36,6 +36,11 @@ class CapacityExceeded(SharedError):
     name = "CapacityExceeded"
 
 
+class NotAuthorized(SharedError):
+    """The caller may not do this (polkit, or the admin group, said no)."""
+    name = "NotAuthorized"
+
+
 class BackendFailure(SharedError):
     name = "BackendFailure"
 
@@ -50,7 +55,7 @@ class ConfigError(Exception):
 
 
 ALL_ERRORS = (InvalidArgument, NotFound, AlreadyExists, InvalidState,
-              NotSupported, CapacityExceeded, BackendFailure, Cancelled)
+              NotSupported, CapacityExceeded, BackendFailure, Cancelled, NotAuthorized)
 
 
 class AlreadyRunning(Exception):

@@ -46,11 +46,15 @@ class Failure(Exception):
 class Client:
     """Calls on sharedd over the system bus (DBUS_SYSTEM_BUS_ADDRESS)."""
 
-    def __init__(self, bus: MessageBus):
+    def __init__(self, bus: MessageBus, no_user_interaction: bool = False):
         self.bus = bus
+        self.no_user_interaction = no_user_interaction
 
     async def call(self, path: str, iface: str, member: str, sig: str = "",
                    *body: Any) -> List[Any]:
+        if self.no_user_interaction and sig.endswith("a{sv}") and iface != PROPS:
+            body = body[:-1] + (dict(body[-1], **{C.OPTION_NO_USER_INTERACTION:
+                                                  Variant("b", True)}),)
         reply = await self.bus.call(Message(destination=C.BUS_NAME, path=path, interface=iface,
                                             member=member, signature=sig, body=list(body)))
         if reply.message_type == MessageType.ERROR:
@@ -450,6 +454,8 @@ def parser() -> argparse.ArgumentParser:
                                        "2 command line error, 3 sharedd not reachable, "
                                        "4 no such object.")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--no-user-interaction", action="store_true",
+                   help="do not let polkit ask for a password: refuse instead")
     sub = p.add_subparsers(dest="noun", required=True)
     # --json is taken anywhere on the line
     common = argparse.ArgumentParser(add_help=False)
@@ -586,7 +592,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"sharectl: cannot reach the system bus: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
-        await COMMANDS[args.noun](Client(bus), Out(args.json), args)
+        await COMMANDS[args.noun](Client(bus, args.no_user_interaction), Out(args.json), args)
         return 0
     except Failure as exc:
         print(f"sharectl: {exc}", file=sys.stderr)

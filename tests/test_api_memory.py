@@ -258,7 +258,10 @@ def test_rule_and_backend_announcements_follow_the_last_state(d, system_bus):
     assert stats[-1]["provisioned_capacity_gb"].value == 8.0
     assert d.get(backend, "org.sharedd.Sharedd1.Backend", "Stats")["provisioned_capacity_gb"]["data"] == 8.0
 
-def test_bus_policy_non_root_reads_but_cannot_change(d):
+def test_non_root_reads_but_cannot_change(d):
+    """The bus lets everyone call; sharedd refuses changes to callers who
+    are neither root nor in admin_group (no polkit on this bus: authorization
+    = auto falls back to the group)."""
     path = d.create_share("policy")
     nobody = 65534
     # Reading is allowed to everyone.
@@ -267,13 +270,35 @@ def test_bus_policy_non_root_reads_but_cannot_change(d):
     proc = d.bus.busctl("call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1", MGR, "ListShares",
                         "a{sv}", "0", user=nobody)
     assert path in proc.stdout
-    # Changing is refused by the bus before sharedd sees it.
+    # Changing is refused by sharedd, with the reason, and audited.
     for argv in (["call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1", MGR, "CreateShare",
                   "ssta{sv}", "x", "NFS", "1", "0"],
-                 ["call", "org.sharedd.Sharedd1", path, SHARE, "Delete", "a{sv}", "0"]):
+                 ["call", "org.sharedd.Sharedd1", path, SHARE, "Delete", "a{sv}", "0"],
+                 ["call", "org.sharedd.Sharedd1", path, SHARE, "AllowAccess", "sssa{sv}", "ip",
+                  "10.0.0.1", "rw", "1", "auth.no_user_interaction", "b", "true"]):
         proc = d.bus.busctl(*argv, check=False, user=nobody)
-        assert proc.returncode != 0 and "denied" in proc.stderr.lower(), proc.stderr
+        assert proc.returncode != 0 and "is for root and members of group sharedd" \
+            in proc.stderr, proc.stderr
     assert d.manager("ListShares", "a{sv}", 0) == [path]
+    assert d.share_prop(path, "AccessRules") == []
+    assert any(f"by uid {nobody}" in ln and "refused: NotAuthorized" in ln
+               for ln in d.log_tail(200).splitlines())
+
+
+def test_members_of_the_admin_group_may_change(sharedd_factory):
+    """admin_group = nogroup, the primary group of nobody: nobody may now
+    create and delete (and the no-interaction option is every call's)."""
+    d = sharedd_factory(CONFIG.replace("host_id = storage1",
+                                       "host_id = storage1\nadmin_group = nogroup"))
+    proc = d.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1",
+                        MGR, "CreateShare", "ssta{sv}", "bynobody", "NFS", "1", "1",
+                        "auth.no_user_interaction", "b", "true", user=65534)
+    path = json.loads(proc.stdout)["data"][0]
+    d.bus.busctl("call", "org.sharedd.Sharedd1", path, SHARE, "Delete", "a{sv}", "0", user=65534)
+    assert d.manager("ListShares", "a{sv}", 0) == []
+    bad = d.error("/org/sharedd/Sharedd1", MGR, "CreateShare", "ssta{sv}", "x", "NFS", 1, 1,
+                  "auth.no_user_interaction", "s", "yes")
+    assert bad.startswith("org.sharedd.Sharedd1.Error.InvalidArgument")
 
 
 def test_every_change_is_attributed_to_its_caller(d):

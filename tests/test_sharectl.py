@@ -115,6 +115,8 @@ def test_errors_and_exit_statuses(ctl, system_bus):
     usage = ctl("share", "frobnicate", expect=2)
     assert "usage:" in usage.stderr
     ctl("access", "allow", "keep", "ip", "10.0.0.1", expect=2)     # --rw or --ro
+    # the no-dialog option reaches sharedd with every call (root: allowed)
+    ctl("--no-user-interaction", "access", "allow", "keep", "ip", "10.0.0.1", "--ro")
     ctl.daemon.stop()
     gone = ctl("share", "list", expect=3)
     assert "sharedd is not running" in gone.stderr

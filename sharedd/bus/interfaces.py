@@ -16,9 +16,9 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from .. import __version__
 from .. import constants as C
-from ..errors import InvalidArgument, SharedError
+from ..errors import InvalidArgument, NotAuthorized, SharedError
 from ..share_servers import describe as describe_attachment
-from . import audit
+from . import audit, authz
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ def translate(fn):
         started = time.monotonic()
         outcome = "interrupted"       # cancelled (the daemon is stopping)
         try:
+            if audited:
+                await _authorize(self, fn.__name__, args)
             result = await fn(self, *args)
             outcome = "ok"
         except SharedError as exc:
@@ -124,6 +126,18 @@ def translate(fn):
     return wrapper
 
 
+async def _authorize(iface, method_name, args):
+    """Refuse (NotAuthorized) a state-changing call its caller may not make."""
+    call = audit.CALL.get()
+    if call is None:
+        return   # not called over the bus (the engine's own tests)
+    authorizer = getattr(call[0], "authorizer", None)
+    if authorizer is None:
+        raise NotAuthorized(f"{method_name}: no authorization is set up on this connection")
+    await authorizer.check(call[1], iface.name, method_name,
+                           interactive=not authz.no_user_interaction(args))
+
+
 async def _audit(iface, method_name, args, outcome):
     call = audit.CALL.get()
     auditor = getattr(call[0], "auditor", None) if call else None
@@ -142,7 +156,13 @@ MAX_OPTION_TEXT = 4096
 
 def unpack_options(options, spec):
     """a{sv} -> dict, checking each option's D-Bus signature against spec,
-    and bounding what a caller can make us hold or compare."""
+    and bounding what a caller can make us hold or compare. The
+    authorization option (auth.no_user_interaction, b) is every call's."""
+    flag = options.get(C.OPTION_NO_USER_INTERACTION)
+    if flag is not None:
+        if flag.signature != "b":
+            raise InvalidArgument(f"option {C.OPTION_NO_USER_INTERACTION!r} must have type b")
+        options = {k: v for k, v in options.items() if k != C.OPTION_NO_USER_INTERACTION}
     if len(options) > len(spec):
         raise InvalidArgument(f"{len(options)} options given; this call takes at most "
                               f"{len(spec)} ({', '.join(sorted(spec)) or 'none'})")

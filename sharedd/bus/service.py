@@ -18,6 +18,7 @@ from ..engine import Engine, Observer
 from ..helpers.base import BusCallError
 from . import interfaces as I
 from .audit import Auditor
+from .authz import Authorizer
 from .connection import Connection
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class BusService(Observer):
         """Export every object, then take the bus name (we are ready to serve)."""
         bus = self.bus
         self.engine = engine
+        bus.authorizer = Authorizer(bus, bus.auditor, engine.config.authorization,
+                                    engine.config.admin_group)
         bus.announce = False   # clients read GetManagedObjects once we own the name
         bus.export(C.ROOT_PATH, I.Manager(engine))
         self.hooks = I.Hooks(engine)
