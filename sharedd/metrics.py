@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +119,9 @@ def exposition(families: Iterable[Family]) -> str:
 def write(path: str, text: str) -> bool:
     """Replace path with text atomically (0644); False if its directory
     does not exist (no node exporter here: nothing to write for)."""
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
+    if not os.path.isdir(os.path.dirname(path) or "."):
         return False
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            os.fchmod(f.fileno(), 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, text.encode("utf-8"), 0o644)
     return True
 
 

@@ -69,11 +69,20 @@ class Snapshots:
     def _backend(self, share: Share) -> Backend:
         return self.backends[share.backend].usable()
 
-    @staticmethod
-    def _not_in_group(snap: Snapshot, verb: str) -> None:
+    def _settled(self, snapshot_id: str, share_id: str,
+                 verb: str) -> Tuple[Snapshot, Share, Backend]:
+        """A snapshot that may be deleted or unmanaged now, its share and
+        backend: available or in error, and not a group snapshot's member."""
+        snap = self.get(snapshot_id)
+        share = self._share(share_id)
+        b = self._backend(share)
+        if snap.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
+            raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be {verb} "
+                               "when available or in error")
         if snap.group_snapshot_id:
             raise InvalidState(f"snapshot {snap.name} is a member of share group snapshot "
                                f"{snap.group_snapshot_id}: it is {verb} with that one")
+        return snap, share, b
 
     def _unique_name(self, share: Share, name: str) -> None:
         if any(s.name == name for s in self.store.snapshots(share.id)):
@@ -115,13 +124,7 @@ class Snapshots:
         share_id = self.get(snapshot_id).share_id
 
         async def plan() -> Operation:
-            snap = self.get(snapshot_id)
-            share = self._share(share_id)
-            b = self._backend(share)
-            if snap.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
-                raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be deleted "
-                                   "when available or in error")
-            self._not_in_group(snap, "deleted")
+            snap, share, b = self._settled(snapshot_id, share_id, "deleted")
             previous = snap.status
             replicated = self.replications.is_replicated(share.id)
 
@@ -216,14 +219,8 @@ class Snapshots:
         share_id = self.get(snapshot_id).share_id
 
         async def plan() -> Operation:
-            snap = self.get(snapshot_id)
-            share = self._share(share_id)
-            b = self._backend(share)
+            snap, share, b = self._settled(snapshot_id, share_id, "unmanaged")
             b.require("manage_snapshot_support", "unmanage snapshots")
-            if snap.status not in (C.STATUS_AVAILABLE, C.STATUS_ERROR):
-                raise InvalidState(f"snapshot {snap.name} is {snap.status}; it can be unmanaged "
-                                   "when available or in error")
-            self._not_in_group(snap, "unmanaged")
             if self.replications.is_replicated(share.id):
                 raise InvalidState(f"share {share.name} has replicas, which hold this snapshot "
                                    "too; delete them first")
