@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import netaddr
 
 from sharedd.errors import ConfigError
+from sharedd.metrics import options as metrics_options
 from sharedd.options import Opt, config_files, parse_options, read_ini
 from sharedd.record import EXPORT_RE, MOUNT_OPTION_RE
 
@@ -88,12 +89,7 @@ OPTIONS: List[Opt] = [
              "stale is mounted again. 0: no checks."),
     Opt("health_check_timeout", "float", 10.0, min=1,
         help="Seconds a mounted share has to answer a health check."),
-    Opt("metrics_path", "path", "/var/lib/prometheus/node-exporter/sharedd-mountd.prom",
-        help="Where the Prometheus metrics are written (text format, replaced atomically) for "
-             "the node exporter's textfile collector; nothing is written while its directory "
-             "does not exist."),
-    Opt("metrics_interval", "float", 30.0, min=0,
-        help="Seconds between two writes of metrics_path (0: never)."),
+    *metrics_options("sharedd-mountd.prom"),
     Opt("log_level", "str", "info", choices=("debug", "info", "warning", "error"),
         help="Log level."),
 ]

@@ -18,6 +18,7 @@ import netaddr
 from . import constants as C
 from . import validation
 from .errors import ConfigError, InvalidArgument
+from .metrics import options as metrics_options
 from .options import Opt, config_files, parse_options, read_ini, unknown
 from .record import HOST_ID
 from .signing import default_key_path
@@ -59,12 +60,7 @@ GLOBAL_OPTIONS: List[Opt] = [
     Opt("admin_group", "str", "sharedd",
         help="The group whose members may change things without polkit, and whom the "
              "shipped polkit rules grant the manage actions."),
-    Opt("metrics_path", "path", "/var/lib/prometheus/node-exporter/sharedd.prom",
-        help="Where the Prometheus metrics are written (text format, replaced atomically) for "
-             "the node exporter's textfile collector; nothing is written while its directory "
-             "does not exist."),
-    Opt("metrics_interval", "float", 30.0, min=0,
-        help="Seconds between two writes of metrics_path (0: never)."),
+    *metrics_options("sharedd.prom"),
     Opt("spool_retention_seconds", "int", 86400, min=0,
         help="Spool records older than this are pruned (0: keep by age forever); the newest periodic record of every backend is always kept."),
     Opt("spool_retention_count", "int", 10000, min=0,

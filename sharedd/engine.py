@@ -269,11 +269,27 @@ class Engine:
                 log.exception("backend %s: %s failed", b.name, getattr(fn, "__name__", fn))
 
     # --------------------------------------------------------------- metrics
-    def metrics_text(self) -> str:
-        """Every metric in the Prometheus text format: the counters, and the
-        gauges read now (aggregate queries, one row per share for sizes)."""
+    def _metrics_state(self) -> Dict[str, Any]:
+        """What the metrics show, read now on the event loop (aggregate
+        queries, one row per share for the sizes); rendered elsewhere."""
+        return {"tallies": self.store.tallies(),
+                "backends": [(b.name, bool(b.setup_error), dict(b.stats))
+                             for b in self.backends.values()],
+                "sizes": self.store.share_sizes(), "seq": self.store.last_seq(),
+                "jobs": len(self.jobs.all()), "counters": self.metrics.families()}
+
+    @staticmethod
+    def _metrics_render(state: Dict[str, Any]) -> str:
+        """The Prometheus text of _metrics_state (no I/O: a worker thread's
+        work at 10,000 shares)."""
         GiB = 1 << 30
-        tallies = self.store.tallies()
+        tallies = state["tallies"]
+        capacity = []
+        for name, _, stats in state["backends"]:
+            for kind in ("total", "free", "provisioned"):
+                value = stats.get(f"{kind}_capacity_gb")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    capacity.append(({"backend": name, "kind": kind}, float(value) * GiB))
         fams = [
             metrics.gauge("sharedd_shares", "Shares by backend and status.",
                           metrics.by_label(tallies["shares"], "backend", "status")),
@@ -283,33 +299,34 @@ class Engine:
                           metrics.by_label(tallies["rules"], "backend", "state")),
             metrics.gauge("sharedd_backend_up", "1 if the backend is usable, 0 if its set-up "
                           "failed (it is retried).",
-                          [({"backend": b.name}, 0 if b.setup_error else 1)
-                           for b in self.backends.values()]),
+                          [({"backend": name}, 0 if broken else 1)
+                           for name, broken, _ in state["backends"]]),
+            metrics.gauge("sharedd_backend_capacity_bytes",
+                          "Backend capacity: total and free as the driver reports them, "
+                          "provisioned as the sum of the share sizes.", capacity),
+            metrics.gauge("sharedd_share_provisioned_bytes", "The size of each share (its quota).",
+                          [({"share": i, "name": n, "backend": b}, size * GiB)
+                           for i, n, b, size in state["sizes"]]),
+            metrics.gauge("sharedd_hook_last_seq", "The newest hook record's sequence "
+                          "number (clients compare it with what they applied).",
+                          [({}, state["seq"])]),
+            metrics.gauge("sharedd_jobs", "Jobs (long operations) running.",
+                          [({}, state["jobs"])]),
         ]
-        capacity = []
-        for b in self.backends.values():
-            for kind in ("total", "free", "provisioned"):
-                value = b.stats.get(f"{kind}_capacity_gb")
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    capacity.append(({"backend": b.name, "kind": kind}, float(value) * GiB))
-        fams.append(metrics.gauge("sharedd_backend_capacity_bytes",
-                                  "Backend capacity: total and free as the driver reports them, "
-                                  "provisioned as the sum of the share sizes.", capacity))
-        fams.append(metrics.gauge("sharedd_share_provisioned_bytes",
-                                  "The size of each share (its quota).",
-                                  [({"share": i, "name": n, "backend": b}, size * GiB)
-                                   for i, n, b, size in self.store.share_sizes()]))
-        fams.append(metrics.gauge("sharedd_hook_last_seq", "The newest hook record's sequence "
-                                  "number (clients compare it with what they applied).",
-                                  [({}, self.store.last_seq())]))
-        fams.append(metrics.gauge("sharedd_jobs", "Jobs (long operations) running.",
-                                  [({}, len(self.jobs.all()))]))
-        return metrics.exposition(fams + self.metrics.families())
+        return metrics.exposition(fams + state["counters"])
+
+    def metrics_text(self) -> str:
+        """Every metric in the Prometheus text format."""
+        return self._metrics_render(self._metrics_state())
 
     async def write_metrics(self) -> bool:
         """Write metrics_path now (False: its directory does not exist)."""
-        text = self.metrics_text()
-        return await asyncio.to_thread(metrics.write, self.config.metrics_path, text)
+        state = self._metrics_state()
+        path = self.config.metrics_path
+
+        def render_and_write() -> bool:
+            return metrics.write(path, self._metrics_render(state))
+        return await asyncio.to_thread(render_and_write)
 
     async def _write_metrics_every(self) -> None:
         while self.config.metrics_interval > 0:

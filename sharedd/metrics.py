@@ -16,9 +16,26 @@ import re
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .options import Opt
 from .util import atomic_write
 
 log = logging.getLogger(__name__)
+
+#: where Debian's prometheus-node-exporter reads textfile metrics
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+
+
+def options(file_name: str) -> List[Opt]:
+    """The metrics_path and metrics_interval options of a daemon."""
+    return [
+        Opt("metrics_path", "path", f"{TEXTFILE_DIR}/{file_name}",
+            help="Where the Prometheus metrics are written (text format, replaced atomically) "
+                 "for the node exporter's textfile collector; nothing is written while its "
+                 "directory does not exist."),
+        Opt("metrics_interval", "float", 30.0, min=0,
+            help="Seconds between two writes of metrics_path (0: never)."),
+    ]
+
 
 #: seconds: the operation latency histogram's upper bounds
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

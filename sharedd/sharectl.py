@@ -75,11 +75,19 @@ class Client:
         return await self.call(C.ROOT_PATH, C.IFACE_MANAGER, member, sig, *body)
 
     # --- names to object paths -------------------------------------------------
-    async def share(self, name: str) -> str:
-        if name.startswith(C.SHARE_PATH + "/"):
+    @staticmethod
+    def _direct(name: str, prefix: str) -> Optional[str]:
+        """The object path name gives as a path or an id (None: a name)."""
+        if name.startswith(prefix + "/"):
             return name
         if _ID.fullmatch(name):
-            return f"{C.SHARE_PATH}/{name}"
+            return f"{prefix}/{name}"
+        return None
+
+    async def share(self, name: str) -> str:
+        direct = self._direct(name, C.SHARE_PATH)
+        if direct:
+            return direct
         try:
             (path,) = await self.manager("FindShareByName", "s", name)
         except Failure as exc:
@@ -87,10 +95,9 @@ class Client:
         return str(path)
 
     async def snapshot(self, name: str) -> str:
-        if name.startswith(C.SNAPSHOT_PATH + "/"):
-            return name
-        if _ID.fullmatch(name):
-            return f"{C.SNAPSHOT_PATH}/{name}"
+        direct = self._direct(name, C.SNAPSHOT_PATH)
+        if direct:
+            return direct
         share, sep, snap = name.rpartition("/")
         if not sep:
             raise Failure(EXIT_USAGE, f"name a snapshot as SHARE/NAME, an id or a path, "
@@ -103,28 +110,25 @@ class Client:
         raise Failure(EXIT_NOT_FOUND, f"share {share} has no snapshot named {snap!r}")
 
     async def group(self, name: str) -> str:
-        if name.startswith(C.SHARE_GROUP_PATH + "/"):
-            return name
-        if _ID.fullmatch(name):
-            return f"{C.SHARE_GROUP_PATH}/{name}"
-        for path, ifaces in (await self.objects()).items():
-            if C.IFACE_SHARE_GROUP in ifaces and ifaces[C.IFACE_SHARE_GROUP]["Name"] == name:
+        direct = self._direct(name, C.SHARE_GROUP_PATH)
+        if direct:
+            return direct
+        for path, v in await self.of(C.IFACE_SHARE_GROUP):
+            if v["Name"] == name:
                 return path
         raise Failure(EXIT_NOT_FOUND, f"no share group named {name!r}")
 
     async def group_snapshot(self, name: str) -> str:
-        if name.startswith(C.SHARE_GROUP_SNAPSHOT_PATH + "/"):
-            return name
-        if _ID.fullmatch(name):
-            return f"{C.SHARE_GROUP_SNAPSHOT_PATH}/{name}"
+        direct = self._direct(name, C.SHARE_GROUP_SNAPSHOT_PATH)
+        if direct:
+            return direct
         group, sep, snap = name.rpartition("/")
         if not sep:
             raise Failure(EXIT_USAGE, f"name a group snapshot as GROUP/NAME, an id or a path, "
                                       f"not {name!r}")
         group_path = await self.group(group)
-        for path, ifaces in (await self.objects()).items():
-            gs = ifaces.get(C.IFACE_SHARE_GROUP_SNAPSHOT)
-            if gs and gs["ShareGroup"] == group_path and gs["Name"] == snap:
+        for path, gs in await self.of(C.IFACE_SHARE_GROUP_SNAPSHOT):
+            if gs["ShareGroup"] == group_path and gs["Name"] == snap:
                 return path
         raise Failure(EXIT_NOT_FOUND, f"share group {group} has no snapshot named {snap!r}")
 
@@ -218,16 +222,14 @@ def _cell(value: Any) -> str:
 async def share_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
     S = C.IFACE_SHARE
     if a.action == "list":
-        filt = options(backend=a.backend, status=a.status, protocol=a.protocol)
-        (paths,) = await c.manager("ListShares", "a{sv}", filt)
-        rows, data = [], []
-        for p in paths:
-            v = await c.props(p, S)
-            rows.append([v["Name"], v["Id"], v["Backend"], v["Protocol"], v["SizeGiB"],
-                         v["Status"], v["ExportLocations"]])
-            data.append(v)
+        # one GetManagedObjects, not one GetAll per share (10,000 round trips)
+        want = {"Backend": a.backend, "Status": a.status,
+                "Protocol": a.protocol.upper() if a.protocol else None}
+        data = [v for _, v in await c.of(S)
+                if all(x is None or v[k] == x for k, x in want.items())]
         out.table(["NAME", "ID", "BACKEND", "PROTOCOL", "GIB", "STATUS", "EXPORT"],
-                  sorted(rows), data)
+                  [[v["Name"], v["Id"], v["Backend"], v["Protocol"], v["SizeGiB"], v["Status"],
+                    v["ExportLocations"]] for v in data], data)
     elif a.action == "show":
         p = await c.share(a.share)
         out.record(await c.props(p, S))
@@ -289,17 +291,15 @@ async def access_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
 async def snapshot_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
     N = C.IFACE_SNAPSHOT
     if a.action == "list":
-        filt = options(share=("o", await c.share(a.share))) if a.share else {}
-        (paths,) = await c.manager("ListSnapshots", "a{sv}", filt)
-        rows, data = [], []
-        names: Dict[str, str] = {}
-        for path in paths:
-            v = await c.props(path, N)
-            if v["Share"] not in names:
-                names[v["Share"]] = (await c.props(v["Share"], C.IFACE_SHARE))["Name"]
-            rows.append([names[v["Share"]], v["Name"], v["Id"], v["SizeGiB"], v["Status"]])
-            data.append(v)
-        out.table(["SHARE", "NAME", "ID", "GIB", "STATUS"], rows, data)
+        only = await c.share(a.share) if a.share else None
+        objs = await c.objects()
+        data = sorted((i[N] for i in objs.values()
+                       if N in i and (only is None or i[N]["Share"] == only)),
+                      key=lambda v: (v["Share"], v["CreatedAt"], v["Name"]))
+        names = {p: i[C.IFACE_SHARE]["Name"] for p, i in objs.items() if C.IFACE_SHARE in i}
+        out.table(["SHARE", "NAME", "ID", "GIB", "STATUS"],
+                  [[names.get(v["Share"], v["Share"]), v["Name"], v["Id"], v["SizeGiB"],
+                    v["Status"]] for v in data], data)
     elif a.action == "show":
         out.record(await c.props(await c.snapshot(a.snapshot), N))
     elif a.action == "create":

@@ -32,7 +32,7 @@ from .errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, Shar
 from .models import Share, Snapshot, fields_of
 from .operation import Operation, Runner
 from .replication import Replications
-from .schedule import Retention, Schedule, name_time, scheduled_name
+from .schedule import NAME_PREFIX, Retention, Schedule, name_time, scheduled_name
 from .store import Store, new_id
 from .util import now_us
 
@@ -403,6 +403,7 @@ class Scheduler:
     async def catch_up(self) -> None:
         """An elapse missed while sharedd was down: taken once, now."""
         now = time.time()
+        newest_names = self.snapshots.store.newest_named(NAME_PREFIX)
         for text, share_ids in self.snapshots.scheduled_shares().items():
             last = self.snapshots.schedule_of(text).last_at_or_before(now)
             if last is None:
@@ -410,8 +411,7 @@ class Scheduler:
             self._done[text] = last
             behind = []
             for share_id in share_ids:
-                taken = [name_time(s.name) for s in self.snapshots.store.snapshots(share_id)]
-                newest = max((t for t in taken if t is not None), default=None)
+                newest = name_time(newest_names.get(share_id, ""))
                 if newest is None or newest < last:
                     behind.append(share_id)
             if behind:

@@ -641,6 +641,13 @@ class Store:
         return {r[0]: (r[1], r[2]) for r in
                 self.db.execute("SELECT share_id, schedule, retention FROM snapshot_policies")}
 
+    def newest_named(self, prefix: str) -> Dict[str, str]:
+        """share id -> the greatest snapshot name starting with prefix (one
+        query for every share: scheduled names sort by their time)."""
+        return dict(self.db.execute(
+            "SELECT share_id, MAX(name) FROM snapshots WHERE substr(name, 1, ?) = ? "
+            "GROUP BY share_id", (len(prefix), prefix)).fetchall())
+
     def share_made_from(self, snapshot_id: str) -> bool:
         """Whether a share is being created from the snapshot now."""
         return self.db.execute("SELECT 1 FROM shares WHERE snapshot_id=? AND status=? LIMIT 1",
