@@ -61,6 +61,9 @@ GLOBAL_OPTIONS: List[Opt] = [
         help="The group whose members may change things without polkit, and whom the "
              "shipped polkit rules grant the manage actions."),
     *metrics_options("sharedd.prom"),
+    Opt("metrics_usage_interval", "float", 300.0, min=0,
+        help="Seconds between two reads of the space every share uses, for the metrics "
+             "(a driver read per share; 0: never)."),
     Opt("spool_retention_seconds", "int", 86400, min=0,
         help="Spool records older than this are pruned (0: keep by age forever); the newest periodic record of every backend is always kept."),
     Opt("spool_retention_count", "int", 10000, min=0,

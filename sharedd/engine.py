@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
@@ -69,6 +70,8 @@ class Engine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
         self._ensuring = (0, 0)   # (done, of) while shares are being ensured
+        self._usage: Dict[str, float] = {}     # share id -> bytes used, for the metrics
+        self._usage_at = 0.0
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._lock_fd: Optional[int] = None
         self.signer: signing.SigningKey
@@ -231,7 +234,8 @@ class Engine:
             if name in new.backends:
                 pending += b.reload(new.backends[name])
         for key in ("log_level", "stats_refresh_interval", "max_access_rules_per_share",
-                    "max_metadata_entries", "max_description_length", "metrics_path"):
+                    "max_metadata_entries", "max_description_length", "metrics_path",
+                    "metrics_usage_interval"):
             self.config.values[key] = new.values[key]
         pending += [k for k in ("state_path", "spool_dir", "host_id")
                     if new.values[k] != self.config.values[k]]
@@ -269,10 +273,31 @@ class Engine:
                 log.exception("backend %s: %s failed", b.name, getattr(fn, "__name__", fn))
 
     # --------------------------------------------------------------- metrics
+    async def _share_usage(self) -> Dict[str, float]:
+        """Bytes each available share uses, as its driver reads them: one
+        read per share (a worker thread's work), so at most every
+        metrics_usage_interval seconds; the figures of the last read between."""
+        interval = float(self.config.metrics_usage_interval)
+        now = time.monotonic()
+        if interval <= 0 or (self._usage_at and now - self._usage_at < interval):
+            return self._usage
+        self._usage_at = now
+        usage: Dict[str, float] = {}
+        for b in self.backends.values():
+            if b.setup_error:
+                continue
+            shares = [s for s in self.store.shares(b.name) if s.status == C.STATUS_AVAILABLE]
+            try:
+                usage.update(await asyncio.to_thread(b.driver.get_share_usages, shares))
+            except Exception as exc:        # a figure missing, never the metrics file
+                log.warning("backend %s: cannot read the shares' usage: %s", b.name, exc)
+        self._usage = usage
+        return usage
+
     def _metrics_state(self) -> Dict[str, Any]:
         """What the metrics show, read now on the event loop (aggregate
         queries, one row per share for the sizes); rendered elsewhere."""
-        return {"tallies": self.store.tallies(),
+        return {"tallies": self.store.tallies(), "usage": dict(self._usage),
                 "backends": [(b.name, bool(b.setup_error), dict(b.stats))
                              for b in self.backends.values()],
                 "sizes": self.store.share_sizes(), "seq": self.store.last_seq(),
@@ -307,6 +332,10 @@ class Engine:
             metrics.gauge("sharedd_share_provisioned_bytes", "The size of each share (its quota).",
                           [({"share": i, "name": n, "backend": b}, size * GiB)
                            for i, n, b, size in state["sizes"]]),
+            metrics.gauge("sharedd_share_used_bytes", "The space each share uses, as its "
+                          "driver reads it (every metrics_usage_interval seconds).",
+                          [({"share": i, "name": n, "backend": b}, int(state["usage"][i]))
+                           for i, n, b, _ in state["sizes"] if i in state["usage"]]),
             metrics.gauge("sharedd_hook_last_seq", "The newest hook record's sequence "
                           "number (clients compare it with what they applied).",
                           [({}, state["seq"])]),
@@ -321,6 +350,8 @@ class Engine:
 
     async def write_metrics(self) -> bool:
         """Write metrics_path now (False: its directory does not exist)."""
+        if os.path.isdir(os.path.dirname(self.config.metrics_path) or "."):
+            await self._share_usage()
         state = self._metrics_state()
         path = self.config.metrics_path
 

@@ -12,6 +12,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.storage_host import destroy_storage_host, make_storage_host
 from tests.fixtures.mountd_env import CLIENT4, HOST, make_record, make_share, rule, write_record
 from tests.support import components
 from tests.test_api_memory import CONFIG
@@ -164,3 +165,33 @@ def test_mountd_metrics(mountd_tmp, metrics_dir):
         assert abs(age - (time.time() - stamp)) < 30
     finally:
         assert d.stop() == 0
+
+
+def test_used_bytes_per_share_on_btrfs(system_bus, netlab, ganesha, metrics_dir, tmp_path):
+    """The space a share uses, read from its btrfs quota group: what a
+    client writes shows up, at most metrics_usage_interval later."""
+    prom = metrics_dir / "sharedd.prom"
+    root = tmp_path / "host"
+    root.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(root, 0o755)
+    host = make_storage_host(system_bus, netlab, ganesha, str(root), extra=(
+        f"metrics_path = {prom}\nmetrics_interval = 0.2\nmetrics_usage_interval = 0.5"))
+    try:
+        host.start()
+        full, empty = host.create_share("full", "NFS", 1), host.create_share("empty", "NFS", 1)
+        full_id, empty_id = full.rsplit("/", 1)[1], empty.rsplit("/", 1)[1]
+        mount = os.path.join(host.state_path, "backends", "btrfs1", "mounts", full_id)
+        with open(os.path.join(mount, "data"), "wb") as f:
+            f.write(os.urandom(24 << 20))
+            os.fsync(f.fileno())
+        line = re.compile(rf'^sharedd_share_used_bytes{{[^}}]*share="{full_id}"[^}}]*}} (\S+)$',
+                          re.M)
+        fams = strict(read_when(str(prom), lambda t: float(
+            (line.search(t) or [0, 0])[1]) >= 24 << 20, timeout=30))
+        used = value(fams, "sharedd_share_used_bytes", share=full_id, name="full",
+                     backend="btrfs1")
+        assert 24 << 20 <= used < 26 << 20
+        assert value(fams, "sharedd_share_used_bytes", share=empty_id) < 1 << 20
+    finally:
+        destroy_storage_host(host)

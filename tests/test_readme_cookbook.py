@@ -43,9 +43,12 @@ def shipped_backends() -> List[str]:
     return [b.strip() for b in cp["DEFAULT"]["enabled_share_backends"].split(",") if b.strip()]
 
 
-def readme_commands() -> Iterator[Tuple[int, List[str]]]:
+def readme_commands(placeholders: Dict[str, str] = PLACEHOLDERS
+                    ) -> Iterator[Tuple[int, List[str]]]:
     """(line number, argv) of every busctl command in the README's code
-    blocks, continuation lines joined, $B/$M/$S/$P/$N expanded."""
+    blocks, continuation lines joined, $B/$M/$S expanded ($P and $N, the
+    paths named in the text, are left as they are), placeholders replaced
+    from placeholders."""
     text = (REPO / "README.md").read_text()
     variables: Dict[str, str] = {}
     lines = text.splitlines()
@@ -65,13 +68,13 @@ def readme_commands() -> Iterator[Tuple[int, List[str]]]:
             continue
         if not (stripped.startswith("$B ") or stripped.startswith("busctl ")):
             continue
-        for key, value in PLACEHOLDERS.items():
+        for key, value in placeholders.items():
             stripped = stripped.replace(key, value)
         argv = shlex.split(stripped, comments=True)
         expanded: List[str] = []
         for word in argv:
             if word.startswith("$") and word[1:] in variables:
-                expanded += shlex.split(variables[word[1:]].replace("<id>", PLACEHOLDERS["<id>"]))
+                expanded += shlex.split(variables[word[1:]])
             else:
                 expanded.append(word)
         yield number, expanded

@@ -14,12 +14,13 @@ import abc
 import dataclasses
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import BackendFailure, NotSupported
 from ..models import AccessRule, Share, ShareGroup, ShareServer, ShareUpdate, Snapshot
 
 log = logging.getLogger(__name__)
+GiB = 1 << 30
 
 
 class ShareDriver(abc.ABC):
@@ -405,6 +406,20 @@ class ShareDriver(abc.ABC):
     def get_share_usage_gib(self, share: Share) -> Optional[float]:
         """Space the share uses now, if the driver can tell."""
         return None
+
+    def get_share_usages(self, shares: Sequence[Share]) -> Dict[str, float]:
+        """Bytes each share uses now, for those the driver can tell (the
+        metrics' periodic read, in a worker thread)."""
+        out: Dict[str, float] = {}
+        for share in shares:
+            try:
+                gib = self.get_share_usage_gib(share)
+            except BackendFailure as exc:
+                log.debug("usage of share %s: %s", share.id, exc)
+                continue
+            if gib is not None:
+                out[share.id] = gib * GiB
+        return out
 
     def get_mount_hints(self, share: Share) -> Dict[str, Any]:
         """What a client needs to mount the share (no secrets).

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import stat
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from .. import transfer, util
 from ..errors import (AlreadyExists, BackendFailure, Cancelled, ConfigError, InvalidArgument,
@@ -1090,6 +1090,24 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def get_share_usage_gib(self, share: Share) -> Optional[float]:
         return self._qgroup(self._path(self._share_rel(share))).referenced / GiB
+
+    def get_share_usages(self, shares: Sequence[Share]) -> Dict[str, float]:
+        # One commit for all (accounting lags writes until one), then one
+        # sysfs read per share, or one listing where there is no sysfs view.
+        self._kernel("commit", kernel.commit, self.pool)
+        qdir = self._qgroup_dir()
+        groups = self._qgroups() if qdir is None else {}
+        out: Dict[str, float] = {}
+        for share in shares:
+            try:
+                sid = self._subvol_id(self._path(self._share_rel(share)))
+                group = groups.get(sid) if qdir is None else self._qgroup_sysfs(qdir, sid)
+            except (BackendFailure, OSError) as exc:
+                log.debug("usage of share %s: %s", share.id, exc)
+                continue
+            if group is not None:
+                out[share.id] = float(group.referenced)
+        return out
 
     def get_mount_hints(self, share: Share) -> Dict[str, Any]:
         helper = self.helper_for(share)
