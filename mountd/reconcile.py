@@ -211,9 +211,17 @@ def desired_mounts(shares_by_host: Dict[str, Dict[str, dict]], identity: Identit
             if proto not in protocols:
                 continue
             level = matching.access_level(share.get("access_rules", []), addrs, identity.cert_cn)
-            if level is None:
-                continue
-            out[sid] = _describe(host, share, level, extra_options, have_client_cert)
+            if level is not None:
+                out[sid] = _describe(host, share, level, extra_options, have_client_cert)
+            # Its snapshots this host may mount: read-only, whatever a rule
+            # says, each on a mount point of its own (<share>@<snapshot>-<id>).
+            for snap in share.get("snapshots", ()):
+                if snap["id"] in out or matching.access_level(
+                        snap.get("access_rules", []), addrs, identity.cert_cn) is None:
+                    continue
+                as_share = dict(snap, protocol=proto, name=f"{share['name']}@{snap['name']}")
+                out[snap["id"]] = _describe(host, as_share, "ro", extra_options,
+                                            have_client_cert)
     return out
 
 

@@ -64,9 +64,12 @@ class Trust:
 
 
 def _shares(record: Dict[str, Any]) -> Iterable[Dict[str, Any]]:
-    if record.get("share"):
-        yield record["share"]
-    yield from record.get("shares", ())
+    """Every mountable thing a record names: its shares and their exported
+    snapshots."""
+    shares = ([record["share"]] if record.get("share") else []) + list(record.get("shares", ()))
+    for share in shares:
+        yield share
+        yield from share.get("snapshots", ())
 
 
 def load_keys(inline: Iterable[str], directory: str, where_inline: str,

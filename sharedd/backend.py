@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import constants as C
 from .config import BackendConfig
@@ -25,7 +25,7 @@ from .helpers.base import BusCall
 from .hooks import records
 from .hooks.base import HookContext
 from .hooks.manager import HookManager
-from .models import AccessRule, Share
+from .models import AccessRule, Share, Snapshot, snapshot_as_share
 from .util import now_us, private_dir, public_text
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,16 @@ class Backend:
             log.warning("share %s: no mount hints: %s", share.id, exc)
             return {}
 
+    def snapshot_exports(self, share: Share,
+                         exports: List[Tuple[Snapshot, List[AccessRule]]]) -> List[Dict[str, Any]]:
+        """The record form of the share's snapshots that have rules."""
+        return [records.snapshot_export_dict(snap, rules,
+                                             self.mount_hints(snapshot_as_share(snap, share)))
+                for snap, rules in exports]
+
     async def periodic(self, host: str, epoch: str, seqs: List[int], shares: List[Share],
-                       rules: Dict[str, List[AccessRule]]) -> None:
+                       rules: Dict[str, List[AccessRule]],
+                       snapshots: Optional[records.Exports] = None) -> None:
         """The periodic hook: every share of this backend with its rules, in
         len(seqs) records (consecutive seqs, records.periodic_parts)."""
         data: Dict[str, Dict[str, Any]] = {}
@@ -172,12 +180,15 @@ class Backend:
                 data = await asyncio.to_thread(self.driver.get_periodic_hook_data, shares) or {}
             except Exception as exc:
                 log.warning("backend %s: get_periodic_hook_data failed: %s", self.name, exc)
-        runs = records.split(shares, rules, len(seqs))
+        runs = records.split(shares, rules, len(seqs), snapshots)
         for i, (seq, run) in enumerate(zip(seqs, runs), 1):
             rec = records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
                                 method="periodic", backend=self.name, part=(i, len(seqs)),
                                 shares=[records.share_dict(s, rules.get(s.id, []),
-                                                           data.get(s.id, {})) for s in run])
+                                                           data.get(s.id, {}),
+                                                           snapshots=(snapshots or {}).get(s.id,
+                                                                                         ()))
+                                        for s in run])
             await self.hooks.periodic(rec)
 
     # --- capacity ---------------------------------------------------------------

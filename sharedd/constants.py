@@ -51,6 +51,7 @@ METHOD_ACTIONS = {
     ("ShareGroup", "Delete"): ACTION_MANAGE_SHARES,
     ("Share", "AllowAccess"): ACTION_MANAGE_ACCESS,
     ("Share", "DenyAccess"): ACTION_MANAGE_ACCESS,
+    **{("Snapshot", m): ACTION_MANAGE_ACCESS for m in ("AllowAccess", "DenyAccess")},
     **{("Share", m): ACTION_MANAGE_SNAPSHOTS for m in ("CreateSnapshot", "RevertToSnapshot")},
     **{("Snapshot", m): ACTION_MANAGE_SNAPSHOTS for m in ("Delete", "Unmanage")},
     ("Manager", "ManageSnapshot"): ACTION_MANAGE_SNAPSHOTS,
@@ -139,7 +140,7 @@ HOOK_METHODS = (
     "create_snapshot", "delete_snapshot", "revert_to_snapshot",
     "allow_access", "deny_access", "extend_share", "shrink_share",
     "manage_share", "unmanage_share", "ensure_share",
-    "manage_existing_snapshot", "unmanage_snapshot",
+    "manage_existing_snapshot", "unmanage_snapshot", "snapshot_update_access",
     "create_share_group", "delete_share_group", "create_share_group_snapshot",
     "delete_share_group_snapshot", "create_share_group_from_share_group_snapshot",
     "migration_start", "migration_complete", "migration_cancel",
@@ -159,6 +160,10 @@ BACKEND_SIGNAL_INTERVAL = 0.5
 # --- Limits: the record schema and the options' maxima derive from these -----
 #: access rules on one share (option max_access_rules_per_share may lower it)
 MAX_ACCESS_RULES_PER_SHARE = 5000
+#: access rules on one snapshot, and snapshots of one share with rules (every
+#: record of the share lists its exported snapshots with their rules)
+MAX_SNAPSHOT_ACCESS_RULES = 64
+MAX_EXPORTED_SNAPSHOTS = 16
 #: a periodic record is split into parts of about this many bytes (estimated
 #: before it is built: per share PERIODIC_SHARE_BYTES plus PERIODIC_RULE_BYTES
 #: per rule, generous bounds), far below sharedd.record.MAX_RECORD_BYTES

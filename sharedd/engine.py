@@ -39,6 +39,7 @@ from .states import Observer
 from .service_instance import ServiceInstances
 from .share_servers import ShareServers
 from .share_groups import ShareGroups
+from .snapshot_access import SnapshotAccess
 from .snapshots import Snapshots
 from .spool_export import SpoolExport
 from .store import Store, new_id
@@ -97,6 +98,8 @@ class Engine:
         self.snapshot_ops = Snapshots(self.store, self.runner, self.backends, self.replications,
                                       self._spawn, self._share_in)
         self.groups = ShareGroups(self.store, self.runner, self.backends, self.create_share)
+        self.snapshot_access = SnapshotAccess(self.store, self.runner, self.backends,
+                                              self._share_in)
         self._loop = asyncio.get_running_loop()
         self._started = True
         self.signer = signing.open_key(cfg.record_signing_key, cfg.host_id)
@@ -489,9 +492,11 @@ class Engine:
         if b.hooks.enabled(C.PHASE_PERIODIC):
             with self.store.tx():   # one consistent view, and its numbers
                 shares, rules = self.store.shares(b.name), self.store.all_rules()
+                exported = {s.id: b.snapshot_exports(s, self.store.snapshot_exports(s.id))
+                            for s in shares if self.store.snapshots_with_rules(s.id)}
                 seqs = [self.store.next_seq()
-                        for _ in range(records.periodic_parts(shares, rules))]
-            await b.periodic(self.host_id, self.store.epoch, seqs, shares, rules)
+                        for _ in range(records.periodic_parts(shares, rules, exported))]
+            await b.periodic(self.host_id, self.store.epoch, seqs, shares, rules, exported)
 
     async def run_periodic_hooks(self, options: Dict[str, Any]) -> None:
         validation.options(options, {"backend": str})
@@ -786,6 +791,17 @@ class Engine:
     async def unmanage_snapshot(self, snapshot_id: str, options: Dict[str, Any]) -> None:
         await self.snapshot_ops.unmanage(snapshot_id, options)
 
+    async def allow_snapshot_access(self, snapshot_id: str, access_type: str, access_to: str,
+                                    options: Dict[str, Any]) -> str:
+        return await self.snapshot_access.allow(snapshot_id, access_type, access_to, options)
+
+    async def deny_snapshot_access(self, snapshot_id: str, access_id: str,
+                                   options: Dict[str, Any]) -> None:
+        await self.snapshot_access.deny(snapshot_id, access_id, options)
+
+    def snapshot_rules(self, snapshot_id: str) -> List[AccessRule]:
+        return self.store.snapshot_rules(snapshot_id)
+
     # ----------------------------------------------------------- share groups
     async def create_share_group(self, name: str, options: Dict[str, Any]) -> ShareGroup:
         return await self.groups.create(name, options)
@@ -887,6 +903,7 @@ class Engine:
                                   server)
         if server is None:
             await self.replications.ensure([b.name for b in chosen])
+        await self.snapshot_access.ensure_all([b.name for b in chosen])
 
 
 def _nothing(*_: Any) -> None:

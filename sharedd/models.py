@@ -68,6 +68,8 @@ class Snapshot:
     provider_location: str = ""
     # the share group snapshot this snapshot is a member of
     group_snapshot_id: Optional[str] = None
+    # where clients granted access mount it (read-only), while it has rules
+    export_locations: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -165,3 +167,11 @@ def fields_of(update: Optional[ShareUpdate]) -> Dict[str, Any]:
     if update.driver_data is not None:
         out["driver_data"] = dict(update.driver_data)
     return out
+
+
+def snapshot_as_share(snapshot: Snapshot, share: Share) -> Share:
+    """A snapshot as the share's export helper serves it (mountable
+    snapshots): an export of its own, named by the snapshot's id, with the
+    share's protocol and share server."""
+    return dataclasses.replace(share, id=snapshot.id, name=f"{share.name}@{snapshot.name}",
+                               export_locations=list(snapshot.export_locations))

@@ -287,8 +287,10 @@ class Runner:
                 share = records.share_dict(op.share, [], {}, "deleted")
             else:
                 home = self.backends.get(current.backend, b)
-                share = records.share_dict(current, self.store.rules(current.id),
-                                           home.mount_hints(current))
+                share = records.share_dict(
+                    current, self.store.rules(current.id), home.mount_hints(current),
+                    snapshots=home.snapshot_exports(current,
+                                                    self.store.snapshot_exports(current.id)))
                 if home is not b:
                     addresses = list(home.driver.served_addresses())
         if op.snapshot is not None:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, List, Sequence
 from .errors import InvalidArgument
 from . import validation
 from .constants import (ACCESS_LEVELS, ACCESS_TYPES, GROUP_STATUSES, HOOK_METHODS, HOOK_PHASES,
-                        MAX_ANON_ID, MAX_GROUP_MEMBERS,
+                        MAX_ANON_ID, MAX_EXPORTED_SNAPSHOTS, MAX_GROUP_MEMBERS,
+                        MAX_SNAPSHOT_ACCESS_RULES,
                         MAX_ACCESS_RULES_PER_SHARE, MAX_RECORD_WARNINGS, PROTOCOLS,
                         REPLICA_ROLES, REPLICA_STATES, REPLICA_STATUSES, REPLICATION_STYLES,
                         RULE_STATES, SERVER_STATUSES, SHARE_NAME_PATTERN, SHARE_STATUSES,
@@ -82,6 +83,21 @@ _mount_hints = {
     },
 }
 
+# A snapshot clients may mount, read-only (its share's exported snapshots)
+_snapshot_export = {
+    "type": "object",
+    "required": ["id", "name", "export_locations", "access_rules", "mount_hints"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": ID_RE},
+        "name": {"type": "string", "pattern": NAME_RE},
+        "export_locations": {"type": "array", "maxItems": 16,
+                             "items": {"type": "string", "maxLength": 1300}},
+        "access_rules": {"type": "array", "maxItems": MAX_SNAPSHOT_ACCESS_RULES, "items": _rule},
+        "mount_hints": _mount_hints,
+    },
+}
+
 _share = {
     "type": "object",
     "required": ["id", "name", "protocol", "export_locations", "size_gib",
@@ -103,6 +119,9 @@ _share = {
         "share_server": {"type": "string", "pattern": ID_RE},
         # the share group it belongs to
         "share_group": {"type": "string", "pattern": ID_RE},
+        # its snapshots that have access rules (mountable snapshots)
+        "snapshots": {"type": "array", "maxItems": MAX_EXPORTED_SNAPSHOTS,
+                      "items": _snapshot_export},
     },
 }
 
@@ -407,10 +426,12 @@ def validate(record: Any) -> Dict[str, Any]:
 
 def _rule_lists(record: Dict[str, Any]):
     yield "record.access_rules", record["access_rules"]
-    if record.get("share"):
-        yield "record.share.access_rules", record["share"]["access_rules"]
-    for i, share in enumerate(record.get("shares", ())):
-        yield f"record.shares[{i}].access_rules", share["access_rules"]
+    shares = [("record.share", record["share"])] if record.get("share") else []
+    shares += [(f"record.shares[{i}]", s) for i, s in enumerate(record.get("shares", ()))]
+    for where, share in shares:
+        yield f"{where}.access_rules", share["access_rules"]
+        for j, snap in enumerate(share.get("snapshots", ())):
+            yield f"{where}.snapshots[{j}].access_rules", snap["access_rules"]
 
 
 def _no_duplicates(pairs):

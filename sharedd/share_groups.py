@@ -257,6 +257,10 @@ class ShareGroups:
             group = self.get(current.group_id)
             b = self._backend(group.backend)
             snaps = self.snapshot_members(current.id)
+            exported = [s.name for s in snaps if self.store.count_snapshot_rules(s.id)]
+            if exported:
+                raise InvalidState(f"share group snapshot {current.name}: member snapshots of "
+                                   f"{len(exported)} share(s) have access rules; deny them first")
             pairs = []
             for snap in snaps:
                 share = self.store.get_share(snap.share_id)

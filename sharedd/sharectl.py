@@ -3,7 +3,8 @@
     sharectl share list | show | create | delete | extend | shrink | manage |
                 unmanage | migrate | schedule
     sharectl access list | allow | deny
-    sharectl snapshot list | show | create | delete | revert | manage | unmanage
+    sharectl snapshot list | show | create | delete | revert | manage | unmanage |
+                     access | allow | deny
     sharectl group list | show | create | delete | snapshot | delete-snapshot
     sharectl replica list | create | promote | resync | delete
     sharectl backend list | show
@@ -267,15 +268,19 @@ async def share_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
         await follow(c, out, job, a.wait)
 
 
+def rules_table(out: Out, v: Dict[str, Any]) -> None:
+    """A share's or a snapshot's AccessRules (and AccessRuleOptions)."""
+    extra = v.get("AccessRuleOptions", {})
+    rows = [list(r) + [extra.get(r[0], {})] for r in v["AccessRules"]]
+    out.table(["ID", "TYPE", "TO", "LEVEL", "STATE", "OPTIONS"], rows,
+              [dict(zip(["id", "access_type", "access_to", "access_level", "state",
+                         "options"], r)) for r in rows])
+
+
 async def access_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
     p = await c.share(a.share)
     if a.action == "list":
-        v = await c.props(p, C.IFACE_SHARE)
-        extra = v.get("AccessRuleOptions", {})
-        rows = [list(r) + [extra.get(r[0], {})] for r in v["AccessRules"]]
-        out.table(["ID", "TYPE", "TO", "LEVEL", "STATE", "OPTIONS"], rows,
-                  [dict(zip(["id", "access_type", "access_to", "access_level", "state",
-                             "options"], r)) for r in rows])
+        rules_table(out, await c.props(p, C.IFACE_SHARE))
     elif a.action == "allow":
         opts = options(squash=a.squash,
                        anonuid=("u", a.anonuid) if a.anonuid is not None else None,
@@ -319,6 +324,17 @@ async def snapshot_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
         (path,) = await c.manager("ManageSnapshot", "osa{sv}", await c.share(a.share),
                                   a.location, options(name=a.name))
         out.done(f"snapshot managed: {path}", {"snapshot": path})
+    elif a.action == "access":
+        rules_table(out, await c.props(await c.snapshot(a.snapshot), N))
+    elif a.action == "allow":
+        path = await c.snapshot(a.snapshot)
+        (rid,) = await c.call(path, N, "AllowAccess", "ssa{sv}", a.type, a.to, {})
+        where = (await c.props(path, N))["ExportLocations"]
+        out.done(f"ro access to {a.snapshot} for {a.type} {a.to}: {rid} "
+                 f"(mount {', '.join(where)})", {"access_id": rid, "export_locations": where})
+    elif a.action == "deny":
+        await c.call(await c.snapshot(a.snapshot), N, "DenyAccess", "sa{sv}", a.access_id, {})
+        out.done(f"access {a.access_id} to {a.snapshot} denied")
 
 
 async def group_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
@@ -541,6 +557,14 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("share")
     x.add_argument("location")
     x.add_argument("--name")
+    s.add_parser("access", help="who may mount a snapshot (read-only)").add_argument("snapshot")
+    x = s.add_parser("allow", help="let clients mount a snapshot, read-only")
+    x.add_argument("snapshot")
+    x.add_argument("type", choices=["ip", "user", "cert"])
+    x.add_argument("to")
+    x = s.add_parser("deny", help="withdraw a snapshot access rule")
+    x.add_argument("snapshot")
+    x.add_argument("access_id")
 
     s = verbs("group", "share groups")
     s.add_parser("list", help="share groups")

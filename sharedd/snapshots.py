@@ -82,6 +82,10 @@ class Snapshots:
         if snap.group_snapshot_id:
             raise InvalidState(f"snapshot {snap.name} is a member of share group snapshot "
                                f"{snap.group_snapshot_id}: it is {verb} with that one")
+        rules = self.store.count_snapshot_rules(snap.id)
+        if rules:
+            raise InvalidState(f"snapshot {snap.name} has {rules} access rule(s): clients may "
+                               f"mount it; deny them before it is {verb}")
         return snap, share, b
 
     def _unique_name(self, share: Share, name: str) -> None:
@@ -330,9 +334,10 @@ class Snapshots:
 
     def in_use(self, snap: Snapshot) -> bool:
         """Kept whatever the retention says: not settled, a member of a
-        share group snapshot, or a share is being made from it."""
+        share group snapshot, exported (it has access rules), or a share is
+        being made from it."""
         return snap.status != C.STATUS_AVAILABLE or bool(snap.group_snapshot_id) \
-            or self.store.share_made_from(snap.id)
+            or self.store.share_made_from(snap.id) or self.store.count_snapshot_rules(snap.id) > 0
 
     def scheduled_shares(self) -> Dict[str, List[str]]:
         """schedule text -> ids of the shares it applies to (read at each

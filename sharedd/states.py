@@ -202,6 +202,14 @@ class Changes:
         self.store.update_snapshot(snap)
         self._event("snapshot_changed", snap)
 
+    def snapshot_exports(self, snap: Snapshot, locations: List[str]) -> None:
+        """Where clients mount the snapshot now (no state change)."""
+        if list(snap.export_locations) == locations:
+            return
+        snap.export_locations = locations
+        self.store.update_snapshot(snap)
+        self._event("snapshot_changed", snap)
+
     def share_touched(self, share: Share) -> None:
         """Something the share's object shows changed, not its state."""
         self._event("share_changed", share)
@@ -314,6 +322,23 @@ class Changes:
             rule.state = state
             self.store.set_rule_state(rule.id, state)
         self._event("rules_changed", share)
+
+    def snapshot_rule(self, snap: Snapshot, rule: AccessRule, state: Optional[str]) -> None:
+        """Move a snapshot's rule to state (None: remove it); the same
+        states and edges as a share's rules."""
+        current = self.store.snapshot_rule_state(rule.id)
+        check("rule", current, state)
+        if current == state:
+            return
+        if state is None:
+            self.store.delete_snapshot_rule(rule.id)
+        elif current is None:
+            rule.state = state
+            self.store.insert_snapshot_rule(snap.id, rule)
+        else:
+            rule.state = state
+            self.store.set_snapshot_rule_state(rule.id, state)
+        self._event("snapshot_changed", snap)
 
 
 class Observer:

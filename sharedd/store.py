@@ -20,8 +20,8 @@ from .errors import ConfigError
 from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
                      ShareServer, Snapshot)
 
-SCHEMA_VERSION = 5   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
-#                      4: replicas; 5: snapshot policies, share groups
+SCHEMA_VERSION = 6   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
+#                      4: replicas; 5: snapshot policies, share groups; 6: snapshot access
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -136,6 +136,21 @@ CREATE TABLE IF NOT EXISTS rules (
     anongid INTEGER NOT NULL DEFAULT 65534,
     UNIQUE (share_id, access_type, access_to)
 );
+CREATE TABLE IF NOT EXISTS snapshot_rules (
+    id TEXT PRIMARY KEY,
+    snapshot_id TEXT NOT NULL REFERENCES snapshots(id),
+    share_id TEXT NOT NULL REFERENCES shares(id),
+    access_type TEXT NOT NULL,
+    access_to TEXT NOT NULL,
+    access_level TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    squash TEXT NOT NULL DEFAULT '',
+    anonuid INTEGER NOT NULL DEFAULT 65534,
+    anongid INTEGER NOT NULL DEFAULT 65534,
+    UNIQUE (snapshot_id, access_type, access_to)
+);
+CREATE INDEX IF NOT EXISTS snapshot_rules_by_share ON snapshot_rules(share_id);
 """
 
 # Columns added after a table was first released: (table, column, definition).
@@ -147,6 +162,7 @@ _ADDED_COLUMNS = [
     ("shares", "share_server_id", "TEXT"),
     ("shares", "share_group_id", "TEXT"),
     ("snapshots", "group_snapshot_id", "TEXT"),
+    ("snapshots", "export_locations", "TEXT NOT NULL DEFAULT '[]'"),
 ]
 
 
@@ -530,7 +546,8 @@ class Store:
         return Snapshot(id=row["id"], name=row["name"], share_id=row["share_id"],
                         size_gib=row["size_gib"], status=row["status"],
                         created_at=row["created_at"], provider_location=row["provider_location"],
-                        group_snapshot_id=row["group_snapshot_id"])
+                        group_snapshot_id=row["group_snapshot_id"],
+                        export_locations=json.loads(row["export_locations"]))
 
     def insert_snapshot(self, s: Snapshot) -> None:
         self.db.execute(
@@ -540,8 +557,10 @@ class Store:
              s.group_snapshot_id))
 
     def update_snapshot(self, s: Snapshot) -> None:
-        self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=? WHERE id=?",
-                        (s.status, s.provider_location, s.size_gib, s.id))
+        self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=?, "
+                        "export_locations=? WHERE id=?",
+                        (s.status, s.provider_location, s.size_gib,
+                         json.dumps(list(s.export_locations)), s.id))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
@@ -673,8 +692,9 @@ class Store:
     _RULE_COLUMNS = ("id, share_id, access_type, access_to, access_level, state, created_at, "
                      "squash, anonuid, anongid")
 
-    def _rules_where(self, where: str, args: Tuple[Any, ...]) -> List[AccessRule]:
-        cur = self.db.execute(f"SELECT {self._RULE_COLUMNS} FROM rules WHERE {where} "
+    def _rules_where(self, where: str, args: Tuple[Any, ...],
+                     table: str = "rules") -> List[AccessRule]:
+        cur = self.db.execute(f"SELECT {self._RULE_COLUMNS} FROM {table} WHERE {where} "
                               "ORDER BY created_at, id", args)
         cur.row_factory = None
         return [AccessRule(*row) for row in cur]
@@ -722,3 +742,67 @@ class Store:
         for rule in self._rules_where("1", ()):
             result.setdefault(rule.share_id, []).append(rule)
         return result
+
+    # --- snapshot access rules (mountable snapshots) --------------------------------
+    # Their own table: no query of a share's rules can ever see them.
+    def insert_snapshot_rule(self, snapshot_id: str, r: AccessRule) -> None:
+        self.db.execute(
+            f"INSERT INTO snapshot_rules(snapshot_id, {self._RULE_COLUMNS}) "
+            "VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (snapshot_id, r.id, r.share_id, r.access_type, r.access_to, r.access_level, r.state,
+             r.created_at, r.squash, r.anonuid, r.anongid))
+
+    def set_snapshot_rule_state(self, rule_id: str, state: str) -> None:
+        self.db.execute("UPDATE snapshot_rules SET state=? WHERE id=?", (state, rule_id))
+
+    def delete_snapshot_rule(self, rule_id: str) -> None:
+        self.db.execute("DELETE FROM snapshot_rules WHERE id=?", (rule_id,))
+
+    def snapshot_rule_state(self, rule_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT state FROM snapshot_rules WHERE id=?",
+                              (rule_id,)).fetchone()
+        return row[0] if row else None
+
+    def snapshot_rules(self, snapshot_id: str,
+                       states: Optional[Sequence[str]] = None) -> List[AccessRule]:
+        """A snapshot's rules (only those in states, if given), oldest first."""
+        if states is None:
+            return self._rules_where("snapshot_id=?", (snapshot_id,), "snapshot_rules")
+        marks = ",".join("?" * len(states))
+        return self._rules_where(f"snapshot_id=? AND state IN ({marks})",
+                                 (snapshot_id, *states), "snapshot_rules")
+
+    def get_snapshot_rule(self, snapshot_id: str, rule_id: str) -> Optional[AccessRule]:
+        found = self._rules_where("snapshot_id=? AND id=?", (snapshot_id, rule_id),
+                                  "snapshot_rules")
+        return found[0] if found else None
+
+    def find_snapshot_rule(self, snapshot_id: str, access_type: str,
+                           access_to: str) -> Optional[AccessRule]:
+        found = self._rules_where("snapshot_id=? AND access_type=? AND access_to=?",
+                                  (snapshot_id, access_type, access_to), "snapshot_rules")
+        return found[0] if found else None
+
+    def count_snapshot_rules(self, snapshot_id: str) -> int:
+        count: int = self.db.execute("SELECT COUNT(*) FROM snapshot_rules WHERE snapshot_id=?",
+                                     (snapshot_id,)).fetchone()[0]
+        return count
+
+    def snapshots_with_rules(self, share_id: Optional[str] = None) -> List[str]:
+        """Ids of the snapshots (of one share) that have access rules."""
+        if share_id is None:
+            cur = self.db.execute("SELECT DISTINCT snapshot_id FROM snapshot_rules")
+        else:
+            cur = self.db.execute("SELECT DISTINCT snapshot_id FROM snapshot_rules "
+                                  "WHERE share_id=?", (share_id,))
+        return sorted(row[0] for row in cur)
+
+    def snapshot_exports(self, share_id: str
+                         ) -> List[Tuple[Snapshot, List[AccessRule]]]:
+        """The share's snapshots that have rules, each with them (records)."""
+        out = []
+        for snapshot_id in self.snapshots_with_rules(share_id):
+            snap = self.get_snapshot(snapshot_id)
+            if snap is not None:
+                out.append((snap, self.snapshot_rules(snapshot_id)))
+        return out

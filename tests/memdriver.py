@@ -139,6 +139,14 @@ class MemoryDriver(ShareDriver):
         st["snapshots"].pop(snapshot.id, None)
         self._save(st)
 
+    def snapshot_update_access(self, snapshot, share, access_rules, add_rules, delete_rules):
+        st = self._call("snapshot_update_access", snapshot=snapshot.id,
+                        add=[r.access_to for r in add_rules],
+                        delete=[r.access_to for r in delete_rules])
+        st["snapshots"][snapshot.id]["rules"] = sorted(r.access_to for r in access_rules)
+        self._save(st)
+        return [f"mem:/{snapshot.id}"] if access_rules else []
+
     def revert_to_snapshot(self, share, snapshot, rules):
         st = self._call("revert_to_snapshot", share=share.id, snapshot=snapshot.id)
         st["shares"][share.id]["data"] = st["snapshots"][snapshot.id]["data"]
@@ -216,6 +224,7 @@ class World:
     def __init__(self):
         self.shares = {}       # share id -> {"size": int, "rules": {rule id: access_to}}
         self.snapshots = {}    # snapshot id -> share id
+        self.snapshot_rules = {}   # snapshot id -> {rule id: access_to} it is exported to
         self.loose = {}        # snapshots no one manages: location -> share id
         self.fail = set()      # methods that raise BackendFailure
         self.crash = None      # (method, "before" | "after"): raise Crash once
@@ -307,6 +316,12 @@ class SimDriver(ShareDriver):
 
     def revert_to_snapshot(self, share, snapshot, rules):
         return self._act("revert_to_snapshot", lambda: ShareUpdate())
+
+    def snapshot_update_access(self, snapshot, share, access_rules, add_rules, delete_rules):
+        def work():
+            self.w.snapshot_rules[snapshot.id] = self._rules(access_rules)
+            return [f"sim:/{snapshot.id}"] if access_rules else []
+        return self._act("snapshot_update_access", work)
 
     def create_share_group(self, group):
         return self._act("create_share_group", lambda: None)

@@ -244,6 +244,58 @@ def test_a_snapshot_made_by_hand_is_adopted_over_the_bus(storage_host, clients):
     h.share(path, "Delete", "a{sv}", 0)
 
 
+def test_a_client_granted_on_a_snapshot_reads_it_and_cannot_write(storage_host, clients):
+    """Mountable snapshots: Snapshot.AllowAccess exports the snapshot
+    read-only through its own ganesha export (mounted read-only on the
+    storage host); a granted client reads the data as it was, cannot write,
+    another client is refused; ganesha restarts keep it; DenyAccess cuts it
+    off; an exported snapshot cannot be deleted."""
+    h = storage_host
+    SNAP = "org.sharedd.Sharedd1.Snapshot"
+    path = h.create_share("mountable", "NFS", 1)
+    mp = mount_of(h, path)[0]
+    with open(os.path.join(mp, "report.txt"), "w") as f:
+        f.write("as it was")
+    snap = h.share(path, "CreateSnapshot", "sa{sv}", "monday", 0)
+    snap_id = snap.rsplit("/", 1)[1]
+    with open(os.path.join(mp, "report.txt"), "w") as f:
+        f.write("changed since")
+    assert h.get(snap, SNAP, "ExportLocations") == []
+    rid = h.call(snap, SNAP, "AllowAccess", "ssa{sv}", "ip", "10.71.0.22", 0)
+    [loc] = h.get(snap, SNAP, "ExportLocations")
+    assert loc == f"{h.lab.server_ip4}:/shares/{snap_id}"
+    assert [r[0] for r in h.get(snap, SNAP, "AccessRules")] == [rid]
+    assert h.share_prop(path, "AccessRules") == [], "not a rule of the share"
+    snap_mp = [m for m in top_mounts(read_mountinfo()) if m.endswith("/" + snap_id)]
+    assert len(snap_mp) == 1
+    assert "ro" in [e for e in read_mountinfo() if e.mount_point == snap_mp[0]][0] \
+        .mount_options, "mounted read-only on the storage host"
+    spath = loc.partition(":")[2]
+    got = h.ganesha.nfs_cat(clients["ro"], f"{spath}/report.txt")
+    assert got.ok and got.output == "as it was", got
+    assert access(h, clients["ro"], spath) == "ro"
+    assert access(h, clients["rw"], spath) == "none"
+    assert h.ganesha.nfs_cat(clients["ro"], f"{pseudo(h, path)}/report.txt").ok is False
+    # in use while exported
+    assert h.error(snap, SNAP, "Delete", "a{sv}", 0).startswith(ERR + "InvalidState")
+    # a ganesha restart loses runtime exports: ensure brings the snapshot's back
+    h.ganesha.restart()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not h.ganesha.nfs_ls(clients["ro"], spath).ok:
+        time.sleep(0.5)
+    assert h.ganesha.nfs_cat(clients["ro"], f"{spath}/report.txt").output == "as it was"
+    spool = os.path.join(h.spool_dir, "storage1")
+    recs = [json.load(open(os.path.join(spool, n))) for n in sorted(os.listdir(spool))
+            if n.endswith("-post-snapshot_update_access.json")]
+    assert recs and recs[-1]["share"]["snapshots"][0]["id"] == snap_id
+    h.call(snap, SNAP, "DenyAccess", "sa{sv}", rid, 0)
+    assert access(h, clients["ro"], spath) == "none"
+    assert h.get(snap, SNAP, "ExportLocations") == []
+    assert not [m for m in top_mounts(read_mountinfo()) if m.endswith("/" + snap_id)]
+    h.call(snap, SNAP, "Delete", "a{sv}", 0)
+    h.share(path, "Delete", "a{sv}", 0)
+
+
 def test_a_snapshot_schedule_keeps_the_newest_three(storage_host):
     """A schedule every 2 s with retention 3 over the bus: real btrfs
     snapshots appear, named by their elapse, and exactly the three newest

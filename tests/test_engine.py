@@ -469,6 +469,74 @@ def test_retention_never_prunes_a_snapshot_in_use(h):
     assert snap.id in {s.id for s in h.engine.snapshots(share.id)}
 
 
+# --- mountable snapshots (snapshot_update_access) -------------------------------
+def test_a_snapshot_is_exported_read_only_and_withdrawn_within_hooks(h):
+    share = h.create("base")
+    snap = h.run(h.engine.create_snapshot(share.id, "nightly", {}))
+    RecordingHook.records.clear()
+    rid = h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.0/24", {}))
+    assert h.world.snapshot_rules[snap.id] == {rid: "10.0.0.0/24"}
+    [rule] = h.engine.snapshot_rules(snap.id)
+    assert (rule.access_level, rule.state) == ("ro", C.RULE_ACTIVE), "always read-only"
+    assert h.engine.snapshot(snap.id).export_locations == [f"sim:/{snap.id}"]
+    assert h.engine.rules(share.id) == [], "never one of the share's own rules"
+    post = [r for r in RecordingHook.records if r["phase"] == "post"]
+    assert [(r["method"], r["is_allow_operation"]) for r in post] == \
+        [("snapshot_update_access", True)]
+    [exported] = post[0]["share"]["snapshots"]
+    assert (exported["id"], exported["name"], exported["export_locations"]) == \
+        (snap.id, "nightly", [f"sim:/{snap.id}"])
+    assert [r["access_level"] for r in exported["access_rules"]] == ["ro"]
+    assert post[0]["snapshot"]["id"] == snap.id
+    # in use while exported: neither deleted nor released
+    for call in (h.engine.delete_snapshot, h.engine.unmanage_snapshot):
+        with pytest.raises(InvalidState, match="deny them"):
+            h.run(call(snap.id, {}))
+    with pytest.raises(AlreadyExists):
+        h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.0/24", {}))
+    with pytest.raises(InvalidArgument):
+        h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.5/24", {}))
+    with pytest.raises(InvalidArgument):
+        h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.9", {"level": "rw"}))
+    RecordingHook.records.clear()
+    h.run(h.engine.deny_snapshot_access(snap.id, rid, {}))
+    assert h.world.snapshot_rules[snap.id] == {} and h.engine.snapshot_rules(snap.id) == []
+    assert h.engine.snapshot(snap.id).export_locations == []
+    post = [r for r in RecordingHook.records if r["phase"] == "post"]
+    assert post[0]["is_allow_operation"] is False and "snapshots" not in post[0]["share"]
+    h.run(h.engine.delete_snapshot(snap.id, {}))
+
+
+def test_a_refused_or_failed_snapshot_grant_and_a_queued_deny(h):
+    share = h.create("base")
+    snap = h.run(h.engine.create_snapshot(share.id, "s", {}))
+    RecordingHook.fail.add(("pre", "snapshot_update_access"))
+    with pytest.raises(SharedError):
+        h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.1", {}))
+    assert h.engine.snapshot_rules(snap.id) == [] and snap.id not in h.world.snapshot_rules
+    RecordingHook.fail.clear()
+    h.world.fail.add("snapshot_update_access")
+    with pytest.raises(BackendFailure):
+        h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.1", {}))
+    [bad] = h.engine.snapshot_rules(snap.id)
+    assert bad.state == C.RULE_ERROR
+    h.world.fail.clear()
+    h.run(h.engine.ensure_all())              # retried at ensure
+    assert [r.state for r in h.engine.snapshot_rules(snap.id)] == [C.RULE_ACTIVE]
+    keep = h.run(h.engine.allow_snapshot_access(snap.id, "ip", "10.0.0.2", {}))
+    h.world.fail.add("snapshot_update_access")
+    with pytest.raises(BackendFailure, match="queued"):
+        h.run(h.engine.deny_snapshot_access(snap.id, bad.id, {}))
+    assert {r.id: r.state for r in h.engine.snapshot_rules(snap.id)}[bad.id] == \
+        C.RULE_QUEUED_TO_DENY
+    h.world.fail.clear()
+    h.restart()                               # the deny outlives a restart
+    assert h.world.snapshot_rules[snap.id] == {keep: "10.0.0.2"}
+    assert [r.id for r in h.engine.snapshot_rules(snap.id)] == [keep]
+    # exported snapshots are in use: retention never prunes them
+    assert h.engine.snapshot_ops.in_use(h.engine.snapshot(snap.id))
+
+
 def test_an_elapse_missed_while_down_is_taken_once_at_start(h):
     share = h.create("catch", snapshot_schedule="2s")
     assert wait_until(h, lambda: len(scheduled(h, share)) >= 1)

@@ -478,3 +478,32 @@ def test_an_unreadable_spool_withdraws_nothing(mountd_bus, mountd_tmp):
         assert a["id"] not in ids()
     finally:
         assert d.stop() == 0, d.text()
+
+
+def test_a_granted_snapshot_is_wanted_read_only_on_its_own_mount_point(mountd_bus, mountd_tmp):
+    """Mountable snapshots through the real daemon: a record whose share
+    lists a snapshot granted to this host makes mountd mount it read-only
+    (whatever the rule says) at <share>@<snapshot>-<id>; the next record
+    without it withdraws it. (The mount itself fails here: no NFS client.)"""
+    root = os.path.join(mountd_tmp, "snap")
+    os.makedirs(root)
+    d = Mountd(root, mountd_bus)
+    try:
+        d.wait_notify("READY=1")
+        share = make_share(name="alpha", rules=[], export="127.0.0.1:/shares/alpha")
+        sid = "5" * 32
+        share["snapshots"] = [{"id": sid, "name": "monday",
+                               "export_locations": [f"127.0.0.1:/shares/{sid}"],
+                               "access_rules": [rule(CLIENT4, "rw")],
+                               "mount_hints": {"fstype": "nfs4",
+                                               "export": f"127.0.0.1:/shares/{sid}",
+                                               "options": ["vers=4.1"]}}]
+        write_record(d.spool, make_record(1, "post", "snapshot_update_access", share=share))
+        rows = wait_mounts(mountd_bus, lambda r: len(r) == 1)
+        assert rows[0][:4] == (sid, f"{root}/mnt/alpha@monday-{sid[:8]}",
+                               f"127.0.0.1:/shares/{sid}", "ro")
+        del share["snapshots"]
+        write_record(d.spool, make_record(2, "post", "snapshot_update_access", share=share))
+        wait_mounts(mountd_bus, lambda r: r == [])
+    finally:
+        assert d.stop() == 0

@@ -8,7 +8,7 @@ import pathlib
 from mountd.reconcile import Identity, desired_mounts, fold
 from mountd.records import RecordSource
 from sharedd import record as recordlib
-from tests.fixtures.mountd_env import (CLIENT4, CLIENT6, HOST, make_record, make_share,
+from tests.fixtures.mountd_env import (CLIENT4, CLIENT6, HOST, SERVER4, make_record, make_share,
                                        rule, write_record)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -175,3 +175,29 @@ def test_record_source_new_epoch_in_spool(tmp_path):
     write_record(spool, make_record(1, "post", "create_share", share=make_share(name="n"),
                                     epoch="2" * 32, second=20))
     assert a["id"] not in src.scan()[HOST]
+
+
+def test_a_granted_snapshot_is_mounted_read_only_on_its_own_mount_point():
+    """A share's exported snapshots (mountable snapshots) are wanted, each
+    read-only whatever its rule says, named <share>@<snapshot>, by their
+    own rules only; a record that drops the snapshot drops the mount."""
+    share = make_share(name="projects", rules=[rule("10.71.0.99")])
+    snap = {"id": "5" * 32, "name": "nightly",
+            "export_locations": [f"{SERVER4}:/shares/{'5' * 32}"],
+            "access_rules": [rule("10.71.0.11", level="rw")],
+            "mount_hints": {"fstype": "nfs4", "export": f"{SERVER4}:/shares/{'5' * 32}",
+                            "options": ["vers=4.1"]}}
+    share["snapshots"] = [snap]
+    rec = recordlib.validate(make_record(1, method="snapshot_update_access", share=share))
+    d = desired_mounts({"h": fold([rec])[1]}, Identity(("10.71.0.11",)), ("NFS",), EXTRA, True)
+    assert set(d) == {snap["id"]}, "the share's own rule is for another host"
+    mine = d[snap["id"]]
+    assert (mine.level, mine.share_name, mine.export, mine.error) == \
+        ("ro", "projects@nightly", f"{SERVER4}:/shares/{'5' * 32}", "")
+    # the share's own grant does not reach its snapshots
+    assert set(want(fold([rec])[1], addrs=("10.71.0.99",))) == {share["id"]}
+    # denied: the next record of the share has no snapshots
+    gone = dict(share)
+    del gone["snapshots"]
+    later = recordlib.validate(make_record(2, method="snapshot_update_access", share=gone))
+    assert want(fold([rec, later])[1]) == {}

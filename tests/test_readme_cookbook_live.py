@@ -119,6 +119,10 @@ class Reader:
             m = re.fullmatch(re.escape(ROOT) + r"/(\w+)/" + re.escape(KEEP), word)
             if m:
                 word = self.path(m.group(1), releases)
+            elif word == "<access_id>" and "org.sharedd.Sharedd1.Snapshot" in argv:
+                word = self.host.call(out[argv.index("org.sharedd.Sharedd1.Snapshot") - 1],
+                                      "org.sharedd.Sharedd1.Snapshot", "AllowAccess",
+                                      "ssa{sv}", "ip", "192.0.2.99", 0)
             elif word == "<access_id>":
                 word = self.host.share(self.share(), "AllowAccess", "sssa{sv}", "ip",
                                        "192.0.2.99", "ro", 0)

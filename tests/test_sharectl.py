@@ -120,3 +120,21 @@ def test_errors_and_exit_statuses(ctl, system_bus):
     ctl.daemon.stop()
     gone = ctl("share", "list", expect=3)
     assert "sharedd is not running" in gone.stderr
+
+
+def test_snapshot_access(ctl):
+    ctl("share", "create", "data")
+    ctl("snapshot", "create", "data", "monday")
+    out = js(ctl("--json", "snapshot", "allow", "data/monday", "ip", "10.0.0.0/24"))
+    snap_id = js(ctl("--json", "snapshot", "show", "data/monday"))["Id"]
+    assert out["export_locations"] == [f"mem:/{snap_id}"]
+    rules = js(ctl("--json", "snapshot", "access", "data/monday"))
+    assert [(r["id"], r["access_to"], r["access_level"], r["state"]) for r in rules] == \
+        [(out["access_id"], "10.0.0.0/24", "ro", "active")]
+    assert js(ctl("--json", "access", "list", "data")) == []
+    refused = ctl("snapshot", "delete", "data/monday", expect=1)
+    assert "org.sharedd.Sharedd1.Error.InvalidState" in refused.stderr
+    ctl("snapshot", "deny", "data/monday", out["access_id"])
+    assert js(ctl("--json", "snapshot", "show", "data/monday"))["ExportLocations"] == []
+    ctl("snapshot", "delete", "data/monday")
+    ctl("share", "delete", "data")

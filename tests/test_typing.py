@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend",
         "mountinfo", "bus/managed", "bus/wire", "bus/audit", "drivers/btrfs_kernel",
         "util", "share_servers", "netns", "service_instance", "jobs", "migration", "transfer",
-        "replication", "snapshots", "schedule", "share_groups", "metrics"]
+        "replication", "snapshots", "snapshot_access", "schedule", "share_groups", "metrics"]
 
 
 def test_core_modules_are_strictly_typed(tmp_path):

@@ -605,12 +605,35 @@ class Snapshot(_Base):
 
     def update(self, snap):
         self.cache = dataclasses.replace(snap)
+        self._rule_cache = None
 
     def _s(self):
         return self.cache
 
+    def _rules(self):
+        if self._rule_cache is None:
+            self._rule_cache = [list(r.as_tuple())
+                                for r in self.engine.snapshot_rules(self.snapshot_id)]
+        return self._rule_cache
+
     def props(self):
-        return {"Status": self._s().status}
+        return {"Status": self._s().status,
+                "ExportLocations": list(self._s().export_locations),
+                "AccessRules": self._rules()}
+
+    @method()
+    @translate
+    async def AllowAccess(self, access_type: "s", access_to: "s", options: "a{sv}") -> "s":
+        """Read-only access for clients (mountable snapshots)."""
+        unpack_options(options, {})
+        return await self.engine.allow_snapshot_access(self.snapshot_id, access_type,
+                                                       access_to, {})
+
+    @method()
+    @translate
+    async def DenyAccess(self, access_id: "s", options: "a{sv}"):
+        unpack_options(options, {})
+        await self.engine.deny_snapshot_access(self.snapshot_id, access_id, {})
 
     @method()
     @translate
@@ -652,6 +675,14 @@ class Snapshot(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def CreatedAt(self) -> "t":
         return self._s().created_at
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExportLocations(self) -> "as":
+        return list(self._s().export_locations)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def AccessRules(self) -> "a(sssss)":
+        return self._rules()
 
 
 class ShareNetwork(_Base):

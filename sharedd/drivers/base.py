@@ -218,6 +218,14 @@ class ShareDriver(abc.ABC):
         """Stop using the snapshot but keep its data (idempotent)."""
         raise NotSupported(f"driver {self.driver_name} cannot unmanage snapshots")
 
+    def snapshot_update_access(self, snapshot: Snapshot, share: Share,
+                               access_rules: List[AccessRule], add_rules: List[AccessRule],
+                               delete_rules: List[AccessRule]) -> List[str]:
+        """Export the snapshot, read-only, to exactly access_rules (add and
+        delete say what changed; both empty: a recovery); with no rules left,
+        withdraw its export. Returns its export locations ([] when withdrawn)."""
+        raise NotSupported(f"driver {self.driver_name} cannot export snapshots")
+
     # --- migration (Manila's migration_* methods) ---------------------------------
     # Called on the source share's driver; dest_driver is the destination
     # backend's driver in this same daemon, dest_share the share as it will
@@ -475,6 +483,7 @@ class ShareDriver(abc.ABC):
             "extend_support": self._implements("extend_share"),
             "manage_support": self._implements("manage_existing"),
             "manage_snapshot_support": self._implements("manage_existing_snapshot"),
+            "mount_snapshot_support": self._implements("snapshot_update_access"),
             "share_group_snapshot_support": self._implements("create_snapshot"),
             "consistent_group_snapshot_support": bool(self.consistent_group_snapshots)
             and self._implements("create_snapshot"),

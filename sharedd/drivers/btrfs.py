@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Se
 from .. import transfer, util
 from ..errors import (AlreadyExists, BackendFailure, Cancelled, ConfigError, InvalidArgument,
                       NotSupported)
-from ..models import AccessRule, Share, ShareUpdate, Snapshot
+from ..models import AccessRule, Share, ShareUpdate, Snapshot, snapshot_as_share
 from ..mountinfo import MountEntry, is_mounted, mount_at, mounted_id
 from ..options import Opt
 from . import btrfs_kernel as kernel
@@ -333,11 +333,14 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def _mount(self, share: Share) -> str:
         """Mount the share's subvolume on its mount point; return the mount point."""
-        rel = self._share_rel(share)
+        return self._mount_rel(self._share_rel(share), self._mount_point(share),
+                               f"of share {share.id}")
+
+    def _mount_rel(self, rel: str, mp: str, what: str, flags: int = kernel.SERVED_ONLY) -> str:
+        """Mount the subvolume at rel (in the pool) on mp, unless it is there."""
         path = self._path(rel)
-        mp = self._mount_point(share)
         if not _is_subvolume(path):
-            raise BackendFailure(f"subvolume {path} of share {share.id} is missing")
+            raise BackendFailure(f"subvolume {path} {what} is missing")
         if self._is_mounted_subvol(mp, path):
             return mp
         self._unmount(mp, keep_dir=True)     # something stale is mounted there
@@ -345,13 +348,13 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         fsroot = os.path.normpath(os.path.join(pool.root, rel))
         os.makedirs(mp, mode=0o700, exist_ok=True)   # its own mode is hidden once mounted
         try:
-            self._kernel("mount", kernel.mount_subvolume, pool.source, fsroot, mp)
+            self._kernel("mount", kernel.mount_subvolume, pool.source, fsroot, mp, flags)
         except BackendFailure:
             self._pool_entry = None         # describe the pool afresh next time
             raise
         if not self._is_mounted_subvol(mp, path):
             raise BackendFailure(f"mounted {fsroot} on {mp} but the mount does not show "
-                                 "the share's subvolume")
+                                 f"the subvolume {what}")
         return mp
 
     def _unmount(self, mp: str, keep_dir: bool = False) -> None:
@@ -576,6 +579,30 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def delete_snapshot(self, snapshot: Snapshot, share: Share) -> None:
         self._delete_subvolume(self._path(self._snapshot_rel(snapshot)))
+
+    # --- mountable snapshots -------------------------------------------------------
+    def _snapshot_export(self, snapshot: Snapshot, share: Share) -> Tuple[Share, str]:
+        """The snapshot as the share's export helper serves it: an export of
+        its own (the snapshot's id, the share's protocol and server) of a
+        read-only mount at <mount_dir>/<snapshot id>."""
+        self._check_id("snapshot", snapshot.id)
+        return snapshot_as_share(snapshot, share), os.path.join(self.mount_dir, snapshot.id)
+
+    def snapshot_update_access(self, snapshot: Snapshot, share: Share,
+                               access_rules: List[AccessRule], add_rules: List[AccessRule],
+                               delete_rules: List[AccessRule]) -> List[str]:
+        export, mp = self._snapshot_export(snapshot, share)
+        helper = self._helper(share)
+        if not access_rules:
+            helper.unexport(export, mp)
+            self._unmount(mp)
+            return []
+        self._mount_rel(self._snapshot_rel(snapshot), mp, f"of snapshot {snapshot.id}",
+                        kernel.SERVED_ONLY | kernel.MS_RDONLY)
+        # Read-only whatever a rule says; at most MAX_SNAPSHOT_ACCESS_RULES
+        # rules, so every change is a full sync of the export.
+        rules = [dataclasses.replace(r, access_level="ro") for r in access_rules]
+        return list(helper.export(export, mp, rules))
 
     def check_manage_snapshot(self, share: Share, provider_location: str) -> str:
         """A read-only subvolume under the pool's snapshots directory (or a

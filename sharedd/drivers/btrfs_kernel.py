@@ -167,7 +167,7 @@ def _c() -> ctypes.CDLL:
 
 
 # mount(2) flags (linux/mount.h)
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 #: what a mount of share content on the storage host always carries: the
 #: content is written by clients, and the host only serves it
 SERVED_ONLY = MS_NOSUID | MS_NODEV | MS_NOEXEC

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import constants as C
 from .. import record as record_schema
@@ -20,16 +20,30 @@ def rule_dict(r: AccessRule) -> Dict[str, Any]:
     return out
 
 
-def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
-               status: Optional[str] = None) -> Dict[str, Any]:
+def _checked_hints(hints: Optional[Dict[str, Any]], what: str) -> Dict[str, Any]:
     hints = dict(hints or {})
     try:
         record_schema._check(hints, record_schema.SCHEMA["properties"]["share"]["oneOf"][1]
                              ["properties"]["mount_hints"], "mount_hints")
     except record_schema.RecordError as exc:
         # A driver bug must not poison every record: drop the hints, say why.
-        log.error("share %s: dropping invalid mount hints: %s", share.id, exc)
+        log.error("%s: dropping invalid mount hints: %s", what, exc)
         hints = {}
+    return hints
+
+
+def snapshot_export_dict(s: Snapshot, rules: List[AccessRule],
+                         hints: Dict[str, Any]) -> Dict[str, Any]:
+    """A snapshot clients may mount (read-only), within its share's dict."""
+    return {"id": s.id, "name": s.name, "export_locations": list(s.export_locations),
+            "access_rules": [rule_dict(r) for r in rules],
+            "mount_hints": _checked_hints(hints, f"snapshot {s.id}")}
+
+
+def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
+               status: Optional[str] = None,
+               snapshots: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    hints = _checked_hints(hints, f"share {share.id}")
     out = {
         "id": share.id, "name": share.name, "backend": share.backend,
         "protocol": share.protocol, "export_locations": list(share.export_locations),
@@ -40,6 +54,8 @@ def share_dict(share: Share, rules: List[AccessRule], hints: Dict[str, Any],
         out["share_server"] = share.share_server_id
     if share.share_group_id:
         out["share_group"] = share.share_group_id
+    if snapshots:
+        out["snapshots"] = list(snapshots)
     return out
 
 
@@ -109,24 +125,36 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
     return record_schema.validate(rec)
 
 
-def periodic_parts(shares: List[Share], rules: Dict[str, List[AccessRule]]) -> int:
+Exports = Dict[str, List[Dict[str, Any]]]     # share id -> its snapshot_export_dicts
+
+
+def periodic_parts(shares: List[Share], rules: Dict[str, List[AccessRule]],
+                   snapshots: Optional[Exports] = None) -> int:
     """How many records one periodic state of these shares takes (decided
     with the seqs, before the records are built)."""
-    return max(1, -(-estimate(shares, rules) // C.PERIODIC_PART_BYTES))
+    return max(1, -(-estimate(shares, rules, snapshots) // C.PERIODIC_PART_BYTES))
 
 
-def estimate(shares: List[Share], rules: Dict[str, List[AccessRule]]) -> int:
-    return sum(C.PERIODIC_SHARE_BYTES + C.PERIODIC_RULE_BYTES * len(rules.get(s.id, ()))
-               for s in shares)
+def _cost(s: Share, rules: Dict[str, List[AccessRule]], snapshots: Optional[Exports]) -> int:
+    exported = (snapshots or {}).get(s.id, ())
+    return (C.PERIODIC_SHARE_BYTES * (1 + len(exported))
+            + C.PERIODIC_RULE_BYTES * (len(rules.get(s.id, ()))
+                                       + sum(len(e["access_rules"]) for e in exported)))
 
 
-def split(shares: List[Share], rules: Dict[str, List[AccessRule]], parts: int) -> List[List[Share]]:
+def estimate(shares: List[Share], rules: Dict[str, List[AccessRule]],
+             snapshots: Optional[Exports] = None) -> int:
+    return sum(_cost(s, rules, snapshots) for s in shares)
+
+
+def split(shares: List[Share], rules: Dict[str, List[AccessRule]], parts: int,
+          snapshots: Optional[Exports] = None) -> List[List[Share]]:
     """shares in parts runs (in order) of about equal estimated size."""
-    target = -(-estimate(shares, rules) // parts) if shares else 0
+    target = -(-estimate(shares, rules, snapshots) // parts) if shares else 0
     out: List[List[Share]] = [[] for _ in range(parts)]
     i, size = 0, 0
     for s in shares:
-        cost = C.PERIODIC_SHARE_BYTES + C.PERIODIC_RULE_BYTES * len(rules.get(s.id, ()))
+        cost = _cost(s, rules, snapshots)
         if size and size + cost > target and i < parts - 1:
             i, size = i + 1, 0
         out[i].append(s)
