@@ -348,11 +348,13 @@ class Daemon:
             if self._next_retry is not None:
                 timeout = min(timeout, max(0.0, self._next_retry - time.time()) + 0.05)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                # asyncio.timeout: Python 3.11's wait_for can drop a cancellation
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
                 # No fixed delay: events already queued join this pass, and
                 # whatever arrives while it runs is folded into the next one.
                 await asyncio.sleep(0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if self._stopping:
                 break

@@ -216,9 +216,17 @@ class Engine:
         # start-up recovery settles each from its stored phase.
         for job in self.jobs.all():
             job.cancel_event.set()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Tasks spawned meanwhile (a deny's retry) are cancelled too, and one
+        # that swallowed its cancellation is asked again: stop never waits
+        # for background work forever.
+        for _ in range(50):
+            if not self._tasks:
+                break
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.wait(list(self._tasks), timeout=0.2)
+        else:
+            log.warning("stopping with %d background task(s) still running", len(self._tasks))
         if self._started:
             await self.runner.wait_idle(timeout)
             self.store.close()

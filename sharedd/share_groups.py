@@ -195,6 +195,8 @@ class ShareGroups:
             current = [self.store.get_share(s.id) or s for s in shares]
             made: List[Optional[str]] = await b.call("create_share_group_snapshot",
                                                      list(zip(snaps, current)))
+            for share in current:
+                await b.snapshot_view(share, self.store.snapshots(share.id))
             return made
 
         def intent(tx: Any) -> None:
@@ -287,9 +289,12 @@ class ShareGroups:
                 for snap in snaps:
                     tx.snapshot(snap, previous)
                 tx.group_snapshot(current, previous)
+            async def call() -> None:
+                for _, share in pairs:       # out of the views before they go
+                    await b.snapshot_view(share, self.store.snapshots(share.id))
+                await b.call("delete_share_group_snapshot", pairs)
             return Operation("delete_share_group_snapshot", b, group=group,
-                             group_snapshot=current, intent=intent,
-                             call=lambda: b.call("delete_share_group_snapshot", pairs),
+                             group_snapshot=current, intent=intent, call=call,
                              done=done, failed=failed, undo=undo)
         await self.runner.run([f"group:{gs.group_id}"] + [s.share_id for s in members], plan)
 

@@ -108,9 +108,13 @@ class Snapshots:
             snap.size_gib = share.size_gib
             method = "create_replicated_snapshot" if self.replications.is_replicated(share.id) \
                 else "create_snapshot"
+            async def call() -> Any:
+                location = await b.call("create_snapshot", snap, share)
+                await b.snapshot_view(share, self.store.snapshots(share.id))
+                return location
             return Operation(method, b, share=share, snapshot=snap,
                              intent=lambda tx: tx.add_snapshot(snap),
-                             call=lambda: b.call("create_snapshot", snap, share),
+                             call=call,
                              done=lambda tx, loc: tx.snapshot(snap, C.STATUS_AVAILABLE,
                                                               provider_location=loc or ""),
                              compensate=lambda: b.call("delete_snapshot", snap, share),
@@ -133,6 +137,8 @@ class Snapshots:
             replicated = self.replications.is_replicated(share.id)
 
             async def call() -> None:
+                # out of the view first: a mounted subvolume cannot be deleted
+                await b.snapshot_view(share, self.store.snapshots(share.id))
                 await b.call("delete_snapshot", snap, share)
                 if replicated:
                     await self.replications.delete_snapshot(share, snap)
@@ -205,6 +211,7 @@ class Snapshots:
 
             async def call() -> int:
                 size: int = await b.call("manage_existing_snapshot", snap, share, location)
+                await b.snapshot_view(share, self.store.snapshots(share.id))
                 return size
             return Operation("manage_existing_snapshot", b, share=share, snapshot=snap,
                              intent=lambda tx: tx.add_snapshot(snap),
@@ -229,9 +236,13 @@ class Snapshots:
                 raise InvalidState(f"share {share.name} has replicas, which hold this snapshot "
                                    "too; delete them first")
             previous = snap.status
+
+            async def call() -> None:
+                await b.snapshot_view(share, self.store.snapshots(share.id))
+                await b.call("unmanage_snapshot", snap, share)
             return Operation("unmanage_snapshot", b, share=share, snapshot=snap,
                              intent=lambda tx: tx.snapshot(snap, C.STATUS_UNMANAGE_STARTING),
-                             call=lambda: b.call("unmanage_snapshot", snap, share),
+                             call=call,
                              done=lambda tx, _: tx.remove_snapshot(snap),
                              failed=lambda tx, _: tx.snapshot(snap, C.STATUS_ERROR),
                              undo=lambda tx: tx.snapshot(snap, previous))
@@ -401,8 +412,9 @@ class Scheduler:
             nexts = [self.snapshots.schedule_of(t).next_after(time.time()) for t in groups]
             delay = min([n - time.time() for n in nexts] + [self.TICK_MAX])
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.01, delay + 0.01))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(0.01, delay + 0.01)):   # (see hooks.manager)
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     async def catch_up(self) -> None:

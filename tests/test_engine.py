@@ -879,6 +879,32 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
 
 
 # --- deny: an intent that is never lost -------------------------------------------
+def test_stop_ends_background_work_that_swallowed_a_cancellation(h):
+    """Python 3.11's wait_for can drop a cancellation (the awaited future
+    completes as it arrives); a loop in such a task (a deny's retries) ran
+    on while stop waited for it, forever. Stop asks again, and cancels what
+    was spawned meanwhile."""
+    spawned = []
+
+    async def stubborn():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass                               # swallowed, as wait_for may
+        h.engine._spawn(asyncio.sleep(3600))   # and something new meanwhile
+        spawned.append(True)
+        while True:
+            await asyncio.sleep(0.001)
+
+    async def start():
+        h.engine._spawn(stubborn())
+        await asyncio.sleep(0.01)
+    h.run(start())
+    h.run(asyncio.wait_for(h.engine.stop(timeout=1), 30))
+    h.engine = None
+    assert spawned and not [t for t in asyncio.all_tasks(h.loop) if not t.done()]
+
+
 def test_failed_deny_is_queued_retried_and_never_regranted(h):
     share = h.create("d")
     rid = h.allow(share)

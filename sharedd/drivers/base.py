@@ -218,6 +218,15 @@ class ShareDriver(abc.ABC):
         """Stop using the snapshot but keep its data (idempotent)."""
         raise NotSupported(f"driver {self.driver_name} cannot unmanage snapshots")
 
+    def shows_snapshots(self, share: Share) -> bool:
+        """Does the share show its snapshots to its clients (Previous
+        Versions over SMB)? Then update_snapshot_view follows every change."""
+        return False
+
+    def update_snapshot_view(self, share: Share, snapshots: List[Snapshot]) -> None:
+        """Make the share's snapshot view show exactly snapshots (called
+        inside the operation that changed them, and at ensure)."""
+
     def snapshot_update_access(self, snapshot: Snapshot, share: Share,
                                access_rules: List[AccessRule], add_rules: List[AccessRule],
                                delete_rules: List[AccessRule]) -> List[str]:

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import stat
+import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from .. import transfer, util
@@ -156,6 +157,10 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
                  "not mounted. An existing image is reused, never reformatted."),
         Opt("btrfs_pool_image_size_gib", "int", 10, min=1,
             help="Size of a new btrfs_pool_image, GiB (sparse)."),
+        Opt("btrfs_cifs_previous_versions", "bool", True,
+            help="Show the snapshots of CIFS shares to their clients as Windows' Previous "
+                 "Versions (Samba's shadow_copy2 over read-only mounts of the snapshots, one "
+                 "per snapshot, under <mount dir>/.previous)."),
         Opt("btrfs_manage_paths", "list", [],
             help="Directories of the pool (relative to btrfs_pool_path) whose subvolumes "
                  "ManageShare may adopt, besides the pool's own shares directory; "
@@ -198,6 +203,10 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         self.mount_dir = os.path.realpath(mdir)
         self._pool_entry: Optional[Tuple[Any, MountEntry]] = None
         self.manage_paths: List[str] = list(getattr(config, "btrfs_manage_paths", None) or [])
+        self.previous_versions = bool(getattr(config, "btrfs_cifs_previous_versions", True))
+        cifs = (helpers or {}).get("CIFS")
+        if self.previous_versions and hasattr(cifs, "snapshot_dir_of"):
+            cifs.snapshot_dir_of = self._view_dir      # Samba's shadow_copy2 reads it
 
     # --- small tools -----------------------------------------------------------
     def _run(self, *argv: str, check: bool = True):
@@ -472,6 +481,7 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
     def delete_share(self, share: Share) -> None:
         rel = self._share_rel(share)
         self._unexport(share)
+        self._drop_view(share)
         self._unmount(self._mount_point(share))
         for suffix in (REVERT_NEW, REVERT_OLD, ""):
             self._delete_subvolume(self._path(rel + suffix))
@@ -569,6 +579,7 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def unmanage(self, share: Share) -> None:
         self._unexport(share)
+        self._drop_view(share)
         self._unmount(self._mount_point(share))
 
     # --- snapshots -----------------------------------------------------------------
@@ -579,6 +590,46 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def delete_snapshot(self, snapshot: Snapshot, share: Share) -> None:
         self._delete_subvolume(self._path(self._snapshot_rel(snapshot)))
+
+    # --- Previous Versions: the snapshots of a CIFS share, by time -----------------
+    def _view_dir(self, share: Share) -> Optional[str]:
+        """<mount_dir>/.previous/<share id>: one read-only mount per snapshot,
+        named @GMT-YYYY.MM.DD-HH.MM.SS (UTC, its creation), as Windows'
+        Previous Versions and Samba's shadow_copy2 name them."""
+        if not self.shows_snapshots(share):
+            return None
+        self._check_id("share", share.id)
+        return os.path.join(self.mount_dir, ".previous", share.id)
+
+    def shows_snapshots(self, share: Share) -> bool:
+        # (a share server's helper is not told where the views are)
+        return self.previous_versions and share.protocol == "CIFS" \
+            and getattr(self.helper_for(share), "snapshot_dir_of", None) is not None
+
+    def update_snapshot_view(self, share: Share, snapshots: List[Snapshot]) -> None:
+        view = self._view_dir(share)
+        if view is None:
+            return
+        want: Dict[str, Snapshot] = {}
+        for snap in sorted(snapshots, key=lambda x: x.created_at):
+            name = time.strftime("@GMT-%Y.%m.%d-%H.%M.%S", time.gmtime(snap.created_at / 1e6))
+            if name in want:           # two in one second: Windows can tell one
+                log.info("share %s: snapshot %s shares its second with %s; shown once",
+                         share.id, snap.id, want[name].id)
+            want[name] = snap
+        os.makedirs(view, mode=0o755, exist_ok=True)
+        os.chmod(os.path.dirname(view), 0o711)
+        for name in sorted(set(os.listdir(view)) - set(want)):
+            self._unmount(os.path.join(view, name))
+        for name, snap in want.items():
+            self._mount_rel(self._snapshot_rel(snap), os.path.join(view, name),
+                            f"of snapshot {snap.id}", kernel.SERVED_ONLY | kernel.MS_RDONLY)
+
+    def _drop_view(self, share: Share) -> None:
+        view = self._view_dir(share)
+        if view is not None and os.path.isdir(view):
+            self.update_snapshot_view(share, [])
+            self._rmdir(view)
 
     # --- mountable snapshots -------------------------------------------------------
     def _snapshot_export(self, snapshot: Snapshot, share: Share) -> Tuple[Share, str]:

@@ -90,7 +90,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import netaddr
 
@@ -108,7 +108,10 @@ RESERVED_NAMES = {"global", "homes", "printers", "print$", "ipc$"}
 COMMENT_PREFIX = "sharedd "
 # Parameters this helper owns on its shares (lower case, as compared).
 MANAGED = ("path", "comment", "read only", "guest ok", "browseable", "inherit acls",
-           "hosts deny", "hosts allow", "valid users", "read list", "force group", "available")
+           "hosts deny", "hosts allow", "valid users", "read list", "force group", "available",
+           "vfs objects", "shadow:snapdir", "shadow:format", "shadow:localtime")
+#: Previous Versions: snapshot directories named as Windows names them (UTC)
+SNAPSHOT_FORMAT = "@GMT-%Y.%m.%d-%H.%M.%S"
 # The group that makes shares with only ip rules writable (see the module doc).
 IP_GROUP = "sharedd-cifs"
 _SERVER_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -147,6 +150,9 @@ class SambaHelper(ExportHelper):
         # A share server's helper: its smbd sees the host's mounts only
         # through propagation, checked at each export.
         self.server_id: Optional[str] = None
+        # Set by a driver that keeps each share's snapshots in a directory
+        # of SNAPSHOT_FORMAT names (Previous Versions through shadow_copy2).
+        self.snapshot_dir_of: Optional[Callable[[Share], Optional[str]]] = None
 
     def for_server(self, server_id: str, details: Dict[str, Any]) -> "SambaHelper":
         """This helper for one share server (sharedd.service_instance): its
@@ -265,6 +271,10 @@ class SambaHelper(ExportHelper):
             params["read list"] = ", ".join(ro)
         if force_group:
             params["force group"] = self.ip_group
+        snapdir = self.snapshot_dir_of(share) if self.snapshot_dir_of else None
+        if snapdir:
+            params.update({"vfs objects": "shadow_copy2", "shadow:snapdir": snapdir,
+                           "shadow:format": SNAPSHOT_FORMAT, "shadow:localtime": "no"})
         return params
 
     @staticmethod

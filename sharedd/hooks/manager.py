@@ -101,9 +101,12 @@ class HookManager:
         if not hook.blocking:
             return fn(*args)
         limit = self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
-        # a plain executor future: wait_for needs no task of its own for it
-        return await asyncio.wait_for(
-            asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args)), limit)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a
+        # cancellation that arrives as the future completes, and a loop of
+        # operations (a deny's retries) then outlives its cancelled task.
+        async with asyncio.timeout(limit):
+            return await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(fn, *args))
 
     @staticmethod
     def _name(hook: Hook) -> str:
