@@ -14,7 +14,9 @@ from sharedd.drivers.btrfs import BtrfsDriver
 
 METHODS = ("create_share", "create_share_from_snapshot", "delete_share", "create_snapshot",
            "delete_snapshot", "revert_to_snapshot", "update_access", "extend_share",
-           "shrink_share", "manage_existing", "unmanage", "setup_server", "teardown_server")
+           "shrink_share", "manage_existing", "unmanage", "setup_server", "teardown_server",
+           "create_share_group_snapshot", "delete_share_group_snapshot",
+           "snapshot_update_access")
 
 
 class CrashingBtrfsDriver(BtrfsDriver):
