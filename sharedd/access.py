@@ -165,9 +165,6 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
         for r in store.rules(share.id):   # not known to be applied: retried next time
             if r.state in (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING):
                 tx.rule(share, r, C.RULE_ERROR)
-    async def call() -> Any:
-        update = await b.call("ensure_share", share, applied)
-        await b.snapshot_view(share, store.snapshots(share.id))
-        return update
     return Operation("ensure_share", b, share=share, intent=intent, unblockable=True,
-                     call=call, done=done, failed=failed)
+                     call=lambda: b.call("ensure_share", share, applied),
+                     done=done, failed=failed)

@@ -162,16 +162,18 @@ class Backend:
             log.warning("share %s: no mount hints: %s", share.id, exc)
             return {}
 
-    async def snapshot_view(self, share: Share, snapshots: List[Snapshot]) -> None:
+    async def snapshot_view(self, share: Share, snapshots: List[Snapshot],
+                            rules: List[AccessRule]) -> None:
         """Where the driver shows a share's snapshots to its clients (Previous
-        Versions), make it show the settled and new ones of snapshots. A
+        Versions over SMB, .snapshots over NFS), make it show the settled and
+        new ones of snapshots, to the clients rules grant (read-only). A
         failure is logged, not raised: the snapshot itself is fine, and the
         next ensure shows it."""
         if self.setup_error is not None or not self.driver.shows_snapshots(share):
             return
         shown = [s for s in snapshots if s.status in (C.STATUS_AVAILABLE, C.STATUS_CREATING)]
         try:
-            await self.call("update_snapshot_view", share, shown)
+            await self.call("update_snapshot_view", share, shown, rules)
         except SharedError as exc:
             log.warning("share %s: its snapshot view is not up to date: %s", share.id, exc)
 

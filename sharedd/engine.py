@@ -97,7 +97,8 @@ class Engine:
                                      self._spawn, self._check_capacity)
         self.snapshot_ops = Snapshots(self.store, self.runner, self.backends, self.replications,
                                       self._spawn, self._share_in)
-        self.groups = ShareGroups(self.store, self.runner, self.backends, self.create_share)
+        self.groups = ShareGroups(self.store, self.runner, self.backends, self.create_share,
+                                  self.snapshot_ops.view)
         self.snapshot_access = SnapshotAccess(self.store, self.runner, self.backends,
                                               self._share_in)
         self._loop = asyncio.get_running_loop()
@@ -532,8 +533,8 @@ class Engine:
         validation.options(options, {"backend": str, "snapshot": str, "description": str,
                                  "metadata": dict, "share_network": str,
                                  "snapshot_schedule": str, "snapshot_retention": str,
-                                 "share_group": str})
-        schedule, retention = self.snapshot_ops.check_policy(options)
+                                 "snapshot_visibility": str, "share_group": str})
+        schedule, retention, visibility = self.snapshot_ops.check_policy(options)
         name = validation.name(name)
         protocol = validation.protocol(protocol)
         size_gib = validation.size_gib(size_gib)
@@ -580,8 +581,8 @@ class Engine:
             async with self.servers.serving(b, network) as server:
                 share.share_server_id = server.id
                 await self.runner.run(keys, plan)
-        if schedule or retention:
-            self.snapshot_ops.set_policy(self.share(share.id), schedule, retention)
+        if schedule or retention or visibility:
+            self.snapshot_ops.set_policy(self.share(share.id), schedule, retention, visibility)
         self._spawn(self._refresh(b, C.CAPACITY_STATS_MAX_AGE))
         return self.share(share.id)
 
@@ -842,12 +843,18 @@ class Engine:
     def group_snapshot_members(self, gs_id: str) -> List[Snapshot]:
         return self.groups.snapshot_members(gs_id)
 
-    def set_snapshot_policy(self, share_id: str, options: Dict[str, Any]) -> None:
-        """The share's own snapshot_schedule and/or snapshot_retention ("":
-        its backend's; schedule "none": no schedule; retention "all": keep all)."""
-        validation.options(options, {"snapshot_schedule": str, "snapshot_retention": str})
-        schedule, retention = self.snapshot_ops.check_policy(options)
-        self.snapshot_ops.set_policy(self.share(share_id), schedule, retention)
+    async def set_snapshot_policy(self, share_id: str, options: Dict[str, Any]) -> None:
+        """The share's own snapshot_schedule, snapshot_retention and/or
+        snapshot_visibility ("": its backend's; schedule "none": no
+        schedule; retention "all": keep all); the snapshot view follows."""
+        validation.options(options, {"snapshot_schedule": str, "snapshot_retention": str,
+                                     "snapshot_visibility": str})
+        schedule, retention, visibility = self.snapshot_ops.check_policy(options)
+        if self.snapshot_ops.set_policy(self.share(share_id), schedule, retention, visibility):
+            await self.snapshot_ops.show(share_id)
+
+    def snapshot_visibility(self, share: Share) -> str:
+        return self.snapshot_ops.visibility(share)
 
     def snapshot_policy(self, share: Share) -> Tuple[str, str]:
         """(schedule, retention) in force for the share."""
@@ -912,6 +919,7 @@ class Engine:
         if server is None:
             await self.replications.ensure([b.name for b in chosen])
         await self.snapshot_access.ensure_all([b.name for b in chosen])
+        await self.snapshot_ops.ensure_views([b.name for b in chosen])
 
 
 def _nothing(*_: Any) -> None:

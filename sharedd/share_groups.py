@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 
 class ShareGroups:
     def __init__(self, store: Store, runner: Runner, backends: Mapping[str, Backend],
-                 create_share: Callable[..., Awaitable[Share]]):
+                 create_share: Callable[..., Awaitable[Share]],
+                 view: Callable[[Backend, Share], Awaitable[None]]):
         self.store = store
         self.runner = runner
         self.backends = backends
         self.create_share = create_share    # the engine's, for groups made from a snapshot
+        self.view = view                    # Snapshots.view: what clients see of snapshots
 
     # ------------------------------------------------------------------ reads
     def get(self, group_id: str) -> ShareGroup:
@@ -196,7 +198,7 @@ class ShareGroups:
             made: List[Optional[str]] = await b.call("create_share_group_snapshot",
                                                      list(zip(snaps, current)))
             for share in current:
-                await b.snapshot_view(share, self.store.snapshots(share.id))
+                await self.view(b, share)
             return made
 
         def intent(tx: Any) -> None:
@@ -291,7 +293,7 @@ class ShareGroups:
                 tx.group_snapshot(current, previous)
             async def call() -> None:
                 for _, share in pairs:       # out of the views before they go
-                    await b.snapshot_view(share, self.store.snapshots(share.id))
+                    await self.view(b, share)
                 await b.call("delete_share_group_snapshot", pairs)
             return Operation("delete_share_group_snapshot", b, group=group,
                              group_snapshot=current, intent=intent, call=call,

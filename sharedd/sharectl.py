@@ -240,7 +240,8 @@ async def share_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
         (p,) = await c.manager("CreateShare", "ssta{sv}", a.name, a.protocol, a.size, options(
             backend=a.backend, description=a.description,
             snapshot=("o", snap) if snap else None, share_group=("o", group) if group else None,
-            snapshot_schedule=a.schedule, snapshot_retention=a.retention))
+            snapshot_schedule=a.schedule, snapshot_retention=a.retention,
+            snapshot_visibility=a.visibility))
         out.done(f"share {a.name} created: {p}", {"share": p})
     elif a.action in ("delete", "unmanage"):
         p = await c.share(a.share)
@@ -257,10 +258,11 @@ async def share_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
     elif a.action == "schedule":
         p = await c.share(a.share)
         await c.call(p, S, "SetSnapshotPolicy", "a{sv}",
-                     options(snapshot_schedule=a.schedule, snapshot_retention=a.retention))
+                     options(snapshot_schedule=a.schedule, snapshot_retention=a.retention,
+                             snapshot_visibility=a.visibility))
         v = await c.props(p, S)
-        out.record({"SnapshotSchedule": v["SnapshotSchedule"],
-                    "SnapshotRetention": v["SnapshotRetention"]})
+        out.record({k: v[k] for k in ("SnapshotSchedule", "SnapshotRetention",
+                                      "SnapshotVisibility")})
     elif a.action == "migrate":
         p = await c.share(a.share)
         (job,) = await c.call(p, S, "Migrate", "sa{sv}", a.backend,
@@ -506,6 +508,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--group", help="join this share group")
     x.add_argument("--schedule", help="snapshot schedule (e.g. daily, 4h)")
     x.add_argument("--retention", help="snapshot retention (e.g. 7, 30d)")
+    x.add_argument("--visibility", choices=["visible", "hidden"],
+                   help="whether clients see its snapshots (default: the backend's)")
     for verb in ("delete", "unmanage"):
         s.add_parser(verb, help=f"{verb} a share").add_argument("share")
     for verb in ("extend", "shrink"):
@@ -518,10 +522,13 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("path")
     x.add_argument("--name")
     x.add_argument("--size", type=int)
-    x = s.add_parser("schedule", help="set a share's snapshot schedule and retention")
+    x = s.add_parser("schedule", help="set a share's snapshot schedule, retention and "
+                                      "visibility")
     x.add_argument("share")
     x.add_argument("--schedule", help='"" for the backend\'s, none for no schedule')
     x.add_argument("--retention", help='"" for the backend\'s, all to keep every one')
+    x.add_argument("--visibility", choices=["visible", "hidden", ""],
+                   help='whether clients see its snapshots ("" for the backend\'s)')
     x = s.add_parser("migrate", help="move a share to another backend (a job)")
     x.add_argument("share")
     x.add_argument("backend")

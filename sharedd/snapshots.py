@@ -33,6 +33,9 @@ from .models import Share, Snapshot, fields_of
 from .operation import Operation, Runner
 from .replication import Replications
 from .schedule import NAME_PREFIX, Retention, Schedule, name_time, scheduled_name
+
+#: a share's own snapshot_visibility ("": its backend's)
+VISIBILITIES = ("", "visible", "hidden")
 from .store import Store, new_id
 from .util import now_us
 
@@ -49,8 +52,8 @@ class Snapshots:
         self.replications = replications
         self.spawn = spawn
         self.share_in = share_in      # the share, refused unless in one of the statuses
-        # share id -> (schedule, retention) of its own ("" for its backend's)
-        self._policies: Dict[str, Tuple[str, str]] = store.snapshot_policies()
+        # share id -> (schedule, retention, visibility) of its own ("": its backend's)
+        self._policies: Dict[str, Tuple[str, str, str]] = store.snapshot_policies()
         self._parsed: Dict[str, Schedule] = {}
         self.scheduler = Scheduler(self)
 
@@ -110,7 +113,7 @@ class Snapshots:
                 else "create_snapshot"
             async def call() -> Any:
                 location = await b.call("create_snapshot", snap, share)
-                await b.snapshot_view(share, self.store.snapshots(share.id))
+                await self.view(b, share)
                 return location
             return Operation(method, b, share=share, snapshot=snap,
                              intent=lambda tx: tx.add_snapshot(snap),
@@ -138,7 +141,7 @@ class Snapshots:
 
             async def call() -> None:
                 # out of the view first: a mounted subvolume cannot be deleted
-                await b.snapshot_view(share, self.store.snapshots(share.id))
+                await self.view(b, share)
                 await b.call("delete_snapshot", snap, share)
                 if replicated:
                     await self.replications.delete_snapshot(share, snap)
@@ -211,7 +214,7 @@ class Snapshots:
 
             async def call() -> int:
                 size: int = await b.call("manage_existing_snapshot", snap, share, location)
-                await b.snapshot_view(share, self.store.snapshots(share.id))
+                await self.view(b, share)
                 return size
             return Operation("manage_existing_snapshot", b, share=share, snapshot=snap,
                              intent=lambda tx: tx.add_snapshot(snap),
@@ -238,7 +241,7 @@ class Snapshots:
             previous = snap.status
 
             async def call() -> None:
-                await b.snapshot_view(share, self.store.snapshots(share.id))
+                await self.view(b, share)
                 await b.call("unmanage_snapshot", snap, share)
             return Operation("unmanage_snapshot", b, share=share, snapshot=snap,
                              intent=lambda tx: tx.snapshot(snap, C.STATUS_UNMANAGE_STARTING),
@@ -252,7 +255,7 @@ class Snapshots:
     def policy(self, share: Share) -> Tuple[str, str]:
         """(schedule, retention) in force for the share: its own, else its
         backend's; "" for no schedule, and for keeping every snapshot."""
-        own_schedule, own_retention = self._policies.get(share.id, ("", ""))
+        own_schedule, own_retention, _ = self._policies.get(share.id, ("", "", ""))
         b = self.backends.get(share.backend)
         defaults = (str(getattr(b.config, "snapshot_schedule", "") or ""),
                     str(getattr(b.config, "snapshot_retention", "") or "")) if b else ("", "")
@@ -260,14 +263,33 @@ class Snapshots:
         retention = "" if own_retention == ALL else own_retention or defaults[1]
         return schedule, retention
 
-    def own_policy(self, share_id: str) -> Tuple[str, str]:
-        return self._policies.get(share_id, ("", ""))
+    def own_policy(self, share_id: str) -> Tuple[str, str, str]:
+        return self._policies.get(share_id, ("", "", ""))
+
+    def visibility(self, share: Share) -> str:
+        """visible or hidden: do the share's clients see its snapshots (its
+        own setting, else its backend's; auto: CIFS shares do)?"""
+        own = self._policies.get(share.id, ("", "", ""))[2]
+        b = self.backends.get(share.backend)
+        value = own or (str(getattr(b.config, "snapshot_visibility", "") or "auto") if b
+                        else "hidden")
+        if value == "auto":
+            value = "visible" if share.protocol == "CIFS" else "hidden"
+        return value
 
     @staticmethod
-    def check_policy(options: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
-        """(schedule, retention) named by options (None: not named), checked."""
+    def check_policy(options: Dict[str, Any]
+                     ) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+        """(schedule, retention, visibility) named by options (None: not
+        named), checked."""
         schedule = options.get("snapshot_schedule")
         retention = options.get("snapshot_retention")
+        visibility = options.get("snapshot_visibility")
+        if visibility is not None:
+            visibility = str(visibility).strip()
+            if visibility not in VISIBILITIES:
+                raise InvalidArgument(f"snapshot_visibility {visibility[:40]!r}: say visible, "
+                                      "hidden, or \"\" for the backend's")
         if schedule is not None:
             schedule = str(schedule).strip()
             if schedule not in ("", NONE):
@@ -276,22 +298,57 @@ class Snapshots:
             retention = str(retention).strip()
             if retention not in ("", ALL):
                 Retention.parse(retention)
-        return schedule, retention
+        return schedule, retention, visibility
 
-    def set_policy(self, share: Share, schedule: Optional[str], retention: Optional[str]) -> None:
-        """Record the share's own schedule and/or retention (checked)."""
-        old = self._policies.get(share.id, ("", ""))
-        new = (old[0] if schedule is None else schedule, old[1] if retention is None else retention)
+    def set_policy(self, share: Share, schedule: Optional[str], retention: Optional[str],
+                   visibility: Optional[str] = None) -> bool:
+        """Record the share's own schedule, retention and/or visibility
+        (checked); True if what its clients see changes."""
+        old = self._policies.get(share.id, ("", "", ""))
+        new = (old[0] if schedule is None else schedule, old[1] if retention is None else retention,
+               old[2] if visibility is None else visibility)
         if new == old:
-            return
+            return False
+        shown = self.visibility(share)
         with self.runner.tx() as tx:
             self.store.set_snapshot_policy(share.id, *new)
             tx.share_touched(share)
-        if new == ("", ""):
+        if new == ("", "", ""):
             self._policies.pop(share.id, None)
         else:
             self._policies[share.id] = new
         self.scheduler.changed()
+        return self.visibility(share) != shown
+
+    # ------------------------------------------------------------ snapshot view
+    async def view(self, b: Backend, share: Share) -> None:
+        """Make the share's clients see its snapshots, or none, as its
+        visibility says (inside an operation of the share, or under its lock)."""
+        shown = self.store.snapshots(share.id) if self.visibility(share) == "visible" else []
+        await b.snapshot_view(share, shown, access.granting(self.store, share.id))
+
+    async def show(self, share_id: str) -> None:
+        """After a visibility change: the view follows, under the share's lock."""
+        async with self.runner.locked([share_id]):
+            share = self.store.get_share(share_id)
+            if share is not None and share.status == C.STATUS_AVAILABLE:
+                await self.view(self.backends[share.backend], share)
+
+    async def ensure_views(self, backends: List[str]) -> None:
+        """At ensure: every share whose driver can show snapshots shows
+        exactly what its visibility says (one that shows none and has no
+        view costs a directory lookup)."""
+        for name in backends:
+            b = self.backends[name]
+            for share in self.store.shares(name):
+                if share.status != C.STATUS_AVAILABLE or not b.driver.shows_snapshots(share):
+                    continue
+                if self.visibility(share) == "hidden" and not b.driver.has_snapshot_view(share):
+                    continue
+                try:
+                    await self.show(share.id)
+                except SharedError as exc:
+                    log.warning("share %s: snapshot view not ensured: %s", share.name, exc)
 
     def forget_policy(self, share_id: str) -> None:
         """The share is gone (its row went with it)."""

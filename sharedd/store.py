@@ -163,6 +163,7 @@ _ADDED_COLUMNS = [
     ("shares", "share_group_id", "TEXT"),
     ("snapshots", "group_snapshot_id", "TEXT"),
     ("snapshots", "export_locations", "TEXT NOT NULL DEFAULT '[]'"),
+    ("snapshot_policies", "visibility", "TEXT NOT NULL DEFAULT ''"),
 ]
 
 
@@ -648,17 +649,21 @@ class Store:
 
     # --- snapshot policies: a share's own schedule and retention ("": the
     # backend's default; "none": no schedule for this share) ---------------
-    def set_snapshot_policy(self, share_id: str, schedule: str, retention: str) -> None:
-        if not schedule and not retention:
+    def set_snapshot_policy(self, share_id: str, schedule: str, retention: str,
+                            visibility: str = "") -> None:
+        if not schedule and not retention and not visibility:
             self.db.execute("DELETE FROM snapshot_policies WHERE share_id=?", (share_id,))
             return
-        self.db.execute("INSERT INTO snapshot_policies VALUES(?,?,?) ON CONFLICT(share_id) "
-                        "DO UPDATE SET schedule=excluded.schedule, retention=excluded.retention",
-                        (share_id, schedule, retention))
+        self.db.execute("INSERT INTO snapshot_policies(share_id, schedule, retention, visibility) "
+                        "VALUES(?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET "
+                        "schedule=excluded.schedule, retention=excluded.retention, "
+                        "visibility=excluded.visibility",
+                        (share_id, schedule, retention, visibility))
 
-    def snapshot_policies(self) -> Dict[str, Tuple[str, str]]:
-        return {r[0]: (r[1], r[2]) for r in
-                self.db.execute("SELECT share_id, schedule, retention FROM snapshot_policies")}
+    def snapshot_policies(self) -> Dict[str, Tuple[str, str, str]]:
+        """share id -> its own (schedule, retention, visibility)."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self.db.execute(
+            "SELECT share_id, schedule, retention, visibility FROM snapshot_policies")}
 
     def newest_named(self, prefix: str) -> Dict[str, str]:
         """share id -> the greatest snapshot name starting with prefix (one

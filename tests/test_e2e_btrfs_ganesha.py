@@ -296,6 +296,64 @@ def test_a_client_granted_on_a_snapshot_reads_it_and_cannot_write(storage_host, 
     h.share(path, "Delete", "a{sv}", 0)
 
 
+def test_an_nfs_share_shows_its_snapshots_in_a_snapshots_directory(storage_host, clients):
+    """snapshot_visibility = visible on an NFS share: its clients find each
+    snapshot read-only at .snapshots/<name> (NFS-Ganesha exports nested in
+    the share's pseudo path), with the share's own clients only; a deny of
+    the share takes the snapshots away too; revert, a ganesha restart and
+    hiding them again all keep it right."""
+    h = storage_host
+    SHARE_IF = "org.sharedd.Sharedd1.Share"
+    path = h.create_share("shown", "NFS", 1, snapshot_visibility="visible")
+    assert h.share_prop(path, "SnapshotVisibility") == "visible"
+    p = pseudo(h, path)
+    rid = h.share(path, "AllowAccess", "sssa{sv}", "ip", "10.71.0.21", "rw", 0)
+    mp = mount_of(h, path)[0]
+    with open(os.path.join(mp, "report.txt"), "w") as f:
+        f.write("monday's")
+    snap = h.share(path, "CreateSnapshot", "sa{sv}", "monday", 0)
+    with open(os.path.join(mp, "report.txt"), "w") as f:
+        f.write("tuesday's")
+    shown = f"{p}/.snapshots/monday"
+
+    def sees(ns):
+        got = h.ganesha.nfs_cat(ns, f"{shown}/report.txt")
+        return got.output if got.ok else None
+    listing = h.ganesha.nfs_ls(clients["rw"], f"{p}/.snapshots")
+    assert listing.ok and "monday" in listing.output, listing
+    assert sees(clients["rw"]) == "monday's"
+    assert h.ganesha.nfs_cat(clients["rw"], f"{p}/report.txt").output == "tuesday's"
+    res = write(h, clients["rw"], shown, "new.txt", b"x")
+    assert not res.ok and res.rofs, res
+    assert sees(clients["ro"]) is None, "only the share's clients"
+    # a deny of the share is a deny of what it shows
+    h.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    assert sees(clients["rw"]) is None
+    rid = h.share(path, "AllowAccess", "sssa{sv}", "ip", "10.71.0.22", "ro", 0)
+    assert sees(clients["ro"]) == "monday's" and sees(clients["rw"]) is None
+    # revert (the share's export goes and comes back) keeps it shown
+    h.share(path, "RevertToSnapshot", "oa{sv}", snap, 0)
+    assert sees(clients["ro"]) == "monday's"
+    assert h.ganesha.nfs_cat(clients["ro"], f"{p}/report.txt").output == "monday's"
+    # a ganesha restart: the share's export, then the nested one, come back
+    h.ganesha.restart()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sees(clients["ro"]) is None:
+        time.sleep(0.5)
+    assert sees(clients["ro"]) == "monday's"
+    # hidden: gone, junction directory included; visible again: back
+    h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "hidden")
+    assert sees(clients["ro"]) is None and not os.path.exists(os.path.join(mp, ".snapshots"))
+    h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "")
+    assert h.share_prop(path, "SnapshotVisibility") == "hidden", "an NFS share's default"
+    h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "visible")
+    assert sees(clients["ro"]) == "monday's"
+    h.call(snap, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
+    assert h.ganesha.nfs_ls(clients["ro"], f"{p}/.snapshots/monday").ok is False
+    h.share(path, "DenyAccess", "sa{sv}", rid, 0)
+    h.call(path, SHARE_IF, "Delete", "a{sv}", 0)
+
+
 def test_a_snapshot_schedule_keeps_the_newest_three(storage_host):
     """A schedule every 2 s with retention 3 over the bus: real btrfs
     snapshots appear, named by their elapse, and exactly the three newest

@@ -394,16 +394,16 @@ def test_snapshot_policy_own_or_the_backends_and_refusals(h):
     h.engine.backends["sim"].config.values.update(snapshot_schedule="hourly",
                                                   snapshot_retention="24")
     assert h.engine.snapshot_policy(other) == ("hourly", "24")
-    h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "none"})
+    h.run(h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "none"}))
     assert h.engine.snapshot_policy(h.engine.share(share.id)) == ("", "7, 30d")
-    h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "", "snapshot_retention": "all"})
+    h.run(h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "", "snapshot_retention": "all"}))
     assert h.engine.snapshot_policy(h.engine.share(share.id)) == ("hourly", "")
     before = h.engine.snapshot_ops.own_policy(share.id)
     for options in ({"snapshot_schedule": "25:00"}, {"snapshot_retention": "0"},
                     {"snapshot_schedule": "x" * 300}, {"colour": "blue"},
-                    {"snapshot_schedule": 5}):
+                    {"snapshot_schedule": 5}, {"snapshot_visibility": "maybe"}):
         with pytest.raises(InvalidArgument):
-            h.engine.set_snapshot_policy(share.id, options)
+            h.run(h.engine.set_snapshot_policy(share.id, options))
         with pytest.raises(InvalidArgument):
             h.create("refused", **options)
     assert h.engine.snapshot_ops.own_policy(share.id) == before
@@ -433,7 +433,7 @@ def test_a_schedule_takes_snapshots_and_the_retention_keeps_the_newest(h):
     assert set(deleted) | set(names) <= set(created) and deleted == sorted(deleted)
     assert max(deleted) < min(names)
     # a schedule switched off takes no more
-    h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "none"})
+    h.run(h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "none"}))
     count = len(created)
     h.run(asyncio.sleep(2.2))
     assert len([r for r in RecordingHook.records if r["method"] == "create_snapshot"

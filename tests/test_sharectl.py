@@ -138,3 +138,12 @@ def test_snapshot_access(ctl):
     assert js(ctl("--json", "snapshot", "show", "data/monday"))["ExportLocations"] == []
     ctl("snapshot", "delete", "data/monday")
     ctl("share", "delete", "data")
+
+
+def test_snapshot_visibility(ctl):
+    ctl("share", "create", "seen", "--visibility", "visible")
+    assert js(ctl("--json", "share", "show", "seen"))["SnapshotVisibility"] == "visible"
+    out = js(ctl("--json", "share", "schedule", "seen", "--visibility", ""))
+    assert out["SnapshotVisibility"] == "hidden", "an NFS share's default (auto)"
+    ctl("share", "schedule", "seen", "--visibility", "maybe", expect=2)
+    ctl("share", "delete", "seen")

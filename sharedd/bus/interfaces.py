@@ -249,6 +249,7 @@ class Manager(_Base):
         opts = unpack_options(options, {"backend": ("s",), "snapshot": ("o",),
                                         "description": ("s",), "metadata": ("a{ss}",),
                                         "share_network": ("o",), "snapshot_schedule": ("s",),
+                                        "snapshot_visibility": ("s",),
                                         "snapshot_retention": ("s",), "share_group": ("o",)})
         if "snapshot" in opts:
             opts["snapshot"] = _id_from_path(opts["snapshot"], C.SNAPSHOT_PATH, "snapshot")
@@ -419,7 +420,8 @@ class Share(_Base):
         return {"SizeGiB": s.size_gib, "Status": s.status,
                 "ExportLocations": list(s.export_locations),
                 "AccessRules": self._rules(), "AccessRuleOptions": self._rule_options(),
-                "SnapshotSchedule": schedule, "SnapshotRetention": retention}
+                "SnapshotSchedule": schedule, "SnapshotRetention": retention,
+                "SnapshotVisibility": self.engine.snapshot_visibility(s)}
 
     def _rule_list(self):
         if self._rule_cache is None:
@@ -451,8 +453,9 @@ class Share(_Base):
     @translate
     async def SetSnapshotPolicy(self, options: "a{sv}"):
         opts = unpack_options(options, {"snapshot_schedule": ("s",),
-                                        "snapshot_retention": ("s",)})
-        self.engine.set_snapshot_policy(self.share_id, opts)
+                                        "snapshot_retention": ("s",),
+                                        "snapshot_visibility": ("s",)})
+        await self.engine.set_snapshot_policy(self.share_id, opts)
 
     @method()
     @translate
@@ -581,6 +584,11 @@ class Share(_Base):
     @dbus_property(access=PropertyAccess.READ)
     def SnapshotRetention(self) -> "s":
         return self.engine.snapshot_policy(self._s())[1]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SnapshotVisibility(self) -> "s":
+        """visible or hidden: whether clients see the share's snapshots."""
+        return self.engine.snapshot_visibility(self._s())
 
     @dbus_property(access=PropertyAccess.READ)
     def SourceSnapshot(self) -> "o":

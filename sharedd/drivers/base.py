@@ -219,13 +219,21 @@ class ShareDriver(abc.ABC):
         raise NotSupported(f"driver {self.driver_name} cannot unmanage snapshots")
 
     def shows_snapshots(self, share: Share) -> bool:
-        """Does the share show its snapshots to its clients (Previous
-        Versions over SMB)? Then update_snapshot_view follows every change."""
+        """Can the share show its snapshots to its clients (Previous
+        Versions over SMB, a .snapshots directory over NFS)? Then
+        update_snapshot_view follows every change. Cheap: called on the
+        event loop."""
         return False
 
-    def update_snapshot_view(self, share: Share, snapshots: List[Snapshot]) -> None:
-        """Make the share's snapshot view show exactly snapshots (called
-        inside the operation that changed them, and at ensure)."""
+    def has_snapshot_view(self, share: Share) -> bool:
+        """Does the share show any snapshot now (cheap, on the event loop)?"""
+        return False
+
+    def update_snapshot_view(self, share: Share, snapshots: List[Snapshot],
+                             rules: List[AccessRule]) -> None:
+        """Make the share's clients see exactly snapshots, read-only, where
+        rules grant them the share (called inside the operation that changed
+        them, when the visibility changes, and at ensure)."""
 
     def snapshot_update_access(self, snapshot: Snapshot, share: Share,
                                access_rules: List[AccessRule], add_rules: List[AccessRule],

@@ -157,10 +157,6 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
                  "not mounted. An existing image is reused, never reformatted."),
         Opt("btrfs_pool_image_size_gib", "int", 10, min=1,
             help="Size of a new btrfs_pool_image, GiB (sparse)."),
-        Opt("btrfs_cifs_previous_versions", "bool", True,
-            help="Show the snapshots of CIFS shares to their clients as Windows' Previous "
-                 "Versions (Samba's shadow_copy2 over read-only mounts of the snapshots, one "
-                 "per snapshot, under <mount dir>/.previous)."),
         Opt("btrfs_manage_paths", "list", [],
             help="Directories of the pool (relative to btrfs_pool_path) whose subvolumes "
                  "ManageShare may adopt, besides the pool's own shares directory; "
@@ -203,10 +199,9 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         self.mount_dir = os.path.realpath(mdir)
         self._pool_entry: Optional[Tuple[Any, MountEntry]] = None
         self.manage_paths: List[str] = list(getattr(config, "btrfs_manage_paths", None) or [])
-        self.previous_versions = bool(getattr(config, "btrfs_cifs_previous_versions", True))
         cifs = (helpers or {}).get("CIFS")
-        if self.previous_versions and hasattr(cifs, "snapshot_dir_of"):
-            cifs.snapshot_dir_of = self._view_dir      # Samba's shadow_copy2 reads it
+        if hasattr(cifs, "snapshot_dir_of"):
+            cifs.snapshot_dir_of = self._shown_view     # Samba's shadow_copy2 reads it
 
     # --- small tools -----------------------------------------------------------
     def _run(self, *argv: str, check: bool = True):
@@ -380,6 +375,7 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         return list(self._helper(share).export(share, mp, rules))
 
     def _unexport(self, share: Share) -> None:
+        self._hide(share)
         self._helper(share).unexport(share, self._mount_point(share))
 
     def _serve(self, share: Share, rules: List[AccessRule]) -> ShareUpdate:
@@ -387,8 +383,9 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         path = self._path(self._share_rel(share))
         self._set_limit(path, share.size_gib)
         mp = self._mount(share)
-        return ShareUpdate(export_locations=self._export(share, mp, rules),
-                           provider_location=self._share_rel(share))
+        locations = self._export(share, mp, rules)
+        self._reshow(share, rules)
+        return ShareUpdate(export_locations=locations, provider_location=self._share_rel(share))
 
     # --- lifecycle -------------------------------------------------------------
     def do_setup(self) -> None:
@@ -480,8 +477,8 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def delete_share(self, share: Share) -> None:
         rel = self._share_rel(share)
-        self._unexport(share)
         self._drop_view(share)
+        self._unexport(share)
         self._unmount(self._mount_point(share))
         for suffix in (REVERT_NEW, REVERT_OLD, ""):
             self._delete_subvolume(self._path(rel + suffix))
@@ -495,6 +492,10 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
                       delete_rules: List[AccessRule]) -> Optional[Dict[str, str]]:
         self._helper(share).update_access(share, self._mount_point(share),
                                           access_rules, add_rules, delete_rules)
+        if share.protocol == "NFS":      # the shown snapshots take the share's clients
+            gone = {r.id for r in delete_rules}
+            rules = {r.id: r for r in list(access_rules) + list(add_rules) if r.id not in gone}
+            self._reshow(share, list(rules.values()))
         return None
 
     def extend_share(self, share: Share, new_size_gib: int) -> None:
@@ -578,8 +579,8 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         return rel
 
     def unmanage(self, share: Share) -> None:
-        self._unexport(share)
         self._drop_view(share)
+        self._unexport(share)
         self._unmount(self._mount_point(share))
 
     # --- snapshots -----------------------------------------------------------------
@@ -591,45 +592,90 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
     def delete_snapshot(self, snapshot: Snapshot, share: Share) -> None:
         self._delete_subvolume(self._path(self._snapshot_rel(snapshot)))
 
-    # --- Previous Versions: the snapshots of a CIFS share, by time -----------------
-    def _view_dir(self, share: Share) -> Optional[str]:
-        """<mount_dir>/.previous/<share id>: one read-only mount per snapshot,
-        named @GMT-YYYY.MM.DD-HH.MM.SS (UTC, its creation), as Windows'
-        Previous Versions and Samba's shadow_copy2 name them."""
-        if not self.shows_snapshots(share):
-            return None
+    # --- snapshot views: what clients see of a share's snapshots ------------------
+    # <mount_dir>/.previous/<share id> holds one read-only mount per snapshot
+    # shown, and is the driver's record of what is shown: CIFS names them
+    # @GMT-YYYY.MM.DD-HH.MM.SS (UTC creation, as Windows' Previous Versions and
+    # Samba's shadow_copy2 want), NFS by the snapshot's name (.snapshots/NAME).
+    def _view_dir(self, share: Share) -> str:
         self._check_id("share", share.id)
         return os.path.join(self.mount_dir, ".previous", share.id)
 
-    def shows_snapshots(self, share: Share) -> bool:
-        # (a share server's helper is not told where the views are)
-        return self.previous_versions and share.protocol == "CIFS" \
-            and getattr(self.helper_for(share), "snapshot_dir_of", None) is not None
+    def _view_names(self, share: Share) -> List[str]:
+        try:
+            return sorted(os.listdir(self._view_dir(share)))
+        except FileNotFoundError:
+            return []
 
-    def update_snapshot_view(self, share: Share, snapshots: List[Snapshot]) -> None:
+    def _shown_view(self, share: Share) -> Optional[str]:
+        """The view directory, if the share shows snapshots (for Samba)."""
+        return self._view_dir(share) if self._view_names(share) else None
+
+    def shows_snapshots(self, share: Share) -> bool:
+        helper = self.helper_for(share) if not share.share_server_id else None
+        return bool(getattr(helper, "shows_snapshots", False))
+
+    def has_snapshot_view(self, share: Share) -> bool:
+        return os.path.isdir(self._view_dir(share))
+
+    def update_snapshot_view(self, share: Share, snapshots: List[Snapshot],
+                             rules: List[AccessRule]) -> None:
         view = self._view_dir(share)
-        if view is None:
+        if not snapshots and not os.path.isdir(view):
             return
         want: Dict[str, Snapshot] = {}
         for snap in sorted(snapshots, key=lambda x: x.created_at):
-            name = time.strftime("@GMT-%Y.%m.%d-%H.%M.%S", time.gmtime(snap.created_at / 1e6))
+            name = time.strftime("@GMT-%Y.%m.%d-%H.%M.%S", time.gmtime(snap.created_at / 1e6)) \
+                if share.protocol == "CIFS" else snap.name
             if name in want:           # two in one second: Windows can tell one
                 log.info("share %s: snapshot %s shares its second with %s; shown once",
                          share.id, snap.id, want[name].id)
             want[name] = snap
-        os.makedirs(view, mode=0o755, exist_ok=True)
-        os.chmod(os.path.dirname(view), 0o711)
-        for name in sorted(set(os.listdir(view)) - set(want)):
-            self._unmount(os.path.join(view, name))
+        # smbd opens the versions as the connecting user, who must traverse
+        # to them (as to the share itself); ganesha runs as root.
+        cifs = share.protocol == "CIFS"
+        for d, mode in ((os.path.dirname(view), 0o711 if cifs else 0o700),
+                        (view, 0o755 if cifs else 0o700)):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            if cifs or d == view:
+                os.chmod(d, mode)
+        have = self._view_names(share)
         for name, snap in want.items():
             self._mount_rel(self._snapshot_rel(snap), os.path.join(view, name),
                             f"of snapshot {snap.id}", kernel.SERVED_ONLY | kernel.MS_RDONLY)
+        gone = sorted(set(have) - set(want))
+        # The clients' view first (NFS: nested exports; CIFS: shadow_copy2),
+        # then the mounts under it.
+        self._show(share, {n: os.path.join(view, n) for n in want}, gone, rules)
+        for name in gone:
+            self._unmount(os.path.join(view, name))
+        if not want:
+            self._rmdir(view)
+
+    def _show(self, share: Share, shown: Dict[str, str], hidden: List[str],
+              rules: List[AccessRule]) -> None:
+        helper = self._helper(share)
+        if getattr(helper, "shows_snapshots", False):
+            helper.show_snapshots(share, self._mount_point(share), shown, hidden, rules)
+
+    def _reshow(self, share: Share, rules: List[AccessRule]) -> None:
+        """Show what the view holds again (after the share's export came back,
+        or its rules changed)."""
+        names = self._view_names(share)
+        if names:
+            view = self._view_dir(share)
+            self._show(share, {n: os.path.join(view, n) for n in names}, [], rules)
+
+    def _hide(self, share: Share) -> None:
+        """Withdraw the clients' view, keep the mounts (before the share's
+        export goes: NFS-Ganesha refuses to remove an export with nested ones)."""
+        names = self._view_names(share)
+        if names:
+            self._show(share, {}, names, [])
 
     def _drop_view(self, share: Share) -> None:
-        view = self._view_dir(share)
-        if view is not None and os.path.isdir(view):
-            self.update_snapshot_view(share, [])
-            self._rmdir(view)
+        if os.path.isdir(self._view_dir(share)):
+            self.update_snapshot_view(share, [], [])
 
     # --- mountable snapshots -------------------------------------------------------
     def _snapshot_export(self, snapshot: Snapshot, share: Share) -> Tuple[Share, str]:

@@ -155,6 +155,8 @@ class ExportHelper(abc.ABC):
 
     #: the helper's own options (sharedd.options.Opt), prefixed with its name
     OPTIONS: list = []
+    #: can show a share's snapshots to its clients (show_snapshots)
+    shows_snapshots: bool = False
 
     def __init__(self, config, state_dir: str, command_timeout: float = 120.0):
         """config: the backend's BackendConfig (all options, parsed);
@@ -218,6 +220,12 @@ class ExportHelper(abc.ABC):
 
     def mount_hints(self, share: Share, path: str) -> Dict[str, object]:
         return {}
+
+    def show_snapshots(self, share: Share, path: str, shown: Dict[str, str],
+                       hidden: List[str], rules: List[AccessRule]) -> None:
+        """Let the share's clients (rules, read-only) see exactly shown
+        (name -> read-only mount of a snapshot), and no longer hidden."""
+        raise NotImplementedError(f"{self.helper_name} cannot show snapshots")
 
     def close_sessions(self, share: Share) -> None:
         """Cut clients that lost access (where the protocol keeps sessions)."""

@@ -16,6 +16,16 @@ helper applied (a JSON comment line), and the EXPORT block::
 The pseudo path uses the share id, not its name: ids never change and are
 never reused, so a client holding an old path cannot reach a newer share.
 
+Snapshots a share shows (show_snapshots) are exports of their own, nested
+in the share's pseudo path at ``<share pseudo>/.snapshots/<name>`` (ganesha
+4.3 does not serve file systems mounted inside an export after it was
+added, and offers no option to): read-only, to the share's clients (a
+client must pass both exports' lists), over an empty junction directory
+``.snapshots/<name>`` in the share. Their file is named by an id derived
+from the share's and the name. ganesha refuses to remove an export with
+nested ones, and an export added over a nested one hides it: nested ones go
+first, and come back after their share (reexport_all orders by depth).
+
 ganesha's export manager (org.ganesha.nfsd, /org/ganesha/nfsd/ExportMgr) is
 called over the daemon's own bus connection, or with ``busctl`` where there
 is none (busctl honours DBUS_SYSTEM_BUS_ADDRESS).
@@ -50,13 +60,16 @@ ganesha's bus name reappears; ``reexport_all`` re-adds them from the files).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -77,6 +90,48 @@ EXPORT_MGR_IFACE = "org.ganesha.nfsd.exportmgr"
 _SHARE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._-]+)*$")
 _META_RE = re.compile(r"^# sharedd-ganesha: (\{.*\})$", re.M)
+#: where a share shows its snapshots, and the key of a nested export's pseudo path
+SNAPSHOT_DIR = ".snapshots"
+NESTED_PSEUDO = "ganesha_pseudo"
+_NAME_RE = re.compile(r"[A-Za-z0-9@][A-Za-z0-9._@-]{0,127}")
+
+
+def _junction(share_root: str, name: Optional[str], make: bool) -> None:
+    """Make (or remove, if empty) <share_root>/.snapshots[/name]: ganesha
+    cannot make a directory in a VFS export, so a nested export needs one.
+    The share's content is its clients': every step is relative to an open
+    directory and follows no symbolic link a client may have put there."""
+    root = os.open(share_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if make:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(SNAPSHOT_DIR, 0o755, dir_fd=root)
+        try:
+            top = os.open(SNAPSHOT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise BackendFailure(f"{share_root}/{SNAPSHOT_DIR} is not a directory sharedd can "
+                                 f"use (a client's symbolic link or file?): {exc}") from None
+        try:
+            if name is None:
+                os.close(top)
+                top = -1
+                with contextlib.suppress(OSError):
+                    os.rmdir(SNAPSHOT_DIR, dir_fd=root)
+            elif make:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=top)
+                if not stat.S_ISDIR(os.stat(name, dir_fd=top, follow_symlinks=False).st_mode):
+                    raise BackendFailure(f"{share_root}/{SNAPSHOT_DIR}/{name} is not a directory")
+            else:
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=top)
+        finally:
+            if top >= 0:
+                os.close(top)
+    finally:
+        os.close(root)
 _BUSY_RETRIES = 10
 _BUSY_DELAY = 0.05          # doubling up to _BUSY_DELAY_MAX: about 5 s in all
 _BUSY_DELAY_MAX = 1.0
@@ -222,7 +277,33 @@ class GaneshaHelper(ExportHelper):
 
     # --- names -----------------------------------------------------------
     def pseudo_path(self, share: Share) -> str:
-        return f"{self.prefix}/{share.id}"
+        return str(share.driver_data.get(NESTED_PSEUDO) or f"{self.prefix}/{share.id}")
+
+    # --- snapshots shown in a share (nested exports) ------------------------
+    shows_snapshots = True
+
+    def _nested(self, share: Share, name: str) -> Share:
+        """The export of the share's snapshot shown as .snapshots/<name>."""
+        if not _NAME_RE.fullmatch(name):
+            raise InvalidArgument(f"{name!r} cannot name a snapshot directory")
+        nested_id = hashlib.sha256(f"{share.id}/{name}".encode()).hexdigest()[:32]
+        return dataclasses.replace(share, id=nested_id, name=f"{share.name}@{name}",
+                                   driver_data={NESTED_PSEUDO: f"{self.pseudo_path(share)}/"
+                                                               f"{SNAPSHOT_DIR}/{name}"})
+
+    def show_snapshots(self, share: Share, path: str, shown: Dict[str, str],
+                       hidden: List[str], rules: List[AccessRule]) -> None:
+        self._check_share(share, path)
+        for name in hidden:
+            self.unexport(self._nested(share, name), "")
+            _junction(path, name, make=False)
+        if not shown:
+            _junction(path, None, make=False)
+            return
+        ro = [dataclasses.replace(r, access_level="ro") for r in rules]
+        for name, mount in sorted(shown.items()):
+            _junction(path, name, make=True)
+            self.export(self._nested(share, name), mount, ro)
 
     def _file(self, share_id: str) -> str:
         return os.path.join(self.state_dir, share_id + ".conf")
@@ -256,16 +337,20 @@ class GaneshaHelper(ExportHelper):
         meta["_text"] = text
         return meta
 
-    def _used_ids(self) -> Dict[int, str]:
-        """export id -> share id, from the files in the state dir."""
-        used: Dict[int, str] = {}
+    def _metas(self) -> Dict[int, dict]:
+        """export id -> its file's meta, for every file in the state dir."""
+        metas: Dict[int, dict] = {}
         for name in os.listdir(self.state_dir):
             if name.startswith(".") or not name.endswith(".conf"):
                 continue
             meta = self._read_meta(name[:-5])
             if meta is not None:
-                used[int(meta["export_id"])] = meta["share_id"]
-        return used
+                metas[int(meta["export_id"])] = meta
+        return metas
+
+    def _used_ids(self) -> Dict[int, str]:
+        """export id -> share id, from the files in the state dir."""
+        return {export_id: meta["share_id"] for export_id, meta in self._metas().items()}
 
     def _index(self) -> Dict[int, str]:
         """Export ids in use (ours and foreign), learnt once. Directory lock held."""
@@ -546,8 +631,12 @@ class GaneshaHelper(ExportHelper):
 
     # --- recovery after a ganesha restart -----------------------------------
     def exported_share_ids(self) -> List[str]:
+        """Ids of every export's file; nested ones (shown snapshots) first,
+        in the order they can be removed."""
         with self._locked():
-            return sorted(self._used_ids().values())
+            metas = self._metas().values()
+        return [m["share_id"] for m in sorted(
+            metas, key=lambda m: (-str(m.get("pseudo", "")).count("/"), m["share_id"]))]
 
     def export_id(self, share: Share) -> int:
         meta = self._read_meta(share.id)
@@ -574,7 +663,10 @@ class GaneshaHelper(ExportHelper):
         result: Dict[str, str] = {}
         with self._locked():
             active = self._active_ids()
-            for export_id, share_id in sorted(self._used_ids().items()):
+            # a share's export before those nested in its pseudo path
+            metas = sorted(self._metas().items(),
+                           key=lambda kv: (str(kv[1].get("pseudo", "")).count("/"), kv[0]))
+            for export_id, share_id in ((i, m["share_id"]) for i, m in metas):
                 if export_id in active:
                     result[share_id] = "active"
                     continue

@@ -107,9 +107,10 @@ USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"global", "homes", "printers", "print$", "ipc$"}
 COMMENT_PREFIX = "sharedd "
 # Parameters this helper owns on its shares (lower case, as compared).
+SNAPSHOT_PARAMS = ("vfs objects", "shadow:snapdir", "shadow:format", "shadow:localtime")
 MANAGED = ("path", "comment", "read only", "guest ok", "browseable", "inherit acls",
-           "hosts deny", "hosts allow", "valid users", "read list", "force group", "available",
-           "vfs objects", "shadow:snapdir", "shadow:format", "shadow:localtime")
+           "hosts deny", "hosts allow", "valid users", "read list", "force group",
+           "available") + SNAPSHOT_PARAMS
 #: Previous Versions: snapshot directories named as Windows names them (UTC)
 SNAPSHOT_FORMAT = "@GMT-%Y.%m.%d-%H.%M.%S"
 # The group that makes shares with only ip rules writable (see the module doc).
@@ -151,8 +152,37 @@ class SambaHelper(ExportHelper):
         # through propagation, checked at each export.
         self.server_id: Optional[str] = None
         # Set by a driver that keeps each share's snapshots in a directory
-        # of SNAPSHOT_FORMAT names (Previous Versions through shadow_copy2).
+        # of SNAPSHOT_FORMAT names (Previous Versions through shadow_copy2):
+        # the directory, while it shows some.
         self.snapshot_dir_of: Optional[Callable[[Share], Optional[str]]] = None
+
+    @property
+    def shows_snapshots(self) -> bool:    # type: ignore[override]
+        return self.snapshot_dir_of is not None
+
+    def show_snapshots(self, share: Share, path: str, shown: Dict[str, str],
+                       hidden: List[str], rules: List[AccessRule]) -> None:
+        """Previous Versions: the shadow_copy2 parameters follow whether the
+        view directory shows any snapshot (the driver keeps it)."""
+        name = share.name
+        if name.lower() not in self._shares():
+            return                       # exported later, with them (_desired)
+        current = self._show(name)
+        if current.get("comment") != COMMENT_PREFIX + share.id:
+            raise AlreadyExists(f"Samba share {name!r} is not sharedd's share {share.id}")
+        want = self._snapshot_params(share)
+        for key in SNAPSHOT_PARAMS:
+            if key in want and current.get(key) != want[key]:
+                self._net("setparm", name, key, want[key])
+            elif key not in want and key in current:
+                self._net("delparm", name, key)
+
+    def _snapshot_params(self, share: Share) -> Dict[str, str]:
+        snapdir = self.snapshot_dir_of(share) if self.snapshot_dir_of else None
+        if not snapdir:
+            return {}
+        return {"vfs objects": "shadow_copy2", "shadow:snapdir": snapdir,
+                "shadow:format": SNAPSHOT_FORMAT, "shadow:localtime": "no"}
 
     def for_server(self, server_id: str, details: Dict[str, Any]) -> "SambaHelper":
         """This helper for one share server (sharedd.service_instance): its
@@ -271,10 +301,7 @@ class SambaHelper(ExportHelper):
             params["read list"] = ", ".join(ro)
         if force_group:
             params["force group"] = self.ip_group
-        snapdir = self.snapshot_dir_of(share) if self.snapshot_dir_of else None
-        if snapdir:
-            params.update({"vfs objects": "shadow_copy2", "shadow:snapdir": snapdir,
-                           "shadow:format": SNAPSHOT_FORMAT, "shadow:localtime": "no"})
+        params.update(self._snapshot_params(share))
         return params
 
     @staticmethod
