@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Set
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from . import constants as C
 from .backend import Backend
@@ -24,7 +24,7 @@ from .states import DENY_PENDING, GRANTING, Changes
 from .store import Store
 
 __all__ = ["DENY_PENDING", "GRANTING", "Revoker", "granting", "read_only", "pending_denies",
-           "applied_state", "ensure_operation"]
+           "applied_state", "ensure_sets", "ensure_operation"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,16 @@ class Revoker:
             self._retrying.discard(share_id)
 
 
+def ensure_sets(rules: List[AccessRule]
+                ) -> Tuple[List[AccessRule], List[AccessRule], List[AccessRule]]:
+    """What an ensure does with rules: (in error: retried, pending denies:
+    completed, applied: the granting ones and the retried)."""
+    retried = [r for r in rules if r.state == C.RULE_ERROR]
+    pending = [r for r in rules if r.state in DENY_PENDING]
+    applied = [r for r in rules if r.state in GRANTING or r.state == C.RULE_ERROR]
+    return retried, pending, applied
+
+
 def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
     """Mount, export and apply exactly the granting rules (recovery mode).
 
@@ -141,10 +151,7 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
     """
     # One read: the share's lock is held from here to the end, so no rule
     # changes meanwhile (this runs for every share at start-up).
-    rules = store.rules(share.id)
-    retried = [r for r in rules if r.state == C.RULE_ERROR]
-    pending = [r for r in rules if r.state in DENY_PENDING]
-    applied = [r for r in rules if r.state in GRANTING or r.state == C.RULE_ERROR]
+    retried, pending, applied = ensure_sets(store.rules(share.id))
 
     def intent(tx: Changes) -> None:
         for r in retried:

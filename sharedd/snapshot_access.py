@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from . import access, validation
 from . import constants as C
-from . import validation
 from .backend import Backend
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded, InvalidState, NotFound,
                      SharedError)
@@ -151,10 +151,7 @@ class SnapshotAccess:
     def ensure_operation(self, b: Backend, share: Share, snap: Snapshot) -> Operation:
         """Export the snapshot to exactly its granting rules (and the rules
         in error, retried); complete pending denies. No hook holds it back."""
-        rules = self.store.snapshot_rules(snap.id)
-        retried = [r for r in rules if r.state == C.RULE_ERROR]
-        pending = [r for r in rules if r.state in DENY_PENDING]
-        applied = [r for r in rules if r.state in GRANTING or r.state == C.RULE_ERROR]
+        retried, pending, applied = access.ensure_sets(self.store.snapshot_rules(snap.id))
 
         def intent(tx: Changes) -> None:
             for r in retried:
