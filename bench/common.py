@@ -38,7 +38,7 @@ from tests.fixtures.storage_host import destroy_storage_host, make_storage_host 
 DEST, ROOT = "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1"
 MGR, SHARE, SNAP = f"{DEST}.Manager", f"{DEST}.Share", f"{DEST}.Snapshot"
 OPS = ("CreateShare", "AllowAccess", "Get(Status)", "Extend", "CreateSnapshot",
-       "Snapshot.Delete", "DenyAccess", "Delete")
+       "Snapshot.AllowAccess", "Snapshot.DenyAccess", "Snapshot.Delete", "DenyAccess", "Delete")
 GiB = 1 << 30
 
 
@@ -107,11 +107,15 @@ class Client:
             times[op].append(time.perf_counter() - t)
             return out
         (p,) = await timed("CreateShare", ROOT, MGR, "CreateShare", "ssta{sv}", [name, "NFS", 1, {}])
+        client = f"10.99.{n // 250 % 250}.{n % 250 + 1}"
         (rid,) = await timed("AllowAccess", p, SHARE, "AllowAccess", "sssa{sv}",
-                             ["ip", f"10.99.{n // 250 % 250}.{n % 250 + 1}", "rw", {}])
+                             ["ip", client, "rw", {}])
         await timed("Get(Status)", p, "org.freedesktop.DBus.Properties", "Get", "ss", [SHARE, "Status"])
         await timed("Extend", p, SHARE, "Extend", "ta{sv}", [2, {}])
         (sp,) = await timed("CreateSnapshot", p, SHARE, "CreateSnapshot", "sa{sv}", ["snap", {}])
+        (srid,) = await timed("Snapshot.AllowAccess", sp, SNAP, "AllowAccess", "ssa{sv}",
+                              ["ip", client, {}])
+        await timed("Snapshot.DenyAccess", sp, SNAP, "DenyAccess", "sa{sv}", [srid, {}])
         await timed("Snapshot.Delete", sp, SNAP, "Delete", "a{sv}", [{}])
         await timed("DenyAccess", p, SHARE, "DenyAccess", "sa{sv}", [rid, {}])
         await timed("Delete", p, SHARE, "Delete", "a{sv}", [{}])
@@ -166,9 +170,10 @@ class Raw:
         self.sh("busctl", "--system", "call", "org.ganesha.nfsd", "/org/ganesha/nfsd/ExportMgr",
                 "org.ganesha.nfsd.exportmgr", *args)
 
-    def write_export(self, i: int, export_id: int, mp: str, clients: str = "") -> str:
+    def write_export(self, i: object, export_id: int, mp: str, clients: str = "",
+                     level: str = "RW") -> str:
         conf = os.path.join(self.confs, f"{i}.conf")
-        client = (f"    CLIENT {{ Clients = {clients}; Access_Type = RW; Protocols = 4; }}\n"
+        client = (f"    CLIENT {{ Clients = {clients}; Access_Type = {level}; Protocols = 4; }}\n"
                   if clients else "")
         with open(conf + ".tmp", "w") as f:
             f.write(f'EXPORT {{\n    Export_Id = {export_id};\n    Path = "{mp}";\n'
@@ -230,6 +235,22 @@ class Raw:
                                   sel))
         timed("Extend", lambda: self.sh("btrfs", "qgroup", "limit", str(2 * GiB), sub))
         timed("CreateSnapshot", lambda: self.sh("btrfs", "subvolume", "snapshot", "-r", sub, snap))
+        # a mountable snapshot: mounted read-only, exported on its own
+        smp, seid = os.path.join(self.mounts, f"{i}.snap"), self.next_id
+        self.next_id += 1
+        client = f"10.99.{i // 250 % 250}.{i % 250 + 1}"
+        timed("Snapshot.AllowAccess",
+              lambda: os.makedirs(smp),
+              lambda: self.sh("mount", "-t", "btrfs", "-o", f"ro,subvol=/raw/{i}.snap",
+                              self.source, smp),
+              lambda: self.busctl("AddExport", "ss",
+                                  self.write_export(f"{i}.snap", seid, smp, client, "RO"),
+                                  f"EXPORT(Export_Id={seid})"))
+        timed("Snapshot.DenyAccess",
+              lambda: self.busctl("RemoveExport", "q", str(seid)),
+              lambda: os.unlink(os.path.join(self.confs, f"{i}.snap.conf")),
+              lambda: self.sh("umount", smp),
+              lambda: os.rmdir(smp))
         timed("Snapshot.Delete",
               lambda: self.sh("btrfs", "subvolume", "delete", "--commit-after", snap))
         timed("DenyAccess",
