@@ -172,6 +172,8 @@ class Backend:
         if self.setup_error is not None or not self.driver.shows_snapshots(share):
             return
         shown = [s for s in snapshots if s.status in (C.STATUS_AVAILABLE, C.STATUS_CREATING)]
+        if not shown and not self.driver.has_snapshot_view(share):
+            return          # nothing shown, nothing to show: no worker-thread round
         try:
             await self.call("update_snapshot_view", share, shown, rules)
         except SharedError as exc:

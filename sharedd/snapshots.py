@@ -324,8 +324,11 @@ class Snapshots:
     async def view(self, b: Backend, share: Share) -> None:
         """Make the share's clients see its snapshots, or none, as its
         visibility says (inside an operation of the share, or under its lock)."""
-        shown = self.store.snapshots(share.id) if self.visibility(share) == "visible" else []
-        await b.snapshot_view(share, shown, access.granting(self.store, share.id))
+        if self.visibility(share) == "visible":
+            await b.snapshot_view(share, self.store.snapshots(share.id),
+                                  access.granting(self.store, share.id))
+        else:
+            await b.snapshot_view(share, [], [])
 
     async def show(self, share_id: str) -> None:
         """After a visibility change: the view follows, under the share's lock."""
