@@ -112,8 +112,9 @@ def test_previous_versions_over_smb(system_bus, samba_lab, tmp_path):
         d.start()
         assert os.listdir(view) == [versions[1][1]]
         d.call(versions[1][0], SNAP, "Delete", "a{sv}", 0)
-        d.share(p, "Delete", "a{sv}", 0)
         assert not os.path.exists(view)
+        assert "shadow" not in samba_lab.net("showshare", "pv").stdout, "no versions: no module"
+        d.share(p, "Delete", "a{sv}", 0)
     finally:
         try:
             d.stop()

@@ -170,7 +170,8 @@ class SambaHelper(ExportHelper):
         current = self._show(name)
         if current.get("comment") != COMMENT_PREFIX + share.id:
             raise AlreadyExists(f"Samba share {name!r} is not sharedd's share {share.id}")
-        want = self._snapshot_params(share)
+        # (the mounts of hidden ones are still there: shown decides)
+        want = self._snapshot_params(share) if shown else {}
         for key in SNAPSHOT_PARAMS:
             if key in want and current.get(key) != want[key]:
                 self._net("setparm", name, key, want[key])
