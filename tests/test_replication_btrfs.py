@@ -336,13 +336,24 @@ def test_a_forced_promote_when_the_active_copy_is_lost(host, client, system_bus)
         err = h.error(rp, REPLICA, "Promote", "a{sv}", 0)
         assert err.startswith("org.sharedd.Sharedd1.Error.BackendFailure"), err
         assert h.share_prop(path, "Backend") == "btrfs1"
-        # Forced: from the last sync.
-        h.call(rp, REPLICA, "Promote", "a{sv}", 1, "force", "b", "true")
+        # Forced: from the last sync. The old active becomes a replica in
+        # error (not synced); the periodic sync (every 3 s here) may bring it
+        # back before the next look, so its states are read from the signals.
+        ap = by_role(h, path, "active")
+        changes = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1',"
+                                  f"member='PropertiesChanged',path='{ap}'")
+        try:
+            h.call(rp, REPLICA, "Promote", "a{sv}", 1, "force", "b", "true")
+            states = wait_for("the old active's new state", lambda: [
+                m.body[1]["ReplicaState"].value for m in changes.messages
+                if "ReplicaState" in m.body[1]])
+        finally:
+            changes.close()
+        assert states[0] == "error", states
         assert h.share_prop(path, "Backend") == "btrfs2"
+        assert by_role(h, path, "replica") == ap
         assert tree_sums(mount_of(h, "btrfs2", sid)) == synced
         assert nfs_write(h, client, path, "after.txt", b"on the promoted copy\n").ok
-        ap = by_role(h, path, "replica")
-        assert rprop(h, ap, "ReplicaState") == "error"
         assert not os.path.exists(os.path.join(h.state_path, "backends", "btrfs1", "mounts",
                                                sid)), "the old active no longer served"
         # Resync makes the old copy again from the new active.
