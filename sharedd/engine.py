@@ -501,8 +501,9 @@ class Engine:
         if b.hooks.enabled(C.PHASE_PERIODIC):
             with self.store.tx():   # one consistent view, and its numbers
                 shares, rules = self.store.shares(b.name), self.store.all_rules()
+                with_exports = self.store.shares_with_snapshot_rules()
                 exported = {s.id: b.snapshot_exports(s, self.store.snapshot_exports(s.id))
-                            for s in shares if self.store.snapshots_with_rules(s.id)}
+                            for s in shares if s.id in with_exports}
                 seqs = [self.store.next_seq()
                         for _ in range(records.periodic_parts(shares, rules, exported))]
             await b.periodic(self.host_id, self.store.epoch, seqs, shares, rules, exported)

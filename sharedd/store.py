@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from . import constants as C
 from .errors import ConfigError
@@ -801,6 +801,10 @@ class Store:
             cur = self.db.execute("SELECT DISTINCT snapshot_id FROM snapshot_rules "
                                   "WHERE share_id=?", (share_id,))
         return sorted(row[0] for row in cur)
+
+    def shares_with_snapshot_rules(self) -> Set[str]:
+        """Ids of the shares with an exported snapshot (one query)."""
+        return {row[0] for row in self.db.execute("SELECT DISTINCT share_id FROM snapshot_rules")}
 
     def snapshot_exports(self, share_id: str
                          ) -> List[Tuple[Snapshot, List[AccessRule]]]:

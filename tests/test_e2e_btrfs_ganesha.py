@@ -348,6 +348,16 @@ def test_an_nfs_share_shows_its_snapshots_in_a_snapshots_directory(storage_host,
     assert h.share_prop(path, "SnapshotVisibility") == "hidden", "an NFS share's default"
     h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "visible")
     assert sees(clients["ro"]) == "monday's"
+    # a client's file where the junctions go: the snapshots are withdrawn
+    # (fail closed), the share itself stays served
+    h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "hidden")
+    with open(os.path.join(mp, ".snapshots"), "w") as f:
+        f.write("a client's")
+    h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "visible")
+    assert sees(clients["ro"]) is None
+    assert h.share_prop(path, "Status") == "available"
+    assert h.ganesha.nfs_cat(clients["ro"], f"{p}/.snapshots").output == "a client's"
+    os.unlink(os.path.join(mp, ".snapshots"))
     h.call(snap, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", 0)
     assert h.ganesha.nfs_ls(clients["ro"], f"{p}/.snapshots/monday").ok is False
     h.share(path, "DenyAccess", "sa{sv}", rid, 0)

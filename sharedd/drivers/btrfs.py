@@ -623,10 +623,13 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         view = self._view_dir(share)
         if not snapshots and not os.path.isdir(view):
             return
+        # The helper names what its clients see: by time (strftime of the
+        # UTC creation; Samba's Previous Versions) or by snapshot name.
+        by_time = getattr(self._helper(share), "snapshot_names", None)
         want: Dict[str, Snapshot] = {}
         for snap in sorted(snapshots, key=lambda x: x.created_at):
-            name = time.strftime("@GMT-%Y.%m.%d-%H.%M.%S", time.gmtime(snap.created_at / 1e6)) \
-                if share.protocol == "CIFS" else snap.name
+            name = time.strftime(by_time, time.gmtime(snap.created_at / 1e6)) if by_time \
+                else snap.name
             if name in want:           # two in one second: Windows can tell one
                 log.info("share %s: snapshot %s shares its second with %s; shown once",
                          share.id, snap.id, want[name].id)
@@ -655,8 +658,20 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
     def _show(self, share: Share, shown: Dict[str, str], hidden: List[str],
               rules: List[AccessRule]) -> None:
         helper = self._helper(share)
-        if getattr(helper, "shows_snapshots", False):
-            helper.show_snapshots(share, self._mount_point(share), shown, hidden, rules)
+        if not getattr(helper, "shows_snapshots", False):
+            return
+        mp = self._mount_point(share)
+        try:
+            helper.show_snapshots(share, mp, shown, hidden, rules)
+        except BackendFailure as exc:
+            if not shown:
+                raise
+            # Fail closed, and keep the share: a client's file where a
+            # junction must go (or a failing export) withdraws every shown
+            # snapshot rather than leave one with stale clients; the view
+            # still lists them, so the next ensure tries again.
+            log.error("share %s: cannot show its snapshots (%s); withdrawing them", share.id, exc)
+            helper.show_snapshots(share, mp, {}, sorted(set(shown) | set(hidden)), [])
 
     def _reshow(self, share: Share, rules: List[AccessRule]) -> None:
         """Show what the view holds again (after the share's export came back,

@@ -156,6 +156,9 @@ class SambaHelper(ExportHelper):
         # the directory, while it shows some.
         self.snapshot_dir_of: Optional[Callable[[Share], Optional[str]]] = None
 
+    #: how the driver names the versions it shows (shadow:format)
+    snapshot_names = SNAPSHOT_FORMAT
+
     @property
     def shows_snapshots(self) -> bool:    # type: ignore[override]
         return self.snapshot_dir_of is not None
