@@ -262,10 +262,10 @@ class Runner:
             result = dict(result, warnings=list(warnings)[:C.MAX_RECORD_WARNINGS])
         try:
             rec = await self.record(op, C.PHASE_POST, seq, result=result)
+            updates = await op.backend.hooks.post(rec, pre_data)
         except record_schema.RecordError as exc:
             log.error("%s of %s: cannot build the post-hook record: %s", op.method, _what(op), exc)
             return
-        updates = await op.backend.hooks.post(rec, pre_data)
         locations = updates.get("export_locations")
         share = op.share
         if (share is not None and isinstance(locations, list) and locations
@@ -276,8 +276,9 @@ class Runner:
 
     async def record(self, op: Operation, phase: str, seq: int,
                      result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """The hook record of op as the store has it now (RecordError if it
-        cannot be built: a bug, handled by the caller, never a crash)."""
+        """The hook record of op as the store has it now; the hooks' finish
+        checks it (RecordError if it does not match the schema: a bug,
+        handled by the caller, never a crash)."""
         b = op.backend
         share = snapshot = None
         addresses: Optional[List[str]] = None

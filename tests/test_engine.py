@@ -878,6 +878,36 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
         harness.close()
 
 
+def test_each_hook_record_is_checked_once_and_a_bad_one_reaches_no_hook(monkeypatch):
+    """The record is checked against the schema once, as the hooks get it
+    (signed, with the served addresses), not again by each built-in hook; a
+    record that does not match reaches no hook and refuses the call."""
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, dbus, "
+                                            "tests.testhooks:RecordingHook"))
+    try:
+        share = harness.create("checked")
+        spool = os.path.join(harness.root, "spool", "storage1")
+        checks = []
+        real = record_schema.validate
+        monkeypatch.setattr(record_schema, "validate", lambda r: checks.append(r) or real(r))
+        RecordingHook.records.clear()
+        harness.run(harness.engine.extend_share(share.id, 2, {}))
+        assert [r["phase"] for r in checks] == ["pre", "post"]
+        assert [r["phase"] for r in RecordingHook.records] == ["pre", "post"]
+        assert all("signature" in r for r in RecordingHook.records)
+
+        before, RecordingHook.records[:] = sorted(os.listdir(spool)), []
+        hooks = harness.engine.backends["sim"].hooks
+        monkeypatch.setattr(hooks, "addresses", lambda: ["not an address"])
+        with pytest.raises(BackendFailure, match="cannot build the pre-hook record"):
+            harness.run(harness.engine.extend_share(share.id, 3, {}))
+        assert RecordingHook.records == [] and sorted(os.listdir(spool)) == before
+        assert harness.engine.share(share.id).size_gib == 2
+    finally:
+        harness.close()
+
+
 # --- deny: an intent that is never lost -------------------------------------------
 def test_stop_ends_background_work_that_swallowed_a_cancellation(h):
     """Python 3.11's wait_for can drop a cancellation (the awaited future

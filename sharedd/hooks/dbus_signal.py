@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def record_json(record: Dict[str, Any]) -> str:
     """The signal's record argument: validated, compact, sorted keys."""
     try:
-        rec.validate(record)
+        record = rec.checked(record)
     except rec.RecordError as exc:
         raise InvalidArgument(f"dbus hook: invalid record: {exc}") from None
     return json.dumps(record, sort_keys=True)

@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from .. import record as record_schema
 from ..drivers import load_class
 from ..errors import BackendFailure, ConfigError
 from . import HOOK_DRIVERS
@@ -88,14 +89,15 @@ class HookManager:
 
     def finish(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as hooks get it: with the served addresses (unless the
-        record names those of the backend its share lives on), signed."""
+        record names those of the backend its share lives on), signed, and
+        checked against the schema, once (RecordError if it does not match)."""
         self._count("sharedd_hook_records_total", "Hook records handed to the hooks.",
                     str(record.get("phase", "")))
         addresses = list(self.addresses())
         if addresses and "server_addresses" not in record:
             record = dict(record, server_addresses=addresses)
         signer = self.context.signer
-        return signer.sign(record) if signer is not None else record
+        return record_schema.checked(signer.sign(record) if signer is not None else record)
 
     async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None) -> Any:
         if not hook.blocking:
