@@ -1,7 +1,9 @@
 """The hook interface (modelled on Manila's HookBase).
 
-Hooks are synchronous and run in worker threads; records are plain dicts that
-match sharedd.record.SCHEMA. A hook never receives secrets.
+Hooks are synchronous and run in worker threads; records are dicts that
+match sharedd.record.SCHEMA, checked once before the first hook gets them
+(sharedd.record.Checked): a hook reads its record and never changes it, as
+the hooks after it get the same one. A hook never receives secrets.
 """
 
 from __future__ import annotations
