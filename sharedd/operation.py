@@ -7,12 +7,15 @@ any point can be finished or rolled back at the next start (recovery.py):
 1. under the locks of the objects concerned, `plan()` loads and checks them
    and returns the Operation (or raises: a refused call changes nothing);
 2. one transaction records the intent and takes the pre record's number;
+   the record is built in it and the first hook, if it stages (the spool),
+   writes it while the transaction commits, showing it only after;
 3. pre hooks run. A refusal undoes the intent (net change: nothing), except
    for revocations (deny, delete, unmanage) and ensure, which go on:
    revocation never waits for a hook's consent;
 4. the driver acts, in a worker thread;
 5. one transaction records the outcome (or, after a failure and an optional
-   compensating driver call, the truthful state) and takes the post number;
+   compensating driver call, the truthful state) and takes the post number
+   (its record staged as in 2);
 6. observers hear each change after its commit; post hooks run; the caller
    gets the reply.
 """
@@ -25,20 +28,23 @@ import dataclasses
 import logging
 import time
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List,
-                    Mapping, Optional, Sequence)
+                    Mapping, Optional, Sequence, Union)
 
 from . import constants as C
 from . import record as record_schema
 from .backend import Backend
 from .errors import SharedError
 from .hooks import records
-from .hooks.manager import HookFailed
+from .hooks.manager import HookFailed, Staged
 from .models import AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareServer, Snapshot
 from .states import Changes, deliver
 from .store import Store
 from .util import public_text
 
 log = logging.getLogger(__name__)
+
+#: a transaction's hook record: staged, refused by the schema, or none (no hooks)
+Pending = Union[Staged, record_schema.RecordError, None]
 
 
 @dataclasses.dataclass
@@ -93,10 +99,31 @@ class Runner:
     def tx(self, durable: bool = True) -> Iterator[Changes]:
         """One checked transaction; observers hear of it after COMMIT."""
         changes = Changes(self.store)
-        with self.store.tx(durable):
-            yield changes
+        try:
+            with self.store.tx(durable):
+                yield changes
+        except BaseException:
+            for told in changes.after_commit:
+                told(False)
+            raise
+        for told in changes.after_commit:
+            told(True)
         deliver(changes.events, self.observer,
                 lambda name, exc: log.error("observer %s failed: %s", name, exc))
+
+    def _stage(self, tx: Changes, op: Operation, phase: str, seq: Optional[int],
+               result: Optional[Dict[str, Any]] = None) -> Pending:
+        """In the transaction that took seq: op's hook record, staged (see
+        HookManager.stage), or the RecordError that stops it."""
+        if seq is None:
+            return None
+        staged = Staged()
+        try:
+            op.backend.hooks.stage(self.record(op, phase, seq, result), staged)
+        except record_schema.RecordError as exc:
+            return exc
+        tx.after_commit.append(staged.committed)
+        return staged
 
     @contextlib.asynccontextmanager
     async def locked(self, keys: Iterable[str]) -> AsyncIterator[None]:
@@ -173,9 +200,9 @@ class Runner:
             durable = not op.restorable or (pre and not b.hooks.keeps_seq())
             with self.tx(durable=durable) as tx:
                 op.intent(tx)
-                seq = tx.next_seq() if pre else None
+                staged = self._stage(tx, op, C.PHASE_PRE, tx.next_seq() if pre else None)
             warnings: List[str] = []
-            pre_data = await self._pre(op, seq, warnings)
+            pre_data = await self._pre(op, staged, warnings)
             if not op.call_unlocked:
                 await self._call_and_settle(op, pre_data, warnings)
                 return op
@@ -203,22 +230,28 @@ class Runner:
                       warnings: List[str]) -> None:
         with self.tx() as tx:
             op.done(tx, result)
-            seq = tx.next_seq() if op.backend.hooks.enabled(C.PHASE_POST) else None
+            staged = self._stage(tx, op, C.PHASE_POST, self._post_seq(tx, op),
+                                 _result({"ok": True}, warnings))
         try:
-            await self.post(op, seq, pre_data, {"ok": True}, warnings)
+            await self.post(op, staged, pre_data)
         except HookFailed as exc:
             if not op.unblockable:
                 raise   # reported after the change, as the seed's hooks do
             log.warning("%s of %s was applied; %s", op.method, _what(op), exc)
 
-    async def _pre(self, op: Operation, seq: Optional[int], warnings: List[str]) -> Any:
-        if seq is None:
+    @staticmethod
+    def _post_seq(tx: Changes, op: Operation) -> Optional[int]:
+        return tx.next_seq() if op.backend.hooks.enabled(C.PHASE_POST) else None
+
+    async def _pre(self, op: Operation, staged: Pending, warnings: List[str]) -> Any:
+        if staged is None:
             return None
         b = op.backend
         timeout = b.config.revocation_hook_timeout if op.unblockable else None
         try:
-            rec = await self.record(op, C.PHASE_PRE, seq)
-            return await b.hooks.pre(rec, timeout=timeout)
+            if isinstance(staged, record_schema.RecordError):
+                raise staged
+            return await b.hooks.pre(staged, timeout=timeout)
         except (HookFailed, record_schema.RecordError) as exc:
             if op.unblockable:
                 # Revocation wins over notification: log, report in the post record.
@@ -246,23 +279,22 @@ class Runner:
                           op.method, _what(op), exc2)
         with self.tx() as tx:
             op.failed(tx, compensated)
-            seq = tx.next_seq() if op.backend.hooks.enabled(C.PHASE_POST) else None
+            staged = self._stage(tx, op, C.PHASE_POST, self._post_seq(tx, op),
+                                 _result({"ok": False, "error": public_text(str(exc), 4000)},
+                                         warnings))
         try:
-            await self.post(op, seq, pre_data,
-                            {"ok": False, "error": public_text(str(exc), 4000)}, warnings)
+            await self.post(op, staged, pre_data)
         except HookFailed as hexc:
             log.error("%s", hexc)
 
-    async def post(self, op: Operation, seq: Optional[int], pre_data: Any,
-                   result: Dict[str, Any], warnings: Sequence[str] = ()) -> None:
+    async def post(self, op: Operation, staged: Pending, pre_data: Any) -> None:
         """Post hooks; a hook may update the share's export locations."""
-        if seq is None:
+        if staged is None:
             return
-        if warnings:
-            result = dict(result, warnings=list(warnings)[:C.MAX_RECORD_WARNINGS])
         try:
-            rec = await self.record(op, C.PHASE_POST, seq, result=result)
-            updates = await op.backend.hooks.post(rec, pre_data)
+            if isinstance(staged, record_schema.RecordError):
+                raise staged
+            updates = await op.backend.hooks.post(staged, pre_data)
         except record_schema.RecordError as exc:
             log.error("%s of %s: cannot build the post-hook record: %s", op.method, _what(op), exc)
             return
@@ -274,8 +306,8 @@ class Runner:
             with self.tx() as tx:
                 tx.share(share, export_locations=locations)
 
-    async def record(self, op: Operation, phase: str, seq: int,
-                     result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def record(self, op: Operation, phase: str, seq: int,
+               result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The hook record of op as the store has it now; the hooks' finish
         checks it (RecordError if it does not match the schema: a bug,
         handled by the caller, never a crash)."""
@@ -325,6 +357,13 @@ class Runner:
                              rules=list(op.rules), is_allow=op.is_allow, result=result,
                              server=server, replica=replica, server_addresses=addresses,
                              group=group, group_snapshot=group_snapshot)
+
+
+def _result(result: Dict[str, Any], warnings: Sequence[str]) -> Dict[str, Any]:
+    """A post record's result, with the warnings of a revocation that went on."""
+    if warnings:
+        return dict(result, warnings=list(warnings)[:C.MAX_RECORD_WARNINGS])
+    return result
 
 
 def _what(op: Operation) -> str:

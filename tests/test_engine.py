@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -903,6 +904,68 @@ def test_each_hook_record_is_checked_once_and_a_bad_one_reaches_no_hook(monkeypa
         with pytest.raises(BackendFailure, match="cannot build the pre-hook record"):
             harness.run(harness.engine.extend_share(share.id, 3, {}))
         assert RecordingHook.records == [] and sorted(os.listdir(spool)) == before
+        assert harness.engine.share(share.id).size_gib == 2
+    finally:
+        harness.close()
+
+
+def _spool_names(spool, seq):
+    prefix = f"{seq:020d}-"
+    names = os.listdir(spool)
+    return ([n for n in names if n.startswith("." + prefix)],
+            [n for n in names if n.startswith(prefix)])
+
+
+def test_a_spool_record_is_written_while_its_transaction_commits_and_shown_after(monkeypatch):
+    """With the spool as the first hook, a record's file is written (under a
+    dot name) while the transaction that took its seq commits, and renamed
+    into place only after the commit; a commit that fails leaves no file."""
+    import contextlib
+    import sqlite3
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, tests.testhooks:RecordingHook"))
+    try:
+        share = harness.create("staged")
+        store = harness.engine.store
+        spool = os.path.join(harness.root, "spool", "storage1")
+        real_tx = store.tx
+        seen, fail = [], []
+
+        @contextlib.contextmanager
+        def tx(durable=True):
+            before = store.last_seq()
+            with real_tx(durable):
+                yield
+                seq = store.last_seq()
+                if seq == before:
+                    return
+                # the body is done and took a seq; COMMIT comes next
+                deadline = time.monotonic() + 5
+                while not _spool_names(spool, seq)[0] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen.append((seq,) + _spool_names(spool, seq))
+                if fail:
+                    raise sqlite3.OperationalError("disk I/O error (test)")
+
+        monkeypatch.setattr(store, "tx", tx)
+        harness.run(harness.engine.extend_share(share.id, 2, {}))
+        assert [(bool(tmp), final) for _, tmp, final in seen] == [(True, [])] * 2
+        for seq, _, _ in seen:            # both shown after their commits
+            tmp, final = _spool_names(spool, seq)
+            assert tmp == [] and len(final) == 1
+
+        seen[:], RecordingHook.records[:] = [], []
+        fail.append(True)
+        with pytest.raises(sqlite3.OperationalError):
+            harness.run(harness.engine.extend_share(share.id, 3, {}))
+        (seq, tmp, _), = seen
+        assert tmp                         # it was being written...
+        deadline = time.monotonic() + 5
+        while _spool_names(spool, seq)[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _spool_names(spool, seq) == ([], [])   # ...and is gone, never shown
+        assert RecordingHook.records == []
+        monkeypatch.setattr(store, "tx", real_tx)
         assert harness.engine.share(share.id).size_gib == 2
     finally:
         harness.close()

@@ -43,6 +43,10 @@ class Hook:
     #: record's seq then survives a power cut without the store's fsync
     #: (see last_seq and HookManager.keeps_seq)
     durable = False
+    #: True for a hook that can start on its record while the transaction
+    #: that took the record's seq commits (write_staged); only the first
+    #: hook of a backend is asked to
+    stages = False
 
     def __init__(self, backend_name: str, backend_config, context: HookContext):
         self.backend_name = backend_name
@@ -58,6 +62,15 @@ class Hook:
         """Runs after the driver call with its results in record. May return a
         dict of result updates (currently: export_locations)."""
         return None
+
+    def write_staged(self, record: Dict[str, Any], committed: Callable[[float], bool]) -> Any:
+        """For a hook that stages: what execute_pre_hook or execute_post_hook
+        does with record (its value stands for theirs), started in a worker
+        thread before the commit. Prepare what no reader sees, then call
+        committed(timeout): publish only if it returns True (the transaction
+        is done), otherwise (False, or TimeoutError) undo what was prepared;
+        return None after False."""
+        raise NotImplementedError
 
     def last_seq(self, epoch: str) -> int:
         """The highest seq of epoch this hook holds on disk (0: none)."""

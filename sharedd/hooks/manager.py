@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import record as record_schema
 from ..drivers import load_class
@@ -34,6 +35,28 @@ def hook_class(spec: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Hook)):
         raise ConfigError(f"{spec!r} is not a sharedd Hook class")
     return cls
+
+
+class Staged:
+    """A hook record the first hook takes while the transaction that took its
+    seq commits (HookManager.stage); committed() says how the commit went."""
+
+    def __init__(self) -> None:
+        self.record: Dict[str, Any] = {}
+        self.future: Optional["asyncio.Future[Any]"] = None   # the first hook's call
+        self._done = threading.Event()
+        self._ok = False
+
+    def committed(self, ok: bool) -> None:
+        self._ok = ok
+        self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        """In the hook's worker thread: whether the transaction was done
+        (TimeoutError if it is still running after timeout seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the transaction was not done after {timeout:g} s")
+        return self._ok
 
 
 class HookManager:
@@ -99,28 +122,56 @@ class HookManager:
         signer = self.context.signer
         return record_schema.checked(signer.sign(record) if signer is not None else record)
 
-    async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None) -> Any:
-        if not hook.blocking:
+    def stage(self, record: Dict[str, Any], staged: Staged) -> None:
+        """Inside the transaction that took record's seq, before COMMIT: the
+        record as hooks get it, and the first hook's write started in a
+        worker thread if that hook stages (the spool: its file is written
+        and fsynced while the transaction commits). pre() or post() then
+        take the Staged instead of a record."""
+        staged.record = self.finish(record)
+        if self.hooks and self.hooks[0].stages:
+            staged.future = asyncio.get_running_loop().run_in_executor(
+                None, self.hooks[0].write_staged, staged.record, staged.wait)
+            # read by pre()/post(); after a failed commit by nobody
+            staged.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _limit(self, timeout: Optional[float]) -> float:
+        return self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
+
+    async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None,
+                    started: Optional["asyncio.Future[Any]"] = None) -> Any:
+        """fn(*args), in a worker thread unless hook never blocks; started:
+        the call is already running (a staged write)."""
+        if started is None and not hook.blocking:
             return fn(*args)
-        limit = self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
         # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a
         # cancellation that arrives as the future completes, and a loop of
         # operations (a deny's retries) then outlives its cancelled task.
-        async with asyncio.timeout(limit):
+        async with asyncio.timeout(self._limit(timeout)):
+            if started is not None:
+                return await started
             return await asyncio.get_running_loop().run_in_executor(
                 None, functools.partial(fn, *args))
+
+    def _unstage(self, record: Union[Dict[str, Any], Staged]
+                 ) -> Tuple[Dict[str, Any], Optional["asyncio.Future[Any]"]]:
+        if isinstance(record, Staged):
+            return record.record, record.future
+        return self.finish(record), None
 
     @staticmethod
     def _name(hook: Hook) -> str:
         return type(hook).__name__
 
-    async def pre(self, record: Dict[str, Any], timeout: Optional[float] = None) -> List[Any]:
+    async def pre(self, record: Union[Dict[str, Any], Staged],
+                  timeout: Optional[float] = None) -> List[Any]:
         """timeout: a shorter limit than hook_timeout (revocations)."""
-        record = self.finish(record)
+        record, started = self._unstage(record)
         data = []
-        for hook in self.hooks:
+        for i, hook in enumerate(self.hooks):
             try:
-                data.append(await self._call(hook, hook.execute_pre_hook, record, timeout=timeout))
+                data.append(await self._call(hook, hook.execute_pre_hook, record, timeout=timeout,
+                                             started=started if i == 0 else None))
             except Exception as exc:  # hooks are third-party code
                 self._failed("pre")
                 msg = f"pre hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
@@ -132,14 +183,16 @@ class HookManager:
                     raise HookFailed(msg) from None
         return data
 
-    async def post(self, record: Dict[str, Any], pre_data: Optional[List[Any]]) -> Dict[str, Any]:
+    async def post(self, record: Union[Dict[str, Any], Staged],
+                   pre_data: Optional[List[Any]]) -> Dict[str, Any]:
         updates: Dict[str, Any] = {}
         errors = []
-        record = self.finish(record)
+        record, started = self._unstage(record)
         for i, hook in enumerate(self.hooks):
             pdata = pre_data[i] if pre_data and i < len(pre_data) else None
             try:
-                result = await self._call(hook, hook.execute_post_hook, record, pdata)
+                result = await self._call(hook, hook.execute_post_hook, record, pdata,
+                                          started=started if i == 0 else None)
                 if isinstance(result, dict):
                     updates.update(result)
             except Exception as exc:

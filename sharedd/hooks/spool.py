@@ -3,7 +3,9 @@
 Layout: <spool_dir>/<host_id>/<seq, 20 digits>-<phase>-<method>.json
 (sharedd.record.file_name). A file is written under a name starting with '.'
 in the same directory, fsynced, then renamed into place and the directory
-fsynced, so a reader that skips dot names never sees a partial record.
+fsynced, so a reader that skips dot names never sees a partial record. A
+staged record (Hook.write_staged) is written and fsynced while the
+transaction that took its seq commits, and renamed once that is done.
 
 Several backends of one daemon write into the same host directory, each with
 its own hook instance; they share one _HostSpool (lock + index) per directory.
@@ -42,7 +44,7 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import record as rec
 from ..errors import InvalidArgument, InvalidState
@@ -212,44 +214,70 @@ class _HostSpool:
 
     # --- writing ------------------------------------------------------------
     def write(self, record: Dict[str, Any], data: bytes, retention_seconds: int,
-              retention_count: int) -> str:
+              retention_count: int, committed: Optional[Callable[[], bool]] = None
+              ) -> Optional[str]:
+        """Write data (record's file) and return its path. committed: the
+        record is staged: written under its temporary name, then put in
+        place only if committed() says its transaction is done (else None)."""
         name = rec.file_name(record)
+        tmp = self._temp(name, data)
+        placed = False
+        try:
+            if committed is not None and not committed():
+                return None
+            with self.lock:
+                path, placed = self._place(record, name, tmp, data)
+                if placed:
+                    self._prune(retention_seconds, retention_count)
+            return path
+        finally:
+            if not placed:
+                _unlink(tmp)
+
+    def _temp(self, name: str, data: bytes) -> str:
+        try:
+            return _write_temp(self.directory, name, data)
+        except FileNotFoundError:
+            with self.lock:
+                if not os.path.isdir(self.directory):
+                    # Removed under us (an administrator cleaning up): start
+                    # a fresh one, forget the old index.
+                    log.warning("spool directory %s vanished; recreating it", self.directory)
+                    self.entries.clear()
+                    self.seqs.clear()
+                    self._newest_periodic, self._partial = None, {}
+                    self._prepare_dir()
+            return _write_temp(self.directory, name, data)
+
+    def _place(self, record: Dict[str, Any], name: str, tmp: str,
+               data: bytes) -> Tuple[str, bool]:
+        """Under the lock: rename tmp into place (path, True), or find the
+        same record there already (path, False: a retried write)."""
         path = os.path.join(self.directory, name)
-        with self.lock:
-            epoch = self._current_epoch()
-            if epoch is not None and epoch != record["epoch"] and self.seqs:
-                log.warning("spool %s: epoch changed from %s to %s (state database "
-                            "recreated); removing %d records of the old epoch",
-                            self.directory, epoch, record["epoch"], len(self.seqs))
-                for seq in list(self.seqs):
-                    self._remove(seq)
-                self._newest_periodic, self._partial = None, {}
-            self.epoch = record["epoch"]
-            known = self.entries.get(record["seq"])
-            if known is not None and known.name != name:
-                raise SpoolConflict(f"spool {self.directory}: sequence number {record['seq']}"
-                                    f" is already used by {known.name}")
-            if os.path.lexists(path):
-                if _same_content(path, data):
-                    return path          # a retried write of the same record
-                raise SpoolConflict(f"spool {path} already exists with different content;"
-                                    " refusing to overwrite (sequence numbers must be unique)")
-            try:
-                _write_new(self.directory, name, data)
-            except FileNotFoundError:
-                # The directory was removed under us (an administrator
-                # cleaning up): start a fresh one, forget the old index.
-                log.warning("spool directory %s vanished; recreating it", self.directory)
-                self.entries.clear()
-                self.seqs.clear()
-                self._newest_periodic, self._partial = None, {}
-                self._prepare_dir()
-                _write_new(self.directory, name, data)
-            self._add(_Entry(record["seq"], name, record["phase"], _now(),
-                             record["backend"] if record["phase"] == "periodic" else None,
-                             record["epoch"], (record.get("part", 1), record.get("parts", 1))))
-            self._prune(retention_seconds, retention_count)
-        return path
+        epoch = self._current_epoch()
+        if epoch is not None and epoch != record["epoch"] and self.seqs:
+            log.warning("spool %s: epoch changed from %s to %s (state database "
+                        "recreated); removing %d records of the old epoch",
+                        self.directory, epoch, record["epoch"], len(self.seqs))
+            for seq in list(self.seqs):
+                self._remove(seq)
+            self._newest_periodic, self._partial = None, {}
+        self.epoch = record["epoch"]
+        known = self.entries.get(record["seq"])
+        if known is not None and known.name != name:
+            raise SpoolConflict(f"spool {self.directory}: sequence number {record['seq']}"
+                                f" is already used by {known.name}")
+        if os.path.lexists(path):
+            if _same_content(path, data):
+                return path, False
+            raise SpoolConflict(f"spool {path} already exists with different content;"
+                                " refusing to overwrite (sequence numbers must be unique)")
+        os.rename(tmp, path)
+        self._add(_Entry(record["seq"], name, record["phase"], _now(),
+                         record["backend"] if record["phase"] == "periodic" else None,
+                         record["epoch"], (record.get("part", 1), record.get("parts", 1))))
+        fsync_dir(self.directory)
+        return path, True
 
     # --- retention -------------------------------------------------------------
     def _protected(self) -> Set[int]:
@@ -321,8 +349,9 @@ def _same_content(path: str, data: bytes) -> bool:
     return _read_regular(path, len(data)) == data
 
 
-def _write_new(directory: str, name: str, data: bytes) -> None:
-    """Temp file (dot name) in the same directory, fsync, rename, fsync dir."""
+def _write_temp(directory: str, name: str, data: bytes) -> str:
+    """data in a new file of directory under a dot name (readers skip it),
+    fsynced; its path."""
     fd, tmp = tempfile.mkstemp(prefix="." + name + ".", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -332,11 +361,10 @@ def _write_new(directory: str, name: str, data: bytes) -> None:
                 os.fchown(f.fileno(), 0, 0)   # not the group of a setgid dir
             os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(directory, name))
     except BaseException:
         _unlink(tmp)
         raise
-    fsync_dir(directory)
+    return tmp
 
 
 _SPOOLS: Dict[str, _HostSpool] = {}
@@ -356,6 +384,7 @@ class SpoolHook(Hook):
     """Writes pre, post and periodic records as spool files."""
 
     durable = True   # fsynced file and directory before the call returns
+    stages = True    # the file is written while the transaction commits
 
     def __init__(self, backend_name: str, backend_config, context: HookContext):
         super().__init__(backend_name, backend_config, context)
@@ -369,9 +398,11 @@ class SpoolHook(Hook):
         self.directory = os.path.join(context.spool_dir, context.host_id)
         self._spool = _host_spool(self.directory)
 
-    def write(self, record: Dict[str, Any]) -> str:
+    def write(self, record: Dict[str, Any],
+              committed: Optional[Callable[[], bool]] = None) -> Optional[str]:
         """Write one record; return its path. Raises InvalidArgument for a
-        record that does not validate, SpoolConflict for a reused seq."""
+        record that does not validate, SpoolConflict for a reused seq.
+        committed: see _HostSpool.write."""
         try:
             data = rec.dumps(record)
         except rec.RecordError as exc:
@@ -387,7 +418,13 @@ class SpoolHook(Hook):
             raise InvalidArgument(f"spool hook: record {rec.file_name(record)} is {len(data)}"
                                   f" bytes, more than {rec.MAX_RECORD_BYTES}")
         return self._spool.write(record, data, int(self.context.retention_seconds or 0),
-                                 int(self.context.retention_count or 0))
+                                 int(self.context.retention_count or 0), committed)
+
+    def write_staged(self, record: Dict[str, Any], committed: Callable[[float], bool]) -> Any:
+        # The file is written and fsynced while the transaction commits; the
+        # rename that shows it waits for the commit.
+        self.write(record, lambda: committed(float(self.config.hook_timeout)))
+        return None
 
     def last_seq(self, epoch: str) -> int:
         return self._spool.last_seq(epoch)
