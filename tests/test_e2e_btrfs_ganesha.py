@@ -341,6 +341,21 @@ def test_an_nfs_share_shows_its_snapshots_in_a_snapshots_directory(storage_host,
     while time.monotonic() < deadline and sees(clients["ro"]) is None:
         time.sleep(0.5)
     assert sees(clients["ro"]) == "monday's"
+    # a reboot: every mount and every ganesha export gone, then sharedd
+    # starts; the nested export serves the snapshot, never the empty
+    # directory its mount point is until ensure mounts it again
+    h.stop()
+    h.ganesha.stop()
+    view = os.path.join(os.path.dirname(mp), ".previous", os.path.basename(mp))
+    for name in os.listdir(view):
+        subprocess.run(["umount", os.path.join(view, name)], check=True)
+    subprocess.run(["umount", mp], check=True)
+    h.ganesha.start()
+    h.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sees(clients["ro"]) is None:
+        time.sleep(0.5)
+    assert sees(clients["ro"]) == "monday's"
     # hidden: gone, junction directory included; visible again: back
     h.share(path, "SetSnapshotPolicy", "a{sv}", 1, "snapshot_visibility", "s", "hidden")
     assert sees(clients["ro"]) is None and not os.path.exists(os.path.join(mp, ".snapshots"))

@@ -607,9 +607,17 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
         except FileNotFoundError:
             return []
 
+    def _mounted_view(self, share: Share) -> Dict[str, str]:
+        """name -> path of the snapshots mounted in the view. After a reboot
+        there are none until ensure mounts them (update_snapshot_view): an
+        empty mount point is never shown as a snapshot."""
+        view = self._view_dir(share)
+        paths = {n: os.path.join(view, n) for n in self._view_names(share)}
+        return {n: p for n, p in paths.items() if is_mounted(p)}
+
     def _shown_view(self, share: Share) -> Optional[str]:
         """The view directory, if the share shows snapshots (for Samba)."""
-        return self._view_dir(share) if self._view_names(share) else None
+        return self._view_dir(share) if self._mounted_view(share) else None
 
     def shows_snapshots(self, share: Share) -> bool:
         helper = self.helper_for(share) if not share.share_server_id else None
@@ -675,11 +683,11 @@ class BtrfsDriver(ReplicaPool, ShareDriver):
 
     def _reshow(self, share: Share, rules: List[AccessRule]) -> None:
         """Show what the view holds again (after the share's export came back,
-        or its rules changed)."""
-        names = self._view_names(share)
-        if names:
-            view = self._view_dir(share)
-            self._show(share, {n: os.path.join(view, n) for n in names}, [], rules)
+        or its rules changed): the snapshots mounted there (ganesha would keep
+        serving an empty mount point it exported before the mount)."""
+        mounted = self._mounted_view(share)
+        if mounted:
+            self._show(share, mounted, [], rules)
 
     def _hide(self, share: Share) -> None:
         """Withdraw the clients' view, keep the mounts (before the share's
