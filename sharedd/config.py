@@ -126,7 +126,7 @@ BACKEND_OPTIONS: List[Opt] = [
              "auto-YYYYMMDDTHHMMSSZ), unless the share sets its own: an interval (15min, 4h, "
              "1d) or a calendar expression as systemd-analyze calendar reads it (daily, "
              "Mon..Fri *-*-* 08:00, *:0/15, with UTC at the end for UTC). Empty: none."),
-    Opt("snapshot_visibility", "str", "auto", choices=("auto", "visible", "hidden"),
+    Opt("snapshot_visibility", "str", "auto", choices=("auto",) + C.SNAPSHOT_VISIBILITIES,
         help="Whether clients see the snapshots of this backend's shares, unless a share "
              "says: as Previous Versions over SMB, in a read-only .snapshots directory over "
              "NFS (NFS-Ganesha), where the driver can show them (btrfs). auto: CIFS shares "

@@ -76,6 +76,11 @@ SQUASH_MODES = ("root_squash", "all_squash", "no_root_squash")
 DEFAULT_ANON_ID = 65534
 #: uid_t and gid_t stop below 2**32 - 1, which means "no id"
 MAX_ANON_ID = 2**32 - 2
+#: whether a share's clients see its snapshots (snapshot_visibility): a
+#: share says one of these or "" (its backend's); the backend option also
+#: takes auto (CIFS shares show them, NFS shares do not)
+SNAPSHOTS_VISIBLE, SNAPSHOTS_HIDDEN = "visible", "hidden"
+SNAPSHOT_VISIBILITIES = (SNAPSHOTS_VISIBLE, SNAPSHOTS_HIDDEN)
 
 # Manila's statuses.
 STATUS_CREATING = "creating"

@@ -508,7 +508,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--group", help="join this share group")
     x.add_argument("--schedule", help="snapshot schedule (e.g. daily, 4h)")
     x.add_argument("--retention", help="snapshot retention (e.g. 7, 30d)")
-    x.add_argument("--visibility", choices=["visible", "hidden"],
+    x.add_argument("--visibility", choices=C.SNAPSHOT_VISIBILITIES,
                    help="whether clients see its snapshots (default: the backend's)")
     for verb in ("delete", "unmanage"):
         s.add_parser(verb, help=f"{verb} a share").add_argument("share")
@@ -527,7 +527,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("share")
     x.add_argument("--schedule", help='"" for the backend\'s, none for no schedule')
     x.add_argument("--retention", help='"" for the backend\'s, all to keep every one')
-    x.add_argument("--visibility", choices=["visible", "hidden", ""],
+    x.add_argument("--visibility", choices=C.SNAPSHOT_VISIBILITIES + ("",),
                    help='whether clients see its snapshots ("" for the backend\'s)')
     x = s.add_parser("migrate", help="move a share to another backend (a job)")
     x.add_argument("share")

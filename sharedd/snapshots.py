@@ -33,9 +33,6 @@ from .models import Share, Snapshot, fields_of
 from .operation import Operation, Runner
 from .replication import Replications
 from .schedule import NAME_PREFIX, Retention, Schedule, name_time, scheduled_name
-
-#: a share's own snapshot_visibility ("": its backend's)
-VISIBILITIES = ("", "visible", "hidden")
 from .store import Store, new_id
 from .util import now_us
 
@@ -272,9 +269,9 @@ class Snapshots:
         own = self._policies.get(share.id, ("", "", ""))[2]
         b = self.backends.get(share.backend)
         value = own or (str(getattr(b.config, "snapshot_visibility", "") or "auto") if b
-                        else "hidden")
+                        else C.SNAPSHOTS_HIDDEN)
         if value == "auto":
-            value = "visible" if share.protocol == "CIFS" else "hidden"
+            value = C.SNAPSHOTS_VISIBLE if share.protocol == "CIFS" else C.SNAPSHOTS_HIDDEN
         return value
 
     @staticmethod
@@ -287,7 +284,7 @@ class Snapshots:
         visibility = options.get("snapshot_visibility")
         if visibility is not None:
             visibility = str(visibility).strip()
-            if visibility not in VISIBILITIES:
+            if visibility not in ("",) + C.SNAPSHOT_VISIBILITIES:
                 raise InvalidArgument(f"snapshot_visibility {visibility[:40]!r}: say visible, "
                                       "hidden, or \"\" for the backend's")
         if schedule is not None:
@@ -324,7 +321,7 @@ class Snapshots:
     async def view(self, b: Backend, share: Share) -> None:
         """Make the share's clients see its snapshots, or none, as its
         visibility says (inside an operation of the share, or under its lock)."""
-        if self.visibility(share) == "visible":
+        if self.visibility(share) == C.SNAPSHOTS_VISIBLE:
             await b.snapshot_view(share, self.store.snapshots(share.id),
                                   access.granting(self.store, share.id))
         else:
@@ -346,7 +343,7 @@ class Snapshots:
             for share in self.store.shares(name):
                 if share.status != C.STATUS_AVAILABLE or not b.driver.shows_snapshots(share):
                     continue
-                if self.visibility(share) == "hidden" and not b.driver.has_snapshot_view(share):
+                if self.visibility(share) == C.SNAPSHOTS_HIDDEN and not b.driver.has_snapshot_view(share):
                     continue
                 try:
                     await self.show(share.id)

@@ -95,6 +95,16 @@ SNAPSHOT_DIR = ".snapshots"
 NESTED_PSEUDO = "ganesha_pseudo"
 _NAME_RE = re.compile(r"[A-Za-z0-9@][A-Za-z0-9._@-]{0,127}")
 
+_BUSY_RETRIES = 10
+_BUSY_DELAY = 0.05          # doubling up to _BUSY_DELAY_MAX: about 5 s in all
+_BUSY_DELAY_MAX = 1.0
+_ID_ATTEMPTS = 8            # export ids tried when ganesha says one is taken
+
+
+# ganesha's spelling of each squash mode
+_SQUASH = {"root_squash": "Root_Squash", "all_squash": "All_Squash",
+           "no_root_squash": "No_Root_Squash"}
+
 
 def _junction(share_root: str, name: Optional[str], make: bool) -> None:
     """Make (or remove, if empty) <share_root>/.snapshots[/name]: ganesha
@@ -132,15 +142,6 @@ def _junction(share_root: str, name: Optional[str], make: bool) -> None:
                 os.close(top)
     finally:
         os.close(root)
-_BUSY_RETRIES = 10
-_BUSY_DELAY = 0.05          # doubling up to _BUSY_DELAY_MAX: about 5 s in all
-_BUSY_DELAY_MAX = 1.0
-_ID_ATTEMPTS = 8            # export ids tried when ganesha says one is taken
-
-
-# ganesha's spelling of each squash mode
-_SQUASH = {"root_squash": "Root_Squash", "all_squash": "All_Squash",
-           "no_root_squash": "No_Root_Squash"}
 
 
 def _grants(entries: Any) -> Optional[Dict[str, Grant]]:
