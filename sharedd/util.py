@@ -82,10 +82,16 @@ def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
     except OSError as exc:
         raise BackendFailure(f"cannot run {argv[0]}: {exc}") from None
     if check and proc.returncode != 0:
-        err = (proc.stderr or proc.stdout or b"").decode(errors="replace")
-        raise BackendFailure(f"{' '.join(argv)} failed (exit {proc.returncode}):"
-                             f" {err.strip()[-500:]}")
+        raise command_failed(argv, proc)
     return proc
+
+
+def command_failed(argv: Sequence[str], proc: "subprocess.CompletedProcess[bytes]") -> BackendFailure:
+    """The error for a command that exited non-zero: the command and the
+    tail of what it said."""
+    err = (proc.stderr or proc.stdout or b"").decode(errors="replace")
+    return BackendFailure(f"{' '.join(str(a) for a in argv)} failed (exit {proc.returncode}):"
+                          f" {err.strip()[-500:]}")
 
 
 #: seconds to wait for a killed command to be reaped (a task stuck in the

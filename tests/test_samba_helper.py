@@ -442,3 +442,147 @@ def test_ip_group_must_exist_and_have_no_members(samba_lab, helper):
     helper.update_access(share, path, [host], [], [])   # the next ensure makes it writable
     assert "force group = sharedd-cifs" in samba_lab.net("showshare", "grp73").stdout
     helper.unexport(share, path)
+
+
+def test_previous_versions_parameters_follow_the_view_and_cost_no_net_when_kept(samba_lab, helper):
+    """show_snapshots sets or drops shadow_copy2 as the view starts or stops
+    showing snapshots; a snapshot change that keeps them (another version in
+    a view that already shows some), or follows a sync that set them, runs
+    no `net`; a share of that name that is not ours is refused."""
+    path = share_dir(samba_lab, "pv73")
+    view = samba_lab.path("shares", "pv73-view")
+    os.makedirs(view, exist_ok=True)
+    share = make_share("pv73")
+    rules = [rule(share, "ip", "10.73.0.11")]
+    runs = []
+    real_run = helper._run
+    helper._run = lambda argv, **kw: runs.append(list(argv)) or real_run(argv, **kw)
+    helper.snapshot_dir_of = lambda s: view if s.id == share.id else None
+    try:
+        helper.show_snapshots(share, path, {"@GMT-2026.01.01-00.00.00": view}, [], rules)
+        assert [a for a in runs if "import" in a] == [], "not exported yet: nothing set"
+        helper.export(share, path, rules)         # the export carries them
+        assert "shadow_copy2" in samba_lab.net("showshare", "pv73").stdout
+        runs.clear()
+        helper.show_snapshots(share, path, {"@GMT-2026.01.01-00.00.00": view,
+                                            "@GMT-2026.01.02-00.00.00": view}, [], rules)
+        helper.show_snapshots(share, path, {"@GMT-2026.01.02-00.00.00": view},
+                              ["@GMT-2026.01.01-00.00.00"], rules)
+        assert runs == [], "the parameters did not change: no net"
+
+        helper.show_snapshots(share, path, {}, ["@GMT-2026.01.02-00.00.00"], rules)
+        params = samba_lab.net("showshare", "pv73").stdout
+        assert "shadow" not in params and "vfs objects" not in params
+        runs.clear()
+        helper.show_snapshots(share, path, {}, [], rules)
+        assert runs == []
+        helper.show_snapshots(share, path, {"@GMT-2026.01.03-00.00.00": view}, [], rules)
+        params = samba_lab.net("showshare", "pv73").stdout
+        assert "shadow_copy2" in params and f"shadow:snapdir = {view}" in params
+
+        # Changed behind sharedd's back: the next sync (an ensure) puts them back.
+        samba_lab.net("delparm", "pv73", "vfs objects")
+        helper.update_access(share, path, rules, [], [])
+        assert "shadow_copy2" in samba_lab.net("showshare", "pv73").stdout
+        helper.unexport(share, path)
+        assert "pv73" not in samba_lab.net("listshares").stdout.split()
+
+        # Someone else's share of that name: refused, untouched.
+        samba_lab.net("addshare", "pv73", path, "writeable=n", "guest_ok=n")
+        before = samba_lab.net("showshare", "pv73").stdout
+        with pytest.raises(errors.AlreadyExists):
+            helper.show_snapshots(share, path, {"@GMT-2026.01.03-00.00.00": view}, [], rules)
+        helper.unexport(share, path)
+        assert samba_lab.net("showshare", "pv73").stdout == before
+    finally:
+        helper._run = real_run
+        helper.snapshot_dir_of = None
+        samba_lab.net("delshare", "pv73", check=False)
+
+
+def test_a_rule_change_is_one_registry_transaction_that_keeps_foreign_parameters(samba_lab, helper):
+    """A sync reads the share once and writes it with one `net conf import`:
+    parameters an administrator added to the share stay, a share an older
+    sharedd left closed (`available = no`) is opened, and a value that
+    would span lines is refused with the registry unchanged."""
+    share = make_share("tx73")
+    path = share_dir(samba_lab, "tx73")
+    rules = [rule(share, "ip", "10.73.0.11")]
+    runs = []
+    real_run = helper._run
+    helper._run = lambda argv, **kw: runs.append(list(argv)) or real_run(argv, **kw)
+    try:
+        helper.export(share, path, rules)
+        nets = [a[a.index("conf") + 1] for a in runs if "conf" in a]
+        assert nets == ["showshare", "import"], nets
+        samba_lab.net("setparm", "tx73", "max connections", "7")
+        samba_lab.net("setparm", "tx73", "available", "no")
+        runs.clear()
+        extra = rule(share, "user", "smbro73", "ro")
+        helper.update_access(share, path, rules + [extra], [extra], [])
+        nets = [a[a.index("conf") + 1] for a in runs if "conf" in a]
+        assert nets == ["showshare", "import"], nets
+        params = samba_lab.net("showshare", "tx73").stdout
+        assert "max connections = 7" in params and "available" not in params
+        assert "valid users = smbro73" in params and "read list = smbro73" in params
+
+        before = samba_lab.net("showshare", "tx73").stdout
+        with pytest.raises(errors.BackendFailure, match="one smb.conf line"):
+            helper._put("tx73", {"comment": "sharedd " + share.id}, {"path": path + "\n\tguest ok = yes"}, [])
+        with pytest.raises(errors.BackendFailure, match="one smb.conf line"):
+            helper._put("tx73", {"comment": "sharedd " + share.id, "path": path},
+                        {"hosts allow": "10.73.0.11 \\"}, [])
+        assert samba_lab.net("showshare", "tx73").stdout == before
+    finally:
+        helper._run = real_run
+        helper.unexport(share, path)
+    assert "tx73" not in samba_lab.net("listshares").stdout.split()
+
+
+def test_a_new_read_only_user_keeps_open_sessions_and_a_demoted_one_cuts_them(samba_lab, helper):
+    """Granting a user who had no access (ro) takes nothing from anyone, so
+    open sessions stay; making an admitted user read-only cuts them (Samba
+    applies the read list to new connections only)."""
+    share = make_share("dem73")
+    path = share_dir(samba_lab, "dem73")
+    rw = rule(share, "user", "smbrw73")
+    helper.export(share, path, [rw])
+    session = samba_lab.open_session("a", "dem73", "smbrw73")
+    try:
+        session.stdin.write("ls\n")
+        session.stdin.flush()
+        assert wait_for(lambda: "dem73" in samba_lab.connected_shares()), "session never opened"
+        ro = rule(share, "user", "smbro73", "ro")
+        helper.update_access(share, path, [rw, ro], [ro], [])
+        time.sleep(1)
+        assert "dem73" in samba_lab.connected_shares(), "a grant cut the open session"
+        demoted = rule(share, "user", "smbrw73", "ro")
+        helper.update_access(share, path, [ro, demoted], [demoted], [rw])
+        assert wait_for(lambda: "dem73" not in samba_lab.connected_shares()), \
+            "the demoted user's session is still open"
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        helper.unexport(share, path)
+
+
+def test_the_first_grant_of_a_closed_share_cuts_no_sessions(samba_lab, helper):
+    """A share that admits no host has no session to cut: its first grant
+    runs no smbcontrol (nor smbstatus); a deny then does."""
+    share = make_share("first73")
+    path = share_dir(samba_lab, "first73")
+    helper.export(share, path, [])
+    runs = []
+    real_run = helper._run
+    helper._run = lambda argv, **kw: runs.append(list(argv)) or real_run(argv, **kw)
+    try:
+        rw = rule(share, "user", "smbrw73")
+        helper.update_access(share, path, [rw], [rw], [])
+        assert not [a for a in runs if "smbcontrol" in a or "smbstatus" in a], runs
+        assert ok(samba_lab.smbclient("a", "first73", "smbrw73", "ls"))
+        helper.update_access(share, path, [], [], [rw])
+        assert [a for a in runs if "smbstatus" in a], "a deny looks for sessions to cut"
+    finally:
+        helper._run = real_run
+        helper.unexport(share, path)

@@ -779,7 +779,7 @@ def test_cifs_server_has_its_own_smbd_registry_and_mount_namespace(rt: Runtime):
     assert helper.prefix == ["nsenter", f"--mount={d['mount_ns']}", "--"]
     assert helper.state_dir == os.path.join(rt.tmp, "samba-state", "servers", sid)
     helper.setup()
-    assert "late" in helper._shares() and os.path.isdir(helper.state_dir)
+    assert "late" in helper._net("listshares").stdout.decode() and os.path.isdir(helper.state_dir)
     # A share mounted later under the shared mount is seen by smbd; one
     # mounted where mounts do not propagate is refused by name.
     helper._check_visible(os.path.join(shared, "late"))

@@ -59,9 +59,12 @@ no session keeps the forced group and the share is not left writable after
 access shrinks. A full sync (export, recovery) also does this when it finds
 entries of the group on the share root without the parameter.
 
-Changes are made with the share closed (`available = no`) and reopened last,
-so no client ever sees a half-applied rule set; a new share is created closed
-the same way (`setparm` on an unknown share creates it). Samba applies
+A change of a share's parameters is one `net conf import` of the whole
+share (every parameter, those sharedd does not manage included), which the
+registry takes in one transaction: no client ever sees a half-applied rule
+set, and a new share appears complete. A share is read with one `net conf
+showshare`; the Previous Versions parameters it last left are remembered, so
+a snapshot change that keeps them runs no `net`. Samba applies
 changes to new connections only, so whenever access shrinks the helper cuts
 open sessions with `smbcontrol smbd close-share` (clients reconnect under the
 new rules, denied ones fail). close-share is asynchronous: the helper then
@@ -97,7 +100,7 @@ import netaddr
 from ..errors import AlreadyExists, BackendFailure, InvalidArgument, NotSupported
 from ..models import AccessRule, Share
 from ..options import Opt
-from ..util import run
+from ..util import command_failed, run
 from .base import ExportHelper, Overlay
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,8 @@ log = logging.getLogger(__name__)
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"global", "homes", "printers", "print$", "ipc$"}
 COMMENT_PREFIX = "sharedd "
+# What `net conf showshare` says of a share the registry does not hold.
+NO_SUCH_SHARE = "SBC_ERR_NO_SUCH_SERVICE"
 # Parameters this helper owns on its shares (lower case, as compared).
 SNAPSHOT_PARAMS = ("vfs objects", "shadow:snapdir", "shadow:format", "shadow:localtime")
 MANAGED = ("path", "comment", "read only", "guest ok", "browseable", "inherit acls",
@@ -116,6 +121,13 @@ SNAPSHOT_FORMAT = "@GMT-%Y.%m.%d-%H.%M.%S"
 # The group that makes shares with only ip rules writable (see the module doc).
 IP_GROUP = "sharedd-cifs"
 _SERVER_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def _diff(current: Dict[str, str], want: Dict[str, str],
+          keys: Tuple[str, ...]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """(parameters to set, parameters of keys to delete) to go from current to want."""
+    return ([(k, v) for k, v in want.items() if current.get(k) != v],
+            [k for k in keys if k in current and k not in want])
 
 
 class SambaHelper(ExportHelper):
@@ -155,6 +167,10 @@ class SambaHelper(ExportHelper):
         # of SNAPSHOT_FORMAT names (Previous Versions through shadow_copy2):
         # the directory, while it shows some.
         self.snapshot_dir_of: Optional[Callable[[Share], Optional[str]]] = None
+        # share id -> the Previous Versions parameters this helper last left
+        # in the registry: a snapshot change that keeps them runs no `net`
+        # (each takes tens of ms). Dropped before every change of the share.
+        self._shown_params: Dict[str, Dict[str, str]] = {}
 
     #: how the driver names the versions it shows (shadow:format)
     snapshot_names = SNAPSHOT_FORMAT
@@ -167,19 +183,18 @@ class SambaHelper(ExportHelper):
                        hidden: List[str], rules: List[AccessRule]) -> None:
         """Previous Versions: the shadow_copy2 parameters follow whether the
         view directory shows any snapshot (the driver keeps it)."""
-        name = share.name
-        if name.lower() not in self._shares():
-            return                       # exported later, with them (_desired)
-        current = self._show(name)
-        if current.get("comment") != COMMENT_PREFIX + share.id:
-            raise AlreadyExists(f"Samba share {name!r} is not sharedd's share {share.id}")
         # (the mounts of hidden ones are still there: shown decides)
         want = self._snapshot_params(share) if shown else {}
-        for key in SNAPSHOT_PARAMS:
-            if key in want and current.get(key) != want[key]:
-                self._net("setparm", name, key, want[key])
-            elif key not in want and key in current:
-                self._net("delparm", name, key)
+        if self._shown_params.get(share.id) == want:
+            return
+        self._shown_params.pop(share.id, None)    # not known again until it is done
+        current = self._current(share)
+        if current is None:
+            return                       # exported later, with them (_desired)
+        changes, removals = _diff(current, want, SNAPSHOT_PARAMS)
+        if changes or removals:
+            self._put(share.name, current, want, removals)
+        self._shown_params[share.id] = want
 
     def _snapshot_params(self, share: Share) -> Dict[str, str]:
         snapdir = self.snapshot_dir_of(share) if self.snapshot_dir_of else None
@@ -218,27 +233,50 @@ class SambaHelper(ExportHelper):
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     # --- commands -------------------------------------------------------------
-    def _run(self, argv, check=True):
-        return run(self.prefix + list(argv), timeout=self.command_timeout, check=check)
+    def _run(self, argv, check=True, input: Optional[bytes] = None):
+        return run(self.prefix + list(argv), timeout=self.command_timeout, check=check,
+                   input=input)
 
     def _conf_args(self) -> List[str]:
         return ["-s", self.conf_file] if self.conf_file else []
 
-    def _net(self, *args, check=True):
-        return self._run([self.net_cmd, *self._conf_args(), "conf", *args], check=check)
+    def _net(self, *args, check=True, input: Optional[bytes] = None):
+        return self._run([self.net_cmd, *self._conf_args(), "conf", *args], check=check,
+                         input=input)
 
-    def _shares(self) -> Set[str]:
-        out = self._net("listshares").stdout.decode(errors="replace")
-        return {line.strip().lower() for line in out.splitlines() if line.strip()}
-
-    def _show(self, name: str) -> Dict[str, str]:
-        out = self._net("showshare", name).stdout.decode(errors="replace")
+    def _current(self, share: Share) -> Optional[Dict[str, str]]:
+        """The registry's parameters of the share's name, in one `net` (None:
+        no such share); AlreadyExists if that share is not this one."""
+        proc = self._net("showshare", share.name, check=False)
+        if proc.returncode != 0:
+            if NO_SUCH_SHARE.encode() in proc.stdout + proc.stderr:   # (net prints it on stdout)
+                return None
+            raise command_failed(proc.args, proc)
         params = {}
-        for line in out.splitlines():
+        for line in proc.stdout.decode(errors="replace").splitlines():
             key, sep, value = line.strip().partition("=")
             if sep:
                 params[key.strip().lower()] = value.strip()
+        if params.get("comment") != COMMENT_PREFIX + share.id:
+            raise AlreadyExists(f"Samba share {share.name!r} exists and is not sharedd's"
+                                f" share {share.id}")
         return params
+
+    def _put(self, name: str, current: Dict[str, str], want: Dict[str, str],
+             removals: List[str]) -> None:
+        """The share's parameters become current's, less removals, with
+        want's: one `net conf import` of the whole share, which the registry
+        takes in one transaction (a client never sees half of a change; a
+        new share appears complete). Parameters sharedd does not manage are
+        carried over."""
+        params = {k: v for k, v in current.items() if k not in removals}
+        params.update(want)
+        text = f"[{name}]\n" + "".join(f"\t{k} = {v}\n" for k, v in params.items())
+        if any(c in name for c in "[]") or text.count("\n") != len(params) + 1 or "\r" in text \
+                or any(v.endswith("\\") for v in params.values()):    # (a continued line)
+            raise BackendFailure(f"Samba share {name!r}: a parameter cannot be written as one"
+                                 " smb.conf line")
+        self._net("import", "/dev/stdin", name, input=text.encode())
 
     def setup(self) -> None:
         if self.server_id is not None:
@@ -405,7 +443,8 @@ class SambaHelper(ExportHelper):
             raise InvalidArgument(f"{name!r} is a reserved Samba share name")
         for r in rules:
             self._check_rule(r)
-        unknown = sorted(u for u in new_users if not self._user_known(u))
+        known = {u for u in new_users if self._user_known(u)}
+        unknown = sorted(set(new_users) - known)
         if unknown:
             raise InvalidArgument(f"unknown user(s) on the Samba host: {', '.join(unknown)}")
         want_group = self._ip_writable(rules)
@@ -419,13 +458,11 @@ class SambaHelper(ExportHelper):
                 # (less access, never more); the next grant or ensure reports it.
                 log.error("share %s: %s; 'ip' rules left without write access", share.id, exc)
                 want_group = False
-        exists = name.lower() in self._shares()
-        current = self._show(name) if exists else {}
-        if exists and current.get("comment") != COMMENT_PREFIX + share.id:
-            raise AlreadyExists(f"Samba share {name!r} exists and is not sharedd's share {share.id}")
+        self._shown_params.pop(share.id, None)
+        found = self._current(share)
+        exists, current = found is not None, found or {}
         desired = self._desired(share, path, rules, force_group=want_group)
-        changes = [(k, v) for k, v in desired.items() if current.get(k) != v]
-        removals = [k for k in MANAGED if k in current and k not in desired]
+        changes, removals = _diff(current, desired, MANAGED)
         old_hosts, old_users, old_ro = self._access_of(current) if exists else (set(), set(), set())
         new_hosts, new_users_set, new_ro = self._access_of(desired)
         levels = {r.access_to: r.access_level for r in rules if r.access_type == "user"}
@@ -437,10 +474,6 @@ class SambaHelper(ExportHelper):
         if full and not want_group and self._root_has_group(path, self.ip_group):
             stale_groups.add(self.ip_group)
 
-        if changes or removals:
-            # Closed while changing: no client connects under a half-applied set.
-            # (On an unknown share this setparm creates it, closed.)
-            self._net("setparm", name, "available", "no")
         # The ip group's ACL entries go on before `force group` is set and come
         # off before it is removed: a failure in between leaves the parameter
         # saying what is still to do, and the retry does it.
@@ -449,25 +482,26 @@ class SambaHelper(ExportHelper):
         for group in sorted(stale_groups):
             self._revoke_group(path, group)
         if changes or removals:
-            for key, value in changes:
-                self._net("setparm", name, key, value)
-            for key in removals:
-                if key != "available":
-                    self._net("delparm", name, key)
+            self._put(name, current, desired, removals)
         # ACLs: every granted user on a full sync, else the ones whose grant changed.
         old_levels = {u: ("ro" if u in old_ro else "rw") for u in (old_users or set())}
         for user, level in sorted(levels.items()):
             if full or old_levels.get(user) != level:
-                if self._user_known(user):
+                if user in known or self._user_known(user):
                     self._grant_fs(path, user, level)
                 else:
                     log.warning("user %s is unknown on this host: no ACL on %s", user, path)
         for user in sorted((old_users or set()) - set(levels)):
             self._revoke_fs(path, user)
-        if changes or removals:
-            self._net("delparm", name, "available")   # open again
-        if close or self._lacks(old_hosts, new_hosts) or self._lacks(old_users, new_users_set) \
-                or (new_ro - old_ro) or stale_groups:
+        self._shown_params[share.id] = {k: desired[k] for k in SNAPSHOT_PARAMS if k in desired}
+        # Sessions are cut when someone admitted before loses (write) access.
+        # A share that admitted no host has none (one an interrupted change
+        # of an older sharedd left `available = no` may still hold some).
+        demoted = {u for u in new_ro - old_ro if old_users is None or u in old_users}
+        admitted = exists and (old_hosts != set() or "available" in current)
+        lost = admitted and (self._lacks(old_hosts, new_hosts) or bool(demoted)
+                             or self._lacks(old_users, new_users_set))
+        if close or lost or stale_groups:
             self.close_sessions(share)
 
     # --- ExportHelper ---------------------------------------------------------------------
@@ -507,16 +541,22 @@ class SambaHelper(ExportHelper):
                    close=bool(delete_rules), new_users=new_users)
 
     def unexport(self, share: Share, path: str) -> None:
-        name = share.name
-        if name.lower() not in self._shares():
+        self._shown_params.pop(share.id, None)
+        try:
+            if self._current(share) is None:
+                return
+        except AlreadyExists:
+            log.warning("Samba share %s is not sharedd's share %s; left alone", share.name, share.id)
             return
-        if self._show(name).get("comment") != COMMENT_PREFIX + share.id:
-            log.warning("Samba share %s is not sharedd's share %s; left alone", name, share.id)
-            return
-        self._net("delshare", name)
+        self._net("delshare", share.name)
         self.close_sessions(share)
 
     def close_sessions(self, share: Share) -> None:
+        """Cut the share's open sessions and wait until smbd has. Called
+        after the registry change, so a connection smbstatus does not list
+        is made under the new rules: with none listed there is nothing to cut."""
+        if share.name.lower() not in self._connected_shares():
+            return
         proc = self._run([self.smbcontrol_cmd, *self._conf_args(), "smbd", "close-share",
                           share.name], check=False)
         if proc.returncode != 0:   # smbd not running: there are no sessions to cut
