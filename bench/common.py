@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -33,7 +33,13 @@ from dbus_next import Message, MessageType  # noqa: E402
 
 from sharedd.bus.connection import Connection  # noqa: E402
 from sharedd.mountinfo import mount_at  # noqa: E402
-from tests.fixtures.storage_host import destroy_storage_host, make_storage_host  # noqa: E402
+from tests.fixtures.btrfs_pool import teardown_tree  # noqa: E402
+from tests.fixtures.bus import private_bus  # noqa: E402
+from tests.fixtures.ganesha import make_ganesha  # noqa: E402
+from tests.fixtures.netlab import make_lab  # noqa: E402
+from tests.fixtures.samba import SERVER4, SambaLab  # noqa: E402
+from tests.fixtures.storage_host import (destroy_storage_host, make_storage_host,  # noqa: E402
+                                         multi_backend_host)
 
 DEST, ROOT = "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1"
 MGR, SHARE, SNAP = f"{DEST}.Manager", f"{DEST}.Share", f"{DEST}.Snapshot"
@@ -79,6 +85,50 @@ def storage_host(bus, lab, ganesha, image_gib: int = 16, extra: str = "") -> Ite
             destroy_storage_host(h)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+CIFS_SECTION = """
+[cifs1]
+share_driver = btrfs
+share_export_ip = {smb_ip}
+enabled_share_protocols = CIFS
+cifs_helper = samba
+btrfs_pool_path = {{work}}/pool2
+btrfs_pool_image = {{work}}/pool2.img
+btrfs_pool_image_size_gib = 4
+btrfs_share_mount_dir = {mounts}
+samba_config_file = {smbconf}
+samba_command_prefix = {prefix}
+hook_drivers = spool, dbus
+enable_pre_hooks = true
+enable_post_hooks = true
+"""
+
+
+@contextlib.contextmanager
+def nfs_and_cifs_host(name: str, subnet: int) -> Iterator[Tuple[object, SambaLab]]:
+    """A started storage host with two btrfs backends, hooks on: btrfs1
+    (NFS through NFS-Ganesha in the lab 10.<subnet>.0.0/24) and cifs1 (CIFS
+    through the smbd of a SambaLab, tests/fixtures/samba.py), on a private
+    bus; (host, samba). host.pool_path is btrfs1's pool."""
+    samba = SambaLab()
+    try:
+        cifs_mounts = os.path.join(samba.mounts, "bench")   # where smbd sees them
+        section = CIFS_SECTION.format(smb_ip=SERVER4, smbconf=samba.conf, mounts=cifs_mounts,
+                                      prefix=", ".join(samba.prefix))
+        with private_bus() as bus, make_lab(f"10.{subnet}.0.0/24", f"fd{subnet}::/64") as lab, \
+                make_ganesha(lab, bus) as ganesha:
+            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
+            with multi_backend_host(bus, lab, ganesha, name, ["btrfs1", "cifs1"], section,
+                                    images=("pool.img", "pool2.img")) as h:
+                h.pool_path = os.path.join(h.workdir, "pool")
+                try:
+                    yield h, samba
+                finally:
+                    h.stop()
+                    teardown_tree(cifs_mounts)    # outside the host's work directory
+    finally:
+        samba.close()
 
 
 class Client:

@@ -15,6 +15,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/concurrency", "--smoke"], "calls/s"),
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
     (["bench/ops", "--smoke"], "hooks off"),
+    (["bench/snapshots", "--smoke"], "operation, share"),
+    (["bench/cifs", "--smoke"], "CIFS operation"),
     (["bench/scale", "--smoke"], "restart"),
     (["bench/mountd", "--smoke"], "mountd p50"),
     (["bench/remote", "--smoke"], "mountd p50"),
