@@ -533,6 +533,12 @@ def test_a_rule_change_is_one_registry_transaction_that_keeps_foreign_parameters
             helper._put("tx73", {"comment": "sharedd " + share.id, "path": path},
                         {"hosts allow": "10.73.0.11 \\"}, [])
         assert samba_lab.net("showshare", "tx73").stdout == before
+        # A foreign parameter that cannot be carried over is dropped, not a failure.
+        current = helper._current(share)
+        helper._put("tx73", dict(current, **{"max connections": "8 \\"}),
+                    {"hosts allow": "10.73.0.12"}, [])
+        params = samba_lab.net("showshare", "tx73").stdout
+        assert "hosts allow = 10.73.0.12" in params and "max connections" not in params
     finally:
         helper._run = real_run
         helper.unexport(share, path)

@@ -130,6 +130,10 @@ def _diff(current: Dict[str, str], want: Dict[str, str],
             [k for k in keys if k in current and k not in want])
 
 
+def _one_line(text: str) -> bool:
+    return "\n" not in text and "\r" not in text
+
+
 class SambaHelper(ExportHelper):
     helper_name = "samba"
     protocol = "CIFS"
@@ -268,14 +272,23 @@ class SambaHelper(ExportHelper):
         want's: one `net conf import` of the whole share, which the registry
         takes in one transaction (a client never sees half of a change; a
         new share appears complete). Parameters sharedd does not manage are
-        carried over."""
+        carried over, unless one cannot be written back as one line (it is
+        dropped and logged: a revocation must not fail on it)."""
+        if not _one_line(name) or "[" in name or "]" in name:
+            raise BackendFailure(f"Samba share {name!r} cannot be named in smb.conf")
         params = {k: v for k, v in current.items() if k not in removals}
         params.update(want)
+        for key, value in list(params.items()):
+            if _one_line(key) and _one_line(value) and not value.endswith("\\") \
+                    and not key.startswith("["):
+                continue
+            if key in want:
+                raise BackendFailure(f"Samba share {name!r}: {key!r} cannot be written as one"
+                                     " smb.conf line")
+            log.warning("Samba share %s: parameter %r cannot be written back as one line;"
+                        " dropped", name, key[:80])
+            del params[key]
         text = f"[{name}]\n" + "".join(f"\t{k} = {v}\n" for k, v in params.items())
-        if any(c in name for c in "[]") or text.count("\n") != len(params) + 1 or "\r" in text \
-                or any(v.endswith("\\") for v in params.values()):    # (a continued line)
-            raise BackendFailure(f"Samba share {name!r}: a parameter cannot be written as one"
-                                 " smb.conf line")
         self._net("import", "/dev/stdin", name, input=text.encode())
 
     def setup(self) -> None:
