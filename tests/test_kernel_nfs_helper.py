@@ -281,6 +281,27 @@ def test_two_backends_share_the_file(fake, tmp_path):
     assert "/srv/a 10.78.0.21" in text and "/srv/b" not in text
 
 
+def test_an_operation_reads_no_other_share_state(fake, tmp_path, monkeypatch):
+    """The exports file is rewritten from the lines kept in memory: a change
+    to one share reads that share's state only (the other shares' state
+    files are read once), and the file is what the state files say."""
+    h = make(fake, tmp_path)
+    shares = [share() for _ in range(20)]
+    for i, s in enumerate(shares):
+        h.export(s, f"/srv/{s.id}", [rule(f"10.78.3.{i + 1}", "rw")])
+    reads = []
+    real = h._read_state
+    monkeypatch.setattr(h, "_read_state", lambda sid: reads.append(sid) or real(sid))
+    h.update_access(shares[3], f"/srv/{shares[3].id}", [], [rule("10.78.4.1", "ro")], [])
+    h.unexport(shares[5], f"/srv/{shares[5].id}")
+    assert sorted(set(reads)) == sorted({shares[3].id, shares[5].id}), reads
+    text = fake.exports.read_text()
+    assert f"/srv/{shares[3].id} 10.78.3.4(" in text and "10.78.4.1(" in text
+    assert f"/srv/{shares[5].id}" not in text
+    fresh = make(fake, tmp_path)                 # a new process: from the state files
+    assert fresh.render_file() == text
+
+
 def test_bad_input_changes_nothing(fake, tmp_path):
     h = make(fake, tmp_path)
     s, p = share(), "/srv/shares/five"

@@ -195,6 +195,16 @@ def _grants(entries: Any) -> Dict[str, Grant]:
         raise BackendFailure(f"kernel NFS state: {exc}") from None
 
 
+def _identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """(inode, mtime, size) of a file, None if it is not there: a rename
+    into place changes the inode, so a file written since differs."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def exportfs_host(client: str) -> str:
     """The client as exportfs wants it before ':path' (IPv6 in brackets)."""
     return f"[{client}]" if ":" in client else client
@@ -286,6 +296,14 @@ class KernelNfsHelper(ExportHelper):
                               "program name or path, without arguments")
         self.exportfs = cmd
         self.release_timeout = float(self._opt("kernel_nfs_release_timeout", 300.0))
+        # This backend's part of the exports file, share id -> its lines (""
+        # when no client may mount), read from the state files once: an
+        # operation renders its own share, not every share again. (One
+        # daemon per state directory: nobody else writes these state files.)
+        self._chunks: Optional[Dict[str, str]] = None
+        # The other backends' lines as last read, with the file's identity then
+        # (inode, mtime, size): re-read only when someone else wrote the file.
+        self._foreign: Tuple[Optional[Tuple[int, int, int]], List[Tuple[str, str]]] = (None, [])
 
     def _opt(self, name: str, default):
         try:
@@ -368,6 +386,13 @@ class KernelNfsHelper(ExportHelper):
                 "rules": [[to, g.to_json()] for to, g in sorted(rules.items())]}
         atomic_write(self._state_file(share_id),
                      (json.dumps(data, sort_keys=True, indent=1) + "\n").encode(), 0o600)
+        if self._chunks is not None:
+            self._chunks[share_id] = self._chunk(share_id, path, rules)
+
+    def _drop_state(self, share_id: str) -> None:
+        os.unlink(self._state_file(share_id))
+        if self._chunks is not None:
+            self._chunks.pop(share_id, None)
 
     def _all_states(self) -> List[dict]:
         states = []
@@ -392,6 +417,10 @@ class KernelNfsHelper(ExportHelper):
 
     def _foreign_blocks(self) -> List[Tuple[str, str]]:
         """(tag line, export line) pairs other backends wrote into the file."""
+        known, blocks = self._foreign
+        identity = _identity(self.exports_file)
+        if identity is not None and identity == known:
+            return blocks
         try:
             with open(self.exports_file, encoding="utf-8") as f:
                 lines = f.read().splitlines()
@@ -409,24 +438,32 @@ class KernelNfsHelper(ExportHelper):
             if isinstance(meta, dict) and meta.get("backend") != self.backend \
                     and nxt.startswith("/"):
                 blocks.append((line, nxt))
+        self._foreign = (identity, blocks)
         return blocks
 
     def render_file(self) -> str:
         chunks = [_HEADER]
         for tag, line in self._foreign_blocks():
             chunks.append(f"{tag}\n{line}\n")
-        for st in self._all_states():
-            line = self.render_line(st["share_id"], st["path"], _grants(st["rules"]))
-            if line is None:
-                continue
-            tag = _TAG + json.dumps({"backend": self.backend, "share": st["share_id"]},
-                                    sort_keys=True)
-            chunks.append(f"{tag}\n{line}\n")
+        if self._chunks is None:
+            self._chunks = {st["share_id"]: self._chunk(st["share_id"], st["path"],
+                                                        _grants(st["rules"]))
+                            for st in self._all_states()}
+        chunks.extend(chunk for _, chunk in sorted(self._chunks.items()))
         return "".join(chunks)
+
+    def _chunk(self, share_id: str, path: str, rules: Dict[str, Grant]) -> str:
+        line = self.render_line(share_id, path, rules)
+        if line is None:
+            return ""
+        tag = _TAG + json.dumps({"backend": self.backend, "share": share_id}, sort_keys=True)
+        return f"{tag}\n{line}\n"
 
     def _write_file(self) -> None:
         os.makedirs(os.path.dirname(self.exports_file), mode=0o755, exist_ok=True)
         atomic_write(self.exports_file, self.render_file().encode(), 0o644)
+        # the other backends' lines are those just written back
+        self._foreign = (_identity(self.exports_file), self._foreign[1])
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -509,7 +546,7 @@ class KernelNfsHelper(ExportHelper):
     def _restore(self, share: Share, path: str, old: Optional[dict]) -> None:
         try:
             if old is None:
-                os.unlink(self._state_file(share.id))
+                self._drop_state(share.id)
                 self._write_file()
                 self._unexport_path(path)
             else:
@@ -539,7 +576,7 @@ class KernelNfsHelper(ExportHelper):
             for p in paths:
                 self._unexport_path(p)
             if state is not None:
-                os.unlink(self._state_file(share.id))
+                self._drop_state(share.id)
             self._write_file()
         for p in paths:                       # outside the lock: may take a minute
             self.wait_released(p, self.release_timeout)
@@ -586,6 +623,7 @@ class KernelNfsHelper(ExportHelper):
         """Make the file and the kernel match the saved state of every share
         of this backend (e.g. after someone ran exportfs -ua)."""
         with self._locked():
+            self._chunks = None                 # the state files are the truth
             self._write_file()
             for st in self._all_states():
                 self._sync_kernel(st["share_id"], st["path"], _grants(st["rules"]))
