@@ -216,6 +216,12 @@ class Store:
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_group ON shares(share_group_id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_group "
                             "ON snapshots(group_snapshot_id)")
+            # per operation, without reading every share: is a share being
+            # made from this snapshot (snapshot deletes), which shares are
+            # migrating (every create's capacity check while one is)
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_source ON shares(snapshot_id)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_migrating ON shares(status) "
+                            f"WHERE status = '{C.STATUS_MIGRATING}'")
             for statement in _TRIGGERS:
                 self.db.execute(statement)
             # Recounted at every open (one scan): totals can never drift.
@@ -361,8 +367,8 @@ class Store:
                                     "WHERE status=?", (C.STATUS_MIGRATING,)).fetchone()[0]
         if not migrating:
             return 0
-        for size, task in self.db.execute("SELECT size_gib, task FROM shares WHERE status=?",
-                                          (C.STATUS_MIGRATING,)):
+        for size, task in self.db.execute("SELECT size_gib, task FROM shares "
+                                          f"WHERE status = '{C.STATUS_MIGRATING}'"):
             if json.loads(task).get("dest") == backend:
                 total += int(size)
         return total

@@ -120,3 +120,26 @@ def test_a_database_from_before_squash_opens_and_one_from_the_future_does_not(tm
     st.close()
     with pytest.raises(StoreError, match="newer sharedd"):
         Store(path)
+
+
+def test_per_operation_lookups_read_no_whole_table(tmp_path):
+    """Whether a share is being made from a snapshot (each snapshot delete)
+    and which shares migrate to a backend (each capacity check while one
+    migrates) are index searches, not scans of every share."""
+    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    with st.tx():
+        for i, status in enumerate(["available"] * 50 + ["migrating"]):
+            st.db.execute("INSERT INTO shares(id, name, backend, protocol, size_gib, status, "
+                          "created_at, task) VALUES (?, ?, 'a', 'NFS', 1, ?, 0, ?)",
+                          (f"i{i}", f"n{i}", status, '{"dest": "b"}'))
+    statements = []
+    st.db.set_trace_callback(statements.append)
+    assert st.share_made_from("nope") is False
+    assert st.gib_arriving("b") == 1
+    st.db.set_trace_callback(None)
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "shares" in s]
+    assert len(reads) >= 2, statements
+    for sql in reads:
+        plan = " ".join(str(tuple(r)) for r in st.db.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "SCAN shares" not in plan, (sql, plan)
+    st.close()
