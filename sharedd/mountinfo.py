@@ -117,6 +117,26 @@ def is_mounted(path: str) -> bool:
     return mounted_id(path) is not None
 
 
+def mounted_device(path: str) -> Optional[str]:
+    """The block device (/dev/<name>) of the mount at exactly path, None if
+    nothing is mounted there. Without reading the mount table when the
+    mount's device number is a block device the kernel names in sysfs (a
+    loop device, a disk); else the table's source (e.g. for tmpfs)."""
+    if not is_mounted(path):
+        return None
+    dev = os.stat(path).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/uevent",
+                  encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return "/dev/" + line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    entry = mount_at(path)
+    return entry.source if entry else None
+
+
 def mount_at(path: str) -> Optional[MountEntry]:
     """The mount visible at exactly path (after resolving symlinks), if any.
     Reads the table only when something is mounted there. (Entries are not

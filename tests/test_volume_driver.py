@@ -486,3 +486,70 @@ def test_interrupted_revert_is_finished_by_ensure(venv):
     assert not [n for n in os.listdir(venv.pool) if n.startswith(".")]
     fresh.delete_snapshot(snap, share)
     fresh.delete_share(share)
+
+
+def test_a_volume_device_is_found_without_listing_every_loop_device(tmp_path, monkeypatch):
+    """The provider looks at every loop device once (a new instance: a
+    restart), then knows each volume's device, checked in sysfs at each use:
+    an operation on an attached volume runs no losetup. A device detached
+    behind its back is noticed, and a renamed volume keeps its device."""
+    from sharedd.drivers.volume_providers import LoopfileProvider
+    pool = str(tmp_path / "pool")
+    p = LoopfileProvider(pool, 30)
+    p.setup()
+    components.used("loop devices (losetup, sysfs)")
+    p.create("a.img", 8 << 20)
+    p.create("b.img", 8 << 20)
+    try:
+        dev = p.attach("a.img")
+        runs = []
+        real = p._run
+        monkeypatch.setattr(p, "_run", lambda argv, **kw: runs.append(argv) or real(argv, **kw))
+        assert p.attach("a.img") == dev and p.device("a.img") == dev and p.device("b.img") is None
+        assert runs == [], runs
+
+        again = LoopfileProvider(pool, 30)        # a restart: one look at every device
+        monkeypatch.setattr(again, "_run", lambda argv, **kw: runs.append(argv) or real(argv, **kw))
+        assert again.device("a.img") == dev and runs == []
+
+        subprocess.run(["losetup", "-d", dev], check=True)   # behind its back
+        assert wait_for(lambda: p._backing(dev[5:]) is None)
+        assert p.device("a.img") is None
+        dev = p.attach("a.img")
+        p.rename("a.img", "c.img")
+        runs.clear()
+        assert p.device("c.img") == dev and p.device("a.img") is None and runs == []
+    finally:
+        for name in ("a.img", "b.img", "c.img"):
+            p.delete(name)
+    assert not [ln for ln in subprocess.run(["losetup", "-a"], capture_output=True, text=True
+                                            ).stdout.splitlines() if pool in ln]
+
+
+def test_the_device_of_a_mount_is_read_without_the_mount_table(tmp_path, monkeypatch):
+    """mounted_device names a loop device's mount from the device number
+    (sysfs) without reading /proc/self/mountinfo; a mount with no block
+    device (tmpfs) falls back to the table; nothing mounted is None."""
+    from sharedd import mountinfo
+    from sharedd.drivers.volume_providers import LoopfileProvider
+    p = LoopfileProvider(str(tmp_path / "pool"), 30)
+    p.setup()
+    p.create("m.img", 16 << 20)
+    mp, tmpfs = tmp_path / "mp", tmp_path / "tmpfs"
+    mp.mkdir()
+    tmpfs.mkdir()
+    try:
+        dev = p.attach("m.img")
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+        subprocess.run(["mount", dev, str(mp)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "shd-tmpfs73", str(tmpfs)], check=True)
+        reads = []
+        real = mountinfo.read_mountinfo
+        monkeypatch.setattr(mountinfo, "read_mountinfo", lambda *a: reads.append(1) or real(*a))
+        assert mountinfo.mounted_device(str(mp)) == dev and reads == []
+        assert mountinfo.mounted_device(str(tmpfs)) == "shd-tmpfs73" and reads == [1]
+        assert mountinfo.mounted_device(str(tmp_path)) is None
+    finally:
+        for m in (mp, tmpfs):
+            subprocess.run(["umount", str(m)], capture_output=True)
+        p.delete("m.img")

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import BackendFailure, ConfigError, InvalidArgument, NotSupported
 from ..models import AccessRule, Share, ShareUpdate, Snapshot
 from ..options import Opt
-from ..mountinfo import is_mounted, mount_at, read_mountinfo, top_mounts
+from ..mountinfo import is_mounted, mounted_device, read_mountinfo, top_mounts
 from ..util import atomic_write, run
 from .base import ShareDriver
 from .volume_providers import PROVIDERS, VOLUME_NAME_RE, VolumeProvider
@@ -155,9 +155,6 @@ class VolumeDriver(ShareDriver):
         if not new or new == old:
             raise BackendFailure(f"could not give {path} a new file-system UUID")
 
-    def _mounted_source(self, mp: str) -> Optional[str]:
-        entry = mount_at(mp)
-        return entry.source if entry else None
 
     def _mount(self, share: Share) -> str:
         """Attach and mount the share's volume; returns the device. Idempotent."""
@@ -170,7 +167,7 @@ class VolumeDriver(ShareDriver):
             # mode 0: while nothing is mounted, no user can put files here
             os.makedirs(mp, mode=0o000)
             os.chmod(mp, 0o000)
-        src = self._mounted_source(mp)
+        src = mounted_device(mp)
         if src == dev:
             return dev
         if src is not None:           # a stale mount (e.g. from before a crash)
@@ -180,13 +177,13 @@ class VolumeDriver(ShareDriver):
 
     def _umount(self, mp: str) -> None:
         for attempt in range(5):
-            if self._mounted_source(mp) is None:
+            if not is_mounted(mp):
                 return
             proc = self._run(["umount", mp], check=False)
             if proc.returncode == 0:
                 continue
             time.sleep(0.2 * (attempt + 1))
-        if self._mounted_source(mp) is not None:
+        if is_mounted(mp):
             raise BackendFailure(f"cannot unmount {mp}: {proc.stderr.decode(errors='replace').strip()}")
 
     def _stop(self, share: Share, unexport: bool = True) -> None:
@@ -196,7 +193,7 @@ class VolumeDriver(ShareDriver):
             helper = self.helper_for(share)
             if helper is not None:
                 helper.unexport(share, mp)
-        src = self._mounted_source(mp)
+        src = mounted_device(mp)
         if src is not None:
             self._run(["fsfreeze", "-u", mp], check=False)   # never leave it frozen
         self._umount(mp)
@@ -502,7 +499,7 @@ class VolumeDriver(ShareDriver):
         mp = self._mountpoint(share)
         staging = "." + snap + NEW_SUFFIX
         self.provider.delete(staging)
-        if self._mounted_source(mp) is not None:
+        if is_mounted(mp):
             # freeze: the copy sees a consistent, flushed file system
             self._run(["fsfreeze", "-f", mp])
             try:
@@ -533,7 +530,7 @@ class VolumeDriver(ShareDriver):
                 self.provider.delete("." + name + NEW_SUFFIX)
             for _, share in members:
                 mp = self._mountpoint(share)
-                if self._mounted_source(mp) is not None:
+                if is_mounted(mp):
                     self._run(["fsfreeze", "-f", mp])
                     frozen.append(mp)
             for (snap, share), name in zip(members, names):
@@ -656,7 +653,7 @@ class VolumeDriver(ShareDriver):
         return stats
 
     def get_share_usage_gib(self, share: Share) -> Optional[float]:
-        if self._mounted_source(self._mountpoint(share)) is None:
+        if not is_mounted(self._mountpoint(share)):
             return None
         return self._usage_bytes(share) / GiB
 

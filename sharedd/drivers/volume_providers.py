@@ -133,6 +133,12 @@ class LoopfileProvider(VolumeProvider):
     provider_name = "loopfile"
     _attach_lock = threading.Lock()   # find-then-attach must not race
 
+    def __init__(self, pool_path: str, command_timeout: float = 120.0):
+        super().__init__(pool_path, command_timeout)
+        # volume -> its loop device: every loop device is looked at once (on
+        # first use), then attach and detach keep it; each use checks it
+        self._known: Optional[Dict[str, str]] = None
+
     def _run(self, argv, **kw):
         return run(argv, timeout=self.command_timeout, **kw)
 
@@ -202,8 +208,14 @@ class LoopfileProvider(VolumeProvider):
     def rename(self, src: str, dst: str) -> None:
         os.rename(self.path(src), self.path(dst))
         fsync_dir(self.pool_path)
+        if self._known is not None:        # a device follows its file
+            self._known.pop(dst, None)
+            if src in self._known:
+                self._known[dst] = self._known.pop(src)
 
     def _devices(self, name: str) -> List[str]:
+        """Every loop device of the volume: losetup -j reads every loop
+        device's status, so operations use device() (remembered) instead."""
         path = self.path(name)
         if not os.path.exists(path):
             return []
@@ -211,9 +223,41 @@ class LoopfileProvider(VolumeProvider):
         # "/dev/loop3: [2049]:1234 (/pool/x.img)" - losetup matches by inode
         return [line.split(":", 1)[0] for line in out.splitlines() if line.startswith("/dev/")]
 
+    @staticmethod
+    def _backing(loop: str) -> Optional[str]:
+        """The file behind /dev/<loop> as the kernel names it (it follows
+        renames), None if detached: one sysfs read."""
+        try:
+            with open(f"/sys/block/{loop}/loop/backing_file", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                return f.read().rstrip("\n")
+        except OSError:                 # no loop/ directory: not attached
+            return None
+
+    def _scan(self) -> Dict[str, str]:
+        pool = os.path.realpath(self.pool_path)
+        found: Dict[str, str] = {}
+        loops = [d for d in os.listdir("/sys/block") if re.fullmatch(r"loop\d+", d)]
+        for loop in sorted(loops, key=lambda d: int(d[4:])):
+            backing = self._backing(loop)
+            if backing is not None and os.path.dirname(backing) == pool:
+                found.setdefault(os.path.basename(backing), "/dev/" + loop)
+        return found
+
     def device(self, name: str) -> Optional[str]:
-        devs = self._devices(name)
-        return devs[0] if devs else None
+        if self._known is None:
+            self._known = self._scan()
+        dev = self._known.get(name)
+        if dev is None:
+            return None
+        if self._backing(dev[len("/dev/"):]) == os.path.realpath(self.path(name)):
+            return dev
+        devs = self._devices(name)      # changed behind us: look the slow way, once
+        if devs:
+            self._known[name] = devs[0]
+            return devs[0]
+        del self._known[name]
+        return None
 
     def attach(self, name: str) -> str:
         with self._attach_lock:
@@ -223,9 +267,13 @@ class LoopfileProvider(VolumeProvider):
             out = self._run(["losetup", "--find", "--show", self.path(name)]).stdout.decode().strip()
             if not out.startswith("/dev/"):
                 raise BackendFailure(f"losetup gave no device for {self.path(name)}: {out!r}")
+            if self._known is not None:
+                self._known[name] = out
             return out
 
     def detach(self, name: str) -> None:
+        if self._known is not None:
+            self._known.pop(name, None)
         for dev in self._devices(name):
             proc = self._run(["losetup", "-d", dev], check=False)
             if proc.returncode != 0 and dev in self._devices(name):
