@@ -292,6 +292,7 @@ class GlusterfsNativeDriver(ShareDriver):
         self.ssl_ca = config.glusterfs_ssl_ca_list
         self._lock = threading.RLock()       # pool selection and measuring
         self._cache_path = os.path.join(state_dir, "volume-sizes.json")
+        self._sizes: Optional[Dict[str, Any]] = None   # the file, read once
         self._askpass = os.path.join(state_dir, "ssh-askpass")
         self._own_cn: Optional[str] = None
         self._secret: Optional[str] = None     # read at set-up (or first use)
@@ -512,12 +513,16 @@ class GlusterfsNativeDriver(ShareDriver):
         return total, free
 
     def _load_cache(self) -> Dict[str, Any]:
-        try:
-            with open(self._cache_path) as f:
-                data = json.load(f)
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        """The measured sizes, read from their file once (each create
+        measures every free volume: not one read of the file per volume)."""
+        if self._sizes is None:
+            try:
+                with open(self._cache_path) as f:
+                    data = json.load(f)
+                self._sizes = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self._sizes = {}
+        return self._sizes
 
     def _measure(self, target: Target, info: VolumeInfo) -> Tuple[int, int]:
         """(total, free) bytes; a stopped free volume is started briefly."""
