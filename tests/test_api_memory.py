@@ -232,6 +232,26 @@ def test_object_manager_and_properties_changed(d, system_bus):
     assert "extending" in statuses and "deleting" in statuses
 
 
+def test_a_group_names_its_changed_share_list_without_sending_it(d, system_bus):
+    """A share joining or leaving a group: the group's PropertiesChanged
+    names Shares as invalidated and does not carry the list (as long as the
+    group); Get reads the list."""
+    from tests.support.signals import SignalCollector
+    group = d.manager("CreateShareGroup", "sa{sv}", "listed", 0)
+    sig = SignalCollector(system_bus.address, "type='signal',sender='org.sharedd.Sharedd1'")
+    path = d.create_share("member", share_group=group)
+    assert d.get(group, "org.sharedd.Sharedd1.ShareGroup", "Shares") == [path]
+    d.share(path, "Delete", "a{sv}", 0)
+    time.sleep(0.5)
+    msgs = sig.wait_for(1)
+    sig.close()
+    told = [m.body for m in msgs if m.member == "PropertiesChanged" and m.path == group]
+    assert len(told) >= 2, told               # joined, left
+    assert all("Shares" not in changed and invalidated == ["Shares"]
+               for _, changed, invalidated in told), told
+    assert d.get(group, "org.sharedd.Sharedd1.ShareGroup", "Shares") == []
+
+
 def test_rule_and_backend_announcements_follow_the_last_state(d, system_bus):
     """AccessRules are announced from the rule events (the share's other
     changes reuse them); a backend's Stats at most every half second, and

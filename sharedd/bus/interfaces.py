@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import time
+from typing import Tuple
 
 from dbus_next import DBusError, Variant
 from dbus_next.constants import PropertyAccess
@@ -230,6 +231,11 @@ class _Base(ServiceInterface):
     #: bumped by the bus service whenever the object changes, lets the
     #: connection keep the object's marshalled entry (sharedd.bus.managed)
     generation = None
+
+    #: properties holding a list of members: left out of props() and named
+    #: in PropertiesChanged (invalidated) when the members change, so that a
+    #: change costs no re-read and no signal as long as the list
+    listed: Tuple[str, ...] = ()
 
     def props(self):
         """Current property values (for PropertiesChanged diffs)."""
@@ -767,9 +773,11 @@ class ShareServer(_Base):
     def _s(self):
         return self.engine.share_server(self.server_id)
 
+    listed = ("Shares",)
+
     def props(self):
         s = self._s()
-        return {"Status": s.status, "Addresses": list(s.addresses), "Shares": self._shares()}
+        return {"Status": s.status, "Addresses": list(s.addresses)}
 
     def _shares(self):
         return [share_path(i) for i in self.engine.share_server_share_ids(self.server_id)]
@@ -975,8 +983,10 @@ class ShareGroup(_Base):
     def update(self, group):
         self.cache = dataclasses.replace(group)
 
+    listed = ("Shares",)
+
     def props(self):
-        return {"Status": self.cache.status, "Shares": self.Shares}
+        return {"Status": self.cache.status}
 
     @method()
     @translate

@@ -217,15 +217,17 @@ class BusService(Observer):
             return
         self.loop.call_soon_threadsafe(self.hooks.Fired, phase, method, text)
 
-    def _changed(self, path: str, iface) -> None:
+    def _changed(self, path: str, iface, members: bool = False) -> None:
+        """members: the object's list of members changed (iface.listed)."""
         if iface.generation is not None:
             iface.generation += 1       # its GetManagedObjects entry is stale
         new = iface.props()
         old = self.cache.get(path, {})
         diff = {k: v for k, v in new.items() if old.get(k) != v}
         self.cache[path] = new
-        if diff:
-            iface.emit_properties_changed(diff)
+        invalidated = list(iface.listed) if members else []
+        if diff or invalidated:
+            iface.emit_properties_changed(diff, invalidated)
 
     # --- Observer -----------------------------------------------------------
     def share_added(self, share) -> None:
@@ -238,7 +240,7 @@ class BusService(Observer):
         self.shares[share.id] = iface
         self.cache[path] = iface.props()
         self.bus.export(path, iface)
-        self._server_touched(share.share_server_id)
+        self._server_touched(share.share_server_id, members=True)
         self._group_touched(share.share_group_id)
 
     def share_changed(self, share, rules: bool = False) -> None:
@@ -261,7 +263,7 @@ class BusService(Observer):
         if iface is not None:
             self.cache.pop(path, None)
             self.bus.unexport(path)
-            self._server_touched(iface.cache.share_server_id)
+            self._server_touched(iface.cache.share_server_id, members=True)
             self._group_touched(iface.cache.share_group_id)
 
     def snapshot_added(self, snap) -> None:
@@ -329,15 +331,16 @@ class BusService(Observer):
             return self.server_added(server)
         self._server_touched(server.id)
 
-    def _server_touched(self, server_id) -> None:
+    def _server_touched(self, server_id, members: bool = False) -> None:
         iface = self.servers.get(server_id) if server_id else None
         if iface is not None and self.engine is not None:
-            self._changed(I.share_server_path(server_id), iface)
+            self._changed(I.share_server_path(server_id), iface, members)
 
     def _group_touched(self, group_id) -> None:
+        """A share joined or left the group."""
         iface = self.groups.get(group_id) if group_id else None
         if iface is not None and self.engine is not None:
-            self._changed(I.share_group_path(group_id), iface)
+            self._changed(I.share_group_path(group_id), iface, members=True)
 
     def server_removed(self, server_id: str) -> None:
         if self.engine is not None:
