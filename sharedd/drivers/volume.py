@@ -155,7 +155,6 @@ class VolumeDriver(ShareDriver):
         if not new or new == old:
             raise BackendFailure(f"could not give {path} a new file-system UUID")
 
-
     def _mount(self, share: Share) -> str:
         """Attach and mount the share's volume; returns the device. Idempotent."""
         name = self._image(share)
