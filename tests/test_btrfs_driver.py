@@ -582,6 +582,7 @@ def test_id_and_quota_reads_agree_with_btrfs_progs(env):
     drv.create_share(share)
     sub = os.path.join(pool.path, "shares", share.id)
     write_file(os.path.join(pool.mount_dir, share.id, "f"), 2 << 20)
+    sh("btrfs", "filesystem", "sync", pool.path)   # quota accounting follows a commit
     assert subvolume_id(sub) == int(sh("btrfs", "inspect-internal", "rootid", sub))
     assert subvolume_id(pool.path) == 5
     group = drv._qgroup(sub)

@@ -204,7 +204,10 @@ def test_a_readable_replica_follows_is_promoted_and_syncs_back(host, client, sys
     last = rprop(h, rp, "LastSync")
     assert nfs_write(h, client, path, "later.txt", b"written after the first sync\n").ok
     wait_for("a periodic sync", lambda: rprop(h, rp, "LastSync") > last, timeout=120)
-    rmp = mount_of(h, "btrfs2", rid)
+    # The sync is recorded, then the replica is served again (under the
+    # share's lock, with the rules of that moment): wait for its mount.
+    rmp = os.path.join(h.state_path, "backends", "btrfs2", "mounts", rid)
+    wait_for("the replica served again", lambda: rmp in top_mounts(read_mountinfo()), timeout=60)
     assert open(os.path.join(rmp, "later.txt")).read() == "written after the first sync\n"
 
     # Promote: written right before, there right after; a new location.
