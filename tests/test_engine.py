@@ -1088,14 +1088,20 @@ def test_failures_whose_undo_fails_too_leave_the_truth(h):
         h.run(h.engine.revert_to_snapshot(share.id, snap.id, {}))
     assert h.engine.share(share.id).status == C.STATUS_ERROR
     # A shrink cut by a crash is rolled back at start; if that fails: error.
-    other = h.create("s", 3)
-    h.world.fail, h.world.crash = set(), ("shrink_share", "after")
+    assert _resize_cut_then_failing_at_start(h, h.create("s", 3), "shrink_share", 2) \
+        == C.STATUS_ERROR
+    assert ("share", C.STATUS_SHRINKING, C.STATUS_ERROR) in SEEN
+
+
+def _resize_cut_then_failing_at_start(h, share, method: str, size: int) -> str:
+    """The share's status after method is cut by a crash (after the
+    driver's call) and its completion or rollback at start fails."""
+    h.world.fail, h.world.crash = set(), (method, "after")
     with pytest.raises(Crash):
-        h.run(h.engine.shrink_share(other.id, 2, {}))
+        h.run(getattr(h.engine, method)(share.id, size, {}))
     h.world.fail = {"extend_share", "ensure_share"}
     h.restart()
-    assert h.engine.share(other.id).status == C.STATUS_ERROR
-    assert ("share", C.STATUS_SHRINKING, C.STATUS_ERROR) in SEEN
+    return h.engine.share(share.id).status
 
 
 def test_a_crashed_extend_or_a_retried_rule_whose_ensure_fails_ends_in_error(h):
@@ -1103,13 +1109,8 @@ def test_a_crashed_extend_or_a_retried_rule_whose_ensure_fails_ends_in_error(h):
     extend cut by a crash whose completion fails at start leaves the share
     in error; a rule in error that ensure queues again is in error again
     when the ensure fails."""
-    share = h.create("x", 2)
-    h.world.crash = ("extend_share", "after")
-    with pytest.raises(Crash):
-        h.run(h.engine.extend_share(share.id, 3, {}))
-    h.world.fail = {"extend_share", "ensure_share"}
-    h.restart()
-    assert h.engine.share(share.id).status == C.STATUS_ERROR
+    assert _resize_cut_then_failing_at_start(h, h.create("x", 2), "extend_share", 3) \
+        == C.STATUS_ERROR
     assert ("share", C.STATUS_EXTENDING, C.STATUS_ERROR) in SEEN
     other = h.create("y")
     h.world.fail = {"update_access"}
