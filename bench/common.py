@@ -221,13 +221,14 @@ class Raw:
                 "org.ganesha.nfsd.exportmgr", *args)
 
     def write_export(self, i: object, export_id: int, mp: str, clients: str = "",
-                     level: str = "RW") -> str:
+                     level: str = "RW", pseudo: str = "") -> str:
         conf = os.path.join(self.confs, f"{i}.conf")
+        pseudo = pseudo or f"/raw/{i}"
         client = (f"    CLIENT {{ Clients = {clients}; Access_Type = {level}; Protocols = 4; }}\n"
                   if clients else "")
         with open(conf + ".tmp", "w") as f:
             f.write(f'EXPORT {{\n    Export_Id = {export_id};\n    Path = "{mp}";\n'
-                    f'    Pseudo = "/raw/{i}";\n    Protocols = 4;\n    Transports = TCP;\n'
+                    f'    Pseudo = "{pseudo}";\n    Protocols = 4;\n    Transports = TCP;\n'
                     f'    SecType = sys;\n    Squash = No_Root_Squash;\n    Access_Type = None;\n'
                     f'    FSAL {{ Name = VFS; }}\n{client}}}\n')
             f.flush()

@@ -302,6 +302,25 @@ def test_an_operation_reads_no_other_share_state(fake, tmp_path, monkeypatch):
     assert fresh.render_file() == text
 
 
+def test_a_removed_exports_file_does_not_bring_back_other_backends_lines(fake, tmp_path):
+    """The other backends' lines are re-read when the file changed; a file
+    removed under the helper took them along (each backend writes its own
+    back at its next change), on every later write alike."""
+    a, b = make(fake, tmp_path, "ba"), make(fake, tmp_path, "bb")
+    sa, sb = share(), share()
+    a.export(sa, "/srv/a", [rule("10.78.0.21", "rw")])
+    b.export(sb, "/srv/b", [rule("10.78.0.22", "ro")])
+    a.update_access(sa, "/srv/a", [], [rule("10.78.0.23", "ro")], [])
+    assert "/srv/b 10.78.0.22" in fake.exports.read_text()
+    fake.exports.unlink()
+    for extra in ("10.78.0.24", "10.78.0.40"):
+        a.update_access(sa, "/srv/a", [], [rule(extra, "ro")], [])
+        text = fake.exports.read_text()
+        assert f"{extra}(" in text and "/srv/b" not in text
+    b.update_access(sb, "/srv/b", [], [rule("10.78.0.26", "ro")], [])
+    assert "/srv/a 10.78.0.21" in fake.exports.read_text()
+
+
 def test_bad_input_changes_nothing(fake, tmp_path):
     h = make(fake, tmp_path)
     s, p = share(), "/srv/shares/five"

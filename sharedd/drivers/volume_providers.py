@@ -256,7 +256,7 @@ class LoopfileProvider(VolumeProvider):
         if devs:
             self._known[name] = devs[0]
             return devs[0]
-        del self._known[name]
+        self._known.pop(name, None)     # (device() also runs outside the attach lock)
         return None
 
     def attach(self, name: str) -> str:

@@ -425,6 +425,7 @@ class KernelNfsHelper(ExportHelper):
             with open(self.exports_file, encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except FileNotFoundError:
+            self._foreign = (None, [])      # removed: the other lines went with it
             return []
         blocks = []
         for i, line in enumerate(lines[:-1]):
