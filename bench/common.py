@@ -41,6 +41,9 @@ from tests.fixtures.samba import SERVER4, SambaLab  # noqa: E402
 from tests.fixtures.storage_host import (destroy_storage_host, make_storage_host,  # noqa: E402
                                          multi_backend_host)
 
+# Daemons run at the shipped log level (info), not the tests' debug.
+os.environ.setdefault("SHAREDD_TEST_LOG_LEVEL", "info")
+
 DEST, ROOT = "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1"
 MGR, SHARE, SNAP = f"{DEST}.Manager", f"{DEST}.Share", f"{DEST}.Snapshot"
 OPS = ("CreateShare", "AllowAccess", "Get(Status)", "Extend", "CreateSnapshot",

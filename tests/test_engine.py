@@ -9,6 +9,7 @@ directly); the hook is tests.testhooks:RecordingHook. State lives on
 """
 
 import asyncio
+import json
 import dataclasses
 import os
 import shutil
@@ -867,7 +868,7 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
         assert flags[1] is True                  # the outcome: always on disk
         last = store.last_seq()
         spool = os.path.join(harness.root, "spool", "storage1")
-        assert max(int(n[:20]) for n in os.listdir(spool)) == last
+        assert max(int(n[:20]) for n in os.listdir(spool) if not n.startswith(".")) == last
         harness.stop()
         # the power cut: the counter as it was two commits ago
         db = sqlite3.connect(os.path.join(harness.root, "state", "sharedd.db"))
@@ -877,7 +878,8 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
         before = set(os.listdir(spool))
         harness.start()                          # ensure writes records too
         harness.run(harness.engine.extend_share(share.id, 3, {}))
-        new = sorted(int(n[:20]) for n in set(os.listdir(spool)) - before)
+        new = sorted(int(n[:20]) for n in set(os.listdir(spool)) - before
+                     if not n.startswith("."))
         assert new == list(range(last + 1, harness.engine.store.last_seq() + 1))
         assert harness.engine.share(share.id).size_gib == 3
     finally:
@@ -903,22 +905,35 @@ def test_each_hook_record_is_checked_once_and_a_bad_one_reaches_no_hook(monkeypa
         assert [r["phase"] for r in RecordingHook.records] == ["pre", "post"]
         assert all("signature" in r for r in RecordingHook.records)
 
-        before, RecordingHook.records[:] = sorted(os.listdir(spool)), []
+        def records():
+            return sorted(n for n in os.listdir(spool) if not n.startswith("."))
+
+        before, RecordingHook.records[:] = records(), []
         hooks = harness.engine.backends["sim"].hooks
         monkeypatch.setattr(hooks, "addresses", lambda: ["not an address"])
         with pytest.raises(BackendFailure, match="cannot build the pre-hook record"):
             harness.run(harness.engine.extend_share(share.id, 3, {}))
-        assert RecordingHook.records == [] and sorted(os.listdir(spool)) == before
+        assert RecordingHook.records == [] and records() == before
         assert harness.engine.share(share.id).size_gib == 2
     finally:
         harness.close()
 
 
 def _spool_names(spool, seq):
+    """(dot files holding seq's record: being written, its record file)."""
     prefix = f"{seq:020d}-"
-    names = os.listdir(spool)
-    return ([n for n in names if n.startswith("." + prefix)],
-            [n for n in names if n.startswith(prefix)])
+    temps, finals = [], []
+    for n in os.listdir(spool):
+        if n.startswith(prefix):
+            finals.append(n)
+        elif n.startswith("."):           # a spare made ahead, or a new temporary file
+            try:
+                with open(os.path.join(spool, n)) as f:
+                    if json.load(f).get("seq") == seq:
+                        temps.append(n)
+            except (OSError, ValueError):
+                pass                      # empty, or still being written
+    return temps, finals
 
 
 def test_a_spool_record_is_written_while_its_transaction_commits_and_shown_after(monkeypatch):

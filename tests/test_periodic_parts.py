@@ -43,7 +43,7 @@ periodic_hooks_interval = 3600
 def spool_files(root):
     d = os.path.join(root, "spool", "storage1")
     out = {}
-    for name in sorted(os.listdir(d)):
+    for name in sorted(n for n in os.listdir(d) if not n.startswith(".")):
         with open(os.path.join(d, name)) as f:
             out[name] = json.load(f)
     return out

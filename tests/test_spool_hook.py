@@ -51,7 +51,9 @@ def periodic(seq, backend="main", nshares=2):
 def spool_dir(tmp_path):
     d = tmp_path / "spool"
     yield str(d)
-    spool._SPOOLS.pop(os.path.abspath(os.path.join(str(d), HOST)), None)
+    hs = spool._SPOOLS.pop(os.path.abspath(os.path.join(str(d), HOST)), None)
+    if hs is not None:
+        hs.settle()
 
 
 def hook(spool_dir, backend="main", count=0, seconds=0, emit=None):
@@ -61,7 +63,22 @@ def hook(spool_dir, backend="main", count=0, seconds=0, emit=None):
 
 
 def names(spool_dir):
-    return sorted(os.listdir(os.path.join(spool_dir, HOST)))
+    """The record files, as readers list them (dot names are skipped)."""
+    return sorted(n for n in os.listdir(os.path.join(spool_dir, HOST)) if not n.startswith("."))
+
+
+def restart():
+    """As a new process: every host directory's index forgotten, rebuilt by
+    the next hook (after the old one's spares are made)."""
+    for hs in spool._SPOOLS.values():
+        hs.settle()
+    spool._SPOOLS.clear()
+
+
+def temp_files(host_dir):
+    """Dot files other than the spares made ahead: records being written."""
+    return [n for n in os.listdir(host_dir)
+            if n.startswith(".") and not spool.SPARE_RE.fullmatch(n)]
 
 
 def seqs(spool_dir):
@@ -202,7 +219,7 @@ def test_concurrent_writes_appear_atomically(spool_dir):
     assert ino_seen == expected
     assert poll_seen == expected
     assert seqs(spool_dir) == list(range(1, total + 1))
-    assert not [n for n in os.listdir(host_dir) if n.startswith(".")]
+    assert temp_files(host_dir) == []
 
 
 def test_refuses_to_overwrite(spool_dir):
@@ -310,7 +327,7 @@ def test_restart_rebuilds_index_from_one_scan(spool_dir, monkeypatch):
     os.mkdir(os.path.join(host_dir, "00000000000000000000-periodic-periodic.json"))
     os.mkfifo(os.path.join(host_dir, "00000000000000099999-periodic-periodic.json"))
     # A new process: forget everything, rebuild from the directory.
-    spool._SPOOLS.clear()
+    restart()
     reads = []
     real = spool._HostSpool._read_field
     monkeypatch.setattr(spool._HostSpool, "_read_field",
@@ -322,8 +339,9 @@ def test_restart_rebuilds_index_from_one_scan(spool_dir, monkeypatch):
     h2.execute_post_hook(make(10), None)
     # mtime says 1..6 are an hour old; 2 and 3 are the newest periodic of b, a.
     # Entries that are not regular record files are left alone.
+    assert os.path.exists(os.path.join(host_dir, ".keep"))
     assert names(spool_dir) == sorted(
-        [".keep", "00000000000000000000-periodic-periodic.json",
+        ["00000000000000000000-periodic-periodic.json",
          "00000000000000099999-periodic-periodic.json"]
         + [rec.file_name(periodic(2)), rec.file_name(periodic(3))]
         + [rec.file_name(make(s)) for s in (7, 8, 9, 10)])
@@ -338,7 +356,7 @@ def test_new_epoch_clears_old_records(spool_dir):
     for s in (40, 41, 42):
         h.execute_post_hook(make(s), None)
     h.execute_periodic_hook(periodic(43))
-    spool._SPOOLS.clear()                  # restart: the epoch is read from disk
+    restart()                              # the epoch is read from disk
     h2 = hook(spool_dir)
     h2.execute_post_hook(make(1, epoch="f" * 32), None)
     assert seqs(spool_dir) == [1]
@@ -349,11 +367,54 @@ def test_new_epoch_clears_old_records(spool_dir):
 def test_removed_host_dir_is_recreated(spool_dir):
     h = hook(spool_dir, count=3)
     h.execute_post_hook(make(1), None)
+    spool._host_spool(os.path.join(spool_dir, HOST)).settle()   # its spares made
     shutil.rmtree(spool_dir)
     h.execute_post_hook(make(2), None)
     h.execute_post_hook(make(3), None)
     assert seqs(spool_dir) == [2, 3]
     assert stat.S_IMODE(os.stat(os.path.join(spool_dir, HOST)).st_mode) == 0o755
+
+
+def test_records_are_written_into_files_made_ahead(spool_dir, monkeypatch):
+    """A record's file is one of the spares made ahead by a thread of their
+    own: writing it allocates no inode (that waits behind flushes in
+    progress and, on ext4 without a journal, scans recently deleted
+    inodes). Spares are dot files, skipped by readers; the ones a crashed
+    process left are removed at start; a spare that went missing is
+    replaced by a new file."""
+    h = hook(spool_dir)
+    host_dir = os.path.join(spool_dir, HOST)
+    h.execute_post_hook(make(1), None)           # no spares yet: a new file; a refill starts
+    spool._host_spool(host_dir).settle()
+    spares = {n: os.stat(os.path.join(host_dir, n)).st_ino for n in os.listdir(host_dir)
+              if spool.SPARE_RE.fullmatch(n)}
+    assert len(spares) == spool.SPARES_BATCH
+    assert all(os.stat(os.path.join(host_dir, n)).st_size == 0 for n in spares)
+    assert temp_files(host_dir) == [] and names(spool_dir) == [rec.file_name(make(1))]
+
+    created = []
+    real_create = spool._create
+    monkeypatch.setattr(spool, "_create", lambda p: created.append(p) or real_create(p))
+    path = h.write(make(2))
+    assert created == []                         # nothing made on the record's path
+    left = {n for n in os.listdir(host_dir) if spool.SPARE_RE.fullmatch(n)}
+    (used,) = set(spares) - left
+    assert os.stat(path).st_ino == spares[used]
+    st = os.stat(path)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o644)
+    assert rec.loads(pathlib.Path(path).read_bytes())["seq"] == 2
+
+    for n in left:                               # gone behind the writer's back
+        os.unlink(os.path.join(host_dir, n))
+    h.execute_post_hook(make(3), None)
+    spool._host_spool(host_dir).settle()
+    assert names(spool_dir) == [rec.file_name(make(s)) for s in (1, 2, 3)]
+    assert temp_files(host_dir) == []
+
+    restart()                                    # a new process: the spares go
+    hook(spool_dir)
+    assert [n for n in os.listdir(host_dir) if n.startswith(".")] == []
+    assert names(spool_dir) == [rec.file_name(make(s)) for s in (1, 2, 3)]
 
 
 # --- dbus hook ---------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Layout: <spool_dir>/<host_id>/<seq, 20 digits>-<phase>-<method>.json
 (sharedd.record.file_name). A file is written under a name starting with '.'
-in the same directory, fsynced, then renamed into place and the directory
-fsynced, so a reader that skips dot names never sees a partial record. A
+in the same directory (a spare made ahead, or a new file), fsynced, then
+renamed into place and the directory fsynced, so a reader that skips dot
+names never sees a partial record. A
 staged record (Hook.write_staged) is written and fsynced while the
 transaction that took its seq commits, and renamed once that is done.
 
@@ -40,8 +41,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -55,6 +56,16 @@ log = logging.getLogger(__name__)
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
+# Empty files made ahead for the records to come: creating a file allocates
+# an inode, which waits behind a flush in progress on the file system (the
+# state database commits while a record is written) and, on ext4 without a
+# journal, scans past every recently deleted inode (retention deletes one
+# record per record written). Made ahead, in a thread of their own, that is
+# off the operation's path.
+SPARE_PREFIX = ".spare-"
+SPARE_RE = re.compile(r"\.spare-[0-9a-f]{16}")
+SPARES_LOW = 4          # a refill starts when fewer are left
+SPARES_BATCH = 16       # files made per refill
 
 
 def _now() -> float:
@@ -92,6 +103,9 @@ class _HostSpool:
         self._newest_periodic: Optional[Dict[str, range]] = None
         # seqs of periodic parts written after it (a state being written)
         self._partial: Dict[int, str] = {}
+        self._spares: List[str] = []
+        self._spare_lock = threading.Lock()
+        self._refilling: Optional[threading.Thread] = None
         with self.lock:
             self._prepare_dir()
             self._scan()
@@ -121,8 +135,10 @@ class _HostSpool:
         with os.scandir(self.directory) as it:
             for entry in it:
                 if entry.name.startswith("."):
-                    # ours: "." + record file name + "." + mkstemp's suffix
-                    if rec.FILE_NAME_RE.fullmatch(entry.name[1:].rpartition(".")[0]) \
+                    # ours: "." + record file name + "." + a random suffix,
+                    # or a spare
+                    if (rec.FILE_NAME_RE.fullmatch(entry.name[1:].rpartition(".")[0])
+                            or SPARE_RE.fullmatch(entry.name)) \
                             and entry.is_file(follow_symlinks=False):
                         log.info("removing leftover temporary spool file %s", entry.path)
                         _unlink(entry.path)
@@ -229,12 +245,27 @@ class _HostSpool:
                 path, placed = self._place(record, name, tmp, data)
                 if placed:
                     self._prune(retention_seconds, retention_count)
+            if placed:
+                self._want_spares()
             return path
         finally:
             if not placed:
                 _unlink(tmp)
 
     def _temp(self, name: str, data: bytes) -> str:
+        spare = self._take_spare()
+        if spare is not None:
+            try:
+                fd = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                _unlink(spare)      # the directory was replaced: made anew below
+            else:
+                try:
+                    _write_fd(fd, data)
+                except BaseException:
+                    _unlink(spare)
+                    raise
+                return spare
         try:
             return _write_temp(self.directory, name, data)
         except FileNotFoundError:
@@ -246,8 +277,47 @@ class _HostSpool:
                     self.entries.clear()
                     self.seqs.clear()
                     self._newest_periodic, self._partial = None, {}
+                    with self._spare_lock:
+                        self._spares.clear()
                     self._prepare_dir()
             return _write_temp(self.directory, name, data)
+
+    # --- spare files ----------------------------------------------------------
+    def _take_spare(self) -> Optional[str]:
+        """An empty file made ahead (None if none is ready)."""
+        with self._spare_lock:
+            return self._spares.pop() if self._spares else None
+
+    def _want_spares(self) -> None:
+        """After a record is placed: refill in a thread if few are left."""
+        with self._spare_lock:
+            if len(self._spares) >= SPARES_LOW or self._refilling is not None:
+                return
+            self._refilling = threading.Thread(target=self._refill, name="spool-spares",
+                                               daemon=True)
+            self._refilling.start()
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait for a refill in progress (tests: a second writer of the
+        directory, as a new process would be, must not race it)."""
+        thread = self._refilling
+        if thread is not None:
+            thread.join(timeout)
+
+    def _refill(self) -> None:
+        made: List[str] = []
+        try:
+            for _ in range(SPARES_BATCH):
+                path = os.path.join(self.directory, SPARE_PREFIX + secrets.token_hex(8))
+                os.close(_create(path))
+                made.append(path)
+        except OSError as exc:
+            # records are then made the usual way (and fail there, visibly)
+            log.warning("spool %s: cannot make spare files: %s", self.directory, exc)
+        finally:
+            with self._spare_lock:
+                self._spares.extend(made)
+                self._refilling = None
 
     def _place(self, record: Dict[str, Any], name: str, tmp: str,
                data: bytes) -> Tuple[str, bool]:
@@ -349,18 +419,39 @@ def _same_content(path: str, data: bytes) -> bool:
     return _read_regular(path, len(data)) == data
 
 
+def _create(path: str) -> int:
+    """A new empty file, root's and mode FILE_MODE; its descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 FILE_MODE)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, 0, 0)     # not the group of a setgid dir
+        os.fchmod(fd, FILE_MODE)    # whatever the umask
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    return fd
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    """data written at fd's start and fsynced; fd closed."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_temp(directory: str, name: str, data: bytes) -> str:
     """data in a new file of directory under a dot name (readers skip it),
     fsynced; its path."""
-    fd, tmp = tempfile.mkstemp(prefix="." + name + ".", dir=directory)
+    tmp = os.path.join(directory, "." + name + "." + secrets.token_hex(4))
+    fd = _create(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if os.geteuid() == 0:
-                os.fchown(f.fileno(), 0, 0)   # not the group of a setgid dir
-            os.fchmod(f.fileno(), FILE_MODE)
-            os.fsync(f.fileno())
+        _write_fd(fd, data)
     except BaseException:
         _unlink(tmp)
         raise
