@@ -1533,7 +1533,9 @@ def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
 def test_an_idle_server_is_kept_for_a_while_and_reused(monkeypatch):
     from sharedd import netns
     monkeypatch.setattr(netns, "check_bridge", lambda name: None)
-    hs = Harness(extra=DHSS + "\nshare_server_idle_seconds = 0.3")
+    # kept for a minute (a slow machine cannot make the test miss it), then
+    # for 0.05 s
+    hs = Harness(extra=DHSS + "\nshare_server_idle_seconds = 60")
     try:
         net = _net(hs)
         a = hs.create("a", share_network=net.id)
@@ -1542,6 +1544,8 @@ def test_an_idle_server_is_kept_for_a_while_and_reused(monkeypatch):
         assert a.share_server_id in hs.world.servers          # idle, kept
         b = hs.create("b", share_network=net.id)
         assert b.share_server_id == a.share_server_id         # and reused
+        for backend in hs.engine.backends.values():
+            monkeypatch.setattr(backend.config, "share_server_idle_seconds", 0.05)
         hs.run(hs.engine.delete_share(b.id, {}))
         for _ in range(200):
             hs.run(asyncio.sleep(0.01))

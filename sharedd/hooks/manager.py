@@ -114,26 +114,43 @@ class HookManager:
         """The record as hooks get it: with the served addresses (unless the
         record names those of the backend its share lives on), signed, and
         checked against the schema, once (RecordError if it does not match)."""
+        return self._finished(self._counted(record))
+
+    def _counted(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """On the event loop: record counted, with the served addresses."""
         self._count("sharedd_hook_records_total", "Hook records handed to the hooks.",
                     str(record.get("phase", "")))
         addresses = list(self.addresses())
         if addresses and "server_addresses" not in record:
             record = dict(record, server_addresses=addresses)
+        return record
+
+    def _finished(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Signed and checked (thread-safe: a staged record is finished in
+        its first hook's worker thread)."""
         signer = self.context.signer
         return record_schema.checked(signer.sign(record) if signer is not None else record)
 
     def stage(self, record: Dict[str, Any], staged: Staged) -> None:
         """Inside the transaction that took record's seq, before COMMIT: the
-        record as hooks get it, and the first hook's write started in a
-        worker thread if that hook stages (the spool: its file is written
-        and fsynced while the transaction commits). pre() or post() then
-        take the Staged instead of a record."""
-        staged.record = self.finish(record)
-        if self.hooks and self.hooks[0].stages:
-            staged.future = asyncio.get_running_loop().run_in_executor(
-                None, self.hooks[0].write_staged, staged.record, staged.wait)
-            # read by pre()/post(); after a failed commit by nobody
-            staged.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        record handed to the hooks. If the first hook stages (the spool), a
+        worker thread signs and checks the record, then writes and fsyncs
+        its file, while the transaction commits; pre() or post() then take
+        the Staged instead of a record, and a record that does not match
+        the schema reaches them as RecordError."""
+        staged.record = record = self._counted(record)
+        if not (self.hooks and self.hooks[0].stages):
+            staged.record = self._finished(record)
+            return
+        first = self.hooks[0]
+
+        def finish_and_write() -> Any:
+            staged.record = self._finished(record)
+            return first.write_staged(staged.record, staged.wait)
+
+        staged.future = asyncio.get_running_loop().run_in_executor(None, finish_and_write)
+        # read by pre()/post(); after a failed commit by nobody
+        staged.future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _limit(self, timeout: Optional[float]) -> float:
         return self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
@@ -154,10 +171,22 @@ class HookManager:
                 None, functools.partial(fn, *args))
 
     def _unstage(self, record: Union[Dict[str, Any], Staged]
-                 ) -> Tuple[Dict[str, Any], Optional["asyncio.Future[Any]"]]:
+                 ) -> Tuple[Staged, Optional["asyncio.Future[Any]"]]:
+        """The Staged (a record not staged is finished here) and the first
+        hook's call if it is already running; .record is the finished
+        record once that call is done."""
         if isinstance(record, Staged):
-            return record.record, record.future
-        return self.finish(record), None
+            return record, record.future
+        staged = Staged()
+        staged.record = self.finish(record)
+        return staged, None
+
+    @staticmethod
+    def _unfinished(i: int, started: Optional["asyncio.Future[Any]"],
+                    exc: Exception) -> bool:
+        """Whether the staged call failed on its record (the schema), not
+        in the hook: the runner handles that as a record error."""
+        return i == 0 and started is not None and isinstance(exc, record_schema.RecordError)
 
     @staticmethod
     def _name(hook: Hook) -> str:
@@ -166,15 +195,18 @@ class HookManager:
     async def pre(self, record: Union[Dict[str, Any], Staged],
                   timeout: Optional[float] = None) -> List[Any]:
         """timeout: a shorter limit than hook_timeout (revocations)."""
-        record, started = self._unstage(record)
+        staged, started = self._unstage(record)
         data = []
         for i, hook in enumerate(self.hooks):
             try:
-                data.append(await self._call(hook, hook.execute_pre_hook, record, timeout=timeout,
-                                             started=started if i == 0 else None))
+                data.append(await self._call(hook, hook.execute_pre_hook, staged.record,
+                                             timeout=timeout, started=started if i == 0 else None))
             except Exception as exc:  # hooks are third-party code
+                if self._unfinished(i, started, exc):
+                    raise
                 self._failed("pre")
-                msg = f"pre hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
+                msg = (f"pre hook {self._name(hook)} failed for {staged.record['method']}: "
+                       f"{_describe(exc)}")
                 if self.config.suppress_pre_hooks_errors:
                     log.warning("%s (suppressed)", msg)
                     data.append(None)
@@ -187,17 +219,20 @@ class HookManager:
                    pre_data: Optional[List[Any]]) -> Dict[str, Any]:
         updates: Dict[str, Any] = {}
         errors = []
-        record, started = self._unstage(record)
+        staged, started = self._unstage(record)
         for i, hook in enumerate(self.hooks):
             pdata = pre_data[i] if pre_data and i < len(pre_data) else None
             try:
-                result = await self._call(hook, hook.execute_post_hook, record, pdata,
+                result = await self._call(hook, hook.execute_post_hook, staged.record, pdata,
                                           started=started if i == 0 else None)
                 if isinstance(result, dict):
                     updates.update(result)
             except Exception as exc:
+                if self._unfinished(i, started, exc):
+                    raise
                 self._failed("post")
-                msg = f"post hook {self._name(hook)} failed for {record['method']}: {_describe(exc)}"
+                msg = (f"post hook {self._name(hook)} failed for {staged.record['method']}: "
+                       f"{_describe(exc)}")
                 if self.config.suppress_post_hooks_errors:
                     log.warning("%s (suppressed)", msg)
                 else:
