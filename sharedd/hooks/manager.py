@@ -181,6 +181,14 @@ class HookManager:
         staged.record = self.finish(record)
         return staged, None
 
+    def _settled(self, staged: Staged, i: int) -> Dict[str, Any]:
+        """The record for hook i: for the hooks after the first, finished
+        even if the staged call timed out before its thread finished it
+        (signatures are deterministic: the same record either way)."""
+        if i > 0 and not isinstance(staged.record, record_schema.Checked):
+            staged.record = self._finished(staged.record)
+        return staged.record
+
     @staticmethod
     def _unfinished(i: int, started: Optional["asyncio.Future[Any]"],
                     exc: Exception) -> bool:
@@ -199,8 +207,9 @@ class HookManager:
         data = []
         for i, hook in enumerate(self.hooks):
             try:
-                data.append(await self._call(hook, hook.execute_pre_hook, staged.record,
-                                             timeout=timeout, started=started if i == 0 else None))
+                data.append(await self._call(hook, hook.execute_pre_hook,
+                                             self._settled(staged, i), timeout=timeout,
+                                             started=started if i == 0 else None))
             except Exception as exc:  # hooks are third-party code
                 if self._unfinished(i, started, exc):
                     raise
@@ -223,8 +232,8 @@ class HookManager:
         for i, hook in enumerate(self.hooks):
             pdata = pre_data[i] if pre_data and i < len(pre_data) else None
             try:
-                result = await self._call(hook, hook.execute_post_hook, staged.record, pdata,
-                                          started=started if i == 0 else None)
+                result = await self._call(hook, hook.execute_post_hook, self._settled(staged, i),
+                                          pdata, started=started if i == 0 else None)
                 if isinstance(result, dict):
                     updates.update(result)
             except Exception as exc:
