@@ -220,6 +220,11 @@ def test_concurrent_writes_appear_atomically(spool_dir):
     assert poll_seen == expected
     assert seqs(spool_dir) == list(range(1, total + 1))
     assert temp_files(host_dir) == []
+    hs = spool._host_spool(host_dir)
+    hs.settle()
+    spares = {os.path.join(host_dir, n) for n in os.listdir(host_dir) if n.startswith(".")}
+    assert spares == set(hs._spares)                 # every spare left is known, and empty
+    assert all(os.stat(p).st_size == 0 for p in spares)
 
 
 def test_refuses_to_overwrite(spool_dir):
@@ -380,8 +385,9 @@ def test_records_are_written_into_files_made_ahead(spool_dir, monkeypatch):
     own: writing it allocates no inode (that waits behind flushes in
     progress and, on ext4 without a journal, scans recently deleted
     inodes). Spares are dot files, skipped by readers; the ones a crashed
-    process left are removed at start; a spare that went missing is
-    replaced by a new file."""
+    process left are removed at start; a spare that is no longer an empty
+    file of ours (here a FIFO) is dropped with the others, and the record
+    goes into a new file."""
     h = hook(spool_dir)
     host_dir = os.path.join(spool_dir, HOST)
     h.execute_post_hook(make(1), None)           # no spares yet: a new file; a refill starts
@@ -404,10 +410,15 @@ def test_records_are_written_into_files_made_ahead(spool_dir, monkeypatch):
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o644)
     assert rec.loads(pathlib.Path(path).read_bytes())["seq"] == 2
 
-    for n in left:                               # gone behind the writer's back
-        os.unlink(os.path.join(host_dir, n))
+    hs = spool._host_spool(host_dir)
+    nxt = hs._spares[-1]                         # replaced by a FIFO: must not block
+    os.unlink(nxt)
+    os.mkfifo(nxt, 0o644)
     h.execute_post_hook(make(3), None)
-    spool._host_spool(host_dir).settle()
+    hs.settle()
+    assert not os.path.lexists(nxt)              # dropped, with every other spare
+    assert not (left - {os.path.basename(nxt)}) & set(os.listdir(host_dir))
+    assert len(hs._spares) == spool.SPARES_BATCH  # and made anew
     assert names(spool_dir) == [rec.file_name(make(s)) for s in (1, 2, 3)]
     assert temp_files(host_dir) == []
 
@@ -415,6 +426,47 @@ def test_records_are_written_into_files_made_ahead(spool_dir, monkeypatch):
     hook(spool_dir)
     assert [n for n in os.listdir(host_dir) if n.startswith(".")] == []
     assert names(spool_dir) == [rec.file_name(make(s)) for s in (1, 2, 3)]
+
+
+def test_a_staged_record_whose_call_timed_out_is_finished_for_the_next_hooks(tmp_path):
+    """The staged call signs and checks its record in its thread. If it
+    times out first (errors suppressed), the next hook still gets the record
+    finished (checked); one that does not match the schema reaches the
+    runner as RecordError, as when the record is built, never as that
+    hook's failure."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sharedd.hooks.base import Hook
+    from sharedd.hooks.manager import HookManager, Staged
+
+    cfg = SimpleNamespace(hook_drivers=[], hook_timeout=0.05, suppress_pre_hooks_errors=True,
+                          suppress_post_hooks_errors=True)
+    ctx = HookContext(HOST, str(tmp_path))
+    seen = []
+
+    class Later(Hook):
+        blocking = False
+
+        def execute_pre_hook(self, record):
+            seen.append(record)
+
+    mgr = HookManager("main", cfg, ctx)
+    mgr.hooks = [Hook("main", cfg, ctx), Later("main", cfg, ctx)]
+
+    async def pre(record):
+        staged = Staged()
+        staged.record = record
+        staged.future = asyncio.get_running_loop().create_future()   # never done
+        return await mgr.pre(staged)
+
+    assert asyncio.run(pre(make(1))) == [None, None]
+    assert isinstance(seen[0], rec.Checked) and seen[0]["seq"] == 1
+    bad = make(2)
+    bad["share"]["mount_hints"]["export"] = "10.0.0.1:/x,suid"
+    with pytest.raises(rec.RecordError, match="mount_hints.export"):
+        asyncio.run(pre(bad))
+    assert len(seen) == 1
 
 
 # --- dbus hook ---------------------------------------------------------------

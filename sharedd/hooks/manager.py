@@ -184,7 +184,8 @@ class HookManager:
     def _settled(self, staged: Staged, i: int) -> Dict[str, Any]:
         """The record for hook i: for the hooks after the first, finished
         even if the staged call timed out before its thread finished it
-        (signatures are deterministic: the same record either way)."""
+        (signatures are deterministic: the same record either way); a
+        RecordError from that is the caller's, as if the call had raised it."""
         if i > 0 and not isinstance(staged.record, record_schema.Checked):
             staged.record = self._finished(staged.record)
         return staged.record
@@ -206,9 +207,10 @@ class HookManager:
         staged, started = self._unstage(record)
         data = []
         for i, hook in enumerate(self.hooks):
+            finished = self._settled(staged, i)   # RecordError: the runner's, not the hook's
             try:
-                data.append(await self._call(hook, hook.execute_pre_hook,
-                                             self._settled(staged, i), timeout=timeout,
+                data.append(await self._call(hook, hook.execute_pre_hook, finished,
+                                             timeout=timeout,
                                              started=started if i == 0 else None))
             except Exception as exc:  # hooks are third-party code
                 if self._unfinished(i, started, exc):
@@ -231,9 +233,10 @@ class HookManager:
         staged, started = self._unstage(record)
         for i, hook in enumerate(self.hooks):
             pdata = pre_data[i] if pre_data and i < len(pre_data) else None
+            finished = self._settled(staged, i)   # RecordError: the runner's, not the hook's
             try:
-                result = await self._call(hook, hook.execute_post_hook, self._settled(staged, i),
-                                          pdata, started=started if i == 0 else None)
+                result = await self._call(hook, hook.execute_post_hook, finished, pdata,
+                                          started=started if i == 0 else None)
                 if isinstance(result, dict):
                     updates.update(result)
             except Exception as exc:

@@ -66,6 +66,7 @@ SPARE_PREFIX = ".spare-"
 SPARE_RE = re.compile(r"\.spare-[0-9a-f]{16}")
 SPARES_LOW = 4          # a refill starts when fewer are left
 SPARES_BATCH = 16       # files made per refill
+SPARES_RETRY = 60.0     # seconds without refills after one failed
 
 
 def _now() -> float:
@@ -106,6 +107,7 @@ class _HostSpool:
         self._spares: List[str] = []
         self._spare_lock = threading.Lock()
         self._refilling: Optional[threading.Thread] = None
+        self._refill_after = 0.0         # monotonic time: no refill before (after a failure)
         with self.lock:
             self._prepare_dir()
             self._scan()
@@ -255,10 +257,14 @@ class _HostSpool:
     def _temp(self, name: str, data: bytes) -> str:
         spare = self._take_spare()
         if spare is not None:
-            try:
-                fd = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                _unlink(spare)      # the directory was replaced: made anew below
+            fd = _open_spare(spare)
+            if fd is None:
+                # gone or replaced behind our back (the directory too,
+                # perhaps): the others are not trusted either
+                with self._spare_lock:
+                    dropped, self._spares = self._spares, []
+                for path in [spare] + dropped:
+                    _unlink(path)
             else:
                 try:
                     _write_fd(fd, data)
@@ -289,13 +295,20 @@ class _HostSpool:
             return self._spares.pop() if self._spares else None
 
     def _want_spares(self) -> None:
-        """After a record is placed: refill in a thread if few are left."""
+        """After a record is placed: refill in a thread if few are left.
+        Never raises (the record is in place)."""
         with self._spare_lock:
-            if len(self._spares) >= SPARES_LOW or self._refilling is not None:
+            if len(self._spares) >= SPARES_LOW or self._refilling is not None \
+                    or time.monotonic() < self._refill_after:
                 return
             self._refilling = threading.Thread(target=self._refill, name="spool-spares",
                                                daemon=True)
-            self._refilling.start()
+            try:
+                self._refilling.start()
+            except RuntimeError as exc:      # no thread to be had: records make their own
+                log.warning("spool %s: cannot start making spare files: %s", self.directory, exc)
+                self._refilling = None
+                self._refill_after = time.monotonic() + SPARES_RETRY
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait for a refill in progress (tests: a second writer of the
@@ -314,6 +327,8 @@ class _HostSpool:
         except OSError as exc:
             # records are then made the usual way (and fail there, visibly)
             log.warning("spool %s: cannot make spare files: %s", self.directory, exc)
+            with self._spare_lock:
+                self._refill_after = time.monotonic() + SPARES_RETRY
         finally:
             with self._spare_lock:
                 self._spares.extend(made)
@@ -431,6 +446,25 @@ def _create(path: str) -> int:
         os.close(fd)
         _unlink(path)
         raise
+    return fd
+
+
+def _open_spare(path: str) -> Optional[int]:
+    """A spare opened for writing, or None unless it is still what we made:
+    an empty regular file of ours with one name (a FIFO must not block, and
+    nothing else may end up in the spool)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != 0 or st.st_nlink != 1 \
+            or st.st_uid != os.geteuid():
+        os.close(fd)
+        return None
     return fd
 
 
