@@ -63,7 +63,8 @@ DIR_MODE = 0o755
 # record per record written). Made ahead, in a thread of their own, that is
 # off the operation's path.
 SPARE_PREFIX = ".spare-"
-SPARE_RE = re.compile(r"\.spare-[0-9a-f]{16}")
+SPARE_TOKEN_BYTES = 8   # the name's random part: twice as many hex digits
+SPARE_RE = re.compile(re.escape(SPARE_PREFIX) + f"[0-9a-f]{{{2 * SPARE_TOKEN_BYTES}}}")
 SPARES_LOW = 4          # a refill starts when fewer are left
 SPARES_BATCH = 16       # files made per refill
 SPARES_RETRY = 60.0     # seconds without refills after one failed
@@ -321,7 +322,8 @@ class _HostSpool:
         made: List[str] = []
         try:
             for _ in range(SPARES_BATCH):
-                path = os.path.join(self.directory, SPARE_PREFIX + secrets.token_hex(8))
+                path = os.path.join(self.directory,
+                                    SPARE_PREFIX + secrets.token_hex(SPARE_TOKEN_BYTES))
                 os.close(_create(path))
                 made.append(path)
         except OSError as exc:
