@@ -526,6 +526,47 @@ def test_a_volume_device_is_found_without_listing_every_loop_device(tmp_path, mo
                                             ).stdout.splitlines() if pool in ln]
 
 
+def test_detach_lists_the_loop_devices_once_and_waits_for_a_holder(tmp_path, monkeypatch):
+    """Detach finds every device of the image with one losetup -j (one
+    attached by hand too), then reads only those devices in sysfs. A device
+    held open elsewhere is only marked for auto-clear: detach waits, names it
+    in its error, and the device goes once its holder lets go."""
+    from sharedd.drivers import volume_providers
+    pool = str(tmp_path / "pool")
+    p = volume_providers.LoopfileProvider(pool, 30)
+    p.setup()
+    components.used("loop devices (losetup, sysfs)")
+    p.create("a.img", 8 << 20)
+    holder = None
+    try:
+        ours = p.attach("a.img")
+        by_hand = subprocess.run(["losetup", "--find", "--show", p.path("a.img")], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+        assert by_hand != ours
+        runs = []
+        real = p._run
+        monkeypatch.setattr(p, "_run", lambda argv, **kw: runs.append(argv) or real(argv, **kw))
+        p.detach("a.img")
+        assert p._backing(ours[5:]) is None and p._backing(by_hand[5:]) is None
+        assert [a for a in runs if a[:2] == ["losetup", "-j"]] == [["losetup", "-j", p.path("a.img")]]
+
+        dev = p.attach("a.img")
+        holder = os.open(dev, os.O_RDONLY)
+        monkeypatch.setattr(volume_providers, "DETACH_WAIT", 0.3)
+        with pytest.raises(errors.BackendFailure, match="still in use"):
+            p.detach("a.img")
+        assert p._backing(dev[5:]) == os.path.realpath(p.path("a.img"))   # marked, kept
+        os.close(holder)
+        holder = None
+        assert wait_for(lambda: p._backing(dev[5:]) is None)   # auto-clear on the last close
+    finally:
+        if holder is not None:
+            os.close(holder)
+        p.delete("a.img")
+    assert not [ln for ln in subprocess.run(["losetup", "-a"], capture_output=True, text=True
+                                            ).stdout.splitlines() if pool in ln]
+
+
 def test_the_device_of_a_mount_is_read_without_the_mount_table(tmp_path, monkeypatch):
     """mounted_device names a loop device's mount from the device number
     (sysfs) without reading /proc/self/mountinfo; a mount with no block

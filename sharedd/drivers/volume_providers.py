@@ -274,9 +274,16 @@ class LoopfileProvider(VolumeProvider):
     def detach(self, name: str) -> None:
         if self._known is not None:
             self._known.pop(name, None)
-        for dev in self._devices(name):
+        # One look at every loop device (an administrator may have attached
+        # the image too); after that only these devices are read, in sysfs.
+        devs = {dev: self._backing(dev[len("/dev/"):]) for dev in self._devices(name)}
+
+        def attached() -> List[str]:
+            return [dev for dev, back in devs.items()
+                    if back is not None and self._backing(dev[len("/dev/"):]) == back]
+        for dev in devs:
             proc = self._run(["losetup", "-d", dev], check=False)
-            if proc.returncode != 0 and dev in self._devices(name):
+            if proc.returncode != 0 and dev in attached():
                 raise BackendFailure(f"cannot detach {dev} ({self.path(name)}): "
                                      f"{proc.stderr.decode(errors='replace').strip()}")
         # A device still open elsewhere (e.g. a copy of the mount in a mount
@@ -284,7 +291,7 @@ class LoopfileProvider(VolumeProvider):
         # short-lived holders go away, others are named in the error.
         deadline = time.monotonic() + DETACH_WAIT
         while True:
-            left = self._devices(name)
+            left = attached()
             if not left:
                 return
             if time.monotonic() > deadline:
