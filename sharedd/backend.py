@@ -198,15 +198,19 @@ class Backend:
             except Exception as exc:
                 log.warning("backend %s: get_periodic_hook_data failed: %s", self.name, exc)
         runs = records.split(shares, rules, len(seqs), snapshots)
+
+        def build(i: int, seq: int, run: List[Share]) -> Dict[str, Any]:
+            return records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
+                                 method="periodic", backend=self.name, part=(i, len(seqs)),
+                                 shares=[records.share_dict(s, rules.get(s.id, []),
+                                                            data.get(s.id, {}),
+                                                            snapshots=(snapshots or {}).get(
+                                                                s.id, ()))
+                                         for s in run])
         for i, (seq, run) in enumerate(zip(seqs, runs), 1):
-            rec = records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
-                                method="periodic", backend=self.name, part=(i, len(seqs)),
-                                shares=[records.share_dict(s, rules.get(s.id, []),
-                                                           data.get(s.id, {}),
-                                                           snapshots=(snapshots or {}).get(s.id,
-                                                                                         ()))
-                                        for s in run])
-            await self.hooks.periodic(rec)
+            # A part holds hundreds of shares: built in a thread, so that the
+            # event loop goes on answering calls meanwhile.
+            await self.hooks.periodic(await asyncio.to_thread(build, i, seq, run))
 
     # --- capacity ---------------------------------------------------------------
     async def refresh_stats(self, share_count: int, provisioned_gib: int,

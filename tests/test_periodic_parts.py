@@ -8,8 +8,10 @@ size is made small so a few shares need several parts.
 """
 
 import asyncio
+import contextlib
 import json
 import os
+import threading
 
 import pytest
 
@@ -49,17 +51,27 @@ def spool_files(root):
     return out
 
 
-def test_a_large_periodic_state_goes_in_parts_and_is_used_only_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "PERIODIC_PART_BYTES", 3 * C.PERIODIC_SHARE_BYTES)
-    root = str(tmp_path)
+@contextlib.contextmanager
+def engine_with_shares(root: str, n: int):
+    """An in-process engine (memory driver, spool hook) with n shares."""
     with open(os.path.join(root, "sharedd.conf"), "w") as f:
         f.write(CONFIG.format(root=root))
     loop = asyncio.new_event_loop()
     engine = Engine(config_mod.load(os.path.join(root, "sharedd.conf")))
     try:
         loop.run_until_complete(engine.start())
-        for i in range(7):
+        for i in range(n):
             loop.run_until_complete(engine.create_share(f"s{i}", "NFS", 1, {}))
+        yield loop, engine
+    finally:
+        loop.run_until_complete(engine.stop(timeout=5))
+        loop.close()
+
+
+def test_a_large_periodic_state_goes_in_parts_and_is_used_only_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "PERIODIC_PART_BYTES", 3 * C.PERIODIC_SHARE_BYTES)
+    root = str(tmp_path)
+    with engine_with_shares(root, 7) as (loop, engine):
         loop.run_until_complete(engine.run_periodic_hooks({}))
         first = [r for r in spool_files(root).values() if r["phase"] == "periodic"]
         assert [(r["part"], r["parts"]) for r in first] == [(1, 3), (2, 3), (3, 3)]
@@ -81,9 +93,36 @@ def test_a_large_periodic_state_goes_in_parts_and_is_used_only_whole(tmp_path, m
         middle = next(n for n, r in files.items() if r.get("part") == 2)
         os.unlink(os.path.join(spool, "storage1", middle))
         assert RecordSource(spool, (0,), trust).scan()["storage1"] == {}
-    finally:
-        loop.run_until_complete(engine.stop(timeout=5))
-        loop.close()
+
+
+def test_a_periodic_state_is_built_signed_and_checked_off_the_event_loop(tmp_path, monkeypatch):
+    """A part holds hundreds of shares at scale (tens of milliseconds to
+    build, sign and check): the event loop's thread does none of it, so it
+    goes on answering calls meanwhile."""
+    from sharedd.hooks import records as hook_records
+    seen = []
+    real_build, real_checked = hook_records.build, recordlib.checked
+
+    def build(*args, **kwargs):
+        seen.append(("build", threading.current_thread()))
+        return real_build(*args, **kwargs)
+
+    def checked(record):
+        seen.append(("checked", threading.current_thread()))
+        return real_checked(record)
+    monkeypatch.setattr(hook_records, "build", build)
+    monkeypatch.setattr(recordlib, "checked", checked)
+    monkeypatch.setattr(C, "PERIODIC_PART_BYTES", 2 * C.PERIODIC_SHARE_BYTES)
+    root = str(tmp_path)
+    with engine_with_shares(root, 3) as (loop, engine):
+        seen.clear()
+        loop.run_until_complete(engine.run_periodic_hooks({}))
+        assert [kind for kind, _ in seen].count("build") == 2        # two parts
+        assert {kind for kind, _ in seen} == {"build", "checked"}
+        assert all(t is not threading.main_thread() for _, t in seen), seen
+        periodic = [r for r in spool_files(root).values() if r["phase"] == "periodic"]
+        assert [(r["part"], r["parts"]) for r in periodic] == [(1, 2), (2, 2)]
+        assert all(r["signature"] for r in periodic)
 
 
 def test_the_newest_word_on_a_share_wins_whatever_its_backend():

@@ -255,7 +255,8 @@ class HookManager:
         return updates
 
     async def periodic(self, record: Dict[str, Any]) -> None:
-        record = self.finish(record)
+        # hundreds of shares to sign and check: in a thread, not on the loop
+        record = await asyncio.to_thread(self._finished, self._counted(record))
         for hook in self.hooks:
             try:
                 await self._call(hook, hook.execute_periodic_hook, record)
