@@ -12,9 +12,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("argv, header", [
     (["bench/api", "--shares", "5"], "CreateShare"),
+    (["bench/api", "--shares", "5", "--hooks"], "RunPeriodicHooks"),
     (["bench/concurrency", "--smoke"], "calls/s"),
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
     (["bench/ops", "--smoke"], "hooks off"),
+    (["bench/records", "--smoke"], "record written"),
     (["bench/snapshots", "--smoke"], "operation, share"),
     (["bench/cifs", "--smoke"], "CIFS operation"),
     (["bench/scale", "--smoke"], "restart"),
