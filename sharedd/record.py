@@ -328,6 +328,9 @@ def _compile(schema: Dict[str, Any]) -> Callable[[Any], None]:
     names = schema.get("type")
     names = [names] if isinstance(names, str) else names
     types = [_TYPES[n] for n in names] if names else None
+    # one type (the usual case) is one call, not a generator per value
+    is_type = (types[0] if types and len(types) == 1
+               else (lambda v: any(t(v) for t in types)) if types else None)
     min_len, max_len = schema.get("minLength", 0), schema.get("maxLength")
     # ASCII: \d and [0-9] must not admit other scripts' digits
     pattern = re.compile(schema["pattern"], re.ASCII) if "pattern" in schema else None
@@ -343,7 +346,7 @@ def _compile(schema: Dict[str, Any]) -> Callable[[Any], None]:
             raise _Fail(f"must be {const!r}")
         if enum is not None and (type(v), v) not in enum:
             raise _Fail(f"{v!r} is not one of {schema['enum']}")
-        if types is not None and not any(t(v) for t in types):
+        if is_type is not None and not is_type(v):
             raise _Fail(f"expected {' or '.join(names)}")
         if isinstance(v, str):
             if len(v) < min_len:

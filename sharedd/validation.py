@@ -10,6 +10,7 @@ addresses written as IPv6 (::ffff:a.b.c.d) are refused.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Dict, Tuple
 
@@ -130,6 +131,13 @@ def ip_rule(value: str) -> str:
     text = value if isinstance(value, str) else ""
     if not text or len(text) > 64 or not re.fullmatch(r"^[0-9A-Fa-f.:/]+$", text):
         raise InvalidArgument(f"invalid IP address or CIDR {value[:80]!r}")
+    return _ip_rule(text)
+
+
+# Every hook record's rules are checked again on each write and read: the
+# same few addresses, parsed once (a refusal is not kept: it raises).
+@functools.lru_cache(maxsize=4096)
+def _ip_rule(text: str) -> str:
     try:
         if "/" in text:
             addr_part, _, plen = text.partition("/")
@@ -148,7 +156,7 @@ def ip_rule(value: str) -> str:
     except InvalidArgument:
         raise
     except (netaddr.AddrFormatError, ValueError, TypeError):
-        raise InvalidArgument(f"invalid IP address or CIDR {value[:80]!r}") from None
+        raise InvalidArgument(f"invalid IP address or CIDR {text[:80]!r}") from None
 
 
 def access_to(kind: str, value: str) -> str:
