@@ -35,7 +35,7 @@ spool_retention_count = 3
 [mem]
 share_driver = tests.memdriver:MemoryDriver
 share_export_ip = 192.0.2.1
-hook_drivers = spool
+hook_drivers = {hooks}
 enable_post_hooks = true
 enable_periodic_hooks = true
 periodic_hooks_interval = 3600
@@ -52,10 +52,10 @@ def spool_files(root):
 
 
 @contextlib.contextmanager
-def engine_with_shares(root: str, n: int):
-    """An in-process engine (memory driver, spool hook) with n shares."""
+def engine_with_shares(root: str, n: int, hooks: str = "spool"):
+    """An in-process engine (memory driver, these hooks) with n shares."""
     with open(os.path.join(root, "sharedd.conf"), "w") as f:
-        f.write(CONFIG.format(root=root))
+        f.write(CONFIG.format(root=root, hooks=hooks))
     loop = asyncio.new_event_loop()
     engine = Engine(config_mod.load(os.path.join(root, "sharedd.conf")))
     try:
@@ -97,11 +97,17 @@ def test_a_large_periodic_state_goes_in_parts_and_is_used_only_whole(tmp_path, m
 
 def test_a_periodic_state_is_built_signed_and_checked_off_the_event_loop(tmp_path, monkeypatch):
     """A part holds hundreds of shares at scale (tens of milliseconds to
-    build, sign and check): the event loop's thread does none of it, so it
-    goes on answering calls meanwhile."""
+    build, sign, check and turn into the dbus hook's JSON): the event loop's
+    thread does none of it, so it goes on answering calls meanwhile."""
+    from sharedd.hooks import dbus_signal
     from sharedd.hooks import records as hook_records
     seen = []
     real_build, real_checked = hook_records.build, recordlib.checked
+    real_json = dbus_signal.record_json
+
+    def record_json(record):
+        seen.append(("json", threading.current_thread()))
+        return real_json(record)
 
     def build(*args, **kwargs):
         seen.append(("build", threading.current_thread()))
@@ -112,13 +118,15 @@ def test_a_periodic_state_is_built_signed_and_checked_off_the_event_loop(tmp_pat
         return real_checked(record)
     monkeypatch.setattr(hook_records, "build", build)
     monkeypatch.setattr(recordlib, "checked", checked)
+    monkeypatch.setattr(dbus_signal, "record_json", record_json)
     monkeypatch.setattr(C, "PERIODIC_PART_BYTES", 2 * C.PERIODIC_SHARE_BYTES)
     root = str(tmp_path)
-    with engine_with_shares(root, 3) as (loop, engine):
+    with engine_with_shares(root, 3, hooks="spool, dbus") as (loop, engine):
         seen.clear()
         loop.run_until_complete(engine.run_periodic_hooks({}))
-        assert [kind for kind, _ in seen].count("build") == 2        # two parts
-        assert {kind for kind, _ in seen} == {"build", "checked"}
+        kinds = [kind for kind, _ in seen]
+        assert kinds.count("build") == 2 and kinds.count("json") == 2   # two parts
+        assert set(kinds) == {"build", "checked", "json"}
         assert all(t is not threading.main_thread() for _, t in seen), seen
         periodic = [r for r in spool_files(root).values() if r["phase"] == "periodic"]
         assert [(r["part"], r["parts"]) for r in periodic] == [(1, 2), (2, 2)]

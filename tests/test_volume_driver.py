@@ -528,27 +528,36 @@ def test_a_volume_device_is_found_without_listing_every_loop_device(tmp_path, mo
 
 def test_detach_lists_the_loop_devices_once_and_waits_for_a_holder(tmp_path, monkeypatch):
     """Detach finds every device of the image with one losetup -j (one
-    attached by hand too), then reads only those devices in sysfs. A device
-    held open elsewhere is only marked for auto-clear: detach waits, names it
-    in its error, and the device goes once its holder lets go."""
+    attached by hand too), then reads only those devices in sysfs; a device
+    listed that is another image's by then (detached and taken again) is
+    left alone. A device held open elsewhere is only marked for auto-clear:
+    detach waits, names it in its error, and the device goes once its
+    holder lets go."""
     from sharedd.drivers import volume_providers
     pool = str(tmp_path / "pool")
     p = volume_providers.LoopfileProvider(pool, 30)
     p.setup()
     components.used("loop devices (losetup, sysfs)")
     p.create("a.img", 8 << 20)
+    p.create("b.img", 8 << 20)
     holder = None
     try:
         ours = p.attach("a.img")
+        other = p.attach("b.img")
         by_hand = subprocess.run(["losetup", "--find", "--show", p.path("a.img")], check=True,
                                  capture_output=True, text=True).stdout.strip()
         assert by_hand != ours
         runs = []
         real = p._run
         monkeypatch.setattr(p, "_run", lambda argv, **kw: runs.append(argv) or real(argv, **kw))
+        listed = p._devices
+        monkeypatch.setattr(p, "_devices", lambda name: listed(name) + [other])   # taken again
         p.detach("a.img")
+        monkeypatch.setattr(p, "_devices", listed)
         assert p._backing(ours[5:]) is None and p._backing(by_hand[5:]) is None
+        assert p._backing(other[5:]) == os.path.realpath(p.path("b.img"))
         assert [a for a in runs if a[:2] == ["losetup", "-j"]] == [["losetup", "-j", p.path("a.img")]]
+        assert ["losetup", "-d", other] not in runs
 
         dev = p.attach("a.img")
         holder = os.open(dev, os.O_RDONLY)
@@ -563,6 +572,7 @@ def test_detach_lists_the_loop_devices_once_and_waits_for_a_holder(tmp_path, mon
         if holder is not None:
             os.close(holder)
         p.delete("a.img")
+        p.delete("b.img")
     assert not [ln for ln in subprocess.run(["losetup", "-a"], capture_output=True, text=True
                                             ).stdout.splitlines() if pool in ln]
 

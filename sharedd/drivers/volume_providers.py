@@ -30,6 +30,15 @@ PART_SUFFIX = ".part"
 DETACH_WAIT = 10.0
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (losetup -j matches by inode too)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _holders(devices: List[str]) -> str:
     """Which mount namespaces still mount these devices (for the error message)."""
     ids = set()
@@ -276,11 +285,17 @@ class LoopfileProvider(VolumeProvider):
             self._known.pop(name, None)
         # One look at every loop device (an administrator may have attached
         # the image too); after that only these devices are read, in sysfs.
-        devs = {dev: self._backing(dev[len("/dev/"):]) for dev in self._devices(name)}
+        # A device that is no longer this image's by then (detached, perhaps
+        # taken by another volume) is left alone.
+        devs: Dict[str, str] = {}
+        for dev in self._devices(name):
+            back = self._backing(dev[len("/dev/"):])
+            if back is not None and _same_file(back, self.path(name)):
+                devs[dev] = back
 
         def attached() -> List[str]:
             return [dev for dev, back in devs.items()
-                    if back is not None and self._backing(dev[len("/dev/"):]) == back]
+                    if self._backing(dev[len("/dev/"):]) == back]
         for dev in devs:
             proc = self._run(["losetup", "-d", dev], check=False)
             if proc.returncode != 0 and dev in attached():

@@ -37,7 +37,8 @@ class Hook:
     """Base class: override the entry points you need."""
 
     #: False for a hook that never blocks (it only hands the record on): it is
-    #: called on the event loop instead of in a worker thread
+    #: called on the event loop instead of in a worker thread, but for the
+    #: periodic records (hundreds of shares each), so it must be thread-safe
     blocking = True
     #: True for a hook that has its record on disk when it returns: the
     #: record's seq then survives a power cut without the store's fsync

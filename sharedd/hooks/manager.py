@@ -156,10 +156,13 @@ class HookManager:
         return self.config.hook_timeout if timeout is None else min(timeout, self.config.hook_timeout)
 
     async def _call(self, hook: Hook, fn, *args, timeout: Optional[float] = None,
-                    started: Optional["asyncio.Future[Any]"] = None) -> Any:
-        """fn(*args), in a worker thread unless hook never blocks; started:
-        the call is already running (a staged write)."""
-        if started is None and not hook.blocking:
+                    started: Optional["asyncio.Future[Any]"] = None,
+                    large: bool = False) -> Any:
+        """fn(*args), in a worker thread unless hook never blocks and the
+        record is not large (a periodic part: the dbus hook's JSON of it
+        alone takes milliseconds); started: the call is already running (a
+        staged write)."""
+        if started is None and not hook.blocking and not large:
             return fn(*args)
         # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a
         # cancellation that arrives as the future completes, and a loop of
@@ -259,7 +262,7 @@ class HookManager:
         record = await asyncio.to_thread(self._finished, self._counted(record))
         for hook in self.hooks:
             try:
-                await self._call(hook, hook.execute_periodic_hook, record)
+                await self._call(hook, hook.execute_periodic_hook, record, large=True)
             except Exception as exc:
                 self._failed("periodic")
                 log.error("periodic hook %s failed: %s", self._name(hook), _describe(exc))
