@@ -33,6 +33,7 @@ from dbus_next import Message, MessageType  # noqa: E402
 
 from sharedd.bus.connection import Connection  # noqa: E402
 from sharedd.mountinfo import mount_at  # noqa: E402
+from sharedd.record import file_name  # noqa: E402
 from tests.fixtures.btrfs_pool import teardown_tree  # noqa: E402
 from tests.fixtures.bus import private_bus  # noqa: E402
 from tests.fixtures.ganesha import make_ganesha  # noqa: E402
@@ -189,6 +190,37 @@ class Client:
             self.bus.disconnect()
 
 
+class RecordsByHand:
+    """Records written the way the spool hook must (temporary name, fsync,
+    rename, fsync of the directory) into a new file each, the least a
+    durable notification costs; the oldest beyond keep deleted, as
+    retention does."""
+
+    def __init__(self, directory: str, keep: int):
+        self.dir = directory
+        self.keep = keep
+        self.written: List[str] = []
+        os.makedirs(directory, exist_ok=True)
+
+    def write(self, name: str, data: bytes) -> None:
+        tmp = os.path.join(self.dir, "." + name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(self.dir, name))
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.written.append(name)
+        if len(self.written) > self.keep:
+            os.unlink(os.path.join(self.dir, self.written.pop(0)))
+
+
 class Raw:
     """The same operations by hand, one process per command."""
 
@@ -197,11 +229,8 @@ class Raw:
         # With records: each operation also writes a pre and a post record
         # the way the spool hook must (temporary name, fsync, rename, fsync
         # of the directory), the least a durable notification costs.
-        self.records = os.path.join(work, "raw-records") if records else None
-        if self.records:
-            os.makedirs(self.records, exist_ok=True)
+        self.records = RecordsByHand(os.path.join(work, "raw-records"), 200) if records else None
         self.seq = 0
-        self.written: List[str] = []
         self.top = os.path.join(self.pool, "raw")
         self.mounts = os.path.join(work, "raw-mounts")
         self.confs = os.path.join(work, "raw-exports")
@@ -243,25 +272,9 @@ class Raw:
         if self.records is None:
             return
         self.seq += 1
-        name = f"{self.seq:020d}-{phase}-{op}.json"
         body = json.dumps({"seq": self.seq, "phase": phase, "method": op,
                            "pad": "x" * 1200}).encode()   # a record's usual size
-        tmp = os.path.join(self.records, "." + name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(self.records, name))
-        dfd = os.open(self.records, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        self.written.append(name)
-        if len(self.written) > 200:   # keep the directory small, as retention does
-            os.unlink(os.path.join(self.records, self.written.pop(0)))
+        self.records.write(file_name({"seq": self.seq, "phase": phase, "method": op}), body)
 
     def round(self, i: int, times: Dict[str, List[float]]) -> None:
         sub, snap = os.path.join(self.top, str(i)), os.path.join(self.top, f"{i}.snap")
