@@ -197,7 +197,7 @@ class Backend:
                 data = await asyncio.to_thread(self.driver.get_periodic_hook_data, shares) or {}
             except Exception as exc:
                 log.warning("backend %s: get_periodic_hook_data failed: %s", self.name, exc)
-        runs = records.split(shares, rules, len(seqs), snapshots)
+        runs = await asyncio.to_thread(records.split, shares, rules, len(seqs), snapshots)
 
         def build(i: int, seq: int, run: List[Share]) -> Dict[str, Any]:
             return records.build(host=host, epoch=epoch, seq=seq, phase=C.PHASE_PERIODIC,
@@ -208,8 +208,8 @@ class Backend:
                                                                 s.id, ()))
                                          for s in run])
         for i, (seq, run) in enumerate(zip(seqs, runs), 1):
-            # A part holds hundreds of shares: built in a thread, so that the
-            # event loop goes on answering calls meanwhile.
+            # A part holds hundreds of shares: split and built in threads, so
+            # that the event loop goes on answering calls meanwhile.
             await self.hooks.periodic(await asyncio.to_thread(build, i, seq, run))
 
     # --- capacity ---------------------------------------------------------------

@@ -198,9 +198,11 @@ class Runner:
             # A restorable change needs no fsync before the driver acts; its
             # pre record's seq does, unless a durable first hook keeps it.
             durable = not op.restorable or (pre and not b.hooks.keeps_seq())
-            with self.tx(durable=durable) as tx:
+            with self.tx(durable=False) as tx:
                 op.intent(tx)
                 staged = self._stage(tx, op, C.PHASE_PRE, tx.next_seq() if pre else None)
+            if durable:
+                await self.store.synced()
             warnings: List[str] = []
             pre_data = await self._pre(op, staged, warnings)
             if not op.call_unlocked:
@@ -228,10 +230,11 @@ class Runner:
 
     async def _settle(self, op: Operation, result: Any, pre_data: Any,
                       warnings: List[str]) -> None:
-        with self.tx() as tx:
+        with self.tx(durable=False) as tx:
             op.done(tx, result)
             staged = self._stage(tx, op, C.PHASE_POST, self._post_seq(tx, op),
                                  _result({"ok": True}, warnings))
+        await self.store.synced()   # on disk before the post hooks and the reply
         try:
             await self.post(op, staged, pre_data)
         except HookFailed as exc:
@@ -277,11 +280,12 @@ class Runner:
             except SharedError as exc2:
                 log.error("%s of %s: cannot undo the partial work, leaving it in error: %s",
                           op.method, _what(op), exc2)
-        with self.tx() as tx:
+        with self.tx(durable=False) as tx:
             op.failed(tx, compensated)
             staged = self._stage(tx, op, C.PHASE_POST, self._post_seq(tx, op),
                                  _result({"ok": False, "error": public_text(str(exc), 4000)},
                                          warnings))
+        await self.store.synced()
         try:
             await self.post(op, staged, pre_data)
         except HookFailed as hexc:

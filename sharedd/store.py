@@ -1,24 +1,31 @@
 """Persistent state in SQLite (WAL): shares, snapshots, access rules, and the
 hook sequence counter.
 
-Used from the event-loop thread only. Every state change is one transaction
-(`with store.tx():`); a hook record's sequence number is taken inside the
-same transaction as the change it reports (next_seq).
+Used from the event-loop thread only, but for views (Store.view): read-only
+snapshots that a worker thread reads while the loop goes on writing. Every
+state change is one transaction (`with store.tx():`); a hook record's
+sequence number is taken inside the same transaction as the change it
+reports (next_seq).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
+import urllib.parse
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from . import constants as C
-from .errors import ConfigError
+from .errors import ConfigError, SharedError
 from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
                      ShareServer, Snapshot)
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 6   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
 #                      4: replicas; 5: snapshot policies, share groups; 6: snapshot access
@@ -190,14 +197,34 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _fsync(path: str) -> None:
+    """fdatasync a file if it exists (the WAL goes only when the last
+    connection closes, having checkpointed and synced the database)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 class Store:
     def __init__(self, path: str):
         self.path = path
+        # Group commit (synced): commits made, and how many of them an fsync
+        # of the WAL is known to have put on disk.
+        self._commits = self._synced = 0
+        self._sync: Optional["asyncio.Future[None]"] = None
+        self._sync_error = ""   # why the last fsync failed
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # Commits are made durable by an fsync of the WAL (tx, synced), which
+        # is what FULL adds to NORMAL in WAL mode.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         with self.tx():
             for statement in _DDL.split(";"):
@@ -238,24 +265,77 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def view(self) -> "Store":
+        """A read-only Store of the state as it is now, for one worker thread
+        to read and then close (a large read off the event loop). WAL: the
+        view's snapshot is taken here, by its first read, and later commits
+        of this Store are not seen; its writes fail. Open it with no await
+        after the transaction it must follow. An open view holds back WAL
+        checkpoints: close it as soon as it is read."""
+        view = Store.__new__(Store)
+        view.path, view.epoch = self.path, self.epoch
+        view.db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True,
+                                  isolation_level=None, check_same_thread=False)
+        try:
+            view.db.row_factory = sqlite3.Row
+            view.db.execute("BEGIN")
+            view._meta("seq")
+        except BaseException:
+            view.db.close()
+            raise
+        return view
+
     @contextlib.contextmanager
     def tx(self, durable: bool = True) -> Iterator[None]:
-        """A transaction; durable: on disk when it returns. Otherwise it
-        survives a crash of the process (WAL) and reaches the disk with the
-        next durable commit, but a power cut may lose it."""
-        if not durable:
-            self.db.execute("PRAGMA synchronous=NORMAL")
+        """A transaction; durable: on disk when it returns (the WAL fsynced
+        here, as synchronous=FULL would). Otherwise it survives a crash of
+        the process (WAL) and reaches the disk with the next durable commit
+        or synced()."""
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        self._commits += 1
+        if durable:
+            upto = self._commits
+            self._fsync_wal()
+            self._synced = max(self._synced, upto)
+
+    async def synced(self) -> None:
+        """Wait until every commit made so far is on disk. One fsync of the
+        WAL, in a worker thread, serves every commit made before it starts
+        (a group commit): the event loop is not held by the disk, and
+        concurrent operations share the wait. A failed fsync is final (the
+        kernel may have dropped the pages): an error now and ever after,
+        until sharedd is restarted and reads what the disk holds."""
+        want = self._commits
+        while self._synced < want:
+            if self._sync is None:
+                self._sync = asyncio.ensure_future(self._sync_wal())
+            await asyncio.shield(self._sync)
+
+    async def _sync_wal(self) -> None:
+        upto = self._commits
+        try:
+            await asyncio.to_thread(self._fsync_wal)
+            self._synced = max(self._synced, upto)
         finally:
-            if not durable:
-                self.db.execute("PRAGMA synchronous=FULL")
+            self._sync = None
+
+    def _fsync_wal(self) -> None:
+        """fdatasync the WAL (thread-safe). A failure is kept: see synced()."""
+        if self._sync_error:
+            raise SharedError(self._sync_error)
+        try:
+            _fsync(self.path + "-wal")
+        except OSError as exc:
+            self._sync_error = (f"writing the state database to disk failed ({exc}); "
+                                "restart sharedd")
+            log.critical("%s", self._sync_error)
+            raise SharedError(self._sync_error) from None
 
     def _meta(self, key: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -807,6 +887,29 @@ class Store:
             cur = self.db.execute("SELECT DISTINCT snapshot_id FROM snapshot_rules "
                                   "WHERE share_id=?", (share_id,))
         return sorted(row[0] for row in cur)
+
+    def periodic_counts(self, backend: str) -> Dict[str, int]:
+        """The counts a periodic state's size is estimated from
+        (hooks.records.periodic_parts), each read in constant time or from
+        the snapshot rules alone: the backend's shares exactly; the rules,
+        snapshots with rules and snapshot rules of every backend, so exact
+        when one backend holds every share, an upper bound otherwise."""
+        shares = self.backend_totals(backend)[0]
+        rules = self.db.execute("SELECT COUNT(*) FROM rules").fetchone()[0]
+        exported, exported_rules = self.db.execute(
+            "SELECT COUNT(DISTINCT snapshot_id), COUNT(*) FROM snapshot_rules").fetchone()
+        return {"shares": shares, "rules": int(rules), "exported": int(exported),
+                "exported_rules": int(exported_rules)}
+
+    def periodic_state(self, backend: str) -> Tuple[
+            List[Share], Dict[str, List[AccessRule]],
+            Dict[str, List[Tuple[Snapshot, List[AccessRule]]]]]:
+        """A backend's shares, every rule, and the exported snapshots of its
+        shares (by share id): a periodic hook's state, read from a view."""
+        shares = self.shares(backend)
+        with_exports = self.shares_with_snapshot_rules()
+        return (shares, self.all_rules(),
+                {s.id: self.snapshot_exports(s.id) for s in shares if s.id in with_exports})
 
     def shares_with_snapshot_rules(self) -> Set[str]:
         """Ids of the shares with an exported snapshot (one query)."""

@@ -850,9 +850,10 @@ def test_a_hung_pre_hook_delays_a_revocation_only_briefly(h, monkeypatch):
 
 @pytest.mark.parametrize("first", ["spool", "tests.testhooks:RecordingHook"])
 def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
-    """An Extend's intent is fsynced only when no durable first hook keeps its
-    pre record's seq. A power cut may then lose the commit that took a seq
-    while the fsynced spool file stays: start-up goes on after that seq."""
+    """An Extend's intent is fsynced (Store.synced) only when no durable first
+    hook keeps its pre record's seq. A power cut may then lose the commit
+    that took a seq while the fsynced spool file stays: start-up goes on
+    after that seq."""
     import sqlite3
     hooks = ", ".join(dict.fromkeys([first, "spool", "tests.testhooks:RecordingHook"]))
     harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
@@ -860,12 +861,18 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
     try:
         store = harness.engine.store
         share = harness.create("kept")
-        flags = []
-        real_tx = store.tx
-        monkeypatch.setattr(store, "tx", lambda durable=True: flags.append(durable) or real_tx(durable))
+        steps = []
+        real_tx, real_synced = store.tx, store.synced
+
+        def synced():
+            steps.append("synced")
+            return real_synced()
+        monkeypatch.setattr(store, "tx", lambda durable=True: steps.append(durable) or real_tx(durable))
+        monkeypatch.setattr(store, "synced", synced)
         harness.run(harness.engine.extend_share(share.id, 2, {}))
-        assert flags[0] is (first != "spool")    # the intent
-        assert flags[1] is True                  # the outcome: always on disk
+        # the intent, then the outcome: always on disk before the reply
+        assert steps == ([False] if first == "spool" else [False, "synced"]) + [False, "synced"]
+        assert store._synced == store._commits
         last = store.last_seq()
         spool = os.path.join(harness.root, "spool", "storage1")
         assert max(int(n[:20]) for n in os.listdir(spool) if not n.startswith(".")) == last
@@ -882,6 +889,63 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
                      if not n.startswith("."))
         assert new == list(range(last + 1, harness.engine.store.last_seq() + 1))
         assert harness.engine.share(share.id).size_gib == 3
+    finally:
+        harness.close()
+
+
+def test_concurrent_operations_share_an_fsync_done_off_the_event_loop(monkeypatch):
+    """Operations commit without waiting for the disk on the event loop; one
+    fsync of the WAL, in a worker thread, then puts every commit made before
+    it on disk (a group commit), and each operation waits for the one that
+    covers its commit before it goes on."""
+    import threading
+    from sharedd import store as store_mod
+    harness = Harness()
+    try:
+        shares = [harness.create(f"g{i}") for i in range(10)]
+        syncs = []
+        real = store_mod._fsync
+
+        def slow_fsync(path):
+            syncs.append((path, threading.current_thread()))
+            time.sleep(0.05)     # a busy disk: commits pile up meanwhile
+            real(path)
+        monkeypatch.setattr(store_mod, "_fsync", slow_fsync)
+
+        async def all_extends():
+            await asyncio.gather(*[harness.engine.extend_share(s.id, 2, {}) for s in shares])
+        harness.run(all_extends())
+        assert all(harness.engine.share(s.id).size_gib == 2 for s in shares)
+        assert {p for p, _ in syncs} == {harness.engine.store.path + "-wal"}
+        assert all(t is not threading.main_thread() for _, t in syncs)
+        # 10 outcomes (and intents, unless the spool keeps their seqs): far
+        # fewer fsyncs than durable commits.
+        assert 1 <= len(syncs) <= 5, len(syncs)
+        assert harness.engine.store._synced == harness.engine.store._commits
+    finally:
+        harness.close()
+
+
+def test_a_failed_fsync_of_the_state_fails_every_durable_operation_after_it(monkeypatch):
+    """After a failed fsync the kernel may have dropped the pages: no retry
+    can tell what is on disk. Each later durable operation gets a named
+    error until sharedd is restarted (start-up recovery settles the intents
+    it left)."""
+    from sharedd import store as store_mod
+    harness = Harness()
+    try:
+        shares = [harness.create(f"eio{i}") for i in range(3)]
+
+        def eio(path):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(store_mod, "_fsync", eio)
+        for share in shares[:2]:
+            with pytest.raises(SharedError, match="writing the state database to disk failed"):
+                harness.run(harness.engine.extend_share(share.id, 2, {}))
+        monkeypatch.setattr(store_mod, "_fsync", lambda path: None)
+        with pytest.raises(SharedError, match="restart sharedd"):
+            harness.run(harness.engine.extend_share(shares[2].id, 2, {}))
+        assert harness.engine.share(shares[2].id).size_gib == 1   # the driver was not called
     finally:
         harness.close()
 

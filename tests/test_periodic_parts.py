@@ -154,3 +154,62 @@ def test_parts_are_only_for_periodic_records():
     per = make_record(4, "periodic", shares=[])
     with pytest.raises(recordlib.RecordError, match="part 3 of 2"):
         recordlib.validate(dict(per, part=3, parts=2))
+
+
+def test_a_periodic_state_is_read_from_a_view_while_the_loop_goes_on(tmp_path, monkeypatch):
+    """The state of 10,000 shares takes a quarter of a second to read: it is
+    read in a worker thread, from a read-only view opened as its seqs are
+    taken. A share made while it is read is not in it, and that share's own
+    records come after it: no record shows a state older than a lower seq."""
+    from sharedd.store import Store
+    reading, go_on = threading.Event(), threading.Event()
+    readers = []
+    real = Store.periodic_state
+
+    def periodic_state(self, backend):
+        readers.append(threading.current_thread())
+        reading.set()
+        assert go_on.wait(30)
+        return real(self, backend)
+    monkeypatch.setattr(Store, "periodic_state", periodic_state)
+    root = str(tmp_path)
+    with engine_with_shares(root, 2) as (loop, engine):
+        async def run():
+            periodic = asyncio.ensure_future(engine.run_periodic_hooks({}))
+            assert await asyncio.to_thread(reading.wait, 30)
+            # The loop goes on while the state is read, and commits.
+            await engine.create_share("late", "NFS", 1, {})
+            go_on.set()
+            await periodic
+        loop.run_until_complete(run())
+        assert len(readers) == 1 and readers[0] is not threading.main_thread()
+        files = list(spool_files(root).values())
+        periodic = [r for r in files if r["phase"] == "periodic"]
+        assert len(periodic) == 1
+        assert sorted(s["name"] for s in periodic[0]["shares"]) == ["s0", "s1"]
+        late = [r for r in files if (r.get("share") or {}).get("name") == "late"]
+        assert [r["phase"] for r in late] == ["post"]
+        assert all(r["seq"] > periodic[0]["seq"] for r in late)
+        # The view is closed: nothing holds back a full checkpoint.
+        busy = engine.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        assert busy == 0
+
+
+def test_a_periodic_state_takes_as_many_seqs_as_its_counts_need(tmp_path, monkeypatch):
+    """The number of parts comes from counts read before the state
+    (Store.periodic_counts), exact with one backend: rules count."""
+    monkeypatch.setattr(C, "PERIODIC_PART_BYTES",
+                        C.PERIODIC_SHARE_BYTES + 4 * C.PERIODIC_RULE_BYTES)
+    root = str(tmp_path)
+    with engine_with_shares(root, 3) as (loop, engine):
+        shares = engine.store.shares()
+        for i in range(4):
+            loop.run_until_complete(engine.allow_access(shares[0].id, "ip", f"192.0.2.{i + 10}",
+                                                        "rw", {}))
+        assert engine.store.periodic_counts("mem") == {"shares": 3, "rules": 4, "exported": 0,
+                                                       "exported_rules": 0}
+        loop.run_until_complete(engine.run_periodic_hooks({}))
+        periodic = [r for r in spool_files(root).values() if r["phase"] == "periodic"]
+        # 3 shares and 4 rules: 3 * 2048 + 4 * 320 bytes in parts of 3328: 3.
+        assert [len(r["shares"]) for r in periodic] == [1, 1, 1]
+        assert len(periodic[0]["shares"][0]["access_rules"]) == 4

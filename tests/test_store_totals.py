@@ -59,24 +59,36 @@ def test_totals_follow_every_change(tmp_path):
 
 
 
-def test_an_intent_that_need_not_reach_the_disk_leaves_commits_durable(tmp_path):
-    """tx(durable=False) (the intent of an operation ensure can put back)
-    commits, and every transaction after it, even after one that failed,
-    is synchronous again."""
+def test_a_commit_reaches_the_disk_by_an_fsync_of_the_wal_now_or_with_synced(tmp_path,
+                                                                            monkeypatch):
+    """tx() fsyncs the WAL before it returns (what synchronous=FULL adds in
+    WAL mode); tx(durable=False) does not, and synced() then puts every such
+    commit on disk with one fsync. A transaction that fails commits nothing
+    and leaves nothing to sync."""
+    import asyncio
+    from sharedd import store as store_mod
     st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
-    sync = lambda: st.db.execute("PRAGMA synchronous").fetchone()[0]   # noqa: E731
-    assert sync() == 2                       # FULL
-    with st.tx(durable=False):
-        assert sync() == 1                   # NORMAL, for this one
+    assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 1      # NORMAL
+    synced = []
+    monkeypatch.setattr(store_mod, "_fsync", synced.append)
+    with st.tx():
         st._set_meta("probe", "1")
-    assert sync() == 2 and st._meta("probe") == "1"
+    assert synced == [st.path + "-wal"]
+    for value in ("2", "3"):
+        with st.tx(durable=False):
+            st._set_meta("probe", value)
+    assert len(synced) == 1 and st._synced < st._commits
+    asyncio.run(st.synced())
+    assert len(synced) == 2 and st._synced == st._commits
+    asyncio.run(st.synced())                  # nothing new: no fsync
     with pytest.raises(RuntimeError):
         with st.tx(durable=False):
-            st._set_meta("probe", "2")
+            st._set_meta("probe", "4")
             raise RuntimeError("driver")
-    assert sync() == 2 and st._meta("probe") == "1"
+    asyncio.run(st.synced())
+    assert len(synced) == 2 and st._meta("probe") == "3"
     st.close()
-    assert Store(os.path.join(tmp_path, "state", "sharedd.db"))._meta("probe") == "1"
+    assert Store(os.path.join(tmp_path, "state", "sharedd.db"))._meta("probe") == "3"
 
 
 def test_a_database_from_before_squash_opens_and_one_from_the_future_does_not(tmp_path):

@@ -128,29 +128,31 @@ def build(*, host: str, epoch: str, seq: int, phase: str, method: str, backend: 
 Exports = Dict[str, List[Dict[str, Any]]]     # share id -> its snapshot_export_dicts
 
 
-def periodic_parts(shares: List[Share], rules: Dict[str, List[AccessRule]],
-                   snapshots: Optional[Exports] = None) -> int:
-    """How many records one periodic state of these shares takes (decided
-    with the seqs, before the records are built)."""
-    return max(1, -(-estimate(shares, rules, snapshots) // C.PERIODIC_PART_BYTES))
+def periodic_parts(shares: int, rules: int, exported: int = 0, exported_rules: int = 0) -> int:
+    """How many records one periodic state takes, from counts of what it
+    holds (Store.periodic_counts: its seqs are taken before it is read):
+    as many as its estimated size needs, at most one per share."""
+    size = _size(shares, rules, exported, exported_rules)
+    return max(1, min(shares, -(-size // C.PERIODIC_PART_BYTES)))
+
+
+def _size(shares: int, rules: int, exported: int, exported_rules: int) -> int:
+    """The estimated bytes of shares with their rules and exported
+    snapshots, a generous bound (constants.PERIODIC_*_BYTES)."""
+    return (C.PERIODIC_SHARE_BYTES * (shares + exported)
+            + C.PERIODIC_RULE_BYTES * (rules + exported_rules))
 
 
 def _cost(s: Share, rules: Dict[str, List[AccessRule]], snapshots: Optional[Exports]) -> int:
     exported = (snapshots or {}).get(s.id, ())
-    return (C.PERIODIC_SHARE_BYTES * (1 + len(exported))
-            + C.PERIODIC_RULE_BYTES * (len(rules.get(s.id, ()))
-                                       + sum(len(e["access_rules"]) for e in exported)))
-
-
-def estimate(shares: List[Share], rules: Dict[str, List[AccessRule]],
-             snapshots: Optional[Exports] = None) -> int:
-    return sum(_cost(s, rules, snapshots) for s in shares)
+    return _size(1, len(rules.get(s.id, ())), len(exported),
+                 sum(len(e["access_rules"]) for e in exported))
 
 
 def split(shares: List[Share], rules: Dict[str, List[AccessRule]], parts: int,
           snapshots: Optional[Exports] = None) -> List[List[Share]]:
     """shares in parts runs (in order) of about equal estimated size."""
-    target = -(-estimate(shares, rules, snapshots) // parts) if shares else 0
+    target = -(-sum(_cost(s, rules, snapshots) for s in shares) // parts) if shares else 0
     out: List[List[Share]] = [[] for _ in range(parts)]
     i, size = 0, 0
     for s in shares:
