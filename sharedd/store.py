@@ -197,15 +197,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _fsync(path: str) -> None:
-    """fdatasync a file if it exists (the WAL goes only when the last
-    connection closes, having checkpointed and synced the database)."""
+def _fsync(path: str, directory: bool = False) -> None:
+    """fdatasync a file (or fsync a directory) if it exists: the WAL goes
+    only when the last connection closes, having checkpointed and synced
+    the database."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
     except FileNotFoundError:
         return
     try:
-        os.fdatasync(fd)
+        (os.fsync if directory else os.fdatasync)(fd)
     finally:
         os.close(fd)
 
@@ -261,6 +262,9 @@ class Store:
                 self._set_meta("seq", "0")
             self._set_meta("schema_version", str(SCHEMA_VERSION))
         self.epoch: str = self._meta("epoch") or ""
+        # The WAL is made at the first open and stays while this connection
+        # does: its name reaches the disk now, as its fsyncs do not sync it.
+        _fsync(os.path.dirname(path), directory=True)
 
     def close(self) -> None:
         self.db.close()

@@ -70,7 +70,7 @@ def test_a_commit_reaches_the_disk_by_an_fsync_of_the_wal_now_or_with_synced(tmp
     st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
     assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 1      # NORMAL
     synced = []
-    monkeypatch.setattr(store_mod, "_fsync", synced.append)
+    monkeypatch.setattr(store_mod, "_fsync", lambda path, directory=False: synced.append(path))
     with st.tx():
         st._set_meta("probe", "1")
     assert synced == [st.path + "-wal"]
