@@ -506,12 +506,13 @@ class Engine:
         # opened with no await between them. Their number comes from counts;
         # the state itself (about 25 ms per 1,000 shares) is read from the
         # view in a worker thread while the loop goes on.
-        with self.store.tx():
+        with self.store.tx(durable=False):
             seqs = [self.store.next_seq()
                     for _ in range(records.periodic_parts(**self.store.periodic_counts(b.name)))]
         view = self.store.view()
         shares, rules, exports = await asyncio.to_thread(_periodic_state, view, b.name)
         exported = {s.id: b.snapshot_exports(s, exports[s.id]) for s in shares if s.id in exports}
+        await self.store.synced()    # the seqs on disk before a record shows them
         await b.periodic(self.host_id, self.store.epoch, seqs, shares, rules, exported)
 
     async def run_periodic_hooks(self, options: Dict[str, Any]) -> None:

@@ -8,16 +8,18 @@ any point can be finished or rolled back at the next start (recovery.py):
    and returns the Operation (or raises: a refused call changes nothing);
 2. one transaction records the intent and takes the pre record's number;
    the record is built in it and the first hook, if it stages (the spool),
-   writes it while the transaction commits, showing it only after;
+   writes it while the transaction commits, showing it only after. Unless
+   start-up can put the intent back, the commit is made durable first (an
+   fsync of the WAL shared by concurrent operations, Store.synced);
 3. pre hooks run. A refusal undoes the intent (net change: nothing), except
    for revocations (deny, delete, unmanage) and ensure, which go on:
    revocation never waits for a hook's consent;
 4. the driver acts, in a worker thread;
 5. one transaction records the outcome (or, after a failure and an optional
    compensating driver call, the truthful state) and takes the post number
-   (its record staged as in 2);
-6. observers hear each change after its commit; post hooks run; the caller
-   gets the reply.
+   (its record staged as in 2), made durable as in 2;
+6. observers hear each change after its commit (a durable one: once on
+   disk); post hooks run; the caller gets the reply.
 """
 
 from __future__ import annotations
@@ -98,18 +100,45 @@ class Runner:
     @contextlib.contextmanager
     def tx(self, durable: bool = True) -> Iterator[Changes]:
         """One checked transaction; observers hear of it after COMMIT."""
+        with self._commit(durable) as changes:
+            yield changes
+        self._publish(changes)
+
+    @contextlib.contextmanager
+    def _commit(self, durable: bool) -> Iterator[Changes]:
+        """The transaction, told to no one yet (_publish, _synced)."""
         changes = Changes(self.store)
         try:
             with self.store.tx(durable):
                 yield changes
         except BaseException:
-            for told in changes.after_commit:
-                told(False)
+            self._withdraw(changes)
             raise
+
+    def _publish(self, changes: Changes) -> None:
+        """Staged records shown, observers told."""
         for told in changes.after_commit:
             told(True)
         deliver(changes.events, self.observer,
                 lambda name, exc: log.error("observer %s failed: %s", name, exc))
+
+    @staticmethod
+    def _withdraw(changes: Changes) -> None:
+        for told in changes.after_commit:
+            told(False)
+
+    async def _synced(self, changes: Changes) -> None:
+        """A commit made with _commit(durable=False), published once it is
+        on disk (Store.synced: an fsync shared with concurrent operations,
+        off the event loop). No record and no signal ever shows a change a
+        power cut can take back; if the fsync fails or the wait is cancelled,
+        its staged records are dropped (the next periodic state tells)."""
+        try:
+            await self.store.synced()
+        except BaseException:
+            self._withdraw(changes)
+            raise
+        self._publish(changes)
 
     def _stage(self, tx: Changes, op: Operation, phase: str, seq: Optional[int],
                result: Optional[Dict[str, Any]] = None) -> Pending:
@@ -198,11 +227,13 @@ class Runner:
             # A restorable change needs no fsync before the driver acts; its
             # pre record's seq does, unless a durable first hook keeps it.
             durable = not op.restorable or (pre and not b.hooks.keeps_seq())
-            with self.tx(durable=False) as tx:
+            with self._commit(durable=False) as tx:
                 op.intent(tx)
                 staged = self._stage(tx, op, C.PHASE_PRE, tx.next_seq() if pre else None)
             if durable:
-                await self.store.synced()
+                await self._synced(tx)
+            else:
+                self._publish(tx)
             warnings: List[str] = []
             pre_data = await self._pre(op, staged, warnings)
             if not op.call_unlocked:
@@ -230,11 +261,11 @@ class Runner:
 
     async def _settle(self, op: Operation, result: Any, pre_data: Any,
                       warnings: List[str]) -> None:
-        with self.tx(durable=False) as tx:
+        with self._commit(durable=False) as tx:
             op.done(tx, result)
             staged = self._stage(tx, op, C.PHASE_POST, self._post_seq(tx, op),
                                  _result({"ok": True}, warnings))
-        await self.store.synced()   # on disk before the post hooks and the reply
+        await self._synced(tx)   # on disk before its record, the post hooks and the reply
         try:
             await self.post(op, staged, pre_data)
         except HookFailed as exc:
@@ -280,12 +311,12 @@ class Runner:
             except SharedError as exc2:
                 log.error("%s of %s: cannot undo the partial work, leaving it in error: %s",
                           op.method, _what(op), exc2)
-        with self.tx(durable=False) as tx:
+        with self._commit(durable=False) as tx:
             op.failed(tx, compensated)
             staged = self._stage(tx, op, C.PHASE_POST, self._post_seq(tx, op),
                                  _result({"ok": False, "error": public_text(str(exc), 4000)},
                                          warnings))
-        await self.store.synced()
+        await self._synced(tx)
         try:
             await self.post(op, staged, pre_data)
         except HookFailed as hexc:

@@ -11,6 +11,7 @@ reports (next_seq).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from . import constants as C
 from .errors import ConfigError, SharedError
+from .util import fsync_dir
 from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
                      ShareServer, Snapshot)
 
@@ -197,37 +199,30 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _fsync(path: str, directory: bool = False) -> None:
-    """fdatasync a file (or fsync a directory) if it exists: the WAL goes
-    only when the last connection closes, having checkpointed and synced
-    the database."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
-    except FileNotFoundError:
-        return
-    try:
-        (os.fsync if directory else os.fdatasync)(fd)
-    finally:
-        os.close(fd)
-
-
 class Store:
     def __init__(self, path: str):
         self.path = path
         # Group commit (synced): commits made, and how many of them an fsync
-        # of the WAL is known to have put on disk.
+        # of the WAL is known to have put on disk; the fsyncs have a thread
+        # of their own (never queued behind driver calls or hook writes).
         self._commits = self._synced = 0
         self._sync: Optional["asyncio.Future[None]"] = None
-        self._sync_error = ""   # why the last fsync failed
+        self._sync_error = ""   # why an fsync failed: nothing commits after it
+        self._syncer: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._wal_fd = -1
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # Commits are made durable by an fsync of the WAL (tx, synced), which
-        # is what FULL adds to NORMAL in WAL mode.
+        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{path}: cannot use write-ahead logging (journal mode {mode})")
+        # A commit is made durable by an fdatasync of the WAL (tx, synced),
+        # which is what FULL adds to NORMAL in WAL mode. The WAL lives beside
+        # the file a symlink leads to, and stays while this connection is
+        # open: the one descriptor kept also sees every writeback error.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        with self.tx():
+        with self.tx(durable=False):
             for statement in _DDL.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
@@ -262,12 +257,20 @@ class Store:
                 self._set_meta("seq", "0")
             self._set_meta("schema_version", str(SCHEMA_VERSION))
         self.epoch: str = self._meta("epoch") or ""
-        # The WAL is made at the first open and stays while this connection
-        # does: its name reaches the disk now, as its fsyncs do not sync it.
-        _fsync(os.path.dirname(path), directory=True)
+        # The WAL exists now (that commit wrote it). A new database's and
+        # WAL's names reach the disk here, not with a later checkpoint.
+        self._wal_fd = os.open(os.path.realpath(path) + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        self._fsync_wal()
+        fsync_dir(os.path.dirname(os.path.realpath(path)))
+        self._synced = self._commits
 
     def close(self) -> None:
         self.db.close()
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+            self._wal_fd = -1
 
     def view(self) -> "Store":
         """A read-only Store of the state as it is now, for one worker thread
@@ -278,6 +281,7 @@ class Store:
         checkpoints: close it as soon as it is read."""
         view = Store.__new__(Store)
         view.path, view.epoch = self.path, self.epoch
+        view._sync_error, view._syncer, view._wal_fd = "a view is read-only", None, -1
         view.db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True,
                                   isolation_level=None, check_same_thread=False)
         try:
@@ -294,7 +298,9 @@ class Store:
         """A transaction; durable: on disk when it returns (the WAL fsynced
         here, as synchronous=FULL would). Otherwise it survives a crash of
         the process (WAL) and reaches the disk with the next durable commit
-        or synced()."""
+        or synced(). After a failed fsync nothing commits (SharedError)."""
+        if self._sync_error:
+            raise SharedError(self._sync_error)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -310,21 +316,31 @@ class Store:
 
     async def synced(self) -> None:
         """Wait until every commit made so far is on disk. One fsync of the
-        WAL, in a worker thread, serves every commit made before it starts
-        (a group commit): the event loop is not held by the disk, and
+        WAL, in the store's own thread, serves every commit made before it
+        starts (a group commit): the event loop is not held by the disk, and
         concurrent operations share the wait. A failed fsync is final (the
-        kernel may have dropped the pages): an error now and ever after,
-        until sharedd is restarted and reads what the disk holds."""
+        kernel may have dropped the pages): SharedError now and ever after,
+        and no more commits, until sharedd is restarted and reads what the
+        disk holds."""
         want = self._commits
-        while self._synced < want:
-            if self._sync is None:
-                self._sync = asyncio.ensure_future(self._sync_wal())
+        while True:
+            if self._sync_error:
+                raise SharedError(self._sync_error)
+            if self._synced >= want:
+                return
+            if self._sync is None or self._sync.done():   # (one cancelled before it ran)
+                self._sync = asyncio.ensure_future(self._sync_wal(self._commits))
+                # read here if every waiter was cancelled meanwhile
+                self._sync.add_done_callback(lambda f: f.cancelled() or f.exception())
             await asyncio.shield(self._sync)
 
-    async def _sync_wal(self) -> None:
-        upto = self._commits
+    async def _sync_wal(self, upto: int) -> None:
+        """One fsync covering the first upto commits, in the store's thread."""
         try:
-            await asyncio.to_thread(self._fsync_wal)
+            if self._syncer is None:
+                self._syncer = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="sharedd-wal-sync")
+            await asyncio.get_running_loop().run_in_executor(self._syncer, self._fsync_wal)
             self._synced = max(self._synced, upto)
         finally:
             self._sync = None
@@ -334,7 +350,7 @@ class Store:
         if self._sync_error:
             raise SharedError(self._sync_error)
         try:
-            _fsync(self.path + "-wal")
+            os.fdatasync(self._wal_fd)
         except OSError as exc:
             self._sync_error = (f"writing the state database to disk failed ({exc}); "
                                 "restart sharedd")
@@ -894,10 +910,11 @@ class Store:
 
     def periodic_counts(self, backend: str) -> Dict[str, int]:
         """The counts a periodic state's size is estimated from
-        (hooks.records.periodic_parts), each read in constant time or from
-        the snapshot rules alone: the backend's shares exactly; the rules,
-        snapshots with rules and snapshot rules of every backend, so exact
-        when one backend holds every share, an upper bound otherwise."""
+        (hooks.records.periodic_parts), on the event loop, so without a
+        join: the backend's shares exactly (share_totals); the rules,
+        snapshots with rules and snapshot rules of every backend (a count
+        of one table each), so exact when one backend holds every share and
+        an upper bound otherwise (parts smaller than they need be)."""
         shares = self.backend_totals(backend)[0]
         rules = self.db.execute("SELECT COUNT(*) FROM rules").fetchone()[0]
         exported, exported_rules = self.db.execute(

@@ -893,59 +893,128 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
         harness.close()
 
 
+def gate_fsyncs(store, monkeypatch):
+    """Store's WAL fsyncs, recorded (the commits made when each started, and
+    its thread); the first one waits for release. Returns (calls, entered,
+    release)."""
+    import threading
+    calls, entered, release = [], threading.Event(), threading.Event()
+    real = store._fsync_wal
+
+    def gated():
+        calls.append((store._commits, threading.current_thread()))
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(30)
+        real()
+    monkeypatch.setattr(store, "_fsync_wal", gated)
+    return calls, entered, release
+
+
+async def commits_reach(store, count):
+    for _ in range(1000):
+        if store._commits >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_concurrent_operations_share_an_fsync_done_off_the_event_loop(monkeypatch):
     """Operations commit without waiting for the disk on the event loop; one
-    fsync of the WAL, in a worker thread, then puts every commit made before
-    it on disk (a group commit), and each operation waits for the one that
-    covers its commit before it goes on."""
+    fsync of the WAL, in the store's thread, then puts every commit made
+    before it on disk (a group commit). While an fsync hangs, the loop goes
+    on and other operations commit; none of them reaches a hook until an
+    fsync that started after its commit is done."""
     import threading
-    from sharedd import store as store_mod
     harness = Harness()
     try:
+        store = harness.engine.store
         shares = [harness.create(f"g{i}") for i in range(10)]
-        syncs = []
-        real = store_mod._fsync
+        RecordingHook.records.clear()
+        calls, entered, release = gate_fsyncs(store, monkeypatch)
+        start = store._commits
 
-        def slow_fsync(path):
-            syncs.append((path, threading.current_thread()))
-            time.sleep(0.05)     # a busy disk: commits pile up meanwhile
-            real(path)
-        monkeypatch.setattr(store_mod, "_fsync", slow_fsync)
-
-        async def all_extends():
-            await asyncio.gather(*[harness.engine.extend_share(s.id, 2, {}) for s in shares])
-        harness.run(all_extends())
+        async def main():
+            tasks = [asyncio.ensure_future(harness.engine.extend_share(s.id, 2, {}))
+                     for s in shares]
+            assert await asyncio.to_thread(entered.wait, 30)
+            # The first intent's fsync hangs; the nine other intents commit.
+            await commits_reach(store, start + 10)
+            assert store._commits == start + 10 and len(calls) == 1
+            assert RecordingHook.records == [] and not any(t.done() for t in tasks)
+            release.set()
+            await asyncio.gather(*tasks)
+        harness.run(main())
         assert all(harness.engine.share(s.id).size_gib == 2 for s in shares)
-        assert {p for p, _ in syncs} == {harness.engine.store.path + "-wal"}
-        assert all(t is not threading.main_thread() for _, t in syncs)
-        # 10 outcomes (and intents, unless the spool keeps their seqs): far
-        # fewer fsyncs than durable commits.
-        assert 1 <= len(syncs) <= 5, len(syncs)
-        assert harness.engine.store._synced == harness.engine.store._commits
+        # The second fsync covered every intent that waited; at most one
+        # more per outcome: fewer fsyncs than the 20 durable commits.
+        assert calls[1][0] == start + 10
+        assert len(calls) <= 12
+        assert all(t is not threading.main_thread() for _, t in calls)
+        assert store._synced == store._commits == start + 20
+        assert sorted(r["phase"] for r in RecordingHook.records) == ["post"] * 10 + ["pre"] * 10
     finally:
         harness.close()
 
 
-def test_a_failed_fsync_of_the_state_fails_every_durable_operation_after_it(monkeypatch):
+def test_no_record_or_signal_shows_an_outcome_before_it_is_on_disk(monkeypatch):
+    """The spool keeps the intent's seq, so Extend's intent needs no fsync
+    and its pre record is shown at once; its outcome's record (a file in
+    the spool) and the observers' events wait for the fsync of its commit."""
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, tests.testhooks:RecordingHook"))
+    try:
+        store = harness.engine.store
+        share = harness.create("late")
+        spool = os.path.join(harness.root, "spool", "storage1")
+        posts = lambda: [n for n in os.listdir(spool) if n.endswith("-post-extend_share.json")]  # noqa: E731
+        calls, entered, release = gate_fsyncs(store, monkeypatch)
+        harness.obs.events.clear()
+
+        async def main():
+            task = asyncio.ensure_future(harness.engine.extend_share(share.id, 2, {}))
+            assert await asyncio.to_thread(entered.wait, 30)   # the outcome's fsync
+            assert store.get_share(share.id).size_gib == 2      # committed...
+            await asyncio.sleep(0.2)                            # (a staged write's time)
+            assert posts() == [] and not task.done()            # ...and shown to no one
+            assert [r["phase"] for r in RecordingHook.records
+                    if r["method"] == "extend_share"] == ["pre"]
+            seen = list(harness.obs.events)
+            release.set()
+            await task
+            return seen
+        seen = harness.run(main())
+        assert ("share_changed", share.id) in seen        # the intent (extending)
+        assert harness.obs.events.count(("share_changed", share.id)) == 2
+        assert len(posts()) == 1 and len(calls) == 1
+    finally:
+        harness.close()
+
+
+def test_a_failed_fsync_of_the_state_stops_every_commit_after_it(monkeypatch):
     """After a failed fsync the kernel may have dropped the pages: no retry
-    can tell what is on disk. Each later durable operation gets a named
-    error until sharedd is restarted (start-up recovery settles the intents
-    it left)."""
-    from sharedd import store as store_mod
+    can tell what is on disk. The operation gets a named error, and nothing
+    commits after it until sharedd is restarted (start-up recovery settles
+    the intent it left)."""
     harness = Harness()
     try:
+        store = harness.engine.store
         shares = [harness.create(f"eio{i}") for i in range(3)]
 
-        def eio(path):
+        def eio(fd):
             raise OSError(5, "Input/output error")
-        monkeypatch.setattr(store_mod, "_fsync", eio)
-        for share in shares[:2]:
-            with pytest.raises(SharedError, match="writing the state database to disk failed"):
+        monkeypatch.setattr(os, "fdatasync", eio)
+        with pytest.raises(SharedError, match="writing the state database to disk failed"):
+            harness.run(harness.engine.extend_share(shares[0].id, 2, {}))
+        assert harness.engine.share(shares[0].id).status == C.STATUS_EXTENDING
+        monkeypatch.undo()
+        commits = store._commits
+        for share in shares[1:]:
+            with pytest.raises(SharedError, match="restart sharedd"):
                 harness.run(harness.engine.extend_share(share.id, 2, {}))
-        monkeypatch.setattr(store_mod, "_fsync", lambda path: None)
         with pytest.raises(SharedError, match="restart sharedd"):
-            harness.run(harness.engine.extend_share(shares[2].id, 2, {}))
-        assert harness.engine.share(shares[2].id).size_gib == 1   # the driver was not called
+            harness.run(harness.engine.run_periodic_hooks({}))
+        assert store._commits == commits
+        assert [harness.engine.share(s.id).status for s in shares[1:]] == [C.STATUS_AVAILABLE] * 2
     finally:
         harness.close()
 

@@ -167,7 +167,7 @@ def test_a_periodic_state_is_read_from_a_view_while_the_loop_goes_on(tmp_path, m
     real = Store.periodic_state
 
     def periodic_state(self, backend):
-        readers.append(threading.current_thread())
+        readers.append((threading.current_thread(), int(self._meta("seq"))))
         reading.set()
         assert go_on.wait(30)
         return real(self, backend)
@@ -182,10 +182,12 @@ def test_a_periodic_state_is_read_from_a_view_while_the_loop_goes_on(tmp_path, m
             go_on.set()
             await periodic
         loop.run_until_complete(run())
-        assert len(readers) == 1 and readers[0] is not threading.main_thread()
         files = list(spool_files(root).values())
         periodic = [r for r in files if r["phase"] == "periodic"]
         assert len(periodic) == 1
+        # read in a worker thread, from the state right after its seq was taken
+        assert readers == [(readers[0][0], periodic[0]["seq"])]
+        assert readers[0][0] is not threading.main_thread()
         assert sorted(s["name"] for s in periodic[0]["shares"]) == ["s0", "s1"]
         late = [r for r in files if (r.get("share") or {}).get("name") == "late"]
         assert [r["phase"] for r in late] == ["post"]

@@ -61,25 +61,38 @@ def test_totals_follow_every_change(tmp_path):
 
 def test_a_commit_reaches_the_disk_by_an_fsync_of_the_wal_now_or_with_synced(tmp_path,
                                                                             monkeypatch):
-    """tx() fsyncs the WAL before it returns (what synchronous=FULL adds in
-    WAL mode); tx(durable=False) does not, and synced() then puts every such
-    commit on disk with one fsync. A transaction that fails commits nothing
-    and leaves nothing to sync."""
+    """tx() fdatasyncs the WAL before it returns (what synchronous=FULL adds
+    in WAL mode); tx(durable=False) does not, and synced() then puts every
+    such commit on disk with one fdatasync. A transaction that fails commits
+    nothing and leaves nothing to sync. The WAL is the one beside the file
+    the database's path leads to (here through a symlink)."""
     import asyncio
-    from sharedd import store as store_mod
-    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    real = os.path.join(tmp_path, "real", "sharedd.db")
+    os.makedirs(os.path.dirname(real))
+    link = os.path.join(tmp_path, "state", "sharedd.db")
+    os.makedirs(os.path.dirname(link))
+    os.symlink(real, link)
+    st = Store(link)
     assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 1      # NORMAL
+    wal = os.stat(real + "-wal")
+    assert (os.fstat(st._wal_fd).st_dev, os.fstat(st._wal_fd).st_ino) == (wal.st_dev, wal.st_ino)
+    assert not os.path.exists(link + "-wal")
     synced = []
-    monkeypatch.setattr(store_mod, "_fsync", lambda path, directory=False: synced.append(path))
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        synced.append(fd)
+        real_fdatasync(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     with st.tx():
         st._set_meta("probe", "1")
-    assert synced == [st.path + "-wal"]
+    assert synced == [st._wal_fd]
     for value in ("2", "3"):
         with st.tx(durable=False):
             st._set_meta("probe", value)
     assert len(synced) == 1 and st._synced < st._commits
     asyncio.run(st.synced())
-    assert len(synced) == 2 and st._synced == st._commits
+    assert synced == [st._wal_fd] * 2 and st._synced == st._commits
     asyncio.run(st.synced())                  # nothing new: no fsync
     with pytest.raises(RuntimeError):
         with st.tx(durable=False):
@@ -88,7 +101,7 @@ def test_a_commit_reaches_the_disk_by_an_fsync_of_the_wal_now_or_with_synced(tmp
     asyncio.run(st.synced())
     assert len(synced) == 2 and st._meta("probe") == "3"
     st.close()
-    assert Store(os.path.join(tmp_path, "state", "sharedd.db"))._meta("probe") == "3"
+    assert Store(link)._meta("probe") == "3"
 
 
 def test_a_database_from_before_squash_opens_and_one_from_the_future_does_not(tmp_path):
