@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import urllib.parse
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -209,9 +210,26 @@ class Store:
         self._sync: Optional["asyncio.Future[None]"] = None
         self._sync_error = ""   # why an fsync failed: nothing commits after it
         self._syncer: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # One fdatasync at a time: the kernel reports a writeback error to
+        # the first caller only, so a second one running beside it could
+        # return 0 for pages that were lost.
+        self._fsync_lock = threading.Lock()
         self._wal_fd = -1
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open(path)
+        except BaseException as exc:
+            self.db.close()
+            if self._wal_fd >= 0:
+                os.close(self._wal_fd)
+            if isinstance(exc, (OSError, SharedError)):
+                raise StoreError(f"{path}: cannot open the state database: {exc}") from None
+            raise
+
+    def _open(self, path: str) -> None:
+        """Schema, pragmas and the WAL's descriptor (Store() closes the
+        connection if this fails)."""
         self.db.row_factory = sqlite3.Row
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -265,6 +283,9 @@ class Store:
         self._synced = self._commits
 
     def close(self) -> None:
+        # An operation still running (stop's wait timed out) gets a named
+        # error from tx() and synced(), not one from a closed connection.
+        self._sync_error = self._sync_error or "the state database is closed (sharedd is stopping)"
         self.db.close()
         if self._syncer is not None:
             self._syncer.shutdown(wait=True)
@@ -282,6 +303,7 @@ class Store:
         view = Store.__new__(Store)
         view.path, view.epoch = self.path, self.epoch
         view._sync_error, view._syncer, view._wal_fd = "a view is read-only", None, -1
+        view._fsync_lock = threading.Lock()
         view.db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True,
                                   isolation_level=None, check_same_thread=False)
         try:
@@ -347,15 +369,16 @@ class Store:
 
     def _fsync_wal(self) -> None:
         """fdatasync the WAL (thread-safe). A failure is kept: see synced()."""
-        if self._sync_error:
-            raise SharedError(self._sync_error)
-        try:
-            os.fdatasync(self._wal_fd)
-        except OSError as exc:
-            self._sync_error = (f"writing the state database to disk failed ({exc}); "
-                                "restart sharedd")
-            log.critical("%s", self._sync_error)
-            raise SharedError(self._sync_error) from None
+        with self._fsync_lock:
+            if self._sync_error:
+                raise SharedError(self._sync_error)
+            try:
+                os.fdatasync(self._wal_fd)
+            except OSError as exc:
+                self._sync_error = (f"writing the state database to disk failed ({exc}); "
+                                    "restart sharedd")
+                log.critical("%s", self._sync_error)
+                raise SharedError(self._sync_error) from None
 
     def _meta(self, key: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

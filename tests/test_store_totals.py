@@ -168,3 +168,18 @@ def test_per_operation_lookups_read_no_whole_table(tmp_path):
         plan = " ".join(str(tuple(r)) for r in st.db.execute("EXPLAIN QUERY PLAN " + sql))
         assert "SCAN shares" not in plan, (sql, plan)
     st.close()
+
+
+def test_a_closed_store_refuses_a_commit_with_a_named_error(tmp_path):
+    """An operation still running when stop closes the store (its wait timed
+    out) gets sharedd's error, not the closed connection's."""
+    import asyncio
+    from sharedd.errors import SharedError
+    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    st.close()
+    with pytest.raises(SharedError, match="closed"):
+        with st.tx(durable=False):
+            pass
+    st._commits += 1   # a commit made before the close, not yet synced
+    with pytest.raises(SharedError, match="closed"):
+        asyncio.run(st.synced())
