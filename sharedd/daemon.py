@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any
+from typing import Any, List
 
 from . import config as config_mod
 from .engine import Engine
@@ -71,8 +71,10 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         notifier.notify("READY=1")
     loop.add_signal_handler(signal.SIGHUP, reload)
 
+    failed: List[str] = []     # why sharedd stops on its own: exit non-zero
     tasks = [asyncio.create_task(_watchdog(notifier, engine, service)),
-             asyncio.create_task(_bus_lost(service, stop))]
+             asyncio.create_task(_bus_lost(service, stop, failed)),
+             asyncio.create_task(_state_lost(engine, stop, failed))]
     await stop.wait()
     notifier.notify("STOPPING=1")
     notifier.notify("STATUS=stopping")
@@ -81,7 +83,7 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         t.cancel()
     await service.close()
     await engine.stop()
-    return 0 if not getattr(service, "lost", False) else 1
+    return 1 if failed else 0
 
 
 async def _watchdog(notifier: Notifier, engine: Engine, service: Any) -> None:
@@ -111,12 +113,20 @@ async def _starting(notifier: Notifier, engine: Engine) -> None:
         notifier.notify(f"STATUS=starting: {engine.status()}")
 
 
-async def _bus_lost(service: Any, stop: asyncio.Event) -> None:
+async def _bus_lost(service: Any, stop: asyncio.Event, failed: List[str]) -> None:
     try:
         await service.bus.wait_for_disconnect()
     except Exception as exc:   # a connection that failed is lost all the same
         log.error("the system bus connection failed: %s", exc)
     if not stop.is_set():
         log.error("lost the connection to the system bus; exiting so systemd restarts us")
-        service.lost = True
+        failed.append("bus")
+        stop.set()
+
+
+async def _state_lost(engine: Engine, stop: asyncio.Event, failed: List[str]) -> None:
+    why = await engine.state_lost()
+    if not stop.is_set():
+        log.critical("%s; exiting so systemd restarts us", why)
+        failed.append("state")
         stop.set()

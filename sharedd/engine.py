@@ -16,7 +16,7 @@ and is never enforced again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import time
@@ -255,6 +255,13 @@ class Engine:
         if self._started:
             self.snapshot_ops.scheduler.changed()   # a backend's schedule may have changed
         return pending
+
+    async def state_lost(self) -> str:
+        """Returns once the state database cannot be written safely any more
+        (a failed fsync), saying why: the daemon then exits for systemd to
+        restart it, and start-up recovery goes on from what the disk holds."""
+        await self.store.lost.wait()
+        return self.store.failure
 
     def status(self) -> str:
         if not self._started:
@@ -503,14 +510,15 @@ class Engine:
             return
         # A record must never show an older state than a record with a lower
         # seq: the seqs are taken and a view of the state at that moment is
-        # opened with no await between them. Their number comes from counts;
-        # the state itself (about 25 ms per 1,000 shares) is read from the
-        # view in a worker thread while the loop goes on.
+        # opened with no await between them (Store.read opens it before its
+        # first await). Their number comes from counts; the state itself
+        # (about 25 ms per 1,000 shares) is read from the view in the store's
+        # reader thread while the loop goes on.
         with self.store.tx(durable=False):
             seqs = [self.store.next_seq()
                     for _ in range(records.periodic_parts(**self.store.periodic_counts(b.name)))]
-        view = self.store.view()
-        shares, rules, exports = await asyncio.to_thread(_periodic_state, view, b.name)
+        shares, rules, exports = await self.store.read(
+            functools.partial(Store.periodic_state, backend=b.name))
         exported = {s.id: b.snapshot_exports(s, exports[s.id]) for s in shares if s.id in exports}
         await self.store.synced()    # the seqs on disk before a record shows them
         await b.periodic(self.host_id, self.store.epoch, seqs, shares, rules, exported)
@@ -928,14 +936,6 @@ class Engine:
             await self.replications.ensure([b.name for b in chosen])
         await self.snapshot_access.ensure_all([b.name for b in chosen])
         await self.snapshot_ops.ensure_views([b.name for b in chosen])
-
-
-def _periodic_state(view: Store, backend: str) -> Tuple[
-        List[Share], Dict[str, List[AccessRule]],
-        Dict[str, List[Tuple[Snapshot, List[AccessRule]]]]]:
-    """In a worker thread: the view is read, then closed (whatever happens)."""
-    with contextlib.closing(view):
-        return view.periodic_state(backend)
 
 
 def _nothing(*_: Any) -> None:

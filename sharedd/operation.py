@@ -114,6 +114,8 @@ class Runner:
         except BaseException:
             self._withdraw(changes)
             raise
+        for written in changes.after_write:
+            written()
 
     def _publish(self, changes: Changes) -> None:
         """Staged records shown, observers told."""
@@ -151,6 +153,7 @@ class Runner:
             op.backend.hooks.stage(self.record(op, phase, seq, result), staged)
         except record_schema.RecordError as exc:
             return exc
+        tx.after_write.append(staged.written)
         tx.after_commit.append(staged.committed)
         return staged
 

@@ -143,13 +143,15 @@ class Changes:
     Objects passed in are updated in place, so the caller's copies tell the
     new state. `events` lists (observer method, argument) pairs to deliver
     after COMMIT; `after_commit` callables are told, first, whether the
-    COMMIT was done.
+    COMMIT was done (once it is on disk, for a commit published after its
+    fsync); `after_write` ones when the COMMIT is done, before that fsync.
     """
 
     def __init__(self, store: Store):
         self.store = store
         self.events: List[Tuple[str, Any]] = []
         self.after_commit: List[Callable[[bool], None]] = []
+        self.after_write: List[Callable[[], None]] = []
 
     def _event(self, name: str, arg: Any) -> None:
         if (name, arg) not in self.events:

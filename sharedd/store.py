@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import urllib.parse
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from . import constants as C
 from .errors import ConfigError, SharedError
@@ -29,6 +29,8 @@ from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot,
                      ShareServer, Snapshot)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 6   # 2: rules have squash, anonuid, anongid; 3: share networks and servers;
 #                      4: replicas; 5: snapshot policies, share groups; 6: snapshot access
@@ -209,7 +211,14 @@ class Store:
         self._commits = self._synced = 0
         self._sync: Optional["asyncio.Future[None]"] = None
         self._sync_error = ""   # why an fsync failed: nothing commits after it
+        self._fsync_failed = False
+        # Set (on the event loop) once an fsync failed: sharedd exits for
+        # systemd to restart it, and start-up reads what the disk holds.
+        self.lost = asyncio.Event()
         self._syncer: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # Large reads of a view (read()) have their own thread too: an open
+        # view holds back checkpoints, so it never waits for a pool's turn.
+        self._reader: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # One fdatasync at a time: the kernel reports a writeback error to
         # the first caller only, so a second one running beside it could
         # return 0 for pages that were lost.
@@ -287,8 +296,9 @@ class Store:
         # error from tx() and synced(), not one from a closed connection.
         self._sync_error = self._sync_error or "the state database is closed (sharedd is stopping)"
         self.db.close()
-        if self._syncer is not None:
-            self._syncer.shutdown(wait=True)
+        for pool in (self._syncer, self._reader):
+            if pool is not None:
+                pool.shutdown(wait=True)
         if self._wal_fd >= 0:
             os.close(self._wal_fd)
             self._wal_fd = -1
@@ -315,6 +325,25 @@ class Store:
             raise
         return view
 
+    async def read(self, fn: Callable[["Store"], T]) -> T:
+        """fn(view) in the store's reader thread, on a view() of the state as
+        it is when read() is called (it opens the view before its first
+        await: await it right after the transaction it must follow); the
+        view is closed after, whatever happens."""
+        view = self.view()
+        try:
+            if self._reader is None:
+                self._reader = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="sharedd-state-read")
+            read = asyncio.get_running_loop().run_in_executor(
+                self._reader, _read_and_close, view, fn)
+        except BaseException:
+            view.db.close()
+            raise
+        # A cancelled caller leaves the read to finish: the thread closes the view.
+        read.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(read)
+
     @contextlib.contextmanager
     def tx(self, durable: bool = True) -> Iterator[None]:
         """A transaction; durable: on disk when it returns (the WAL fsynced
@@ -333,7 +362,10 @@ class Store:
         self._commits += 1
         if durable:
             upto = self._commits
-            self._fsync_wal()
+            try:
+                self._fsync_wal()
+            finally:
+                self._lost_if_failed()
             self._synced = max(self._synced, upto)
 
     async def synced(self) -> None:
@@ -366,6 +398,16 @@ class Store:
             self._synced = max(self._synced, upto)
         finally:
             self._sync = None
+            self._lost_if_failed()
+
+    def _lost_if_failed(self) -> None:
+        if self._fsync_failed:
+            self.lost.set()
+
+    @property
+    def failure(self) -> str:
+        """Why nothing commits any more ("" while commits work)."""
+        return self._sync_error
 
     def _fsync_wal(self) -> None:
         """fdatasync the WAL (thread-safe). A failure is kept: see synced()."""
@@ -375,6 +417,7 @@ class Store:
             try:
                 os.fdatasync(self._wal_fd)
             except OSError as exc:
+                self._fsync_failed = True
                 self._sync_error = (f"writing the state database to disk failed ({exc}); "
                                     "restart sharedd")
                 log.critical("%s", self._sync_error)
@@ -968,3 +1011,9 @@ class Store:
             if snap is not None:
                 out.append((snap, self.snapshot_rules(snapshot_id)))
         return out
+
+
+def _read_and_close(view: Store, fn: Callable[[Store], T]) -> T:
+    """In the reader thread (Store.read)."""
+    with contextlib.closing(view.db):
+        return fn(view)

@@ -990,6 +990,27 @@ def test_no_record_or_signal_shows_an_outcome_before_it_is_on_disk(monkeypatch):
         harness.close()
 
 
+def test_a_slow_fsync_is_not_taken_for_a_hung_hook(monkeypatch):
+    """hook_timeout bounds a hook's call, not the disk: a staged record whose
+    commit waits for a shared fsync longer than hook_timeout is still put in
+    place once that fsync is done, and the call succeeds."""
+    import threading
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, tests.testhooks:RecordingHook"))
+    try:
+        store = harness.engine.store
+        share = harness.create("slowdisk")
+        harness.engine.backends["sim"].config.values["hook_timeout"] = 0.3
+        spool = os.path.join(harness.root, "spool", "storage1")
+        calls, entered, release = gate_fsyncs(store, monkeypatch)
+        threading.Timer(1.0, release.set).start()       # the outcome's fsync: 1 s
+        harness.run(harness.engine.extend_share(share.id, 2, {}))
+        assert len(calls) == 1 and harness.engine.share(share.id).size_gib == 2
+        assert [n for n in os.listdir(spool) if n.endswith("-post-extend_share.json")]
+    finally:
+        harness.close()
+
+
 def test_a_failed_fsync_of_the_state_stops_every_commit_after_it(monkeypatch):
     """After a failed fsync the kernel may have dropped the pages: no retry
     can tell what is on disk. The operation gets a named error, and nothing

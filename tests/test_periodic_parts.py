@@ -187,7 +187,7 @@ def test_a_periodic_state_is_read_from_a_view_while_the_loop_goes_on(tmp_path, m
         assert len(periodic) == 1
         # read in a worker thread, from the state right after its seq was taken
         assert readers == [(readers[0][0], periodic[0]["seq"])]
-        assert readers[0][0] is not threading.main_thread()
+        assert readers[0][0].name.startswith("sharedd-state-read")
         assert sorted(s["name"] for s in periodic[0]["shares"]) == ["s0", "s1"]
         late = [r for r in files if (r.get("share") or {}).get("name") == "late"]
         assert [r["phase"] for r in late] == ["post"]
@@ -215,3 +215,18 @@ def test_a_periodic_state_takes_as_many_seqs_as_its_counts_need(tmp_path, monkey
         # 3 shares and 4 rules: 3 * 2048 + 4 * 320 bytes in parts of 3328: 3.
         assert [len(r["shares"]) for r in periodic] == [1, 1, 1]
         assert len(periodic[0]["shares"][0]["access_rules"]) == 4
+
+
+def test_no_part_is_empty_while_there_are_shares_enough():
+    """Costs of uneven shares, or a part count from an upper bound (rules
+    of other backends counted): every part still gets a share, in order."""
+    from types import SimpleNamespace
+    from sharedd.hooks import records
+    shares = [SimpleNamespace(id=f"s{i}") for i in range(5)]
+    heavy = {"s0": [object()] * 40}           # split counts a share's rules
+    for parts in range(1, 6):
+        for rules in ({}, heavy):
+            runs = records.split(shares, rules, parts)
+            assert len(runs) == parts and all(runs), (parts, [len(r) for r in runs])
+            assert [s for run in runs for s in run] == shares
+    assert [len(r) for r in records.split(shares[:2], {}, 3)] == [1, 1, 0]

@@ -39,23 +39,34 @@ def hook_class(spec: str) -> type:
 
 class Staged:
     """A hook record the first hook takes while the transaction that took its
-    seq commits (HookManager.stage); committed() says how the commit went."""
+    seq commits (HookManager.stage); written() says its COMMIT is done (its
+    fsync may still run), committed() how the commit went, once published."""
 
     def __init__(self) -> None:
         self.record: Dict[str, Any] = {}
         self.future: Optional["asyncio.Future[Any]"] = None   # the first hook's call
+        self._written = threading.Event()
         self._done = threading.Event()
         self._ok = False
 
+    def written(self) -> None:
+        self._written.set()
+
     def committed(self, ok: bool) -> None:
         self._ok = ok
+        self._written.set()
         self._done.set()
 
     def wait(self, timeout: float) -> bool:
         """In the hook's worker thread: whether the transaction was done
-        (TimeoutError if it is still running after timeout seconds)."""
-        if not self._done.wait(timeout):
+        (TimeoutError if its COMMIT is still running after timeout seconds).
+        The wait for its fsync has no limit of its own: it is shared with
+        every operation's commits and committed() ends it on every path (the
+        runner withdraws on failure and cancellation); hook_timeout bounds
+        the hook's call from publication on, not the disk."""
+        if not self._written.wait(timeout):
             raise TimeoutError(f"the transaction was not done after {timeout:g} s")
+        self._done.wait()
         return self._ok
 
 

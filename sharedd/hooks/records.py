@@ -151,13 +151,16 @@ def _cost(s: Share, rules: Dict[str, List[AccessRule]], snapshots: Optional[Expo
 
 def split(shares: List[Share], rules: Dict[str, List[AccessRule]], parts: int,
           snapshots: Optional[Exports] = None) -> List[List[Share]]:
-    """shares in parts runs (in order) of about equal estimated size."""
+    """shares in parts runs (in order) of about equal estimated size; none
+    empty while there are as many shares as parts (every part costs a seq,
+    and the part count may come from an upper bound: Store.periodic_counts)."""
     target = -(-sum(_cost(s, rules, snapshots) for s in shares) // parts) if shares else 0
     out: List[List[Share]] = [[] for _ in range(parts)]
     i, size = 0, 0
-    for s in shares:
+    for k, s in enumerate(shares):
         cost = _cost(s, rules, snapshots)
-        if size and size + cost > target and i < parts - 1:
+        parts_after = parts - 1 - i
+        if size and parts_after and (size + cost > target or len(shares) - k <= parts_after):
             i, size = i + 1, 0
         out[i].append(s)
         size += cost
