@@ -158,6 +158,11 @@ HOOK_METHODS = (
 #: seconds a driver's capacity figures serve the capacity checks of creates
 #: and extends (the totals of provisioned GiB are always current)
 CAPACITY_STATS_MAX_AGE = 1.0
+#: seconds a staged hook record's thread waits, after its COMMIT, for the
+#: shared fsync that lets it be shown (longer is a dead disk: dropped)
+STAGED_FSYNC_WAIT = 300.0
+#: threads for staged hook records (each waits for its commit's fsync)
+STAGED_THREADS = 32
 #: seconds between two PropertiesChanged of one backend's Stats (the last
 #: state is always announced); a Get always reads the current figures
 BACKEND_SIGNAL_INTERVAL = 0.5

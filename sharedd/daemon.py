@@ -45,6 +45,8 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         raise StartupError(str(exc)) from None
     finally:
         progress.cancel()
+    if engine.state_failure():     # (start-up's own errors are logged, and it goes on)
+        raise StartupError(engine.state_failure())
     try:
         await service.publish(engine)
     except BusStartupError as exc:
@@ -83,7 +85,7 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         t.cancel()
     await service.close()
     await engine.stop()
-    return 1 if failed else 0
+    return 1 if failed or engine.state_failure() else 0
 
 
 async def _watchdog(notifier: Notifier, engine: Engine, service: Any) -> None:

@@ -258,10 +258,15 @@ class Engine:
 
     async def state_lost(self) -> str:
         """Returns once the state database cannot be written safely any more
-        (a failed fsync), saying why: the daemon then exits for systemd to
-        restart it, and start-up recovery goes on from what the disk holds."""
+        (its disk failed a write or an fsync), saying why: the daemon then
+        exits for systemd to restart it, and start-up recovery goes on from
+        what the disk holds."""
         await self.store.lost.wait()
         return self.store.failure
+
+    def state_failure(self) -> str:
+        """Why the state database's disk failed ("" if it has not)."""
+        return self.store.failure if self._started else ""
 
     def status(self) -> str:
         if not self._started:

@@ -210,14 +210,14 @@ class Store:
         # of their own (never queued behind driver calls or hook writes).
         self._commits = self._synced = 0
         self._sync: Optional["asyncio.Future[None]"] = None
-        self._sync_error = ""   # why an fsync failed: nothing commits after it
-        self._fsync_failed = False
-        # Set (on the event loop) once an fsync failed: sharedd exits for
+        self._sync_error = ""   # why nothing commits any more (a failed write, closed)
+        self._broken = False    # the disk failed us (see _break)
+        # Set (on the event loop) once the disk failed us: sharedd exits for
         # systemd to restart it, and start-up reads what the disk holds.
         self.lost = asyncio.Event()
         self._syncer: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        # Large reads of a view (read()) have their own thread too: an open
-        # view holds back checkpoints, so it never waits for a pool's turn.
+        # Large reads of a view (read()) have their own thread too, not
+        # queued behind driver calls: an open view holds back checkpoints.
         self._reader: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # One fdatasync at a time: the kernel reports a writeback error to
         # the first caller only, so a second one running beside it could
@@ -294,7 +294,9 @@ class Store:
     def close(self) -> None:
         # An operation still running (stop's wait timed out) gets a named
         # error from tx() and synced(), not one from a closed connection.
-        self._sync_error = self._sync_error or "the state database is closed (sharedd is stopping)"
+        with self._fsync_lock:     # (a failing fsync's reason is kept)
+            self._sync_error = self._sync_error or \
+                "the state database is closed (sharedd is stopping)"
         self.db.close()
         for pool in (self._syncer, self._reader):
             if pool is not None:
@@ -330,6 +332,8 @@ class Store:
         it is when read() is called (it opens the view before its first
         await: await it right after the transaction it must follow); the
         view is closed after, whatever happens."""
+        if self._sync_error:
+            raise SharedError(self._sync_error)
         view = self.view()
         try:
             if self._reader is None:
@@ -352,13 +356,22 @@ class Store:
         or synced(). After a failed fsync nothing commits (SharedError)."""
         if self._sync_error:
             raise SharedError(self._sync_error)
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # A read or write error of the disk (not a full one): as final
+            # as a failed fsync, since what reached the disk is unknown.
+            if getattr(exc, "sqlite_errorcode", 0) & 0xff != sqlite3.SQLITE_IOERR:
+                raise
+            self._break(str(exc))
+            self._lost_if_failed()
+            raise SharedError(self._sync_error) from None
         self._commits += 1
         if durable:
             upto = self._commits
@@ -401,13 +414,13 @@ class Store:
             self._lost_if_failed()
 
     def _lost_if_failed(self) -> None:
-        if self._fsync_failed:
+        if self._broken:
             self.lost.set()
 
     @property
     def failure(self) -> str:
-        """Why nothing commits any more ("" while commits work)."""
-        return self._sync_error
+        """Why the disk failed us ("" while it has not; see lost)."""
+        return self._sync_error if self._broken else ""
 
     def _fsync_wal(self) -> None:
         """fdatasync the WAL (thread-safe). A failure is kept: see synced()."""
@@ -417,11 +430,15 @@ class Store:
             try:
                 os.fdatasync(self._wal_fd)
             except OSError as exc:
-                self._fsync_failed = True
-                self._sync_error = (f"writing the state database to disk failed ({exc}); "
-                                    "restart sharedd")
-                log.critical("%s", self._sync_error)
+                self._break(str(exc))
                 raise SharedError(self._sync_error) from None
+
+    def _break(self, why: str) -> None:
+        """The disk failed a write or a read (any thread): nothing commits
+        any more; the loop's caller then sets lost (_lost_if_failed)."""
+        self._broken = True
+        self._sync_error = f"writing the state database to disk failed ({why}); restart sharedd"
+        log.critical("%s", self._sync_error)
 
     def _meta(self, key: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

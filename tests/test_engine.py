@@ -1011,6 +1011,38 @@ def test_a_slow_fsync_is_not_taken_for_a_hung_hook(monkeypatch):
         harness.close()
 
 
+def test_staged_records_waiting_for_the_disk_leave_the_worker_pool_free(monkeypatch):
+    """Each staged record's thread waits for its commit's fsync; with eight
+    operations waiting for a held fsync, the default pool (driver and hook
+    calls) still runs work: those threads are the staged records' own."""
+    import threading
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, tests.testhooks:RecordingHook"))
+    try:
+        store = harness.engine.store
+        shares = [harness.create(f"pool{i}") for i in range(8)]
+        calls, entered, release = gate_fsyncs(store, monkeypatch)
+        start = store._commits
+
+        async def main():
+            tasks = [asyncio.ensure_future(harness.engine.extend_share(s.id, 2, {}))
+                     for s in shares]
+            assert await asyncio.to_thread(entered.wait, 30)
+            await commits_reach(store, start + 16)     # every intent and outcome committed
+            assert store._commits == start + 16
+            await asyncio.sleep(0.2)                   # (their staged writes wait)
+            waiting = [t.name for t in threading.enumerate() if t.name.startswith("sharedd-staged")]
+            ran = await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 10)
+            release.set()
+            await asyncio.gather(*tasks)
+            return waiting, ran
+        waiting, ran = harness.run(main())
+        assert ran == "ran" and len(waiting) >= 8
+        assert all(harness.engine.share(s.id).size_gib == 2 for s in shares)
+    finally:
+        harness.close()
+
+
 def test_a_failed_fsync_of_the_state_stops_every_commit_after_it(monkeypatch):
     """After a failed fsync the kernel may have dropped the pages: no retry
     can tell what is on disk. The operation gets a named error, and nothing

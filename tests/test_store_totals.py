@@ -183,3 +183,46 @@ def test_a_closed_store_refuses_a_commit_with_a_named_error(tmp_path):
     st._commits += 1   # a commit made before the close, not yet synced
     with pytest.raises(SharedError, match="closed"):
         asyncio.run(st.synced())
+
+
+def test_a_disk_error_inside_a_commit_is_final_and_a_full_disk_is_not(tmp_path):
+    """SQLite's own read or write of the disk failing (SQLITE_IOERR) leaves
+    what reached the disk unknown, as a failed fsync does: nothing commits
+    after it and lost is set (sharedd exits for a restart). A full disk
+    (SQLITE_FULL) is only that commit's error."""
+    import sqlite3
+    from sharedd.errors import SharedError
+    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    real = st.db
+
+    class Failing:
+        code = sqlite3.SQLITE_FULL
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                exc = sqlite3.OperationalError("database or disk is full")
+                exc.sqlite_errorcode = self.code
+                raise exc
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+    try:
+        st.db = Failing()
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            with st.tx(durable=False):
+                st.next_seq()
+        real.execute("ROLLBACK")
+        assert not st.lost.is_set() and st.failure == ""
+        Failing.code = sqlite3.SQLITE_IOERR | (3 << 8)     # SQLITE_IOERR_WRITE
+        with pytest.raises(SharedError, match="writing the state database to disk failed"):
+            with st.tx(durable=False):
+                st.next_seq()
+        assert st.lost.is_set() and "disk failed" in st.failure
+        st.db = real
+        with pytest.raises(SharedError, match="restart sharedd"):
+            with st.tx(durable=False):
+                pass
+    finally:
+        st.db = real
+        st.close()

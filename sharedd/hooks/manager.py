@@ -8,11 +8,13 @@ delivered in order because the engine serialises operations per share.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from .. import constants as C
 from .. import record as record_schema
 from ..drivers import load_class
 from ..errors import BackendFailure, ConfigError
@@ -60,14 +62,30 @@ class Staged:
     def wait(self, timeout: float) -> bool:
         """In the hook's worker thread: whether the transaction was done
         (TimeoutError if its COMMIT is still running after timeout seconds).
-        The wait for its fsync has no limit of its own: it is shared with
-        every operation's commits and committed() ends it on every path (the
-        runner withdraws on failure and cancellation); hook_timeout bounds
-        the hook's call from publication on, not the disk."""
+        The wait for its fsync is not bounded by hook_timeout (which bounds
+        the hook's call from publication on, not the disk): the fsync is
+        shared with every operation's commits, and committed() ends the wait
+        on every path (the runner withdraws on failure and cancellation)."""
         if not self._written.wait(timeout):
             raise TimeoutError(f"the transaction was not done after {timeout:g} s")
-        self._done.wait()
+        if not self._done.wait(C.STAGED_FSYNC_WAIT):
+            raise TimeoutError(f"the transaction was not on disk after "
+                               f"{C.STAGED_FSYNC_WAIT:g} s")
         return self._ok
+
+
+_STAGED: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _staged_writers() -> concurrent.futures.ThreadPoolExecutor:
+    """The staged records' threads. Each waits for its commit's fsync: not
+    in the default pool, where driver and hook calls would queue behind the
+    disk. One pool for the process (threads come and go as needed)."""
+    global _STAGED
+    if _STAGED is None:
+        _STAGED = concurrent.futures.ThreadPoolExecutor(
+            C.STAGED_THREADS, thread_name_prefix="sharedd-staged")
+    return _STAGED
 
 
 class HookManager:
@@ -159,7 +177,8 @@ class HookManager:
             staged.record = self._finished(record)
             return first.write_staged(staged.record, staged.wait)
 
-        staged.future = asyncio.get_running_loop().run_in_executor(None, finish_and_write)
+        staged.future = asyncio.get_running_loop().run_in_executor(_staged_writers(),
+                                                                   finish_and_write)
         # read by pre()/post(); after a failed commit by nobody
         staged.future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
