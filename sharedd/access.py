@@ -172,6 +172,8 @@ def ensure_operation(store: Store, b: Backend, share: Share) -> Operation:
         for r in store.rules(share.id):   # not known to be applied: retried next time
             if r.state in (C.RULE_QUEUED_TO_APPLY, C.RULE_APPLYING):
                 tx.rule(share, r, C.RULE_ERROR)
+    # Restorable: ensure is what puts a share back after a crash, so its
+    # intent (rules retried) need not be on disk before the driver acts.
     return Operation("ensure_share", b, share=share, intent=intent, unblockable=True,
-                     call=lambda: b.call("ensure_share", share, applied),
+                     restorable=True, call=lambda: b.call("ensure_share", share, applied),
                      done=done, failed=failed)

@@ -893,6 +893,32 @@ def test_a_seq_the_spool_holds_is_never_handed_out_again(first, monkeypatch):
         harness.close()
 
 
+def test_ensure_waits_for_the_disk_once_per_share(monkeypatch):
+    """Ensure is what puts a share back after a crash, so its intent need
+    not reach the disk before the driver acts (the spool keeps its pre
+    record's seq): one shared fsync per share, for its outcome."""
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, tests.testhooks:RecordingHook"))
+    try:
+        store = harness.engine.store
+        shares = [harness.create(f"ens{i}") for i in range(3)]
+        waits = []
+        real = store.synced
+
+        def synced():
+            waits.append(store._commits)
+            return real()
+        monkeypatch.setattr(store, "synced", synced)
+        RecordingHook.records.clear()
+        harness.run(harness.engine.ensure_all())
+        ensures = [r for r in RecordingHook.records if r["method"] == "ensure_share"]
+        assert sorted(r["phase"] for r in ensures) == ["post"] * 3 + ["pre"] * 3
+        assert len(waits) == len(shares)
+        assert store._synced == store._commits
+    finally:
+        harness.close()
+
+
 def gate_fsyncs(store, monkeypatch):
     """Store's WAL fsyncs, recorded (the commits made when each started, and
     its thread); the first one waits for release. Returns (calls, entered,
