@@ -162,7 +162,7 @@ CAPACITY_STATS_MAX_AGE = 1.0
 #: shared fsync that lets it be shown (longer is a dead disk: dropped)
 STAGED_FSYNC_WAIT = 300.0
 #: threads for staged hook records (each waits for its commit's fsync)
-STAGED_THREADS = 32
+STAGED_THREADS = 64
 #: seconds between two PropertiesChanged of one backend's Stats (the last
 #: state is always announced); a Get always reads the current figures
 BACKEND_SIGNAL_INTERVAL = 0.5

@@ -10,7 +10,7 @@ from typing import Any, List
 
 from . import config as config_mod
 from .engine import Engine
-from .errors import AlreadyRunning, ConfigError
+from .errors import AlreadyRunning, ConfigError, SharedError
 from .notify import Notifier
 
 log = logging.getLogger("sharedd")
@@ -43,6 +43,10 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         await engine.start()
     except AlreadyRunning as exc:
         raise StartupError(str(exc)) from None
+    except SharedError:
+        if engine.state_failure():
+            raise StartupError(engine.state_failure()) from None
+        raise
     finally:
         progress.cancel()
     if engine.state_failure():     # (start-up's own errors are logged, and it goes on)

@@ -360,14 +360,14 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             # A read or write error of the disk (not a full one): as final
             # as a failed fsync, since what reached the disk is unknown.
-            if getattr(exc, "sqlite_errorcode", 0) & 0xff != sqlite3.SQLITE_IOERR:
+            if not _io_error(exc):
                 raise
             self._break(str(exc))
             self._lost_if_failed()
@@ -432,6 +432,20 @@ class Store:
             except OSError as exc:
                 self._break(str(exc))
                 raise SharedError(self._sync_error) from None
+
+    def _rollback(self) -> None:
+        """After a failed statement or COMMIT. SQLite has rolled back by
+        itself after an I/O error or a full disk; a ROLLBACK the disk fails
+        breaks the store (the first error is the one raised)."""
+        if not self.db.in_transaction:
+            return
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            if not _io_error(exc):
+                raise
+            self._break(str(exc))
+            self._lost_if_failed()
 
     def _break(self, why: str) -> None:
         """The disk failed a write or a read (any thread): nothing commits
@@ -1028,6 +1042,11 @@ class Store:
             if snap is not None:
                 out.append((snap, self.snapshot_rules(snapshot_id)))
         return out
+
+
+def _io_error(exc: sqlite3.Error) -> bool:
+    """SQLITE_IOERR, with any extended code."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xff == sqlite3.SQLITE_IOERR
 
 
 def _read_and_close(view: Store, fn: Callable[[Store], T]) -> T:

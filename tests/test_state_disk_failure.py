@@ -43,6 +43,7 @@ def state_disk():
         components.used("ext4 on a loop device (a state disk that fails)")
         yield root, image, mnt, device
     finally:
+        subprocess.run(["fsfreeze", "-u", mnt], capture_output=True, timeout=60)   # (if frozen)
         teardown_tree(root, [image])
 
 

@@ -186,21 +186,25 @@ def test_a_closed_store_refuses_a_commit_with_a_named_error(tmp_path):
 
 
 def test_a_disk_error_inside_a_commit_is_final_and_a_full_disk_is_not(tmp_path):
-    """SQLite's own read or write of the disk failing (SQLITE_IOERR) leaves
-    what reached the disk unknown, as a failed fsync does: nothing commits
-    after it and lost is set (sharedd exits for a restart). A full disk
-    (SQLITE_FULL) is only that commit's error."""
+    """SQLite's own read or write of the disk failing (SQLITE_IOERR, at
+    COMMIT or in a statement, after which SQLite has rolled back by itself)
+    leaves what reached the disk unknown, as a failed fsync does: nothing
+    commits after it and lost is set (sharedd exits for a restart). A full
+    disk (SQLITE_FULL) at COMMIT is only that commit's error: it is rolled
+    back and the next commit works."""
     import sqlite3
     from sharedd.errors import SharedError
     st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
     real = st.db
 
     class Failing:
-        code = sqlite3.SQLITE_FULL
+        fail_on, code, rolled_back = "COMMIT", sqlite3.SQLITE_FULL, False
 
         def execute(self, sql, *args):
-            if sql == "COMMIT":
-                exc = sqlite3.OperationalError("database or disk is full")
+            if sql == self.fail_on:
+                if self.rolled_back:
+                    real.execute("ROLLBACK")     # as SQLite does on an I/O error
+                exc = sqlite3.OperationalError("disk trouble")
                 exc.sqlite_errorcode = self.code
                 raise exc
             return real.execute(sql, *args)
@@ -209,16 +213,21 @@ def test_a_disk_error_inside_a_commit_is_final_and_a_full_disk_is_not(tmp_path):
             return getattr(real, name)
     try:
         st.db = Failing()
-        with pytest.raises(sqlite3.OperationalError, match="full"):
+        with pytest.raises(sqlite3.OperationalError, match="disk trouble"):
             with st.tx(durable=False):
                 st.next_seq()
-        real.execute("ROLLBACK")
+        assert not real.in_transaction
         assert not st.lost.is_set() and st.failure == ""
-        Failing.code = sqlite3.SQLITE_IOERR | (3 << 8)     # SQLITE_IOERR_WRITE
+        st.db = real
+        with st.tx(durable=False):
+            st.next_seq()
+        st.db = Failing()
+        Failing.fail_on, Failing.rolled_back = "SELECT value FROM meta WHERE key=?", True
+        Failing.code = sqlite3.SQLITE_IOERR | (1 << 8)     # SQLITE_IOERR_READ
         with pytest.raises(SharedError, match="writing the state database to disk failed"):
             with st.tx(durable=False):
                 st.next_seq()
-        assert st.lost.is_set() and "disk failed" in st.failure
+        assert st.lost.is_set() and "disk trouble" in st.failure
         st.db = real
         with pytest.raises(SharedError, match="restart sharedd"):
             with st.tx(durable=False):
