@@ -231,6 +231,7 @@ class Engine:
             log.warning("stopping with %d background task(s) still running", len(self._tasks))
         if self._started:
             await self.runner.wait_idle(timeout)
+            self.runner.withdraw_staged()
             self.store.close()
         if self.instances is not None:
             self.instances.close()   # the servers keep serving while sharedd is away

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import dataclasses
 import logging
 import time
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List,
-                    Mapping, Optional, Sequence, Union)
+                    Mapping, Optional, Sequence, Set, Union)
 
 from . import constants as C
 from . import record as record_schema
@@ -92,6 +93,7 @@ class Runner:
         self.host_id = host_id
         self._locks: Dict[str, asyncio.Lock] = {}
         self._inflight = 0
+        self._staged: Set[Staged] = set()    # staged records not yet told of their commit
         self._idle = asyncio.Event()
         self._idle.set()
         self.metrics: Any = None    # a sharedd.metrics.Registry, if counted
@@ -153,9 +155,21 @@ class Runner:
             op.backend.hooks.stage(self.record(op, phase, seq, result), staged)
         except record_schema.RecordError as exc:
             return exc
+        self._staged.add(staged)
         tx.after_write.append(staged.written)
-        tx.after_commit.append(staged.committed)
+        tx.after_commit.append(functools.partial(self._told, staged))
         return staged
+
+    def _told(self, staged: Staged, ok: bool) -> None:
+        self._staged.discard(staged)
+        staged.committed(ok)
+
+    def withdraw_staged(self) -> None:
+        """At stop, after the wait for operations: the staged records of
+        those still running are dropped, so their threads end now (the next
+        periodic state tells what they would have)."""
+        for staged in list(self._staged):
+            self._told(staged, False)
 
     @contextlib.asynccontextmanager
     async def locked(self, keys: Iterable[str]) -> AsyncIterator[None]:

@@ -26,7 +26,7 @@ from .backend import Backend
 from .errors import SharedError
 from .models import Share, Snapshot
 from .operation import Operation, Runner
-from .store import Store
+from .store import StateLost, Store
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,8 @@ async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], Non
     and go on with the others."""
     try:
         await work
+    except StateLost:
+        raise          # nothing can be recorded any more: start-up stops
     except SharedError as exc:
         log.error("%s: %s: %s; it is left in error", step, what, exc)
         _try(what, to_error)

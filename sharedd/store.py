@@ -194,6 +194,12 @@ _TRIGGERS = [
 ]
 
 
+class StateLost(SharedError):
+    """Nothing commits any more: the disk failed a write or an fsync (sharedd
+    exits for a restart), or the store is closed. Start-up and recovery
+    loops stop at it rather than putting every object in error."""
+
+
 class StoreError(ConfigError):
     """The state database cannot be used by this version."""
 
@@ -333,7 +339,7 @@ class Store:
         await: await it right after the transaction it must follow); the
         view is closed after, whatever happens."""
         if self._sync_error:
-            raise SharedError(self._sync_error)
+            raise StateLost(self._sync_error)
         view = self.view()
         try:
             if self._reader is None:
@@ -355,7 +361,7 @@ class Store:
         the process (WAL) and reaches the disk with the next durable commit
         or synced(). After a failed fsync nothing commits (SharedError)."""
         if self._sync_error:
-            raise SharedError(self._sync_error)
+            raise StateLost(self._sync_error)
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -371,7 +377,7 @@ class Store:
                 raise
             self._break(str(exc))
             self._lost_if_failed()
-            raise SharedError(self._sync_error) from None
+            raise StateLost(self._sync_error) from None
         self._commits += 1
         if durable:
             upto = self._commits
@@ -392,7 +398,7 @@ class Store:
         want = self._commits
         while True:
             if self._sync_error:
-                raise SharedError(self._sync_error)
+                raise StateLost(self._sync_error)
             if self._synced >= want:
                 return
             if self._sync is None or self._sync.done():   # (one cancelled before it ran)
@@ -426,12 +432,12 @@ class Store:
         """fdatasync the WAL (thread-safe). A failure is kept: see synced()."""
         with self._fsync_lock:
             if self._sync_error:
-                raise SharedError(self._sync_error)
+                raise StateLost(self._sync_error)
             try:
                 os.fdatasync(self._wal_fd)
             except OSError as exc:
                 self._break(str(exc))
-                raise SharedError(self._sync_error) from None
+                raise StateLost(self._sync_error) from None
 
     def _rollback(self) -> None:
         """After a failed statement or COMMIT. SQLite has rolled back by

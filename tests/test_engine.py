@@ -1069,6 +1069,75 @@ def test_staged_records_waiting_for_the_disk_leave_the_worker_pool_free(monkeypa
         harness.close()
 
 
+def test_stop_drops_the_staged_records_of_operations_still_running(monkeypatch):
+    """stop waits for operations a while, then closes the store: the staged
+    records of those still running (their fsync hangs here) are dropped at
+    once, so their threads do not wait for the disk past stop."""
+    import threading
+    harness = Harness(config=CONFIG.replace("hook_drivers = tests.testhooks:RecordingHook",
+                                            "hook_drivers = spool, tests.testhooks:RecordingHook"))
+    try:
+        store = harness.engine.store
+        share = harness.create("stopping")
+        calls, entered, release = gate_fsyncs(store, monkeypatch)
+        ended_before_release = []
+
+        async def main():
+            task = asyncio.ensure_future(harness.engine.extend_share(share.id, 2, {}))
+            assert await asyncio.to_thread(entered.wait, 30)   # the outcome's fsync hangs
+            staged = list(harness.engine.runner._staged)
+            assert len(staged) == 1 and not staged[0].future.done()
+            watcher = threading.Thread(target=lambda: ended_before_release.append(
+                staged[0]._done.wait(2.5) and not release.is_set()))   # what its thread waits for
+            watcher.start()
+            threading.Timer(3.0, release.set).start()         # the disk, much later
+            await harness.engine.stop(timeout=0.3)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            watcher.join()
+        harness.run(main())
+        harness.engine = None
+        assert ended_before_release == [True]
+    finally:
+        harness.close()
+
+
+def test_start_up_stops_at_a_failed_state_disk_instead_of_failing_every_share(monkeypatch,
+                                                                              caplog):
+    """After a failed fsync nothing can be recorded: start-up's ensures stop
+    at the first (StateLost), and no share is put in error for it."""
+    import sqlite3
+    from sharedd import recovery
+    from sharedd.store import StateLost
+    harness = Harness()
+    try:
+        shares = [harness.create(f"lost{i}") for i in range(5)]
+        harness.stop()
+        failing = []
+        real_fdatasync, real_recover = os.fdatasync, recovery.recover
+
+        def fdatasync(fd):
+            if failing:
+                raise OSError(5, "Input/output error")
+            return real_fdatasync(fd)
+
+        async def recover(*args, **kw):
+            failing.append(True)           # the disk fails once the store is open
+            return await real_recover(*args, **kw)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(recovery, "recover", recover)
+        with pytest.raises(StateLost, match="disk failed"):
+            harness.start()
+        monkeypatch.undo()
+        assert not [r for r in caplog.records if "left in error" in r.getMessage()]
+        db = sqlite3.connect(os.path.join(harness.root, "state", "sharedd.db"))
+        statuses = {row[0] for row in db.execute("SELECT status FROM shares")}
+        db.close()
+        assert statuses == {C.STATUS_AVAILABLE} and len(shares) == 5
+    finally:
+        harness.close()
+
+
 def test_a_failed_fsync_of_the_state_stops_every_commit_after_it(monkeypatch):
     """After a failed fsync the kernel may have dropped the pages: no retry
     can tell what is on disk. The operation gets a named error, and nothing
