@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import dataclasses
+import functools
 import logging
 import time
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List,

@@ -359,7 +359,8 @@ class Store:
         """A transaction; durable: on disk when it returns (the WAL fsynced
         here, as synchronous=FULL would). Otherwise it survives a crash of
         the process (WAL) and reaches the disk with the next durable commit
-        or synced(). After a failed fsync nothing commits (SharedError)."""
+        or synced(). Once the disk failed a write, a read or an fsync, nothing
+        commits (StateLost)."""
         if self._sync_error:
             raise StateLost(self._sync_error)
         try:
@@ -392,7 +393,7 @@ class Store:
         WAL, in the store's own thread, serves every commit made before it
         starts (a group commit): the event loop is not held by the disk, and
         concurrent operations share the wait. A failed fsync is final (the
-        kernel may have dropped the pages): SharedError now and ever after,
+        kernel may have dropped the pages): StateLost now and ever after,
         and no more commits, until sharedd is restarted and reads what the
         disk holds."""
         want = self._commits
