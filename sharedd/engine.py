@@ -75,6 +75,9 @@ class Engine:
         self._usage: Dict[str, float] = {}     # share id -> bytes used, for the metrics
         self._usage_at = 0.0
         self._tasks: Set[asyncio.Task[Any]] = set()
+        # per backend: the periodic run waiting to start, and the lock of runs
+        self._periodic_next: Dict[str, "asyncio.Future[Any]"] = {}
+        self._periodic_locks: Dict[str, asyncio.Lock] = {}
         self._lock_fd: Optional[int] = None
         self.signer: signing.SigningKey
         self.spool_export = SpoolExport(config.host_id, config.spool_dir,
@@ -512,8 +515,25 @@ class Engine:
 
     # ------------------------------------------------------------------ hooks
     async def periodic(self, b: Backend) -> None:
+        """A periodic state of b, taken after this call began. Callers that
+        come while one is waiting to start share it: with 100 callers at
+        once, one run goes on and one waits, not 100 reads of every share."""
         if not b.hooks.enabled(C.PHASE_PERIODIC):
             return
+        waiting = self._periodic_next.get(b.name)
+        if waiting is None or waiting.done():     # (cancelled by a stop)
+            waiting = self._periodic_next[b.name] = asyncio.ensure_future(
+                self._periodic_when_free(b))
+            self._spawn(waiting)          # (stop cancels it)
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(waiting)
+
+    async def _periodic_when_free(self, b: Backend) -> None:
+        async with self._periodic_locks.setdefault(b.name, asyncio.Lock()):
+            self._periodic_next.pop(b.name, None)   # later callers wait for the next run
+            await self._periodic_run(b)
+
+    async def _periodic_run(self, b: Backend) -> None:
         # A record must never show an older state than a record with a lower
         # seq: the seqs are taken and a view of the state at that moment is
         # opened with no await between them (Store.read opens it before its

@@ -230,3 +230,35 @@ def test_no_part_is_empty_while_there_are_shares_enough():
             assert len(runs) == parts and all(runs), (parts, [len(r) for r in runs])
             assert [s for run in runs for s in run] == shares
     assert [len(r) for r in records.split(shares[:2], {}, 3)] == [1, 1, 0]
+
+
+def test_callers_at_once_share_the_periodic_run_that_has_not_started(tmp_path, monkeypatch):
+    """While one periodic run reads the state, twenty more callers come: they
+    share one run taken after them (each gets a state newer than its call),
+    not twenty reads of every share."""
+    from sharedd.store import Store
+    reading, go_on = threading.Event(), threading.Event()
+    reads = []
+    real = Store.periodic_state
+
+    def periodic_state(self, backend):
+        reads.append(int(self._meta("seq")))
+        reading.set()
+        assert go_on.wait(30)
+        return real(self, backend)
+    monkeypatch.setattr(Store, "periodic_state", periodic_state)
+    root = str(tmp_path)
+    with engine_with_shares(root, 2) as (loop, engine):
+        async def run():
+            first = asyncio.ensure_future(engine.run_periodic_hooks({}))
+            assert await asyncio.to_thread(reading.wait, 30)
+            await engine.create_share("between", "NFS", 1, {})
+            more = [asyncio.ensure_future(engine.run_periodic_hooks({})) for _ in range(20)]
+            await asyncio.sleep(0.1)
+            go_on.set()
+            await asyncio.gather(first, *more)
+        loop.run_until_complete(run())
+        periodic = [r for r in spool_files(root).values() if r["phase"] == "periodic"]
+    assert len(reads) == 2
+    # the second run began after the share made while the first was read
+    assert sorted(s["name"] for s in periodic[-1]["shares"]) == ["between", "s0", "s1"]
