@@ -27,7 +27,8 @@ from . import access, metrics, netns, recovery, signing, validation
 from .backend import Backend, BackendInfo
 from .config import Config
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
-                     InvalidArgument, InvalidState, NotFound, NotSupported, SharedError)
+                     InvalidArgument, InvalidState, NotFound, NotSupported, SharedError,
+                     StateLost)
 from .hooks import records
 from .hooks.base import HookContext
 from .jobs import Job, Jobs
@@ -74,7 +75,7 @@ class Engine:
         self._ensuring = (0, 0)   # (done, of) while shares are being ensured
         self._usage: Dict[str, float] = {}     # share id -> bytes used, for the metrics
         self._usage_at = 0.0
-        self._tasks: Set[asyncio.Task[Any]] = set()
+        self._tasks: Set["asyncio.Future[Any]"] = set()
         # per backend: the periodic run waiting to start, and the lock of runs
         self._periodic_next: Dict[str, "asyncio.Future[Any]"] = {}
         self._periodic_locks: Dict[str, asyncio.Lock] = {}
@@ -287,7 +288,13 @@ class Engine:
         return line
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
+        """Background work, cancelled by stop; a failure is logged (a lost
+        state database quietly: the daemon logs it and exits)."""
         task = asyncio.ensure_future(coro)
+        self._track(task)
+        task.add_done_callback(_log_failure)
+
+    def _track(self, task: "asyncio.Future[Any]") -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -524,7 +531,7 @@ class Engine:
         if waiting is None or waiting.done():     # (cancelled by a stop)
             waiting = self._periodic_next[b.name] = asyncio.ensure_future(
                 self._periodic_when_free(b))
-            self._spawn(waiting)          # (stop cancels it)
+            self._track(waiting)          # stop cancels it; its callers hear how it went
             waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
         await asyncio.shield(waiting)
 
@@ -962,6 +969,16 @@ class Engine:
             await self.replications.ensure([b.name for b in chosen])
         await self.snapshot_access.ensure_all([b.name for b in chosen])
         await self.snapshot_ops.ensure_views([b.name for b in chosen])
+
+
+def _log_failure(task: "asyncio.Future[Any]") -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    if isinstance(exc, StateLost):
+        log.debug("background task stopped: %s", exc)
+    else:
+        log.error("background task failed: %s", exc, exc_info=exc)
 
 
 def _nothing(*_: Any) -> None:

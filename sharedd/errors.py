@@ -45,6 +45,13 @@ class BackendFailure(SharedError):
     name = "BackendFailure"
 
 
+class StateLost(SharedError):
+    """Nothing commits any more: the state database's disk failed a write or
+    an fsync (sharedd exits for a restart), or the store is closed. Start-up
+    and recovery loops stop at it rather than putting every object in error.
+    Reported as Failed."""
+
+
 class Cancelled(SharedError):
     """A job was cancelled (Job.Cancel) before it finished."""
     name = "Cancelled"

@@ -10,7 +10,9 @@ denies caught mid-deny.
 
 A share that cannot be recovered - the driver fails, or its state cannot
 even be read back (a bug) - is isolated: it goes to `error` with a log line
-naming it, and the others are served. Nothing here can make start-up fail.
+naming it, and the others are served. Nothing here makes start-up fail but
+a state database that cannot be written any more (StateLost): then it stops
+at once, as nothing it did could be recorded.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional
 from . import constants as C
 from . import access, migration
 from .backend import Backend
-from .errors import SharedError
+from .errors import SharedError, StateLost
 from .models import Share, Snapshot
 from .operation import Operation, Runner
-from .store import StateLost, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,8 @@ async def ensure_all(store: Store, runner: Runner, revoker: access.Revoker,
 
     async def worker() -> None:
         for b, share in queue:
+            if store.failure:
+                return        # another worker met StateLost: start-up stops
             await _isolated(f"share {share.name} ({share.id})", ensure(b, share.id),
                             functools.partial(_share_error, runner, share), "ensure")
             if access.pending_denies(store, share.id):
@@ -188,7 +192,7 @@ async def _recover_snapshot(store: Store, runner: Runner, backends: Mapping[str,
 async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], None],
                     step: str = "recovery") -> None:
     """Run one recovery (or ensure); on any failure put that object in error
-    and go on with the others."""
+    and go on with the others (StateLost: nothing goes on)."""
     try:
         await work
     except StateLost:
@@ -204,6 +208,8 @@ async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], Non
 def _try(what: str, fn: Callable[[], None]) -> None:
     try:
         fn()
+    except StateLost:
+        raise
     except Exception:
         log.exception("recovery: %s: cannot even record the error", what)
 

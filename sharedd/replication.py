@@ -39,7 +39,7 @@ from . import access, validation
 from . import constants as C
 from .backend import Backend
 from .errors import (AlreadyExists, CapacityExceeded, InvalidArgument, InvalidState, NotFound,
-                     NotSupported, SharedError)
+                     NotSupported, SharedError, StateLost)
 from .jobs import Job, Jobs
 from .models import Replica, Share, ShareUpdate, Snapshot, fields_of
 from .operation import Operation, Runner
@@ -528,6 +528,8 @@ class Replications:
             try:
                 async with self.runner.locked(self.keys(share_id)):
                     await self._recover_share(share, only)
+            except StateLost:
+                raise         # nothing can be recorded: start-up stops
             except SharedError as exc:
                 log.error("share %s: replication recovery failed: %s", share.name, exc)
 

@@ -35,8 +35,8 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, 
 from . import constants as C
 from . import validation
 from .backend import Backend
-from .errors import (AlreadyExists, BackendFailure, InvalidArgument, InvalidState,
-                     NotFound, NotSupported, SharedError)
+from .errors import (AlreadyExists, BackendFailure, InvalidArgument, InvalidState, NotFound,
+                     NotSupported, SharedError, StateLost)
 from .models import ShareNetwork, ShareServer
 from .operation import Operation, Runner
 from .service_instance import NetworkInfo
@@ -370,6 +370,8 @@ class ShareServers:
                 continue
             try:
                 await self._recover(b, server)
+            except StateLost:
+                raise         # nothing can be recorded: start-up stops
             except SharedError as exc:
                 log.error("recovery: share server %s: %s; it is left in error", server.id, exc)
                 if self.store.get_server(server.id) is not None:

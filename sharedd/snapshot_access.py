@@ -20,7 +20,7 @@ from . import access, validation
 from . import constants as C
 from .backend import Backend
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded, InvalidState, NotFound,
-                     SharedError)
+                     SharedError, StateLost)
 from .models import AccessRule, Share, Snapshot
 from .operation import Operation, Runner
 from .states import DENY_PENDING, GRANTING, Changes
@@ -192,6 +192,8 @@ class SnapshotAccess:
                 return self.ensure_operation(b, share, snap) if snap else None
             try:
                 await self.runner.run_if([share.id], plan)
+            except StateLost:
+                raise
             except SharedError as exc:
                 log.warning("snapshot %s of share %s: its exports could not be ensured: %s",
                             snap.name, share.name, exc)

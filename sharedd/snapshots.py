@@ -28,7 +28,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tupl
 from . import access, validation
 from . import constants as C
 from .backend import Backend
-from .errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, SharedError
+from .errors import (AlreadyExists, InvalidArgument, InvalidState, NotFound, SharedError,
+                     StateLost)
 from .models import Share, Snapshot, fields_of
 from .operation import Operation, Runner
 from .replication import Replications
@@ -347,6 +348,8 @@ class Snapshots:
                     continue
                 try:
                     await self.show(share.id)
+                except StateLost:
+                    raise
                 except SharedError as exc:
                     log.warning("share %s: snapshot view not ensured: %s", share.name, exc)
 

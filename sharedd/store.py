@@ -23,7 +23,7 @@ import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from . import constants as C
-from .errors import ConfigError, SharedError
+from .errors import ConfigError, SharedError, StateLost
 from .util import fsync_dir
 from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
                      ShareServer, Snapshot)
@@ -192,12 +192,6 @@ _TRIGGERS = [
     f"CREATE TRIGGER IF NOT EXISTS share_totals_update AFTER UPDATE OF backend, status, size_gib "
     f"ON shares BEGIN {_TOTAL_MINUS} {_TOTAL_PLUS} END",
 ]
-
-
-class StateLost(SharedError):
-    """Nothing commits any more: the disk failed a write or an fsync (sharedd
-    exits for a restart), or the store is closed. Start-up and recovery
-    loops stop at it rather than putting every object in error."""
 
 
 class StoreError(ConfigError):

@@ -1087,10 +1087,11 @@ def test_stop_drops_the_staged_records_of_operations_still_running(monkeypatch):
             assert await asyncio.to_thread(entered.wait, 30)   # the outcome's fsync hangs
             staged = list(harness.engine.runner._staged)
             assert len(staged) == 1 and not staged[0].future.done()
-            watcher = threading.Thread(target=lambda: ended_before_release.append(
-                staged[0]._done.wait(2.5) and not release.is_set()))   # what its thread waits for
+            def watch():      # what its thread waits for; then the disk answers
+                ended_before_release.append(staged[0]._done.wait(10) and not release.is_set())
+                release.set()
+            watcher = threading.Thread(target=watch)
             watcher.start()
-            threading.Timer(3.0, release.set).start()         # the disk, much later
             await harness.engine.stop(timeout=0.3)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -1108,7 +1109,7 @@ def test_start_up_stops_at_a_failed_state_disk_instead_of_failing_every_share(mo
     at the first (StateLost), and no share is put in error for it."""
     import sqlite3
     from sharedd import recovery
-    from sharedd.store import StateLost
+    from sharedd.errors import StateLost
     harness = Harness()
     try:
         shares = [harness.create(f"lost{i}") for i in range(5)]
