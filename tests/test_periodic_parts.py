@@ -51,6 +51,31 @@ def spool_files(root):
     return out
 
 
+def held_periodic_reads(monkeypatch):
+    """Store.periodic_state, held until go_on is set: (reading, go_on, reads),
+    reads listing (thread, seq of the view) of each."""
+    from sharedd.store import Store
+    reading, go_on = threading.Event(), threading.Event()
+    reads = []
+    real = Store.periodic_state
+
+    def periodic_state(self, backend):
+        reads.append((threading.current_thread(), int(self._meta("seq"))))
+        reading.set()
+        assert go_on.wait(30)
+        return real(self, backend)
+    monkeypatch.setattr(Store, "periodic_state", periodic_state)
+    return reading, go_on, reads
+
+
+async def a_run_reading_while(engine, reading, name):
+    """A periodic run, started; once it reads (held), share name is made."""
+    periodic = asyncio.ensure_future(engine.run_periodic_hooks({}))
+    assert await asyncio.to_thread(reading.wait, 30)
+    await engine.create_share(name, "NFS", 1, {})
+    return periodic
+
+
 @contextlib.contextmanager
 def engine_with_shares(root: str, n: int, hooks: str = "spool"):
     """An in-process engine (memory driver, these hooks) with n shares."""
@@ -161,24 +186,12 @@ def test_a_periodic_state_is_read_from_a_view_while_the_loop_goes_on(tmp_path, m
     read in a worker thread, from a read-only view opened as its seqs are
     taken. A share made while it is read is not in it, and that share's own
     records come after it: no record shows a state older than a lower seq."""
-    from sharedd.store import Store
-    reading, go_on = threading.Event(), threading.Event()
-    readers = []
-    real = Store.periodic_state
-
-    def periodic_state(self, backend):
-        readers.append((threading.current_thread(), int(self._meta("seq"))))
-        reading.set()
-        assert go_on.wait(30)
-        return real(self, backend)
-    monkeypatch.setattr(Store, "periodic_state", periodic_state)
+    reading, go_on, readers = held_periodic_reads(monkeypatch)
     root = str(tmp_path)
     with engine_with_shares(root, 2) as (loop, engine):
         async def run():
-            periodic = asyncio.ensure_future(engine.run_periodic_hooks({}))
-            assert await asyncio.to_thread(reading.wait, 30)
             # The loop goes on while the state is read, and commits.
-            await engine.create_share("late", "NFS", 1, {})
+            periodic = await a_run_reading_while(engine, reading, "late")
             go_on.set()
             await periodic
         loop.run_until_complete(run())
@@ -236,23 +249,11 @@ def test_callers_at_once_share_the_periodic_run_that_has_not_started(tmp_path, m
     """While one periodic run reads the state, twenty more callers come: they
     share one run taken after them (each gets a state newer than its call),
     not twenty reads of every share."""
-    from sharedd.store import Store
-    reading, go_on = threading.Event(), threading.Event()
-    reads = []
-    real = Store.periodic_state
-
-    def periodic_state(self, backend):
-        reads.append(int(self._meta("seq")))
-        reading.set()
-        assert go_on.wait(30)
-        return real(self, backend)
-    monkeypatch.setattr(Store, "periodic_state", periodic_state)
+    reading, go_on, reads = held_periodic_reads(monkeypatch)
     root = str(tmp_path)
     with engine_with_shares(root, 2) as (loop, engine):
         async def run():
-            first = asyncio.ensure_future(engine.run_periodic_hooks({}))
-            assert await asyncio.to_thread(reading.wait, 30)
-            await engine.create_share("between", "NFS", 1, {})
+            first = await a_run_reading_while(engine, reading, "between")
             more = [asyncio.ensure_future(engine.run_periodic_hooks({})) for _ in range(20)]
             await asyncio.sleep(0.1)
             go_on.set()
