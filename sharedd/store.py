@@ -305,17 +305,15 @@ class Store:
             os.close(self._wal_fd)
             self._wal_fd = -1
 
-    def view(self) -> "Store":
-        """A read-only Store of the state as it is now, for one worker thread
-        to read and then close (a large read off the event loop). WAL: the
-        view's snapshot is taken here, by its first read, and later commits
-        of this Store are not seen; its writes fail. Open it with no await
-        after the transaction it must follow. An open view holds back WAL
-        checkpoints: close it as soon as it is read."""
+    def _view(self) -> "Store":
+        """A read-only Store of the state as it is now, for read(): only its
+        read methods and its connection (closed by read()) are usable. WAL:
+        the view's snapshot is taken here, by its first read, and later
+        commits of this Store are not seen; tx() refuses. An open view holds
+        back WAL checkpoints."""
         view = Store.__new__(Store)
         view.path, view.epoch = self.path, self.epoch
-        view._sync_error, view._syncer, view._wal_fd = "a view is read-only", None, -1
-        view._fsync_lock = threading.Lock()
+        view._sync_error = "a view is read-only"
         view.db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True,
                                   isolation_level=None, check_same_thread=False)
         try:
@@ -328,13 +326,13 @@ class Store:
         return view
 
     async def read(self, fn: Callable[["Store"], T]) -> T:
-        """fn(view) in the store's reader thread, on a view() of the state as
+        """fn(view) in the store's reader thread, on a view of the state as
         it is when read() is called (it opens the view before its first
         await: await it right after the transaction it must follow); the
         view is closed after, whatever happens."""
         if self._sync_error:
             raise StateLost(self._sync_error)
-        view = self.view()
+        view = self._view()
         try:
             if self._reader is None:
                 self._reader = concurrent.futures.ThreadPoolExecutor(
