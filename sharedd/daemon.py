@@ -44,12 +44,11 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
     except AlreadyRunning as exc:
         raise StartupError(str(exc)) from None
     except SharedError:
-        if engine.state_failure():
-            raise StartupError(engine.state_failure()) from None
-        raise
+        if not engine.state_failure():
+            raise
     finally:
         progress.cancel()
-    if engine.state_failure():     # (start-up's own errors are logged, and it goes on)
+    if engine.state_failure():     # start-up stopped at it (StateLost), or went on past it
         raise StartupError(engine.state_failure())
     try:
         await service.publish(engine)

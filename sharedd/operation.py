@@ -36,7 +36,7 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Ite
 from . import constants as C
 from . import record as record_schema
 from .backend import Backend
-from .errors import SharedError
+from .errors import SharedError, StateLost
 from .hooks import records
 from .hooks.manager import HookFailed, Staged
 from .models import AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareServer, Snapshot
@@ -409,6 +409,35 @@ class Runner:
                              rules=list(op.rules), is_allow=op.is_allow, result=result,
                              server=server, replica=replica, server_addresses=addresses,
                              group=group, group_snapshot=group_snapshot)
+
+
+async def isolated(what: str, work: Awaitable[Any], *, step: str,
+                   to_error: Optional[Callable[[], None]] = None,
+                   level: int = logging.ERROR) -> bool:
+    """One object's part of a sweep over many (start-up recovery, an
+    ensure): its failure is its own. A SharedError is logged (a bug with its
+    traceback: it must not become a crash loop at every start), to_error()
+    records the object in error, and the sweep goes on with the others.
+    StateLost is raised: nothing can be recorded any more, so the sweep
+    stops. Returns whether work succeeded."""
+    left = "; it is left in error" if to_error is not None else ""
+    try:
+        await work
+        return True
+    except StateLost:
+        raise
+    except SharedError as exc:
+        log.log(level, "%s: %s: %s%s", step, what, exc, left)
+    except Exception:
+        log.exception("%s: %s failed%s", step, what, left)
+    if to_error is not None:
+        try:
+            to_error()
+        except StateLost:
+            raise
+        except Exception:
+            log.exception("%s: %s: cannot even record the error", step, what)
+    return False
 
 
 def _result(result: Dict[str, Any], warnings: Sequence[str]) -> Dict[str, Any]:

@@ -25,9 +25,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional
 from . import constants as C
 from . import access, migration
 from .backend import Backend
-from .errors import SharedError, StateLost
 from .models import Share, Snapshot
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -95,8 +94,8 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
         backends = {only: backends[only]}
     for snap in store.snapshots():
         if snap.status in SNAPSHOT_STEPS:
-            await _isolated(f"snapshot {snap.id}", _recover_snapshot(store, runner, backends, snap),
-                            lambda: _snapshot_error(runner, snap))
+            await isolated(f"snapshot {snap.id}", _recover_snapshot(store, runner, backends, snap),
+                           step="recovery", to_error=lambda: _snapshot_error(runner, snap))
     for share in store.shares():
         b = backends.get(share.backend)
         if b is None and only is not None:
@@ -106,14 +105,14 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
                         share.name, share.id, share.backend)
             continue
         if share.status == C.STATUS_MIGRATING and not b.setup_error:
-            await _isolated(f"share {share.name} ({share.id})",
-                            migration.recover(store, runner, backends, share),
-                            lambda: _share_error(runner, share))
+            await isolated(f"share {share.name} ({share.id})",
+                           migration.recover(store, runner, backends, share),
+                           step="recovery", to_error=lambda: _share_error(runner, share))
             continue
         if b.setup_error or share.status not in SHARE_STEPS:
             continue
-        await _isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
-                        lambda: _share_error(runner, share))
+        await isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
+                       step="recovery", to_error=lambda: _share_error(runner, share))
     for share_id, rules in store.all_rules().items():
         owner = store.get_share(share_id)
         if owner is None or owner.backend not in backends:
@@ -146,8 +145,8 @@ async def ensure_all(store: Store, runner: Runner, revoker: access.Revoker,
         for b, share in queue:
             if store.failure:
                 return        # another worker met StateLost: start-up stops
-            await _isolated(f"share {share.name} ({share.id})", ensure(b, share.id),
-                            functools.partial(_share_error, runner, share), "ensure")
+            await isolated(f"share {share.name} ({share.id})", ensure(b, share.id),
+                           step="ensure", to_error=functools.partial(_share_error, runner, share))
             if access.pending_denies(store, share.id):
                 revoker.retry_later(share.id)
             done[0] += 1
@@ -187,31 +186,6 @@ async def _recover_snapshot(store: Store, runner: Runner, backends: Mapping[str,
     await b.call(step, snap, share)
     with runner.tx() as tx:
         tx.remove_snapshot(snap)
-
-
-async def _isolated(what: str, work: Awaitable[None], to_error: Callable[[], None],
-                    step: str = "recovery") -> None:
-    """Run one recovery (or ensure); on any failure put that object in error
-    and go on with the others (StateLost: nothing goes on)."""
-    try:
-        await work
-    except StateLost:
-        raise          # nothing can be recorded any more: start-up stops
-    except SharedError as exc:
-        log.error("%s: %s: %s; it is left in error", step, what, exc)
-        _try(what, to_error)
-    except Exception:   # a bug must not become a crash loop at every start
-        log.exception("%s: %s failed; it is left in error", step, what)
-        _try(what, to_error)
-
-
-def _try(what: str, fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except StateLost:
-        raise
-    except Exception:
-        log.exception("recovery: %s: cannot even record the error", what)
 
 
 def _share_error(runner: Runner, share: Share) -> None:

@@ -39,10 +39,10 @@ from . import access, validation
 from . import constants as C
 from .backend import Backend
 from .errors import (AlreadyExists, CapacityExceeded, InvalidArgument, InvalidState, NotFound,
-                     NotSupported, SharedError, StateLost)
+                     NotSupported, SharedError)
 from .jobs import Job, Jobs
 from .models import Replica, Share, ShareUpdate, Snapshot, fields_of
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .states import Changes
 from .store import Store, new_id
 from .util import now_us
@@ -525,13 +525,12 @@ class Replications:
             share = self.store.get_share(share_id)
             if share is None:
                 continue
-            try:
-                async with self.runner.locked(self.keys(share_id)):
-                    await self._recover_share(share, only)
-            except StateLost:
-                raise         # nothing can be recorded: start-up stops
-            except SharedError as exc:
-                log.error("share %s: replication recovery failed: %s", share.name, exc)
+            await isolated(f"share {share.name} ({share.id})", self._recover_locked(share, only),
+                           step="replication recovery")
+
+    async def _recover_locked(self, share: Share, only: Optional[str]) -> None:
+        async with self.runner.locked(self.keys(share.id)):
+            await self._recover_share(share, only)
 
     async def _recover_share(self, share: Share, only: Optional[str]) -> None:
         if share.status == C.STATUS_REPLICATION_CHANGE:

@@ -21,6 +21,7 @@ caught deleting is removed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -29,7 +30,7 @@ from . import validation
 from .backend import Backend
 from .errors import AlreadyExists, CapacityExceeded, InvalidArgument, InvalidState, NotFound
 from .models import Share, ShareGroup, ShareGroupSnapshot, Snapshot
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .store import Store, new_id
 from .util import now_us
 
@@ -313,14 +314,9 @@ class ShareGroups:
             snaps = self.snapshot_members(gs.id)
             pairs = [(s, sh) for s in snaps for sh in [self.store.get_share(s.share_id)] if sh]
             log.info("recovery: share group snapshot %s was %s: removing it", gs.id, gs.status)
-            try:
-                await b.call("delete_share_group_snapshot", pairs)
-            except Exception as exc:
-                log.error("recovery: share group snapshot %s: %s; left in error", gs.id, exc)
-                with self.runner.tx() as tx:
-                    for snap in snaps:
-                        tx.snapshot(snap, C.STATUS_ERROR)
-                    tx.group_snapshot(gs, C.STATUS_ERROR)
+            if not await isolated(f"share group snapshot {gs.id}",
+                                  b.call("delete_share_group_snapshot", pairs), step="recovery",
+                                  to_error=functools.partial(self._group_snapshot_error, gs, snaps)):
                 continue
             with self.runner.tx() as tx:
                 for snap in snaps:
@@ -336,3 +332,9 @@ class ShareGroups:
                     tx.group(group, C.STATUS_ERROR)
                 else:
                     tx.remove_group(group)
+
+    def _group_snapshot_error(self, gs: ShareGroupSnapshot, snaps: List[Snapshot]) -> None:
+        with self.runner.tx() as tx:
+            for snap in snaps:
+                tx.snapshot(snap, C.STATUS_ERROR)
+            tx.group_snapshot(gs, C.STATUS_ERROR)

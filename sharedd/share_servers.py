@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import logging
 from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Tuple
@@ -36,9 +37,9 @@ from . import constants as C
 from . import validation
 from .backend import Backend
 from .errors import (AlreadyExists, BackendFailure, InvalidArgument, InvalidState, NotFound,
-                     NotSupported, SharedError, StateLost)
+                     NotSupported, SharedError)
 from .models import ShareNetwork, ShareServer
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .service_instance import NetworkInfo
 from .store import Store, new_id
 from .util import now_us
@@ -368,15 +369,14 @@ class ShareServers:
             b = self.backends.get(server.backend)
             if b is None or b.setup_error:
                 continue
-            try:
-                await self._recover(b, server)
-            except StateLost:
-                raise         # nothing can be recorded: start-up stops
-            except SharedError as exc:
-                log.error("recovery: share server %s: %s; it is left in error", server.id, exc)
-                if self.store.get_server(server.id) is not None:
-                    with self.runner.tx() as tx:
-                        tx.server(server, C.STATUS_ERROR)
+            await isolated(f"share server {server.id}", self._recover(b, server),
+                           step="recovery",
+                           to_error=functools.partial(self._server_error, server))
+
+    def _server_error(self, server: ShareServer) -> None:
+        if self.store.get_server(server.id) is not None:
+            with self.runner.tx() as tx:
+                tx.server(server, C.STATUS_ERROR)
 
     async def _recover(self, b: Backend, server: ShareServer) -> None:
         if server.status == C.STATUS_CREATING and not self.store.count_server_shares(server.id):

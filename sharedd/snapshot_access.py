@@ -20,9 +20,9 @@ from . import access, validation
 from . import constants as C
 from .backend import Backend
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded, InvalidState, NotFound,
-                     SharedError, StateLost)
+                     SharedError)
 from .models import AccessRule, Share, Snapshot
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .states import DENY_PENDING, GRANTING, Changes
 from .store import Store, new_id
 from .util import now_us
@@ -190,10 +190,6 @@ class SnapshotAccess:
                            snapshot_id: str = snapshot_id) -> Optional[Operation]:
                 snap = self.store.get_snapshot(snapshot_id)
                 return self.ensure_operation(b, share, snap) if snap else None
-            try:
-                await self.runner.run_if([share.id], plan)
-            except StateLost:
-                raise
-            except SharedError as exc:
-                log.warning("snapshot %s of share %s: its exports could not be ensured: %s",
-                            snap.name, share.name, exc)
+            await isolated(f"the exports of snapshot {snap.name} of share {share.name}",
+                           self.runner.run_if([share.id], plan), step="ensure",
+                           level=logging.WARNING)

@@ -28,10 +28,9 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tupl
 from . import access, validation
 from . import constants as C
 from .backend import Backend
-from .errors import (AlreadyExists, InvalidArgument, InvalidState, NotFound, SharedError,
-                     StateLost)
+from .errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, SharedError
 from .models import Share, Snapshot, fields_of
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .replication import Replications
 from .schedule import NAME_PREFIX, Retention, Schedule, name_time, scheduled_name
 from .store import Store, new_id
@@ -346,12 +345,8 @@ class Snapshots:
                     continue
                 if self.visibility(share) == C.SNAPSHOTS_HIDDEN and not b.driver.has_snapshot_view(share):
                     continue
-                try:
-                    await self.show(share.id)
-                except StateLost:
-                    raise
-                except SharedError as exc:
-                    log.warning("share %s: snapshot view not ensured: %s", share.name, exc)
+                await isolated(f"the snapshot view of share {share.name}", self.show(share.id),
+                               step="ensure", level=logging.WARNING)
 
     def forget_policy(self, share_id: str) -> None:
         """The share is gone (its row went with it)."""

@@ -1139,6 +1139,43 @@ def test_start_up_stops_at_a_failed_state_disk_instead_of_failing_every_share(mo
         harness.close()
 
 
+def test_one_objects_failure_in_a_sweep_is_its_own_but_a_lost_state_stops_the_sweep(caplog):
+    """isolated(), which every start-up loop (recovery, ensure, replicas,
+    share servers, snapshot exports and views, group snapshots) runs each
+    object in: a refusal or a bug puts that object in error and the sweep
+    goes on; StateLost, from the work or from recording the error, stops it."""
+    from sharedd.errors import StateLost
+    from sharedd.operation import isolated
+    marked = []
+
+    async def fails(exc):
+        raise exc
+
+    async def sweep():
+        out = [await isolated("share a", fails(BackendFailure("no pool")), step="ensure",
+                              to_error=lambda: marked.append("a")),
+               await isolated("share b", fails(KeyError("bug")), step="recovery",
+                              to_error=lambda: marked.append("b")),
+               await isolated("share c", asyncio.sleep(0), step="ensure",
+                              to_error=lambda: marked.append("c"))]
+        with pytest.raises(StateLost):
+            await isolated("share d", fails(StateLost("disk failed")), step="ensure",
+                           to_error=lambda: marked.append("d"))
+
+        def cannot_record():
+            raise StateLost("disk failed")
+        with pytest.raises(StateLost):
+            await isolated("share e", fails(BackendFailure("no pool")), step="ensure",
+                           to_error=cannot_record)
+        return out
+    assert asyncio.run(sweep()) == [False, False, True]
+    assert marked == ["a", "b"]
+    text = [r.getMessage() for r in caplog.records]
+    assert "ensure: share a: no pool; it is left in error" in text
+    assert "recovery: share b failed; it is left in error" in text
+    assert not [t for t in text if "share c" in t or "share d" in t]
+
+
 def test_a_failed_fsync_of_the_state_stops_every_commit_after_it(monkeypatch):
     """After a failed fsync the kernel may have dropped the pages: no retry
     can tell what is on disk. The operation gets a named error, and nothing
