@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Set,
 
 from . import constants as C
 from .backend import Backend
-from .errors import BackendFailure, SharedError
+from .errors import BackendFailure, SharedError, StateLost
 from .models import AccessRule, Share, ShareUpdate, fields_of
 from .operation import Operation, Runner
 from .states import DENY_PENDING, GRANTING, Changes
@@ -121,6 +121,8 @@ class Revoker:
                     return self.operation(share, pending) if share and pending else None
                 try:
                     await self.runner.run_if([share_id], plan)
+                except StateLost:
+                    return        # nothing can be recorded: sharedd is exiting
                 except SharedError as exc:
                     log.warning("share %s: deny still pending, retrying in %gs: %s",
                                 share_id, delay, exc)

@@ -27,15 +27,14 @@ from . import access, metrics, netns, recovery, signing, validation
 from .backend import Backend, BackendInfo
 from .config import Config
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
-                     InvalidArgument, InvalidState, NotFound, NotSupported, SharedError,
-                     StateLost)
+                     InvalidArgument, InvalidState, NotFound, NotSupported, StateLost)
 from .hooks import records
 from .hooks.base import HookContext
 from .jobs import Job, Jobs
 from .migration import Migrations
 from .models import (AccessRule, Replica, Share, ShareGroup, ShareGroupSnapshot, ShareNetwork,
                      ShareServer, ShareUpdate, Snapshot, fields_of)
-from .operation import Operation, Runner
+from .operation import Operation, Runner, isolated
 from .replication import Replications
 from .states import Observer
 from .service_instance import ServiceInstances
@@ -571,10 +570,8 @@ class Engine:
         async def plan() -> Operation:
             return Operation("publish_service_capabilities", b, intent=_nothing, call=call,
                              done=_nothing, failed=_nothing)
-        try:
-            await self.runner.run([f"backend:{b.name}"], plan)
-        except SharedError as exc:
-            log.error("backend %s: %s", b.name, exc)
+        await isolated(f"backend {b.name}", self.runner.run([f"backend:{b.name}"], plan),
+                       step="capabilities")
 
     # ---------------------------------------------------------------- shares
     async def create_share(self, name: str, protocol: str, size_gib: int,

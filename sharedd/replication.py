@@ -578,20 +578,22 @@ class Replications:
         when their export service came back); a former active demoted while
         its backend was away (state error) no longer served as the share."""
         for r in self.store.replicas():
-            if r.backend not in backends or r.role != C.ROLE_REPLICA:
-                continue
-            async with self.runner.locked([r.share_id, _key(r.id)]):
-                share = self.store.get_share(r.share_id)
-                if share is None:
-                    continue
-                if r.state == C.STATUS_ERROR:
-                    try:
-                        await self.backends[r.backend].call("replica_unserve", dataclasses.replace(
-                            share, backend=r.backend, provider_location=r.provider_location))
-                    except SharedError as exc:
-                        log.error("replica %s: cannot stop its old exports: %s", r.id, exc)
-                if r.style == "readable" and r.status == C.STATUS_AVAILABLE:
-                    await self._reserve(r.share_id, r.id)
+            if r.backend in backends and r.role == C.ROLE_REPLICA:
+                await isolated(f"replica {r.id}", self._ensure_replica(r), step="ensure")
+
+    async def _ensure_replica(self, r: Replica) -> None:
+        async with self.runner.locked([r.share_id, _key(r.id)]):
+            share = self.store.get_share(r.share_id)
+            if share is None:
+                return
+            if r.state == C.STATUS_ERROR:
+                try:
+                    await self.backends[r.backend].call("replica_unserve", dataclasses.replace(
+                        share, backend=r.backend, provider_location=r.provider_location))
+                except SharedError as exc:
+                    log.error("replica %s: cannot stop its old exports: %s", r.id, exc)
+            if r.style == "readable" and r.status == C.STATUS_AVAILABLE:
+                await self._reserve(r.share_id, r.id)
 
     # --- helpers ----------------------------------------------------------------------
     def _share(self, share_id: str, any_status: bool = False) -> Share:

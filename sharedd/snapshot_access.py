@@ -27,8 +27,6 @@ from .states import DENY_PENDING, GRANTING, Changes
 from .store import Store, new_id
 from .util import now_us
 
-log = logging.getLogger(__name__)
-
 
 class SnapshotAccess:
     def __init__(self, store: Store, runner: Runner, backends: Mapping[str, Backend],
@@ -190,6 +188,6 @@ class SnapshotAccess:
                            snapshot_id: str = snapshot_id) -> Optional[Operation]:
                 snap = self.store.get_snapshot(snapshot_id)
                 return self.ensure_operation(b, share, snap) if snap else None
-            await isolated(f"the exports of snapshot {snap.name} of share {share.name}",
+            await isolated(f"snapshot {snap.name} of share {share.name}: exports not ensured",
                            self.runner.run_if([share.id], plan), step="ensure",
                            level=logging.WARNING)

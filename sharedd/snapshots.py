@@ -345,7 +345,7 @@ class Snapshots:
                     continue
                 if self.visibility(share) == C.SNAPSHOTS_HIDDEN and not b.driver.has_snapshot_view(share):
                     continue
-                await isolated(f"the snapshot view of share {share.name}", self.show(share.id),
+                await isolated(f"share {share.name}: snapshot view not ensured", self.show(share.id),
                                step="ensure", level=logging.WARNING)
 
     def forget_policy(self, share_id: str) -> None:

@@ -1157,7 +1157,9 @@ def test_one_objects_failure_in_a_sweep_is_its_own_but_a_lost_state_stops_the_sw
                await isolated("share b", fails(KeyError("bug")), step="recovery",
                               to_error=lambda: marked.append("b")),
                await isolated("share c", asyncio.sleep(0), step="ensure",
-                              to_error=lambda: marked.append("c"))]
+                              to_error=lambda: marked.append("c")),
+               await isolated("share f", fails(BackendFailure("no pool")), step="ensure",
+                              to_error=lambda: {}["bug"])]
         with pytest.raises(StateLost):
             await isolated("share d", fails(StateLost("disk failed")), step="ensure",
                            to_error=lambda: marked.append("d"))
@@ -1168,11 +1170,13 @@ def test_one_objects_failure_in_a_sweep_is_its_own_but_a_lost_state_stops_the_sw
             await isolated("share e", fails(BackendFailure("no pool")), step="ensure",
                            to_error=cannot_record)
         return out
-    assert asyncio.run(sweep()) == [False, False, True]
+    assert asyncio.run(sweep()) == [False, False, True, False]
     assert marked == ["a", "b"]
     text = [r.getMessage() for r in caplog.records]
     assert "ensure: share a: no pool; it is left in error" in text
-    assert "recovery: share b failed; it is left in error" in text
+    assert [r.exc_info[0] for r in caplog.records
+            if r.getMessage() == "recovery: share b failed; it is left in error"] == [KeyError]
+    assert "ensure: share f: cannot even record the error" in text
     assert not [t for t in text if "share c" in t or "share d" in t]
 
 
