@@ -8,6 +8,7 @@ import os
 import signal
 from typing import Any, List
 
+from . import collector
 from . import config as config_mod
 from .engine import Engine
 from .errors import AlreadyRunning, ConfigError, SharedError
@@ -54,6 +55,15 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
         await service.publish(engine)
     except BusStartupError as exc:
         raise StartupError(str(exc)) from None
+    with collector.short_pauses():
+        return await _serve(config_path, notifier, engine, service, stop)
+
+
+async def _serve(config_path: str, notifier: Notifier, engine: Engine, service: Any,
+                 stop: asyncio.Event) -> int:
+    """Ready: serve until told to stop (or until the bus or the state disk
+    is lost); the exit code."""
+    loop = asyncio.get_running_loop()
     notifier.notify("READY=1")
     status = engine.status()
     notifier.notify(f"STATUS={status}")
@@ -79,7 +89,8 @@ async def run(config_path: str, cfg: config_mod.Config) -> int:
     failed: List[str] = []     # why sharedd stops on its own: exit non-zero
     tasks = [asyncio.create_task(_watchdog(notifier, engine, service)),
              asyncio.create_task(_bus_lost(service, stop, failed)),
-             asyncio.create_task(_state_lost(engine, stop, failed))]
+             asyncio.create_task(_state_lost(engine, stop, failed)),
+             asyncio.create_task(collector.thaw_every())]
     await stop.wait()
     notifier.notify("STOPPING=1")
     notifier.notify("STATUS=stopping")

@@ -1,7 +1,7 @@
 """The core modules (engine, runner, state table, store, models, access,
 recovery, backend, share servers and their runtime, the mount table, the bus object tree and wire format,
 the btrfs kernel calls, the audit records, the migration data movers and the small
-utilities) type-check with mypy --strict."""
+utilities, the collector's pauses) type-check with mypy --strict."""
 
 import pathlib
 import subprocess
@@ -12,7 +12,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend",
         "mountinfo", "bus/managed", "bus/wire", "bus/audit", "drivers/btrfs_kernel",
         "util", "share_servers", "netns", "service_instance", "jobs", "migration", "transfer",
-        "replication", "snapshots", "snapshot_access", "schedule", "share_groups", "metrics"]
+        "replication", "snapshots", "snapshot_access", "schedule", "share_groups", "metrics",
+        "collector"]
 
 
 def test_core_modules_are_strictly_typed(tmp_path):
