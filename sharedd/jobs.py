@@ -166,12 +166,15 @@ class Jobs:
                 await body(started)
             except BaseException as exc:
                 error = exc if isinstance(exc, Exception) else Cancelled("sharedd is stopping")
-                job = made()
-                if not started.done():
-                    started.set_exception(error)
-                if job is not None:
-                    settled(job)
-                    self.finish(job, error)
+                try:
+                    job = made()
+                    if not started.done():
+                        started.set_exception(error)
+                    if job is not None:
+                        settled(job)
+                        self.finish(job, error)
+                finally:
+                    del error      # its traceback holds this frame: no cycle left behind
                 if not isinstance(exc, Exception):
                     raise
                 return

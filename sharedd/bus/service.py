@@ -43,14 +43,23 @@ class _Bus(Connection):
 
         def handler(msg, send_reply):
             def done(fut):
-                try:
-                    result = fut.result()
-                    body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
-                    reply = Message.new_method_return(msg, method.out_signature, body, fds)
-                except DBusError as exc:
+                # The error is read, not raised here: raised, its traceback
+                # would hold this frame and so the task (a reference cycle,
+                # left to the collector, on every refused call).
+                if fut.cancelled():
+                    return                  # sharedd is stopping
+                exc = fut.exception()
+                if exc is None:
+                    try:
+                        body, fds = ServiceInterface._fn_result_to_body(
+                            fut.result(), method.out_signature_tree)
+                        reply = Message.new_method_return(msg, method.out_signature, body, fds)
+                    except Exception as bad:
+                        exc = bad
+                if isinstance(exc, DBusError):
                     reply = exc._as_message(msg)
-                except Exception as exc:
-                    log.exception("%s.%s failed", interface.name, method.name)
+                elif exc is not None:
+                    log.error("%s.%s failed", interface.name, method.name, exc_info=exc)
                     reply = Message.new_error(msg, C.ERROR_PREFIX + "BackendFailure",
                                               f"internal error: {type(exc).__name__}")
                 send_reply(reply)
