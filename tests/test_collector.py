@@ -1,7 +1,8 @@
 """The cycle collector's pauses (sharedd/collector.py): survivors of a full
 collection are frozen, so the next walks only what was made since; cyclic
 garbage through frozen objects is found by a thaw, which comes when the
-frozen objects grew by a quarter (or after an hour)."""
+frozen objects grew by a quarter (or after an hour). A refused bus call and
+a failed job, both common, leave no such cycle."""
 
 import asyncio
 import gc
@@ -64,3 +65,83 @@ def test_a_thaw_comes_when_the_frozen_objects_grew_by_a_quarter(monkeypatch):
             return base
     base = asyncio.run(grow_then_wait())
     assert thaws and thaws[0] >= base * 1.25
+
+
+class Boom(Exception):
+    """An error that can be watched (weakref) to see what frees it."""
+
+
+def test_a_failed_job_leaves_no_reference_cycle_behind():
+    """Its error goes with reference counting alone: nothing waits for the
+    collector (which, with survivors frozen, may not look for an hour)."""
+    from sharedd.jobs import Jobs
+
+    class Quiet:
+        def __getattr__(self, name):
+            return lambda arg: None
+    watch = []
+
+    async def main():
+        jobs = Jobs(Quiet())
+        done = asyncio.get_running_loop().create_future()
+
+        def boom():
+            error = Boom("failed")
+            watch.append(weakref.ref(error))
+            return error
+
+        async def body(started):
+            started.set_result(jobs.create("test", [], 0))
+            done.set_result(None)
+            raise boom()
+        tasks = []
+        await jobs.background(lambda coro: tasks.append(asyncio.ensure_future(coro)), body)
+        await done
+        await asyncio.gather(*tasks)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(main())
+        assert watch and watch[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_refused_bus_call_leaves_no_reference_cycle_behind():
+    """The reply to a call whose method raised a D-Bus error: the error goes
+    with reference counting alone (it used to be raised again in the reply
+    callback, whose frame then held the task that held the error)."""
+    from dbus_next import DBusError, Message
+    from dbus_next.service import ServiceInterface, method
+    from sharedd.bus.service import _Bus
+    watch, replies = [], []
+
+    def refusal():
+        error = DBusError("org.sharedd.Sharedd1.Error.InvalidState", "no")
+        watch.append(weakref.ref(error))
+        return error
+
+    class Iface(ServiceInterface):
+        @method()
+        async def Refuse(self) -> "s":   # noqa: F821 (a D-Bus signature)
+            raise refusal()
+
+    async def main():
+        iface = Iface("org.sharedd.Test")
+        [refuse] = ServiceInterface._get_methods(iface)
+        handler = _Bus._make_method_handler(None, iface, refuse)
+        msg = Message(destination="org.sharedd.Test", path="/", interface="org.sharedd.Test",
+                      member="Refuse", serial=1)
+        handler(msg, replies.append)
+        while not replies:
+            await asyncio.sleep(0)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(main())
+        assert replies[0].error_name == "org.sharedd.Sharedd1.Error.InvalidState"
+        assert watch and watch[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
