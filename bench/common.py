@@ -32,6 +32,7 @@ if REPO not in sys.path:
 from dbus_next import Message, MessageType  # noqa: E402
 
 from sharedd.bus.connection import Connection  # noqa: E402
+from sharedd.drivers import btrfs_kernel  # noqa: E402
 from sharedd.mountinfo import mount_at  # noqa: E402
 from sharedd.record import file_name  # noqa: E402
 from tests.fixtures.btrfs_pool import teardown_tree  # noqa: E402
@@ -224,22 +225,26 @@ class RecordsByHand:
 class Raw:
     """The same operations by hand, one process per command."""
 
+    name = "raw"            #: its subvolumes, mounts, files and pseudo paths
+    first_export_id = 60000
+
     def __init__(self, host, work: str, records: bool = False):
         self.pool = host.pool_path
         # With records: each operation also writes a pre and a post record
         # the way the spool hook must (temporary name, fsync, rename, fsync
         # of the directory), the least a durable notification costs.
-        self.records = RecordsByHand(os.path.join(work, "raw-records"), 200) if records else None
+        self.records = (RecordsByHand(os.path.join(work, f"{self.name}-records"), 200)
+                        if records else None)
         self.seq = 0
-        self.top = os.path.join(self.pool, "raw")
-        self.mounts = os.path.join(work, "raw-mounts")
-        self.confs = os.path.join(work, "raw-exports")
+        self.top = os.path.join(self.pool, self.name)
+        self.mounts = os.path.join(work, f"{self.name}-mounts")
+        self.confs = os.path.join(work, f"{self.name}-exports")
         for d in (self.mounts, self.confs):
             os.makedirs(d, exist_ok=True)
         if not os.path.isdir(self.top):
             os.mkdir(self.top)
         self.source = mount_at(self.pool).source
-        self.next_id = 60000
+        self.next_id = self.first_export_id
 
     @staticmethod
     def sh(*argv: str) -> str:
@@ -248,14 +253,37 @@ class Raw:
             raise RuntimeError(f"{argv}: {proc.stderr.strip()}")
         return proc.stdout
 
+    # Each step of a round, by the tools an administrator would use.
+    def subvolume_create(self, sub: str) -> None:
+        self.sh("btrfs", "subvolume", "create", sub)
+
+    def limit(self, sub: str, nbytes: int) -> None:
+        self.sh("btrfs", "qgroup", "limit", str(nbytes), sub)
+
+    def mount(self, rel: str, mp: str, ro: bool = False) -> None:
+        self.sh("mount", "-t", "btrfs", "-o", ("ro," if ro else "") + f"subvol={rel}",
+                self.source, mp)
+
+    def umount(self, mp: str) -> None:
+        self.sh("umount", mp)
+
+    def snapshot(self, sub: str, snap: str) -> None:
+        self.sh("btrfs", "subvolume", "snapshot", "-r", sub, snap)
+
+    def delete(self, sub: str) -> None:
+        self.sh("btrfs", "subvolume", "delete", "--commit-after", sub)
+
     def busctl(self, *args: str) -> None:
         self.sh("busctl", "--system", "call", "org.ganesha.nfsd", "/org/ganesha/nfsd/ExportMgr",
                 "org.ganesha.nfsd.exportmgr", *args)
 
+    async def ganesha(self, member: str, sig: str, *args) -> None:
+        self.busctl(member, sig, *(str(a) for a in args))
+
     def write_export(self, i: object, export_id: int, mp: str, clients: str = "",
                      level: str = "RW", pseudo: str = "") -> str:
         conf = os.path.join(self.confs, f"{i}.conf")
-        pseudo = pseudo or f"/raw/{i}"
+        pseudo = pseudo or f"/{self.name}/{i}"
         client = (f"    CLIENT {{ Clients = {clients}; Access_Type = {level}; Protocols = 4; }}\n"
                   if clients else "")
         with open(conf + ".tmp", "w") as f:
@@ -276,58 +304,95 @@ class Raw:
                            "pad": "x" * 1200}).encode()   # a record's usual size
         self.records.write(file_name({"seq": self.seq, "phase": phase, "method": op}), body)
 
-    def round(self, i: int, times: Dict[str, List[float]]) -> None:
+    async def round(self, i: int, times: Dict[str, List[float]]) -> None:
         sub, snap = os.path.join(self.top, str(i)), os.path.join(self.top, f"{i}.snap")
+        rel = f"/{self.name}/{i}"
         mp = os.path.join(self.mounts, str(i))
         eid = self.next_id
         self.next_id += 1
         sel = f"EXPORT(Export_Id={eid})"
 
-        def timed(op, *steps):
+        async def timed(op, *steps):
             t = time.perf_counter()
             self.record(op, "pre")
             for step in steps:
-                step()
+                out = step()
+                if asyncio.iscoroutine(out):
+                    await out
             self.record(op, "post")
             times[op].append(time.perf_counter() - t)
-        timed("CreateShare",
-              lambda: self.sh("btrfs", "subvolume", "create", sub),
-              lambda: self.sh("btrfs", "qgroup", "limit", str(GiB), sub),
-              lambda: os.makedirs(mp),
-              lambda: self.sh("mount", "-t", "btrfs", "-o", f"subvol=/raw/{i}", self.source, mp),
-              lambda: self.busctl("AddExport", "ss", self.write_export(i, eid, mp), sel))
-        timed("AllowAccess",
-              lambda: self.busctl("UpdateExport", "ss",
-                                  self.write_export(i, eid, mp, f"10.99.{i // 250 % 250}.{i % 250 + 1}"),
-                                  sel))
-        timed("Extend", lambda: self.sh("btrfs", "qgroup", "limit", str(2 * GiB), sub))
-        timed("CreateSnapshot", lambda: self.sh("btrfs", "subvolume", "snapshot", "-r", sub, snap))
+        await timed("CreateShare",
+                    lambda: self.subvolume_create(sub),
+                    lambda: self.limit(sub, GiB),
+                    lambda: os.makedirs(mp),
+                    lambda: self.mount(rel, mp),
+                    lambda: self.ganesha("AddExport", "ss", self.write_export(i, eid, mp), sel))
+        client = f"10.99.{i // 250 % 250}.{i % 250 + 1}"
+        await timed("AllowAccess",
+                    lambda: self.ganesha("UpdateExport", "ss",
+                                         self.write_export(i, eid, mp, client), sel))
+        await timed("Extend", lambda: self.limit(sub, 2 * GiB))
+        await timed("CreateSnapshot", lambda: self.snapshot(sub, snap))
         # a mountable snapshot: mounted read-only, exported on its own
         smp, seid = os.path.join(self.mounts, f"{i}.snap"), self.next_id
         self.next_id += 1
-        client = f"10.99.{i // 250 % 250}.{i % 250 + 1}"
-        timed("Snapshot.AllowAccess",
-              lambda: os.makedirs(smp),
-              lambda: self.sh("mount", "-t", "btrfs", "-o", f"ro,subvol=/raw/{i}.snap",
-                              self.source, smp),
-              lambda: self.busctl("AddExport", "ss",
-                                  self.write_export(f"{i}.snap", seid, smp, client, "RO"),
-                                  f"EXPORT(Export_Id={seid})"))
-        timed("Snapshot.DenyAccess",
-              lambda: self.busctl("RemoveExport", "q", str(seid)),
-              lambda: os.unlink(os.path.join(self.confs, f"{i}.snap.conf")),
-              lambda: self.sh("umount", smp),
-              lambda: os.rmdir(smp))
-        timed("Snapshot.Delete",
-              lambda: self.sh("btrfs", "subvolume", "delete", "--commit-after", snap))
-        timed("DenyAccess",
-              lambda: self.busctl("UpdateExport", "ss", self.write_export(i, eid, mp), sel))
-        timed("Delete",
-              lambda: self.busctl("RemoveExport", "q", str(eid)),
-              lambda: os.unlink(os.path.join(self.confs, f"{i}.conf")),
-              lambda: self.sh("umount", mp),
-              lambda: os.rmdir(mp),
-              lambda: self.sh("btrfs", "subvolume", "delete", "--commit-after", sub))
+        await timed("Snapshot.AllowAccess",
+                    lambda: os.makedirs(smp),
+                    lambda: self.mount(f"{rel}.snap", smp, ro=True),
+                    lambda: self.ganesha("AddExport", "ss",
+                                         self.write_export(f"{i}.snap", seid, smp, client, "RO"),
+                                         f"EXPORT(Export_Id={seid})"))
+        await timed("Snapshot.DenyAccess",
+                    lambda: self.ganesha("RemoveExport", "q", seid),
+                    lambda: os.unlink(os.path.join(self.confs, f"{i}.snap.conf")),
+                    lambda: self.umount(smp),
+                    lambda: os.rmdir(smp))
+        await timed("Snapshot.Delete", lambda: self.delete(snap))
+        await timed("DenyAccess",
+                    lambda: self.ganesha("UpdateExport", "ss", self.write_export(i, eid, mp), sel))
+        await timed("Delete",
+                    lambda: self.ganesha("RemoveExport", "q", eid),
+                    lambda: os.unlink(os.path.join(self.confs, f"{i}.conf")),
+                    lambda: self.umount(mp),
+                    lambda: os.rmdir(mp),
+                    lambda: self.delete(sub))
+
+
+class Floor(Raw):
+    """The same steps with no process at all: the system calls themselves
+    (btrfs ioctls, mount(2), umount2(2): sharedd.drivers.btrfs_kernel) and
+    NFS-Ganesha over one open bus connection. What the kernel and ganesha
+    alone cost; its growth with the number of shares is theirs."""
+
+    name = "floor"
+    first_export_id = 55000
+
+    def __init__(self, host, work: str, client: "Client", records: bool = False):
+        super().__init__(host, work, records)
+        self.client = client
+
+    def subvolume_create(self, sub: str) -> None:
+        btrfs_kernel.create_subvolume(sub)
+
+    def limit(self, sub: str, nbytes: int) -> None:
+        btrfs_kernel.limit_referenced(sub, nbytes)
+
+    def mount(self, rel: str, mp: str, ro: bool = False) -> None:
+        btrfs_kernel.mount_subvolume(self.source, rel, mp, btrfs_kernel.SERVED_ONLY
+                                     | (btrfs_kernel.MS_RDONLY if ro else 0))
+
+    def umount(self, mp: str) -> None:
+        btrfs_kernel.unmount(mp)
+
+    def snapshot(self, sub: str, snap: str) -> None:
+        btrfs_kernel.snapshot(sub, snap, readonly=True)
+
+    def delete(self, sub: str) -> None:
+        btrfs_kernel.delete_subvolume(sub, commit=True)
+
+    async def ganesha(self, member: str, sig: str, *args) -> None:
+        await self.client.call("/org/ganesha/nfsd/ExportMgr", "org.ganesha.nfsd.exportmgr",
+                               member, sig, args, dest="org.ganesha.nfsd")
 
 
 def table(title: str, columns: List[str], rows: List[List[str]]) -> None:

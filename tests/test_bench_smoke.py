@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/records", "--smoke"], "record written"),
     (["bench/snapshots", "--smoke"], "operation, share"),
     (["bench/cifs", "--smoke"], "CIFS operation"),
-    (["bench/scale", "--smoke"], "restart"),
+    (["bench/scale", "--smoke"], "sharedd's own +ms"),
     (["bench/mountd", "--smoke"], "mountd p50"),
     (["bench/remote", "--smoke"], "mountd p50"),
     pytest.param(["bench/servers", "--smoke"], "server set-up", id="servers"),
