@@ -155,9 +155,13 @@ class Jobs:
         refusal, is the caller's). The job completes with body's outcome;
         settled(job) runs just before."""
         started: "asyncio.Future[Job]" = asyncio.get_running_loop().create_future()
+        # A refusal reaches the caller through this list, not the future:
+        # the error's traceback holds run()'s frame, which holds the future,
+        # so a future holding the error would be a reference cycle.
+        refusal: List[BaseException] = []
 
         def made() -> Optional[Job]:
-            if not started.done() or started.cancelled() or started.exception() is not None:
+            if not started.done() or started.cancelled():
                 return None
             return started.result()
 
@@ -169,7 +173,8 @@ class Jobs:
                 try:
                     job = made()
                     if not started.done():
-                        started.set_exception(error)
+                        refusal.append(error)
+                        started.set_result(None)    # type: ignore[arg-type]
                     if job is not None:
                         settled(job)
                         self.finish(job, error)
@@ -182,8 +187,14 @@ class Jobs:
             if job is not None:
                 settled(job)
                 self.finish(job, None)
+            elif not started.done():        # a body that made no job: the caller must hear
+                refusal.append(RuntimeError("the operation ended without starting its job"))
+                started.set_result(None)    # type: ignore[arg-type]
         spawn(run())
-        return await asyncio.shield(started)
+        job = await asyncio.shield(started)
+        if job is None:
+            raise refusal.pop()
+        return job
 
     def _tell(self, name: str, arg: Any) -> None:
         try:

@@ -8,6 +8,8 @@ import asyncio
 import gc
 import weakref
 
+import pytest
+
 from sharedd import collector
 
 
@@ -106,6 +108,58 @@ def test_a_failed_job_leaves_no_reference_cycle_behind():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_a_job_refused_before_it_starts_leaves_no_reference_cycle_behind():
+    """A background operation refused before it makes its job: the caller
+    gets the refusal, and the error goes with reference counting alone (it
+    used to sit in the future that run()'s frame, held by its traceback,
+    held)."""
+    from sharedd.errors import InvalidState
+    from sharedd.jobs import Jobs
+    watch, caught = [], []
+
+    async def main():
+        jobs = Jobs(None)
+
+        def refusal():
+            error = InvalidState("not now")
+            watch.append(weakref.ref(error))
+            return error
+
+        async def body(started):
+            raise refusal()
+        tasks = []
+        try:
+            await jobs.background(lambda coro: tasks.append(asyncio.ensure_future(coro)), body)
+        except InvalidState as exc:
+            caught.append(str(exc))
+        await asyncio.gather(*tasks)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(main())
+        assert caught == ["not now"]
+        assert watch and watch[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_job_body_that_makes_no_job_is_refused():
+    from sharedd.jobs import Jobs
+
+    async def main():
+        jobs = Jobs(None)
+
+        async def body(started):
+            return None
+        tasks = []
+        with pytest.raises(RuntimeError, match="without starting its job"):
+            await asyncio.wait_for(
+                jobs.background(lambda coro: tasks.append(asyncio.ensure_future(coro)), body), 10)
+        await asyncio.gather(*tasks)
+    asyncio.run(main())
 
 
 def test_a_refused_bus_call_leaves_no_reference_cycle_behind():
