@@ -309,7 +309,9 @@ class Raw:
         rel = f"/{self.name}/{i}"
         mp = os.path.join(self.mounts, str(i))
         eid = self.next_id
-        self.next_id += 1
+        self.next_id += 2
+        if self.next_id > self.first_export_id + 4999:
+            raise RuntimeError(f"{self.name}: out of export ids (2 a round, 2,500 rounds)")
         sel = f"EXPORT(Export_Id={eid})"
 
         async def timed(op, *steps):
@@ -334,8 +336,7 @@ class Raw:
         await timed("Extend", lambda: self.limit(sub, 2 * GiB))
         await timed("CreateSnapshot", lambda: self.snapshot(sub, snap))
         # a mountable snapshot: mounted read-only, exported on its own
-        smp, seid = os.path.join(self.mounts, f"{i}.snap"), self.next_id
-        self.next_id += 1
+        smp, seid = os.path.join(self.mounts, f"{i}.snap"), eid + 1
         await timed("Snapshot.AllowAccess",
                     lambda: os.makedirs(smp),
                     lambda: self.mount(f"{rel}.snap", smp, ro=True),
@@ -360,9 +361,11 @@ class Raw:
 
 class Floor(Raw):
     """The same steps with no process at all: the system calls themselves
-    (btrfs ioctls, mount(2), umount2(2): sharedd.drivers.btrfs_kernel) and
-    NFS-Ganesha over one open bus connection. What the kernel and ganesha
-    alone cost; its growth with the number of shares is theirs."""
+    (btrfs ioctls, mount(2) with sharedd's nosuid,nodev,noexec, umount2(2):
+    sharedd.drivers.btrfs_kernel) and NFS-Ganesha over one open bus
+    connection (client: a connected Client, set before a round). What the
+    kernel and ganesha alone cost; its growth with the number of shares is
+    theirs."""
 
     name = "floor"
     first_export_id = 55000

@@ -191,7 +191,11 @@ class Jobs:
                 refusal.append(RuntimeError("the operation ended without starting its job"))
                 started.set_result(None)    # type: ignore[arg-type]
         spawn(run())
-        job = await asyncio.shield(started)
+        try:
+            job = await asyncio.shield(started)
+        except asyncio.CancelledError:    # a refusal that comes now has no reader
+            started.add_done_callback(lambda _: refusal.clear())
+            raise
         if job is None:
             raise refusal.pop()
         return job

@@ -114,6 +114,38 @@ class _Writer(_MessageWriter):
             self.bus._finalize(exc)
 
 
+class _Reply:
+    """dbus-next's reply sender for one call (a callable, and a context that
+    answers an exception escaping the handler with an error reply, then lets
+    it go on), without the class the library defines anew at every call:
+    a class per call is a reference cycle per call, left to the collector."""
+
+    __slots__ = ("bus", "msg")
+
+    def __init__(self, bus: "Connection", msg: Message):
+        self.bus, self.msg = bus, msg
+
+    def __enter__(self) -> "_Reply":
+        return self
+
+    def __call__(self, reply: Message) -> None:
+        if not self.msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self.bus.send(reply)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None:
+            self.send_error(exc)
+
+    def send_error(self, exc: BaseException) -> None:
+        if isinstance(exc, DBusError):
+            self(exc._as_message(self.msg))
+        elif isinstance(exc, Exception):
+            # The library adds the traceback; a caller is not told our code.
+            self(Message.new_error(self.msg, ErrorType.SERVICE_ERROR,
+                                   f"The service interface raised an error: "
+                                   f"{type(exc).__name__}"))
+
+
 class Connection(ObjectIndex, MessageBus):
     #: sharedd.bus.audit.Auditor of the calls this connection serves (sharedd's)
     auditor: Any = None
@@ -164,6 +196,18 @@ class Connection(ObjectIndex, MessageBus):
             callback(None, None)
         else:
             self._method_return_handlers[msg.serial] = reply_notify
+
+    def _send_reply(self, msg: Message) -> _Reply:
+        return _Reply(self, msg)
+
+    def _create_unmarshaller(self) -> Any:
+        # Called when the previous message is done: its unmarshaller's table
+        # of its own bound methods is a reference cycle (holding the
+        # message's bytes) that only the collector would free.
+        done = getattr(self, "_unmarshaller", None)
+        if done is not None:
+            done.readers.clear()
+        return super()._create_unmarshaller()
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
         reply = self.managed_objects_reply(msg)
