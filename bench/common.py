@@ -310,7 +310,7 @@ class Raw:
         mp = os.path.join(self.mounts, str(i))
         eid = self.next_id
         self.next_id += 2
-        if self.next_id > self.first_export_id + 4999:
+        if self.next_id > self.first_export_id + 5000:
             raise RuntimeError(f"{self.name}: out of export ids (2 a round, 2,500 rounds)")
         sel = f"EXPORT(Export_Id={eid})"
 

@@ -14,6 +14,7 @@ import weakref
 import pytest
 
 from sharedd import collector
+from tests.support import components
 
 
 class Node:
@@ -149,6 +150,45 @@ def test_a_job_refused_before_it_starts_leaves_no_reference_cycle_behind():
             gc.enable()
 
 
+def test_a_refusal_after_its_caller_left_leaves_no_reference_cycle_behind():
+    """The caller is cancelled while the body still works; the body is
+    then refused: nobody reads the error, and nothing keeps it."""
+    from sharedd.errors import InvalidState
+    from sharedd.jobs import Jobs
+    watch = []
+
+    async def main():
+        jobs = Jobs(None)
+        go = asyncio.get_running_loop().create_future()
+
+        def refusal():
+            error = InvalidState("too late")
+            watch.append(weakref.ref(error))
+            return error
+
+        async def body(started):
+            await go
+            raise refusal()
+        tasks = []
+        caller = asyncio.ensure_future(
+            jobs.background(lambda coro: tasks.append(asyncio.ensure_future(coro)), body))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        go.set_result(None)
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0)          # the done callback that drops it
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(main())
+        assert watch and watch[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_a_job_body_that_makes_no_job_is_refused():
     from sharedd.jobs import Jobs
 
@@ -260,12 +300,14 @@ def session_bus():
     proc = subprocess.run(["dbus-daemon", "--session", "--fork", "--print-address=1",
                            "--print-pid=1"], capture_output=True, text=True, timeout=30,
                           check=True)
-    address, pid = proc.stdout.split()[:2]
+    lines = proc.stdout.split()
+    pid = int(lines[1])
     try:
-        yield address
+        components.used("dbus-daemon (a session bus of the test's own)")
+        yield lines[0]
     finally:
         try:
-            os.kill(int(pid), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 
@@ -306,7 +348,13 @@ def test_bus_calls_leave_no_cyclic_garbage(session_bus):
         client = await Connection(bus_address=session_bus).connect()
         iface = Iface("org.sharedd.Test")
         server.export("/t", iface)
-        client.add_message_handler(lambda msg: None)
+        heard = []
+        client.add_message_handler(
+            lambda msg: heard.append(msg.member) if msg.member == "Changed" else None)
+        await client.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                  interface="org.freedesktop.DBus", member="AddMatch",
+                                  signature="s",
+                                  body=["type='signal',interface='org.sharedd.Test'"]))
 
         async def call(member, sig="", body=(), iface_name="org.sharedd.Test"):
             return await client.call(Message(destination=server.unique_name, path="/t",
@@ -321,6 +369,8 @@ def test_bus_calls_leave_no_cyclic_garbage(session_bus):
                                    "org.freedesktop.DBus.Properties")
                 assert reply.body[0].value == 7
                 iface.Changed()
+                await call("Echo", "s", ["after the signal"])   # it arrives first
+                assert heard.pop() == "Changed"
         try:
             await rounds(3)
             enabled = gc.isenabled()
@@ -333,6 +383,7 @@ def test_bus_calls_leave_no_cyclic_garbage(session_bus):
                 if enabled:
                     gc.enable()
         finally:
-            client.disconnect()
-            server.disconnect()
+            for c in (client, server):
+                c.disconnect()
+                await asyncio.wait_for(c.wait_for_disconnect(), 10)
     assert asyncio.run(main()) == 0

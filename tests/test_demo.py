@@ -55,7 +55,7 @@ def test_tools_demo_runs_as_the_readme_says():
                      "alice.txt changed on the server: changed on the server",
                      "alice.txt after revert: written by alice",
                      "t 2",                                     # SizeGiB after Extend
-                     '"method": "allow_access"',                # a whole record, as written
+                     '"method": "allow_access"',                # a whole record
                      "-m mountd --config",
                      "done: everything the demo started is stopped and removed"):
         assert expected in out, expected

@@ -35,7 +35,7 @@ def test_a_signature_covers_every_field_and_survives_any_layout():
     share = make_share(rules=[rule(CLIENT4)])
     rec = signed(key, make_record(5, "post", "allow_access", share=share))
     key.public.verify(rec)
-    # The spool's indented layout, parsed back, verifies the same.
+    # The spool's layout, parsed back, verifies the same.
     key.public.verify(recordlib.loads(recordlib.dumps(rec)))
     for change in ({"seq": 6}, {"epoch": "8" * 32}, {"server_addresses": ["10.66.0.1"]},
                    {"share": dict(share, name="other")}):

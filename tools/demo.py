@@ -8,6 +8,7 @@ It reuses the environment code of the test suite (tests/fixtures), which the
 tests prove.
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -138,9 +139,10 @@ def main():
             for n in names[-8:]:
                 print(f"  {n}")
             last = [n for n in names if "post-allow_access" in n][-1]
-            print(f"  $ cat {last}   (the post record of bob's grant, as written)")
+            print(f"  $ jq . {last}   (the post record of bob's grant; one line in the file)")
             with open(os.path.join(spool, last)) as f:
-                print(textwrap.indent(f.read().strip(), "  "))
+                print(textwrap.indent(json.dumps(json.loads(f.read()), indent=1, sort_keys=True),
+                                      "  "))
             mountd_step(host, lab, bob, spool, tmp)
             say("delete")
             call(snap, "org.sharedd.Sharedd1.Snapshot", "Delete", "a{sv}", "0")

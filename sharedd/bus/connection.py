@@ -134,16 +134,24 @@ class _Reply:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc is not None:
-            self.send_error(exc)
+            self._answer(exc)        # and it goes on, to Connection._on_message's log
 
     def send_error(self, exc: BaseException) -> None:
+        """An error the library caught itself (a property's getter, say):
+        answered, and logged here, as nothing else will."""
+        if not isinstance(exc, DBusError) and isinstance(exc, Exception):
+            log.error("error answering %s.%s from %s", printable(self.msg.interface, 80),
+                      printable(self.msg.member, 80), self.msg.sender, exc_info=exc)
+        self._answer(exc)
+
+    def _answer(self, exc: BaseException) -> None:
         if isinstance(exc, DBusError):
             self(exc._as_message(self.msg))
         elif isinstance(exc, Exception):
             # The library adds the traceback; a caller is not told our code.
             self(Message.new_error(self.msg, ErrorType.SERVICE_ERROR,
                                    f"The service interface raised an error: "
-                                   f"{type(exc).__name__}"))
+                                   f"{type(exc).__name__}: {printable(str(exc), 200)}"))
 
 
 class Connection(ObjectIndex, MessageBus):

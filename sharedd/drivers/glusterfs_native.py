@@ -546,7 +546,7 @@ class GlusterfsNativeDriver(ShareDriver):
                 self._release(target)
         cache[key] = {"id": info.id, "bricks": info.bricks, "total": total, "free": free}
         if self.state_dir:
-            util.atomic_write(self._cache_path, json.dumps(cache, indent=1).encode(), 0o600)
+            util.atomic_write(self._cache_path, json.dumps(cache).encode(), 0o600)
         return total, free
 
     # --- lifecycle -------------------------------------------------------------

@@ -385,7 +385,7 @@ class KernelNfsHelper(ExportHelper):
         data = {"share_id": share_id, "path": path,
                 "rules": [[to, g.to_json()] for to, g in sorted(rules.items())]}
         atomic_write(self._state_file(share_id),
-                     (json.dumps(data, sort_keys=True, indent=1) + "\n").encode(), 0o600)
+                     (json.dumps(data, sort_keys=True) + "\n").encode(), 0o600)
         if self._chunks is not None:
             self._chunks[share_id] = self._chunk(share_id, path, rules)
 
