@@ -151,3 +151,55 @@ def test_oversized_options_and_filters_are_refused_unread(d):
         many += [f"k{i}", "s", "v"]
     assert err in d.error(ROOT, MGR, "CreateShare", "ssta{sv}", "x", "NFS", 1, 40, *many)
     assert d.manager("ListShares", "a{sv}", 0) == []
+
+
+def test_a_failing_property_getter_answers_without_internals_or_a_flood(session_bus, caplog):
+    """dbus-next catches a getter's exception itself and hands it to the
+    reply sender: sharedd's refusal comes back under its own name, a bug as
+    its kind only (no path or SQL for the caller), and 50 reads of it give
+    one traceback and one refusal line, not 50."""
+    import logging
+    from dbus_next.service import ServiceInterface, dbus_property
+    from dbus_next.constants import PropertyAccess
+    from sharedd.errors import NotFound
+
+    class Iface(ServiceInterface):
+        @dbus_property(access=PropertyAccess.READ)
+        def Gone(self) -> "s":                      # noqa: F821 (a D-Bus signature)
+            raise NotFound("share s1 is gone")
+
+        @dbus_property(access=PropertyAccess.READ)
+        def Broken(self) -> "s":                    # noqa: F821
+            raise OSError(5, "I/O error on /var/lib/sharedd/secret.db")
+
+    async def main():
+        server = await Connection(bus_address=session_bus).connect()
+        client = await Connection(bus_address=session_bus).connect()
+        server.export("/t", Iface("org.sharedd.Test"))
+
+        async def get(name):
+            return await client.call(Message(
+                destination=server.unique_name, path="/t",
+                interface="org.freedesktop.DBus.Properties", member="Get", signature="ss",
+                body=["org.sharedd.Test", name]))
+        try:
+            gone = await get("Gone")
+            assert gone.message_type == MessageType.ERROR
+            assert gone.error_name == "org.sharedd.Sharedd1.Error.NotFound"
+            assert "gone" in gone.body[0]
+            for _ in range(50):
+                broken = await get("Broken")
+                assert broken.message_type == MessageType.ERROR
+                assert broken.error_name == "com.dubstepdish.dbus.next.ServiceError"  # the library's
+                assert "OSError" in broken.body[0] and "secret" not in broken.body[0]
+        finally:
+            for c in (client, server):
+                c.disconnect()
+                await asyncio.wait_for(c.wait_for_disconnect(), 10)
+    with caplog.at_level(logging.INFO, logger="sharedd.bus.connection"):
+        asyncio.run(main())
+    ours = [r for r in caplog.records if r.name == "sharedd.bus.connection"]
+    tracebacks = [r for r in ours if r.exc_info]
+    refusals = [r for r in ours if r.getMessage().startswith("refused")]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]

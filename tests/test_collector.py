@@ -6,15 +6,11 @@ a failed job, both common, leave no such cycle."""
 
 import asyncio
 import gc
-import os
-import signal
-import subprocess
 import weakref
 
 import pytest
 
 from sharedd import collector
-from tests.support import components
 
 
 class Node:
@@ -292,24 +288,6 @@ def test_engine_operations_leave_no_cyclic_garbage():
         assert _cyclic_garbage_of(lambda: rounds(10)) == 0
     finally:
         h.close()
-
-
-@pytest.fixture
-def session_bus():
-    """A dbus-daemon of its own (session policy: anything goes for its user)."""
-    proc = subprocess.run(["dbus-daemon", "--session", "--fork", "--print-address=1",
-                           "--print-pid=1"], capture_output=True, text=True, timeout=30,
-                          check=True)
-    lines = proc.stdout.split()
-    pid = int(lines[1])
-    try:
-        components.used("dbus-daemon (a session bus of the test's own)")
-        yield lines[0]
-    finally:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def test_bus_calls_leave_no_cyclic_garbage(session_bus):

@@ -141,7 +141,7 @@ def main():
             last = [n for n in names if "post-allow_access" in n][-1]
             print(f"  $ jq . {last}   (the post record of bob's grant; one line in the file)")
             with open(os.path.join(spool, last)) as f:
-                print(textwrap.indent(json.dumps(json.loads(f.read()), indent=1, sort_keys=True),
+                print(textwrap.indent(json.dumps(json.loads(f.read()), indent=2),
                                       "  "))
             mountd_step(host, lab, bob, spool, tmp)
             say("delete")

@@ -37,6 +37,8 @@ from dbus_next.aio.message_bus import _MessageWriter
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface
 
+from .. import constants as C
+from ..errors import SharedError
 from . import wire
 from .audit import CALL, printable
 from .managed import ObjectIndex
@@ -138,20 +140,29 @@ class _Reply:
 
     def send_error(self, exc: BaseException) -> None:
         """An error the library caught itself (a property's getter, say):
-        answered, and logged here, as nothing else will."""
-        if not isinstance(exc, DBusError) and isinstance(exc, Exception):
-            log.error("error answering %s.%s from %s", printable(self.msg.interface, 80),
-                      printable(self.msg.member, 80), self.msg.sender, exc_info=exc)
+        answered, and counted with the caller's refusals (one log line per
+        caller per interval); a bug's traceback at most once an interval."""
+        if not isinstance(exc, Exception):
+            return
+        if isinstance(exc, SharedError):     # e.g. the object went while read
+            exc = DBusError(C.ERROR_PREFIX + exc.name, printable(str(exc), 400))
+        elif not isinstance(exc, DBusError):
+            self.bus._bug(self.msg, exc)
         self._answer(exc)
+        self.bus._refused(self.msg, exc if isinstance(exc, DBusError) else _internal(exc))
 
     def _answer(self, exc: BaseException) -> None:
         if isinstance(exc, DBusError):
             self(exc._as_message(self.msg))
         elif isinstance(exc, Exception):
-            # The library adds the traceback; a caller is not told our code.
-            self(Message.new_error(self.msg, ErrorType.SERVICE_ERROR,
-                                   f"The service interface raised an error: "
-                                   f"{type(exc).__name__}: {printable(str(exc), 200)}"))
+            # The library adds the traceback and message; a caller is not told
+            # our internals (paths, SQL), only the kind of failure.
+            self(_internal(exc)._as_message(self.msg))
+
+
+def _internal(exc: BaseException) -> DBusError:
+    return DBusError(ErrorType.SERVICE_ERROR,
+                     f"The service interface raised an error: {type(exc).__name__}")
 
 
 class Connection(ObjectIndex, MessageBus):
@@ -163,6 +174,7 @@ class Connection(ObjectIndex, MessageBus):
         super().__init__(*args, **kwargs)
         self._writer = _Writer(self)
         self._refusals: Dict[str, Tuple[float, int]] = {}
+        self._bug_logged = float("-inf")
 
     # --- the object tree, indexed (an interface object lives at one path) -----
     def export(self, path: str, interface: ServiceInterface) -> None:
@@ -256,6 +268,14 @@ class Connection(ObjectIndex, MessageBus):
         finally:
             if token is not None:
                 CALL.reset(token)
+
+    def _bug(self, msg: Message, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._bug_logged >= REFUSAL_LOG_INTERVAL:
+            self._bug_logged = now
+            log.error("error answering %s.%s from %s (one traceback per %gs)",
+                      printable(msg.interface, 80), printable(msg.member, 80), msg.sender,
+                      REFUSAL_LOG_INTERVAL, exc_info=exc)
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
         now = time.monotonic()
