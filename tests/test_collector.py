@@ -5,12 +5,26 @@ frozen objects grew by a quarter (or after an hour). A refused bus call and
 a failed job, both common, leave no such cycle."""
 
 import asyncio
+import contextlib
 import gc
 import weakref
 
 import pytest
 
 from sharedd import collector
+
+
+@contextlib.contextmanager
+def collector_off():
+    """Python's cycle collector off inside (what is freed is freed by
+    reference counting alone), back as it was after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Node:
@@ -100,14 +114,9 @@ def test_a_failed_job_leaves_no_reference_cycle_behind():
         await jobs.background(lambda coro: tasks.append(asyncio.ensure_future(coro)), body)
         await done
         await asyncio.gather(*tasks)
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         asyncio.run(main())
         assert watch and watch[0]() is None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def test_a_job_refused_before_it_starts_leaves_no_reference_cycle_behind():
@@ -135,15 +144,10 @@ def test_a_job_refused_before_it_starts_leaves_no_reference_cycle_behind():
         except InvalidState as exc:
             caught.append(str(exc))
         await asyncio.gather(*tasks)
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         asyncio.run(main())
         assert caught == ["not now"]
         assert watch and watch[0]() is None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def test_a_refusal_after_its_caller_left_leaves_no_reference_cycle_behind():
@@ -175,14 +179,9 @@ def test_a_refusal_after_its_caller_left_leaves_no_reference_cycle_behind():
         go.set_result(None)
         await asyncio.gather(*tasks)
         await asyncio.sleep(0)          # the done callback that drops it
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         asyncio.run(main())
         assert watch and watch[0]() is None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def test_a_job_body_that_makes_no_job_is_refused():
@@ -229,28 +228,18 @@ def test_a_refused_bus_call_leaves_no_reference_cycle_behind():
         handler(msg, replies.append)
         while not replies:
             await asyncio.sleep(0)
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         asyncio.run(main())
         assert replies[0].error_name == "org.sharedd.Sharedd1.Error.InvalidState"
         assert watch and watch[0]() is None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _cyclic_garbage_of(work) -> int:
     """How many objects work() leaves that only the cycle collector frees."""
-    enabled = gc.isenabled()
     gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         work()
         return gc.collect()
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def test_engine_operations_leave_no_cyclic_garbage():
@@ -351,15 +340,10 @@ def test_bus_calls_leave_no_cyclic_garbage(session_bus):
                 assert heard.pop() == "Changed"
         try:
             await rounds(3)
-            enabled = gc.isenabled()
             gc.collect()
-            gc.disable()
-            try:
+            with collector_off():
                 await rounds(30)
                 return gc.collect()
-            finally:
-                if enabled:
-                    gc.enable()
         finally:
             for c in (client, server):
                 c.disconnect()
