@@ -33,9 +33,19 @@ THAW_INTERVAL = 3600.0
 THAW_GROWTH = 1.25
 
 
-def _freeze_survivors(phase: str, info: Dict[str, int]) -> None:
+#: objects the collections of each generation found unreachable (freed),
+#: while short_pauses() is on: 0 on ordinary paths, where reference counting
+#: frees everything (the metric sharedd_gc_collected_objects_total)
+collected = [0, 0, 0]
+
+
+def _after_collection(phase: str, info: Dict[str, int]) -> None:
     # A gc callback: runs in the thread that set the collection off, after it.
-    if phase == "stop" and info.get("generation") == 2:
+    if phase != "stop":
+        return
+    generation = info.get("generation", 0)
+    collected[generation] += info.get("collected", 0)
+    if generation == 2:
         gc.freeze()
 
 
@@ -58,14 +68,14 @@ def thaw() -> bool:
 def short_pauses() -> Iterator[None]:
     """For the daemon's life: what start-up made is collected and frozen on
     entry, the survivors of every full collection after it too."""
-    gc.callbacks.append(_freeze_survivors)
+    gc.callbacks.append(_after_collection)
     try:
         gc.collect()
         yield
     finally:
         gc.unfreeze()
-        if _freeze_survivors in gc.callbacks:
-            gc.callbacks.remove(_freeze_survivors)
+        if _after_collection in gc.callbacks:
+            gc.callbacks.remove(_after_collection)
 
 
 async def thaw_when_due(check: float = CHECK_INTERVAL, every: float = THAW_INTERVAL,

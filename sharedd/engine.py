@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from . import constants as C
-from . import access, metrics, netns, recovery, signing, validation
+from . import access, collector, metrics, netns, recovery, signing, validation
 from .backend import Backend, BackendInfo
 from .config import Config
 from .errors import (AlreadyExists, BackendFailure, CapacityExceeded,
@@ -336,7 +337,8 @@ class Engine:
                 "backends": [(b.name, bool(b.setup_error), dict(b.stats))
                              for b in self.backends.values()],
                 "sizes": self.store.share_sizes(), "seq": self.store.last_seq(),
-                "jobs": len(self.jobs.all()), "counters": self.metrics.families()}
+                "jobs": len(self.jobs.all()), "counters": self.metrics.families(),
+                "collected": list(collector.collected), "frozen": gc.get_freeze_count()}
 
     @staticmethod
     def _metrics_render(state: Dict[str, Any]) -> str:
@@ -376,7 +378,17 @@ class Engine:
                           [({}, state["seq"])]),
             metrics.gauge("sharedd_jobs", "Jobs (long operations) running.",
                           [({}, state["jobs"])]),
+            metrics.gauge("sharedd_gc_frozen_objects", "Objects left out of Python's cycle "
+                          "collections until the next thaw (sharedd.collector).",
+                          [({}, state["frozen"])]),
         ]
+        freed = metrics.Family("sharedd_gc_collected_objects_total", "counter",
+                               "Objects Python's cycle collector found unreachable, by "
+                               "generation: garbage in reference cycles (none on ordinary "
+                               "paths; a rise is a leak the collector hides).")
+        for generation, count in enumerate(state["collected"]):
+            freed.add(count, generation=str(generation))
+        fams.append(freed)
         return metrics.exposition(fams + state["counters"])
 
     def metrics_text(self) -> str:

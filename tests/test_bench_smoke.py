@@ -11,7 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("argv, header", [
-    (["bench/api", "--shares", "10"], "Extend by 8 callers"),
+    (["bench/api", "--shares", "10"], "daemon RSS"),    # then the collector's figure
     (["bench/api", "--shares", "5", "--hooks"], "RunPeriodicHooks by 20 callers at once"),
     (["bench/concurrency", "--smoke"], "calls/s"),
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),

@@ -56,11 +56,13 @@ def test_survivors_of_a_full_collection_are_left_out_of_the_next_and_a_thaw_find
         del kept
         gc.collect()
         assert watch() is not None      # frozen cyclic garbage: a full collection misses it
+        found = sum(collector.collected)
         assert collector.thaw()
         assert watch() is None          # the thaw finds it
+        assert sum(collector.collected) >= found + 200      # and counts it (a metric)
         assert gc.get_freeze_count() > 0     # and freezes the survivors again
     assert gc.get_freeze_count() == 0
-    assert collector._freeze_survivors not in gc.callbacks
+    assert collector._after_collection not in gc.callbacks
 
 
 def test_a_thaw_comes_when_the_frozen_objects_grew_by_a_quarter(monkeypatch):

@@ -111,6 +111,9 @@ def test_sharedd_metrics(sharedd_factory, metrics_dir):
     assert value(fams, "sharedd_operation_duration_seconds_count", method="create_share") == 2
     assert value(fams, "sharedd_hook_records_total", backend="mem1", phase="post") >= 3
     assert value(fams, "sharedd_hook_last_seq") >= 6
+    assert value(fams, "sharedd_gc_frozen_objects") > 0      # start-up's, frozen
+    for generation in "012":
+        assert value(fams, "sharedd_gc_collected_objects_total", generation=generation) >= 0
     assert [n for n in os.listdir(metrics_dir) if n.startswith(".")] == [], "written atomically"
 
 

@@ -62,6 +62,7 @@ class _Bus(Connection):
                     log.error("%s.%s failed", interface.name, method.name, exc_info=exc)
                     reply = Message.new_error(msg, C.ERROR_PREFIX + "BackendFailure",
                                               f"internal error: {type(exc).__name__}")
+                del exc         # a result that would not marshal: its traceback holds this frame
                 send_reply(reply)
             args = ServiceInterface._msg_body_to_args(msg)
             asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
