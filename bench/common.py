@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -304,6 +305,18 @@ class Raw:
                            "pad": "x" * 1200}).encode()   # a record's usual size
         self.records.write(file_name({"seq": self.seq, "phase": phase, "method": op}), body)
 
+    async def timed(self, times: Dict[Any, List[float]], op: Any, *steps) -> None:
+        """One operation's steps (each a function; a coroutine it returns is
+        awaited) between its pre and post records, timed into times[op]."""
+        t = time.perf_counter()
+        self.record(str(op), "pre")
+        for step in steps:
+            out = step()
+            if asyncio.iscoroutine(out):
+                await out
+        self.record(str(op), "post")
+        times[op].append(time.perf_counter() - t)
+
     async def round(self, i: int, times: Dict[str, List[float]]) -> None:
         sub, snap = os.path.join(self.top, str(i)), os.path.join(self.top, f"{i}.snap")
         rel = f"/{self.name}/{i}"
@@ -314,15 +327,7 @@ class Raw:
             raise RuntimeError(f"{self.name}: out of export ids (2 a round, 2,500 rounds)")
         sel = f"EXPORT(Export_Id={eid})"
 
-        async def timed(op, *steps):
-            t = time.perf_counter()
-            self.record(op, "pre")
-            for step in steps:
-                out = step()
-                if asyncio.iscoroutine(out):
-                    await out
-            self.record(op, "post")
-            times[op].append(time.perf_counter() - t)
+        timed = functools.partial(self.timed, times)
         await timed("CreateShare",
                     lambda: self.subvolume_create(sub),
                     lambda: self.limit(sub, GiB),
