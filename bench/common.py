@@ -62,6 +62,22 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+_REFERENCE_WORK = {"shares": [{"id": f"{i:032x}", "size_gib": i, "rules": [
+    {"access_to": f"10.0.{i // 250}.{i % 250}", "access_level": "rw"}]} for i in range(200)]}
+
+
+def machine_speed_ms() -> float:
+    """The same pure-Python work each time (20 JSON round trips of 200
+    share-like records), timed in ms. On these VMs the CPU's speed moves by
+    up to 2x from one second to the next with the machine idle (no steal
+    time shows), so a bench that compares figures taken minutes apart times
+    this beside them: a slow stretch shows here too."""
+    t = time.perf_counter()
+    for _ in range(20):
+        json.loads(json.dumps(_REFERENCE_WORK, sort_keys=True))
+    return (time.perf_counter() - t) * 1e3
+
+
 def median_ms(values: List[float]) -> float:
     return statistics.median(values) * 1e3 if values else float("nan")
 
