@@ -66,12 +66,12 @@ class Revoker:
         self.copies = copies
         self._retrying: Set[str] = set()
 
-    def operation(self, share: Share, rules: List[AccessRule]) -> Operation:
+    async def operation(self, share: Share, rules: List[AccessRule]) -> Operation:
         """Revoke rules (a revocation: no hook holds it back)."""
         found = self.backends.get(share.backend)
         if found is None or found.setup_error:
             # The backend cannot act now: record the intent; the retry applies it.
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 for r in rules:
                     tx.rule(share, r, C.RULE_QUEUED_TO_DENY)
             raise BackendFailure(f"backend {share.backend} is not usable now")
@@ -118,7 +118,7 @@ class Revoker:
                 async def plan() -> Optional[Operation]:
                     share = self.store.get_share(share_id)
                     pending = pending_denies(self.store, share_id)
-                    return self.operation(share, pending) if share and pending else None
+                    return await self.operation(share, pending) if share and pending else None
                 try:
                     await self.runner.run_if([share_id], plan)
                 except StateLost:

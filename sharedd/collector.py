@@ -37,6 +37,9 @@ THAW_GROWTH = 1.25
 #: while short_pauses() is on: 0 on ordinary paths, where reference counting
 #: frees everything (the metric sharedd_gc_collected_objects_total)
 collected = [0, 0, 0]
+#: the frozen objects when last counted (every CHECK_INTERVAL: the count walks
+#: them all, too long for every metrics write; sharedd_gc_frozen_objects)
+frozen = 0
 
 
 def _after_collection(phase: str, info: Dict[str, int]) -> None:
@@ -78,12 +81,18 @@ def short_pauses() -> Iterator[None]:
             gc.callbacks.remove(_after_collection)
 
 
+def _count() -> int:
+    global frozen
+    frozen = gc.get_freeze_count()
+    return frozen
+
+
 async def thaw_when_due(check: float = CHECK_INTERVAL, every: float = THAW_INTERVAL,
                         growth: float = THAW_GROWTH) -> None:
-    last, base = time.monotonic(), max(gc.get_freeze_count(), 1)
+    last, base = time.monotonic(), max(_count(), 1)
     while True:
         await asyncio.sleep(check)
-        if time.monotonic() - last < every and gc.get_freeze_count() <= base * growth:
+        if time.monotonic() - last < every and _count() <= base * growth:
             continue
         if thaw():
-            last, base = time.monotonic(), max(gc.get_freeze_count(), 1)
+            last, base = time.monotonic(), max(_count(), 1)

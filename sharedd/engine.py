@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import os
 import time
@@ -338,7 +337,7 @@ class Engine:
                              for b in self.backends.values()],
                 "sizes": self.store.share_sizes(), "seq": self.store.last_seq(),
                 "jobs": len(self.jobs.all()), "counters": self.metrics.families(),
-                "collected": list(collector.collected), "frozen": gc.get_freeze_count()}
+                "collected": list(collector.collected), "frozen": collector.frozen}
 
     @staticmethod
     def _metrics_render(state: Dict[str, Any]) -> str:
@@ -379,7 +378,8 @@ class Engine:
             metrics.gauge("sharedd_jobs", "Jobs (long operations) running.",
                           [({}, state["jobs"])]),
             metrics.gauge("sharedd_gc_frozen_objects", "Objects left out of Python's cycle "
-                          "collections until the next thaw (sharedd.collector).",
+                          "collections until the next thaw (sharedd.collector), as "
+                          "counted each minute.",
                           [({}, state["frozen"])]),
         ]
         freed = metrics.Family("sharedd_gc_collected_objects_total", "counter",
@@ -479,11 +479,11 @@ class Engine:
         return self.store.snapshots(share_id)
 
     # -------------------------------------------------- share networks, servers
-    def create_share_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
-        return self.servers.create_network(name, options)
+    async def create_share_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
+        return await self.servers.create_network(name, options)
 
-    def delete_share_network(self, network_id: str, options: Dict[str, Any]) -> None:
-        self.servers.delete_network(network_id, options)
+    async def delete_share_network(self, network_id: str, options: Dict[str, Any]) -> None:
+        await self.servers.delete_network(network_id, options)
 
     def share_network(self, network_id: str) -> ShareNetwork:
         return self.servers.network(network_id)
@@ -640,7 +640,7 @@ class Engine:
                 share.share_server_id = server.id
                 await self.runner.run(keys, plan)
         if schedule or retention or visibility:
-            self.snapshot_ops.set_policy(self.share(share.id), schedule, retention, visibility)
+            await self.snapshot_ops.set_policy(self.share(share.id), schedule, retention, visibility)
         self._spawn(self._refresh(b, C.CAPACITY_STATS_MAX_AGE))
         return self.share(share.id)
 
@@ -837,7 +837,7 @@ class Engine:
             rule = self.store.get_rule(access_id)
             if rule is None or rule.share_id != share.id:
                 raise NotFound(f"share {share.name} has no access rule {access_id}")
-            return self.revoker.operation(share, [rule])
+            return await self.revoker.operation(share, [rule])
         await self.revoker.deny(share_id, plan, access_id)
 
     # ------------------------------------------------------------- snapshots
@@ -908,7 +908,7 @@ class Engine:
         validation.options(options, {"snapshot_schedule": str, "snapshot_retention": str,
                                      "snapshot_visibility": str})
         schedule, retention, visibility = self.snapshot_ops.check_policy(options)
-        if self.snapshot_ops.set_policy(self.share(share_id), schedule, retention, visibility):
+        if await self.snapshot_ops.set_policy(self.share(share_id), schedule, retention, visibility):
             await self.snapshot_ops.show(share_id)
 
     def snapshot_visibility(self, share: Share) -> str:

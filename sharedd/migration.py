@@ -194,7 +194,7 @@ class Migrations:
                 if not switched:
                     await self._final_copy(share, target, src, dest, task, progress, cancel)
                 self.jobs.not_cancelable(job)
-                with self.runner.tx() as tx:
+                async with self.runner.durably() as tx:
                     tx.share(share, C.STATUS_MIGRATING, task=dict(task, phase=SWITCHING))
                 return await switch(share, target, src, dest, self.store,
                                     dict(task.get("state") or {}))
@@ -336,7 +336,7 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
         return                      # waits for CompleteMigration or CancelMigration
     if phase in (COPYING, CANCELLING) or not phase:
         await src.call("migration_cancel", share, target, dest.driver, state)
-        with runner.tx() as tx:
+        async with runner.durably() as tx:
             tx.share(share, C.STATUS_AVAILABLE)
         return
     if phase == COMPLETING:
@@ -351,11 +351,11 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             log.error("share %s: the interrupted migration cannot be completed (%s); "
                       "it stays on backend %s", share.name, exc, share.backend)
             await src.call("migration_cancel", share, target, dest.driver, state)
-            with runner.tx() as tx:
+            async with runner.durably() as tx:
                 tx.share(share, C.STATUS_AVAILABLE)
             return
-        with runner.tx() as tx:
+        async with runner.durably() as tx:
             tx.share(share, C.STATUS_MIGRATING, task=dict(task, phase=SWITCHING))
     update = await switch(share, target, src, dest, store, state)
-    with runner.tx() as tx:
+    async with runner.durably() as tx:
         tx.share(share, C.STATUS_AVAILABLE, backend=dest.name, **_placement(update))

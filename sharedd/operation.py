@@ -99,9 +99,19 @@ class Runner:
         self.metrics: Any = None    # a sharedd.metrics.Registry, if counted
 
     # --- plumbing ----------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def durably(self) -> AsyncIterator[Changes]:
+        """One checked transaction, on disk before observers hear of it; the
+        fsync is off the event loop (Store.synced), so a slow disk holds this
+        caller only. The body is the transaction: no await inside it."""
+        with self._commit(durable=False) as changes:
+            yield changes
+        await self._synced(changes)
+
     @contextlib.contextmanager
     def tx(self, durable: bool = True) -> Iterator[Changes]:
-        """One checked transaction; observers hear of it after COMMIT."""
+        """The same, with the fsync on the calling thread: for tests and
+        tools that have no event loop to spare (the daemon uses durably)."""
         with self._commit(durable) as changes:
             yield changes
         self._publish(changes)
@@ -310,7 +320,7 @@ class Runner:
                             _what(op), exc)
                 warnings.append(str(exc)[:1000])
                 return None
-            with self.tx() as tx:
+            async with self.durably() as tx:
                 op.undo(tx)
             if isinstance(exc, record_schema.RecordError):
                 log.error("%s: cannot build the hook record: %s", op.method, exc)
@@ -355,7 +365,7 @@ class Runner:
         if (share is not None and isinstance(locations, list) and locations
                 and all(isinstance(x, str) for x in locations)
                 and self.store.share_status(share.id) is not None):
-            with self.tx() as tx:
+            async with self.durably() as tx:
                 tx.share(share, export_locations=locations)
 
     def record(self, op: Operation, phase: str, seq: int,
@@ -412,7 +422,7 @@ class Runner:
 
 
 async def isolated(what: str, work: Awaitable[Any], *, step: str,
-                   to_error: Optional[Callable[[], None]] = None,
+                   to_error: Optional[Callable[[], Awaitable[None]]] = None,
                    level: int = logging.ERROR) -> bool:
     """One object's part of a sweep over many (start-up recovery, an
     ensure): its failure is its own. A SharedError is logged (a bug with its
@@ -432,7 +442,7 @@ async def isolated(what: str, work: Awaitable[Any], *, step: str,
         log.exception("%s: %s failed%s", step, what, left)
     if to_error is not None:
         try:
-            to_error()
+            await to_error()
         except StateLost:
             raise
         except Exception:

@@ -119,7 +119,7 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             continue
         for rule in rules:
             if owner is not None and rule.state in RULE_STEPS:
-                with runner.tx() as tx:
+                async with runner.durably() as tx:
                     tx.rule(owner, rule, RULE_STEPS[rule.state])
 
 
@@ -167,7 +167,7 @@ def _ensurable(store: Store, share: Share) -> bool:
 async def _recover_share(store: Store, runner: Runner, b: Backend, share: Share) -> None:
     log.info("recovery: share %s (%s) was %s", share.name, share.id, share.status)
     fields = await SHARE_STEPS[share.status](b, share, store.share_task(share.id))
-    with runner.tx() as tx:
+    async with runner.durably() as tx:
         if fields is None:
             tx.remove_share(share)
         else:
@@ -184,17 +184,17 @@ async def _recover_snapshot(store: Store, runner: Runner, backends: Mapping[str,
     log.info("recovery: snapshot %s was %s: %s", snap.id, snap.status,
              "removing it" if step == "delete_snapshot" else "releasing it, its data kept")
     await b.call(step, snap, share)
-    with runner.tx() as tx:
+    async with runner.durably() as tx:
         tx.remove_snapshot(snap)
 
 
-def _share_error(runner: Runner, share: Share) -> None:
+async def _share_error(runner: Runner, share: Share) -> None:
     if runner.store.share_status(share.id) is None:
         return   # gone meanwhile: nothing to mark
-    with runner.tx() as tx:
+    async with runner.durably() as tx:
         tx.share(share, C.STATUS_ERROR)
 
 
-def _snapshot_error(runner: Runner, snap: Snapshot) -> None:
-    with runner.tx() as tx:
+async def _snapshot_error(runner: Runner, snap: Snapshot) -> None:
+    async with runner.durably() as tx:
         tx.snapshot(snap, C.STATUS_ERROR)

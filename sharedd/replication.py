@@ -266,7 +266,7 @@ class Replications:
         while True:
             await asyncio.sleep(self._tick())
             try:
-                self._due()
+                await self._due()
             except Exception:
                 log.exception("replication: looking for replicas due a sync failed")
 
@@ -275,7 +275,7 @@ class Replications:
                      if b.config.replication_domain]
         return max(TICK_MIN, min([TICK_MAX] + [i / 4 for i in intervals]))
 
-    def _due(self) -> None:
+    async def _due(self) -> None:
         now = now_us()
         shares: Dict[str, Optional[Share]] = {}
         for r in self.store.replicas():
@@ -290,7 +290,7 @@ class Replications:
                 continue
             interval_us = float(b.config.replication_interval) * 1e6
             if r.state == C.REPLICA_IN_SYNC and now - r.last_sync > 2 * interval_us:
-                with self.runner.tx() as tx:
+                async with self.runner.durably() as tx:
                     tx.replica(r, state=C.REPLICA_OUT_OF_SYNC)
             if now - r.last_sync >= interval_us:
                 self._syncing.add(r.id)
@@ -326,7 +326,7 @@ class Replications:
 
             async def call() -> Tuple[Optional[ShareUpdate], Dict[str, Any], bool]:
                 state, synced = await self._final_sync(share, r, dest, task, force)
-                with self.runner.tx() as tx:
+                async with self.runner.durably() as tx:
                     tx.share(share, C.STATUS_REPLICATION_CHANGE,
                              task=dict(task, phase=SWITCHING, state=state, synced=synced))
                 return await self._switch(share, r, dest, synced), state, synced
@@ -509,12 +509,12 @@ class Replications:
             update = await self._serve(share, r)
         except SharedError as exc:
             log.error("replica %s: cannot export it: %s", replica_id, exc)
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.replica(r, C.STATUS_ERROR)
             return
         locations = list(fields_of(update).get("export_locations", r.export_locations))
         if locations != r.export_locations:
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.replica(r, export_locations=locations)
 
     # --- start-up ------------------------------------------------------------------------
@@ -547,7 +547,7 @@ class Replications:
             log.info("recovery: replica %s of share %s was %s; removing it", r.id, share.name,
                      r.status)
             await self._remove_data(share, r, snaps, dict(r.driver_data))
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.remove_replica(r)
                 self._drop_lone_active(tx, share.id)
 
@@ -558,7 +558,7 @@ class Replications:
         if task.get("phase") != SWITCHING or r is None or active is None:
             log.info("recovery: share %s was being promoted (%s); it stays on backend %s",
                      share.name, task.get("phase"), share.backend)
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.share(share, C.STATUS_AVAILABLE)     # ensure serves it writable again
             return
         dest = self.backends.get(r.backend)
@@ -570,7 +570,7 @@ class Replications:
                  r.backend)
         synced = bool(task.get("synced"))
         update = await self._switch(share, r, dest, synced)
-        with self.runner.tx() as tx:
+        async with self.runner.durably() as tx:
             self._swap(tx, share, r, active, update, dict(task.get("state") or {}), synced)
 
     async def ensure(self, backends: List[str]) -> None:

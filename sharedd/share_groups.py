@@ -318,7 +318,7 @@ class ShareGroups:
                                   b.call("delete_share_group_snapshot", pairs), step="recovery",
                                   to_error=functools.partial(self._group_snapshot_error, gs, snaps)):
                 continue
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 for snap in snaps:
                     tx.remove_snapshot(snap)
                 tx.remove_group_snapshot(gs)
@@ -327,14 +327,14 @@ class ShareGroups:
                     or group.status not in (C.STATUS_CREATING, C.STATUS_DELETING):
                 continue
             log.info("recovery: share group %s was %s", group.id, group.status)
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 if group.status == C.STATUS_CREATING and self.store.group_members(group.id):
                     tx.group(group, C.STATUS_ERROR)
                 else:
                     tx.remove_group(group)
 
-    def _group_snapshot_error(self, gs: ShareGroupSnapshot, snaps: List[Snapshot]) -> None:
-        with self.runner.tx() as tx:
+    async def _group_snapshot_error(self, gs: ShareGroupSnapshot, snaps: List[Snapshot]) -> None:
+        async with self.runner.durably() as tx:
             for snap in snaps:
                 tx.snapshot(snap, C.STATUS_ERROR)
             tx.group_snapshot(gs, C.STATUS_ERROR)

@@ -164,7 +164,7 @@ class ShareServers:
     def networks(self) -> List[ShareNetwork]:
         return self.store.networks()
 
-    def create_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
+    async def create_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
         validation.options(options, NETWORK_OPTIONS)
         name = validation.name(name, "share network")
         if "subnet" not in options:
@@ -195,20 +195,20 @@ class ShareServers:
                                allocation_range=f"{_addr(first, net)}-{_addr(last, net)}",
                                gateway=gateway,
                                mtu=int(mtu), created_at=now_us())
-        with self.runner.tx() as tx:
+        async with self.runner.durably() as tx:
             tx.add_network(network)
         log.info("share network %s (%s) created: %s on %s", name, network.id, net,
                  describe(attachment))
         return network
 
-    def delete_network(self, network_id: str, options: Dict[str, Any]) -> None:
+    async def delete_network(self, network_id: str, options: Dict[str, Any]) -> None:
         validation.options(options, {})
         network = self.network(network_id)
         servers = self.store.servers(network_id=network.id)
         if servers:
             raise InvalidState(f"share network {network.name} has {len(servers)} share "
                                "server(s); delete its shares first")
-        with self.runner.tx() as tx:
+        async with self.runner.durably() as tx:
             tx.remove_network(network)
 
     # --------------------------------------------------------------- servers
@@ -373,26 +373,26 @@ class ShareServers:
                            step="recovery",
                            to_error=functools.partial(self._server_error, server))
 
-    def _server_error(self, server: ShareServer) -> None:
+    async def _server_error(self, server: ShareServer) -> None:
         if self.store.get_server(server.id) is not None:
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.server(server, C.STATUS_ERROR)
 
     async def _recover(self, b: Backend, server: ShareServer) -> None:
         if server.status == C.STATUS_CREATING and not self.store.count_server_shares(server.id):
             log.info("recovery: share server %s was being set up: removing it", server.id)
             await b.call("teardown_server", server)
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.remove_server(server)
             return
         if server.status == C.STATUS_DELETING:
             log.info("recovery: share server %s was being removed: finishing", server.id)
             await b.call("teardown_server", server)
-            with self.runner.tx() as tx:
+            async with self.runner.durably() as tx:
                 tx.remove_server(server)
             return
         details = await b.call("ensure_server", server, self.network_info(server))
-        with self.runner.tx() as tx:
+        async with self.runner.durably() as tx:
             tx.server(server, C.SERVER_ACTIVE, details=dict(details or server.details))
         if not self.store.count_server_shares(server.id):
             self.released(server.id)

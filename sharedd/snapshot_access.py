@@ -118,7 +118,7 @@ class SnapshotAccess:
             share = self.store.get_share(share_id)
             found = self.backends.get(share.backend) if share else None
             if share is None or found is None or found.setup_error:
-                with self.runner.tx() as tx:     # the intent, kept for the next ensure
+                async with self.runner.durably() as tx:     # the intent, kept for the next ensure
                     tx.snapshot_rule(snap, rule, C.RULE_QUEUED_TO_DENY)
                 raise BackendFailure(f"the backend of snapshot {snap.name} is not usable now")
             b = found

@@ -297,8 +297,8 @@ class Snapshots:
                 Retention.parse(retention)
         return schedule, retention, visibility
 
-    def set_policy(self, share: Share, schedule: Optional[str], retention: Optional[str],
-                   visibility: Optional[str] = None) -> bool:
+    async def set_policy(self, share: Share, schedule: Optional[str], retention: Optional[str],
+                         visibility: Optional[str] = None) -> bool:
         """Record the share's own schedule, retention and/or visibility
         (checked); True if what its clients see changes."""
         old = self._policies.get(share.id, ("", "", ""))
@@ -307,15 +307,19 @@ class Snapshots:
         if new == old:
             return False
         shown = self.visibility(share)
-        with self.runner.tx() as tx:
+        async with self.runner.durably() as tx:
             self.store.set_snapshot_policy(share.id, *new)
             tx.share_touched(share)
-        if new == ("", "", ""):
-            self._policies.pop(share.id, None)
-        else:
-            self._policies[share.id] = new
+            # memory follows the commit at once: a caller during the fsync reads it
+            tx.after_write.append(lambda: self._remember(share.id, new))
         self.scheduler.changed()
         return self.visibility(share) != shown
+
+    def _remember(self, share_id: str, policy: Tuple[str, str, str]) -> None:
+        if policy == ("", "", ""):
+            self._policies.pop(share_id, None)
+        else:
+            self._policies[share_id] = policy
 
     # ------------------------------------------------------------ snapshot view
     async def view(self, b: Backend, share: Share) -> None:

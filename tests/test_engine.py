@@ -10,6 +10,7 @@ directly); the hook is tests.testhooks:RecordingHook. State lives on
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import dataclasses
 import os
@@ -985,6 +986,42 @@ def test_concurrent_operations_share_an_fsync_done_off_the_event_loop(monkeypatc
         harness.close()
 
 
+def test_changes_outside_operations_wait_for_the_disk_off_the_event_loop(monkeypatch):
+    """The changes that are not driver operations (a snapshot policy, a
+    deny queued while the backend is unusable) are durable before their
+    callers hear of it, and their fsync, like an operation's, runs in the
+    store's thread: the event loop goes on while it hangs."""
+    import threading
+    harness = Harness()
+    try:
+        store = harness.engine.store
+        share = harness.create("quiet")
+        rid = harness.run(harness.engine.allow_access(share.id, "ip", "10.0.0.7", "rw", {}))
+        b = harness.engine.backends["sim"]
+
+        async def hung(work, changed):
+            calls, entered, release = gate_fsyncs(store, monkeypatch)
+            harness.obs.events.clear()
+            task = asyncio.ensure_future(work)
+            assert await asyncio.to_thread(entered.wait, 30)   # the loop ran meanwhile
+            assert not task.done() and harness.obs.events == []   # told to no one yet
+            release.set()
+            with contextlib.suppress(BackendFailure):
+                await task
+            assert calls and all(t is not threading.main_thread() for _, t in calls)
+            assert changed() and harness.obs.events
+            monkeypatch.undo()
+
+        harness.run(hung(harness.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "none"}),
+                         lambda: store.snapshot_policies()[share.id][0] == "none"))
+        b.setup_error = "gone for the test"
+        harness.run(hung(harness.engine.deny_access(share.id, rid, {}),
+                         lambda: store.get_rule(rid).state == C.RULE_QUEUED_TO_DENY))
+        b.setup_error = None
+    finally:
+        harness.close()
+
+
 def test_no_record_or_signal_shows_an_outcome_before_it_is_on_disk(monkeypatch):
     """The spool keeps the intent's seq, so Extend's intent needs no fsync
     and its pre record is shown at once; its outcome's record (a file in
@@ -1811,9 +1848,9 @@ def hs(monkeypatch):
 
 
 def _net(hs, name="tenant", bridge="simbr0", subnet="10.90.0.0/24"):
-    return hs.engine.create_share_network(name, {"bridge": bridge, "subnet": subnet,
-                                                 "allocation_range": subnet[:-4] + "10-"
-                                                 + subnet[:-4] + "12"})
+    return hs.run(hs.engine.create_share_network(name, {"bridge": bridge, "subnet": subnet,
+                                                        "allocation_range": subnet[:-4] + "10-"
+                                                        + subnet[:-4] + "12"}))
 
 
 def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
@@ -1836,7 +1873,7 @@ def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
     with pytest.raises(SharedError, match="still serves"):
         hs.run(hs.engine.delete_share_server(server.id, {}))
     with pytest.raises(SharedError, match="share server"):
-        hs.engine.delete_share_network(net.id, {})
+        hs.run(hs.engine.delete_share_network(net.id, {}))
     hs.run(hs.engine.delete_share(a.id, {}))
     hs.settle()
     assert server.id in hs.world.servers
@@ -1850,7 +1887,7 @@ def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
     assert [s.id for s in hs.engine.share_servers(net.id)] == []
     assert ("delete_share_server", "post") in [(r["method"], r["phase"])
                                               for r in RecordingHook.records]
-    hs.engine.delete_share_network(net.id, {})
+    hs.run(hs.engine.delete_share_network(net.id, {}))
 
 
 def test_an_idle_server_is_kept_for_a_while_and_reused(monkeypatch):
@@ -1890,7 +1927,7 @@ def test_bad_share_networks_change_nothing(hs):
                     {"bridge": "x", "parent": "eth0", "vlan": 3, "subnet": "10.92.0.0/24"},
                     {"bridge": "x", "subnet": "10.92.0.0/24", "colour": "red"}):
         with pytest.raises(InvalidArgument):
-            hs.engine.create_share_network("bad", options)
+            hs.run(hs.engine.create_share_network("bad", options))
     assert hs.engine.share_networks() == []
     _net(hs, "one", "br1", "10.92.0.0/24")
     with pytest.raises(InvalidArgument, match="overlaps"):
@@ -2378,7 +2415,7 @@ def test_replica_failures_leave_a_truthful_state(hr):
         tx.replica(r, last_sync=1)
 
     async def look():                    # the periodic look, once, on the engine's loop
-        hr.engine.replications._due()
+        await hr.engine.replications._due()
     hr.run(look())
     assert hr.engine.replica(replica.id).state == C.REPLICA_OUT_OF_SYNC
     _until(hr, lambda: hr.engine.replica(replica.id).state == C.REPLICA_IN_SYNC, "synced")

@@ -321,7 +321,7 @@ class Manager(_Base):
         opts = unpack_options(options, {"bridge": ("s",), "parent": ("s",), "vlan": ("q", "u"),
                                         "subnet": ("s",), "gateway": ("s",),
                                         "allocation_range": ("s",), "mtu": ("q", "u")})
-        return share_network_path(self.engine.create_share_network(name, opts).id)
+        return share_network_path((await self.engine.create_share_network(name, opts)).id)
 
     @method()
     @translate
@@ -722,7 +722,7 @@ class ShareNetwork(_Base):
     @translate
     async def Delete(self, options: "a{sv}"):
         unpack_options(options, {})
-        self.engine.delete_share_network(self.network_id, {})
+        await self.engine.delete_share_network(self.network_id, {})
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
