@@ -110,8 +110,8 @@ class Runner:
 
     @contextlib.contextmanager
     def tx(self, durable: bool = True) -> Iterator[Changes]:
-        """The same, with the fsync on the calling thread: for tests and
-        tools that have no event loop to spare (the daemon uses durably)."""
+        """The same, with the fsync on the calling thread: for tests'
+        synchronous code (the daemon uses durably)."""
         with self._commit(durable) as changes:
             yield changes
         self._publish(changes)

@@ -113,13 +113,13 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             continue
         await isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
                        step="recovery", to_error=lambda: _share_error(runner, share))
-    for share_id, rules in store.all_rules().items():
-        owner = store.get_share(share_id)
-        if owner is None or owner.backend not in backends:
-            continue
-        for rule in rules:
-            if owner is not None and rule.state in RULE_STEPS:
-                async with runner.durably() as tx:
+    async with runner.durably() as tx:       # one commit (and fsync) for every rule
+        for share_id, rules in store.all_rules().items():
+            owner = store.get_share(share_id)
+            if owner is None or owner.backend not in backends:
+                continue
+            for rule in rules:
+                if rule.state in RULE_STEPS:
                     tx.rule(owner, rule, RULE_STEPS[rule.state])
 
 

@@ -278,6 +278,7 @@ class Replications:
     async def _due(self) -> None:
         now = now_us()
         shares: Dict[str, Optional[Share]] = {}
+        late: List[Replica] = []
         for r in self.store.replicas():
             if r.role != C.ROLE_REPLICA or r.status != C.STATUS_AVAILABLE \
                     or r.id in self._syncing:
@@ -290,11 +291,17 @@ class Replications:
                 continue
             interval_us = float(b.config.replication_interval) * 1e6
             if r.state == C.REPLICA_IN_SYNC and now - r.last_sync > 2 * interval_us:
-                async with self.runner.durably() as tx:
-                    tx.replica(r, state=C.REPLICA_OUT_OF_SYNC)
+                late.append(r)
             if now - r.last_sync >= interval_us:
                 self._syncing.add(r.id)
                 self.spawn(self._periodic_sync(r.id))
+        if late:
+            # One commit for all, with no await since the look above: the
+            # rows written are the ones read (a sync or promote that ends
+            # meanwhile is not written over).
+            async with self.runner.durably() as tx:
+                for r in late:
+                    tx.replica(r, state=C.REPLICA_OUT_OF_SYNC)
 
     async def _periodic_sync(self, replica_id: str) -> None:
         try:

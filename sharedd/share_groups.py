@@ -322,12 +322,12 @@ class ShareGroups:
                 for snap in snaps:
                     tx.remove_snapshot(snap)
                 tx.remove_group_snapshot(gs)
-        for group in self.store.groups():
-            if (only and group.backend != only) \
-                    or group.status not in (C.STATUS_CREATING, C.STATUS_DELETING):
-                continue
-            log.info("recovery: share group %s was %s", group.id, group.status)
-            async with self.runner.durably() as tx:
+        async with self.runner.durably() as tx:     # one commit for every group
+            for group in self.store.groups():
+                if (only and group.backend != only) \
+                        or group.status not in (C.STATUS_CREATING, C.STATUS_DELETING):
+                    continue
+                log.info("recovery: share group %s was %s", group.id, group.status)
                 if group.status == C.STATUS_CREATING and self.store.group_members(group.id):
                     tx.group(group, C.STATUS_ERROR)
                 else:
