@@ -1897,6 +1897,59 @@ def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
     hs.run(hs.engine.delete_share_network(net.id, {}))
 
 
+def test_a_server_being_deleted_reads_as_published_until_its_removal_is_on_disk(monkeypatch):
+    """Between the commit that removes a share server's row and the fsync
+    that lets its removal be published, the server's bus object is still
+    exported: it must read as it was last published (a GetManagedObjects
+    then answers), not look its row up and find none."""
+    import queue
+    import threading
+    from sharedd import netns
+    from sharedd.bus import interfaces as I
+    from sharedd.bus.managed import object_entry
+    monkeypatch.setattr(netns, "check_bridge", lambda name: None)
+    hs = Harness(extra=DHSS + "\nshare_server_idle_seconds = 60")
+    try:
+        net = _net(hs)
+        a = hs.create("a", share_network=net.id)
+        hs.run(hs.engine.delete_share(a.id, {}))
+        sid, store = a.share_server_id, hs.engine.store
+        server = I.ShareServer(hs.engine, hs.engine.share_server(sid))
+        network = I.ShareNetwork(hs.engine, net)
+        pending: "queue.Queue[threading.Event]" = queue.Queue()
+        real = store._fsync_wal
+
+        def gated():              # every fsync waits for the test to look
+            go = threading.Event()
+            pending.put(go)
+            assert go.wait(30)
+            real()
+        monkeypatch.setattr(store, "_fsync_wal", gated)
+
+        async def main():
+            task = asyncio.ensure_future(hs.engine.delete_share_server(sid, {}))
+            seen = []
+            while not task.done():
+                try:
+                    go = await asyncio.to_thread(pending.get, True, 0.05)
+                except queue.Empty:
+                    continue
+                try:
+                    if store.get_server(sid) is None:      # removed, not yet on disk
+                        seen.append((object_entry(I.share_server_path(sid), [server]),
+                                     object_entry(I.share_network_path(net.id), [network])))
+                finally:
+                    go.set()
+            await task
+            return seen
+        seen = hs.run(main())
+        assert seen and all(sid.encode() in s and net.name.encode() in n for s, n in seen)
+        assert sid not in hs.world.servers
+    finally:
+        monkeypatch.undo()
+        hs.close()
+
+
 def test_an_idle_server_is_kept_for_a_while_and_reused(monkeypatch):
     from sharedd import netns
     monkeypatch.setattr(netns, "check_bridge", lambda name: None)

@@ -700,17 +700,20 @@ class Snapshot(_Base):
 
 
 class ShareNetwork(_Base):
-    """Few objects, read from the engine on every access (no cache)."""
+    """Few objects. The row is the one last published (a network never
+    changes; a deleted one stays readable until it is unexported, after
+    its removal is on disk); the list of servers is read on every access."""
 
-    def __init__(self, engine, network_id):
+    def __init__(self, engine, network):
         super().__init__(C.IFACE_SHARE_NETWORK, engine)
-        self.network_id = network_id
+        self.network_id = network.id
+        self.cache = dataclasses.replace(network)
 
     def object_path(self):
         return share_network_path(self.network_id)
 
     def _n(self):
-        return self.engine.share_network(self.network_id)
+        return self.cache
 
     def props(self):
         return {"ShareServers": self._servers()}
@@ -763,15 +766,23 @@ class ShareNetwork(_Base):
 
 
 class ShareServer(_Base):
-    def __init__(self, engine, server_id):
+    """The row is the one last published: between a change's commit and
+    its publication (the WAL's fsync, off the loop) readers see the state
+    before it, and a server being deleted never reads as missing."""
+
+    def __init__(self, engine, server):
         super().__init__(C.IFACE_SHARE_SERVER, engine)
-        self.server_id = server_id
+        self.server_id = server.id
+        self.update(server)
+
+    def update(self, server):
+        self.cache = dataclasses.replace(server)
 
     def object_path(self):
         return share_server_path(self.server_id)
 
     def _s(self):
-        return self.engine.share_server(self.server_id)
+        return self.cache
 
     listed = ("Shares",)
 

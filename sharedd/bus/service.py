@@ -318,7 +318,7 @@ class BusService(Observer):
     def network_added(self, network) -> None:
         if self.engine is not None and network.id not in self.networks:
             self._export(self.networks, network.id, I.share_network_path(network.id),
-                         I.ShareNetwork(self.engine, network.id))
+                         I.ShareNetwork(self.engine, network))
 
     def network_changed(self, network_id: str) -> None:
         iface = self.networks.get(network_id)
@@ -332,13 +332,15 @@ class BusService(Observer):
     def server_added(self, server) -> None:
         if self.engine is not None and server.id not in self.servers:
             self._export(self.servers, server.id, I.share_server_path(server.id),
-                         I.ShareServer(self.engine, server.id))
+                         I.ShareServer(self.engine, server))
 
     def server_changed(self, server) -> None:
         if self.engine is None:
             return
-        if server.id not in self.servers:
+        iface = self.servers.get(server.id)
+        if iface is None:
             return self.server_added(server)
+        iface.update(server)
         self._server_touched(server.id)
 
     def _server_touched(self, server_id, members: bool = False) -> None:
