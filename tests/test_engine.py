@@ -1897,22 +1897,34 @@ def test_share_servers_made_with_the_first_share_and_removed_with_the_last(hs):
     hs.run(hs.engine.delete_share_network(net.id, {}))
 
 
-def test_a_server_being_deleted_reads_as_published_until_its_removal_is_on_disk(monkeypatch):
-    """Between the commit that removes a share server's row and the fsync
-    that lets its removal be published, the server's bus object is still
-    exported: it must read as it was last published (a GetManagedObjects
-    then answers), not look its row up and find none."""
-    import queue
-    import threading
+@pytest.fixture
+def idle(monkeypatch):
+    """(harness, network, share): the share's server kept idle after the
+    share was deleted, for a minute (a slow machine cannot make a test
+    miss it)."""
     from sharedd import netns
-    from sharedd.bus import interfaces as I
-    from sharedd.bus.managed import object_entry
     monkeypatch.setattr(netns, "check_bridge", lambda name: None)
     hs = Harness(extra=DHSS + "\nshare_server_idle_seconds = 60")
     try:
         net = _net(hs)
         a = hs.create("a", share_network=net.id)
         hs.run(hs.engine.delete_share(a.id, {}))
+        yield hs, net, a
+    finally:
+        hs.close()
+
+
+def test_a_server_being_deleted_reads_as_published_until_its_removal_is_on_disk(idle, monkeypatch):
+    """Between the commit that removes a share server's row and the fsync
+    that lets its removal be published, the server's bus object is still
+    exported: it must read as it was last published (a GetManagedObjects
+    then answers), not look its row up and find none."""
+    import queue
+    import threading
+    from sharedd.bus import interfaces as I
+    from sharedd.bus.managed import object_entry
+    hs, net, a = idle
+    try:
         sid, store = a.share_server_id, hs.engine.store
         server = I.ShareServer(hs.engine, hs.engine.share_server(sid))
         network = I.ShareNetwork(hs.engine, net)
@@ -1946,34 +1958,24 @@ def test_a_server_being_deleted_reads_as_published_until_its_removal_is_on_disk(
         assert seen and all(sid.encode() in s and net.name.encode() in n for s, n in seen)
         assert sid not in hs.world.servers
     finally:
-        monkeypatch.undo()
-        hs.close()
+        monkeypatch.undo()      # before the harness closes
 
 
-def test_an_idle_server_is_kept_for_a_while_and_reused(monkeypatch):
-    from sharedd import netns
-    monkeypatch.setattr(netns, "check_bridge", lambda name: None)
-    # kept for a minute (a slow machine cannot make the test miss it), then
-    # for 0.05 s
-    hs = Harness(extra=DHSS + "\nshare_server_idle_seconds = 60")
-    try:
-        net = _net(hs)
-        a = hs.create("a", share_network=net.id)
-        hs.run(hs.engine.delete_share(a.id, {}))
-        hs.run(asyncio.sleep(0.05))
-        assert a.share_server_id in hs.world.servers          # idle, kept
-        b = hs.create("b", share_network=net.id)
-        assert b.share_server_id == a.share_server_id         # and reused
-        for backend in hs.engine.backends.values():
-            monkeypatch.setattr(backend.config, "share_server_idle_seconds", 0.05)
-        hs.run(hs.engine.delete_share(b.id, {}))
-        for _ in range(200):
-            hs.run(asyncio.sleep(0.01))
-            if not hs.world.servers and not hs.engine.share_servers():
-                break      # torn down, and the teardown settled
-        assert hs.world.servers == {} and hs.engine.share_servers() == []
-    finally:
-        hs.close()
+def test_an_idle_server_is_kept_for_a_while_and_reused(idle, monkeypatch):
+    # kept for a minute, then for 0.05 s
+    hs, net, a = idle
+    hs.run(asyncio.sleep(0.05))
+    assert a.share_server_id in hs.world.servers          # idle, kept
+    b = hs.create("b", share_network=net.id)
+    assert b.share_server_id == a.share_server_id         # and reused
+    for backend in hs.engine.backends.values():
+        monkeypatch.setattr(backend.config, "share_server_idle_seconds", 0.05)
+    hs.run(hs.engine.delete_share(b.id, {}))
+    for _ in range(200):
+        hs.run(asyncio.sleep(0.01))
+        if not hs.world.servers and not hs.engine.share_servers():
+            break      # torn down, and the teardown settled
+    assert hs.world.servers == {} and hs.engine.share_servers() == []
 
 
 def test_bad_share_networks_change_nothing(hs):
