@@ -321,7 +321,9 @@ class Engine:
         for b in self.backends.values():
             if b.setup_error:
                 continue
-            shares = [s for s in self.store.shares(b.name) if s.status == C.STATUS_AVAILABLE]
+            shares = [s for s in await self.store.read(lambda view, name=b.name:
+                                                       view.shares(name))
+                      if s.status == C.STATUS_AVAILABLE]
             try:
                 usage.update(await asyncio.to_thread(b.driver.get_share_usages, shares))
             except Exception as exc:        # a figure missing, never the metrics file
@@ -329,15 +331,20 @@ class Engine:
         self._usage = usage
         return usage
 
-    def _metrics_state(self) -> Dict[str, Any]:
-        """What the metrics show, read now on the event loop (aggregate
-        queries, one row per share for the sizes); rendered elsewhere."""
-        return {"tallies": self.store.tallies(), "usage": dict(self._usage),
-                "backends": [(b.name, bool(b.setup_error), dict(b.stats))
-                             for b in self.backends.values()],
-                "sizes": self.store.share_sizes(), "seq": self.store.last_seq(),
-                "jobs": len(self.jobs.all()), "counters": self.metrics.families(),
-                "collected": list(collector.collected), "frozen": collector.frozen}
+    async def _metrics_state(self) -> Dict[str, Any]:
+        """What the metrics show, rendered elsewhere. The store's part is
+        read in its reader thread: aggregate queries and a row per share
+        for the sizes, tens of milliseconds at 10,000 shares."""
+        def read(view: Store) -> Dict[str, Any]:
+            return {"tallies": view.tallies(), "sizes": view.share_sizes(),
+                    "seq": view.last_seq()}
+        state = await self.store.read(read)
+        state.update(usage=dict(self._usage),
+                     backends=[(b.name, bool(b.setup_error), dict(b.stats))
+                               for b in self.backends.values()],
+                     jobs=len(self.jobs.all()), counters=self.metrics.families(),
+                     collected=list(collector.collected), frozen=collector.frozen)
+        return state
 
     @staticmethod
     def _metrics_render(state: Dict[str, Any]) -> str:
@@ -391,15 +398,11 @@ class Engine:
         fams.append(freed)
         return metrics.exposition(fams + state["counters"])
 
-    def metrics_text(self) -> str:
-        """Every metric in the Prometheus text format."""
-        return self._metrics_render(self._metrics_state())
-
     async def write_metrics(self) -> bool:
         """Write metrics_path now (False: its directory does not exist)."""
         if os.path.isdir(os.path.dirname(self.config.metrics_path) or "."):
             await self._share_usage()
-        state = self._metrics_state()
+        state = await self._metrics_state()
         path = self.config.metrics_path
 
         def render_and_write() -> bool:

@@ -101,3 +101,123 @@ def test_answers_follow_changes(sharedd_factory):
             proc = d.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", path,
                                 "org.freedesktop.DBus.Properties", "GetAll", "s", name)
             assert json.loads(proc.stdout)["data"][0] == props, (path, name)
+
+
+class Counted(ServiceInterface):
+    """An object whose GetManagedObjects entry is kept until its generation
+    moves, as sharedd's shares are."""
+
+    def __init__(self, size):
+        super().__init__("org.example.Counted")
+        self.size, self.generation = size, 0
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Size(self) -> "t":                                     # noqa: F821
+        return self.size
+
+    def resize(self, size):
+        self.size, self.generation = size, self.generation + 1
+        self.emit_properties_changed({"Size": size})
+
+
+def test_a_long_answer_is_written_in_slices_and_as_of_its_sending(session_bus, monkeypatch):
+    """A GetManagedObjects over many objects leaves the loop to other calls
+    while it is written (slices as short as they go here: one object each).
+    What came, went or changed meanwhile, and was signalled before the reply
+    went out, is in the reply as it is when sent: a caller that applies the
+    signals it saw before the reply never meets a state older than them."""
+    import asyncio
+    from dbus_next import Message, MessageType
+    from sharedd.bus import managed
+    from sharedd.bus.connection import Connection
+
+    monkeypatch.setattr(managed, "SLICE", 0.0)
+    count = 600
+
+    async def main():
+        server = await Connection(bus_address=session_bus).connect()
+        client = await Connection(bus_address=session_bus).connect()
+        things = {f"/t/n{i}": Counted(i) for i in range(count)}
+        for path, thing in things.items():
+            server.export(path, thing)
+        await server.warm()            # every entry kept, as after start-up
+        dest = server.unique_name
+
+        async def call(member, iface, path="/t"):
+            return await client.call(Message(destination=dest, path=path, interface=iface,
+                                             member=member))
+        try:
+            gmo = asyncio.ensure_future(call("GetManagedObjects",
+                                             "org.freedesktop.DBus.ObjectManager"))
+            while not server._touched:                  # the reply is being written
+                await asyncio.sleep(0)
+            ping = await call("Ping", "org.freedesktop.DBus.Peer")
+            assert ping.message_type == MessageType.METHOD_RETURN
+            assert not gmo.done(), "the loop waited for the whole answer"
+            # Meanwhile: the first and last objects change (one is written
+            # already, one not yet), one goes, one comes.
+            things["/t/n0"].resize(1000)
+            things[f"/t/n{count - 1}"].resize(2000)
+            server.unexport("/t/n1")
+            server.export("/t/new", Counted(3000))
+            reply = await gmo
+            assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+            got = {p: v["org.example.Counted"]["Size"].value for p, v in reply.body[0].items()}
+            assert got["/t/n0"] == 1000 and got[f"/t/n{count - 1}"] == 2000
+            assert "/t/n1" not in got and got["/t/new"] == 3000
+            assert len(got) == count
+            assert all(got[f"/t/n{i}"] == i for i in range(2, count - 1))
+            assert not server._touched                  # nothing left behind
+        finally:
+            for c in (client, server):
+                c.disconnect()
+                await asyncio.wait_for(c.wait_for_disconnect(), 10)
+    asyncio.run(main())
+
+
+def test_introspection_lists_children_from_the_tree(session_bus):
+    """Introspect names a node's children from the connection's tree: the
+    library's own XML for the node, the same children it finds, except the
+    false one it makes of a sibling whose name starts with the node's."""
+    import asyncio
+    import xml.etree.ElementTree as ET
+    from dbus_next.message_bus import BaseMessageBus
+    from sharedd.bus.connection import Connection
+
+    paths = ["/r/share/a1", "/r/share/b2", "/r/share/b2/deep/er", "/r/share_network/n1",
+             "/r/job/j1", "/r"]
+
+    def children(xml):
+        return sorted(n.get("name") for n in ET.fromstring(xml.split("\n", 2)[2])
+                      if n.tag == "node")
+
+    def own(xml):                     # the node's own lines (children are indented)
+        return [line for line in xml.splitlines() if not line.lstrip().startswith("<node ")
+                or not line[0].isspace()]
+
+    async def main():
+        bus = await Connection(bus_address=session_bus).connect()
+        try:
+            for p in paths:
+                bus.export(p, Counted(1))
+            bus.unexport("/r/job/j1")
+            for node in ["/", "/r", "/r/share", "/r/share/b2", "/r/share/b2/deep",
+                         "/r/share_network", "/r/job", "/r/share/a1"]:
+                ours = bus.introspection(node)
+                theirs = BaseMessageBus._introspect_export_path(bus, node).tostring()
+                expected = children(theirs)
+                if node == "/r/share":
+                    assert expected == ["_network", "a1", "b2"]    # the library's mistake
+                    expected = ["a1", "b2"]
+                assert children(ours) == expected, node
+                assert own(ours) == own(theirs), node     # the library's, line for line
+            assert children(bus.introspection("/r/job")) == []
+            bus.unexport("/r/share/b2")
+            assert children(bus.introspection("/r/share")) == ["a1", "b2"]   # b2/deep/er is there
+            bus.unexport("/r/share/b2/deep/er")
+            assert children(bus.introspection("/r/share")) == ["a1"]
+            assert bus._children.get("/r/share/b2") is None
+        finally:
+            bus.disconnect()
+            await asyncio.wait_for(bus.wait_for_disconnect(), 10)
+    asyncio.run(main())

@@ -24,11 +24,12 @@ objects (sharedd.bus.managed).
 from __future__ import annotations
 
 import array
+import asyncio
 import copy
 import logging
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from dbus_next import Message, MessageType
 from dbus_next.constants import ErrorType, MessageFlag
@@ -175,6 +176,7 @@ class Connection(ObjectIndex, MessageBus):
         self._writer = _Writer(self)
         self._refusals: Dict[str, Tuple[float, int]] = {}
         self._bug_logged = float("-inf")
+        self._replying: Set["asyncio.Future[None]"] = set()   # (held till done)
 
     # --- the object tree, indexed (an interface object lives at one path) -----
     def export(self, path: str, interface: ServiceInterface) -> None:
@@ -197,6 +199,7 @@ class Connection(ObjectIndex, MessageBus):
         if path is None:
             return super()._interface_signal_notify(interface, interface_name, member,
                                                     signature, body, unix_fds)
+        self._touch(path)      # a reply being written reads it again (managed.py)
         self.send(Message.new_signal(path=path, interface=interface_name, member=member,
                                      signature=signature, body=body, unix_fds=unix_fds))
 
@@ -229,11 +232,26 @@ class Connection(ObjectIndex, MessageBus):
             done.readers.clear()
         return super()._create_unmarshaller()
 
+    def _default_introspect_handler(self, msg: Message, send_reply: Any) -> None:
+        send_reply(Message.new_method_return(msg, "s", [self.introspection(msg.path)]))
+
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
-        reply = self.managed_objects_reply(msg)
-        if reply is None:
-            return super()._default_get_managed_objects_handler(msg, send_reply)
-        send_reply(reply)
+        # Answered by a task: the reply is written in slices (managed.py).
+        task = asyncio.ensure_future(self._managed_objects(msg, send_reply))
+        self._replying.add(task)
+        task.add_done_callback(self._replying.discard)
+
+    async def _managed_objects(self, msg: Message, send_reply: _Reply) -> None:
+        try:
+            reply = await self.managed_objects_reply(msg)
+            if self._disconnected:
+                return
+            if reply is None:
+                super()._default_get_managed_objects_handler(msg, send_reply)
+            else:
+                send_reply(reply)
+        except Exception as exc:
+            send_reply.send_error(exc)
 
     # --- a lost connection really goes --------------------------------------
     def _finalize(self, err: Optional[Exception] = None) -> None:
