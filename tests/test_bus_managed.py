@@ -120,65 +120,140 @@ class Counted(ServiceInterface):
         self.emit_properties_changed({"Size": size})
 
 
+class Gate:
+    """Holds every GetManagedObjects reply at its first pause between
+    slices (SLICE 0: a pause after every object) until opened."""
+
+    def __init__(self, monkeypatch):
+        import asyncio
+        from sharedd.bus import managed
+        monkeypatch.setattr(managed, "SLICE", 0.0)
+        self.opened, self.paused = asyncio.Event(), asyncio.Event()
+        self.writings = 0
+        real = managed.ObjectIndex._write_body
+
+        async def write_body(index, root):
+            self.writings += 1
+            return await real(index, root)
+
+        async def next_slice():
+            self.paused.set()
+            await self.opened.wait()
+            await asyncio.sleep(0)
+        monkeypatch.setattr(managed, "_next_slice", next_slice)
+        monkeypatch.setattr(managed.ObjectIndex, "_write_body", write_body)
+
+
+async def _counted_tree(session_bus, count):
+    from sharedd.bus.connection import Connection
+    server = await Connection(bus_address=session_bus).connect()
+    client = await Connection(bus_address=session_bus).connect()
+    things = {f"/t/n{i}": Counted(i) for i in range(count)}
+    for path, thing in things.items():
+        server.export(path, thing)
+    await server.warm()            # every entry kept, as after start-up
+    return server, client, things
+
+
+def _gmo(client, server):
+    from dbus_next import Message
+    return client.call(Message(destination=server.unique_name, path="/t",
+                               interface="org.freedesktop.DBus.ObjectManager",
+                               member="GetManagedObjects"))
+
+
+async def _close(*buses):
+    import asyncio
+    for c in buses:
+        c.disconnect()
+        await asyncio.wait_for(c.wait_for_disconnect(), 10)
+
+
 def test_a_long_answer_is_written_in_slices_and_as_of_its_sending(session_bus, monkeypatch):
     """A GetManagedObjects over many objects leaves the loop to other calls
-    while it is written (slices as short as they go here: one object each).
-    What came, went or changed meanwhile, and was signalled before the reply
-    went out, is in the reply as it is when sent: a caller that applies the
-    signals it saw before the reply never meets a state older than them."""
+    while it is written (here held at its first pause). What came, went or
+    changed meanwhile, and was signalled before the reply went out, is in
+    the reply as it is when sent: a caller that applies the signals it saw
+    before the reply never meets a state older than them."""
     import asyncio
     from dbus_next import Message, MessageType
-    from sharedd.bus import managed
-    from sharedd.bus.connection import Connection
-
-    monkeypatch.setattr(managed, "SLICE", 0.0)
     count = 600
+    gate = Gate(monkeypatch)
 
     async def main():
-        server = await Connection(bus_address=session_bus).connect()
-        client = await Connection(bus_address=session_bus).connect()
-        things = {f"/t/n{i}": Counted(i) for i in range(count)}
-        for path, thing in things.items():
-            server.export(path, thing)
-        await server.warm()            # every entry kept, as after start-up
-        dest = server.unique_name
-
-        async def call(member, iface, path="/t"):
-            return await client.call(Message(destination=dest, path=path, interface=iface,
-                                             member=member))
+        server, client, things = await _counted_tree(session_bus, count)
         try:
-            gmo = asyncio.ensure_future(call("GetManagedObjects",
-                                             "org.freedesktop.DBus.ObjectManager"))
-            while not server._touched:                  # the reply is being written
-                await asyncio.sleep(0)
-            ping = await call("Ping", "org.freedesktop.DBus.Peer")
+            gmo = asyncio.ensure_future(_gmo(client, server))
+            await asyncio.wait_for(gate.paused.wait(), 10)   # one object written
+            ping = await asyncio.wait_for(client.call(Message(
+                destination=server.unique_name, path="/t", interface="org.freedesktop.DBus.Peer",
+                member="Ping")), 10)
             assert ping.message_type == MessageType.METHOD_RETURN
-            assert not gmo.done(), "the loop waited for the whole answer"
+            assert not gmo.done()
             # Meanwhile: the first and last objects change (one is written
             # already, one not yet), one goes, one comes.
             things["/t/n0"].resize(1000)
             things[f"/t/n{count - 1}"].resize(2000)
             server.unexport("/t/n1")
             server.export("/t/new", Counted(3000))
-            reply = await gmo
+            gate.opened.set()
+            reply = await asyncio.wait_for(gmo, 30)
             assert reply.message_type == MessageType.METHOD_RETURN, reply.body
             got = {p: v["org.example.Counted"]["Size"].value for p, v in reply.body[0].items()}
             assert got["/t/n0"] == 1000 and got[f"/t/n{count - 1}"] == 2000
             assert "/t/n1" not in got and got["/t/new"] == 3000
             assert len(got) == count
             assert all(got[f"/t/n{i}"] == i for i in range(2, count - 1))
-            assert not server._touched                  # nothing left behind
+            assert not server._touched and not server._next_body     # nothing left behind
         finally:
-            for c in (client, server):
-                c.disconnect()
-                await asyncio.wait_for(c.wait_for_disconnect(), 10)
+            await _close(client, server)
+    asyncio.run(main())
+
+
+def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session_bus,
+                                                                       monkeypatch):
+    """21 callers while the replies are held cost at most three writings:
+    two go on at once, and whoever asks before a writing begins shares it.
+    Every object changed while the replies were held: the changes are read
+    again in slices (more than LAST_PATHS of them), and every reply has
+    them."""
+    import asyncio
+    from dbus_next import MessageType
+    count = 400
+    gate = Gate(monkeypatch)
+
+    async def main():
+        server, client, things = await _counted_tree(session_bus, count)
+        try:
+            first = asyncio.ensure_future(_gmo(client, server))
+            await asyncio.wait_for(gate.paused.wait(), 10)
+            rest = [asyncio.ensure_future(_gmo(client, server)) for _ in range(20)]
+            async with asyncio.timeout(10):
+                while len(server._replying) < 21:       # every call has come in
+                    await asyncio.sleep(0.01)
+            writings = gate.writings
+            assert writings <= 3
+            for i, thing in enumerate(things.values()):
+                thing.resize(10000 + i)
+            gate.opened.set()
+            replies = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+            assert gate.writings == writings
+            for reply in replies:
+                assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+                got = {p: v["org.example.Counted"]["Size"].value
+                       for p, v in reply.body[0].items()}
+                assert got == {f"/t/n{i}": 10000 + i for i in range(count)}
+        finally:
+            await _close(client, server)
     asyncio.run(main())
 
 
 def test_introspection_lists_children_from_the_tree(session_bus):
     """Introspect names a node's children from the connection's tree: the
-    library's own XML for the node, the same children it finds, except the
-    false one it makes of a sibling whose name starts with the node's."""
+    node's own part (its interfaces) is the library's XML line for line; the
+    children are those the library finds, except the false one it makes of
+    a sibling whose name starts with the node's (and evenly indented: the
+    library indents the first child of a node without interfaces less)."""
     import asyncio
     import xml.etree.ElementTree as ET
     from dbus_next.message_bus import BaseMessageBus
@@ -210,7 +285,7 @@ def test_introspection_lists_children_from_the_tree(session_bus):
                     assert expected == ["_network", "a1", "b2"]    # the library's mistake
                     expected = ["a1", "b2"]
                 assert children(ours) == expected, node
-                assert own(ours) == own(theirs), node     # the library's, line for line
+                assert own(ours) == own(theirs), node
             assert children(bus.introspection("/r/job")) == []
             bus.unexport("/r/share/b2")
             assert children(bus.introspection("/r/share")) == ["a1", "b2"]   # b2/deep/er is there

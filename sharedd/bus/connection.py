@@ -40,7 +40,7 @@ from dbus_next.service import ServiceInterface
 
 from .. import constants as C
 from ..errors import SharedError
-from . import wire
+from . import managed, wire
 from .audit import CALL, printable
 from .managed import ObjectIndex
 
@@ -236,6 +236,8 @@ class Connection(ObjectIndex, MessageBus):
         send_reply(Message.new_method_return(msg, "s", [self.introspection(msg.path)]))
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return              # nothing to write for no one
         # Answered by a task: the reply is written in slices (managed.py).
         task = asyncio.ensure_future(self._managed_objects(msg, send_reply))
         self._replying.add(task)
@@ -243,15 +245,16 @@ class Connection(ObjectIndex, MessageBus):
 
     async def _managed_objects(self, msg: Message, send_reply: _Reply) -> None:
         try:
-            reply = await self.managed_objects_reply(msg)
+            body = await self.managed_objects_body(msg.path)
             if self._disconnected:
                 return
-            if reply is None:
+            if body is None:
                 super()._default_get_managed_objects_handler(msg, send_reply)
             else:
-                send_reply(reply)
+                send_reply(wire.PremarshalledReply(msg, managed.SIGNATURE, body))
         except Exception as exc:
-            send_reply.send_error(exc)
+            if not self._disconnected:
+                send_reply.send_error(exc)
 
     # --- a lost connection really goes --------------------------------------
     def _finalize(self, err: Optional[Exception] = None) -> None:

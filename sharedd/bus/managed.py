@@ -25,13 +25,12 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from dbus_next import introspection as intr
-from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
-from .wire import PremarshalledReply, assemble_array, pad, write_signature, writer
+from .wire import assemble_array, pad, write_signature, writer
 
 SIGNATURE = "a{oa{sa{sv}}}"
 
@@ -73,6 +72,11 @@ SLICE = 0.002
 #: replies written at once (the others wait their turn): each holds its
 #: objects' entries until sent, megabytes at 10,000 shares
 CONCURRENT_REPLIES = 2
+#: what changed while a reply was written is read again in slices while
+#: there are more than this many objects to read (at most LAST_ROUNDS times;
+#: then, and always for the last ones, without a pause)
+LAST_PATHS = 256
+LAST_ROUNDS = 8
 
 
 class ObjectIndex:
@@ -87,6 +91,8 @@ class ObjectIndex:
         # sent: a signal about them went out (or they came or went) meanwhile.
         self._touched: List[Set[str]] = []
         self._reply_turns: Optional[asyncio.Semaphore] = None
+        # Per path asked for: the reply whose writing has not begun yet.
+        self._next_body: Dict[str, "asyncio.Future[Optional[bytes]]"] = {}
         # The tree for Introspect: each node's children, with how many
         # exported paths lie under each (dbus-next scans every path per
         # call, and takes /a/share_x for a child "_x" of /a/share).
@@ -183,49 +189,67 @@ class ObjectIndex:
             self._entries[path] = (key, entry)
         return entry
 
-    async def managed_objects_reply(self, call: Message) -> Optional[Message]:
-        """The GetManagedObjects reply for call, or None if some object
-        cannot be written here (the library's handler then answers, and
-        reports whatever is wrong).
-
-        Written in slices (at 10,000 objects, 30 ms from the cache and most
-        of a second when nothing is cached would otherwise stop the loop),
-        and still as of one moment: what came, went or was signalled while
-        it was being written is read again, without a pause, just before it
-        is sent. So no signal the caller receives before the reply says
-        something newer than the reply."""
+    async def managed_objects_body(self, path: str) -> Optional[bytes]:
+        """The body of a GetManagedObjects reply for path, or None if some
+        object cannot be written here (the library's handler then answers,
+        and reports whatever is wrong). Callers who ask before a reply's
+        writing begins share it: 100 callers at once cost two writings,
+        not 100, and each gets a state newer than its call."""
         if self._reply_turns is None:
             self._reply_turns = asyncio.Semaphore(CONCURRENT_REPLIES)
-        prefix = call.path.rstrip("/") + "/"
+        waiting = self._next_body.get(path)
+        if waiting is None or waiting.done():     # (done: cancelled before it began)
+            waiting = self._next_body[path] = asyncio.ensure_future(self._write_body(path))
+        return await asyncio.shield(waiting)   # a caller gone leaves it to the others
 
-        def wanted(path: str) -> bool:
-            return call.path == "/" or path.startswith(prefix)
-
+    async def _write_body(self, root: str) -> Optional[bytes]:
+        """Written in slices (at 10,000 objects, 30 ms from the cache and
+        most of a second with nothing cached would otherwise stop the loop),
+        and still as of one moment: what came, went or was signalled while
+        it was being written is read again (in slices while there is much of
+        it), the last of it without a pause, just before it is sent. So no
+        signal a caller receives before the reply says something newer than
+        the reply."""
+        prefix = root.rstrip("/") + "/"
+        assert self._reply_turns is not None
         async with self._reply_turns:
+            self._next_body.pop(root, None)   # later callers wait for the next one
             touched: Set[str] = set()
             self._touched.append(touched)
-            try:
-                entries: Dict[str, bytes] = {}
+            entries: Dict[str, bytes] = {}
+
+            def read(path: str) -> None:
+                ifaces = self._path_exports.get(path, [])
+                if ifaces and (root == "/" or path.startswith(prefix)):
+                    entries[path] = self._entry(path, ifaces)
+                else:
+                    entries.pop(path, None)
+
+            async def read_all(paths: Iterable[str]) -> None:
                 since = time.perf_counter()
-                for path, ifaces in list(self._path_exports.items()):
-                    if not wanted(path) or path in touched:
-                        continue        # (a touched path is read at the end)
-                    try:
-                        entries[path] = self._entry(path, ifaces)
-                    except Exception:           # a getter or value we cannot write
-                        return None
+                for path in paths:
+                    read(path)
                     if time.perf_counter() - since > SLICE:
-                        await asyncio.sleep(0)
+                        await _next_slice()
                         since = time.perf_counter()
+            try:
+                # (a path touched meanwhile is read below)
+                await read_all(p for p in list(self._path_exports) if p not in touched)
+                for _ in range(LAST_ROUNDS):
+                    if len(touched) <= LAST_PATHS:
+                        break
+                    again = list(touched)
+                    touched.clear()
+                    await read_all(again)
                 for path in touched:
-                    ifaces = self._path_exports.get(path, [])
-                    if ifaces and wanted(path):
-                        try:
-                            entries[path] = self._entry(path, ifaces)
-                        except Exception:
-                            return None
-                    else:
-                        entries.pop(path, None)
+                    read(path)
+            except Exception:                  # a getter or value we cannot write
+                return None
             finally:
                 self._touched.remove(touched)
-        return PremarshalledReply(call, SIGNATURE, assemble_array(list(entries.values())))
+        return assemble_array(list(entries.values()))
+
+
+async def _next_slice() -> None:
+    """Between two slices of a reply: the loop runs everything else due."""
+    await asyncio.sleep(0)
