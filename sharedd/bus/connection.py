@@ -24,12 +24,11 @@ objects (sharedd.bus.managed).
 from __future__ import annotations
 
 import array
-import asyncio
 import copy
 import logging
 import socket
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from dbus_next import Message, MessageType
 from dbus_next.constants import ErrorType, MessageFlag
@@ -176,7 +175,6 @@ class Connection(ObjectIndex, MessageBus):
         self._writer = _Writer(self)
         self._refusals: Dict[str, Tuple[float, int]] = {}
         self._bug_logged = float("-inf")
-        self._replying: Set["asyncio.Future[None]"] = set()   # (held till done)
 
     # --- the object tree, indexed (an interface object lives at one path) -----
     def export(self, path: str, interface: ServiceInterface) -> None:
@@ -235,26 +233,22 @@ class Connection(ObjectIndex, MessageBus):
     def _default_introspect_handler(self, msg: Message, send_reply: Any) -> None:
         send_reply(Message.new_method_return(msg, "s", [self.introspection(msg.path)]))
 
-    def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
+    def _default_get_managed_objects_handler(self, msg: Message, send_reply: _Reply) -> None:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return              # nothing to write for no one
-        # Answered by a task: the reply is written in slices (managed.py).
-        task = asyncio.ensure_future(self._managed_objects(msg, send_reply))
-        self._replying.add(task)
-        task.add_done_callback(self._replying.discard)
 
-    async def _managed_objects(self, msg: Message, send_reply: _Reply) -> None:
-        try:
-            body = await self.managed_objects_body(msg.path)
+        def answer(body: Optional[bytes]) -> None:
+            # Called in the step that read the body last (managed.py).
             if self._disconnected:
                 return
-            if body is None:
-                super()._default_get_managed_objects_handler(msg, send_reply)
-            else:
-                send_reply(wire.PremarshalledReply(msg, managed.SIGNATURE, body))
-        except Exception as exc:
-            if not self._disconnected:
+            try:
+                if body is None:
+                    MessageBus._default_get_managed_objects_handler(self, msg, send_reply)
+                else:
+                    send_reply(wire.PremarshalledReply(msg, managed.SIGNATURE, body))
+            except Exception as exc:
                 send_reply.send_error(exc)
+        self.managed_objects(msg, answer)
 
     # --- a lost connection really goes --------------------------------------
     def _finalize(self, err: Optional[Exception] = None) -> None:

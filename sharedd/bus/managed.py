@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from dbus_next import introspection as intr
+from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
 from .wire import assemble_array, pad, write_signature, writer
@@ -91,8 +92,11 @@ class ObjectIndex:
         # sent: a signal about them went out (or they came or went) meanwhile.
         self._touched: List[Set[str]] = []
         self._reply_turns: Optional[asyncio.Semaphore] = None
-        # Per path asked for: the reply whose writing has not begun yet.
-        self._next_body: Dict[str, "asyncio.Future[Optional[bytes]]"] = {}
+        # Per path asked for: the answers of the reply whose writing has
+        # not begun yet; the writings under way.
+        self._next_answers: Dict[str, List[Callable[[Optional[bytes]], None]]] = {}
+        self._writing: Set["asyncio.Future[None]"] = set()
+        self.answers_waiting = 0
         # The tree for Introspect: each node's children, with how many
         # exported paths lie under each (dbus-next scans every path per
         # call, and takes /a/share_x for a child "_x" of /a/share).
@@ -189,31 +193,36 @@ class ObjectIndex:
             self._entries[path] = (key, entry)
         return entry
 
-    async def managed_objects_body(self, path: str) -> Optional[bytes]:
-        """The body of a GetManagedObjects reply for path, or None if some
-        object cannot be written here (the library's handler then answers,
-        and reports whatever is wrong). Callers who ask before a reply's
-        writing begins share it: 100 callers at once cost two writings,
-        not 100, and each gets a state newer than its call."""
-        if self._reply_turns is None:
-            self._reply_turns = asyncio.Semaphore(CONCURRENT_REPLIES)
-        waiting = self._next_body.get(path)
-        if waiting is None or waiting.done():     # (done: cancelled before it began)
-            waiting = self._next_body[path] = asyncio.ensure_future(self._write_body(path))
-        return await asyncio.shield(waiting)   # a caller gone leaves it to the others
+    def managed_objects(self, call: Message, answer: Callable[[Optional[bytes]], None]) -> None:
+        """Answer a GetManagedObjects call: answer(body) with the reply's
+        body, or answer(None) if some object cannot be written here (the
+        library's handler then answers, and reports whatever is wrong).
+        Callers who ask before a body's writing begins share it: 100 callers
+        at once cost a writing or two, not 100, and each gets a state read
+        after its call."""
+        answers = self._next_answers.get(call.path)
+        if answers is None:
+            answers = self._next_answers[call.path] = []
+            task = asyncio.ensure_future(self._write_body(call.path, answers))
+            self._writing.add(task)
+            task.add_done_callback(self._writing.discard)
+        answers.append(answer)
+        self.answers_waiting += 1
 
-    async def _write_body(self, root: str) -> Optional[bytes]:
+    async def _write_body(self, root: str, answers: List[Callable[[Optional[bytes]], None]]
+                          ) -> None:
         """Written in slices (at 10,000 objects, 30 ms from the cache and
         most of a second with nothing cached would otherwise stop the loop),
         and still as of one moment: what came, went or was signalled while
         it was being written is read again (in slices while there is much of
-        it), the last of it without a pause, just before it is sent. So no
-        signal a caller receives before the reply says something newer than
-        the reply."""
+        it), the last of it without a pause, and the answers go in that same
+        step. So no signal a caller receives before the reply says something
+        newer than the reply."""
+        if self._reply_turns is None:
+            self._reply_turns = asyncio.Semaphore(CONCURRENT_REPLIES)
         prefix = root.rstrip("/") + "/"
-        assert self._reply_turns is not None
         async with self._reply_turns:
-            self._next_body.pop(root, None)   # later callers wait for the next one
+            del self._next_answers[root]     # later callers wait for the next one
             touched: Set[str] = set()
             self._touched.append(touched)
             entries: Dict[str, bytes] = {}
@@ -232,6 +241,7 @@ class ObjectIndex:
                     if time.perf_counter() - since > SLICE:
                         await _next_slice()
                         since = time.perf_counter()
+            body: Optional[bytes] = None
             try:
                 # (a path touched meanwhile is read below)
                 await read_all(p for p in list(self._path_exports) if p not in touched)
@@ -241,13 +251,19 @@ class ObjectIndex:
                     again = list(touched)
                     touched.clear()
                     await read_all(again)
-                for path in touched:
+                for path in list(touched):
                     read(path)
+                body = assemble_array(list(entries.values()))
             except Exception:                  # a getter or value we cannot write
-                return None
+                pass
             finally:
                 self._touched.remove(touched)
-        return assemble_array(list(entries.values()))
+            for answer in answers:
+                self.answers_waiting -= 1
+                try:
+                    answer(body)
+                except Exception:      # (one caller's failure is not the others')
+                    continue
 
 
 async def _next_slice() -> None:
