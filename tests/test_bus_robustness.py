@@ -32,11 +32,18 @@ class FullOnce:
     def __init__(self, sock, fails=3):
         self.sock, self.fails = sock, fails
 
-    def send(self, data):
+    def _full(self):
         if self.fails:
             self.fails -= 1
             raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    def send(self, data):                   # the library's writer
+        self._full()
         return self.sock.send(data)
+
+    def sendmsg(self, buffers, *anc):       # sharedd's
+        self._full()
+        return self.sock.sendmsg(buffers, *anc)
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
@@ -203,3 +210,51 @@ def test_a_failing_property_getter_answers_without_internals_or_a_flood(session_
     refusals = [r for r in ours if r.getMessage().startswith("refused")]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]
+
+
+class AlwaysFull(FullOnce):
+    def __init__(self, sock):
+        super().__init__(sock, fails=10 ** 9)
+
+
+def test_short_replies_go_ahead_of_large_ones_to_other_callers(session_bus):
+    """Behind a queued reply of megabytes (GetManagedObjects at 10,000
+    shares) a short reply to another caller need not wait: it goes first.
+    Nothing passes a signal, a call, or a large reply to its own caller."""
+    from sharedd.bus import connection
+    big = connection.LARGE_REPLY
+    # (who, kind, size): in the order sent
+    plan = [(":9.1", "reply", big), (":9.2", "reply", big), (":9.3", "reply", 10),
+            ("signal", "signal", 10), (":9.4", "reply", 10), (":9.5", "reply", big),
+            (":9.2", "reply", 10), (":9.5", "reply", 10), ("call", "call", 10),
+            (":9.7", "reply", big), (":9.8", "reply", big), (":9.9", "reply", 10)]
+
+    def message(i, who, kind, size):
+        text = f"<{i}>" + "x" * size
+        if kind == "signal":
+            return Message.new_signal("/t", "org.example.T", "Changed", "s", [text])
+        if kind == "call":
+            return Message(destination=":9.6", path="/t", interface="org.example.T",
+                           member="Do", signature="s", body=[text])
+        return Message(message_type=MessageType.METHOD_RETURN, destination=who,
+                       reply_serial=7, signature="s", body=[text])
+
+    def which(item):
+        data = b"".join(item.parts)
+        return next(i for i in range(len(plan)) if f"<{i}>".encode() in data)
+
+    async def main():
+        bus = await Connection(bus_address=session_bus).connect()
+        writer = bus._writer
+        writer.sock = AlwaysFull(writer.sock)      # everything stays queued
+        try:
+            for i, step in enumerate(plan):
+                bus.send(message(i, *step))
+            assert which(writer.current) == 0              # begun: not in the queue
+            assert [plan[which(q)][0] for q in writer.queue] == [
+                ":9.3", ":9.2", "signal", ":9.4", ":9.2", ":9.5", ":9.5", "call", ":9.9",
+                ":9.7", ":9.8"]
+        finally:
+            writer.sock = writer.sock.sock
+            bus.disconnect()
+    asyncio.run(main())

@@ -24,11 +24,12 @@ objects (sharedd.bus.managed).
 from __future__ import annotations
 
 import array
+import collections
 import copy
 import logging
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from dbus_next import Message, MessageType
 from dbus_next.constants import ErrorType, MessageFlag
@@ -51,15 +52,52 @@ REFUSAL_LOG_INTERVAL = 60.0
 REFUSAL_LOG_CALLERS = 1024
 
 
+#: a queued reply at least this long (GetManagedObjects at thousands of
+#: shares: megabytes) lets shorter replies to other callers go first
+LARGE_REPLY = 64 * 1024
+
+
+class _Queued:
+    """A message waiting to be written: its bytes in one or two parts."""
+
+    __slots__ = ("parts", "unix_fds", "fut", "large_to")
+
+    def __init__(self, parts: List[bytes], unix_fds: List[int], fut: Any,
+                 large_to: Optional[str]):
+        self.parts, self.unix_fds, self.fut, self.large_to = parts, unix_fds, fut, large_to
+
+
 class _Writer(_MessageWriter):
     """The library's writer, with a full socket buffer treated as a pause,
-    and messages marshalled by sharedd.bus.wire when it can."""
+    messages marshalled by sharedd.bus.wire when it can, and large replies
+    that do not hold up the others.
+
+    A connection is one ordered stream: behind a 12 MB reply every other
+    caller waits until the bus has read it, and 20 callers asking for
+    GetManagedObjects at once held a Get for more than a second. So a
+    reply may go ahead of queued large replies to other callers (not yet
+    begun); never ahead of a signal, a call, or a reply to its own caller,
+    so what a caller sees keeps its order."""
+
+    def __init__(self, bus: Any):
+        super().__init__(bus)
+        self.queue: Deque[_Queued] = collections.deque()
+        self.current: Optional[_Queued] = None      # being written
+        self.views: List[memoryview] = []           # what is left of it
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
-        data = wire.marshal(msg)
-        if data is None:
-            data = msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
-        self.messages.put_nowait((data, copy.copy(msg.unix_fds), future))
+        parts = wire.marshal_parts(msg)
+        data = list(parts) if parts is not None else \
+            [msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)]
+        reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
+        large = reply and sum(len(d) for d in data) >= LARGE_REPLY
+        item = _Queued(data, copy.copy(msg.unix_fds), future,
+                       msg.destination if large else None)
+        at = len(self.queue)
+        if reply and not large:
+            while at and self.queue[at - 1].large_to not in (None, msg.destination):
+                at -= 1
+        self.queue.insert(at, item)
 
     def schedule_write(self, msg: Optional[Message] = None, future: Any = None) -> None:
         if msg is not None:
@@ -69,9 +107,9 @@ class _Writer(_MessageWriter):
         # What the socket takes now goes at once (the library waits for a
         # loop round and two epoll_ctl calls per message); the writer is
         # registered only for what is left.
-        if self.buf is None and self.messages.qsize() == 1:
+        if self.current is None and len(self.queue) == 1:
             self._write(register=False)
-        if self.buf is not None or self.messages.qsize():
+        if self.current is not None or self.queue:
             self.loop.add_writer(self.fd, self.write_callback)
 
     def write_callback(self) -> None:
@@ -83,36 +121,37 @@ class _Writer(_MessageWriter):
         callback to meet again and end the connection from the loop."""
         try:
             while True:
-                if self.buf is None:
-                    if self.messages.qsize() == 0:
+                if self.current is None:
+                    if not self.queue:
                         if register:
                             self.loop.remove_writer(self.fd)
                         return
-                    buf, unix_fds, fut = self.messages.get_nowait()
-                    self.unix_fds = unix_fds
-                    self.buf = memoryview(buf)
-                    self.offset = 0
-                    self.fut = fut
-                if self.unix_fds and self.negotiate_unix_fd:
+                    self.current = self.queue.popleft()
+                    self.views = [memoryview(p) for p in self.current.parts]
+                item = self.current
+                if item.unix_fds and self.negotiate_unix_fd:
                     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                array.array("i", self.unix_fds))]
-                    self.offset += self.sock.sendmsg([self.buf[self.offset:]], ancdata)
-                    self.unix_fds = None
+                                array.array("i", item.unix_fds))]
+                    sent = self.sock.sendmsg(self.views, ancdata)
+                    item.unix_fds = []          # they go with the first byte
                 else:
-                    self.offset += self.sock.send(self.buf[self.offset:])
-                if self.offset >= len(self.buf):
-                    self.buf = None
-                    if self.fut is not None and not self.fut.done():
-                        self.fut.set_result(None)
-                else:
+                    sent = self.sock.sendmsg(self.views)
+                while self.views and sent >= len(self.views[0]):
+                    sent -= len(self.views.pop(0))
+                if self.views:
+                    self.views[0] = self.views[0][sent:]
                     return   # partly written: the loop calls again when writable
+                self.current = None
+                if item.fut is not None and not item.fut.done():
+                    item.fut.set_result(None)
         except (BlockingIOError, InterruptedError):
             return           # the buffer is full: (still) registered, called when writable
         except Exception as exc:
             if not register:
                 return
-            if self.fut is not None and not self.fut.done():
-                self.fut.set_exception(exc)
+            fut = self.current.fut if self.current is not None else None
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
             self.bus._finalize(exc)
 
 

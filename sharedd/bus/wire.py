@@ -13,7 +13,7 @@ library's marshalling, which reports what is wrong with it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from dbus_next._private.constants import LITTLE_ENDIAN, PROTOCOL_VERSION, HeaderField
 from dbus_next.constants import MessageType
@@ -147,6 +147,14 @@ def _body(msg: Message) -> bytes:
 def marshal(msg: Message) -> Optional[bytes]:
     """The message's bytes as the library would write them; None for what
     this does not handle (file descriptors) or a value it cannot write."""
+    parts = marshal_parts(msg)
+    return None if parts is None else parts[0] + parts[1]
+
+
+def marshal_parts(msg: Message) -> Optional[Tuple[bytes, bytes]]:
+    """marshal(msg) as its header (padded) and its body: a body marshalled
+    ahead (PremarshalledReply) goes out as it is, shared by every reply
+    that carries it, not copied into each."""
     if msg.unix_fds:
         return None
     try:
@@ -168,7 +176,7 @@ def marshal(msg: Message) -> Optional[bytes]:
             write_signature(head, msg.signature)
         struct.pack_into("<I", head, 12, len(head) - 16)
         pad(head, 8)
-        return bytes(head) + body
+        return bytes(head), body
     except Exception:
         return None
 
