@@ -168,6 +168,22 @@ def _gmo(client, server):
                                member="GetManagedObjects"))
 
 
+async def _held(session_bus, count, gate):
+    """count objects, and a GetManagedObjects held at the gate (one object
+    written)."""
+    import asyncio
+    server, client, things = await _counted_tree(session_bus, count)
+    gmo = asyncio.ensure_future(_gmo(client, server))
+    await asyncio.wait_for(gate.paused.wait(), 10)
+    return server, client, things, gmo
+
+
+def _sizes(reply):
+    from dbus_next import MessageType
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    return {p: v["org.example.Counted"]["Size"].value for p, v in reply.body[0].items()}
+
+
 async def _close(*buses):
     import asyncio
     for c in buses:
@@ -187,10 +203,8 @@ def test_a_long_answer_is_written_in_slices_and_as_of_its_sending(session_bus, m
     gate = Gate(monkeypatch)
 
     async def main():
-        server, client, things = await _counted_tree(session_bus, count)
+        server, client, things, gmo = await _held(session_bus, count, gate)
         try:
-            gmo = asyncio.ensure_future(_gmo(client, server))
-            await asyncio.wait_for(gate.paused.wait(), 10)   # one object written
             ping = await asyncio.wait_for(client.call(Message(
                 destination=server.unique_name, path="/t", interface="org.freedesktop.DBus.Peer",
                 member="Ping")), 10)
@@ -203,9 +217,7 @@ def test_a_long_answer_is_written_in_slices_and_as_of_its_sending(session_bus, m
             server.unexport("/t/n1")
             server.export("/t/new", Counted(3000))
             gate.opened.set()
-            reply = await asyncio.wait_for(gmo, 30)
-            assert reply.message_type == MessageType.METHOD_RETURN, reply.body
-            got = {p: v["org.example.Counted"]["Size"].value for p, v in reply.body[0].items()}
+            got = _sizes(await asyncio.wait_for(gmo, 30))
             assert got["/t/n0"] == 1000 and got[f"/t/n{count - 1}"] == 2000
             assert "/t/n1" not in got and got["/t/new"] == 3000
             assert len(got) == count
@@ -226,16 +238,13 @@ def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session
     again in slices (more than LAST_PATHS of them), and every reply has
     them."""
     import asyncio
-    from dbus_next import MessageType
     from sharedd.bus import managed
     count = 400
     gate = Gate(monkeypatch)
 
     async def main():
-        server, client, things = await _counted_tree(session_bus, count)
+        server, client, things, first = await _held(session_bus, count, gate)
         try:
-            first = asyncio.ensure_future(_gmo(client, server))
-            await asyncio.wait_for(gate.paused.wait(), 10)
             rest = [asyncio.ensure_future(_gmo(client, server)) for _ in range(20)]
             async with asyncio.timeout(10):
                 while server.answers_waiting < 21:      # every call has come in
@@ -250,10 +259,7 @@ def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session
             # the held writings read the 400 changes again in slices
             assert gate.pauses_after >= managed.LAST_PATHS
             for reply in replies:
-                assert reply.message_type == MessageType.METHOD_RETURN, reply.body
-                got = {p: v["org.example.Counted"]["Size"].value
-                       for p, v in reply.body[0].items()}
-                assert got == {f"/t/n{i}": 10000 + i for i in range(count)}
+                assert _sizes(reply) == {f"/t/n{i}": 10000 + i for i in range(count)}
         finally:
             await _close(client, server)
     asyncio.run(main())
