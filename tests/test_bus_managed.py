@@ -239,13 +239,15 @@ def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session
     them."""
     import asyncio
     from sharedd.bus import managed
+    from sharedd.bus.connection import Connection
     count = 400
     gate = Gate(monkeypatch)
 
     async def main():
         server, client, things, first = await _held(session_bus, count, gate)
+        others = [await Connection(bus_address=session_bus).connect() for _ in range(20)]
         try:
-            rest = [asyncio.ensure_future(_gmo(client, server)) for _ in range(20)]
+            rest = [asyncio.ensure_future(_gmo(other, server)) for other in others]
             async with asyncio.timeout(10):
                 while server.answers_waiting < 21:      # every call has come in
                     await asyncio.sleep(0.01)
@@ -261,7 +263,7 @@ def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session
             for reply in replies:
                 assert _sizes(reply) == {f"/t/n{i}": 10000 + i for i in range(count)}
         finally:
-            await _close(client, server)
+            await _close(*others, client, server)
     asyncio.run(main())
 
 
@@ -312,4 +314,60 @@ def test_introspection_lists_children_from_the_tree(session_bus):
         finally:
             bus.disconnect()
             await asyncio.wait_for(bus.wait_for_disconnect(), 10)
+    asyncio.run(main())
+
+
+def test_getmanagedobjects_is_refused_while_too_much_waits_to_be_written(session_bus,
+                                                                         monkeypatch):
+    """A caller has at most LARGE_PER_CALLER GetManagedObjects waiting or
+    queued, and nobody gets one while LARGE_QUEUED_MAX bytes of large
+    replies wait to be written (every signal and call waits behind them):
+    LimitsExceeded, try again. The others are answered."""
+    import asyncio
+    from dbus_next import MessageType
+    from sharedd.bus import connection
+    gate = Gate(monkeypatch)
+
+    async def main():
+        server, client, things, first = await _held(session_bus, 50, gate)
+        other = await connection.Connection(bus_address=session_bus).connect()
+        try:
+            second = asyncio.ensure_future(_gmo(client, server))
+            third = await asyncio.wait_for(_gmo(client, server), 10)
+            assert third.message_type == MessageType.ERROR
+            assert third.error_name == "org.freedesktop.DBus.Error.LimitsExceeded"
+            theirs = asyncio.ensure_future(_gmo(other, server))    # another caller's
+            async with asyncio.timeout(10):
+                while server.answers_waiting < 3:
+                    await asyncio.sleep(0.01)
+            server._writer.large_bytes += connection.LARGE_QUEUED_MAX   # as if queued
+            refused = await asyncio.wait_for(_gmo(other, server), 10)
+            assert refused.error_name == "org.freedesktop.DBus.Error.LimitsExceeded"
+            server._writer.large_bytes -= connection.LARGE_QUEUED_MAX
+            gate.opened.set()
+            for reply in await asyncio.wait_for(asyncio.gather(first, second, theirs), 30):
+                assert len(_sizes(reply)) == 50
+            assert not server._answers_for
+        finally:
+            await _close(other, client, server)
+    asyncio.run(main())
+
+
+def test_nothing_is_written_after_the_connection_is_gone(session_bus):
+    """A reply finished after the connection was lost is not written, and
+    the writer does not watch the closed socket's number (a new connection
+    may have it)."""
+    import asyncio
+    from dbus_next import Message, MessageType
+    from sharedd.bus.connection import Connection
+
+    async def main():
+        bus = await Connection(bus_address=session_bus).connect()
+        bus.disconnect()
+        await asyncio.wait_for(bus.wait_for_disconnect(), 10)
+        watched = []
+        bus._writer.loop = type("Loop", (), {"add_writer": lambda *a: watched.append(a)})()
+        bus._writer.schedule_write(Message(message_type=MessageType.METHOD_RETURN,
+                                           destination=":9.1", reply_serial=1))
+        assert not bus._writer.queue and bus._writer.current is None and not watched
     asyncio.run(main())

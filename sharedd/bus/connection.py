@@ -55,6 +55,12 @@ REFUSAL_LOG_CALLERS = 1024
 #: a queued reply at least this long (GetManagedObjects at thousands of
 #: shares: megabytes) lets shorter replies to other callers go first
 LARGE_REPLY = 64 * 1024
+#: GetManagedObjects is refused (LimitsExceeded, try again) while this many
+#: bytes of large replies wait to be written (every signal and call waits
+#: behind them: about a second of dbus-daemon's time), or while the caller
+#: has this many of its own waiting or queued
+LARGE_QUEUED_MAX = 256 << 20
+LARGE_PER_CALLER = 2
 
 
 class _Queued:
@@ -84,15 +90,33 @@ class _Writer(_MessageWriter):
         self.queue: Deque[_Queued] = collections.deque()
         self.current: Optional[_Queued] = None      # being written
         self.views: List[memoryview] = []           # what is left of it
+        self.large_bytes = 0                        # of large replies queued or begun
+
+    def large_for(self, destination: str) -> int:
+        """Large replies to destination queued or begun (the queue holds
+        few of them: LARGE_QUEUED_MAX)."""
+        items = list(self.queue) + ([self.current] if self.current is not None else [])
+        return sum(1 for q in items if q.large_to == destination)
+
+    def drop(self) -> None:
+        """The connection is gone: nothing more is written."""
+        for item in [self.current, *self.queue]:
+            if item is not None and item.fut is not None and not item.fut.done():
+                item.fut.cancel()
+        self.queue.clear()
+        self.current, self.views, self.large_bytes = None, [], 0
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
         parts = wire.marshal_parts(msg)
         data = list(parts) if parts is not None else \
             [msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)]
         reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
-        large = reply and sum(len(d) for d in data) >= LARGE_REPLY
+        size = sum(len(d) for d in data)
+        large = reply and size >= LARGE_REPLY
         item = _Queued(data, copy.copy(msg.unix_fds), future,
                        msg.destination if large else None)
+        if large:
+            self.large_bytes += size
         at = len(self.queue)
         if reply and not large:
             while at and self.queue[at - 1].large_to not in (None, msg.destination):
@@ -100,6 +124,8 @@ class _Writer(_MessageWriter):
         self.queue.insert(at, item)
 
     def schedule_write(self, msg: Optional[Message] = None, future: Any = None) -> None:
+        if self.bus._disconnected:
+            return   # (its socket is closed; the fd number may be another's now)
         if msg is not None:
             self.buffer_message(msg, future)
         if not self.bus.unique_name:
@@ -142,6 +168,8 @@ class _Writer(_MessageWriter):
                     self.views[0] = self.views[0][sent:]
                     return   # partly written: the loop calls again when writable
                 self.current = None
+                if item.large_to is not None:
+                    self.large_bytes -= sum(len(p) for p in item.parts)
                 if item.fut is not None and not item.fut.done():
                     item.fut.set_result(None)
         except (BlockingIOError, InterruptedError):
@@ -214,6 +242,8 @@ class Connection(ObjectIndex, MessageBus):
         self._writer = _Writer(self)
         self._refusals: Dict[str, Tuple[float, int]] = {}
         self._bug_logged = float("-inf")
+        # GetManagedObjects answers waiting for their writing, per caller
+        self._answers_for: Dict[str, int] = {}
 
     # --- the object tree, indexed (an interface object lives at one path) -----
     def export(self, path: str, interface: ServiceInterface) -> None:
@@ -275,13 +305,25 @@ class Connection(ObjectIndex, MessageBus):
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: _Reply) -> None:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return              # nothing to write for no one
+        caller = str(msg.sender)
+        if self._writer.large_bytes >= LARGE_QUEUED_MAX or \
+                self._answers_for.get(caller, 0) + self._writer.large_for(caller) \
+                >= LARGE_PER_CALLER:
+            return self._too_much(msg, send_reply)
+        self._answers_for[caller] = self._answers_for.get(caller, 0) + 1
 
         def answer(body: Optional[bytes]) -> None:
             # Called in the step that read the body last (managed.py).
+            left = self._answers_for.pop(caller) - 1
+            if left:
+                self._answers_for[caller] = left
             if self._disconnected:
                 return
             try:
-                if body is None:
+                if body is not None and self._writer.large_bytes and \
+                        self._writer.large_bytes + len(body) > LARGE_QUEUED_MAX:
+                    self._too_much(msg, send_reply)
+                elif body is None:
                     MessageBus._default_get_managed_objects_handler(self, msg, send_reply)
                 else:
                     send_reply(wire.PremarshalledReply(msg, managed.SIGNATURE, body))
@@ -289,10 +331,16 @@ class Connection(ObjectIndex, MessageBus):
                 send_reply.send_error(exc)
         self.managed_objects(msg, answer)
 
+    def _too_much(self, msg: Message, send_reply: _Reply) -> None:
+        send_reply.send_error(DBusError(
+            ErrorType.LIMITS_EXCEEDED, "too many large replies are waiting to be written; "
+            "try again in a moment"))
+
     # --- a lost connection really goes --------------------------------------
     def _finalize(self, err: Optional[Exception] = None) -> None:
         already = self._disconnected
         super()._finalize(err)
+        self._writer.drop()
         if not already:
             if err is not None and not self._user_disconnect:
                 log.error("the bus connection failed: %s", err)
