@@ -57,7 +57,7 @@ REFUSAL_LOG_CALLERS = 1024
 LARGE_REPLY = 64 * 1024
 #: GetManagedObjects is refused (LimitsExceeded, try again) while this many
 #: bytes of large replies wait to be written (every signal and call waits
-#: behind them: about a second of dbus-daemon's time), or while the caller
+#: behind them: seconds of dbus-daemon's time), or while the caller
 #: has this many of its own waiting or queued
 LARGE_QUEUED_MAX = 256 << 20
 LARGE_PER_CALLER = 2
@@ -78,7 +78,7 @@ class _Writer(_MessageWriter):
     messages marshalled by sharedd.bus.wire when it can, and large replies
     that do not hold up the others.
 
-    A connection is one ordered stream: behind a 12 MB reply every other
+    A connection is one ordered stream: behind a 10 MB reply every other
     caller waits until the bus has read it, and 20 callers asking for
     GetManagedObjects at once held a Get for more than a second. So a
     reply may go ahead of queued large replies to other callers (not yet
