@@ -321,9 +321,7 @@ class Engine:
         for b in self.backends.values():
             if b.setup_error:
                 continue
-            shares = [s for s in await self.store.read(lambda view, name=b.name:
-                                                       view.shares(name))
-                      if s.status == C.STATUS_AVAILABLE]
+            shares = await self.store.read(functools.partial(_available, backend=b.name))
             try:
                 usage.update(await asyncio.to_thread(b.driver.get_share_usages, shares))
             except Exception as exc:        # a figure missing, never the metrics file
@@ -1011,3 +1009,7 @@ def _new_share(method: str, b: Backend, share: Share, call: Callable[[], Awaitab
                      undo=lambda tx: tx.remove_share(share))
 
 
+def _available(view: Store, backend: str) -> List[Share]:
+    """The available shares of backend (Engine._share_usage, in the store's
+    reader thread)."""
+    return [s for s in view.shares(backend) if s.status == C.STATUS_AVAILABLE]
