@@ -223,7 +223,7 @@ def test_a_long_answer_is_written_in_slices_and_as_of_its_sending(session_bus, m
             assert len(got) == count
             assert all(got[f"/t/n{i}"] == i for i in range(2, count - 1))
             assert not server._touched and not server._next_answers   # nothing left behind
-            assert server.answers_waiting == 0
+            assert not server._answers_for
         finally:
             await _close(client, server)
     asyncio.run(main())
@@ -249,7 +249,7 @@ def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session
         try:
             rest = [asyncio.ensure_future(_gmo(other, server)) for other in others]
             async with asyncio.timeout(10):
-                while server.answers_waiting < 21:      # every call has come in
+                while sum(server._answers_for.values()) < 21:   # every call has come in
                     await asyncio.sleep(0.01)
             writings = gate.writings
             assert 2 <= writings <= 3        # (the first began before the others asked)
@@ -338,7 +338,7 @@ def test_getmanagedobjects_is_refused_while_too_much_waits_to_be_written(session
             assert third.error_name == "org.freedesktop.DBus.Error.LimitsExceeded"
             theirs = asyncio.ensure_future(_gmo(other, server))    # another caller's
             async with asyncio.timeout(10):
-                while server.answers_waiting < 3:
+                while sum(server._answers_for.values()) < 3:
                     await asyncio.sleep(0.01)
             server._writer.large_bytes += connection.LARGE_QUEUED_MAX   # as if queued
             refused = await asyncio.wait_for(_gmo(other, server), 10)

@@ -66,11 +66,12 @@ LARGE_PER_CALLER = 2
 class _Queued:
     """A message waiting to be written: its bytes in one or two parts."""
 
-    __slots__ = ("parts", "unix_fds", "fut", "large_to")
+    __slots__ = ("parts", "size", "unix_fds", "fut", "large_to")
 
-    def __init__(self, parts: List[bytes], unix_fds: List[int], fut: Any,
-                 large_to: Optional[str]):
-        self.parts, self.unix_fds, self.fut, self.large_to = parts, unix_fds, fut, large_to
+    def __init__(self, parts: List[bytes], unix_fds: List[int], fut: Any):
+        self.parts, self.unix_fds, self.fut = parts, unix_fds, fut
+        self.size = sum(len(p) for p in parts)
+        self.large_to: Optional[str] = None     # its destination, if a large reply
 
 
 class _Writer(_MessageWriter):
@@ -111,12 +112,11 @@ class _Writer(_MessageWriter):
         data = list(parts) if parts is not None else \
             [msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)]
         reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
-        size = sum(len(d) for d in data)
-        large = reply and size >= LARGE_REPLY
-        item = _Queued(data, copy.copy(msg.unix_fds), future,
-                       msg.destination if large else None)
+        item = _Queued(data, copy.copy(msg.unix_fds), future)
+        large = reply and item.size >= LARGE_REPLY
         if large:
-            self.large_bytes += size
+            item.large_to = msg.destination
+            self.large_bytes += item.size
         at = len(self.queue)
         if reply and not large:
             while at and self.queue[at - 1].large_to not in (None, msg.destination):
@@ -169,7 +169,7 @@ class _Writer(_MessageWriter):
                     return   # partly written: the loop calls again when writable
                 self.current = None
                 if item.large_to is not None:
-                    self.large_bytes -= sum(len(p) for p in item.parts)
+                    self.large_bytes -= item.size
                 if item.fut is not None and not item.fut.done():
                     item.fut.set_result(None)
         except (BlockingIOError, InterruptedError):

@@ -96,7 +96,6 @@ class ObjectIndex:
         # not begun yet; the writings under way.
         self._next_answers: Dict[str, List[Callable[[Optional[bytes]], None]]] = {}
         self._writing: Set["asyncio.Future[None]"] = set()
-        self.answers_waiting = 0
         # The tree for Introspect: each node's children, with how many
         # exported paths lie under each (dbus-next scans every path per
         # call, and takes /a/share_x for a child "_x" of /a/share).
@@ -168,10 +167,9 @@ class ObjectIndex:
         name is taken), so that the first GetManagedObjects is as fast as
         the next; yields to the loop between chunks."""
         for n, (path, ifaces) in enumerate(list(self._path_exports.items())):
-            key = self._key(ifaces)
-            if None not in key and path not in self._entries:
+            if None not in self._key(ifaces):
                 try:
-                    self._entries[path] = (key, object_entry(path, ifaces))
+                    self._entry(path, ifaces)
                 except Exception:
                     pass        # answered by the library when asked
             if n % chunk == chunk - 1:
@@ -207,7 +205,6 @@ class ObjectIndex:
             self._writing.add(task)
             task.add_done_callback(self._writing.discard)
         answers.append(answer)
-        self.answers_waiting += 1
 
     async def _write_body(self, root: str, answers: List[Callable[[Optional[bytes]], None]]
                           ) -> None:
@@ -259,7 +256,6 @@ class ObjectIndex:
             finally:
                 self._touched.remove(touched)
             for answer in answers:
-                self.answers_waiting -= 1
                 try:
                     answer(body)
                 except Exception:      # (one caller's failure is not the others')
