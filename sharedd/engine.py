@@ -479,6 +479,15 @@ class Engine:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return self.store.snapshots(share_id)
 
+    def snapshot_ids(self, share_id: Optional[str] = None) -> List[str]:
+        """ListSnapshots: the snapshots' ids (of one share), oldest first."""
+        return self.store.snapshot_ids(share_id)
+
+    def changes(self) -> int:
+        """Counts every change of the state: a list read, then written in
+        slices, is still current when this has not moved since the read."""
+        return self.store.commits
+
     # -------------------------------------------------- share networks, servers
     async def create_share_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
         return await self.servers.create_network(name, options)

@@ -272,6 +272,11 @@ class Store:
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_source ON shares(snapshot_id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_migrating ON shares(status) "
                             f"WHERE status = '{C.STATUS_MIGRATING}'")
+            # lists in the order they are listed, without a sort of every row
+            # (ListShares, ListSnapshots: a call of any local user)
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_age ON shares(created_at, id)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_age "
+                            "ON snapshots(created_at, id)")
             for statement in _TRIGGERS:
                 self.db.execute(statement)
             # Recounted at every open (one scan): totals can never drift.
@@ -379,6 +384,12 @@ class Store:
             finally:
                 self._lost_if_failed()
             self._synced = max(self._synced, upto)
+
+    @property
+    def commits(self) -> int:
+        """Commits made since the store was opened: what two reads with the
+        same count between them read is the same."""
+        return self._commits
 
     async def synced(self) -> None:
         """Wait until every commit made so far is on disk. One fsync of the
@@ -596,9 +607,10 @@ class Store:
         (ListShares: nothing but ids is read, whatever the number of shares)."""
         assert set(equal) <= {"backend", "protocol", "status", "name", "share_server_id"}
         where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
-        rows = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id",
-                               tuple(equal[k] for k in sorted(equal)))
-        return [r[0] for r in rows]
+        cur = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id",
+                              tuple(equal[k] for k in sorted(equal)))
+        cur.row_factory = None            # (tuples: a third faster than Rows)
+        return [r[0] for r in cur]
 
     # --- share networks and servers ---------------------------------------------
     @staticmethod
@@ -892,6 +904,16 @@ class Store:
             rows = self.db.execute("SELECT * FROM snapshots WHERE share_id=? ORDER BY created_at, id",
                                    (share_id,))
         return [self._snapshot(r) for r in rows]
+
+    def snapshot_ids(self, share_id: Optional[str] = None) -> List[str]:
+        """snapshots(share_id)'s ids, and nothing else read (ListSnapshots)."""
+        if share_id is None:
+            cur = self.db.execute("SELECT id FROM snapshots ORDER BY created_at, id")
+        else:
+            cur = self.db.execute("SELECT id FROM snapshots WHERE share_id=? "
+                                  "ORDER BY created_at, id", (share_id,))
+        cur.row_factory = None
+        return [r[0] for r in cur]
 
     # --- rules -------------------------------------------------------------------
     # Rules are read in bulk (a share may have thousands): plain tuples in

@@ -126,8 +126,8 @@ class Gate:
 
     def __init__(self, monkeypatch):
         import asyncio
-        from sharedd.bus import managed
-        monkeypatch.setattr(managed, "SLICE", 0.0)
+        from sharedd.bus import managed, slices
+        monkeypatch.setattr(slices, "SLICE", 0.0)
         self.opened, self.paused = asyncio.Event(), asyncio.Event()
         self.writings = 0
         self.held = set()               # the writings held at the gate
@@ -146,7 +146,7 @@ class Gate:
                 self.held.add(asyncio.current_task())
                 await self.opened.wait()
             await asyncio.sleep(0)
-        monkeypatch.setattr(managed, "_next_slice", next_slice)
+        monkeypatch.setattr(slices, "next_slice", next_slice)
         monkeypatch.setattr(managed.ObjectIndex, "_write_body", write_body)
 
 

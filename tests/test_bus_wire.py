@@ -47,7 +47,7 @@ def _split(inner):
     return [t.signature for t in SignatureTree._get(inner).types]
 
 
-SIGS = ["s", "o", "g", "b", "y", "n", "q", "i", "u", "x", "t", "d", "v", "as", "at", "ay",
+SIGS = ["s", "o", "g", "b", "y", "n", "q", "i", "u", "x", "t", "d", "v", "as", "ao", "at", "ay",
         "a(sssss)", "a{ss}", "a{sv}", "(yt)", "a(yv)", "aas", "a{sa{sv}}", "(bbd)"]
 
 

@@ -2,7 +2,7 @@
 share benchmark): the daemon re-ensures every share, reports its progress in
 STATUS=, takes its bus name without flooding the bus with one
 InterfacesAdded per object, sends READY=1, and answers GetManagedObjects
-with every object - on one connection that never drops."""
+and ListShares with every object - on one connection that never drops."""
 
 import asyncio
 import os
@@ -77,3 +77,7 @@ def test_restart_with_thousands_of_shares(sharedd_factory, system_bus):
           "(which unmarshals in Python)")
     assert any("ensuring" in n for n in d.notifications) or ready < 2, d.notifications[:5]
     assert d.manager("FindShareByName", "s", f"scale-{SHARES - 1}")
+    # more paths than one step writes (sharedd.bus.slices): written in slices
+    listed = d.manager("ListShares", "a{sv}", 0)
+    assert len(listed) == SHARES and set(listed) == set(shares)
+    assert d.manager("ListShares", "a{sv}", 1, "status", "s", "available") == listed

@@ -19,7 +19,7 @@ from .. import __version__
 from .. import constants as C
 from ..errors import InvalidArgument, NotAuthorized, SharedError
 from ..share_servers import describe as describe_attachment
-from . import audit, authz
+from . import audit, authz, slices
 
 log = logging.getLogger(__name__)
 
@@ -301,14 +301,16 @@ class Manager(_Base):
     async def ListShares(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"backend": ("s",), "protocol": ("s",), "status": ("s",),
                                     "name": ("s",)})
-        return [share_path(i) for i in self.engine.share_ids(**f)]
+        return await slices.object_paths(functools.partial(self.engine.share_ids, **f),
+                                         share_path, self.engine.changes)
 
     @method()
     @translate
     async def ListSnapshots(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"share": ("o",)})
         share_id = _id_from_path(f["share"], C.SHARE_PATH, "share") if "share" in f else None
-        return [snapshot_path(s.id) for s in self.engine.snapshots(share_id)]
+        return await slices.object_paths(functools.partial(self.engine.snapshot_ids, share_id),
+                                         snapshot_path, self.engine.changes)
 
     @method()
     @translate

@@ -31,6 +31,7 @@ from dbus_next import introspection as intr
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
+from . import slices
 from .wire import assemble_array, pad, write_signature, writer
 
 SIGNATURE = "a{oa{sa{sv}}}"
@@ -67,9 +68,6 @@ def object_entry(path: str, ifaces: List[ServiceInterface]) -> bytes:
     return bytes(buf)
 
 
-#: a GetManagedObjects reply is written in slices of about this many seconds
-#: of the loop's time, other callbacks running between them
-SLICE = 0.002
 #: replies written at once (the others wait their turn): each holds its
 #: objects' entries until sent, megabytes at 10,000 shares
 CONCURRENT_REPLIES = 2
@@ -235,8 +233,8 @@ class ObjectIndex:
                 since = time.perf_counter()
                 for path in paths:
                     read(path)
-                    if time.perf_counter() - since > SLICE:
-                        await _next_slice()
+                    if time.perf_counter() - since > slices.SLICE:
+                        await slices.next_slice()
                         since = time.perf_counter()
             body: Optional[bytes] = None
             try:
@@ -260,8 +258,3 @@ class ObjectIndex:
                     answer(body)
                 except Exception:      # (one caller's failure is not the others')
                     continue
-
-
-async def _next_slice() -> None:
-    """Between two slices of a reply: the loop runs everything else due."""
-    await asyncio.sleep(0)

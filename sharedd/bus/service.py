@@ -38,34 +38,30 @@ class _Bus(Connection):
         # dbus-next 0.2.3 sends the error reply of a failed async method but
         # then lets the exception escape into asyncio's log as a traceback;
         # reply here instead, once, and keep the log to one line per refusal.
+        # The reply goes out in the step in which the method returns (the
+        # library's done-callback ran a step later, when another operation's
+        # signal could already have gone out ahead of an older answer).
         if not asyncio.iscoroutinefunction(method.fn):
             return super()._make_method_handler(interface, method)
 
+        async def answer(msg, send_reply):
+            # An error is answered inside its except clause, which drops it
+            # after: kept, its traceback would hold this frame (a reference
+            # cycle, left to the collector, on every refused call).
+            try:
+                result = await method.fn(interface, *ServiceInterface._msg_body_to_args(msg))
+                body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
+                reply = Message.new_method_return(msg, method.out_signature, body, fds)
+            except DBusError as exc:
+                reply = exc._as_message(msg)
+            except Exception as exc:
+                log.error("%s.%s failed", interface.name, method.name, exc_info=exc)
+                reply = Message.new_error(msg, C.ERROR_PREFIX + "BackendFailure",
+                                          f"internal error: {type(exc).__name__}")
+            send_reply(reply)        # (cancelled: sharedd is stopping, no reply)
+
         def handler(msg, send_reply):
-            def done(fut):
-                # The error is read, not raised here: raised, its traceback
-                # would hold this frame and so the task (a reference cycle,
-                # left to the collector, on every refused call).
-                if fut.cancelled():
-                    return                  # sharedd is stopping
-                exc = fut.exception()
-                if exc is None:
-                    try:
-                        body, fds = ServiceInterface._fn_result_to_body(
-                            fut.result(), method.out_signature_tree)
-                        reply = Message.new_method_return(msg, method.out_signature, body, fds)
-                    except Exception as bad:
-                        exc = bad
-                if isinstance(exc, DBusError):
-                    reply = exc._as_message(msg)
-                elif exc is not None:
-                    log.error("%s.%s failed", interface.name, method.name, exc_info=exc)
-                    reply = Message.new_error(msg, C.ERROR_PREFIX + "BackendFailure",
-                                              f"internal error: {type(exc).__name__}")
-                del exc         # a result that would not marshal: its traceback holds this frame
-                send_reply(reply)
-            args = ServiceInterface._msg_body_to_args(msg)
-            asyncio.ensure_future(method.fn(interface, *args)).add_done_callback(done)
+            asyncio.ensure_future(answer(msg, send_reply))
         return handler
 
     #: False while the initial objects are exported, before the name is owned:

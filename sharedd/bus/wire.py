@@ -13,7 +13,7 @@ library's marshalling, which reports what is wrong with it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from dbus_next._private.constants import LITTLE_ENDIAN, PROTOCOL_VERSION, HeaderField
 from dbus_next.constants import MessageType
@@ -94,20 +94,23 @@ def _compile(t: SignatureType) -> Writer:
     if tok[0] == "a":
         (child,) = t.children
         align = _ALIGN[child.token[0]]
+        each: Writer = write_strings
         if child.token[0] == "{":
             key, value = (_compile(c) for c in child.children)
 
-            def each(buf: bytearray, v: Any) -> None:
+            def entries(buf: bytearray, v: Any) -> None:
                 for k, x in v.items():
                     pad(buf, 8)
                     key(buf, k)
                     value(buf, x)
-        else:
+            each = entries
+        elif child.token not in ("s", "o"):
             element = _compile(child)
 
-            def each(buf: bytearray, v: Any) -> None:
+            def elements(buf: bytearray, v: Any) -> None:
                 for x in v:
                     element(buf, x)
+            each = elements
 
         def w(buf: bytearray, v: Any) -> None:
             pad(buf, 4)
@@ -121,6 +124,29 @@ def _compile(t: SignatureType) -> Writer:
     raise ValueError(f"cannot marshal {tok!r}")
 
 
+_LENGTH = struct.Struct("<I").pack
+#: the NULs that end a string of length n and pad it to 4, by n % 4
+_ENDS = tuple(bytes(1 + (-(n + 1)) % 4) for n in range(4))
+
+
+def write_strings(buf: bytearray, items: Iterable[str]) -> None:
+    """Strings (or object paths) as the elements of an array, the first at
+    a 4-aligned end of buf; twice as fast as one writer call per element
+    (a ListShares of 10,000 paths). The last one's padding is not part of
+    the array: it is taken off again."""
+    pad(buf, 4)
+    end = len(buf)
+    for x in items:
+        raw = x.encode("utf-8")
+        if b"\0" in raw:
+            raise ValueError("NUL in a D-Bus string")
+        end = len(buf) + 5 + len(raw)
+        buf += _LENGTH(len(raw))
+        buf += raw
+        buf += _ENDS[len(raw) % 4]
+    del buf[end:]
+
+
 _FIELDS = ((HeaderField.PATH.value, "o", "path"), (HeaderField.INTERFACE.value, "s", "interface"),
            (HeaderField.MEMBER.value, "s", "member"),
            (HeaderField.ERROR_NAME.value, "s", "error_name"),
@@ -128,10 +154,24 @@ _FIELDS = ((HeaderField.PATH.value, "o", "path"), (HeaderField.INTERFACE.value, 
            (HeaderField.DESTINATION.value, "s", "destination"))
 
 
+class Marshalled:
+    """A method's return value marshalled ahead (sharedd.bus.slices): the
+    whole body of its reply, whose signature must be `signature`."""
+
+    __slots__ = ("signature", "body")
+
+    def __init__(self, signature: str, body: bytes):
+        self.signature, self.body = signature, body
+
+
 def _body(msg: Message) -> bytes:
     raw = getattr(msg, "raw_body", None)
     if raw is not None:
         return bytes(raw)
+    if msg.body and type(msg.body[0]) is Marshalled:
+        if len(msg.body) != 1 or msg.body[0].signature != msg.signature:
+            raise ValueError("a marshalled body of another signature")
+        return msg.body[0].body
     buf = bytearray()
     if msg.signature:
         types = SignatureTree._get(msg.signature).types

@@ -1,0 +1,121 @@
+"""Long lists of paths (ListShares, ListSnapshots at 10,000 shares) are
+written in slices of the loop's time, other callbacks running between
+them, and are still as of the step that sends them: the ids are read again
+when the state changed meanwhile, and written again only if they differ."""
+
+import asyncio
+
+import pytest
+
+from sharedd.bus import slices, wire
+
+
+def path(i):
+    return f"/org/sharedd/Sharedd1/share/{i}"
+
+
+def marshalled(paths):
+    buf = bytearray()
+    wire.writer("ao")(buf, paths)
+    return bytes(buf)
+
+
+class State:
+    """ids and a change counter; every read is counted."""
+
+    def __init__(self, n):
+        self.ids, self.count, self.reads = [f"{i:032x}" for i in range(n)], 0, 0
+
+    def read(self):
+        self.reads += 1
+        return list(self.ids)
+
+    def changes(self):
+        return self.count
+
+
+def run_beside(coro, other):
+    """coro, with other(n) called at every step of the loop meanwhile;
+    returns coro's result and how many steps other ran in."""
+    async def main():
+        steps = 0
+        done = False
+
+        async def beside():
+            nonlocal steps
+            while not done:
+                steps += 1
+                other(steps)
+                await asyncio.sleep(0)
+        task = asyncio.ensure_future(beside())
+        await asyncio.sleep(0)
+        try:
+            return await coro, steps
+        finally:
+            done = True
+            await task
+    return asyncio.run(main())
+
+
+def test_a_short_list_is_answered_in_one_step():
+    state = State(slices.ONE_STEP_PATHS)
+    got, steps = run_beside(slices.object_paths(state.read, path, state.changes), lambda n: None)
+    assert got == [path(i) for i in state.ids]
+    assert steps == 1 and state.reads == 1
+
+
+def test_a_long_list_is_written_in_slices_as_the_library_would(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)          # a pause after every chunk
+    state = State(slices.ONE_STEP_PATHS + 5)
+    got, steps = run_beside(slices.object_paths(state.read, path, state.changes), lambda n: None)
+    assert isinstance(got, wire.Marshalled) and got.signature == "ao"
+    assert got.body == marshalled([path(i) for i in state.ids])
+    assert steps >= 4                 # the other task ran between the slices
+    assert state.reads == 1           # nothing changed: read once
+
+
+def test_a_change_that_leaves_the_ids_keeps_the_writing(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = State(slices.ONE_STEP_PATHS + 1)
+
+    def change(n):
+        state.count += 1              # e.g. an Extend: committed, same ids
+    got, _ = run_beside(slices.object_paths(state.read, path, state.changes), change)
+    assert state.reads == 2           # read again once, found equal
+    assert got.body == marshalled([path(i) for i in state.ids])
+
+
+def test_ids_that_change_meanwhile_are_written_again(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = State(slices.ONE_STEP_PATHS + 1)
+
+    def change(n):
+        if n == 2:                    # one share gone, one new, while written
+            state.ids = state.ids[1:] + ["f" * 32]
+            state.count += 1
+    got, _ = run_beside(slices.object_paths(state.read, path, state.changes), change)
+    assert state.reads == 2           # read, read again (changed), written again
+    assert got.body == marshalled([path(i) for i in state.ids])
+
+
+def test_under_constant_change_the_last_read_is_answered_in_its_own_step(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = State(slices.ONE_STEP_PATHS + 1)
+    answered = []
+
+    def change(n):
+        state.ids = state.ids[1:] + [f"{n:032d}"]
+        state.count += 1
+
+    async def answer():
+        got = await slices.object_paths(state.read, path, state.changes)
+        answered.append(list(state.ids))      # the state when the answer goes out
+        return got
+    got, _ = run_beside(answer(), change)
+    assert state.reads == slices.ROUNDS + 1
+    assert got == [path(i) for i in answered[0]]
+
+
+def test_a_string_with_nul_is_refused_not_written():
+    with pytest.raises(ValueError):
+        wire.write_strings(bytearray(), ["ok", "b\0d"])
