@@ -897,21 +897,18 @@ class Store:
                               (share_id, location)).fetchone()
         return self._snapshot(row) if row else None
 
+    def _snapshot_rows(self, columns: str, share_id: Optional[str]) -> sqlite3.Cursor:
+        """The snapshots (of one share), oldest first."""
+        where, args = ("WHERE share_id=? ", (share_id,)) if share_id is not None else ("", ())
+        return self.db.execute(f"SELECT {columns} FROM snapshots {where}ORDER BY created_at, id",
+                               args)
+
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
-        if share_id is None:
-            rows = self.db.execute("SELECT * FROM snapshots ORDER BY created_at, id")
-        else:
-            rows = self.db.execute("SELECT * FROM snapshots WHERE share_id=? ORDER BY created_at, id",
-                                   (share_id,))
-        return [self._snapshot(r) for r in rows]
+        return [self._snapshot(r) for r in self._snapshot_rows("*", share_id)]
 
     def snapshot_ids(self, share_id: Optional[str] = None) -> List[str]:
         """snapshots(share_id)'s ids, and nothing else read (ListSnapshots)."""
-        if share_id is None:
-            cur = self.db.execute("SELECT id FROM snapshots ORDER BY created_at, id")
-        else:
-            cur = self.db.execute("SELECT id FROM snapshots WHERE share_id=? "
-                                  "ORDER BY created_at, id", (share_id,))
+        cur = self._snapshot_rows("id", share_id)
         cur.row_factory = None
         return [r[0] for r in cur]
 

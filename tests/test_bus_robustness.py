@@ -258,3 +258,41 @@ def test_short_replies_go_ahead_of_large_ones_to_other_callers(session_bus):
             writer.sock = writer.sock.sock
             bus.disconnect()
     asyncio.run(main())
+
+
+def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus):
+    """Whatever the method (a ListShares of 10,000 shares is 0.7 MB), a
+    caller has at most LARGE_PER_CALLER large replies queued, and none is
+    queued while LARGE_QUEUED_MAX bytes are: the reply becomes a short
+    LimitsExceeded (try again), which is queued in its place."""
+    from sharedd.bus import connection
+
+    def reply(who, serial):
+        return Message(message_type=MessageType.METHOD_RETURN, destination=who,
+                       reply_serial=serial, signature="s", body=["x" * connection.LARGE_REPLY])
+
+    def kinds(writer):
+        items = ([writer.current] if writer.current is not None else []) + list(writer.queue)
+        return [(MessageType(item.parts[0][1]).name, item.size < 1024) for item in items]
+
+    async def main():
+        bus = await Connection(bus_address=session_bus).connect()
+        writer = bus._writer
+        writer.sock = AlwaysFull(writer.sock)      # everything stays queued
+        try:
+            for serial in range(1, connection.LARGE_PER_CALLER + 2):
+                bus.send(reply(":9.1", serial))
+            assert kinds(writer) == [("METHOD_RETURN", False)] * connection.LARGE_PER_CALLER \
+                + [("ERROR", True)]
+            writer.large_bytes += connection.LARGE_QUEUED_MAX       # as if queued
+            bus.send(reply(":9.2", 9))
+            assert kinds(writer)[-1] == ("ERROR", True)
+            writer.large_bytes -= connection.LARGE_QUEUED_MAX
+            bus.send(reply(":9.2", 10))
+            assert kinds(writer)[-1] == ("METHOD_RETURN", False)
+            error = writer.queue[-2]
+            assert b"org.freedesktop.DBus.Error.LimitsExceeded" in error.parts[0]
+        finally:
+            writer.sock = writer.sock.sock
+            bus.disconnect()
+    asyncio.run(main())

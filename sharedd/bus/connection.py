@@ -55,12 +55,14 @@ REFUSAL_LOG_CALLERS = 1024
 #: a queued reply at least this long (GetManagedObjects at thousands of
 #: shares: megabytes) lets shorter replies to other callers go first
 LARGE_REPLY = 64 * 1024
-#: GetManagedObjects is refused (LimitsExceeded, try again) while this many
+#: a large reply is replaced by LimitsExceeded (try again) while this many
 #: bytes of large replies wait to be written (every signal and call waits
-#: behind them: seconds of dbus-daemon's time), or while the caller
-#: has this many of its own waiting or queued
+#: behind them: seconds of dbus-daemon's time), or while the caller has
+#: this many of its own queued; GetManagedObjects, the largest, is refused
+#: before any work while the caller has that many waiting or queued
 LARGE_QUEUED_MAX = 256 << 20
 LARGE_PER_CALLER = 2
+TOO_MANY_LARGE = "too many large replies are waiting to be written; try again in a moment"
 
 
 class _Queued:
@@ -114,6 +116,15 @@ class _Writer(_MessageWriter):
         reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
         item = _Queued(data, copy.copy(msg.unix_fds), future)
         large = reply and item.size >= LARGE_REPLY
+        if large and msg.message_type == MessageType.METHOD_RETURN and (
+                self.large_bytes and self.large_bytes + item.size > LARGE_QUEUED_MAX
+                or self.large_for(msg.destination) >= LARGE_PER_CALLER):
+            # (a ListShares of 10,000 shares is 0.7 MB: 100s of callers
+            # asking at once, reading nothing, would queue gigabytes)
+            return self.buffer_message(Message(
+                message_type=MessageType.ERROR, reply_serial=msg.reply_serial,
+                destination=msg.destination, error_name=ErrorType.LIMITS_EXCEEDED.value,
+                signature="s", body=[TOO_MANY_LARGE]), future)
         if large:
             item.large_to = msg.destination
             self.large_bytes += item.size
@@ -319,11 +330,8 @@ class Connection(ObjectIndex, MessageBus):
                 self._answers_for[caller] = left
             if self._disconnected:
                 return
-            try:
-                if body is not None and self._writer.large_bytes and \
-                        self._writer.large_bytes + len(body) > LARGE_QUEUED_MAX:
-                    self._too_much(msg, send_reply)
-                elif body is None:
+            try:                # (the writer refuses it if too much is queued now)
+                if body is None:
                     MessageBus._default_get_managed_objects_handler(self, msg, send_reply)
                 else:
                     send_reply(wire.PremarshalledReply(msg, managed.SIGNATURE, body))
@@ -332,9 +340,7 @@ class Connection(ObjectIndex, MessageBus):
         self.managed_objects(msg, answer)
 
     def _too_much(self, msg: Message, send_reply: _Reply) -> None:
-        send_reply.send_error(DBusError(
-            ErrorType.LIMITS_EXCEEDED, "too many large replies are waiting to be written; "
-            "try again in a moment"))
+        send_reply.send_error(DBusError(ErrorType.LIMITS_EXCEEDED, TOO_MANY_LARGE))
 
     # --- a lost connection really goes --------------------------------------
     def _finalize(self, err: Optional[Exception] = None) -> None:
