@@ -296,3 +296,39 @@ def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus):
             writer.sock = writer.sock.sock
             bus.disconnect()
     asyncio.run(main())
+
+
+def test_a_large_reply_refused_on_the_bus_keeps_the_connection(session_bus):
+    """The LimitsExceeded that replaces a large reply reaches its caller
+    through dbus-daemon (a valid message: dbus-daemon drops a connection
+    that sends a message without a serial), and the next call is answered."""
+    from dbus_next.service import ServiceInterface, method
+    from sharedd.bus import connection
+
+    class Big(ServiceInterface):
+        @method()
+        def List(self) -> "as":                    # noqa: F821 (a D-Bus signature)
+            return ["x" * 1024] * (connection.LARGE_REPLY // 1024 + 1)
+
+    async def main():
+        server = await Connection(bus_address=session_bus).connect()
+        client = await Connection(bus_address=session_bus).connect()
+        server.export("/t", Big("org.sharedd.Test"))
+
+        async def call():
+            return await asyncio.wait_for(client.call(Message(
+                destination=server.unique_name, path="/t", interface="org.sharedd.Test",
+                member="List")), 10)
+        try:
+            assert len((await call()).body[0]) > 64
+            server._writer.large_bytes += connection.LARGE_QUEUED_MAX    # as if queued
+            refused = await call()
+            assert refused.error_name == "org.freedesktop.DBus.Error.LimitsExceeded", refused.body
+            server._writer.large_bytes -= connection.LARGE_QUEUED_MAX
+            assert len((await call()).body[0]) > 64
+            assert not server._disconnected
+        finally:
+            for c in (client, server):
+                c.disconnect()
+                await asyncio.wait_for(c.wait_for_disconnect(), 10)
+    asyncio.run(main())

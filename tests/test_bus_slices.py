@@ -119,3 +119,28 @@ def test_under_constant_change_the_last_read_is_answered_in_its_own_step(monkeyp
 def test_a_string_with_nul_is_refused_not_written():
     with pytest.raises(ValueError):
         wire.write_strings(bytearray(), ["ok", "b\0d"])
+
+
+def test_long_lists_are_written_a_few_at_a_time(monkeypatch):
+    """A hundred callers at once hold LIST_TURNS lists, not a hundred."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = State(slices.ONE_STEP_PATHS + 1)
+    writing, most = 0, 0
+
+    def read():
+        nonlocal writing, most
+        writing += 1
+        most = max(most, writing)
+        return state.read()
+
+    async def one():
+        nonlocal writing
+        got = await slices.object_paths(read, path, state.changes)
+        writing -= 1
+        return got
+
+    async def main():
+        return await asyncio.gather(*(one() for _ in range(20)))
+    answers = asyncio.run(main())
+    assert most == slices.LIST_TURNS
+    assert all(a.body == answers[0].body for a in answers)

@@ -94,12 +94,11 @@ class _Writer(_MessageWriter):
         self.current: Optional[_Queued] = None      # being written
         self.views: List[memoryview] = []           # what is left of it
         self.large_bytes = 0                        # of large replies queued or begun
+        self._large_to: Dict[str, int] = {}         # how many of them, by destination
 
     def large_for(self, destination: str) -> int:
-        """Large replies to destination queued or begun (the queue holds
-        few of them: LARGE_QUEUED_MAX)."""
-        items = list(self.queue) + ([self.current] if self.current is not None else [])
-        return sum(1 for q in items if q.large_to == destination)
+        """Large replies to destination queued or begun."""
+        return self._large_to.get(destination, 0)
 
     def drop(self) -> None:
         """The connection is gone: nothing more is written."""
@@ -108,6 +107,7 @@ class _Writer(_MessageWriter):
                 item.fut.cancel()
         self.queue.clear()
         self.current, self.views, self.large_bytes = None, [], 0
+        self._large_to.clear()
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
         parts = wire.marshal_parts(msg)
@@ -116,21 +116,24 @@ class _Writer(_MessageWriter):
         reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
         item = _Queued(data, copy.copy(msg.unix_fds), future)
         large = reply and item.size >= LARGE_REPLY
+        to = msg.destination or ""          # ("" on a connection without a bus)
         if large and msg.message_type == MessageType.METHOD_RETURN and (
                 self.large_bytes and self.large_bytes + item.size > LARGE_QUEUED_MAX
-                or self.large_for(msg.destination) >= LARGE_PER_CALLER):
+                or self.large_for(to) >= LARGE_PER_CALLER):
             # (a ListShares of 10,000 shares is 0.7 MB: 100s of callers
-            # asking at once, reading nothing, would queue gigabytes)
+            # asking at once, reading nothing, would queue gigabytes). The
+            # error takes the reply's serial, which is never sent.
             return self.buffer_message(Message(
-                message_type=MessageType.ERROR, reply_serial=msg.reply_serial,
+                message_type=MessageType.ERROR, serial=msg.serial, reply_serial=msg.reply_serial,
                 destination=msg.destination, error_name=ErrorType.LIMITS_EXCEEDED.value,
                 signature="s", body=[TOO_MANY_LARGE]), future)
         if large:
-            item.large_to = msg.destination
+            item.large_to = to
             self.large_bytes += item.size
+            self._large_to[to] = self.large_for(to) + 1
         at = len(self.queue)
         if reply and not large:
-            while at and self.queue[at - 1].large_to not in (None, msg.destination):
+            while at and self.queue[at - 1].large_to not in (None, to):
                 at -= 1
         self.queue.insert(at, item)
 
@@ -181,6 +184,9 @@ class _Writer(_MessageWriter):
                 self.current = None
                 if item.large_to is not None:
                     self.large_bytes -= item.size
+                    left = self._large_to.pop(item.large_to) - 1
+                    if left:
+                        self._large_to[item.large_to] = left
                 if item.fut is not None and not item.fut.done():
                     item.fut.set_result(None)
         except (BlockingIOError, InterruptedError):

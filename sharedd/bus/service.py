@@ -10,7 +10,7 @@ import threading
 from typing import Optional
 
 from dbus_next import BusType, DBusError, Message, MessageType
-from dbus_next.constants import NameFlag, RequestNameReply
+from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
 from dbus_next.service import ServiceInterface
 
 from .. import constants as C
@@ -45,9 +45,9 @@ class _Bus(Connection):
             return super()._make_method_handler(interface, method)
 
         async def answer(msg, send_reply):
-            # An error is answered inside its except clause, which drops it
-            # after: kept, its traceback would hold this frame (a reference
-            # cycle, left to the collector, on every refused call).
+            # An error's reply is made inside its except clause, which drops
+            # the error after: kept, its traceback would hold this frame (a
+            # reference cycle, left to the collector, on every refused call).
             try:
                 result = await method.fn(interface, *ServiceInterface._msg_body_to_args(msg))
                 body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
@@ -58,9 +58,14 @@ class _Bus(Connection):
                 log.error("%s.%s failed", interface.name, method.name, exc_info=exc)
                 reply = Message.new_error(msg, C.ERROR_PREFIX + "BackendFailure",
                                           f"internal error: {type(exc).__name__}")
-            send_reply(reply)        # (cancelled: sharedd is stopping, no reply)
+            try:                     # (cancelled: sharedd is stopping, no reply)
+                send_reply(reply)
+            except Exception as exc:     # a result that cannot be written
+                send_reply.send_error(exc)
 
         def handler(msg, send_reply):
+            if msg.flags & MessageFlag.NO_REPLY_EXPECTED and method.name in C.READ_ONLY_METHODS:
+                return       # a list nobody reads (and no limit on such calls) is not made
             asyncio.ensure_future(answer(msg, send_reply))
         return handler
 
