@@ -11,7 +11,11 @@ what was made since the last one.
 Garbage in a reference cycle through a frozen object is not found until
 everything is thawed and collected once: when the frozen objects have grown
 by a quarter since the last such collection (the rule CPython itself uses
-for full collections), and at least once an hour.
+for full collections), and at least once an hour. That walk stops the loop
+for 200-300 ms at 10,000 shares, so a thaw that is due waits for a quiet
+moment (no call for QUIET seconds), for at most QUIET_WAIT: while shares
+are being made one after another the thaws they make due come after the
+burst, not in the middle of it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import contextlib
 import gc
 import logging
 import time
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,10 @@ CHECK_INTERVAL = 60.0
 THAW_INTERVAL = 3600.0
 #: ... and as soon as the frozen objects grew by this much since the last
 THAW_GROWTH = 1.25
+#: a due thaw waits until no call came for this many seconds ...
+QUIET = 2.0
+#: ... for at most this many (under constant load it comes anyway)
+QUIET_WAIT = 600.0
 
 
 #: objects the collections of each generation found unreachable (freed),
@@ -87,12 +95,18 @@ def _count() -> int:
     return frozen
 
 
-async def thaw_when_due(check: float = CHECK_INTERVAL, every: float = THAW_INTERVAL,
-                        growth: float = THAW_GROWTH) -> None:
+async def thaw_when_due(idle: Callable[[], float], check: float = CHECK_INTERVAL,
+                        every: float = THAW_INTERVAL, growth: float = THAW_GROWTH,
+                        quiet: float = QUIET, quiet_wait: float = QUIET_WAIT) -> None:
+    """Thaws when due, each at a quiet moment: idle() is how many seconds
+    ago the last call came."""
     last, base = time.monotonic(), max(_count(), 1)
     while True:
         await asyncio.sleep(check)
         if time.monotonic() - last < every and _count() <= base * growth:
             continue
+        until = time.monotonic() + quiet_wait
+        while idle() < quiet and time.monotonic() < until:
+            await asyncio.sleep(max(quiet - idle(), 0.01))
         if thaw():
             last, base = time.monotonic(), max(_count(), 1)

@@ -90,7 +90,7 @@ async def _serve(config_path: str, notifier: Notifier, engine: Engine, service: 
     tasks = [asyncio.create_task(_watchdog(notifier, engine, service)),
              asyncio.create_task(_bus_lost(service, stop, failed)),
              asyncio.create_task(_state_lost(engine, stop, failed)),
-             asyncio.create_task(collector.thaw_when_due())]
+             asyncio.create_task(collector.thaw_when_due(service.bus.idle))]
     await stop.wait()
     notifier.notify("STOPPING=1")
     notifier.notify("STATUS=stopping")

@@ -7,6 +7,7 @@ a failed job, both common, leave no such cycle."""
 import asyncio
 import contextlib
 import gc
+import time
 import weakref
 
 import pytest
@@ -71,7 +72,7 @@ def test_a_thaw_comes_when_the_frozen_objects_grew_by_a_quarter(monkeypatch):
 
     async def grow_then_wait():
         with collector.short_pauses():
-            task = asyncio.ensure_future(collector.thaw_when_due(check=0.01))
+            task = asyncio.ensure_future(collector.thaw_when_due(lambda: 60.0, check=0.01))
             await asyncio.sleep(0.1)
             assert thaws == []                  # no growth, and the hour is not up
             base = gc.get_freeze_count()
@@ -83,6 +84,33 @@ def test_a_thaw_comes_when_the_frozen_objects_grew_by_a_quarter(monkeypatch):
             return base
     base = asyncio.run(grow_then_wait())
     assert thaws and thaws[0] >= base * 1.25
+
+
+def test_a_due_thaw_waits_for_a_quiet_moment_but_not_for_ever(monkeypatch):
+    """Due, a thaw waits until no call came for `quiet` seconds; under
+    constant calls it comes after `quiet_wait` anyway."""
+    thaws = []
+    monkeypatch.setattr(collector, "thaw", lambda: thaws.append(time.monotonic()) or True)
+
+    async def run(calls_for, quiet_wait):
+        started = time.monotonic()
+        calls_until = started + calls_for
+
+        def idle():                      # calls keep coming until calls_until
+            now = time.monotonic()
+            return now - min(now, calls_until)
+        task = asyncio.ensure_future(collector.thaw_when_due(
+            idle, check=0.01, every=0.0, quiet=0.2, quiet_wait=quiet_wait))
+        async with asyncio.timeout(30):
+            while not thaws:
+                await asyncio.sleep(0.01)
+        task.cancel()
+        return started, calls_until, thaws.pop()
+
+    started, calls_until, thawed = asyncio.run(run(0.5, quiet_wait=60))
+    assert thawed >= calls_until + 0.2          # after the calls stopped, and a quiet 0.2 s
+    started, calls_until, thawed = asyncio.run(run(60, quiet_wait=0.3))
+    assert started + 0.3 <= thawed < calls_until     # calls never stopped: it came anyway
 
 
 class Boom(Exception):

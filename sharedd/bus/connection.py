@@ -261,6 +261,7 @@ class Connection(ObjectIndex, MessageBus):
         self._bug_logged = float("-inf")
         # GetManagedObjects answers waiting for their writing, per caller
         self._answers_for: Dict[str, int] = {}
+        self._last_call = time.monotonic()
 
     # --- the object tree, indexed (an interface object lives at one path) -----
     def export(self, path: str, interface: ServiceInterface) -> None:
@@ -366,11 +367,18 @@ class Connection(ObjectIndex, MessageBus):
             super().disconnect()
 
     # --- refusals: counted, logged sparingly ------------------------------------
+    def idle(self) -> float:
+        """Seconds since the last call came (the collector waits for a
+        quiet moment)."""
+        return time.monotonic() - self._last_call
+
     def _on_message(self, msg: Message) -> None:
         # The caller, for the audit record of what this message starts
         # (tasks created while handling it copy the context).
-        token = CALL.set((self, msg.sender)) if msg.message_type == MessageType.METHOD_CALL \
-            else None
+        token = None
+        if msg.message_type == MessageType.METHOD_CALL:
+            token = CALL.set((self, msg.sender))
+            self._last_call = time.monotonic()
         try:
             self._process_message(msg)
         except DBusError as exc:
