@@ -126,21 +126,39 @@ def test_long_lists_are_written_a_few_at_a_time(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)
     state = State(slices.ONE_STEP_PATHS + 1)
     writing, most = 0, 0
+    real = slices._written
 
-    def read():
+    async def written(*args):
         nonlocal writing, most
         writing += 1
         most = max(most, writing)
-        return state.read()
-
-    async def one():
-        nonlocal writing
-        got = await slices.object_paths(read, path, state.changes)
-        writing -= 1
-        return got
+        try:
+            return await real(*args)
+        finally:
+            writing -= 1
+    monkeypatch.setattr(slices, "_written", written)
 
     async def main():
-        return await asyncio.gather(*(one() for _ in range(20)))
+        return await asyncio.gather(*(slices.object_paths(state.read, path, state.changes)
+                                      for _ in range(20)))
     answers = asyncio.run(main())
     assert most == slices.LIST_TURNS
     assert all(a.body == answers[0].body for a in answers)
+
+
+def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    long, short = State(slices.ONE_STEP_PATHS + 1), State(3)
+    done = []
+
+    async def one(state, name):
+        await slices.object_paths(state.read, path, state.changes)
+        done.append(name)
+
+    async def main():
+        longs = [asyncio.ensure_future(one(long, "long")) for _ in range(4)]
+        await asyncio.sleep(0)           # the long ones have taken the turns
+        await one(short, "short")
+        await asyncio.gather(*longs)
+    asyncio.run(main())
+    assert done[0] == "short"

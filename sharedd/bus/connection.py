@@ -323,7 +323,7 @@ class Connection(ObjectIndex, MessageBus):
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: _Reply) -> None:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return              # nothing to write for no one
-        caller = str(msg.sender)
+        caller = msg.sender or ""      # (as the writer counts it)
         if self._writer.large_bytes >= LARGE_QUEUED_MAX or \
                 self._answers_for.get(caller, 0) + self._writer.large_for(caller) \
                 >= LARGE_PER_CALLER:
@@ -401,7 +401,7 @@ class Connection(ObjectIndex, MessageBus):
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
         now = time.monotonic()
-        caller = str(msg.sender)
+        caller = msg.sender or ""      # (as the writer counts it)
         last, count = self._refusals.pop(caller, (0.0, 0))
         count += 1
         if now - last >= REFUSAL_LOG_INTERVAL:

@@ -61,7 +61,13 @@ async def object_paths(read: Callable[[], List[str]], path: Callable[[str], str]
     in slices when there are many. changes() counts the state's changes: if
     it moved while the paths were written, the ids are read again, and the
     answer is written again only if they differ."""
-    async with _turn():
+    turns = _turn()
+    if turns.locked():
+        ids = read()             # a short list need not wait behind long ones
+        if len(ids) <= ONE_STEP_PATHS:
+            return [path(i) for i in ids]
+        del ids                  # (a long one holds nothing while it waits)
+    async with turns:
         return await _written(read, path, changes)
 
 
