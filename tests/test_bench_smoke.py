@@ -13,6 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("argv, header", [
     (["bench/api", "--shares", "10"], "daemon RSS"),    # then the collector's figure
     (["bench/api", "--shares", "5", "--hooks"], "RunPeriodicHooks by 20 callers at once"),
+    (["bench/api", "--shares", "5", "--loop-steps"], "loop step"),
     (["bench/concurrency", "--smoke"], "calls/s"),
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
     (["bench/ops", "--smoke"], "hooks off"),

@@ -66,7 +66,7 @@ class _Bus(Connection):
         def handler(msg, send_reply):
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED and method.name in C.READ_ONLY_METHODS:
                 return       # a list nobody reads (and no limit on such calls) is not made
-            asyncio.ensure_future(answer(msg, send_reply))
+            asyncio.create_task(answer(msg, send_reply), name=method.name)
         return handler
 
     #: False while the initial objects are exported, before the name is owned:

@@ -1,0 +1,36 @@
+"""A probe, loaded only by the daemon that `bench/api --loop-steps` starts
+(this directory is put first on its PYTHONPATH): every event-loop callback
+is timed, and each that held the loop for more than 1 ms is written to the
+file named by SHAREDD_BENCH_LOOP_STEPS as "<end> <seconds> <what>", <end>
+on CLOCK_MONOTONIC (the bench's clock too). The timing costs about a
+microsecond per callback; the figures are the probe's, not the daemon's.
+"""
+
+import asyncio.events
+import os
+import time
+
+_PATH = os.environ.get("SHAREDD_BENCH_LOOP_STEPS")
+
+
+def _what(handle: asyncio.events.Handle) -> str:
+    callback = handle._callback
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):       # (the bus names a call's task after its method)
+        name = task.get_name()
+        return f"task {task.get_coro().__qualname__ if name.startswith('Task-') else name}"
+    return getattr(callback, "__qualname__", type(callback).__name__)
+
+
+if _PATH:
+    _out = open(_PATH, "a", buffering=1)
+    _real = asyncio.events.Handle._run
+
+    def _run(self: asyncio.events.Handle) -> None:
+        started = time.monotonic()
+        _real(self)
+        now = time.monotonic()
+        if now - started > 0.001:
+            _out.write(f"{now:.6f} {now - started:.6f} {_what(self)}\n")
+
+    asyncio.events.Handle._run = _run
