@@ -194,10 +194,6 @@ _TRIGGERS = [
 ]
 
 
-#: commits between two checkpoints of the WAL (a few MB of it; see _sync_thread)
-CHECKPOINT_COMMITS = 256
-
-
 class StoreError(ConfigError):
     """The state database cannot be used by this version."""
 
@@ -228,10 +224,6 @@ class Store:
         # return 0 for pages that were lost.
         self._fsync_lock = threading.Lock()
         self._wal_fd = -1
-        # The sync thread's own connection, for checkpoints, and the commits
-        # made when it last checkpointed.
-        self._checkpointer: Optional[sqlite3.Connection] = None
-        self._checkpointed = 0
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
@@ -256,10 +248,6 @@ class Store:
         # the file a symlink leads to, and stays while this connection is
         # open: the one descriptor kept also sees every writeback error.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        # SQLite would copy the WAL into the database (and fsync it) inside
-        # whichever COMMIT crosses 1,000 pages: 10-140 ms on the event loop
-        # at 10,000 shares. The store's sync thread checkpoints instead.
-        self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.execute("PRAGMA foreign_keys=ON")
         with self.tx(durable=False):
             for statement in _DDL.split(";"):
@@ -318,8 +306,6 @@ class Store:
         for pool in (self._syncer, self._reader):
             if pool is not None:
                 pool.shutdown(wait=True)
-        if self._checkpointer is not None:
-            self._checkpointer.close()
         if self._wal_fd >= 0:
             os.close(self._wal_fd)
             self._wal_fd = -1
@@ -431,32 +417,11 @@ class Store:
             if self._syncer is None:
                 self._syncer = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="sharedd-wal-sync")
-            await asyncio.get_running_loop().run_in_executor(self._syncer, self._sync_thread, upto)
+            await asyncio.get_running_loop().run_in_executor(self._syncer, self._fsync_wal)
             self._synced = max(self._synced, upto)
         finally:
             self._sync = None
             self._lost_if_failed()
-
-    def _sync_thread(self, upto: int) -> None:
-        """In the sync thread: the WAL fsynced; then, every CHECKPOINT_COMMITS
-        commits, what it holds copied into the database (a PASSIVE
-        checkpoint: it waits for no reader or writer, and copies what it
-        can). A checkpoint the disk fails breaks the store, like any write."""
-        self._fsync_wal()
-        if upto - self._checkpointed < CHECKPOINT_COMMITS:
-            return
-        self._checkpointed = upto
-        try:
-            if self._checkpointer is None:
-                self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
-                                                     check_same_thread=False)
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            if _io_error(exc):
-                with self._fsync_lock:
-                    self._break(str(exc))
-                raise StateLost(self._sync_error) from None
-            log.warning("checkpoint of the state database failed: %s", exc)
 
     def _lost_if_failed(self) -> None:
         if self._broken:
