@@ -194,8 +194,14 @@ _TRIGGERS = [
 ]
 
 
-#: commits between two checkpoints of the WAL (a few MB of it; see _checkpoint)
+#: commits between two checkpoints of the WAL (a few MB of it; see _checkpoint),
+#: and passes of one checkpoint at most while commits keep coming
 CHECKPOINT_COMMITS = 256
+CHECKPOINT_PASSES = 4
+#: a WAL larger than this is checkpointed on the loop (the thread's never
+#: caught up); one that starts over is cut back to WAL_KEEP_BYTES
+WAL_MAX_BYTES = 64 << 20
+WAL_KEEP_BYTES = 16 << 20
 
 
 class StoreError(ConfigError):
@@ -260,8 +266,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         # SQLite would copy the WAL into the database (and fsync it) inside
         # whichever COMMIT crosses 1,000 pages: 10-140 ms on the event loop
-        # at 10,000 shares. A thread of the store's checkpoints instead.
+        # at 10,000 shares. A thread of the store's checkpoints instead; the
+        # WAL file is cut back to WAL_KEEP_BYTES when it starts over.
         self.db.execute("PRAGMA wal_autocheckpoint=0")
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self.db.execute("PRAGMA foreign_keys=ON")
         with self.tx(durable=False):
             for statement in _DDL.split(";"):
@@ -439,8 +447,19 @@ class Store:
         finally:
             self._sync = None
             self._lost_if_failed()
-        if upto - self._checkpointed >= CHECKPOINT_COMMITS and self._checkpointing is None:
-            self._checkpointed = upto
+        if self._sync_error or self._checkpointing is not None or \
+                upto - self._checkpointed < CHECKPOINT_COMMITS:
+            return               # (closed meanwhile; one under way; not due)
+        self._checkpointed = upto
+        if os.fstat(self._wal_fd).st_size > WAL_MAX_BYTES:
+            # The thread's checkpoints never caught up (writes without a
+            # pause): one here, between two commits, always does; the next
+            # commit then starts the WAL over. It holds the loop, rarely.
+            log.info("state database WAL over %d MiB: checkpoint on the loop",
+                     WAL_MAX_BYTES >> 20)
+            self._passive(self.db, 1)
+            self._lost_if_failed()
+        else:
             if self._checkpoints is None:
                 self._checkpoints = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="sharedd-wal-checkpoint")
@@ -450,14 +469,31 @@ class Store:
 
     def _checkpoint(self) -> None:
         """In a thread of its own (the fsyncs go on meanwhile): what the WAL
-        holds copied into the database, by a PASSIVE checkpoint, which
-        waits for no reader or writer and copies what it can. A checkpoint
-        the disk fails breaks the store, like any failed write."""
-        try:
-            if self._checkpointer is None:
+        holds copied into the database. Commits go on meanwhile, so it
+        passes again while it has not caught up: the WAL starts over only
+        once a checkpoint has copied it all."""
+        if self._sync_error:
+            return
+        if self._checkpointer is None:
+            try:
                 self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
                                                      check_same_thread=False)
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                # the WAL fsynced before pages are copied, the database after
+                self._checkpointer.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                log.warning("cannot open the state database to checkpoint it: %s", exc)
+                return
+        self._passive(self._checkpointer, CHECKPOINT_PASSES)
+
+    def _passive(self, db: sqlite3.Connection, passes: int) -> None:
+        """PASSIVE checkpoints on db (they wait for no reader or writer and
+        copy what they can), until one copied it all. One the disk fails
+        breaks the store, like any failed write."""
+        try:
+            for _ in range(passes):
+                busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy or copied >= frames:
+                    return
         except sqlite3.Error as exc:
             if not _io_error(exc):
                 log.warning("checkpoint of the state database failed: %s", exc)
@@ -467,8 +503,8 @@ class Store:
 
     def _checkpoint_done(self, done: "asyncio.Future[None]") -> None:
         self._checkpointing = None
-        if not done.cancelled():
-            done.exception()        # (read: none is expected)
+        if not done.cancelled() and done.exception() is not None:
+            log.error("checkpoint of the state database failed: %r", done.exception())
         self._lost_if_failed()
 
     def _lost_if_failed(self) -> None:

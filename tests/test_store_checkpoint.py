@@ -1,13 +1,15 @@
 """The state database's WAL is copied into the database file by a thread
 of the store's, every CHECKPOINT_COMMITS commits, never inside a commit on
-the event loop (SQLite's automatic checkpoint fsyncs the
-database file in whichever COMMIT crosses 1,000 pages: 10-140 ms of the
-loop at 10,000 shares)."""
+the event loop (SQLite's automatic checkpoint fsyncs the database file in
+whichever COMMIT crosses 1,000 pages: 10-140 ms of the loop at 10,000
+shares); a WAL that thread could not keep small is checkpointed on the
+loop, between two commits."""
 
 import asyncio
 import os
 import sqlite3
 import threading
+import urllib.parse
 
 from sharedd import store as store_mod
 from sharedd.store import Store
@@ -15,7 +17,7 @@ from sharedd.store import Store
 
 def rows_in_database_file(path):
     """The shares the database file itself holds, the WAL left unread."""
-    db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?immutable=1", uri=True)
     try:
         return db.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
     except sqlite3.OperationalError:          # (not even the tables yet)
@@ -24,7 +26,18 @@ def rows_in_database_file(path):
         db.close()
 
 
-def test_checkpoints_run_in_the_sync_thread_not_in_commits(tmp_path, monkeypatch):
+async def commits(st, n, start):
+    for i in range(start, start + n):
+        with st.tx(durable=False):
+            st.db.execute("INSERT INTO shares(id, name, backend, protocol, size_gib, status, "
+                          "created_at) VALUES (?, ?, 'a', 'NFS', 1, 'available', 0)",
+                          (f"i{i}", f"n{i}" + "x" * 2000))
+        await st.synced()
+    if st._checkpointing is not None:
+        await st._checkpointing
+
+
+def test_checkpoints_run_in_their_thread_not_in_commits(tmp_path, monkeypatch):
     path = os.path.join(tmp_path, "state", "sharedd.db")
     st = Store(path)
     assert st.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
@@ -36,23 +49,26 @@ def test_checkpoints_run_in_the_sync_thread_not_in_commits(tmp_path, monkeypatch
             threads.append(threading.current_thread().name)
         return real(*args, **kw)
     monkeypatch.setattr(store_mod.sqlite3, "connect", connect)
-
-    async def commits(n, start):
-        for i in range(start, start + n):
-            with st.tx(durable=False):
-                st.db.execute("INSERT INTO shares(id, name, backend, protocol, size_gib, status, "
-                              "created_at) VALUES (?, ?, 'a', 'NFS', 1, 'available', 0)",
-                              (f"i{i}", f"n{i}" + "x" * 2000))
-            await st.synced()
-        if st._checkpointing is not None:
-            await st._checkpointing
     try:
         before = rows_in_database_file(path)
-        asyncio.run(commits(store_mod.CHECKPOINT_COMMITS - 10, 0))
+        asyncio.run(commits(st, store_mod.CHECKPOINT_COMMITS - 10, 0))
         # no checkpoint yet: the 4,000 pages or so are in the WAL only
         assert rows_in_database_file(path) == before
-        asyncio.run(commits(20, store_mod.CHECKPOINT_COMMITS))
+        asyncio.run(commits(st, 20, store_mod.CHECKPOINT_COMMITS))
         assert rows_in_database_file(path) >= store_mod.CHECKPOINT_COMMITS - 10
         assert threads and all(t.startswith("sharedd-wal-checkpoint") for t in threads), threads
+    finally:
+        st.close()
+
+
+def test_a_wal_too_large_is_checkpointed_on_the_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "WAL_MAX_BYTES", 0)            # every WAL is too large
+    monkeypatch.setattr(store_mod, "CHECKPOINT_COMMITS", 1)
+    path = os.path.join(tmp_path, "state", "sharedd.db")
+    st = Store(path)
+    try:
+        asyncio.run(commits(st, 5, 0))
+        assert rows_in_database_file(path) == 5
+        assert st._checkpoints is None       # the thread never ran
     finally:
         st.close()

@@ -10,7 +10,7 @@ import asyncio.events
 import os
 import time
 
-_PATH = os.environ.get("SHAREDD_BENCH_LOOP_STEPS")
+_PATH = os.environ.pop("SHAREDD_BENCH_LOOP_STEPS", None)     # (not the daemon's children)
 
 
 def _what(handle: asyncio.events.Handle) -> str:
