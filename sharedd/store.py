@@ -234,8 +234,8 @@ class Store:
         # return 0 for pages that were lost.
         self._fsync_lock = threading.Lock()
         self._wal_fd = -1
-        # The sync thread's own connection, for checkpoints, and the commits
-        # made when it last checkpointed.
+        # The checkpoint thread's own connection, the commits made when the
+        # last checkpoint began, and the checkpoint under way (_sync_wal).
         self._checkpointer: Optional[sqlite3.Connection] = None
         self._checkpointed = 0
         self._checkpoints: Optional[concurrent.futures.ThreadPoolExecutor] = None

@@ -401,7 +401,7 @@ class Connection(ObjectIndex, MessageBus):
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
         now = time.monotonic()
-        caller = msg.sender or ""      # (as the writer counts it)
+        caller = msg.sender or ""      # ("" without a bus)
         last, count = self._refusals.pop(caller, (0.0, 0))
         count += 1
         if now - last >= REFUSAL_LOG_INTERVAL:
