@@ -64,7 +64,7 @@ def test_entries_and_bodies_are_the_librarys_bytes():
         whole.marshall()
         entries = [object_entry(p, [Thing({n: x.value for n, x in v.items()})])
                    for p, v in tree.items()]
-        assert assemble_array(entries) == bytes(whole.buffer)
+        assert b"".join(assemble_array(entries)) == bytes(whole.buffer)
 
 
 def test_answers_follow_changes(sharedd_factory):
@@ -267,6 +267,50 @@ def test_callers_at_once_share_a_writing_and_many_changes_are_read_again(session
     asyncio.run(main())
 
 
+class Trickle:
+    """A socket that takes at most `most` bytes a send, and finds the buffer
+    full every third send: every piece boundary is met mid-send."""
+
+    def __init__(self, sock, most=7919):
+        self.sock, self.most, self.sends, self.widest = sock, most, 0, 0
+
+    def sendmsg(self, buffers, *anc):
+        self.sends += 1
+        self.widest = max(self.widest, len(buffers))
+        if self.sends % 3 == 0:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        data = bytearray()
+        for b in buffers:
+            data += b
+            if len(data) >= self.most:
+                break
+        return self.sock.sendmsg([bytes(data[:self.most])], *anc)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_a_body_of_thousands_of_pieces_is_sent_as_it_is(session_bus):
+    """The reply's body goes to sendmsg in its entries, never joined into
+    one buffer (10-25 ms of the loop at 10 MB), at most IOV_MAX of them a
+    call, through partial sends and a full buffer, and arrives whole."""
+    import asyncio
+    from sharedd.bus import connection
+    count = 1500
+
+    async def main():
+        server, client, things = await _counted_tree(session_bus, count)
+        server._writer.sock = trickle = Trickle(server._writer.sock)
+        try:
+            got = _sizes(await asyncio.wait_for(_gmo(client, server), 30))
+            assert got == {f"/t/n{i}": i for i in range(count)}
+            assert trickle.widest == connection.IOV_MAX      # thousands of pieces
+        finally:
+            server._writer.sock = trickle.sock
+            await _close(client, server)
+    asyncio.run(main())
+
+
 def test_introspection_lists_children_from_the_tree(session_bus):
     """Introspect names a node's children from the connection's tree: the
     node's own part (its interfaces) is the library's XML line for line; the
@@ -275,6 +319,7 @@ def test_introspection_lists_children_from_the_tree(session_bus):
     library indents the first child of a node without interfaces less)."""
     import asyncio
     import xml.etree.ElementTree as ET
+    from dbus_next import Message
     from dbus_next.message_bus import BaseMessageBus
     from sharedd.bus.connection import Connection
 
@@ -311,6 +356,27 @@ def test_introspection_lists_children_from_the_tree(session_bus):
             bus.unexport("/r/share/b2/deep/er")
             assert children(bus.introspection("/r/share")) == ["a1"]
             assert bus._children.get("/r/share/b2") is None
+            # children that come and go in any order stay sorted, and what a
+            # caller receives (sent in pieces) is that XML
+            rng, live = random.Random(5), set()
+            for _ in range(400):
+                name = f"/r/share/s{rng.randrange(60)}" + rng.choice(["", "/x"])
+                if name in live:
+                    bus.unexport(name)
+                    live.discard(name)
+                else:
+                    bus.export(name, Counted(1))
+                    live.add(name)
+                assert bus._names["/r/share"] == sorted(bus._children["/r/share"])
+            expected = sorted({"a1"} | {n.split("/")[3] for n in live})
+            assert children(bus.introspection("/r/share")) == expected
+            client = await Connection(bus_address=session_bus).connect()
+            for node in ["/r/share", "/r", "/r/share/a1"]:
+                reply = await client.call(Message(
+                    destination=bus.unique_name, path=node,
+                    interface="org.freedesktop.DBus.Introspectable", member="Introspect"))
+                assert reply.body == [bus.introspection(node)], node
+            client.disconnect()
         finally:
             bus.disconnect()
             await asyncio.wait_for(bus.wait_for_disconnect(), 10)

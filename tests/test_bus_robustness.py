@@ -260,11 +260,13 @@ def test_short_replies_go_ahead_of_large_ones_to_other_callers(session_bus):
     asyncio.run(main())
 
 
-def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus):
+def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus, caplog):
     """Whatever the method (a ListShares of 10,000 shares is 0.7 MB), a
     caller has at most LARGE_PER_CALLER large replies queued, and none is
     queued while LARGE_QUEUED_MAX bytes are: the reply becomes a short
-    LimitsExceeded (try again), which is queued in its place."""
+    LimitsExceeded (try again), which is queued in its place, and counted
+    with the caller's refusals."""
+    import logging
     from sharedd.bus import connection
 
     def reply(who, serial):
@@ -295,7 +297,11 @@ def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus):
         finally:
             writer.sock = writer.sock.sock
             bus.disconnect()
-    asyncio.run(main())
+    with caplog.at_level(logging.INFO, logger="sharedd.bus.connection"):
+        asyncio.run(main())
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(logged) == 2 and ":9.1" in logged[0] and ":9.2" in logged[1], logged
+    assert "LimitsExceeded" in logged[0] and "a reply of" in logged[0]
 
 
 def test_a_large_reply_refused_on_the_bus_keeps_the_connection(session_bus):
@@ -331,4 +337,56 @@ def test_a_large_reply_refused_on_the_bus_keeps_the_connection(session_bus):
             for c in (client, server):
                 c.disconnect()
                 await asyncio.wait_for(c.wait_for_disconnect(), 10)
+    asyncio.run(main())
+
+
+def test_lists_nobody_reads_are_not_made(session_bus):
+    """ListShares, ListSnapshots and FindShareByName sent with no reply
+    expected (no bound on how many a caller may send) are not run; any
+    other method is, reply or not."""
+    from dbus_next.constants import MessageFlag
+    from dbus_next.service import ServiceInterface, method
+
+    from sharedd.bus.service import _Bus
+
+    class Counting(ServiceInterface):
+        def __init__(self):
+            super().__init__("org.example.Counting")
+            self.ran = []
+
+        @method()
+        async def ListShares(self, f: "a{sv}") -> "ao":             # noqa: F821
+            self.ran.append("ListShares")
+            return []
+
+        @method()
+        async def FindShareByName(self, name: "s") -> "o":           # noqa: F821
+            self.ran.append("FindShareByName")
+            return "/"
+
+        @method()
+        async def Extend(self, size: "t"):                           # noqa: F821
+            self.ran.append("Extend")
+
+    async def main():
+        server = await _Bus(bus_address=session_bus).connect()
+        client = await MessageBus(bus_address=session_bus).connect()
+        counting = Counting()
+        server.export("/c", counting)
+        try:
+            def call(member, sig, body, flags=MessageFlag.NO_REPLY_EXPECTED):
+                return Message(destination=server.unique_name, path="/c",
+                               interface="org.example.Counting", member=member,
+                               signature=sig, body=body, flags=flags)
+            await client.send(call("ListShares", "a{sv}", [{}]))
+            await client.send(call("FindShareByName", "s", ["x"]))
+            await client.send(call("Extend", "t", [2]))
+            reply = await asyncio.wait_for(client.call(
+                call("ListShares", "a{sv}", [{}], MessageFlag.NONE)), 10)
+            assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+            # (tasks run in the order the calls came: Extend's ran first)
+            assert counting.ran == ["Extend", "ListShares"]
+        finally:
+            client.disconnect()
+            server.disconnect()
     asyncio.run(main())

@@ -26,7 +26,7 @@ from tests.fixtures.btrfs_pool import teardown_tree
 from tests.fixtures.sharedd_daemon import Sharedd
 from tests.support import components
 from tests.support.tenants import (NET_IFACE, TenantLab, cleanup, ip, object_paths, server_of,
-                                   wait_for)
+                                   server_entry, wait_for)
 from tests.support.tenants import network as make_network
 
 SRV_IFACE = "org.sharedd.Sharedd1.ShareServer"
@@ -280,6 +280,7 @@ def test_each_tenant_reaches_only_its_own_server(host, tenants):
     a2 = h.create_share("tenant-a-2", share_network=net_a)
     assert server_of(h, a2)[1] == sid_a
     assert sorted(h.get(srv_a, SRV_IFACE, "Shares")) == sorted([a1, a2])
+    assert sorted(server_entry(h, srv_a)["Shares"]) == sorted([a1, a2])   # (a kept entry)
     assert "InvalidState" in h.error(srv_a, SRV_IFACE, "Delete", "a{sv}", 0)
     assert "InvalidState" in h.error(net_a, NET_IFACE, "Delete", "a{sv}", 0)
 
@@ -294,6 +295,7 @@ def test_each_tenant_reaches_only_its_own_server(host, tenants):
     # The last share of a network removes its server: nothing is left.
     h.share(a1, "Delete", "a{sv}", 0)
     assert _netns_exists(sid_a)
+    assert server_entry(h, srv_a)["Shares"] == [a2] == h.get(srv_a, SRV_IFACE, "Shares")
     h.share(a2, "Delete", "a{sv}", 0)
     wait_for("server A removed", lambda: no_leftovers(h, sid_a))
     assert srv_a not in object_paths(h, "share_server")

@@ -61,12 +61,15 @@ LARGE_REPLY = 64 * 1024
 #: this many of its own queued; GetManagedObjects, the largest, is refused
 #: before any work while the caller has that many waiting or queued
 LARGE_QUEUED_MAX = 256 << 20
+#: pieces of a message handed to one sendmsg (the kernel's limit: UIO_MAXIOV)
+IOV_MAX = 1024
 LARGE_PER_CALLER = 2
 TOO_MANY_LARGE = "too many large replies are waiting to be written; try again in a moment"
 
 
 class _Queued:
-    """A message waiting to be written: its bytes in one or two parts."""
+    """A message waiting to be written: its bytes in pieces (a header and
+    a body, or many for a body assembled from entries)."""
 
     __slots__ = ("parts", "size", "unix_fds", "fut", "large_to")
 
@@ -92,7 +95,8 @@ class _Writer(_MessageWriter):
         super().__init__(bus)
         self.queue: Deque[_Queued] = collections.deque()
         self.current: Optional[_Queued] = None      # being written
-        self.views: List[memoryview] = []           # what is left of it
+        self.at = 0                                 # its first piece not all sent
+        self.offset = 0                             # ... and how much of that is
         self.large_bytes = 0                        # of large replies queued or begun
         self._large_to: Dict[str, int] = {}         # how many of them, by destination
 
@@ -106,12 +110,11 @@ class _Writer(_MessageWriter):
             if item is not None and item.fut is not None and not item.fut.done():
                 item.fut.cancel()
         self.queue.clear()
-        self.current, self.views, self.large_bytes = None, [], 0
+        self.current, self.large_bytes = None, 0
         self._large_to.clear()
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
-        parts = wire.marshal_parts(msg)
-        data = list(parts) if parts is not None else \
+        data = wire.marshal_parts(msg) or \
             [msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)]
         reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
         item = _Queued(data, copy.copy(msg.unix_fds), future)
@@ -123,6 +126,8 @@ class _Writer(_MessageWriter):
             # (a ListShares of 10,000 shares is 0.7 MB: 100s of callers
             # asking at once, reading nothing, would queue gigabytes). The
             # error takes the reply's serial, which is never sent.
+            self.bus._count_refusal(to, f"a reply of {item.size} bytes", DBusError(
+                ErrorType.LIMITS_EXCEEDED, TOO_MANY_LARGE))
             return self.buffer_message(Message(
                 message_type=MessageType.ERROR, serial=msg.serial, reply_serial=msg.reply_serial,
                 destination=msg.destination, error_name=ErrorType.LIMITS_EXCEEDED.value,
@@ -167,19 +172,27 @@ class _Writer(_MessageWriter):
                             self.loop.remove_writer(self.fd)
                         return
                     self.current = self.queue.popleft()
-                    self.views = [memoryview(p) for p in self.current.parts]
-                item = self.current
+                    self.at = self.offset = 0
+                item, parts, first = self.current, self.current.parts, self.at
+                # (a body of entries is thousands of pieces: IOV_MAX at a time)
+                views = parts[first:first + IOV_MAX]
+                if self.offset:
+                    views[0] = memoryview(views[0])[self.offset:]
                 if item.unix_fds and self.negotiate_unix_fd:
                     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                 array.array("i", item.unix_fds))]
-                    sent = self.sock.sendmsg(self.views, ancdata)
+                    sent = self.sock.sendmsg(views, ancdata)
                     item.unix_fds = []          # they go with the first byte
                 else:
-                    sent = self.sock.sendmsg(self.views)
-                while self.views and sent >= len(self.views[0]):
-                    sent -= len(self.views.pop(0))
-                if self.views:
-                    self.views[0] = self.views[0][sent:]
+                    sent = self.sock.sendmsg(views)
+                sent += self.offset
+                while self.at < len(parts) and sent >= len(parts[self.at]):
+                    sent -= len(parts[self.at])
+                    self.at += 1
+                self.offset = sent
+                if self.at < len(parts):
+                    if self.at == first + len(views):
+                        continue     # all of those went: the next ones may too
                     return   # partly written: the loop calls again when writable
                 self.current = None
                 if item.large_to is not None:
@@ -318,7 +331,8 @@ class Connection(ObjectIndex, MessageBus):
         return super()._create_unmarshaller()
 
     def _default_introspect_handler(self, msg: Message, send_reply: Any) -> None:
-        send_reply(Message.new_method_return(msg, "s", [self.introspection(msg.path)]))
+        send_reply(wire.PremarshalledReply(msg, "s", wire.string_parts(
+            self.introspection_parts(msg.path))))
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: _Reply) -> None:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
@@ -330,7 +344,7 @@ class Connection(ObjectIndex, MessageBus):
             return self._too_much(msg, send_reply)
         self._answers_for[caller] = self._answers_for.get(caller, 0) + 1
 
-        def answer(body: Optional[bytes]) -> None:
+        def answer(body: Optional[List[bytes]]) -> None:
             # Called in the step that read the body last (managed.py).
             left = self._answers_for.pop(caller) - 1
             if left:
@@ -400,14 +414,16 @@ class Connection(ObjectIndex, MessageBus):
                       REFUSAL_LOG_INTERVAL, exc_info=exc)
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
+        self._count_refusal(msg.sender or "",   # ("" without a bus)
+                            f"{printable(msg.interface, 80)}.{printable(msg.member, 80)}", exc)
+
+    def _count_refusal(self, caller: str, what: str, exc: DBusError) -> None:
         now = time.monotonic()
-        caller = msg.sender or ""      # ("" without a bus)
         last, count = self._refusals.pop(caller, (0.0, 0))
         count += 1
         if now - last >= REFUSAL_LOG_INTERVAL:
-            log.info("refused %d call(s) from %s in the last %gs; the latest %s.%s: %s: %s",
-                     count, caller, REFUSAL_LOG_INTERVAL, printable(msg.interface, 80),
-                     printable(msg.member, 80), exc.type, printable(exc.text))
+            log.info("refused %d call(s) from %s in the last %gs; the latest %s: %s: %s",
+                     count, caller, REFUSAL_LOG_INTERVAL, what, exc.type, printable(exc.text))
             last, count = now, 0
         self._refusals[caller] = (last, count)
         while len(self._refusals) > REFUSAL_LOG_CALLERS:

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Tuple
+from typing import List, Tuple
 
 from dbus_next import DBusError, Variant
 from dbus_next.constants import PropertyAccess
@@ -787,13 +787,21 @@ class ShareServer(_Base):
         return self.cache
 
     listed = ("Shares",)
+    # A tenant's server may hold 10,000 shares: its entry in GetManagedObjects
+    # and its Shares are kept until a share comes or goes or the server
+    # changes (the bus service bumps this), not read at every call.
+    generation = 0
+    _kept: Tuple[int, List[str]] = (-1, [])
 
     def props(self):
         s = self._s()
         return {"Status": s.status, "Addresses": list(s.addresses)}
 
     def _shares(self):
-        return [share_path(i) for i in self.engine.share_server_share_ids(self.server_id)]
+        if self._kept[0] != self.generation:
+            self._kept = (self.generation, [share_path(i) for i in
+                                            self.engine.share_server_share_ids(self.server_id)])
+        return self._kept[1]
 
     @method()
     @translate

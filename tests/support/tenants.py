@@ -12,7 +12,7 @@ import json
 import subprocess
 import time
 import uuid
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 NET_IFACE = "org.sharedd.Sharedd1.ShareNetwork"
 SERVER_PREFIX = "/org/sharedd/Sharedd1/share_server/"
@@ -99,6 +99,14 @@ def object_paths(h, kind: str) -> List[str]:
     out = h.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1",
                        "org.freedesktop.DBus.ObjectManager", "GetManagedObjects").stdout
     return [p for p in json.loads(out)["data"][0] if f"/{kind}/" in p]
+
+
+def server_entry(h, server: str) -> Dict[str, Any]:
+    """The share server's properties as GetManagedObjects gives them."""
+    out = h.bus.busctl("--json=short", "call", "org.sharedd.Sharedd1", "/org/sharedd/Sharedd1",
+                       "org.freedesktop.DBus.ObjectManager", "GetManagedObjects").stdout
+    props = json.loads(out)["data"][0][server]["org.sharedd.Sharedd1.ShareServer"]
+    return {k: v["data"] for k, v in props.items()}
 
 
 def cleanup(h) -> None:
