@@ -488,6 +488,19 @@ class Engine:
         slices, is still current when this has not moved since the read."""
         return self.store.commits
 
+    def memberships(self) -> int:
+        """Counts the shares and snapshots that came or went: a list of all
+        shares, or of a share's snapshots, is current while this stays."""
+        return self.store.memberships
+
+    async def read_share_ids(self) -> List[str]:
+        """share_ids() as of this call, read in the store's reader thread."""
+        return await self.store.read(Store.share_ids)
+
+    async def read_snapshot_ids(self) -> List[str]:
+        """snapshot_ids() of every share, as read_share_ids()."""
+        return await self.store.read(Store.snapshot_ids)
+
     # -------------------------------------------------- share networks, servers
     async def create_share_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
         return await self.servers.create_network(name, options)

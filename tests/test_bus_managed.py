@@ -64,7 +64,9 @@ def test_entries_and_bodies_are_the_librarys_bytes():
         whole.marshall()
         entries = [object_entry(p, [Thing({n: x.value for n, x in v.items()})])
                    for p, v in tree.items()]
-        assert b"".join(assemble_array(entries)) == bytes(whole.buffer)
+        assembled = assemble_array(entries)
+        assert b"".join(assembled.parts) == bytes(whole.buffer) and \
+            assembled.size == len(whole.buffer)
 
 
 def test_answers_follow_changes(sharedd_factory):

@@ -162,3 +162,61 @@ def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
         await asyncio.gather(*longs)
     asyncio.run(main())
     assert done[0] == "short"
+
+
+class Aside(State):
+    """State whose ids are also read in another thread, as of the call
+    (as Store.read's view is opened when it is called)."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.asides = 0
+
+    async def aside(self):
+        self.asides += 1
+        ids = list(self.ids)
+        return await asyncio.to_thread(lambda: ids)
+
+
+def test_ids_read_aside_are_written_without_a_read_on_the_loop(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = Aside(slices.ONE_STEP_PATHS + 1)
+
+    def extend(n):
+        pass                          # (an Extend moves no membership count)
+    got, _ = run_beside(slices.object_paths(state.read, path, state.changes, state.aside),
+                        extend)
+    assert got.body == marshalled([path(i) for i in state.ids])
+    assert state.asides == 1 and state.reads == 0
+
+
+def test_ids_read_aside_while_shares_came_are_read_again(monkeypatch):
+    """A read aside is as of its call: a share that came while it ran (or
+    while the paths were written) makes it stale, and it is read again; under
+    constant change, the last resort is one read on the loop, answered in
+    its own step."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = Aside(slices.ONE_STEP_PATHS + 1)
+
+    def once(n):
+        if n == 2:                    # (the aside read has begun)
+            state.ids = state.ids + ["e" * 32]
+            state.count += 1
+    got, _ = run_beside(slices.object_paths(state.read, path, state.changes, state.aside), once)
+    assert got.body == marshalled([path(i) for i in state.ids])
+    assert state.asides == 2 and state.reads == 0
+
+    state = Aside(slices.ONE_STEP_PATHS + 1)
+    answered = []
+
+    def always(n):
+        state.ids = state.ids[1:] + [f"{n:032d}"]
+        state.count += 1
+
+    async def answer():
+        got = await slices.object_paths(state.read, path, state.changes, state.aside)
+        answered.append(list(state.ids))
+        return got
+    got, _ = run_beside(answer(), always)
+    assert state.asides == slices.ROUNDS and state.reads == 1
+    assert got == [path(i) for i in answered[0]]

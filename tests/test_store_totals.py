@@ -235,3 +235,46 @@ def test_a_disk_error_inside_a_commit_is_final_and_a_full_disk_is_not(tmp_path):
     finally:
         st.db = real
         st.close()
+
+
+def test_memberships_move_whenever_a_list_of_all_could_change(tmp_path):
+    """ListShares and ListSnapshots (all, or one share's) read aside are
+    current while Store.memberships has not moved: every insert and delete
+    of a share or snapshot moves it; a resize or status change does not."""
+    from sharedd.models import Share, Snapshot
+    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    rng = random.Random(5)
+    shares, snaps = {}, {}
+
+    def lists():
+        return st.share_ids(), st.snapshot_ids(), {s: st.snapshot_ids(s) for s in shares}
+    for n in range(400):
+        before, count = lists(), st.memberships
+        r = rng.random()
+        with st.tx():
+            if r < 0.3 or not shares:
+                s = Share(id=f"s{n}", name=f"n{n}", backend="a", protocol="NFS", size_gib=1,
+                          status="available", created_at=n)
+                st.insert_share(s)
+                shares[s.id] = s
+            elif r < 0.5:
+                sid = rng.choice(sorted(shares))
+                snap = Snapshot(id=f"p{n}", name=f"p{n}", share_id=sid, size_gib=1,
+                                status="available", created_at=n)
+                st.insert_snapshot(snap)
+                snaps[snap.id] = snap
+            elif r < 0.6 and snaps:
+                st.delete_snapshot(snaps.pop(rng.choice(sorted(snaps))).id)
+            elif r < 0.7:
+                sid = rng.choice(sorted(shares))
+                st.delete_share(sid)
+                del shares[sid]
+                snaps = {k: v for k, v in snaps.items() if v.share_id != sid}
+            else:
+                s = shares[rng.choice(sorted(shares))]
+                s.size_gib, s.status = rng.randint(1, 9), rng.choice(["available", "extending"])
+                st.update_share(s)
+        if st.memberships == count:
+            assert lists() == before, n
+        else:
+            assert r < 0.7

@@ -73,9 +73,8 @@ class _Queued:
 
     __slots__ = ("parts", "size", "unix_fds", "fut", "large_to")
 
-    def __init__(self, parts: List[bytes], unix_fds: List[int], fut: Any):
-        self.parts, self.unix_fds, self.fut = parts, unix_fds, fut
-        self.size = sum(len(p) for p in parts)
+    def __init__(self, data: wire.Pieces, unix_fds: List[int], fut: Any):
+        self.parts, self.size, self.unix_fds, self.fut = data.parts, data.size, unix_fds, fut
         self.large_to: Optional[str] = None     # its destination, if a large reply
 
 
@@ -115,7 +114,7 @@ class _Writer(_MessageWriter):
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
         data = wire.marshal_parts(msg) or \
-            [msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)]
+            wire.Pieces([msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)])
         reply = msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR)
         item = _Queued(data, copy.copy(msg.unix_fds), future)
         large = reply and item.size >= LARGE_REPLY
@@ -331,7 +330,7 @@ class Connection(ObjectIndex, MessageBus):
         return super()._create_unmarshaller()
 
     def _default_introspect_handler(self, msg: Message, send_reply: Any) -> None:
-        send_reply(wire.PremarshalledReply(msg, "s", wire.string_parts(
+        send_reply(wire.PremarshalledReply(msg, "s", wire.string_pieces(
             self.introspection_parts(msg.path))))
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: _Reply) -> None:
@@ -344,7 +343,7 @@ class Connection(ObjectIndex, MessageBus):
             return self._too_much(msg, send_reply)
         self._answers_for[caller] = self._answers_for.get(caller, 0) + 1
 
-        def answer(body: Optional[List[bytes]]) -> None:
+        def answer(body: Optional[wire.Pieces]) -> None:
             # Called in the step that read the body last (managed.py).
             left = self._answers_for.pop(caller) - 1
             if left:

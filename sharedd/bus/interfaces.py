@@ -301,16 +301,23 @@ class Manager(_Base):
     async def ListShares(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"backend": ("s",), "protocol": ("s",), "status": ("s",),
                                     "name": ("s",)})
-        return await slices.object_paths(functools.partial(self.engine.share_ids, **f),
-                                         share_path, self.engine.changes)
+        if f:     # (what a filter reads changes with any commit)
+            return await slices.object_paths(functools.partial(self.engine.share_ids, **f),
+                                             share_path, self.engine.changes)
+        return await slices.object_paths(self.engine.share_ids, share_path,
+                                         self.engine.memberships, self.engine.read_share_ids)
 
     @method()
     @translate
     async def ListSnapshots(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"share": ("o",)})
-        share_id = _id_from_path(f["share"], C.SHARE_PATH, "share") if "share" in f else None
-        return await slices.object_paths(functools.partial(self.engine.snapshot_ids, share_id),
-                                         snapshot_path, self.engine.changes)
+        if "share" in f:    # (one share's: an indexed read of a few, on the loop)
+            share_id = _id_from_path(f["share"], C.SHARE_PATH, "share")
+            return await slices.object_paths(
+                functools.partial(self.engine.snapshot_ids, share_id), snapshot_path,
+                self.engine.memberships)
+        return await slices.object_paths(self.engine.snapshot_ids, snapshot_path,
+                                         self.engine.memberships, self.engine.read_snapshot_ids)
 
     @method()
     @translate

@@ -33,7 +33,7 @@ from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
 from . import slices
-from .wire import assemble_array, pad, write_signature, writer
+from .wire import Pieces, assemble_array, pad, write_signature, writer
 
 SIGNATURE = "a{oa{sa{sv}}}"
 
@@ -93,7 +93,7 @@ class ObjectIndex:
         self._reply_turns: Optional[asyncio.Semaphore] = None
         # Per path asked for: the answers of the reply whose writing has
         # not begun yet; the writings under way.
-        self._next_answers: Dict[str, List[Callable[[Optional[List[bytes]]], None]]] = {}
+        self._next_answers: Dict[str, List[Callable[[Optional[Pieces]], None]]] = {}
         self._writing: Set["asyncio.Future[None]"] = set()
         # The tree for Introspect: each node's children, with how many
         # exported paths lie under each (dbus-next scans every path per
@@ -203,11 +203,11 @@ class ObjectIndex:
         return entry
 
     def managed_objects(self, call: Message,
-                        answer: Callable[[Optional[List[bytes]]], None]) -> None:
+                        answer: Callable[[Optional[Pieces]], None]) -> None:
         """Answer a GetManagedObjects call: answer(body) with the reply's
-        body (in pieces: wire.assemble_array), or answer(None) if some
-        object cannot be written here (the library's handler then answers,
-        and reports whatever is wrong).
+        body (wire.assemble_array), or answer(None) if some object cannot
+        be written here (the library's handler then answers, and reports
+        whatever is wrong).
         Callers who ask before a body's writing begins share it: 100 callers
         at once cost a writing or two, not 100, and each gets a state read
         after its call."""
@@ -220,7 +220,7 @@ class ObjectIndex:
         answers.append(answer)
 
     async def _write_body(self, root: str,
-                          answers: List[Callable[[Optional[List[bytes]]], None]]) -> None:
+                          answers: List[Callable[[Optional[Pieces]], None]]) -> None:
         """Written in slices (at 10,000 objects, 30 ms from the cache and
         most of a second with nothing cached would otherwise stop the loop),
         and still as of one moment: what came, went or was signalled while
@@ -251,7 +251,7 @@ class ObjectIndex:
                     if time.perf_counter() - since > slices.SLICE:
                         await slices.next_slice()
                         since = time.perf_counter()
-            body: Optional[List[bytes]] = None
+            body: Optional[Pieces] = None
             try:
                 # (a path touched meanwhile is read below)
                 await read_all(p for p in list(self._path_exports) if p not in touched)

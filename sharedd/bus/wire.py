@@ -164,15 +164,27 @@ class Marshalled:
         self.signature, self.body = signature, body
 
 
-def _body(msg: Message) -> List[bytes]:
-    """The message's body, in pieces whose concatenation it is."""
-    raw = getattr(msg, "raw_parts", None)
+class Pieces:
+    """Marshalled bytes in pieces whose concatenation they are, and their
+    length: a GetManagedObjects body of 10 MB is 20,000 pieces, handed as
+    they are to sendmsg, never joined (joining held the loop 10-25 ms), and
+    its length is counted once, not at every reply that carries it."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: List[bytes], size: Optional[int] = None):
+        self.parts = parts
+        self.size = sum(len(p) for p in parts) if size is None else size
+
+
+def _body(msg: Message) -> Pieces:
+    raw = getattr(msg, "raw_body", None)
     if raw is not None:
-        return list(raw)
+        return raw if type(raw) is Pieces else Pieces([bytes(raw)])
     if msg.body and type(msg.body[0]) is Marshalled:
         if len(msg.body) != 1 or msg.body[0].signature != msg.signature:
             raise ValueError("a marshalled body of another signature")
-        return [msg.body[0].body]
+        return Pieces([msg.body[0].body])
     buf = bytearray()
     if msg.signature:
         types = SignatureTree._get(msg.signature).types
@@ -182,29 +194,26 @@ def _body(msg: Message) -> List[bytes]:
             writer(t.signature)(buf, value)
     elif msg.body:
         raise ValueError("a body without a signature")
-    return [bytes(buf)]
+    return Pieces([bytes(buf)], len(buf))
 
 
 def marshal(msg: Message) -> Optional[bytes]:
     """The message's bytes as the library would write them; None for what
     this does not handle (file descriptors) or a value it cannot write."""
     parts = marshal_parts(msg)
-    return None if parts is None else b"".join(parts)
+    return None if parts is None else b"".join(parts.parts)
 
 
-def marshal_parts(msg: Message) -> Optional[List[bytes]]:
+def marshal_parts(msg: Message) -> Optional[Pieces]:
     """marshal(msg) in pieces: its header (padded), then its body's. A body
     marshalled ahead (PremarshalledReply) goes out as it is, shared by every
-    reply that carries it, neither copied into each nor joined: the writer
-    hands the pieces to sendmsg (joining a 10 MB GetManagedObjects body
-    held the loop for 10-25 ms)."""
+    reply that carries it, neither copied into each nor joined."""
     if msg.unix_fds:
         return None
     try:
         body = _body(msg)
         head = bytearray(struct.pack("<BBBBII", LITTLE_ENDIAN, msg.message_type.value,
-                                     msg.flags.value, PROTOCOL_VERSION,
-                                     sum(len(p) for p in body), msg.serial))
+                                     msg.flags.value, PROTOCOL_VERSION, body.size, msg.serial))
         head.extend(bytes(4))            # the fields' length, filled in below
         for code, sig, attr in _FIELDS:
             value = getattr(msg, attr)
@@ -220,8 +229,9 @@ def marshal_parts(msg: Message) -> Optional[List[bytes]]:
             write_signature(head, msg.signature)
         struct.pack_into("<I", head, 12, len(head) - 16)
         pad(head, 8)
-        body.insert(0, bytes(head))
-        return body
+        parts = [bytes(head)]
+        parts += body.parts
+        return Pieces(parts, len(head) + body.size)
     except Exception:
         return None
 
@@ -230,10 +240,9 @@ def marshal_parts(msg: Message) -> Optional[List[bytes]]:
 _GAPS = [bytes(n) for n in range(8)]
 
 
-def assemble_array(entries: List[bytes]) -> List[bytes]:
+def assemble_array(entries: List[bytes]) -> Pieces:
     """An array of 8-aligned elements (structs, dict entries) from elements
-    marshalled each on its own at offset 0, in pieces whose concatenation
-    is the array (marshal_parts: they are never joined)."""
+    marshalled each on its own at offset 0."""
     parts: List[bytes] = [b""]          # the array's length, set below
     length = 0
     for entry in entries:
@@ -243,23 +252,22 @@ def assemble_array(entries: List[bytes]) -> List[bytes]:
         parts.append(entry)
         length += gap + len(entry)
     parts[0] = struct.pack("<I", length) + bytes(4)
-    return parts
+    return Pieces(parts, length + 8)
 
 
-def string_parts(text: List[bytes]) -> List[bytes]:
-    """A marshalled string (at offset 0) from its UTF-8 in pieces, which
-    are not joined."""
-    return [struct.pack("<I", sum(len(t) for t in text)), *text, b"\0"]
+def string_pieces(text: List[bytes]) -> Pieces:
+    """A marshalled string (at offset 0) from its UTF-8 in pieces."""
+    length = sum(len(t) for t in text)
+    return Pieces([struct.pack("<I", length), *text, b"\0"], length + 5)
 
 
 class PremarshalledReply(Message):
-    """A method return whose body is already marshalled: bytes, or pieces
-    whose concatenation is the body (assemble_array)."""
+    """A method return whose body is already marshalled."""
 
-    def __init__(self, call: Message, signature: str, body: Union[bytes, List[bytes]]):
+    def __init__(self, call: Message, signature: str, body: Union[bytes, Pieces]):
         super().__init__(message_type=MessageType.METHOD_RETURN, reply_serial=call.serial,
                          destination=call.sender, signature=signature)
-        self.raw_parts = [body] if isinstance(body, bytes) else body
+        self.raw_body = body
 
     def _marshall(self, negotiate_unix_fd: bool = False) -> bytes:
         data = marshal(self)
