@@ -490,7 +490,8 @@ class Engine:
 
     def memberships(self) -> int:
         """Counts the shares and snapshots that came or went: a list of all
-        shares, or of a share's snapshots, is current while this stays."""
+        shares, of all snapshots or of a share's snapshots is current while
+        this stays."""
         return self.store.memberships
 
     async def read_share_ids(self) -> List[str]:

@@ -219,7 +219,7 @@ class Store:
         # of the WAL is known to have put on disk; the fsyncs have a thread
         # of their own (never queued behind driver calls or hook writes).
         self._commits = self._synced = 0
-        self._rows = 0          # shares and snapshots inserted or deleted (memberships)
+        self._memberships = 0
         self._sync: Optional["asyncio.Future[None]"] = None
         self._sync_error = ""   # why nothing commits any more (a failed write, closed)
         self._broken = False    # the disk failed us (see _break)
@@ -418,12 +418,13 @@ class Store:
 
     @property
     def memberships(self) -> int:
-        """Shares and snapshots inserted or deleted since the store was
-        opened (no transaction is open across an await, so each is counted
-        in the step that commits it): two lists of all shares, or of one
-        share's snapshots, read with the same count between them are the
+        """Statements that inserted or deleted shares or snapshots since the
+        store was opened (each counted as it runs, in the step of its
+        transaction: none is open across an await; one rolled back is
+        counted too). Two lists of all shares, of all snapshots or of one
+        share's snapshots, read with the same count between them, are the
         same, whatever else changed."""
-        return self._rows
+        return self._memberships
 
     async def synced(self) -> None:
         """Wait until every commit made so far is on disk. One fsync of the
@@ -607,7 +608,7 @@ class Store:
              json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
              s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {}), s.share_server_id,
              s.share_group_id))
-        self._rows += 1
+        self._memberships += 1
 
     def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
@@ -622,7 +623,7 @@ class Store:
         self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM shares WHERE id=?", (share_id,))
-        self._rows += 1
+        self._memberships += 1
 
     def get_share(self, share_id: str) -> Optional[Share]:
         row = self.db.execute("SELECT * FROM shares WHERE id=?", (share_id,)).fetchone()
@@ -866,7 +867,7 @@ class Store:
             " group_snapshot_id) VALUES(?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location,
              s.group_snapshot_id))
-        self._rows += 1
+        self._memberships += 1
 
     def update_snapshot(self, s: Snapshot) -> None:
         self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=?, "
@@ -876,7 +877,7 @@ class Store:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
-        self._rows += 1
+        self._memberships += 1
 
     def get_snapshot(self, snapshot_id: str) -> Optional[Snapshot]:
         row = self.db.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()

@@ -301,7 +301,7 @@ def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus, cap
         asyncio.run(main())
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(logged) == 2 and ":9.1" in logged[0] and ":9.2" in logged[1], logged
-    assert "LimitsExceeded" in logged[0] and "a reply of" in logged[0]
+    assert "LimitsExceeded" in logged[0] and "reply to call 3" in logged[0]
 
 
 def test_a_large_reply_refused_on_the_bus_keeps_the_connection(session_bus):

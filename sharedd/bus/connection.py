@@ -95,7 +95,7 @@ class _Writer(_MessageWriter):
         self.queue: Deque[_Queued] = collections.deque()
         self.current: Optional[_Queued] = None      # being written
         self.at = 0                                 # its first piece not all sent
-        self.offset = 0                             # ... and how much of that is
+        self.offset = 0                             # ... and how much of it is sent
         self.large_bytes = 0                        # of large replies queued or begun
         self._large_to: Dict[str, int] = {}         # how many of them, by destination
 
@@ -125,8 +125,8 @@ class _Writer(_MessageWriter):
             # (a ListShares of 10,000 shares is 0.7 MB: 100s of callers
             # asking at once, reading nothing, would queue gigabytes). The
             # error takes the reply's serial, which is never sent.
-            self.bus._count_refusal(to, f"a reply of {item.size} bytes", DBusError(
-                ErrorType.LIMITS_EXCEEDED, TOO_MANY_LARGE))
+            self.bus._count_refusal(to, f"reply to call {msg.reply_serial} ({item.size} bytes)",
+                                    DBusError(ErrorType.LIMITS_EXCEEDED, TOO_MANY_LARGE))
             return self.buffer_message(Message(
                 message_type=MessageType.ERROR, serial=msg.serial, reply_serial=msg.reply_serial,
                 destination=msg.destination, error_name=ErrorType.LIMITS_EXCEEDED.value,
@@ -190,7 +190,7 @@ class _Writer(_MessageWriter):
                     self.at += 1
                 self.offset = sent
                 if self.at < len(parts):
-                    if self.at == first + len(views):
+                    if self.at >= first + len(views):
                         continue     # all of those went: the next ones may too
                     return   # partly written: the loop calls again when writable
                 self.current = None

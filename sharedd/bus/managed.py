@@ -147,6 +147,7 @@ class ObjectIndex:
         self._touch(path)
 
     def introspection(self, path: str) -> str:
+        """Introspect's XML for path, as text."""
         return b"".join(self.introspection_parts(path)).decode()
 
     def introspection_parts(self, path: str) -> List[bytes]:

@@ -260,12 +260,8 @@ class BusService(Observer):
         iface = self.shares.get(share.id)
         if iface is None:
             return self.share_added(share)
-        server = iface.cache.share_server_id
         iface.update(share, rules=rules)
         self._changed(I.share_path(share.id), iface)
-        if share.share_server_id != server:       # (moved: both lists change)
-            self._server_touched(server, members=True)
-            self._server_touched(share.share_server_id, members=True)
 
     def rules_changed(self, share) -> None:
         self.share_changed(share, rules=True)

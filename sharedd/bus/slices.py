@@ -71,14 +71,16 @@ async def object_paths(read: Callable[[], List[str]], path: Callable[[str], str]
     read() runs on the loop (one indexed SQL query: 5-9 ms at 10,000).
     aside(), if given, reads the same ids in another thread, as of the step
     in which it is called; read() is then the last resort, after ROUNDS
-    reads that changes meanwhile made stale."""
+    reads that changes meanwhile made stale. A list read aside waits for
+    its turn even if it is short (lists of all shares or snapshots)."""
     turns = _turn()
-    if turns.locked():
-        seen = changes()         # a short list need not wait behind long ones
-        ids = read() if aside is None else await aside()
-        if len(ids) <= ONE_STEP_PATHS and changes() == seen:
+    if turns.locked() and aside is None:
+        ids = read()             # a short list need not wait behind long ones
+        if len(ids) <= ONE_STEP_PATHS:
             return [path(i) for i in ids]
         del ids                  # (a long one holds nothing while it waits)
+    # (a read aside is made in a turn only: each holds a view of the state,
+    # a connection that also holds back the WAL's checkpoints)
     async with turns:
         return await _written(read, path, changes, aside)
 
