@@ -452,11 +452,12 @@ class Engine:
     def shares(self, backend: Optional[str] = None) -> List[Share]:
         return self.store.shares(backend)
 
-    def share_ids(self, **equal: str) -> List[str]:
-        """ListShares: ids by backend, protocol (any case), status, name."""
+    def share_ids(self, limit: int = -1, **equal: str) -> List[str]:
+        """ListShares: ids by backend, protocol (any case), status, name;
+        at most limit (-1: all)."""
         if "protocol" in equal:
             equal["protocol"] = equal["protocol"].upper()
-        return self.store.share_ids(**equal)
+        return self.store.share_ids(limit, **equal)
 
     def find_share_by_name(self, name: str) -> Share:
         s = self.store.find_share(name)
@@ -479,20 +480,24 @@ class Engine:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return self.store.snapshots(share_id)
 
-    def snapshot_ids(self, share_id: Optional[str] = None) -> List[str]:
+    def snapshot_ids(self, share_id: Optional[str] = None, limit: int = -1) -> List[str]:
         """ListSnapshots: the snapshots' ids (of one share), oldest first."""
-        return self.store.snapshot_ids(share_id)
+        return self.store.snapshot_ids(share_id, limit)
 
     def changes(self) -> int:
         """Counts every change of the state: a list read, then written in
         slices, is still current when this has not moved since the read."""
         return self.store.commits
 
-    def memberships(self) -> int:
-        """Counts the shares and snapshots that came or went: a list of all
-        shares, of all snapshots or of a share's snapshots is current while
-        this stays."""
-        return self.store.memberships
+    def share_list_version(self) -> int:
+        """Moves when shares come or go: a list of all shares is current
+        while it stays."""
+        return self.store.share_list_version
+
+    def snapshot_list_version(self) -> int:
+        """Moves when snapshots come or go: a list of all snapshots, or of
+        one share's, is current while it stays."""
+        return self.store.snapshot_list_version
 
     async def read_share_ids(self) -> List[str]:
         """share_ids() as of this call, read in the store's reader thread."""

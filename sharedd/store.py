@@ -219,7 +219,7 @@ class Store:
         # of the WAL is known to have put on disk; the fsyncs have a thread
         # of their own (never queued behind driver calls or hook writes).
         self._commits = self._synced = 0
-        self._memberships = 0
+        self._share_list = self._snapshot_list = 0     # (their versions)
         self._sync: Optional["asyncio.Future[None]"] = None
         self._sync_error = ""   # why nothing commits any more (a failed write, closed)
         self._broken = False    # the disk failed us (see _break)
@@ -417,14 +417,18 @@ class Store:
         return self._commits
 
     @property
-    def memberships(self) -> int:
-        """Statements that inserted or deleted shares or snapshots since the
-        store was opened (each counted as it runs, in the step of its
-        transaction: none is open across an await; one rolled back is
-        counted too). Two lists of all shares, of all snapshots or of one
-        share's snapshots, read with the same count between them, are the
-        same, whatever else changed."""
-        return self._memberships
+    def share_list_version(self) -> int:
+        """Moves with every statement that inserts or deletes shares (as it
+        runs, in the step of its transaction: none is open across an await;
+        one rolled back moves it too). Two lists of all shares read with the
+        same version between them are the same, whatever else changed."""
+        return self._share_list
+
+    @property
+    def snapshot_list_version(self) -> int:
+        """share_list_version, for every list of snapshots (all, or one
+        share's)."""
+        return self._snapshot_list
 
     async def synced(self) -> None:
         """Wait until every commit made so far is on disk. One fsync of the
@@ -608,7 +612,7 @@ class Store:
              json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
              s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {}), s.share_server_id,
              s.share_group_id))
-        self._memberships += 1
+        self._share_list += 1
 
     def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
@@ -623,7 +627,8 @@ class Store:
         self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM shares WHERE id=?", (share_id,))
-        self._memberships += 1
+        self._share_list += 1
+        self._snapshot_list += 1
 
     def get_share(self, share_id: str) -> Optional[Share]:
         row = self.db.execute("SELECT * FROM shares WHERE id=?", (share_id,)).fetchone()
@@ -699,13 +704,14 @@ class Store:
             rows = self.db.execute("SELECT * FROM shares WHERE backend=? ORDER BY created_at, id", (backend,))
         return [self._share(r) for r in rows]
 
-    def share_ids(self, **equal: str) -> List[str]:
+    def share_ids(self, limit: int = -1, **equal: str) -> List[str]:
         """Ids of the shares whose columns equal the given values, oldest first
-        (ListShares: nothing but ids is read, whatever the number of shares)."""
+        (ListShares: nothing but ids is read, whatever the number of shares),
+        at most limit of them (-1: all)."""
         assert set(equal) <= {"backend", "protocol", "status", "name", "share_server_id"}
         where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
-        cur = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id",
-                              tuple(equal[k] for k in sorted(equal)))
+        cur = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id "
+                              "LIMIT ?", (*(equal[k] for k in sorted(equal)), limit))
         cur.row_factory = None            # (tuples: a third faster than Rows)
         return [r[0] for r in cur]
 
@@ -867,7 +873,7 @@ class Store:
             " group_snapshot_id) VALUES(?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location,
              s.group_snapshot_id))
-        self._memberships += 1
+        self._snapshot_list += 1
 
     def update_snapshot(self, s: Snapshot) -> None:
         self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=?, "
@@ -877,7 +883,7 @@ class Store:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
-        self._memberships += 1
+        self._snapshot_list += 1
 
     def get_snapshot(self, snapshot_id: str) -> Optional[Snapshot]:
         row = self.db.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
@@ -996,18 +1002,19 @@ class Store:
                               (share_id, location)).fetchone()
         return self._snapshot(row) if row else None
 
-    def _snapshot_rows(self, columns: str, share_id: Optional[str]) -> sqlite3.Cursor:
-        """The snapshots (of one share), oldest first."""
+    def _snapshot_rows(self, columns: str, share_id: Optional[str],
+                       limit: int = -1) -> sqlite3.Cursor:
+        """The snapshots (of one share), oldest first, at most limit (-1: all)."""
         where, args = ("WHERE share_id=? ", (share_id,)) if share_id is not None else ("", ())
-        return self.db.execute(f"SELECT {columns} FROM snapshots {where}ORDER BY created_at, id",
-                               args)
+        return self.db.execute(f"SELECT {columns} FROM snapshots {where}ORDER BY created_at, id "
+                               "LIMIT ?", (*args, limit))
 
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return [self._snapshot(r) for r in self._snapshot_rows("*", share_id)]
 
-    def snapshot_ids(self, share_id: Optional[str] = None) -> List[str]:
+    def snapshot_ids(self, share_id: Optional[str] = None, limit: int = -1) -> List[str]:
         """snapshots(share_id)'s ids, and nothing else read (ListSnapshots)."""
-        cur = self._snapshot_rows("id", share_id)
+        cur = self._snapshot_rows("id", share_id, limit)
         cur.row_factory = None
         return [r[0] for r in cur]
 

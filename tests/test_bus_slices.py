@@ -24,9 +24,12 @@ class State:
     """ids and a change counter; every read is counted."""
 
     def __init__(self, n):
-        self.ids, self.count, self.reads = [f"{i:032x}" for i in range(n)], 0, 0
+        self.ids, self.count, self.reads, self.heads = [f"{i:032x}" for i in range(n)], 0, 0, 0
 
-    def read(self):
+    def read(self, limit):
+        if limit >= 0:
+            self.heads += 1          # (the first few, to learn whether the list is short)
+            return self.ids[:limit]
         self.reads += 1
         return list(self.ids)
 
@@ -220,3 +223,14 @@ def test_ids_read_aside_while_shares_came_are_read_again(monkeypatch):
     got, _ = run_beside(answer(), always)
     assert state.asides == slices.ROUNDS and state.reads == 1
     assert got == [path(i) for i in answered[0]]
+
+
+def test_a_short_list_of_all_is_answered_at_once_on_the_loop():
+    """A list of all shares is read aside only when it is long: the first
+    ONE_STEP_PATHS + 1 ids, read on the loop, tell (one step, no turn, no
+    view of the state held)."""
+    state = Aside(slices.ONE_STEP_PATHS)
+    got, steps = run_beside(slices.object_paths(state.read, path, state.changes, state.aside),
+                            lambda n: None)
+    assert got == [path(i) for i in state.ids]
+    assert steps == 1 and state.heads == 1 and state.asides == 0 and state.reads == 0

@@ -305,7 +305,8 @@ class Manager(_Base):
             return await slices.object_paths(functools.partial(self.engine.share_ids, **f),
                                              share_path, self.engine.changes)
         return await slices.object_paths(self.engine.share_ids, share_path,
-                                         self.engine.memberships, self.engine.read_share_ids)
+                                         self.engine.share_list_version,
+                                         self.engine.read_share_ids)
 
     @method()
     @translate
@@ -315,9 +316,11 @@ class Manager(_Base):
             share_id = _id_from_path(f["share"], C.SHARE_PATH, "share")
             return await slices.object_paths(
                 functools.partial(self.engine.snapshot_ids, share_id), snapshot_path,
-                self.engine.memberships)
-        return await slices.object_paths(self.engine.snapshot_ids, snapshot_path,
-                                         self.engine.memberships, self.engine.read_snapshot_ids)
+                self.engine.snapshot_list_version)
+        return await slices.object_paths(functools.partial(self.engine.snapshot_ids, None),
+                                         snapshot_path,
+                                         self.engine.snapshot_list_version,
+                                         self.engine.read_snapshot_ids)
 
     @method()
     @translate

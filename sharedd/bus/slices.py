@@ -13,8 +13,8 @@ before the answer is about a state the answer already shows.
 
 The ids of a list of all shares or all snapshots are read in the state's
 reader thread (the query is 5-9 ms at 10,000), as of the step that asks:
-they are current while no share or snapshot came or went since
-(Store.memberships), whatever else changed.
+they are current while no share (snapshot) came or went since
+(Store.share_list_version), whatever else changed.
 
 Lists are written one or two at a time (LIST_TURNS): each holds its ids and
 its body (about 2 MB at 10,000 shares) while written, and a hundred callers
@@ -59,33 +59,34 @@ async def next_slice() -> None:
     await asyncio.sleep(0)
 
 
-async def object_paths(read: Callable[[], List[str]], path: Callable[[str], str],
+async def object_paths(read: Callable[[int], List[str]], path: Callable[[str], str],
                        changes: Callable[[], int],
                        aside: Optional[Callable[[], Awaitable[List[str]]]] = None
                        ) -> Union[List[str], Marshalled]:
-    """An `ao` answer: the path of each id read() gives, written in slices
-    when there are many. changes() counts the changes that could change the
-    ids: if it moved while the paths were written, the ids are read again,
-    and the answer is written again only if they differ.
+    """An `ao` answer: the path of each id read(limit) gives (at most limit
+    of them; -1: all), written in slices when there are many. changes()
+    counts the changes that could change the ids: if it moved while the
+    paths were written, the ids are read again, and the answer is written
+    again only if they differ.
 
-    read() runs on the loop (one indexed SQL query: 5-9 ms at 10,000).
-    aside(), if given, reads the same ids in another thread, as of the step
-    in which it is called; read() is then the last resort, after ROUNDS
-    reads that changes meanwhile made stale. A list read aside waits for
-    its turn even if it is short (lists of all shares or snapshots)."""
+    read() runs on the loop (one indexed SQL query: 5-9 ms for all of
+    10,000). aside(), if given, reads all the ids in another thread, as of
+    the step in which it is called; read() of all is then the last resort,
+    after ROUNDS reads that changes meanwhile made stale."""
     turns = _turn()
-    if turns.locked() and aside is None:
-        ids = read()             # a short list need not wait behind long ones
+    if turns.locked() or aside is not None:
+        ids = read(ONE_STEP_PATHS + 1)  # a short list is answered now, needing no turn
         if len(ids) <= ONE_STEP_PATHS:
             return [path(i) for i in ids]
-        del ids                  # (a long one holds nothing while it waits)
-    # (a read aside is made in a turn only: each holds a view of the state,
-    # a connection that also holds back the WAL's checkpoints)
+        del ids
+    # (a long list holds nothing while it waits for its turn; a read aside
+    # is made in a turn only: each holds a view of the state, a connection
+    # that also holds back the WAL's checkpoints)
     async with turns:
         return await _written(read, path, changes, aside)
 
 
-async def _written(read: Callable[[], List[str]], path: Callable[[str], str],
+async def _written(read: Callable[[int], List[str]], path: Callable[[str], str],
                    changes: Callable[[], int],
                    aside: Optional[Callable[[], Awaitable[List[str]]]]
                    ) -> Union[List[str], Marshalled]:
@@ -93,7 +94,7 @@ async def _written(read: Callable[[], List[str]], path: Callable[[str], str],
     body = bytearray()
     for _ in range(ROUNDS):
         seen = changes()
-        again = read() if aside is None else await aside()
+        again = read(-1) if aside is None else await aside()
         if changes() != seen:
             continue             # (read aside while the ids changed: stale)
         if again == ids:
@@ -111,4 +112,4 @@ async def _written(read: Callable[[], List[str]], path: Callable[[str], str],
         struct.pack_into("<I", body, 0, len(body) - 4)
         if changes() == seen:
             return Marshalled("ao", bytes(body))
-    return [path(i) for i in read()]
+    return [path(i) for i in read(-1)]
