@@ -481,7 +481,8 @@ class Engine:
         return self.store.snapshots(share_id)
 
     def snapshot_ids(self, share_id: Optional[str] = None, limit: int = -1) -> List[str]:
-        """ListSnapshots: the snapshots' ids (of one share), oldest first."""
+        """ListSnapshots: the snapshots' ids (of one share), oldest first;
+        at most limit (-1: all)."""
         return self.store.snapshot_ids(share_id, limit)
 
     def changes(self) -> int:

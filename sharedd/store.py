@@ -298,6 +298,12 @@ class Store:
             # lists in the order they are listed, without a sort of every row
             # (ListShares, ListSnapshots: a call of any local user)
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_age ON shares(created_at, id)")
+            # (and by the columns they are filtered by, oldest first: the ids
+            # of a filtered list are read from the index alone, not the rows)
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_status_age "
+                            "ON shares(status, created_at, id)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_backend_age "
+                            "ON shares(backend, created_at, id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_age "
                             "ON snapshots(created_at, id)")
             for statement in _TRIGGERS:
@@ -625,10 +631,10 @@ class Store:
         self.db.execute("DELETE FROM snapshot_policies WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM replicas WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
-        self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,))
+        if self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,)).rowcount:
+            self._snapshot_list += 1
         self.db.execute("DELETE FROM shares WHERE id=?", (share_id,))
         self._share_list += 1
-        self._snapshot_list += 1
 
     def get_share(self, share_id: str) -> Optional[Share]:
         row = self.db.execute("SELECT * FROM shares WHERE id=?", (share_id,)).fetchone()

@@ -170,6 +170,26 @@ def test_per_operation_lookups_read_no_whole_table(tmp_path):
     st.close()
 
 
+def test_list_ids_are_read_from_an_index_alone(tmp_path):
+    """ListShares (all, by status, by backend) and ListSnapshots of all
+    read their ids from an index in listing order: no row of the table is
+    read, nothing is sorted. One share's snapshots are an index search."""
+    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    statements = []
+    st.db.set_trace_callback(statements.append)
+    st.share_ids(), st.share_ids(status="available"), st.share_ids(backend="a")
+    st.share_ids(1001, status="error"), st.snapshot_ids(), st.snapshot_ids("s1")
+    st.db.set_trace_callback(None)
+    assert len(statements) == 6, statements
+    for sql in statements:
+        plan = " ".join(str(tuple(r)) for r in st.db.execute("EXPLAIN QUERY PLAN " + sql))
+        if "share_id=" in sql:
+            assert "SEARCH snapshots USING" in plan, (sql, plan)
+        else:
+            assert "COVERING INDEX" in plan and "TEMP B-TREE" not in plan, (sql, plan)
+    st.close()
+
+
 def test_a_closed_store_refuses_a_commit_with_a_named_error(tmp_path):
     """An operation still running when stop closes the store (its wait timed
     out) gets sharedd's error, not the closed connection's."""
@@ -262,28 +282,41 @@ def test_list_versions_move_whenever_a_list_of_all_could_change(tmp_path):
                           status="available", created_at=n)
                 st.insert_share(s)
                 shares[s.id] = s
+                did = "share"
             elif r < 0.5:
                 sid = rng.choice(sorted(shares))
                 snap = Snapshot(id=f"p{n}", name=f"p{n}", share_id=sid, size_gib=1,
                                 status="available", created_at=n)
                 st.insert_snapshot(snap)
                 snaps[snap.id] = snap
+                did = "snapshot"
             elif r < 0.6 and snaps:
                 st.delete_snapshot(snaps.pop(rng.choice(sorted(snaps))).id)
+                did = "snapshot"
             elif r < 0.7:
                 sid = rng.choice(sorted(shares))
                 st.delete_share(sid)
                 del shares[sid]
                 snaps = {k: v for k, v in snaps.items() if v.share_id != sid}
+                did = "share"
             else:
                 s = shares[rng.choice(sorted(shares))]
                 s.size_gib, s.status = rng.randint(1, 9), rng.choice(["available", "extending"])
                 st.update_share(s)
+                did = "update"
         after = lists(had)
         for kind in (0, 1):
             if versions()[kind] == count[kind]:
                 assert after[kind] == before[kind], (n, kind)
-        if r >= 0.7:
+        if did == "update":
             assert versions() == count          # (nothing came or went)
+        elif did == "snapshot":
+            assert versions()[0] == count[0]    # (the shares' lists stay)
+        else:
+            assert versions()[0] != count[0]
+    assert len(st.share_ids()) > 3 and len(st.snapshot_ids()) > 2
     assert st.share_ids(limit=3) == st.share_ids()[:3]
+    assert st.share_ids(2, backend="a") == st.share_ids(backend="a")[:2]
     assert st.snapshot_ids(limit=2) == st.snapshot_ids()[:2]
+    some = next(s for s in shares if len(st.snapshot_ids(s)) > 1)
+    assert st.snapshot_ids(some, 1) == st.snapshot_ids(some)[:1]

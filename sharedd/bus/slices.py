@@ -11,10 +11,10 @@ same step as its last read (the bus's async methods are answered in the
 step in which they return: service.py). So every signal a caller received
 before the answer is about a state the answer already shows.
 
-The ids of a list of all shares or all snapshots are read in the state's
-reader thread (the query is 5-9 ms at 10,000), as of the step that asks:
-they are current while no share (snapshot) came or went since
-(Store.share_list_version), whatever else changed.
+The ids of a long list of all shares or all snapshots are read in the
+state's reader thread (the query is 5-9 ms at 10,000), as of the step that
+asks: they are current while no share (snapshot) came or went since
+(Store.share_list_version, snapshot_list_version), whatever else changed.
 
 Lists are written one or two at a time (LIST_TURNS): each holds its ids and
 its body (about 2 MB at 10,000 shares) while written, and a hundred callers
