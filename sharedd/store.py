@@ -298,12 +298,6 @@ class Store:
             # lists in the order they are listed, without a sort of every row
             # (ListShares, ListSnapshots: a call of any local user)
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_age ON shares(created_at, id)")
-            # (and by the columns they are filtered by, oldest first: the ids
-            # of a filtered list are read from the index alone, not the rows)
-            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_status_age "
-                            "ON shares(status, created_at, id)")
-            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_backend_age "
-                            "ON shares(backend, created_at, id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_age "
                             "ON snapshots(created_at, id)")
             for statement in _TRIGGERS:
