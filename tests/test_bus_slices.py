@@ -101,9 +101,9 @@ def test_ids_that_change_meanwhile_are_written_again(monkeypatch):
     assert got.body == marshalled([path(i) for i in state.ids])
 
 
-def test_under_constant_change_the_last_read_is_answered_in_its_own_step(monkeypatch):
-    monkeypatch.setattr(slices, "SLICE", 0.0)
-    state = State(slices.ONE_STEP_PATHS + 1)
+def under_constant_change(state, aside=None):
+    """The answer, while a share comes and one goes at every step, and the
+    ids when it went out."""
     answered = []
 
     def change(n):
@@ -111,12 +111,19 @@ def test_under_constant_change_the_last_read_is_answered_in_its_own_step(monkeyp
         state.count += 1
 
     async def answer():
-        got = await slices.object_paths(state.read, path, state.changes)
+        got = await slices.object_paths(state.read, path, state.changes, aside)
         answered.append(list(state.ids))      # the state when the answer goes out
         return got
     got, _ = run_beside(answer(), change)
+    return got, answered[0]
+
+
+def test_under_constant_change_the_last_read_is_answered_in_its_own_step(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    state = State(slices.ONE_STEP_PATHS + 1)
+    got, ids = under_constant_change(state)
     assert state.reads == slices.ROUNDS + 1
-    assert got == [path(i) for i in answered[0]]
+    assert got == [path(i) for i in ids]
 
 
 def test_a_string_with_nul_is_refused_not_written():
@@ -210,19 +217,9 @@ def test_ids_read_aside_while_shares_came_are_read_again(monkeypatch):
     assert state.asides == 2 and state.reads == 0
 
     state = Aside(slices.ONE_STEP_PATHS + 1)
-    answered = []
-
-    def always(n):
-        state.ids = state.ids[1:] + [f"{n:032d}"]
-        state.count += 1
-
-    async def answer():
-        got = await slices.object_paths(state.read, path, state.changes, state.aside)
-        answered.append(list(state.ids))
-        return got
-    got, _ = run_beside(answer(), always)
+    got, ids = under_constant_change(state, state.aside)
     assert state.asides == slices.ROUNDS and state.reads == 1
-    assert got == [path(i) for i in answered[0]]
+    assert got == [path(i) for i in ids]
 
 
 def test_a_short_list_of_all_is_answered_at_once_on_the_loop():
