@@ -452,12 +452,12 @@ class Engine:
     def shares(self, backend: Optional[str] = None) -> List[Share]:
         return self.store.shares(backend)
 
-    def share_ids(self, limit: int = -1, **equal: str) -> List[str]:
+    def share_ids(self, *, limit: int = -1, **equal: str) -> List[str]:
         """ListShares: ids by backend, protocol (any case), status, name;
         at most limit (-1: all)."""
         if "protocol" in equal:
             equal["protocol"] = equal["protocol"].upper()
-        return self.store.share_ids(limit, **equal)
+        return self.store.share_ids(limit=limit, **equal)
 
     def find_share_by_name(self, name: str) -> Share:
         s = self.store.find_share(name)
@@ -480,10 +480,10 @@ class Engine:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return self.store.snapshots(share_id)
 
-    def snapshot_ids(self, share_id: Optional[str] = None, limit: int = -1) -> List[str]:
+    def snapshot_ids(self, share_id: Optional[str] = None, *, limit: int = -1) -> List[str]:
         """ListSnapshots: the snapshots' ids (of one share), oldest first;
         at most limit (-1: all)."""
-        return self.store.snapshot_ids(share_id, limit)
+        return self.store.snapshot_ids(share_id, limit=limit)
 
     def changes(self) -> int:
         """Counts every change of the state: a list read, then written in

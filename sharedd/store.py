@@ -64,7 +64,6 @@ CREATE TABLE IF NOT EXISTS snapshots (
     provider_location TEXT NOT NULL DEFAULT '',
     UNIQUE (share_id, name)
 );
-CREATE INDEX IF NOT EXISTS shares_by_backend ON shares(backend);
 CREATE INDEX IF NOT EXISTS shares_by_location ON shares(backend, provider_location);
 -- shares and GiB per (backend, status), kept by the triggers below: the
 -- capacity check of every create and the status line read these rows
@@ -178,6 +177,9 @@ _ADDED_COLUMNS = [
     ("snapshot_policies", "visibility", "TEXT NOT NULL DEFAULT ''"),
 ]
 
+#: the columns ListShares (and a share server's Shares) filter by, each with
+#: an index that lists its shares oldest first
+_LISTED_BY = ("backend", "protocol", "status", "share_server_id")
 
 _TOTAL_PLUS = ("INSERT INTO share_totals VALUES (NEW.backend, NEW.status, 1, NEW.size_gib) "
                "ON CONFLICT(backend, status) DO UPDATE SET shares = shares + 1, "
@@ -199,9 +201,12 @@ _TRIGGERS = [
 CHECKPOINT_COMMITS = 256
 CHECKPOINT_PASSES = 4
 #: a WAL larger than this is checkpointed on the loop (the thread's never
-#: caught up); one that starts over is cut back to WAL_KEEP_BYTES
+#: caught up); one that starts over is cut back to this size
 WAL_MAX_BYTES = 64 << 20
+#: ... and a WAL larger than this is cut to nothing once no commit came for
+#: WAL_TRIM_QUIET seconds (by the checkpoint thread: _trim)
 WAL_KEEP_BYTES = 16 << 20
+WAL_TRIM_QUIET = 60.0
 
 
 class StoreError(ConfigError):
@@ -241,6 +246,7 @@ class Store:
         self._checkpointed = 0
         self._checkpoints: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._checkpointing: Optional["asyncio.Future[None]"] = None
+        self._trim_timer: Optional[asyncio.TimerHandle] = None     # (see _trim)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
@@ -267,10 +273,14 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         # SQLite would copy the WAL into the database (and fsync it) inside
         # whichever COMMIT crosses 1,000 pages: 10-140 ms on the event loop
-        # at 10,000 shares. A thread of the store's checkpoints instead; the
-        # WAL file is cut back to WAL_KEEP_BYTES when it starts over.
+        # at 10,000 shares. A thread of the store's checkpoints instead.
+        # Under steady commits the WAL grows past 16 MiB before a checkpoint
+        # catches up; the COMMIT that then starts it over would cut it back
+        # to journal_size_limit, an ftruncate on the loop of 1-20 ms (seen
+        # by bench/loopsteps and strace). So it is cut there only past
+        # WAL_MAX_BYTES, and otherwise when the store is quiet (_trim).
         self.db.execute("PRAGMA wal_autocheckpoint=0")
-        self.db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_MAX_BYTES}")
         self.db.execute("PRAGMA foreign_keys=ON")
         with self.tx(durable=False):
             for statement in _DDL.split(";"):
@@ -284,8 +294,6 @@ class Store:
                 have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_server "
-                            "ON shares(share_server_id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_group ON shares(share_group_id)")
             self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_group "
                             "ON snapshots(group_snapshot_id)")
@@ -298,6 +306,18 @@ class Store:
             # lists in the order they are listed, without a sort of every row
             # (ListShares, ListSnapshots: a call of any local user)
             self.db.execute("CREATE INDEX IF NOT EXISTS shares_by_age ON shares(created_at, id)")
+            # ... and by what they are filtered by, oldest first: their ids are
+            # read from the index alone (at 10,000 shares 4-8 ms of the loop,
+            # not 9-11). A status change writes two more pages to the WAL (6,
+            # not 4, per commit, and no time measured: BENCHMARKS.md), an
+            # insert or delete two more index entries; protocol and server
+            # change seldom. They replace the indexes by backend and by server
+            # alone, which served the same lookups.
+            for column in _LISTED_BY:
+                self.db.execute(f"CREATE INDEX IF NOT EXISTS shares_by_{column}_age "
+                                f"ON shares({column}, created_at, id)")
+            self.db.execute("DROP INDEX IF EXISTS shares_by_backend")
+            self.db.execute("DROP INDEX IF EXISTS shares_by_server")
             self.db.execute("CREATE INDEX IF NOT EXISTS snapshots_by_age "
                             "ON snapshots(created_at, id)")
             for statement in _TRIGGERS:
@@ -325,6 +345,8 @@ class Store:
         with self._fsync_lock:     # (a failing fsync's reason is kept)
             self._sync_error = self._sync_error or \
                 "the state database is closed (sharedd is stopping)"
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         self.db.close()
         for pool in (self._syncer, self._reader, self._checkpoints):
             if pool is not None:
@@ -495,32 +517,82 @@ class Store:
                                                      check_same_thread=False)
                 # the WAL fsynced before pages are copied, the database after
                 self._checkpointer.execute("PRAGMA synchronous=FULL")
+                # its TRUNCATE (_truncate) never waits for readers while it
+                # holds the write lock (PASSIVE never waits anyway)
+                self._checkpointer.execute("PRAGMA busy_timeout=0")
             except sqlite3.Error as exc:
                 log.warning("cannot open the state database to checkpoint it: %s", exc)
                 return
         self._passive(self._checkpointer, CHECKPOINT_PASSES)
 
-    def _passive(self, db: sqlite3.Connection, passes: int) -> None:
+    def _passive(self, db: sqlite3.Connection, passes: int) -> bool:
         """PASSIVE checkpoints on db (they wait for no reader or writer and
-        copy what they can), until one copied it all. One the disk fails
-        breaks the store, like any failed write."""
+        copy what they can), until one copied it all; whether one did."""
+        for _ in range(passes):
+            done = self._wal_checkpoint(db, "PASSIVE")
+            if done is None or done[0]:
+                return False
+            if done[2] >= done[1]:
+                return True
+        return False
+
+    def _wal_checkpoint(self, db: sqlite3.Connection, mode: str) -> Optional[Tuple[int, int, int]]:
+        """A checkpoint: (busy, frames in the WAL, frames copied), or None if
+        it failed. One the disk fails breaks the store, like any failed write."""
         try:
-            for _ in range(passes):
-                busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if busy or copied >= frames:
-                    return
+            busy, frames, copied = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            return int(busy), int(frames), int(copied)
         except sqlite3.Error as exc:
             if not _io_error(exc):
                 log.warning("checkpoint of the state database failed: %s", exc)
-                return
+                return None
             with self._fsync_lock:
                 self._break(str(exc))
+            return None
 
     def _checkpoint_done(self, done: "asyncio.Future[None]") -> None:
         self._checkpointing = None
         if not done.cancelled() and done.exception() is not None:
             log.error("checkpoint of the state database failed: %r", done.exception())
         self._lost_if_failed()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        if not self._sync_error:
+            self._trim_timer = asyncio.get_running_loop().call_later(
+                WAL_TRIM_QUIET, self._trim, self._commits)
+
+    def _trim(self, seen: int) -> None:
+        """On the loop, WAL_TRIM_QUIET seconds after a checkpoint (or after
+        its own last look): if no commit came since, a WAL over
+        WAL_KEEP_BYTES is cut to nothing, in the checkpoint thread
+        (_truncate). It waits for no reader or writer (busy_timeout 0: busy,
+        it is tried again later); a commit that comes while it holds the
+        write lock waits, on the loop, for SQLite's busy handler's next look
+        (1-10 ms), once."""
+        self._trim_timer = None
+        if self._sync_error or self._checkpointing is not None:
+            return                     # (closed; the checkpoint's end re-arms)
+        loop = asyncio.get_running_loop()
+        if self._commits != seen:
+            self._trim_timer = loop.call_later(WAL_TRIM_QUIET, self._trim, self._commits)
+            return
+        if os.fstat(self._wal_fd).st_size <= WAL_KEEP_BYTES:
+            return
+        assert self._checkpoints is not None     # (a checkpoint ran before)
+        self._checkpointing = loop.run_in_executor(self._checkpoints, self._truncate, seen)
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    def _truncate(self, seen: int) -> None:
+        """In the checkpoint thread (_trim). TRUNCATE holds the write lock
+        while it copies what is left, fsyncs the database and cuts the WAL:
+        so it runs only once a PASSIVE checkpoint (no lock) copied it all and
+        no commit came since, and all it then does under the lock is the cut."""
+        if self._sync_error or self._checkpointer is None:
+            return
+        if self._passive(self._checkpointer, 1) and self._commits == seen:
+            done = self._wal_checkpoint(self._checkpointer, "TRUNCATE")
+            log.debug("state database WAL cut to nothing: %s", done)
+        # (otherwise tried again WAL_TRIM_QUIET later)
 
     def _lost_if_failed(self) -> None:
         if self._broken:
@@ -704,11 +776,11 @@ class Store:
             rows = self.db.execute("SELECT * FROM shares WHERE backend=? ORDER BY created_at, id", (backend,))
         return [self._share(r) for r in rows]
 
-    def share_ids(self, limit: int = -1, **equal: str) -> List[str]:
+    def share_ids(self, *, limit: int = -1, **equal: str) -> List[str]:
         """Ids of the shares whose columns equal the given values, oldest first
         (ListShares: nothing but ids is read, whatever the number of shares),
         at most limit of them (-1: all)."""
-        assert set(equal) <= {"backend", "protocol", "status", "name", "share_server_id"}
+        assert set(equal) <= {*_LISTED_BY, "name"}     # (name: unique)
         where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
         cur = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id "
                               "LIMIT ?", (*(equal[k] for k in sorted(equal)), limit))
@@ -1012,7 +1084,7 @@ class Store:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return [self._snapshot(r) for r in self._snapshot_rows("*", share_id)]
 
-    def snapshot_ids(self, share_id: Optional[str] = None, limit: int = -1) -> List[str]:
+    def snapshot_ids(self, share_id: Optional[str] = None, *, limit: int = -1) -> List[str]:
         """snapshots(share_id)'s ids, and nothing else read (ListSnapshots)."""
         cur = self._snapshot_rows("id", share_id, limit)
         cur.row_factory = None

@@ -26,7 +26,7 @@ class State:
     def __init__(self, n):
         self.ids, self.count, self.reads, self.heads = [f"{i:032x}" for i in range(n)], 0, 0, 0
 
-    def read(self, limit):
+    def read(self, *, limit):
         if limit >= 0:
             self.heads += 1          # (the first few, to learn whether the list is short)
             return self.ids[:limit]

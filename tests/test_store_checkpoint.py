@@ -3,12 +3,14 @@ of the store's, every CHECKPOINT_COMMITS commits, never inside a commit on
 the event loop (SQLite's automatic checkpoint fsyncs the database file in
 whichever COMMIT crosses 1,000 pages: 10-140 ms of the loop at 10,000
 shares); a WAL that thread could not keep small is checkpointed on the
-loop, between two commits."""
+loop, between two commits. A WAL that starts over is not cut on the loop
+(an ftruncate of 1-20 ms), but once the store is quiet, in that thread."""
 
 import asyncio
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 
 from sharedd import store as store_mod
@@ -70,5 +72,64 @@ def test_a_wal_too_large_is_checkpointed_on_the_loop(tmp_path, monkeypatch):
         asyncio.run(commits(st, 5, 0))
         assert rows_in_database_file(path) == 5
         assert st._checkpoints is None       # the thread never ran
+    finally:
+        st.close()
+
+
+async def big_commits(st, n):
+    for i in range(n):
+        with st.tx(durable=False):
+            st.db.execute("INSERT INTO shares(id, name, backend, protocol, size_gib, status, "
+                          "created_at, description) VALUES (?, ?, 'a', 'NFS', 1, 'available', 0,"
+                          " ?)", (f"b{i}", f"b{i}", "x" * (1 << 20)))
+    await st.synced()
+
+
+def test_a_wal_that_starts_over_is_not_cut_in_a_commit(tmp_path):
+    """Past WAL_KEEP_BYTES, the COMMIT that starts the WAL over leaves its
+    file as it is (journal_size_limit is WAL_MAX_BYTES)."""
+    st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
+    try:
+        asyncio.run(big_commits(st, 20))
+        wal = os.fstat(st._wal_fd).st_size
+        assert store_mod.WAL_KEEP_BYTES < wal < store_mod.WAL_MAX_BYTES
+        busy, frames, copied = st.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, copied) == (0, frames)
+        with st.tx(durable=False):       # (starts the WAL over)
+            st._set_meta("probe", "1")
+        assert st.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] < 10
+        assert os.fstat(st._wal_fd).st_size == wal
+    finally:
+        st.close()
+
+
+def test_a_quiet_store_cuts_its_wal_in_the_checkpoint_thread(tmp_path, monkeypatch):
+    """WAL_TRIM_QUIET seconds after a checkpoint with no commit since, a WAL
+    over WAL_KEEP_BYTES is cut to nothing; commits coming more often than
+    that keep it."""
+    monkeypatch.setattr(store_mod, "WAL_TRIM_QUIET", 1.0)
+    monkeypatch.setattr(store_mod, "WAL_KEEP_BYTES", 0)
+    monkeypatch.setattr(store_mod, "CHECKPOINT_COMMITS", 1)
+    path = os.path.join(tmp_path, "state", "sharedd.db")
+    st = Store(path)
+    threads = []
+    real = st._truncate
+    monkeypatch.setattr(st, "_truncate",
+                        lambda seen: threads.append(threading.current_thread().name) or real(seen))
+
+    async def run():
+        for i in range(12):                # one every 0.05 s: never quiet
+            await commits(st, 1, i)
+            await asyncio.sleep(0.05)
+            assert os.fstat(st._wal_fd).st_size > 0, i
+        deadline = time.monotonic() + 20
+        while os.fstat(st._wal_fd).st_size and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert os.fstat(st._wal_fd).st_size == 0
+        await commits(st, 1, 100)          # (a cut WAL is written as before)
+    try:
+        asyncio.run(run())
+        assert threads and all(t.startswith("sharedd-wal-checkpoint") for t in threads), threads
+        assert rows_in_database_file(path) == 13
     finally:
         st.close()

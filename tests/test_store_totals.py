@@ -170,23 +170,50 @@ def test_per_operation_lookups_read_no_whole_table(tmp_path):
     st.close()
 
 
-def test_lists_of_all_are_read_from_an_index_alone(tmp_path):
-    """ListShares and ListSnapshots of all read their ids from an index in
-    listing order (no row of the table read, nothing sorted), the first
+def test_lists_are_read_from_an_index_alone(tmp_path):
+    """ListShares (all, or filtered by backend, protocol, status), a share
+    server's shares and ListSnapshots of all read their ids from an index
+    in listing order (no row of the table read, nothing sorted), the first
     1,001 too; one share's snapshots are an index search."""
     st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
     statements = []
     st.db.set_trace_callback(statements.append)
-    st.share_ids(), st.share_ids(1001), st.snapshot_ids(), st.snapshot_ids(limit=1001)
+    st.share_ids(), st.share_ids(limit=1001), st.share_ids(status="available")
+    st.share_ids(backend="a"), st.share_ids(protocol="NFS", limit=1001)
+    st.share_ids(share_server_id="v1"), st.snapshot_ids(), st.snapshot_ids(limit=1001)
     st.snapshot_ids("s1")
     st.db.set_trace_callback(None)
-    assert len(statements) == 5, statements
+    assert len(statements) == 9, statements
     for sql in statements:
         plan = " ".join(str(tuple(r)) for r in st.db.execute("EXPLAIN QUERY PLAN " + sql))
         if "share_id=" in sql:
             assert "SEARCH snapshots USING" in plan, (sql, plan)
         else:
             assert "COVERING INDEX" in plan and "TEMP B-TREE" not in plan, (sql, plan)
+    st.close()
+
+
+def test_a_database_of_an_earlier_release_gets_the_listing_indexes(tmp_path):
+    """The indexes by backend alone and by server alone (earlier releases)
+    are replaced at open by the listing ones, which serve the same lookups
+    (no insert or delete writes to two indexes by backend)."""
+    path = os.path.join(tmp_path, "state", "sharedd.db")
+    st = Store(path)
+    for column in ("backend", "protocol", "status", "share_server_id"):
+        st.db.execute(f"DROP INDEX shares_by_{column}_age")
+    st.db.execute("CREATE INDEX shares_by_backend ON shares(backend)")
+    st.db.execute("CREATE INDEX shares_by_server ON shares(share_server_id)")
+    st.close()
+    st = Store(path)
+    names = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='index' "
+                                         "AND tbl_name='shares'")}
+    assert {"shares_by_backend_age", "shares_by_protocol_age", "shares_by_status_age",
+            "shares_by_share_server_id_age"} <= names
+    assert not names & {"shares_by_backend", "shares_by_server"}, names
+    plan = " ".join(str(tuple(r)) for r in st.db.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM shares WHERE backend=? AND provider_location=?",
+        ("a", "/p")))
+    assert "shares_by_location" in plan, plan
     st.close()
 
 
@@ -305,6 +332,9 @@ def test_list_versions_move_whenever_a_list_of_all_could_change(tmp_path):
                 st.update_share(s)
                 did = "update"
         after = lists(had)
+        for status in ("available", "extending"):     # (read from their index)
+            assert st.share_ids(status=status) == [
+                i for i in after[0] if shares[i].status == status], (n, status)
         for kind in (0, 1):
             if versions()[kind] == count[kind]:
                 assert after[kind] == before[kind], (n, kind)
@@ -316,7 +346,7 @@ def test_list_versions_move_whenever_a_list_of_all_could_change(tmp_path):
             assert versions()[0] != count[0]
     assert len(st.share_ids()) > 3 and len(st.snapshot_ids()) > 2
     assert st.share_ids(limit=3) == st.share_ids()[:3]
-    assert st.share_ids(2, backend="a") == st.share_ids(backend="a")[:2]
+    assert st.share_ids(limit=2, backend="a") == st.share_ids(backend="a")[:2]
     assert st.snapshot_ids(limit=2) == st.snapshot_ids()[:2]
     some = next(s for s in shares if len(st.snapshot_ids(s)) > 1)
-    assert st.snapshot_ids(some, 1) == st.snapshot_ids(some)[:1]
+    assert st.snapshot_ids(some, limit=1) == st.snapshot_ids(some)[:1]

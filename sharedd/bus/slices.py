@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Awaitable, Callable, List, Optional, Tuple, Union
+from typing import Awaitable, Callable, List, Optional, Protocol, Tuple, Union
 
 from .wire import Marshalled, write_strings
 
@@ -41,6 +41,12 @@ CHUNK = 256
 ROUNDS = 3
 #: lists being written at once (the others wait their turn, holding nothing)
 LIST_TURNS = 2
+
+
+class Read(Protocol):
+    """Reads at most limit ids (-1: all) on the loop."""
+    def __call__(self, *, limit: int) -> List[str]: ...
+
 
 _turns: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
 
@@ -59,12 +65,12 @@ async def next_slice() -> None:
     await asyncio.sleep(0)
 
 
-async def object_paths(read: Callable[[int], List[str]], path: Callable[[str], str],
+async def object_paths(read: Read, path: Callable[[str], str],
                        changes: Callable[[], int],
                        aside: Optional[Callable[[], Awaitable[List[str]]]] = None
                        ) -> Union[List[str], Marshalled]:
-    """An `ao` answer: the path of each id read(limit) gives (at most limit
-    of them; -1: all), written in slices when there are many. changes()
+    """An `ao` answer: the path of each id read(limit=...) gives (at most
+    limit of them; -1: all), written in slices when there are many. changes()
     counts the changes that could change the ids: if it moved while the
     paths were written, the ids are read again, and the answer is written
     again only if they differ.
@@ -75,7 +81,7 @@ async def object_paths(read: Callable[[int], List[str]], path: Callable[[str], s
     after ROUNDS reads that changes meanwhile made stale."""
     turns = _turn()
     if turns.locked() or aside is not None:
-        ids = read(ONE_STEP_PATHS + 1)  # a short list is answered now, needing no turn
+        ids = read(limit=ONE_STEP_PATHS + 1)  # a short list is answered now, needing no turn
         if len(ids) <= ONE_STEP_PATHS:
             return [path(i) for i in ids]
         del ids
@@ -86,7 +92,7 @@ async def object_paths(read: Callable[[int], List[str]], path: Callable[[str], s
         return await _written(read, path, changes, aside)
 
 
-async def _written(read: Callable[[int], List[str]], path: Callable[[str], str],
+async def _written(read: Read, path: Callable[[str], str],
                    changes: Callable[[], int],
                    aside: Optional[Callable[[], Awaitable[List[str]]]]
                    ) -> Union[List[str], Marshalled]:
@@ -94,7 +100,7 @@ async def _written(read: Callable[[int], List[str]], path: Callable[[str], str],
     body = bytearray()
     for _ in range(ROUNDS):
         seen = changes()
-        again = read(-1) if aside is None else await aside()
+        again = read(limit=-1) if aside is None else await aside()
         if changes() != seen:
             continue             # (read aside while the ids changed: stale)
         if again == ids:
@@ -112,4 +118,4 @@ async def _written(read: Callable[[int], List[str]], path: Callable[[str], str],
         struct.pack_into("<I", body, 0, len(body) - 4)
         if changes() == seen:
             return Marshalled("ao", bytes(body))
-    return [path(i) for i in read(-1)]
+    return [path(i) for i in read(limit=-1)]
