@@ -7,9 +7,9 @@ the step Python's cycle collector took (a collection runs inside whatever
 allocates when it is due, in any thread, and holds the loop meanwhile).
 A thread looks at the loop every millisecond: while a step has run for
 more than 2 ms, it notes the loop thread's two innermost Python frames, and
-the line of a slow step ends with the one noted most ("where ..."): the
-line that was running, or the line that called C code that was (a SQLite
-COMMIT, a write). Looking needs the GIL, so a step that runs Python for
+the line of a slow step ends with the three noted most, with how often
+("where ..."): the line that was running, or the line that called C code
+that was (a SQLite COMMIT, a write). Looking needs the GIL, so a step that runs Python for
 more than 5 ms (sys.getswitchinterval()) hands it over once every 5 ms.
 The line also gives the loop thread's CPU time in the step: far less than
 the step means it waited (for the disk, for the GIL held by another
