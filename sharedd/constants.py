@@ -107,6 +107,11 @@ SHARE_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR,
                   STATUS_REVERTING, STATUS_MANAGE_STARTING,
                   STATUS_UNMANAGE_STARTING, STATUS_MIGRATING, STATUS_REPLICATION_CHANGE)
 
+#: what ListShares filters by, each a string (name: unique; each of the
+#: others has an index of the state database, made at its next open, that
+#: lists its shares oldest first: one more key costs every write)
+SHARE_FILTERS = ("backend", "protocol", "status", "name")
+
 # Replication (Manila's names). A replica's status is its life cycle; its
 # role says which copy serves read-write; its state how current a copy is.
 REPLICA_STATUSES = (STATUS_CREATING, STATUS_AVAILABLE, STATUS_ERROR, STATUS_DELETING)

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import urllib.parse
 import uuid
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from . import constants as C
@@ -178,8 +179,8 @@ _ADDED_COLUMNS = [
 ]
 
 #: the columns ListShares (and a share server's Shares) filter by, each with
-#: an index that lists its shares oldest first
-_LISTED_BY = ("backend", "protocol", "status", "share_server_id")
+#: an index that lists its shares oldest first (a name is unique)
+_LISTED_BY = (*(k for k in C.SHARE_FILTERS if k != "name"), "share_server_id")
 
 _TOTAL_PLUS = ("INSERT INTO share_totals VALUES (NEW.backend, NEW.status, 1, NEW.size_gib) "
                "ON CONFLICT(backend, status) DO UPDATE SET shares = shares + 1, "
@@ -207,6 +208,33 @@ WAL_MAX_BYTES = 64 << 20
 #: WAL_TRIM_QUIET seconds (by the checkpoint thread: _trim)
 WAL_KEEP_BYTES = 16 << 20
 WAL_TRIM_QUIET = 60.0
+#: read-only connections kept between two read()s: a new one costs the loop
+#: 0.25 ms (it parses the schema), a kept one's BEGIN 0.01 ms
+VIEW_CONNECTIONS = 2
+
+
+class _ViewConnection(sqlite3.Connection):
+    """A view's connection (Store.read), which knows its open cursors: a
+    statement left unfinished (a read that failed or stopped early) keeps
+    its snapshot past ROLLBACK, and the connection, kept for the next view,
+    would show that old state and hold back the WAL. Views read by
+    execute() alone."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cursors: "weakref.WeakSet[sqlite3.Cursor]" = weakref.WeakSet()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        # (the Store's read methods make every cursor by execute())
+        cur = self.cursor()
+        self.cursors.add(cur)
+        return cur.execute(sql, parameters)
+
+    def end_read(self) -> None:
+        """Every statement reset, then the read transaction ended."""
+        for cur in list(self.cursors):
+            cur.close()
+        super().execute("ROLLBACK")
 
 
 class StoreError(ConfigError):
@@ -235,6 +263,11 @@ class Store:
         # Large reads of a view (read()) have their own thread too, not
         # queued behind driver calls: an open view holds back checkpoints.
         self._reader: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # ... and the connections read() keeps for its views, not in a read
+        # (taken on the loop, given back by the reader thread: list.pop and
+        # list.append are atomic, and _give_back's count then append is
+        # safe only while that thread is the one giving back)
+        self._idle_views: List[_ViewConnection] = []
         # One fdatasync at a time: the kernel reports a writeback error to
         # the first caller only, so a second one running beside it could
         # return 0 for pages that were lost.
@@ -347,10 +380,14 @@ class Store:
                 "the state database is closed (sharedd is stopping)"
         if self._trim_timer is not None:
             self._trim_timer.cancel()
+        # The last connection to close checkpoints the WAL and deletes it:
+        # the kept views' go first (a read still running closes its own).
+        self._close_idle_views()
         self.db.close()
         for pool in (self._syncer, self._reader, self._checkpoints):
             if pool is not None:
                 pool.shutdown(wait=True)
+        self._close_idle_views()    # (one given back as close() began)
         if self._checkpointer is not None:
             self._checkpointer.close()
         if self._wal_fd >= 0:
@@ -359,17 +396,21 @@ class Store:
 
     def _view(self) -> "Store":
         """A read-only Store of the state as it is now, for read(): only its
-        read methods and its connection (closed by read()) are usable. WAL:
-        the view's snapshot is taken here, by its first read, and later
+        read methods and its connection (given back by read()) are usable.
+        WAL: the view's snapshot is taken here, by its first read, and later
         commits of this Store are not seen; tx() refuses. An open view holds
         back WAL checkpoints."""
         view = Store.__new__(Store)
         view.path, view.epoch = self.path, self.epoch
         view._sync_error = "a view is read-only"
-        view.db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True,
-                                  isolation_level=None, check_same_thread=False)
         try:
+            view.db = self._idle_views.pop()
+        except IndexError:
+            view.db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True,
+                                      isolation_level=None, check_same_thread=False,
+                                      factory=_ViewConnection)
             view.db.row_factory = sqlite3.Row
+        try:
             view.db.execute("BEGIN")
             view._meta("seq")
         except BaseException:
@@ -377,11 +418,30 @@ class Store:
             raise
         return view
 
+    def _close_idle_views(self) -> None:
+        while self._idle_views:
+            self._idle_views.pop().close()
+
+    def _give_back(self, db: sqlite3.Connection) -> None:
+        """A view's connection after its read (any thread): its read
+        transaction ended (the WAL may be checkpointed past it), then kept
+        for the next view, or closed."""
+        try:
+            assert isinstance(db, _ViewConnection)
+            db.end_read()
+        except sqlite3.Error:
+            db.close()
+            return
+        if len(self._idle_views) < VIEW_CONNECTIONS and not self._sync_error:
+            self._idle_views.append(db)
+        else:
+            db.close()
+
     async def read(self, fn: Callable[["Store"], T]) -> T:
         """fn(view) in the store's reader thread, on a view of the state as
         it is when read() is called (it opens the view before its first
         await: await it right after the transaction it must follow); the
-        view is closed after, whatever happens."""
+        view ends after, whatever happens."""
         if self._sync_error:
             raise StateLost(self._sync_error)
         view = self._view()
@@ -390,11 +450,11 @@ class Store:
                 self._reader = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="sharedd-state-read")
             read = asyncio.get_running_loop().run_in_executor(
-                self._reader, _read_and_close, view, fn)
+                self._reader, _read_and_give_back, self, view, fn)
         except BaseException:
             view.db.close()
             raise
-        # A cancelled caller leaves the read to finish: the thread closes the view.
+        # A cancelled caller leaves the read to finish: the thread ends the view.
         read.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await asyncio.shield(read)
 
@@ -780,7 +840,7 @@ class Store:
         """Ids of the shares whose columns equal the given values, oldest first
         (ListShares: nothing but ids is read, whatever the number of shares),
         at most limit of them (-1: all)."""
-        assert set(equal) <= {*_LISTED_BY, "name"}     # (name: unique)
+        assert set(equal) <= {*_LISTED_BY, *C.SHARE_FILTERS}
         where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
         cur = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id "
                               "LIMIT ?", (*(equal[k] for k in sorted(equal)), limit))
@@ -1245,7 +1305,11 @@ def _io_error(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xff == sqlite3.SQLITE_IOERR
 
 
-def _read_and_close(view: Store, fn: Callable[[Store], T]) -> T:
+def _read_and_give_back(store: Store, view: Store, fn: Callable[[Store], T]) -> T:
     """In the reader thread (Store.read)."""
-    with contextlib.closing(view.db):
+    try:
         return fn(view)
+    finally:
+        db = view.db
+        del view.db       # (a view kept by fn fails loudly, not on another's read)
+        store._give_back(db)

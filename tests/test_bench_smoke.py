@@ -18,6 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["bench/concurrency", "--smoke", "--memory"], "calls/s"),
     (["bench/ops", "--smoke"], "hooks off"),
     (["bench/records", "--smoke"], "record written"),
+    (["bench/state", "--smoke"], "WAL pages/commit"),
     (["bench/snapshots", "--smoke"], "operation, share"),
     (["bench/cifs", "--smoke"], "CIFS operation"),
     (["bench/scale", "--smoke"], "sharedd's own +ms"),

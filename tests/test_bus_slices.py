@@ -6,8 +6,10 @@ when the state changed meanwhile, and written again only if they differ."""
 import asyncio
 
 import pytest
+from dbus_next import DBusError
+from dbus_next.constants import ErrorType
 
-from sharedd.bus import slices, wire
+from sharedd.bus import audit, slices, wire
 
 
 def path(i):
@@ -172,6 +174,55 @@ def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
         await asyncio.gather(*longs)
     asyncio.run(main())
     assert done[0] == "short"
+
+
+async def ask(state, caller):
+    """object_paths as a call over the bus from caller (a unique name)."""
+    token = audit.CALL.set((None, caller))
+    try:
+        return await slices.object_paths(state.read, path, state.changes)
+    finally:
+        audit.CALL.reset(token)
+
+
+def test_a_caller_has_a_few_long_lists_at_once_the_rest_are_refused(monkeypatch):
+    """One caller asking for many long lists at once cannot take every
+    turn from the others: beyond LISTS_PER_CALLER it is told to try again,
+    before any long work; its short lists and other callers' lists are answered."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    long, short = State(slices.ONE_STEP_PATHS + 1), State(3)
+
+    async def main():
+        hostile = [asyncio.ensure_future(ask(long, ":1.66")) for _ in range(10)]
+        other = asyncio.ensure_future(ask(long, ":1.7"))
+        await asyncio.sleep(0)
+        mine_short = await ask(short, ":1.66")
+        got = await asyncio.gather(*hostile, return_exceptions=True)
+        return got, await other, mine_short
+    got, other, mine_short = asyncio.run(main())
+    refused = [g for g in got if isinstance(g, DBusError)]
+    assert len(refused) == 10 - slices.LISTS_PER_CALLER
+    assert all(r.type == ErrorType.LIMITS_EXCEEDED.value for r in refused)
+    answered = [g for g in got if not isinstance(g, DBusError)]
+    assert all(a.body == marshalled([path(i) for i in long.ids]) for a in [*answered, other])
+    assert long.reads == len(answered) + 1    # (the refused read only the first few)
+    assert mine_short == [path(i) for i in short.ids]
+    assert not slices._turns.of               # (nothing left counted)
+
+
+def test_a_cancelled_list_is_no_longer_counted_against_its_caller(monkeypatch):
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    long = State(slices.ONE_STEP_PATHS + 1)
+
+    async def main():
+        lists = [asyncio.ensure_future(ask(long, f":1.{i}")) for i in range(4)]
+        await asyncio.sleep(0)              # two writing, two waiting for a turn
+        for task in lists:
+            task.cancel()
+        await asyncio.gather(*lists, return_exceptions=True)
+        assert not slices._turns.of
+        return await ask(long, ":1.0")
+    assert asyncio.run(main()).body == marshalled([path(i) for i in long.ids])
 
 
 class Aside(State):

@@ -299,8 +299,7 @@ class Manager(_Base):
     @method()
     @translate
     async def ListShares(self, filter: "a{sv}") -> "ao":
-        f = unpack_options(filter, {"backend": ("s",), "protocol": ("s",), "status": ("s",),
-                                    "name": ("s",)})
+        f = unpack_options(filter, {key: ("s",) for key in C.SHARE_FILTERS})
         if f:     # (what a filter reads changes with any commit)
             return await slices.object_paths(functools.partial(self.engine.share_ids, **f),
                                              share_path, self.engine.changes)

@@ -18,7 +18,11 @@ asks: they are current while no share (snapshot) came or went since
 
 Lists are written one or two at a time (LIST_TURNS): each holds its ids and
 its body (about 2 MB at 10,000 shares) while written, and a hundred callers
-at once would otherwise hold a hundred of them.
+at once would otherwise hold a hundred of them. One caller (a connection to
+the bus, as for GetManagedObjects) has at most LISTS_PER_CALLER long lists
+waiting or being written, whether or not others wait: one asking for many
+at once cannot take every turn from the others (the turns go in the order
+asked); beyond that it is told to try again.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Awaitable, Callable, List, Optional, Protocol, Tuple, Union
+from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Union
 
+from dbus_next.errors import DBusError
+from dbus_next.constants import ErrorType
+
+from .audit import CALL
 from .wire import Marshalled, write_strings
 
 #: a slice of the loop's time, other callbacks running between two
@@ -41,6 +49,11 @@ CHUNK = 256
 ROUNDS = 3
 #: lists being written at once (the others wait their turn, holding nothing)
 LIST_TURNS = 2
+#: long lists one caller may have waiting or being written; one more is
+#: refused (LimitsExceeded) before any long work (the first ids are read to
+#: know the list is long)
+LISTS_PER_CALLER = 2
+TOO_MANY_LISTS = "too many long lists of yours are waiting to be written; try again in a moment"
 
 
 class Read(Protocol):
@@ -48,16 +61,25 @@ class Read(Protocol):
     def __call__(self, *, limit: int) -> List[str]: ...
 
 
-_turns: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
+class _Turns:
+    """The running loop's turns (a semaphore is bound to one loop), and
+    how many long lists each caller has waiting or being written."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.free = asyncio.Semaphore(LIST_TURNS)
+        self.of: Dict[str, int] = {}
 
 
-def _turn() -> asyncio.Semaphore:
-    """The running loop's turns (a semaphore is bound to one loop)."""
+_turns: Optional[_Turns] = None
+
+
+def _turn() -> _Turns:
     global _turns
     loop = asyncio.get_running_loop()
-    if _turns is None or _turns[0] is not loop:
-        _turns = (loop, asyncio.Semaphore(LIST_TURNS))
-    return _turns[1]
+    if _turns is None or _turns.loop is not loop:
+        _turns = _Turns(loop)
+    return _turns
 
 
 async def next_slice() -> None:
@@ -80,16 +102,30 @@ async def object_paths(read: Read, path: Callable[[str], str],
     the step in which it is called; read() of all is then the last resort,
     after ROUNDS reads that changes meanwhile made stale."""
     turns = _turn()
-    if turns.locked() or aside is not None:
+    call = CALL.get()               # (None: not asked over the bus)
+    caller = (call[1] or "") if call is not None else None     # (as connection.py counts)
+    full = caller is not None and turns.of.get(caller, 0) >= LISTS_PER_CALLER
+    if full or turns.free.locked() or aside is not None:
         ids = read(limit=ONE_STEP_PATHS + 1)  # a short list is answered now, needing no turn
         if len(ids) <= ONE_STEP_PATHS:
             return [path(i) for i in ids]
         del ids
-    # (a long list holds nothing while it waits for its turn; a read aside
-    # is made in a turn only: each holds a view of the state, a connection
-    # that also holds back the WAL's checkpoints)
-    async with turns:
-        return await _written(read, path, changes, aside)
+        if full:
+            raise DBusError(  # type: ignore[no-untyped-call]
+                ErrorType.LIMITS_EXCEEDED, TOO_MANY_LISTS)
+    if caller is not None:
+        turns.of[caller] = turns.of.get(caller, 0) + 1
+    try:
+        # (a long list holds nothing while it waits for its turn; a read
+        # aside is made in a turn only: each holds a view of the state, a
+        # connection that also holds back the WAL's checkpoints)
+        async with turns.free:
+            return await _written(read, path, changes, aside)
+    finally:
+        if caller is not None:
+            left = turns.of.pop(caller) - 1
+            if left:
+                turns.of[caller] = left
 
 
 async def _written(read: Read, path: Callable[[str], str],
