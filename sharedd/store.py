@@ -21,7 +21,8 @@ import threading
 import urllib.parse
 import uuid
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar,
+                    cast)
 
 from . import constants as C
 from .errors import ConfigError, SharedError, StateLost
@@ -209,7 +210,7 @@ WAL_MAX_BYTES = 64 << 20
 WAL_KEEP_BYTES = 16 << 20
 WAL_TRIM_QUIET = 60.0
 #: read-only connections kept between two read()s: a new one costs the loop
-#: 0.25 ms (it parses the schema), a kept one's BEGIN 0.01 ms
+#: 0.3-0.4 ms (it parses the schema), a kept one's BEGIN 0.01 ms (bench/state)
 VIEW_CONNECTIONS = 2
 
 
@@ -422,12 +423,11 @@ class Store:
         while self._idle_views:
             self._idle_views.pop().close()
 
-    def _give_back(self, db: sqlite3.Connection) -> None:
+    def _give_back(self, db: _ViewConnection) -> None:
         """A view's connection after its read (any thread): its read
         transaction ended (the WAL may be checkpointed past it), then kept
         for the next view, or closed."""
         try:
-            assert isinstance(db, _ViewConnection)
             db.end_read()
         except sqlite3.Error:
             db.close()
@@ -1310,6 +1310,6 @@ def _read_and_give_back(store: Store, view: Store, fn: Callable[[Store], T]) -> 
     try:
         return fn(view)
     finally:
-        db = view.db
+        db = cast(_ViewConnection, view.db)     # (as _view made it)
         del view.db       # (a view kept by fn fails loudly, not on another's read)
         store._give_back(db)

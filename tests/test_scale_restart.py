@@ -10,6 +10,7 @@ import time
 
 from dbus_next import Message, MessageType
 
+from sharedd.bus import slices
 from sharedd.bus.connection import Connection
 from tests.support import components, configs
 from tests.support.signals import SignalCollector
@@ -81,3 +82,44 @@ def test_restart_with_thousands_of_shares(sharedd_factory, system_bus):
     listed = d.manager("ListShares", "a{sv}", 0)
     assert len(listed) == SHARES and set(listed) == set(shares)
     assert d.manager("ListShares", "a{sv}", 1, "status", "s", "available") == listed
+    # one caller asking for many long lists at once gets two of them at a
+    # time and is told to try again for the rest; another caller is answered
+    refused, answered, theirs = asyncio.run(lists_at_once(system_bus.address))
+    # (refused before any work: not a reply made and then refused for the
+    # caller's large replies already queued, which connection.py also does)
+    assert any(r.body == [slices.TOO_MANY_LISTS] for r in refused), \
+        f"a caller got every long list it asked for at once: {[r.body for r in refused]}"
+    assert all(a == listed for a in answered) and answered
+    assert theirs == listed
+
+
+async def lists_at_once(address, at_once=10, bursts=5):
+    """Bursts of ListShares sent together on one connection (whether some
+    reach the daemon in separate reads is up to the kernel: a few bursts),
+    then one on another connection: (the errors, the answers, the other's)."""
+    mine, other = [await Connection(bus_address=address).connect() for _ in range(2)]
+    refused, answered = [], []
+    try:
+        for _ in range(bursts):
+            replies = await asyncio.gather(*(mine.call(Message(
+                destination="org.sharedd.Sharedd1", path="/org/sharedd/Sharedd1",
+                interface="org.sharedd.Sharedd1.Manager", member="ListShares",
+                signature="a{sv}", body=[{}])) for _ in range(at_once)))
+            for reply in replies:
+                if reply.message_type == MessageType.ERROR:
+                    assert reply.error_name == "org.freedesktop.DBus.Error.LimitsExceeded", \
+                        reply.body
+                    refused.append(reply)
+                else:
+                    answered.append(reply.body[0])
+            if any(r.body == [slices.TOO_MANY_LISTS] for r in refused):
+                break
+        reply = await other.call(Message(
+            destination="org.sharedd.Sharedd1", path="/org/sharedd/Sharedd1",
+            interface="org.sharedd.Sharedd1.Manager", member="ListShares",
+            signature="a{sv}", body=[{}]))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        return refused, answered, reply.body[0]
+    finally:
+        mine.disconnect()
+        other.disconnect()
