@@ -43,7 +43,7 @@ from .share_groups import ShareGroups
 from .snapshot_access import SnapshotAccess
 from .snapshots import Snapshots
 from .spool_export import SpoolExport
-from .store import Store, new_id
+from .store import Listing, Store, new_id, snapshots_of
 from .util import lock_state_dir, now_us, private_dir
 
 log = logging.getLogger(__name__)
@@ -452,12 +452,10 @@ class Engine:
     def shares(self, backend: Optional[str] = None) -> List[Share]:
         return self.store.shares(backend)
 
-    def share_ids(self, *, limit: int = -1, **equal: str) -> List[str]:
-        """ListShares: ids by backend, protocol (any case), status, name;
-        at most limit (-1: all)."""
-        if "protocol" in equal:
-            equal["protocol"] = equal["protocol"].upper()
-        return self.store.share_ids(limit=limit, **equal)
+    def share_listing(self, **equal: str) -> Listing:
+        """ListShares: the shares by backend, protocol (any case), status,
+        name, for an answer written in slices."""
+        return Listing(self.store, "shares", _share_filter(equal))
 
     def find_share_by_name(self, name: str) -> Share:
         s = self.store.find_share(name)
@@ -480,33 +478,10 @@ class Engine:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         return self.store.snapshots(share_id)
 
-    def snapshot_ids(self, share_id: Optional[str] = None, *, limit: int = -1) -> List[str]:
-        """ListSnapshots: the snapshots' ids (of one share), oldest first;
-        at most limit (-1: all)."""
-        return self.store.snapshot_ids(share_id, limit=limit)
-
-    def changes(self) -> int:
-        """Counts every change of the state: a list read, then written in
-        slices, is still current when this has not moved since the read."""
-        return self.store.commits
-
-    def share_list_version(self) -> int:
-        """Moves when shares come or go: a list of all shares is current
-        while it stays."""
-        return self.store.share_list_version
-
-    def snapshot_list_version(self) -> int:
-        """Moves when snapshots come or go: a list of all snapshots, or of
-        one share's, is current while it stays."""
-        return self.store.snapshot_list_version
-
-    async def read_share_ids(self) -> List[str]:
-        """share_ids() as of this call, read in the store's reader thread."""
-        return await self.store.read(Store.share_ids)
-
-    async def read_snapshot_ids(self) -> List[str]:
-        """snapshot_ids() of every share, as read_share_ids()."""
-        return await self.store.read(Store.snapshot_ids)
+    def snapshot_listing(self, share_id: Optional[str] = None) -> Listing:
+        """ListSnapshots: the snapshots (of one share), for an answer
+        written in slices."""
+        return Listing(self.store, "snapshots", snapshots_of(share_id))
 
     # -------------------------------------------------- share networks, servers
     async def create_share_network(self, name: str, options: Dict[str, Any]) -> ShareNetwork:
@@ -1018,6 +993,14 @@ def _log_failure(task: "asyncio.Future[Any]") -> None:
         log.debug("background task stopped: %s", exc)
     else:
         log.error("background task failed: %s", exc, exc_info=exc)
+
+
+def _share_filter(equal: Dict[str, str]) -> Dict[str, str]:
+    """ListShares' filter as the store compares it: protocols are kept in
+    upper case."""
+    if "protocol" in equal:
+        return {**equal, "protocol": equal["protocol"].upper()}
+    return equal
 
 
 def _nothing(*_: Any) -> None:

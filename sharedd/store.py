@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import threading
 import urllib.parse
 import uuid
 import weakref
+from collections import deque
 from typing import (Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar,
                     cast)
 
@@ -182,6 +185,9 @@ _ADDED_COLUMNS = [
 #: the columns ListShares (and a share server's Shares) filter by, each with
 #: an index that lists its shares oldest first (a name is unique)
 _LISTED_BY = (*(k for k in C.SHARE_FILTERS if k != "name"), "share_server_id")
+#: the tables listed oldest first (Listing), and the columns a list of each
+#: may pick its rows by
+_LISTS = {"shares": {*_LISTED_BY, *C.SHARE_FILTERS, "id"}, "snapshots": {"share_id", "id"}}
 
 _TOTAL_PLUS = ("INSERT INTO share_totals VALUES (NEW.backend, NEW.status, 1, NEW.size_gib) "
                "ON CONFLICT(backend, status) DO UPDATE SET shares = shares + 1, "
@@ -212,6 +218,10 @@ WAL_TRIM_QUIET = 60.0
 #: read-only connections kept between two read()s: a new one costs the loop
 #: 0.3-0.4 ms (it parses the schema), a kept one's BEGIN 0.01 ms (bench/state)
 VIEW_CONNECTIONS = 2
+#: statements remembered per listed table (each the id of a row it inserted,
+#: updated or deleted): a list read aside is brought up to date from them
+#: (changed_since); one read while more came is read aside again
+ROW_CHANGES_KEPT = 4096
 
 
 class _ViewConnection(sqlite3.Connection):
@@ -253,7 +263,11 @@ class Store:
         # of the WAL is known to have put on disk; the fsyncs have a thread
         # of their own (never queued behind driver calls or hook writes).
         self._commits = self._synced = 0
-        self._share_list = self._snapshot_list = 0     # (their versions)
+        # Statements run on each listed table (its version), and the last
+        # rows they touched (changed_since).
+        self._rows = {table: 0 for table in _LISTS}
+        self._touched: Dict[str, "deque[str]"] = {
+            table: deque(maxlen=ROW_CHANGES_KEPT) for table in _LISTS}
         self._sync: Optional["asyncio.Future[None]"] = None
         self._sync_error = ""   # why nothing commits any more (a failed write, closed)
         self._broken = False    # the disk failed us (see _break)
@@ -492,25 +506,26 @@ class Store:
                 self._lost_if_failed()
             self._synced = max(self._synced, upto)
 
-    @property
-    def commits(self) -> int:
-        """Commits made since the store was opened: what two reads with the
-        same count between them read is the same."""
-        return self._commits
+    def rows_version(self, table: str) -> int:
+        """Moves with every statement that inserts, updates or deletes a row
+        of a listed table (as it runs, in the step of its transaction: none
+        is open across an await; one rolled back moves it too)."""
+        return self._rows[table]
 
-    @property
-    def share_list_version(self) -> int:
-        """Moves with every statement that inserts or deletes shares (as it
-        runs, in the step of its transaction: none is open across an await;
-        one rolled back moves it too). Two lists of all shares read with the
-        same version between them are the same, whatever else changed."""
-        return self._share_list
+    def changed_since(self, table: str, version: int) -> Optional[Set[str]]:
+        """The ids of the table's rows that statements touched since
+        rows_version(table) was `version` (None: more than are remembered):
+        a list read at that version is current once these are looked at
+        again."""
+        n = self._rows[table] - version
+        touched = self._touched[table]
+        if n > len(touched):
+            return None
+        return set(itertools.islice(reversed(touched), n))
 
-    @property
-    def snapshot_list_version(self) -> int:
-        """share_list_version, for every list of snapshots (all, or one
-        share's)."""
-        return self._snapshot_list
+    def _row_touched(self, table: str, row_id: str) -> None:
+        self._rows[table] += 1
+        self._touched[table].append(row_id)
 
     async def synced(self) -> None:
         """Wait until every commit made so far is on disk. One fsync of the
@@ -744,7 +759,7 @@ class Store:
              json.dumps(s.metadata), json.dumps(s.export_locations), s.provider_location,
              s.snapshot_id, json.dumps(s.driver_data), json.dumps(task or {}), s.share_server_id,
              s.share_group_id))
-        self._share_list += 1
+        self._row_touched("shares", s.id)
 
     def update_share(self, s: Share, task: Optional[Dict[str, Any]] = None) -> None:
         self.db.execute(
@@ -752,15 +767,17 @@ class Store:
             " provider_location=?, driver_data=?, task=? WHERE id=?",
             (s.backend, s.size_gib, s.status, json.dumps(s.export_locations), s.provider_location,
              json.dumps(s.driver_data), json.dumps(task or {}), s.id))
+        self._row_touched("shares", s.id)
 
     def delete_share(self, share_id: str) -> None:
         self.db.execute("DELETE FROM snapshot_policies WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM replicas WHERE share_id=?", (share_id,))
         self.db.execute("DELETE FROM rules WHERE share_id=?", (share_id,))
-        if self.db.execute("DELETE FROM snapshots WHERE share_id=?", (share_id,)).rowcount:
-            self._snapshot_list += 1
+        for (snapshot_id,) in self.db.execute("DELETE FROM snapshots WHERE share_id=? RETURNING id",
+                                              (share_id,)).fetchall():
+            self._row_touched("snapshots", snapshot_id)
         self.db.execute("DELETE FROM shares WHERE id=?", (share_id,))
-        self._share_list += 1
+        self._row_touched("shares", share_id)
 
     def get_share(self, share_id: str) -> Optional[Share]:
         row = self.db.execute("SELECT * FROM shares WHERE id=?", (share_id,)).fetchone()
@@ -840,12 +857,34 @@ class Store:
         """Ids of the shares whose columns equal the given values, oldest first
         (ListShares: nothing but ids is read, whatever the number of shares),
         at most limit of them (-1: all)."""
-        assert set(equal) <= {*_LISTED_BY, *C.SHARE_FILTERS}
-        where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
-        cur = self.db.execute(f"SELECT id FROM shares WHERE {where} ORDER BY created_at, id "
-                              "LIMIT ?", (*(equal[k] for k in sorted(equal)), limit))
+        return self.list_ids("shares", limit=limit, **equal)
+
+    # --- lists (ListShares, ListSnapshots) ------------------------------------
+    def list_ids(self, table: str, *, limit: int = -1, **equal: str) -> List[str]:
+        """Ids of the table's rows whose columns equal the given values,
+        oldest first, at most limit of them (-1: all)."""
+        cur = self._listed(table, "id", equal, limit)
         cur.row_factory = None            # (tuples: a third faster than Rows)
         return [r[0] for r in cur]
+
+    def list_keys(self, table: str, **equal: str) -> List[Tuple[int, str]]:
+        """list_ids() with the order's key of each: (created_at, id)."""
+        cur = self._listed(table, "created_at, id", equal, -1)
+        cur.row_factory = None
+        return cur.fetchall()
+
+    def list_key(self, table: str, row_id: str, **equal: str) -> Optional[Tuple[int, str]]:
+        """The row's (created_at, id) if it is one list_ids(table, **equal) lists."""
+        row = self._listed(table, "created_at, id", {**equal, "id": row_id}, 1).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def _listed(self, table: str, columns: str, equal: Dict[str, str],
+                limit: int) -> sqlite3.Cursor:
+        assert set(equal) <= _LISTS[table]
+        where = " AND ".join(f"{k}=?" for k in sorted(equal)) or "1"
+        return self.db.execute(f"SELECT {columns} FROM {table} WHERE {where} "
+                               "ORDER BY created_at, id LIMIT ?",
+                               (*(equal[k] for k in sorted(equal)), limit))
 
     # --- share networks and servers ---------------------------------------------
     @staticmethod
@@ -1005,17 +1044,18 @@ class Store:
             " group_snapshot_id) VALUES(?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.share_id, s.size_gib, s.status, s.created_at, s.provider_location,
              s.group_snapshot_id))
-        self._snapshot_list += 1
+        self._row_touched("snapshots", s.id)
 
     def update_snapshot(self, s: Snapshot) -> None:
         self.db.execute("UPDATE snapshots SET status=?, provider_location=?, size_gib=?, "
                         "export_locations=? WHERE id=?",
                         (s.status, s.provider_location, s.size_gib,
                          json.dumps(list(s.export_locations)), s.id))
+        self._row_touched("snapshots", s.id)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
-        self._snapshot_list += 1
+        self._row_touched("snapshots", snapshot_id)
 
     def get_snapshot(self, snapshot_id: str) -> Optional[Snapshot]:
         row = self.db.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
@@ -1134,21 +1174,14 @@ class Store:
                               (share_id, location)).fetchone()
         return self._snapshot(row) if row else None
 
-    def _snapshot_rows(self, columns: str, share_id: Optional[str],
-                       limit: int = -1) -> sqlite3.Cursor:
-        """The snapshots (of one share), oldest first, at most limit (-1: all)."""
-        where, args = ("WHERE share_id=? ", (share_id,)) if share_id is not None else ("", ())
-        return self.db.execute(f"SELECT {columns} FROM snapshots {where}ORDER BY created_at, id "
-                               "LIMIT ?", (*args, limit))
-
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
-        return [self._snapshot(r) for r in self._snapshot_rows("*", share_id)]
+        """The snapshots (of one share), oldest first."""
+        return [self._snapshot(r) for r in self._listed("snapshots", "*", snapshots_of(share_id), -1)]
 
     def snapshot_ids(self, share_id: Optional[str] = None, *, limit: int = -1) -> List[str]:
-        """snapshots(share_id)'s ids, and nothing else read (ListSnapshots)."""
-        cur = self._snapshot_rows("id", share_id, limit)
-        cur.row_factory = None
-        return [r[0] for r in cur]
+        """snapshots(share_id)'s ids, and nothing else read (ListSnapshots),
+        at most limit (-1: all)."""
+        return self.list_ids("snapshots", limit=limit, **snapshots_of(share_id))
 
     # --- rules -------------------------------------------------------------------
     # Rules are read in bulk (a share may have thousands): plain tuples in
@@ -1298,6 +1331,44 @@ class Store:
             if snap is not None:
                 out.append((snap, self.snapshot_rules(snapshot_id)))
         return out
+
+
+def snapshots_of(share_id: Optional[str]) -> Dict[str, str]:
+    """A list of snapshots: one share's, or all."""
+    return {} if share_id is None else {"share_id": share_id}
+
+
+class Listing:
+    """The rows a list shows (those of `table` whose columns equal `equal`,
+    oldest first), for an answer written in slices (sharedd.bus.slices):
+    read on the loop when short; otherwise read aside, then brought up to
+    date on the loop from the few rows touched meanwhile (however many
+    other changes came)."""
+
+    def __init__(self, store: Store, table: str, equal: Dict[str, str]) -> None:
+        assert set(equal) <= _LISTS[table]
+        self.store, self.table, self.equal = store, table, equal
+
+    def read(self, *, limit: int) -> List[str]:
+        return self.store.list_ids(self.table, limit=limit, **self.equal)
+
+    async def aside(self) -> Tuple[int, List[Tuple[int, str]]]:
+        """The (created_at, id) of each, oldest first, as of this call, read
+        in the reader thread, and the rows_version they are as of."""
+        version = self.store.rows_version(self.table)
+        # (the view is taken in this step: read() runs up to its first await)
+        return version, await self.store.read(
+            functools.partial(Store.list_keys, table=self.table, **self.equal))
+
+    def changed_since(self, version: int) -> Optional[Tuple[int, Set[str]]]:
+        """The version now, and the rows touched since `version` (None:
+        more than are remembered)."""
+        changed = self.store.changed_since(self.table, version)
+        return None if changed is None else (self.store.rows_version(self.table), changed)
+
+    def key(self, row_id: str) -> Optional[Tuple[int, str]]:
+        """The row's key, if it is listed now."""
+        return self.store.list_key(self.table, row_id, **self.equal)
 
 
 def _io_error(exc: sqlite3.Error) -> bool:

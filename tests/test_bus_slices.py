@@ -1,7 +1,8 @@
 """Long lists of paths (ListShares, ListSnapshots at 10,000 shares) are
-written in slices of the loop's time, other callbacks running between
-them, and are still as of the step that sends them: the ids are read again
-when the state changed meanwhile, and written again only if they differ."""
+read aside and written in slices of the loop's time, other callbacks
+running between them, and are still as of the step that sends them: the
+ids touched meanwhile are looked at again. Here on a listing in memory;
+tests/test_share_listing.py runs the same on the state database."""
 
 import asyncio
 
@@ -22,11 +23,36 @@ def marshalled(paths):
     return bytes(buf)
 
 
+def body(got):
+    """A long list's answer as sent."""
+    assert isinstance(got, wire.Marshalled) and got.signature == "ao"
+    raw = b"".join(got.body.parts)
+    assert len(raw) == got.body.size
+    return raw
+
+
 class State:
-    """ids and a change counter; every read is counted."""
+    """A listing in memory: ids in the order of their keys, a log of the
+    ids touched; every read is counted."""
 
     def __init__(self, n):
-        self.ids, self.count, self.reads, self.heads = [f"{i:032x}" for i in range(n)], 0, 0, 0
+        self.made = 0
+        self.ids, self.log = [], []
+        self.reads = self.heads = self.asides = 0
+        for _ in range(n):
+            self.add()
+
+    def add(self):
+        self.made += 1
+        self.ids.append(f"{self.made:032x}")
+        self.log.append(self.ids[-1])
+
+    def drop(self, i):
+        self.ids.remove(i)
+        self.log.append(i)
+
+    def touch(self, i):                 # (e.g. an Extend: same ids)
+        self.log.append(i)
 
     def read(self, *, limit):
         if limit >= 0:
@@ -35,8 +61,16 @@ class State:
         self.reads += 1
         return list(self.ids)
 
-    def changes(self):
-        return self.count
+    async def aside(self):
+        self.asides += 1
+        version, keys = len(self.log), [(int(i, 16), i) for i in self.ids]
+        return version, await asyncio.to_thread(lambda: keys)
+
+    def changed_since(self, version):
+        return len(self.log), set(self.log[version:])
+
+    def key(self, i):
+        return (int(i, 16), i) if i in self.ids else None
 
 
 def run_beside(coro, other):
@@ -64,73 +98,80 @@ def run_beside(coro, other):
 
 def test_a_short_list_is_answered_in_one_step():
     state = State(slices.ONE_STEP_PATHS)
-    got, steps = run_beside(slices.object_paths(state.read, path, state.changes), lambda n: None)
+    got, steps = run_beside(slices.listed_paths(state, path), lambda n: None)
     assert got == [path(i) for i in state.ids]
-    assert steps == 1 and state.reads == 1
+    assert steps == 1 and state.heads == 1 and state.asides == 0 and state.reads == 0
 
 
-def test_a_long_list_is_written_in_slices_as_the_library_would(monkeypatch):
+def test_a_long_list_is_read_aside_and_written_in_slices_as_the_library_would(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)          # a pause after every chunk
     state = State(slices.ONE_STEP_PATHS + 5)
-    got, steps = run_beside(slices.object_paths(state.read, path, state.changes), lambda n: None)
-    assert isinstance(got, wire.Marshalled) and got.signature == "ao"
-    assert got.body == marshalled([path(i) for i in state.ids])
+    got, steps = run_beside(slices.listed_paths(state, path), lambda n: None)
+    assert body(got) == marshalled([path(i) for i in state.ids])
     assert steps >= 4                 # the other task ran between the slices
-    assert state.reads == 1           # nothing changed: read once
+    assert state.asides == 1 and state.reads == 0
 
 
-def test_a_change_that_leaves_the_ids_keeps_the_writing(monkeypatch):
+def test_a_change_that_leaves_the_ids_is_looked_at_not_read_again(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)
     state = State(slices.ONE_STEP_PATHS + 1)
-
-    def change(n):
-        state.count += 1              # e.g. an Extend: committed, same ids
-    got, _ = run_beside(slices.object_paths(state.read, path, state.changes), change)
-    assert state.reads == 2           # read again once, found equal
-    assert got.body == marshalled([path(i) for i in state.ids])
+    got, _ = run_beside(slices.listed_paths(state, path), lambda n: state.touch(state.ids[n]))
+    assert body(got) == marshalled([path(i) for i in state.ids])
+    assert state.asides == 1 and state.reads == 0
 
 
-def test_ids_that_change_meanwhile_are_written_again(monkeypatch):
-    monkeypatch.setattr(slices, "SLICE", 0.0)
-    state = State(slices.ONE_STEP_PATHS + 1)
-
-    def change(n):
-        if n == 2:                    # one share gone, one new, while written
-            state.ids = state.ids[1:] + ["f" * 32]
-            state.count += 1
-    got, _ = run_beside(slices.object_paths(state.read, path, state.changes), change)
-    assert state.reads == 2           # read, read again (changed), written again
-    assert got.body == marshalled([path(i) for i in state.ids])
-
-
-def under_constant_change(state, aside=None):
+def under_constant_change(state):
     """The answer, while a share comes and one goes at every step, and the
     ids when it went out."""
     answered = []
 
     def change(n):
-        state.ids = state.ids[1:] + [f"{n:032d}"]
-        state.count += 1
+        state.drop(state.ids[n % len(state.ids)])
+        state.add()
 
     async def answer():
-        got = await slices.object_paths(state.read, path, state.changes, aside)
+        got = await slices.listed_paths(state, path)
         answered.append(list(state.ids))      # the state when the answer goes out
         return got
     got, _ = run_beside(answer(), change)
     return got, answered[0]
 
 
-def test_under_constant_change_the_last_read_is_answered_in_its_own_step(monkeypatch):
+def test_under_constant_change_the_answer_is_current_when_it_goes(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)
     state = State(slices.ONE_STEP_PATHS + 1)
     got, ids = under_constant_change(state)
-    assert state.reads == slices.ROUNDS + 1
+    assert body(got) == marshalled([path(i) for i in ids])
+    assert state.asides == 1 and state.reads == 0
+
+
+def test_a_list_that_cannot_catch_up_is_read_again_then_on_the_loop(monkeypatch):
+    """More changes than it can look at (CATCH_UP_SLICES slices of them, or
+    more than are remembered): read aside again; after ROUNDS reads, one
+    read on the loop, answered in its own step."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    monkeypatch.setattr(slices, "CATCH_UP_SLICES", 1)
+    state = State(slices.ONE_STEP_PATHS + 1)
+
+    def busy(n):                        # (more than a slice looks at)
+        for k in range(2 * slices.LOOKS):
+            state.touch(state.ids[(n + k) % len(state.ids)])
+    got, _ = run_beside(slices.listed_paths(state, path), busy)
+    assert got == [path(i) for i in state.ids]
+    assert state.asides == slices.ROUNDS and state.reads == 1
+
+    state = State(slices.ONE_STEP_PATHS + 1)
+    state.changed_since = lambda version: None          # (forgotten)
+    got, ids = under_constant_change(state)
     assert got == [path(i) for i in ids]
+    assert state.asides == slices.ROUNDS and state.reads == 1
 
 
 def test_a_string_with_nul_is_refused_not_written():
     with pytest.raises(ValueError):
         wire.write_strings(bytearray(), ["ok", "b\0d"])
+    with pytest.raises(ValueError):
+        wire.string_element("b\0d")
 
 
 def test_long_lists_are_written_a_few_at_a_time(monkeypatch):
@@ -138,9 +179,9 @@ def test_long_lists_are_written_a_few_at_a_time(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)
     state = State(slices.ONE_STEP_PATHS + 1)
     writing, most = 0, 0
-    real = slices._written
+    real = slices._kept
 
-    async def written(*args):
+    async def kept(*args):
         nonlocal writing, most
         writing += 1
         most = max(most, writing)
@@ -148,14 +189,13 @@ def test_long_lists_are_written_a_few_at_a_time(monkeypatch):
             return await real(*args)
         finally:
             writing -= 1
-    monkeypatch.setattr(slices, "_written", written)
+    monkeypatch.setattr(slices, "_kept", kept)
 
     async def main():
-        return await asyncio.gather(*(slices.object_paths(state.read, path, state.changes)
-                                      for _ in range(20)))
+        return await asyncio.gather(*(slices.listed_paths(state, path) for _ in range(20)))
     answers = asyncio.run(main())
     assert most == slices.LIST_TURNS
-    assert all(a.body == answers[0].body for a in answers)
+    assert all(body(a) == body(answers[0]) for a in answers)
 
 
 def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
@@ -164,7 +204,7 @@ def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
     done = []
 
     async def one(state, name):
-        await slices.object_paths(state.read, path, state.changes)
+        await slices.listed_paths(state, path)
         done.append(name)
 
     async def main():
@@ -177,10 +217,10 @@ def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
 
 
 async def ask(state, caller):
-    """object_paths as a call over the bus from caller (a unique name)."""
+    """listed_paths as a call over the bus from caller (a unique name)."""
     token = audit.CALL.set((None, caller))
     try:
-        return await slices.object_paths(state.read, path, state.changes)
+        return await slices.listed_paths(state, path)
     finally:
         audit.CALL.reset(token)
 
@@ -204,8 +244,8 @@ def test_a_caller_has_a_few_long_lists_at_once_the_rest_are_refused(monkeypatch)
     assert len(refused) == 10 - slices.LISTS_PER_CALLER
     assert all(r.type == ErrorType.LIMITS_EXCEEDED.value for r in refused)
     answered = [g for g in got if not isinstance(g, DBusError)]
-    assert all(a.body == marshalled([path(i) for i in long.ids]) for a in [*answered, other])
-    assert long.reads == len(answered) + 1    # (the refused read only the first few)
+    assert all(body(a) == marshalled([path(i) for i in long.ids]) for a in [*answered, other])
+    assert long.asides == len(answered) + 1    # (the refused read only the first few)
     assert mine_short == [path(i) for i in short.ids]
     assert not slices._turns.of               # (nothing left counted)
 
@@ -222,63 +262,4 @@ def test_a_cancelled_list_is_no_longer_counted_against_its_caller(monkeypatch):
         await asyncio.gather(*lists, return_exceptions=True)
         assert not slices._turns.of
         return await ask(long, ":1.0")
-    assert asyncio.run(main()).body == marshalled([path(i) for i in long.ids])
-
-
-class Aside(State):
-    """State whose ids are also read in another thread, as of the call
-    (as Store.read's view is opened when it is called)."""
-
-    def __init__(self, n):
-        super().__init__(n)
-        self.asides = 0
-
-    async def aside(self):
-        self.asides += 1
-        ids = list(self.ids)
-        return await asyncio.to_thread(lambda: ids)
-
-
-def test_ids_read_aside_are_written_without_a_read_on_the_loop(monkeypatch):
-    monkeypatch.setattr(slices, "SLICE", 0.0)
-    state = Aside(slices.ONE_STEP_PATHS + 1)
-
-    def extend(n):
-        pass                          # (an Extend moves no membership count)
-    got, _ = run_beside(slices.object_paths(state.read, path, state.changes, state.aside),
-                        extend)
-    assert got.body == marshalled([path(i) for i in state.ids])
-    assert state.asides == 1 and state.reads == 0
-
-
-def test_ids_read_aside_while_shares_came_are_read_again(monkeypatch):
-    """A read aside is as of its call: a share that came while it ran (or
-    while the paths were written) makes it stale, and it is read again; under
-    constant change, the last resort is one read on the loop, answered in
-    its own step."""
-    monkeypatch.setattr(slices, "SLICE", 0.0)
-    state = Aside(slices.ONE_STEP_PATHS + 1)
-
-    def once(n):
-        if n == 2:                    # (the aside read has begun)
-            state.ids = state.ids + ["e" * 32]
-            state.count += 1
-    got, _ = run_beside(slices.object_paths(state.read, path, state.changes, state.aside), once)
-    assert got.body == marshalled([path(i) for i in state.ids])
-    assert state.asides == 2 and state.reads == 0
-
-    state = Aside(slices.ONE_STEP_PATHS + 1)
-    got, ids = under_constant_change(state, state.aside)
-    assert state.asides == slices.ROUNDS and state.reads == 1
-    assert got == [path(i) for i in ids]
-
-
-def test_a_short_list_of_all_is_answered_at_once_on_the_loop():
-    """A list of all shares is read aside only when it is long: the first
-    ONE_STEP_PATHS + 1 ids, read on the loop, tell (one step, no turn, no
-    view of the state held)."""
-    state = Aside(slices.ONE_STEP_PATHS)
-    got, steps = run_beside(slices.object_paths(state.read, path, state.changes, state.aside),
-                            lambda n: None)
-    assert got == [path(i) for i in state.ids]
-    assert steps == 1 and state.heads == 1 and state.asides == 0 and state.reads == 0
+    assert body(asyncio.run(main())) == marshalled([path(i) for i in long.ids])

@@ -284,18 +284,18 @@ def test_a_disk_error_inside_a_commit_is_final_and_a_full_disk_is_not(tmp_path):
         st.close()
 
 
-def test_list_versions_move_whenever_a_list_of_all_could_change(tmp_path):
+def test_every_row_a_list_could_gain_or_lose_is_named_as_changed(tmp_path):
     """ListShares and ListSnapshots (all, or one share's) read aside are
-    current while Store.share_list_version (snapshot_list_version) has not
-    moved: every insert and delete of a share (snapshot) moves it; a resize
-    or status change does not."""
+    current once the rows Store.changed_since names are looked at again:
+    every statement on a share or snapshot names it (a share's deletion,
+    its snapshots too), and nothing else does."""
     from sharedd.models import Share, Snapshot
     st = Store(os.path.join(tmp_path, "state", "sharedd.db"))
     rng = random.Random(5)
     shares, snaps = {}, {}
 
     def versions():
-        return st.share_list_version, st.snapshot_list_version
+        return st.rows_version("shares"), st.rows_version("snapshots")
 
     def lists(of):
         return st.share_ids(), (st.snapshot_ids(), {s: st.snapshot_ids(s) for s in of})
@@ -309,14 +309,14 @@ def test_list_versions_move_whenever_a_list_of_all_could_change(tmp_path):
                           status="available", created_at=n)
                 st.insert_share(s)
                 shares[s.id] = s
-                did = "share"
+                did, touched = "share", s.id
             elif r < 0.5:
                 sid = rng.choice(sorted(shares))
                 snap = Snapshot(id=f"p{n}", name=f"p{n}", share_id=sid, size_gib=1,
                                 status="available", created_at=n)
                 st.insert_snapshot(snap)
                 snaps[snap.id] = snap
-                did = "snapshot"
+                did, touched = "snapshot", snap.id
             elif r < 0.6 and snaps:
                 st.delete_snapshot(snaps.pop(rng.choice(sorted(snaps))).id)
                 did = "snapshot"
@@ -325,25 +325,25 @@ def test_list_versions_move_whenever_a_list_of_all_could_change(tmp_path):
                 st.delete_share(sid)
                 del shares[sid]
                 snaps = {k: v for k, v in snaps.items() if v.share_id != sid}
-                did = "share"
+                did, touched = "share", sid
             else:
                 s = shares[rng.choice(sorted(shares))]
                 s.size_gib, s.status = rng.randint(1, 9), rng.choice(["available", "extending"])
                 st.update_share(s)
-                did = "update"
+                did, touched = "update", s.id
         after = lists(had)
         for status in ("available", "extending"):     # (read from their index)
             assert st.share_ids(status=status) == [
                 i for i in after[0] if shares[i].status == status], (n, status)
-        for kind in (0, 1):
-            if versions()[kind] == count[kind]:
-                assert after[kind] == before[kind], (n, kind)
+        changed = [st.changed_since(table, count[k])
+                   for k, table in enumerate(("shares", "snapshots"))]
+        assert set(after[0]) ^ set(before[0]) <= changed[0], n
+        assert set(after[1][0]) ^ set(before[1][0]) <= changed[1], n
+        for s in had:
+            assert set(after[1][1][s]) ^ set(before[1][1][s]) <= changed[1], (n, s)
+        assert changed[0] == (set() if did == "snapshot" else {touched})
         if did == "update":
-            assert versions() == count          # (nothing came or went)
-        elif did == "snapshot":
-            assert versions()[0] == count[0]    # (the shares' lists stay)
-        else:
-            assert versions()[0] != count[0]
+            assert changed[1] == set()          # (no snapshot came or went)
     assert len(st.share_ids()) > 3 and len(st.snapshot_ids()) > 2
     assert st.share_ids(limit=3) == st.share_ids()[:3]
     assert st.share_ids(limit=2, backend="a") == st.share_ids(backend="a")[:2]

@@ -300,26 +300,14 @@ class Manager(_Base):
     @translate
     async def ListShares(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {key: ("s",) for key in C.SHARE_FILTERS})
-        if f:     # (what a filter reads changes with any commit)
-            return await slices.object_paths(functools.partial(self.engine.share_ids, **f),
-                                             share_path, self.engine.changes)
-        return await slices.object_paths(self.engine.share_ids, share_path,
-                                         self.engine.share_list_version,
-                                         self.engine.read_share_ids)
+        return await slices.listed_paths(self.engine.share_listing(**f), share_path)
 
     @method()
     @translate
     async def ListSnapshots(self, filter: "a{sv}") -> "ao":
         f = unpack_options(filter, {"share": ("o",)})
-        if "share" in f:    # (one share's: an indexed read of a few, on the loop)
-            share_id = _id_from_path(f["share"], C.SHARE_PATH, "share")
-            return await slices.object_paths(
-                functools.partial(self.engine.snapshot_ids, share_id), snapshot_path,
-                self.engine.snapshot_list_version)
-        return await slices.object_paths(functools.partial(self.engine.snapshot_ids, None),
-                                         snapshot_path,
-                                         self.engine.snapshot_list_version,
-                                         self.engine.read_snapshot_ids)
+        share_id = _id_from_path(f["share"], C.SHARE_PATH, "share") if "share" in f else None
+        return await slices.listed_paths(self.engine.snapshot_listing(share_id), snapshot_path)
 
     @method()
     @translate

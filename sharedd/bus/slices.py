@@ -11,13 +11,15 @@ same step as its last read (the bus's async methods are answered in the
 step in which they return: service.py). So every signal a caller received
 before the answer is about a state the answer already shows.
 
-The ids of a long list of all shares or all snapshots are read in the
-state's reader thread (the query is 5-9 ms at 10,000), as of the step that
-asks: they are current while no share (snapshot) came or went since
-(Store.share_list_version, snapshot_list_version), whatever else changed.
+The ids of a long list (ListShares, all or filtered; ListSnapshots) are
+read in the state's reader thread (the query is 5-9 ms at 10,000), as of
+the step that asks; each path is written once, and the rows touched since
+are looked at again on the loop, one indexed row each, in the step that
+answers: the list stays current however often statuses change, and no
+step reads or writes all of it but the answer's, which joins the paths.
 
 Lists are written one or two at a time (LIST_TURNS): each holds its ids and
-its body (about 2 MB at 10,000 shares) while written, and a hundred callers
+its body (2-4 MB at 10,000 shares) while written, and a hundred callers
 at once would otherwise hold a hundred of them. One caller (a connection to
 the bus, as for GetManagedObjects) has at most LISTS_PER_CALLER long lists
 waiting or being written, whether or not others wait: one asking for many
@@ -28,15 +30,15 @@ asked); beyond that it is told to try again.
 from __future__ import annotations
 
 import asyncio
-import struct
+import bisect
 import time
-from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 from dbus_next.errors import DBusError
 from dbus_next.constants import ErrorType
 
 from .audit import CALL
-from .wire import Marshalled, write_strings
+from .wire import Marshalled, string_array, string_element
 
 #: a slice of the loop's time, other callbacks running between two
 SLICE = 0.002
@@ -44,9 +46,17 @@ SLICE = 0.002
 ONE_STEP_PATHS = 1000
 #: paths written between two looks at the clock
 CHUNK = 256
-#: a list whose ids changed while it was written is written again, at most
-#: this many times; then in one step
+#: rows looked at again between two looks at the clock (an indexed read
+#: each: about 1 ms)
+LOOKS = 32
+#: a list's ids or paths freed in one step, after its answer
+FREED = 1024
+#: a list read aside while more changed than it can catch up with is read
+#: aside again, at most this many times; then in one step
 ROUNDS = 3
+#: slices a list read aside spends catching up with what changed meanwhile
+#: before it is read again (changes came faster than it looked at them)
+CATCH_UP_SLICES = 50
 #: lists being written at once (the others wait their turn, holding nothing)
 LIST_TURNS = 2
 #: long lists one caller may have waiting or being written; one more is
@@ -56,9 +66,21 @@ LISTS_PER_CALLER = 2
 TOO_MANY_LISTS = "too many long lists of yours are waiting to be written; try again in a moment"
 
 
-class Read(Protocol):
-    """Reads at most limit ids (-1: all) on the loop."""
-    def __call__(self, *, limit: int) -> List[str]: ...
+class Listing(Protocol):
+    """Ids kept up to date from what changed (sharedd.store.Listing)."""
+    def read(self, *, limit: int) -> List[str]:
+        """At most limit ids (-1: all), read on the loop."""
+
+    async def aside(self) -> Tuple[int, List[Tuple[Any, str]]]:
+        """The (key, id) of each in order, as of this call, and the version
+        they are as of."""
+
+    def changed_since(self, version: int) -> Optional[Tuple[int, Set[str]]]:
+        """The version now, and the ids changed since `version` (None: not
+        known)."""
+
+    def key(self, id: str) -> Optional[Tuple[Any, str]]:
+        """The id's (key, id) now, if listed."""
 
 
 class _Turns:
@@ -87,32 +109,22 @@ async def next_slice() -> None:
     await asyncio.sleep(0)
 
 
-async def object_paths(read: Read, path: Callable[[str], str],
-                       changes: Callable[[], int],
-                       aside: Optional[Callable[[], Awaitable[List[str]]]] = None
+async def listed_paths(listing: Listing, path: Callable[[str], str]
                        ) -> Union[List[str], Marshalled]:
-    """An `ao` answer: the path of each id read(limit=...) gives (at most
-    limit of them; -1: all), written in slices when there are many. changes()
-    counts the changes that could change the ids: if it moved while the
-    paths were written, the ids are read again, and the answer is written
-    again only if they differ.
-
-    read() runs on the loop (one indexed SQL query: 5-9 ms for all of
-    10,000). aside(), if given, reads all the ids in another thread, as of
-    the step in which it is called; read() of all is then the last resort,
-    after ROUNDS reads that changes meanwhile made stale."""
+    """An `ao` answer: the path of each id the listing lists. A short list
+    (the first ONE_STEP_PATHS + 1 ids, read on the loop, tell) is answered
+    at once, needing no turn; a long one is read aside in its turn (_kept),
+    if its caller has not too many waiting or being written."""
     turns = _turn()
     call = CALL.get()               # (None: not asked over the bus)
     caller = (call[1] or "") if call is not None else None     # (as connection.py counts)
-    full = caller is not None and turns.of.get(caller, 0) >= LISTS_PER_CALLER
-    if full or turns.free.locked() or aside is not None:
-        ids = read(limit=ONE_STEP_PATHS + 1)  # a short list is answered now, needing no turn
-        if len(ids) <= ONE_STEP_PATHS:
-            return [path(i) for i in ids]
-        del ids
-        if full:
-            raise DBusError(  # type: ignore[no-untyped-call]
-                ErrorType.LIMITS_EXCEEDED, TOO_MANY_LISTS)
+    ids = listing.read(limit=ONE_STEP_PATHS + 1)
+    if len(ids) <= ONE_STEP_PATHS:
+        return [path(i) for i in ids]
+    del ids
+    if caller is not None and turns.of.get(caller, 0) >= LISTS_PER_CALLER:
+        raise DBusError(  # type: ignore[no-untyped-call]
+            ErrorType.LIMITS_EXCEEDED, TOO_MANY_LISTS)
     if caller is not None:
         turns.of[caller] = turns.of.get(caller, 0) + 1
     try:
@@ -120,7 +132,7 @@ async def object_paths(read: Read, path: Callable[[str], str],
         # aside is made in a turn only: each holds a view of the state, a
         # connection that also holds back the WAL's checkpoints)
         async with turns.free:
-            return await _written(read, path, changes, aside)
+            return await _kept(listing, path)
     finally:
         if caller is not None:
             left = turns.of.pop(caller) - 1
@@ -128,30 +140,78 @@ async def object_paths(read: Read, path: Callable[[str], str],
                 turns.of[caller] = left
 
 
-async def _written(read: Read, path: Callable[[str], str],
-                   changes: Callable[[], int],
-                   aside: Optional[Callable[[], Awaitable[List[str]]]]
-                   ) -> Union[List[str], Marshalled]:
-    ids: Optional[List[str]] = None
-    body = bytearray()
+async def _kept(listing: Listing, path: Callable[[str], str]) -> Union[List[str], Marshalled]:
+    """Read aside, each path written once, then brought up to date: each
+    row touched since the read is looked at again (an indexed read of one),
+    in slices while many are; the answer goes in the step that looked
+    at the last. Read aside again when too much changed meanwhile (more than
+    is remembered, or CATCH_UP_SLICES slices' worth); after ROUNDS reads,
+    one read on the loop."""
+    elements: Dict[str, bytes] = {}
+    keys: List[Tuple[Any, str]] = []
+    at: Dict[str, Tuple[Any, str]] = {}
     for _ in range(ROUNDS):
-        seen = changes()
-        again = read(limit=-1) if aside is None else await aside()
-        if changes() != seen:
-            continue             # (read aside while the ids changed: stale)
-        if again == ids:
-            return Marshalled("ao", bytes(body))     # what is written is current
-        ids = again
-        if len(ids) <= ONE_STEP_PATHS:
-            return [path(i) for i in ids]
-        body = bytearray(4)          # the array's length, filled in below
+        _free_later(keys, at)
+        version, keys = await listing.aside()
+        at = {k[1]: k for k in keys}
         since = time.perf_counter()
-        for start in range(0, len(ids), CHUNK):
-            write_strings(body, [path(i) for i in ids[start:start + CHUNK]])
-            if time.perf_counter() - since > SLICE and start + CHUNK < len(ids):
+        for n, (_, i) in enumerate(keys):
+            if i not in elements:
+                elements[i] = string_element(path(i))
+            if n % CHUNK == CHUNK - 1 and time.perf_counter() - since > SLICE:
                 await next_slice()
                 since = time.perf_counter()
-        struct.pack_into("<I", body, 0, len(body) - 4)
-        if changes() == seen:
-            return Marshalled("ao", bytes(body))
-    return [path(i) for i in read(limit=-1)]
+        pending: Set[str] = set()
+        for _ in range(CATCH_UP_SLICES):
+            news = listing.changed_since(version)
+            if news is None:
+                break
+            version, changed = news
+            pending |= changed
+            while pending:
+                for _ in range(min(LOOKS, len(pending))):
+                    i = pending.pop()
+                    old = at.pop(i, None)
+                    if old is not None:
+                        del keys[bisect.bisect_left(keys, old)]
+                    new = listing.key(i)
+                    if new is not None:
+                        bisect.insort(keys, new)
+                        at[i] = new
+                        if i not in elements:
+                            elements[i] = string_element(path(i))
+                if time.perf_counter() - since > SLICE:
+                    break
+            if not pending:
+                answer = Marshalled("ao", string_array([elements[k[1]] for k in keys]))
+                _free_later(keys, at, elements)
+                return answer
+            await next_slice()
+            since = time.perf_counter()
+    _free_later(keys, at, elements)
+    return [path(i) for i in listing.read(limit=-1)]
+
+
+#: the tasks freeing lists' leftovers (the loop keeps only weak references)
+_freeing: Set["asyncio.Task[None]"] = set()
+
+
+def _free_later(*heaps: Union[List[Any], Dict[Any, Any]]) -> None:
+    """A long list's keys and paths freed in slices after its answer, not
+    all at once as the answer goes (tens of thousands of objects: 3-6 ms of
+    the loop at 10,000 shares)."""
+    if any(heaps):
+        task = asyncio.ensure_future(_free(heaps))
+        _freeing.add(task)
+        task.add_done_callback(_freeing.discard)
+
+
+async def _free(heaps: Tuple[Union[List[Any], Dict[Any, Any]], ...]) -> None:
+    for heap in heaps:
+        while heap:
+            if isinstance(heap, list):
+                del heap[-FREED:]
+            else:
+                for _ in range(min(FREED, len(heap))):
+                    heap.popitem()
+            await next_slice()
