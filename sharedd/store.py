@@ -855,7 +855,7 @@ class Store:
 
     def share_ids(self, *, limit: int = -1, **equal: str) -> List[str]:
         """Ids of the shares whose columns equal the given values, oldest first
-        (ListShares: nothing but ids is read, whatever the number of shares),
+        (nothing but ids is read, whatever the number of shares),
         at most limit of them (-1: all)."""
         return self.list_ids("shares", limit=limit, **equal)
 
@@ -1179,7 +1179,7 @@ class Store:
         return [self._snapshot(r) for r in self._listed("snapshots", "*", snapshots_of(share_id), -1)]
 
     def snapshot_ids(self, share_id: Optional[str] = None, *, limit: int = -1) -> List[str]:
-        """snapshots(share_id)'s ids, and nothing else read (ListSnapshots),
+        """snapshots(share_id)'s ids, and nothing else read,
         at most limit (-1: all)."""
         return self.list_ids("snapshots", limit=limit, **snapshots_of(share_id))
 
