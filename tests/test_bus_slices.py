@@ -11,24 +11,7 @@ from dbus_next import DBusError
 from dbus_next.constants import ErrorType
 
 from sharedd.bus import audit, slices, wire
-
-
-def path(i):
-    return f"/org/sharedd/Sharedd1/share/{i}"
-
-
-def marshalled(paths):
-    buf = bytearray()
-    wire.writer("ao")(buf, paths)
-    return bytes(buf)
-
-
-def body(got):
-    """A long list's answer as sent."""
-    assert isinstance(got, wire.Marshalled) and got.signature == "ao"
-    raw = b"".join(got.body.parts)
-    assert len(raw) == got.body.size
-    return raw
+from tests.support.lists import marshalled, path, run_beside, sent
 
 
 class State:
@@ -73,29 +56,6 @@ class State:
         return (int(i, 16), i) if i in self.ids else None
 
 
-def run_beside(coro, other):
-    """coro, with other(n) called at every step of the loop meanwhile;
-    returns coro's result and how many steps other ran in."""
-    async def main():
-        steps = 0
-        done = False
-
-        async def beside():
-            nonlocal steps
-            while not done:
-                steps += 1
-                other(steps)
-                await asyncio.sleep(0)
-        task = asyncio.ensure_future(beside())
-        await asyncio.sleep(0)
-        try:
-            return await coro, steps
-        finally:
-            done = True
-            await task
-    return asyncio.run(main())
-
-
 def test_a_short_list_is_answered_in_one_step():
     state = State(slices.ONE_STEP_PATHS)
     got, steps = run_beside(slices.listed_paths(state, path), lambda n: None)
@@ -107,7 +67,7 @@ def test_a_long_list_is_read_aside_and_written_in_slices_as_the_library_would(mo
     monkeypatch.setattr(slices, "SLICE", 0.0)          # a pause after every chunk
     state = State(slices.ONE_STEP_PATHS + 5)
     got, steps = run_beside(slices.listed_paths(state, path), lambda n: None)
-    assert body(got) == marshalled([path(i) for i in state.ids])
+    assert sent(got) == marshalled([path(i) for i in state.ids])
     assert steps >= 4                 # the other task ran between the slices
     assert state.asides == 1 and state.reads == 0
 
@@ -116,7 +76,7 @@ def test_a_change_that_leaves_the_ids_is_looked_at_not_read_again(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)
     state = State(slices.ONE_STEP_PATHS + 1)
     got, _ = run_beside(slices.listed_paths(state, path), lambda n: state.touch(state.ids[n % len(state.ids)]))
-    assert body(got) == marshalled([path(i) for i in state.ids])
+    assert sent(got) == marshalled([path(i) for i in state.ids])
     assert state.asides == 1 and state.reads == 0
 
 
@@ -141,7 +101,7 @@ def test_under_constant_change_the_answer_is_current_when_it_goes(monkeypatch):
     monkeypatch.setattr(slices, "SLICE", 0.0)
     state = State(slices.ONE_STEP_PATHS + 1)
     got, ids = under_constant_change(state)
-    assert body(got) == marshalled([path(i) for i in ids])
+    assert sent(got) == marshalled([path(i) for i in ids])
     assert state.asides == 1 and state.reads == 0
 
 
@@ -195,7 +155,7 @@ def test_long_lists_are_written_a_few_at_a_time(monkeypatch):
         return await asyncio.gather(*(slices.listed_paths(state, path) for _ in range(20)))
     answers = asyncio.run(main())
     assert most == slices.LIST_TURNS
-    assert all(body(a) == body(answers[0]) for a in answers)
+    assert all(sent(a) == sent(answers[0]) for a in answers)
 
 
 def test_a_short_list_does_not_wait_behind_long_ones(monkeypatch):
@@ -244,7 +204,7 @@ def test_a_caller_has_a_few_long_lists_at_once_the_rest_are_refused(monkeypatch)
     assert len(refused) == 10 - slices.LISTS_PER_CALLER
     assert all(r.type == ErrorType.LIMITS_EXCEEDED.value for r in refused)
     answered = [g for g in got if not isinstance(g, DBusError)]
-    assert all(body(a) == marshalled([path(i) for i in long.ids]) for a in [*answered, other])
+    assert all(sent(a) == marshalled([path(i) for i in long.ids]) for a in [*answered, other])
     assert long.asides == len(answered) + 1    # (the refused read only the first few)
     assert mine_short == [path(i) for i in short.ids]
     assert not slices._turns.of               # (nothing left counted)
@@ -262,4 +222,4 @@ def test_a_cancelled_list_is_no_longer_counted_against_its_caller(monkeypatch):
         await asyncio.gather(*lists, return_exceptions=True)
         assert not slices._turns.of
         return await ask(long, ":1.0")
-    assert body(asyncio.run(main())) == marshalled([path(i) for i in long.ids])
+    assert sent(asyncio.run(main())) == marshalled([path(i) for i in long.ids])

@@ -13,25 +13,9 @@ from sharedd import store as store_mod
 from sharedd.bus import slices, wire
 from sharedd.models import Share, Snapshot
 from sharedd.store import Listing, Store
+from tests.support.lists import joined, marshalled, path, run_beside, sent
 
 STATUSES = ("available", "extending", "error")
-
-
-def path(i):
-    return f"/org/sharedd/Sharedd1/share/{i}"
-
-
-def marshalled(paths):
-    buf = bytearray()
-    wire.writer("ao")(buf, paths)
-    return bytes(buf)
-
-
-def joined(pieces):
-    """A body in pieces as sent, checked against its counted size."""
-    raw = b"".join(pieces.parts)
-    assert len(raw) == pieces.size
-    return raw
 
 
 def grown(tmp_path, n):
@@ -59,30 +43,17 @@ class Counted(Listing):
         return super().key(share_id)
 
 
-def listed_while(st, equal, change):
-    """ListShares(equal) with change(rng, step) run at every step of the
-    loop meanwhile; returns the answer, the ids the store lists in the step
-    that answered, and how many steps ran beside."""
+def listed_while(st, equal, change, table="shares"):
+    """A list of the table's rows (equal) with change(rng, step) run at
+    every step of the loop meanwhile; returns the answer, the ids the store
+    lists in the step that answered, and how many steps ran beside."""
     rng = random.Random(11)
 
-    async def main():
-        steps, done = 0, False
-
-        async def beside():
-            nonlocal steps
-            while not done:
-                steps += 1
-                change(rng, steps)
-                await asyncio.sleep(0)
-        task = asyncio.ensure_future(beside())
-        await asyncio.sleep(0)
-        try:
-            got = await slices.listed_paths(Counted(st, "shares", equal), path)
-            return got, st.share_ids(**equal), steps     # (the same step)
-        finally:
-            done = True
-            await task
-    return asyncio.run(main())
+    async def answer():
+        got = await slices.listed_paths(Counted(st, table, equal), path)
+        return got, st.list_ids(table, **equal)      # (the same step)
+    (got, now), steps = run_beside(answer(), lambda n: change(rng, n))
+    return got, now, steps
 
 
 def churn(st, created):
@@ -121,7 +92,7 @@ def test_a_long_list_under_constant_change_is_current_when_sent(tmp_path, monkey
         Counted.whole = Counted.again = 0
         got, now, steps = listed_while(st, equal, churn(st, [0]))
         assert isinstance(got, wire.Marshalled) and got.signature == "ao"
-        assert joined(got.body) == marshalled([path(i) for i in now])
+        assert sent(got) == marshalled([path(i) for i in now])
         assert len(now) > slices.ONE_STEP_PATHS and steps > 3 and Counted.again > 10
         assert Counted.whole == 0          # never all the ids on the loop
     finally:
@@ -161,26 +132,9 @@ def test_a_long_list_of_snapshots_under_constant_change_is_current_when_sent(
                     st.delete_share(rng.choice(live))
     equal = {} if of is None else {"share_id": of}
     try:
-        async def main():
-            steps, done = 0, False
-
-            async def beside():
-                nonlocal steps
-                while not done:
-                    steps += 1
-                    change(rng, steps)
-                    await asyncio.sleep(0)
-            task = asyncio.ensure_future(beside())
-            await asyncio.sleep(0)
-            try:
-                got = await slices.listed_paths(Counted(st, "snapshots", equal), path)
-                return got, st.snapshot_ids(of), steps
-            finally:
-                done = True
-                await task
         Counted.whole = Counted.again = 0
-        got, now, steps = asyncio.run(main())
-        assert joined(got.body) == marshalled([path(i) for i in now])
+        got, now, steps = listed_while(st, equal, change, "snapshots")
+        assert sent(got) == marshalled([path(i) for i in now])
         assert len(now) > slices.ONE_STEP_PATHS and steps > 3 and Counted.again > 10
         assert Counted.whole == 0
     finally:
@@ -200,7 +154,7 @@ def test_a_list_read_while_more_changed_than_is_remembered_is_read_again(tmp_pat
         burst = churn(st, [0])
         got, now, _ = listed_while(st, {"status": "available"},
                                    lambda rng, step: step == 2 and [burst(rng, k) for k in range(5)])
-        assert joined(got.body) == marshalled([path(i) for i in now])
+        assert sent(got) == marshalled([path(i) for i in now])
         assert Counted.whole == 0 and len(asides) == 2
 
         asides.clear()
@@ -220,7 +174,7 @@ def test_a_quiet_list_is_read_once_aside_and_each_path_written_once(tmp_path, mo
     try:
         Counted.whole = 0
         got, now, _ = listed_while(st, {"backend": "a"}, lambda rng, step: None)
-        assert joined(got.body) == marshalled([path(i) for i in now])
+        assert sent(got) == marshalled([path(i) for i in now])
         assert sorted(written) == sorted(path(i) for i in now) and Counted.whole == 0
     finally:
         st.close()
@@ -241,7 +195,7 @@ def test_a_lists_leftovers_are_freed_after_its_answer_a_slice_at_a_time(tmp_path
         return got, steps
     try:
         got, steps = asyncio.run(main())
-        assert joined(got.body) == marshalled([path(i) for i in st.share_ids()])
+        assert sent(got) == marshalled([path(i) for i in st.share_ids()])
         assert steps >= 3 * 3 and not slices._freeing      # (keys, at and paths: 3 slices each)
     finally:
         st.close()

@@ -137,19 +137,26 @@ def write_strings(buf: bytearray, items: Iterable[str]) -> None:
     pad(buf, 4)
     end = len(buf)
     for x in items:
-        element = string_element(x)
-        buf += element
-        end = len(buf) - _padding(element)
+        raw = _utf8(x)
+        end = len(buf) + 5 + len(raw)
+        buf += _LENGTH(len(raw))
+        buf += raw
+        buf += _ENDS[len(raw) % 4]
     del buf[end:]
 
 
 def string_element(x: str) -> bytes:
-    """One string (or object path) of an array, with the padding that the
-    next element's start needs."""
+    """One string (or object path) of an array, as write_strings writes it,
+    with the padding that the next element's start needs."""
+    raw = _utf8(x)
+    return _LENGTH(len(raw)) + raw + _ENDS[len(raw) % 4]
+
+
+def _utf8(x: str) -> bytes:
     raw = x.encode("utf-8")
     if b"\0" in raw:
         raise ValueError("NUL in a D-Bus string")
-    return _LENGTH(len(raw)) + raw + _ENDS[len(raw) % 4]
+    return raw
 
 
 def _padding(element: bytes) -> int:
