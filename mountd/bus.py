@@ -69,7 +69,10 @@ class MountdBus:
         self.bus.add_message_handler(self._on_message)
         for rule in (f"type='signal',sender='{_DBUS}',interface='{_DBUS}',"
                      f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
-                     f"type='signal',interface='{IFACE_HOOKS}',member='Fired',path='{ROOT_PATH}'"):
+                     # (the bus passes on only the name's owner's; a signal
+                     # sent to us by name still comes, and is checked below)
+                     f"type='signal',sender='{BUS_NAME}',interface='{IFACE_HOOKS}',"
+                     f"member='Fired',path='{ROOT_PATH}'"):
             await self._call("AddMatch", "s", [rule])
         reply = await self.bus.call(Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
                                             member="GetNameOwner", signature="s", body=[BUS_NAME]))
@@ -98,8 +101,9 @@ class MountdBus:
             return None
         if msg.interface == IFACE_HOOKS and msg.member == "Fired" and msg.path == ROOT_PATH:
             if not self.sharedd_owner or msg.sender != self.sharedd_owner:
-                log.warning("ignoring a Fired signal from %s: not the owner of %s",
-                            msg.sender, BUS_NAME)
+                # (any local user may send one to us: logged as refused calls are)
+                self.bus.refusals.refused(msg.sender or "", "Hooks.Fired signal", "ignored",
+                                          f"not sent by the owner of {BUS_NAME}")
                 return None
             if msg.signature != "sss":
                 log.warning("ignoring a Fired signal with signature %r", msg.signature)

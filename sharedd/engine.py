@@ -75,6 +75,8 @@ class Engine:
         self._usage: Dict[str, float] = {}     # share id -> bytes used, for the metrics
         self._usage_at = 0.0
         self._tasks: Set["asyncio.Future[Any]"] = set()
+        # export services being handled as (re)started: whether once more
+        self._appearing: Dict[str, bool] = {}
         # per backend: the periodic run waiting to start, and the lock of runs
         self._periodic_next: Dict[str, "asyncio.Future[Any]"] = {}
         self._periodic_locks: Dict[str, asyncio.Lock] = {}
@@ -176,16 +178,32 @@ class Engine:
         await self._refresh(b)
         await self._publish_capabilities(b)
 
-    async def export_service_appeared(self, helper: str) -> None:
+    def export_service_appeared(self, helper: str) -> None:
         """An export service (NFS-Ganesha) (re)started: set up the backends
-        that were waiting for it, and re-add the exports it lost."""
-        for b in self.backends.values():
-            if helper in b.helper_names():
-                if b.setup_error:
-                    await self._bring_up(b)
-                else:
-                    await self.ensure_all(backend=b.name)
-                    await self.spool_export.ensure()
+        that were waiting for it, and re-add the exports it lost, in the
+        background. It appearing again meanwhile (restarted in a loop) is
+        handled once more after that, not by a second run beside it."""
+        if helper in self._appearing:
+            self._appearing[helper] = True
+            return
+        self._appearing[helper] = False
+        self._spawn(self._service_appeared(helper))
+
+    async def _service_appeared(self, helper: str) -> None:
+        try:
+            again = True
+            while again:
+                self._appearing[helper] = False
+                for b in self.backends.values():
+                    if helper in b.helper_names():
+                        if b.setup_error:
+                            await self._bring_up(b)
+                        else:
+                            await self.ensure_all(backend=b.name)
+                            await self.spool_export.ensure()
+                again = self._appearing[helper]
+        finally:
+            del self._appearing[helper]
 
     async def _recover_servers(self) -> None:
         """Share servers before shares: finish or undo set-ups and teardowns

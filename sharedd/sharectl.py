@@ -265,9 +265,10 @@ async def share_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
                                       "SnapshotVisibility")})
     elif a.action == "migrate":
         p = await c.share(a.share)
+        watch = await completions(c, a.wait)
         (job,) = await c.call(p, S, "Migrate", "sa{sv}", a.backend,
                               options(wait_for_complete=True if a.wait_for_complete else None))
-        await follow(c, out, job, a.wait)
+        await follow(c, out, job, watch)
 
 
 def rules_table(out: Out, v: Dict[str, Any]) -> None:
@@ -378,9 +379,11 @@ async def replica_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
                   [[v["Id"], v["Backend"], v["ReplicaRole"], v["ReplicaState"], v["Status"],
                     v["Style"]] for _, v in rows], [v for _, v in rows])
     elif a.action == "create":
-        (job,) = await c.call(await c.share(a.share), C.IFACE_SHARE, "CreateReplica", "sa{sv}",
+        share = await c.share(a.share)
+        watch = await completions(c, a.wait)
+        (job,) = await c.call(share, C.IFACE_SHARE, "CreateReplica", "sa{sv}",
                               a.backend, options(style=a.style))
-        await follow(c, out, job, a.wait)
+        await follow(c, out, job, watch)
     else:
         path = a.replica if a.replica.startswith(C.REPLICA_PATH) else \
             f"{C.REPLICA_PATH}/{a.replica}"
@@ -388,8 +391,9 @@ async def replica_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
             await c.call(path, R, "Promote", "a{sv}", options(force=True if a.force else None))
             out.done(f"replica {a.replica} promoted")
         elif a.action == "resync":
+            watch = await completions(c, a.wait)
             (job,) = await c.call(path, R, "Resync", "a{sv}", {})
-            await follow(c, out, job, a.wait)
+            await follow(c, out, job, watch)
         elif a.action == "delete":
             await c.call(path, R, "Delete", "a{sv}", {})
             out.done(f"replica {a.replica} deleted")
@@ -426,39 +430,70 @@ async def job_cmd(c: Client, out: Out, a: argparse.Namespace) -> None:
         out.done(f"job {a.job} cancelled")
 
 
-async def follow(c: Client, out: Out, job: str, wait: bool) -> None:
-    """Print the job; with wait, follow it to Completed."""
-    if not wait:
+class Completions:
+    """Jobs' Completed signals, listened for before a job starts (a job is
+    gone once completed: one that ends before we look is not missed), and
+    taken only from sharedd itself: any local user may send a signal named
+    Completed to our connection."""
+
+    def __init__(self) -> None:
+        self.owner = ""                  # org.sharedd.Sharedd1's unique name
+        self.done: Dict[str, Tuple[bool, str]] = {}
+        self.arrived = asyncio.Event()
+
+    async def listen(self, c: Client) -> "Completions":
+        rule = (f"type='signal',sender='{C.BUS_NAME}',interface='{C.IFACE_JOB}',"
+                f"member='Completed',path_namespace='{C.JOB_PATH}'")
+        for member, arg in (("AddMatch", rule), ("GetNameOwner", C.BUS_NAME)):
+            reply = await c.bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member=member, signature="s", body=[arg]))
+            if member == "GetNameOwner" and reply.message_type == MessageType.METHOD_RETURN:
+                self.owner = reply.body[0]   # (not running: the call that starts the job says so)
+        c.bus.add_message_handler(self.take)
+        return self
+
+    def take(self, msg: Message) -> None:
+        if (msg.message_type == MessageType.SIGNAL and self.owner and msg.sender == self.owner
+                and msg.interface == C.IFACE_JOB and msg.member == "Completed"
+                and msg.signature == "bs" and msg.path.startswith(C.JOB_PATH + "/")):
+            self.done[msg.path] = (msg.body[0], msg.body[1][:4000])
+            self.arrived.set()
+
+
+async def completions(c: Client, wait: bool) -> Optional[Completions]:
+    """Before a call that starts a job: its Completed, if it is to be followed."""
+    return await Completions().listen(c) if wait else None
+
+
+async def follow(c: Client, out: Out, job: str, watch: Optional[Completions]) -> None:
+    """Print the job; with watch (--wait), follow it to Completed."""
+    if watch is None:
         out.done(f"started job {job}", {"job": job})
         return
-    done: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    def handler(msg: Message) -> None:
-        if msg.path == job and msg.member == "Completed" and not done.done():
-            done.set_result((bool(msg.body[0]), str(msg.body[1])))
-    rule = (f"type='signal',sender='{C.BUS_NAME}',interface='{C.IFACE_JOB}',"
-            f"member='Completed',path='{job}'")
-    await c.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                             interface="org.freedesktop.DBus", member="AddMatch",
-                             signature="s", body=[rule]))
-    c.bus.add_message_handler(handler)
     bar = sys.stdout.isatty() and not out.as_json
-    while not done.done():
+    while job not in watch.done:
         try:
             v = await c.props(job, C.IFACE_JOB)
         except Failure:
-            break                       # gone: it completed before we looked
+            if job in watch.done:
+                break
+            # (sharedd restarted meanwhile, or another took its name)
+            raise Failure(EXIT_REFUSED, f"job {last(job)} is gone without a Completed signal "
+                          "from sharedd: its outcome is unknown (see sharedd's journal)") from None
         if bar and v.get("ProgressValid"):
             filled = int(v["Progress"] * 30)
             print(f"\r{v['Operation']} [{'#' * filled}{'.' * (30 - filled)}] "
                   f"{v['Progress'] * 100:5.1f}%", end="", flush=True)
-        try:
-            await asyncio.wait_for(asyncio.shield(done), 0.5)
-        except asyncio.TimeoutError:
-            pass
+        watch.arrived.clear()
+        if job not in watch.done:
+            try:
+                await asyncio.wait_for(watch.arrived.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
     if bar:
         print()
-    ok, message = done.result() if done.done() else (True, "completed")
+    ok, message = watch.done[job]
     if not ok:
         raise Failure(EXIT_REFUSED, f"job {last(job)} failed: {message}")
     out.done(f"job {last(job)} completed: {message or 'ok'}",

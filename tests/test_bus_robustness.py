@@ -107,6 +107,89 @@ def test_flood_of_large_refused_calls_then_a_normal_call(d):
     assert "\nxxxx" not in open(d.log_path).read()[log_before:], "a forged log line"
 
 
+async def _churn(address, connections=150, at_once=15, finds=200):
+    """Refused calls as any local user can make them: one unknown member and
+    one FindShareByName of no share per new connection, then many such finds
+    on one connection."""
+    def find(name):
+        return Message(destination="org.sharedd.Sharedd1", path=ROOT, interface=MGR,
+                       member="FindShareByName", signature="s", body=[name])
+
+    async def one(i):
+        bus = await Connection(bus_address=address).connect()
+        try:
+            replies = [await bus.call(Message(destination="org.sharedd.Sharedd1", path=ROOT,
+                                              interface=MGR, member=f"NoSuch{i}")),
+                       await bus.call(find(f"none-{i}"))]
+        finally:
+            bus.disconnect()
+        return [r.error_name for r in replies]
+    names = []
+    for k in range(0, connections, at_once):
+        for got in await asyncio.gather(*(one(i) for i in range(k, k + at_once))):
+            names += got
+    bus = await Connection(bus_address=address).connect()
+    try:
+        for k in range(0, finds, 50):      # (the bus allows a connection 128 calls unanswered)
+            names += [r.error_name for r in await asyncio.gather(
+                *(bus.call(find(f"none\nforged {i}")) for i in range(k, k + 50)))]
+    finally:
+        bus.disconnect()
+    return names
+
+
+def test_refusals_from_many_connections_are_a_few_log_lines(d):
+    """A caller that opens a new connection per refused call is a new caller
+    each time: all callers together get at most REFUSAL_LOG_LINES lines an
+    interval, not one line (or one per call) each."""
+    from sharedd.bus.connection import REFUSAL_LOG_LINES
+    before = os.path.getsize(d.log_path)
+    names = asyncio.run(_churn(d.bus.address))
+    assert names.count("org.freedesktop.DBus.Error.UnknownMethod") == 150
+    assert names.count("org.sharedd.Sharedd1.Error.NotFound") == 150 + 200, set(names)
+    assert d.create_share("after-churn")      # still answering
+    grown = open(d.log_path).read()[before:]
+    lines = [ln for ln in grown.splitlines() if "refused" in ln]
+    assert len(lines) == REFUSAL_LOG_LINES, \
+        f"{len(lines)} refusal lines for 500 refusals:\n" + "\n".join(lines[:40])
+    assert all("message(s) from :" in ln for ln in lines), lines
+    assert "\nforged" not in grown, "a forged log line"
+
+
+def test_refusals_beyond_an_intervals_lines_are_told_in_one_line_at_its_end(monkeypatch, caplog):
+    """Each caller's first refusal in an interval is a line while the
+    interval has lines left; the rest are counted: a caller's into its next
+    line, the others' into one line when the interval ends."""
+    import logging
+    from sharedd.bus import connection
+
+    monkeypatch.setattr(connection, "REFUSAL_LOG_INTERVAL", 0.5)
+    monkeypatch.setattr(connection, "REFUSAL_LOG_LINES", 3)
+
+    async def main():
+        refusals = connection.RefusalLog()
+        for round_ in range(2):
+            for i in range(10):
+                for _ in range(2):
+                    refusals.refused(f":1.{i}", "Find", "Err", f"no\nsuch {round_}")
+            await asyncio.sleep(0.7)    # the interval ends: the held ones are told
+    with caplog.at_level(logging.INFO, logger="sharedd.bus.connection"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 8, lines
+    for told in (lines[:3], lines[4:7]):
+        assert [ln.split(" from ")[1].split(" ")[0] for ln in told] == [":1.0", ":1.1", ":1.2"]
+    assert all("refused 1 message(s)" in ln and "no\\nsuch" in ln for ln in lines[:3])
+    # the second round: the first three callers' lines count their second
+    # refusal of the first round too
+    assert all("refused 2 message(s)" in ln for ln in lines[4:7]), lines[4:7]
+    assert "refused 7 more message(s) from 7 caller(s)" in lines[3], lines[3]
+    # the other seven: their second refusal of the first round and the
+    # first of the second (each one's last is still counted, for its next line)
+    assert "refused 14 more message(s) from 7 caller(s)" in lines[7], lines[7]
+    assert not any("\n" in ln for ln in lines)
+
+
 def test_getall_with_an_empty_interface_and_list_snapshots_for_everyone(d):
     path = d.create_share("props")
     d.share(path, "CreateSnapshot", "sa{sv}", "s1", 0)
@@ -146,6 +229,43 @@ def test_lost_bus_connection_exits_non_zero(tmp_path):
             rc = d.proc.wait(timeout=30)
             assert rc != 0, d.log_tail()
             assert "lost the connection to the system bus" in d.log_tail(), d.log_tail()
+        finally:
+            d.stop()
+
+
+def test_a_forged_name_owner_change_is_not_an_export_service_restart(tmp_path):
+    """Any local user may send a signal named NameOwnerChanged to sharedd;
+    only the bus's own says that NFS-Ganesha (re)started (each makes sharedd
+    re-add every export)."""
+    restarted = "NFS-Ganesha (re)started on the bus"
+    with private_bus() as bus:
+        work = str(tmp_path)
+        os.chmod(work, 0o755)
+        conf = os.path.join(work, "sharedd.conf")
+        with open(conf, "w") as f:
+            f.write(configs.MEMORY.replace("@WORK@", work))
+        d = Sharedd(bus, work, conf)
+        d.start()
+        try:
+            for to in ("--destination=org.sharedd.Sharedd1", None):
+                bus.busctl(*([to] if to else []), "emit", "/org/freedesktop/DBus",
+                           "org.freedesktop.DBus", "NameOwnerChanged", "sss",
+                           "org.ganesha.nfsd", "", ":1.4242", user=65534)
+            assert d.manager("ListShares", "a{sv}", 0) == []   # after the signals, in order
+            assert restarted not in d.log_tail(400)
+
+            async def own_ganesha_name():       # the bus's own NameOwnerChanged
+                conn = await Connection(bus_address=bus.address).connect()
+                try:
+                    await conn.request_name("org.ganesha.nfsd")
+                finally:
+                    conn.disconnect()
+            asyncio.run(own_ganesha_name())
+            deadline = time.monotonic() + 10
+            while restarted not in d.log_tail(400):
+                assert time.monotonic() < deadline, d.log_tail()
+                time.sleep(0.1)
+            assert d.log_tail(400).count(restarted) == 1
         finally:
             d.stop()
 

@@ -1534,6 +1534,38 @@ def test_deny_from_every_state_a_rule_can_be_in(h):
     assert h.rules(share) == {} and h.applied(share) == set()
 
 
+def test_an_export_service_appearing_again_meanwhile_is_handled_once_more(h, monkeypatch):
+    """NFS-Ganesha restarting in a loop: each appearance re-adds every export
+    (thousands); those while a run goes on make one more run, not a run each
+    beside it."""
+    b = h.engine.backends["sim"]
+    monkeypatch.setattr(b, "helper_names", lambda: ["ganesha"])
+    runs, release = [], asyncio.Event()
+
+    async def ensure_all(backend=None, **_):
+        runs.append(backend)
+        await release.wait()
+    monkeypatch.setattr(h.engine, "ensure_all", ensure_all)
+
+    async def main():
+        h.engine.export_service_appeared("ganesha")
+        await asyncio.sleep(0.05)
+        for _ in range(10):
+            h.engine.export_service_appeared("ganesha")
+            h.engine.export_service_appeared("other")     # no backend uses it
+        await asyncio.sleep(0.05)
+        assert runs == ["sim"]
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+        assert runs == ["sim", "sim"] and not h.engine._appearing
+        h.engine.export_service_appeared("ganesha")      # a later one: a run of its own
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+        assert runs == ["sim", "sim", "sim"]
+    h.run(main())
+
+
 # --- limits ----------------------------------------------------------------------
 def test_limits_are_named_errors_checked_before_anything():
     h = Harness("max_access_rules_per_share = 3\nmax_metadata_entries = 2\n"

@@ -103,6 +103,50 @@ def test_groups_backends_and_jobs(ctl):
         ctl("group", "delete", g)
 
 
+def test_a_job_is_followed_by_sharedds_completed_only(ctl, system_bus):
+    """--wait takes a job's outcome from sharedd's own Completed signal:
+    one sent to sharectl's connection by another (any local user may) is
+    not taken, and one sent before the job starts is not missed."""
+    import asyncio
+    from dbus_next import Message, MessageType
+    from dbus_next.aio import MessageBus
+    from sharedd import constants as C
+    from sharedd import sharectl
+
+    ctl("share", "create", "followed", "--backend", "mem1")
+
+    async def main():
+        mine = await MessageBus(bus_address=system_bus.address).connect()
+        other = await MessageBus(bus_address=system_bus.address).connect()
+        try:
+            c = sharectl.Client(mine)
+            watch = await sharectl.completions(c, True)
+            forged = f"{C.JOB_PATH}/" + "0" * 32
+            for to in (mine.unique_name, None):
+                await other.send(Message(message_type=MessageType.SIGNAL, destination=to,
+                                         path=forged, interface=C.IFACE_JOB,
+                                         member="Completed", signature="bs",
+                                         body=[True, "forged"]))
+            await mine.call(Message(destination="org.freedesktop.DBus",   # (after them)
+                                    path="/org/freedesktop/DBus",
+                                    interface="org.freedesktop.DBus", member="GetId"))
+            await other.call(Message(destination="org.freedesktop.DBus",
+                                     path="/org/freedesktop/DBus",
+                                     interface="org.freedesktop.DBus", member="GetId"))
+            assert watch.done == {}
+            share = await c.share("followed")
+            (job,) = await c.call(share, C.IFACE_SHARE, "Migrate", "sa{sv}", "mem2", {})
+            out = sharectl.Out(True)
+            await sharectl.follow(c, out, job, watch)
+            assert watch.done == {job: (True, watch.done[job][1])}
+            assert forged not in watch.done
+        finally:
+            mine.disconnect()
+            other.disconnect()
+    asyncio.run(main())
+    assert js(ctl("--json", "share", "show", "followed"))["Backend"] == "mem2"
+
+
 def test_errors_and_exit_statuses(ctl, system_bus):
     ctl("share", "create", "keep")
     refused = ctl("share", "extend", "keep", "1", expect=1)

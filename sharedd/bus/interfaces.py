@@ -108,7 +108,7 @@ def translate(fn):
             result = await fn(self, *args)
             outcome = "ok"
         except SharedError as exc:
-            log.info("%s refused: %s: %s", fn.__name__, exc.name, exc)
+            _log_refusal(fn.__name__, exc)
             outcome = f"refused: {exc.name}: {exc}"
             raise DBusError(C.ERROR_PREFIX + exc.name, str(exc)) from None
         except DBusError as exc:
@@ -125,6 +125,17 @@ def translate(fn):
         log.debug("%s done in %.3fs", fn.__name__, time.monotonic() - started)
         return result
     return wrapper
+
+
+def _log_refusal(method_name: str, exc: SharedError) -> None:
+    """Logged as the connection logs refused calls (any local user may call
+    the read-only methods, thousands of times a second): sparingly."""
+    call = audit.CALL.get()
+    refusals = getattr(call[0], "refusals", None) if call else None
+    if refusals is None:    # not called over the bus
+        log.info("%s refused: %s: %s", method_name, exc.name, audit.printable(exc, 400))
+    else:
+        refusals.refused(call[1], method_name, C.ERROR_PREFIX + exc.name, str(exc))
 
 
 async def _authorize(iface, method_name, args):

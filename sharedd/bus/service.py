@@ -170,10 +170,15 @@ class BusService(Observer):
                                     signature="s", body=[rule]))
 
         def handler(msg):
-            if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                    and msg.body and msg.body[0] == GANESHA_BUS_NAME and msg.body[2]):
+            # Only the bus itself sends as org.freedesktop.DBus; any local
+            # user may send a signal of this name to us (each would re-add
+            # every export).
+            if (msg.message_type == MessageType.SIGNAL and msg.sender == "org.freedesktop.DBus"
+                    and msg.interface == "org.freedesktop.DBus"
+                    and msg.member == "NameOwnerChanged" and msg.signature == "sss"
+                    and msg.body[0] == GANESHA_BUS_NAME and msg.body[2]):
                 log.info("NFS-Ganesha (re)started on the bus: re-adding exports")
-                asyncio.ensure_future(self.engine.export_service_appeared("ganesha"))
+                self.engine.export_service_appeared("ganesha")
             return None
         self.bus.add_message_handler(handler)
 
