@@ -1,5 +1,5 @@
 """The core modules (engine, runner, state table, store, models, access,
-recovery, backend, share servers and their runtime, the mount table, the bus object tree, its slices and wire format,
+recovery, backend, share servers and their runtime, the mount table, the bus object tree, its slices, wire format and reading,
 the btrfs kernel calls, the audit records, the migration data movers and the small
 utilities, the collector's pauses) type-check with mypy --strict."""
 
@@ -10,7 +10,8 @@ from tests.support import components
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CORE = ["engine", "operation", "states", "store", "models", "access", "recovery", "backend",
-        "mountinfo", "bus/managed", "bus/slices", "bus/wire", "bus/audit", "drivers/btrfs_kernel",
+        "mountinfo", "bus/managed", "bus/slices", "bus/wire", "bus/audit", "bus/reading",
+        "drivers/btrfs_kernel",
         "util", "share_servers", "netns", "service_instance", "jobs", "migration", "transfer",
         "replication", "snapshots", "snapshot_access", "schedule", "share_groups", "metrics",
         "collector"]

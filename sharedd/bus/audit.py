@@ -54,13 +54,20 @@ def unit_of(pid: int) -> str:
     """The systemd unit (service or scope) a process runs in; "" if unknown."""
     try:
         with open(f"/proc/{int(pid)}/cgroup", "rb") as f:
-            text = f.read(8192).decode("utf-8", errors="replace")
+            return unit_in(f.read(8192).decode("utf-8", errors="replace"))
     except (OSError, ValueError):
         return ""
-    for line in text.splitlines():
+
+
+def unit_in(cgroups: str) -> str:
+    """The outermost unit of a /proc/<pid>/cgroup text: the one the system's
+    manager made. The cgroups under it may be delegated to the unit's user
+    (user@1000.service/app.slice/cron.service is user 1000's own manager's
+    naming, not the system's cron)."""
+    for line in cgroups.splitlines():
         if line.startswith("0::"):
             units: List[str] = _UNIT_RE.findall(line[3:])
-            return units[-1] if units else ""
+            return units[0] if units else ""
     return ""
 
 

@@ -11,20 +11,28 @@ password (auth_admin_keep), and `auth.no_user_interaction` in the call's
 a{sv} says not to ask. Where polkit is not installed (authorization =
 auto), or when told (group), a member of admin_group is allowed and nobody
 else. Anything that goes wrong refuses: polkit failing in polkit mode, an
-unknown uid, a method without an action (admin).
+unknown uid, a method without an action (admin), a check polkit does not
+answer in time (it is cancelled). A user has at most CHECKS_PER_USER checks
+in progress (a user's own authentication agent may never answer, and each
+check holds one of the bus's unanswered calls of sharedd's connection);
+one more is told LimitsExceeded, try again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import grp
+import itertools
 import logging
 import os
 import pwd
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from dbus_next import Message, MessageType, Variant
+from dbus_next.constants import ErrorType, MessageFlag
+from dbus_next.errors import DBusError
 
 from .. import constants as C
 from ..errors import NotAuthorized
@@ -38,6 +46,17 @@ ALLOW_USER_INTERACTION = 1
 #: seconds a caller's group membership is remembered
 GROUP_CACHE_SECONDS = 60.0
 MAX_CACHED = 1024
+#: polkit checks in progress for one uid, and for all: each holds one of
+#: the bus's 128 unanswered calls of sharedd's connection, which NFS-Ganesha's
+#: calls (revocations among them) need too, and a user's own authentication
+#: agent may never answer
+CHECKS_PER_USER = 4
+CHECKS_MAX = 32
+#: seconds polkit has to answer: a dialog asks a person; without one, polkit
+#: alone decides
+CHECK_SECONDS_INTERACTIVE = 300.0
+CHECK_SECONDS = 25.0
+TOO_MANY_CHECKS = "too many authorization checks of yours are in progress; try again later"
 
 
 def action_for(interface: str, member: str) -> str:
@@ -53,6 +72,8 @@ class Authorizer:
         self._groups: "collections.OrderedDict[int, Tuple[float, bool]]" = \
             collections.OrderedDict()
         self._warned = -60.0
+        self._checking: Dict[int, int] = {}      # uid: its polkit checks in progress
+        self._cancellations = itertools.count(1)
 
     async def check(self, sender: str, interface: str, member: str,
                     interactive: bool = True) -> None:
@@ -64,7 +85,7 @@ class Authorizer:
         if uid < 0:
             raise NotAuthorized(f"{member}: the caller's identity is unknown; refused")
         if self.mode in ("auto", "polkit"):
-            answer = await self._polkit(sender, action, interactive)
+            answer = await self._polkit_for(uid, sender, action, interactive)
             if answer is not None:
                 authorized, challenge = answer
                 if authorized:
@@ -80,16 +101,42 @@ class Authorizer:
             return
         raise NotAuthorized(f"{member} is for root and members of group {self.admin_group}")
 
+    async def _polkit_for(self, uid: int, sender: str, action: str,
+                          interactive: bool) -> Optional[Tuple[bool, bool]]:
+        """_polkit, if uid and everyone have not too many checks in progress
+        (LimitsExceeded, try again, if they have)."""
+        if self._checking.get(uid, 0) >= CHECKS_PER_USER or \
+                sum(self._checking.values()) >= CHECKS_MAX:
+            raise DBusError(ErrorType.LIMITS_EXCEEDED, TOO_MANY_CHECKS)
+        self._checking[uid] = self._checking.get(uid, 0) + 1
+        try:
+            return await self._polkit(sender, action, interactive)
+        finally:
+            left = self._checking.pop(uid) - 1
+            if left:
+                self._checking[uid] = left
+
     async def _polkit(self, sender: str, action: str,
                       interactive: bool) -> Optional[Tuple[bool, bool]]:
-        """(authorized, challenge), or None where no authority answers."""
+        """(authorized, challenge), or None where no authority answers. A
+        check not answered in time is cancelled, and refused."""
         subject = ("system-bus-name", {"name": Variant("s", sender)})
         flags = ALLOW_USER_INTERACTION if interactive else 0
+        cancellation = f"sharedd-{next(self._cancellations)}"
+        seconds = CHECK_SECONDS_INTERACTIVE if interactive else CHECK_SECONDS
         try:
-            reply = await self.bus.call(Message(
+            reply = await asyncio.wait_for(self.bus.call(Message(
                 destination=AUTHORITY[0], path=AUTHORITY[1], interface=AUTHORITY[2],
                 member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                body=[subject, action, {}, flags, ""]))
+                body=[subject, action, {}, flags, cancellation])), seconds)
+        except asyncio.TimeoutError:
+            # (polkit then answers the call, which frees its place on the bus)
+            self.bus.send(Message(
+                destination=AUTHORITY[0], path=AUTHORITY[1], interface=AUTHORITY[2],
+                member="CancelCheckAuthorization", signature="s", body=[cancellation],
+                flags=MessageFlag.NO_REPLY_EXPECTED))
+            raise NotAuthorized(f"{action}: polkit did not answer within {seconds:g}s "
+                                "(the authentication was not completed); refused") from None
         except Exception as exc:     # the connection failed: no answer
             self._warn(f"polkit: {exc}")
             return None

@@ -43,7 +43,7 @@ from dbus_next.service import ServiceInterface
 
 from .. import constants as C
 from ..errors import SharedError
-from . import managed, wire
+from . import managed, reading, wire
 from .audit import CALL, printable
 from .managed import ObjectIndex
 
@@ -56,6 +56,8 @@ REFUSAL_LOG_CALLERS = 1024
 #: refusal lines per interval for all callers together; the rest are told
 #: in one line at the interval's end
 REFUSAL_LOG_LINES = 20
+#: seconds of reading incoming messages in one step of the loop
+READ_SLICE = 0.002
 
 
 #: a queued reply at least this long (GetManagedObjects at thousands of
@@ -402,7 +404,44 @@ class Connection(ObjectIndex, MessageBus):
         done = getattr(self, "_unmarshaller", None)
         if done is not None:
             done.readers.clear()
-        return super()._create_unmarshaller()
+        return reading.BoundedUnmarshaller(self._stream,
+                                           self._sock if self._negotiate_unix_fd else None)
+
+    def _message_reader(self) -> None:
+        """The library's reader, with messages whose body was not decoded
+        (sharedd.bus.reading) refused, and at most READ_SLICE seconds of
+        reading in one step: a flood of calls is read over several steps,
+        with what they started (and replies awaited) run between them."""
+        started = time.perf_counter()
+        try:
+            while True:
+                reader = self._unmarshaller
+                msg = reader.unmarshall()
+                if msg is None:
+                    return
+                if reader.refused is None:
+                    self._on_message(msg)
+                else:
+                    self._unread(msg, reader.refused)
+                self._unmarshaller = self._create_unmarshaller()
+                if time.perf_counter() - started > READ_SLICE:
+                    # (what the stream has buffered already makes the socket
+                    # no more readable: the next step reads on by itself)
+                    self._loop.call_soon(self._read_on)
+                    return
+        except Exception as exc:
+            self._finalize(exc)
+
+    def _read_on(self) -> None:
+        if not self._disconnected:
+            self._message_reader()
+
+    def _unread(self, msg: Message, why: str) -> None:
+        exc = DBusError(ErrorType.LIMITS_EXCEEDED, why)
+        if msg.message_type == MessageType.METHOD_CALL and \
+                not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self.send(exc._as_message(msg))
+        self._refused(msg, exc)
 
     def _default_introspect_handler(self, msg: Message, send_reply: Any) -> None:
         send_reply(wire.PremarshalledReply(msg, "s", wire.string_pieces(

@@ -1,0 +1,112 @@
+"""Incoming messages decoded with bounded work.
+
+dbus-next decodes a message's body element by element in Python (1-3 µs
+an element) in the loop's reader callback, before anything looks at whom
+it is for. Any local user may send sharedd or mountd a method call or a
+signal of up to the bus's 32 MiB: an `ai` or `av` body of that size held
+the loop 10-30 s, long enough for the watchdog to end the daemon. Here a
+call's or a signal's body with arrays or variants is decoded only if it is
+at most MAX_BODY bytes and MAX_ELEMENTS elements; otherwise its header
+alone is read and the message is refused (LimitsExceeded, if it wants an
+answer). Every method of sharedd and mountd takes strings, numbers and
+a{sv} options of a few dozen entries; a body of strings alone (Fired
+records, up to 4 MiB) costs one read per string and is decoded whole.
+Replies are not bounded: the bus passes on only replies to our own calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from typing import Any, DefaultDict, Optional
+
+from dbus_next.constants import MessageFlag, MessageType
+from dbus_next.message import Message
+from dbus_next._private.constants import HeaderField
+from dbus_next._private.unmarshaller import Unmarshaller
+from dbus_next.signature import SignatureTree
+
+#: a call's or signal's body with arrays or variants longer than this is
+#: not decoded (sharedd's largest: CreateShare with 64 metadata entries of
+#: 1 KiB, about 70 KiB)
+MAX_BODY = 256 * 1024
+#: ... nor one with more elements than this (sharedd's largest: about 150;
+#: 1,024 variants take about 2.5 ms)
+MAX_ELEMENTS = 1024
+#: a body up to this long is decoded without counting (at most about
+#: a thousand elements)
+COUNTED_FROM = 4096
+
+_CALL_OR_SIGNAL = (MessageType.METHOD_CALL.value, MessageType.SIGNAL.value)
+_HEADER = SignatureTree._get("a(yv)").types[0]
+
+
+class _TooMany(Exception):
+    pass
+
+
+class BoundedUnmarshaller(Unmarshaller):
+    """One message's reader; `refused` is set (a text) if its body was not
+    decoded, and the message then has its header only."""
+
+    refused: Optional[str] = None
+
+    def _unmarshall(self) -> None:
+        self.offset = 0
+        self.read(16, prefetch=True)  # type: ignore[no-untyped-call]
+        head = bytes(self.buf[:16])
+        order = "<" if head[0:1] == b"l" else ">"
+        body_len, serial, fields_len = struct.unpack_from(order + "III", head, 4)
+        if head[1] not in _CALL_OR_SIGNAL or body_len <= COUNTED_FROM:
+            super()._unmarshall()  # type: ignore[no-untyped-call]
+            return
+        # All of it first (a message read in part is read again from its start)
+        self.read(16 + fields_len + (-fields_len % 8) + body_len,  # type: ignore[no-untyped-call]
+                  prefetch=True)
+        fields = self._fields()
+        signature = fields["SIGNATURE"] or ""
+        if "a" not in signature and "v" not in signature:     # (an element a type)
+            super()._unmarshall()  # type: ignore[no-untyped-call]
+            return
+        if body_len > MAX_BODY:
+            self.refused = (f"the message's body is {body_len} bytes; one with arrays or "
+                            f"variants may have at most {MAX_BODY}; refused unread")
+        else:
+            plain = self.readers
+            left = [MAX_ELEMENTS]
+
+            def counted(read: Any) -> Any:
+                def one(type_: Any = None) -> Any:
+                    left[0] -= 1
+                    if left[0] < 0:
+                        raise _TooMany()
+                    return read(type_)
+                return one
+            self.readers = {token: counted(read) for token, read in plain.items()}
+            try:
+                super()._unmarshall()  # type: ignore[no-untyped-call]
+                return
+            except _TooMany:
+                self.refused = (f"the message has more than {MAX_ELEMENTS} elements "
+                                "(arrays and variants); refused unread")
+            finally:
+                self.readers = plain
+        self.message = Message(
+            destination=fields["DESTINATION"], path=fields["PATH"],
+            interface=fields["INTERFACE"], member=fields["MEMBER"],
+            message_type=MessageType(head[1]), flags=MessageFlag(head[2]),
+            reply_serial=fields["REPLY_SERIAL"], sender=fields["SENDER"],
+            unix_fds=self.unix_fds, serial=serial)
+
+    def _fields(self) -> DefaultDict[str, Any]:
+        """The header's fields (the message is in the buffer); None for those
+        it has not."""
+        self.offset = 12
+        self.endian = self.buf[0]
+        fields: DefaultDict[str, Any] = collections.defaultdict(lambda: None)
+        for code, value in self.read_argument(_HEADER):  # type: ignore[no-untyped-call]
+            try:
+                fields[HeaderField(code).name] = value.value
+            except ValueError:         # (a field this library does not know)
+                pass
+        return fields
