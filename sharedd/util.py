@@ -6,11 +6,12 @@ import fcntl
 import logging
 import os
 import re
+import selectors
 import signal
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import AlreadyRunning, BackendFailure
 
@@ -63,7 +64,8 @@ def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
         new_session: bool = False) -> "subprocess.CompletedProcess[bytes]":
     """Run an argument vector (never a shell) with a timeout.
 
-    Failures become BackendFailure naming the command and the tail of stderr.
+    Failures become BackendFailure naming the command and the tail of stderr;
+    so does a command that writes more than MAX_OUTPUT (capture).
     new_session: start the command in a session (and process group) of its
     own and, on timeout, kill that whole group: helpers the command started
     (mount.nfs, glusterfs ...) must not outlive a command given up on.
@@ -71,14 +73,12 @@ def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
     argv = [str(a) for a in argv]
     log.debug("run: %s", argv)
     try:
-        if new_session:
-            proc = _run_in_session(argv, timeout, input, env)
-        else:
-            proc = subprocess.run(argv, input=input, capture_output=True,
-                                  timeout=timeout, env=env)
+        proc = capture(argv, timeout=timeout, input=input, env=env, new_session=new_session)
     except subprocess.TimeoutExpired:
         raise BackendFailure(f"{argv[0]} timed out after {timeout:g}s: "
                              f"{' '.join(argv)}") from None
+    except OutputTooLarge as exc:
+        raise BackendFailure(f"{' '.join(argv)}: {exc}") from None
     except OSError as exc:
         raise BackendFailure(f"cannot run {argv[0]}: {exc}") from None
     if check and proc.returncode != 0:
@@ -94,29 +94,89 @@ def command_failed(argv: Sequence[str], proc: "subprocess.CompletedProcess[bytes
                           f" {err.strip()[-500:]}")
 
 
+#: bytes a command may write to its stdout, and to its stderr: what a
+#: remote host's command says (over ssh) is read into the daemon's memory
+MAX_OUTPUT = 64 << 20
 #: seconds to wait for a killed command to be reaped (a task stuck in the
 #: kernel dies only when its system call returns)
 _REAP_TIMEOUT = 10.0
 
 
-def _run_in_session(argv: List[str], timeout: float, input: Optional[bytes],
-                    env: Optional[Dict[str, str]]) -> "subprocess.CompletedProcess[bytes]":
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)
+class OutputTooLarge(Exception):
+    pass
+
+
+def capture(argv: Sequence[str], *, timeout: float, input: Optional[bytes] = None,
+            env: Optional[Dict[str, str]] = None, new_session: bool = False,
+            limit: Optional[int] = None) -> "subprocess.CompletedProcess[bytes]":
+    """subprocess.run(capture_output=True), with at most limit (MAX_OUTPUT)
+    bytes read from each of stdout and stderr: beyond, OutputTooLarge. On
+    that, a timeout (TimeoutExpired) or any other exception the command is
+    killed (with new_session, its whole process group) and reaped. stdin is
+    input, or nothing."""
+    limit = MAX_OUTPUT if limit is None else limit
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=new_session)
     try:
-        out, err = proc.communicate(input, timeout=timeout)
+        out, err = _communicate(proc, input or b"", timeout, limit)
     except BaseException:
-        # Timeout (or interrupted): the group id is the child's pid; killing
-        # the group also ends grandchildren that still hold our pipes.
-        _kill_group(proc, argv[0])
+        _kill(proc, argv[0], new_session)
         raise
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
 
-def _kill_group(proc: "subprocess.Popen[bytes]", name: str) -> None:
+def _communicate(proc: "subprocess.Popen[bytes]", data: bytes, timeout: float,
+                 limit: int) -> Tuple[bytes, bytes]:
+    deadline = time.monotonic() + timeout
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd, stdin = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
+    outputs = {out_fd: bytearray(), err_fd: bytearray()}
+    with selectors.DefaultSelector() as sel:
+        for fd in outputs:
+            sel.register(fd, selectors.EVENT_READ)
+        if data:
+            os.set_blocking(stdin, False)
+            sel.register(stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        written = 0
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            for key, _ in sel.select(left):
+                fd = key.fd
+                if fd == stdin:
+                    try:
+                        written += os.write(fd, data[written:written + 65536])
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        written = len(data)        # (it stopped reading: as communicate)
+                    if written >= len(data):
+                        sel.unregister(fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    sel.unregister(fd)
+                    continue
+                outputs[fd] += chunk
+                if len(outputs[fd]) > limit:
+                    raise OutputTooLarge(f"wrote more than {limit} bytes to "
+                                         f"{'stdout' if fd == out_fd else 'stderr'}; stopped")
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.wait(max(0.0, deadline - time.monotonic()))
+    return bytes(outputs[out_fd]), bytes(outputs[err_fd])
+
+
+def _kill(proc: "subprocess.Popen[bytes]", name: str, group: bool) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if group:   # (the group id is the child's pid: grandchildren holding our pipes go too)
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
     except ProcessLookupError:
         pass      # the child and every member of its group are gone already
     for pipe in (proc.stdin, proc.stdout, proc.stderr):

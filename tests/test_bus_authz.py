@@ -107,3 +107,55 @@ def test_the_audit_names_the_unit_the_system_made_not_a_users_own():
     assert unit_in("0::/system.slice/docker-1f2e.scope/system.slice/sshd.service\n") \
         == "docker-1f2e.scope"
     assert unit_in("0::/\n") == "" and unit_in("1:name=x:/a.service\n") == ""
+
+
+def test_a_users_refused_calls_beyond_ten_a_minute_are_one_audit_record(monkeypatch, tmp_path):
+    """Records go to a datagram socket standing for journald's: a uid's
+    refused calls beyond REFUSED_RECORDS an interval are counted into one
+    record at its end; calls that were not refused are all recorded."""
+    import socket
+    from dbus_next import Variant
+    from sharedd.bus import audit
+
+    monkeypatch.setattr(audit, "REFUSED_INTERVAL", 0.3)
+    journal = str(tmp_path / "journal.socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(journal)
+    sock.setblocking(False)
+
+    class Bus:
+        async def call(self, msg):
+            uid = int(msg.body[0].split(".")[-1])
+            return type("Reply", (), {"message_type": MessageType.METHOD_RETURN, "body": [
+                {"UnixUserID": Variant("u", uid), "ProcessID": Variant("u", 1)}]})()
+
+    def records():
+        out = []
+        while True:
+            try:
+                data = sock.recv(65536).decode()
+            except BlockingIOError:
+                return out
+            out.append(dict(line.split("=", 1) for line in data.splitlines()))
+
+    async def main():
+        a = audit.Auditor(Bus(), journal=journal)
+        got = []      # (read as they come: the socket queues about ten)
+        for i in range(25):
+            await a.record(":1.1001", "Manager.CreateShare", "/o", [f"s{i}"],
+                           "refused: NotAuthorized: needs ...")
+            await a.record(":1.1002", "Manager.CreateShare", "/o", [f"s{i}"], "ok")
+            got += records()
+        await a.record(":1.1003", "Manager.CreateShare", "/o", [], "refused: InvalidArgument")
+        await asyncio.sleep(0.5)
+        return got + records()
+    got = asyncio.run(main())
+    sock.close()
+    by = {uid: [r for r in got if r["SHAREDD_CALLER_UID"] == uid] for uid in ("1001", "1002", "1003")}
+    assert len(by["1002"]) == 25
+    assert len(by["1003"]) == 1 and "SHAREDD_REFUSED_NOT_RECORDED" not in by["1003"][0]
+    assert len(by["1001"]) == 11, by["1001"]
+    summary = by["1001"][-1]
+    assert summary["SHAREDD_REFUSED_NOT_RECORDED"] == "15"
+    assert "15 more refused call(s) by uid 1001" in summary["MESSAGE"]
+    assert all(r["SHAREDD_ARGS"] == f"s{i}" for i, r in enumerate(by["1001"][:10]))

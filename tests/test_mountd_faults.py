@@ -94,6 +94,22 @@ def test_run_in_a_session_returns_output_and_fails_like_run():
     assert run(["sh", "-c", "exit 4"], check=False, new_session=True).returncode == 4
 
 
+def test_a_command_that_says_too_much_is_stopped(monkeypatch):
+    """What a command writes is read into memory (a remote host's, over
+    ssh, among them): beyond MAX_OUTPUT on stdout or stderr it is killed
+    and the call fails; up to it, input and output go through whole."""
+    from sharedd import util
+    monkeypatch.setattr(util, "MAX_OUTPUT", 1 << 20)
+    for session in (False, True):
+        for argv, stream in ((["yes"], "stdout"), (["sh", "-c", "yes >&2"], "stderr")):
+            with pytest.raises(BackendFailure, match=f"more than 1048576 bytes to {stream}"):
+                run(argv, new_session=session, timeout=30)
+        data = os.urandom(900_000)
+        assert run(["cat"], input=data, new_session=session).stdout == data
+    # (a command that stops reading its input early is not an error by itself)
+    assert run(["head", "-c", "10"], input=b"x" * (4 << 20)).stdout == b"x" * 10
+
+
 def _desired():
     return Desired("a" * 32, "x", "h", "NFS", "nfs4", "10.74.0.1:/x", "rw", ())
 

@@ -1,4 +1,5 @@
-"""Who changed what: one audit record per state-changing call, refused or not.
+"""Who changed what: one audit record per state-changing call, refused or not
+(a uid's refused calls beyond REFUSED_RECORDS a minute are counted into one).
 
 The caller is whoever the bus says sent the message: its uid and pid from
 the bus daemon (org.freedesktop.DBus.GetConnectionCredentials, asked once
@@ -19,12 +20,14 @@ Arguments are the caller's: escaped and cut short, never trusted as text.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import logging
 import os
 import re
 import socket
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dbus_next.constants import MessageType
@@ -35,6 +38,12 @@ log = logging.getLogger("sharedd.audit")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 #: connections whose credentials are kept (a busy host has few callers)
 MAX_CALLERS = 1024
+#: refused calls of one uid recorded one by one in an interval; the others
+#: are counted into one record at its end (any local user may be refused
+#: as fast as the bus carries calls: journald's rate limit would then drop
+#: the records of real changes)
+REFUSED_RECORDS = 10
+REFUSED_INTERVAL = 60.0
 _UNIT_RE = re.compile(r"/([A-Za-z0-9:_.@\\-]{1,200}\.(?:service|scope))(?:/|$)")
 
 #: (connection, sender) of the method call being handled: set by the
@@ -100,6 +109,8 @@ class Auditor:
         self._creds: "collections.OrderedDict[str, Tuple[int, int, str]]" = \
             collections.OrderedDict()
         self._sock: Optional[socket.socket] = None
+        # uid: [interval's start, recorded, held back, the latest held back]
+        self._refused: Dict[int, List[Any]] = {}
 
     async def caller(self, sender: str) -> Tuple[int, int, str]:
         """(uid, pid, unit) of a unique bus name; (-1, -1, "") if the bus
@@ -129,17 +140,62 @@ class Auditor:
 
     async def record(self, sender: str, method: str, obj: str, args: Sequence[Any],
                      result: str) -> None:
+        """One call's record; a refused call's only while its uid has had
+        fewer than REFUSED_RECORDS this interval (the rest are counted)."""
         uid, pid, unit = await self.caller(sender)
+        if result.startswith("refused") and not self._one_by_one(uid, f"{method} {obj}: {result}"):
+            return
         arguments = describe_args(args)
         text = (f"{method} {obj} by uid {uid} (pid {pid}, unit {unit or '?'}, "
                 f"{printable(sender, 40)}): {printable(result, 300)}")
-        fields = {"MESSAGE": text, "PRIORITY": "5", "SYSLOG_IDENTIFIER": "sharedd",
-                  "SHAREDD_CALLER_UID": str(uid), "SHAREDD_CALLER_PID": str(pid),
-                  "SHAREDD_CALLER_UNIT": unit, "SHAREDD_CALLER_BUS_NAME": printable(sender, 80),
-                  "SHAREDD_METHOD": method, "SHAREDD_OBJECT": obj, "SHAREDD_ARGS": arguments,
-                  "SHAREDD_RESULT": printable(result, 300)}
+        self._write({"MESSAGE": text, "SHAREDD_CALLER_UID": str(uid),
+                     "SHAREDD_CALLER_PID": str(pid), "SHAREDD_CALLER_UNIT": unit,
+                     "SHAREDD_CALLER_BUS_NAME": printable(sender, 80), "SHAREDD_METHOD": method,
+                     "SHAREDD_OBJECT": obj, "SHAREDD_ARGS": arguments,
+                     "SHAREDD_RESULT": printable(result, 300)})
+
+    def _write(self, fields: Dict[str, str]) -> None:
+        fields = {"PRIORITY": "5", "SYSLOG_IDENTIFIER": "sharedd", **fields}
         if not self._to_journal(fields):
-            log.info("audit: %s; args: %s", text, arguments)
+            log.info("audit: %s; args: %s", fields["MESSAGE"], fields.get("SHAREDD_ARGS", ""))
+
+    def _one_by_one(self, uid: int, what: str) -> bool:
+        """Whether uid's refused call is recorded now; if not, it is counted
+        into the record at its interval's end."""
+        now = time.monotonic()
+        state = self._refused.get(uid)
+        if state is None or now - state[0] >= REFUSED_INTERVAL:
+            if state is not None:
+                self._held_back(uid, state)
+            state = self._refused[uid] = [now, 0, 0, ""]
+            self._at_end(uid, state)
+        if state[1] < REFUSED_RECORDS:
+            state[1] += 1
+            return True
+        state[2] += 1
+        state[3] = what
+        return False
+
+    def _at_end(self, uid: int, state: List[Any]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:       # (told when the uid is next refused)
+            return
+        loop.call_later(REFUSED_INTERVAL, self._held_back, uid, state)
+
+    def _held_back(self, uid: int, state: List[Any]) -> None:
+        """uid's refused calls of the interval state counts that were not
+        recorded one by one, in one record."""
+        if self._refused.get(uid) is state:
+            del self._refused[uid]
+        if not state[2] or state[1] < 0:
+            return
+        state[1] = -1              # (told once)
+        self._write({"MESSAGE": f"{state[2]} more refused call(s) by uid {uid} in "
+                                f"{REFUSED_INTERVAL:g}s, not recorded one by one; the latest: "
+                                f"{printable(state[3], 300)}",
+                     "SHAREDD_CALLER_UID": str(uid), "SHAREDD_RESULT": f"refused: {state[2]} more",
+                     "SHAREDD_REFUSED_NOT_RECORDED": str(state[2])})
 
     def _to_journal(self, fields: Dict[str, str]) -> bool:
         """One datagram in journald's native format (every value is one

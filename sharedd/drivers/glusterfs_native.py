@@ -191,11 +191,12 @@ class GlusterCLI:
         where = f"{self.target.user}@{self.target.host}" if self.target.remote else "local"
         log.debug("gluster (%s): %s", where, " ".join(args))
         try:
-            proc = subprocess.run(argv, capture_output=True, timeout=self.timeout, env=env,
-                                  stdin=subprocess.DEVNULL)
+            proc = util.capture(argv, timeout=self.timeout, env=env)
         except subprocess.TimeoutExpired:
             raise GlusterError(f"gluster {' '.join(args)} ({where}) timed out after "
                                f"{self.timeout:g}s") from None
+        except util.OutputTooLarge as exc:
+            raise GlusterError(f"gluster {' '.join(args)} ({where}): {exc}") from None
         except OSError as exc:
             raise GlusterError(f"cannot run {argv[0]}: {exc}") from None
         out = proc.stdout.decode(errors="replace")
