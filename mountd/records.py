@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 from sharedd import record as rec
 from sharedd.constants import PHASE_PERIODIC
+from sharedd.refusals import Lines
 from sharedd.util import atomic_write
 
 from . import spool_reader
@@ -112,7 +113,8 @@ class RecordSource:
         self.trust = trust or Trust({}, True)
         self.applied = Applied(state_path)
         self.hosts: Dict[str, _Host] = {}
-        self.rejected = 0          # spool files refused so far (each logged once)
+        self.rejected = 0          # spool files refused so far (each logged once, sparingly)
+        self._rejections = Lines("spool file", logging.ERROR)
         self._lock = threading.Lock()
         # host -> its last verified folded state; hosts whose records mountd
         # relies on (set from its own mounts at start, and by every read)
@@ -197,7 +199,8 @@ class RecordSource:
 
     def _reject(self, host: _Host, name: str, key: tuple, why: Exception) -> None:
         path = os.path.join(self.spool_dir, host.name, name)
-        log.error("spool file rejected: %s%s", "" if path in str(why) else f"{path}: ", why)
+        if self._rejections.take(host.name):     # (a spool writer may make thousands)
+            log.error("spool file rejected: %s%s", "" if path in str(why) else f"{path}: ", why)
         self.rejected += 1
         host.files[name] = _File(key, None, None)
 

@@ -142,7 +142,7 @@ def test_refusals_from_many_connections_are_a_few_log_lines(d):
     """A caller that opens a new connection per refused call is a new caller
     each time: all callers together get at most REFUSAL_LOG_LINES lines an
     interval, not one line (or one per call) each."""
-    from sharedd.bus.connection import REFUSAL_LOG_LINES
+    from sharedd.refusals import REFUSAL_LOG_LINES
     before = os.path.getsize(d.log_path)
     names = asyncio.run(_churn(d.bus.address))
     assert names.count("org.freedesktop.DBus.Error.UnknownMethod") == 150
@@ -161,19 +161,19 @@ def test_refusals_beyond_an_intervals_lines_are_told_in_one_line_at_its_end(monk
     interval has lines left; the rest are counted: a caller's into its next
     line, the others' into one line when the interval ends."""
     import logging
-    from sharedd.bus import connection
+    from sharedd import refusals as module
 
-    monkeypatch.setattr(connection, "REFUSAL_LOG_INTERVAL", 0.5)
-    monkeypatch.setattr(connection, "REFUSAL_LOG_LINES", 3)
+    monkeypatch.setattr(module, "REFUSAL_LOG_INTERVAL", 0.5)
+    monkeypatch.setattr(module, "REFUSAL_LOG_LINES", 3)
 
     async def main():
-        refusals = connection.RefusalLog()
+        refusals = module.RefusalLog("message")
         for round_ in range(2):
             for i in range(10):
                 for _ in range(2):
                     refusals.refused(f":1.{i}", "Find", "Err", f"no\nsuch {round_}")
             await asyncio.sleep(0.7)    # the interval ends: the held ones are told
-    with caplog.at_level(logging.INFO, logger="sharedd.bus.connection"):
+    with caplog.at_level(logging.INFO, logger="sharedd.refusals"):
         asyncio.run(main())
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 8, lines
@@ -183,10 +183,10 @@ def test_refusals_beyond_an_intervals_lines_are_told_in_one_line_at_its_end(monk
     # the second round: the first three callers' lines count their second
     # refusal of the first round too
     assert all("refused 2 message(s)" in ln for ln in lines[4:7]), lines[4:7]
-    assert "refused 7 more message(s) from 7 caller(s)" in lines[3], lines[3]
+    assert "refused 7 more message(s) from 7 sender(s)" in lines[3], lines[3]
     # the other seven: their second refusal of the first round and the
     # first of the second (each one's last is still counted, for its next line)
-    assert "refused 14 more message(s) from 7 caller(s)" in lines[7], lines[7]
+    assert "refused 14 more message(s) from 7 sender(s)" in lines[7], lines[7]
     assert not any("\n" in ln for ln in lines)
 
 
@@ -323,11 +323,11 @@ def test_a_failing_property_getter_answers_without_internals_or_a_flood(session_
             for c in (client, server):
                 c.disconnect()
                 await asyncio.wait_for(c.wait_for_disconnect(), 10)
-    with caplog.at_level(logging.INFO, logger="sharedd.bus.connection"):
+    with caplog.at_level(logging.INFO):
         asyncio.run(main())
-    ours = [r for r in caplog.records if r.name == "sharedd.bus.connection"]
-    tracebacks = [r for r in ours if r.exc_info]
-    refusals = [r for r in ours if r.getMessage().startswith("refused")]
+    tracebacks = [r for r in caplog.records if r.name == "sharedd.bus.connection" and r.exc_info]
+    refusals = [r for r in caplog.records if r.name == "sharedd.refusals"
+                and r.getMessage().startswith("refused")]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]
 
@@ -417,7 +417,7 @@ def test_large_replies_beyond_the_bounds_become_limits_exceeded(session_bus, cap
         finally:
             writer.sock = writer.sock.sock
             bus.disconnect()
-    with caplog.at_level(logging.INFO, logger="sharedd.bus.connection"):
+    with caplog.at_level(logging.INFO, logger="sharedd.refusals"):
         asyncio.run(main())
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(logged) == 2 and ":9.1" in logged[0] and ":9.2" in logged[1], logged

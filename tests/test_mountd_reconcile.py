@@ -396,3 +396,21 @@ def test_health_checks_report_stale_and_mount_a_stale_handle_again(mountd_tmp):
         assert rec.mounts[a["id"]].state == "mounted"
     finally:
         rec.close(wait=True)
+
+
+def test_a_flood_of_rejected_spool_files_is_a_few_log_lines(mountd_tmp, caplog):
+    """A writer of the spool may make thousands of files mountd refuses:
+    each is refused, at most REFUSAL_LOG_LINES of them a minute in a line
+    of its own."""
+    from sharedd.refusals import REFUSAL_LOG_LINES
+    spool = os.path.join(mountd_tmp, "flooded")
+    host = os.path.join(spool, HOST)
+    os.makedirs(host)
+    for seq in range(1, 301):
+        pathlib.Path(host, f"{seq:020d}-post-allow_access.json").write_text("{not json")
+    src = RecordSource(spool, (0,))
+    with caplog.at_level(logging.ERROR):
+        src.scan()
+    assert src.rejected == 300
+    lines = [r.getMessage() for r in caplog.records if "spool file rejected" in r.getMessage()]
+    assert len(lines) == REFUSAL_LOG_LINES, len(lines)

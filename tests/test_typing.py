@@ -1,7 +1,7 @@
 """The core modules (engine, runner, state table, store, models, access,
 recovery, backend, share servers and their runtime, the mount table, the bus object tree, its slices, wire format and reading,
 the btrfs kernel calls, the audit records, the migration data movers and the small
-utilities, the collector's pauses) type-check with mypy --strict."""
+utilities, the collector's pauses, the refusal log) type-check with mypy --strict."""
 
 import pathlib
 import subprocess
@@ -14,7 +14,7 @@ CORE = ["engine", "operation", "states", "store", "models", "access", "recovery"
         "drivers/btrfs_kernel",
         "util", "share_servers", "netns", "service_instance", "jobs", "migration", "transfer",
         "replication", "snapshots", "snapshot_access", "schedule", "share_groups", "metrics",
-        "collector"]
+        "collector", "refusals"]
 
 
 def test_core_modules_are_strictly_typed(tmp_path):

@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
 
+from ..refusals import printable
+
 log = logging.getLogger("sharedd.audit")
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -50,13 +52,6 @@ _UNIT_RE = re.compile(r"/([A-Za-z0-9:_.@\\-]{1,200}\.(?:service|scope))(?:/|$)")
 #: connection around each incoming message, read by the interfaces' wrapper
 CALL: contextvars.ContextVar[Optional[Tuple[Any, str]]] = contextvars.ContextVar(
     "sharedd_call", default=None)
-
-
-def printable(text: Any, limit: int = 160) -> str:
-    """Caller-supplied text for a log line: control characters escaped, cut short."""
-    s = str(text)
-    cut = s[:limit].encode("unicode_escape").decode("ascii")
-    return cut + (f"... ({len(s)} characters)" if len(s) > limit else "")
 
 
 def unit_of(pid: int) -> str:

@@ -14,9 +14,8 @@ into a deaf daemon:
 - a refused call (an unknown interface in Properties.Get, say) is logged at
   ERROR with a traceback and the caller's text, twice (log flooding, and a
   newline in the text forges a log line). Here refusals are counted and
-  logged once per caller per interval, escaped and cut short, and at most
-  REFUSAL_LOG_LINES lines an interval for all callers together (a caller
-  that opens a new connection for each call is a new caller each time).
+  logged sparingly (sharedd.refusals): once per caller per interval, in
+  a few lines an interval for all callers together, escaped and cut short.
 
 It also answers Properties.GetAll("") (every interface of the object), which
 dbus-next refuses as NotSupported, and keeps its object tree cheap at 10,000
@@ -26,13 +25,12 @@ objects (sharedd.bus.managed).
 from __future__ import annotations
 
 import array
-import asyncio
 import collections
 import copy
 import logging
 import socket
 import time
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional
 
 from dbus_next import Message, MessageType
 from dbus_next.constants import ErrorType, MessageFlag
@@ -44,18 +42,12 @@ from dbus_next.service import ServiceInterface
 from .. import constants as C
 from ..errors import SharedError
 from . import managed, reading, wire
+from ..refusals import REFUSAL_LOG_INTERVAL, RefusalLog
 from .audit import CALL, printable
 from .managed import ObjectIndex
 
 log = logging.getLogger(__name__)
 
-#: at most one log line per caller per this many seconds for refused calls
-REFUSAL_LOG_INTERVAL = 60.0
-#: callers remembered for the refusal log (oldest forgotten first)
-REFUSAL_LOG_CALLERS = 1024
-#: refusal lines per interval for all callers together; the rest are told
-#: in one line at the interval's end
-REFUSAL_LOG_LINES = 20
 #: seconds of reading incoming messages in one step of the loop
 READ_SLICE = 0.002
 
@@ -264,75 +256,6 @@ class _Reply:
             self(_internal(exc)._as_message(self.msg))
 
 
-class RefusalLog:
-    """Refused calls, logged sparingly. A caller's first refusal in an
-    interval is a line and its later ones are counted into its next line;
-    all callers together have at most REFUSAL_LOG_LINES lines an interval,
-    and the refusals beyond are told in one line at the interval's end."""
-
-    def __init__(self) -> None:
-        self._callers: Dict[str, Tuple[float, int]] = {}   # caller: (its last line, since)
-        self._began = float("-inf")     # this interval's first line
-        self._lines = 0
-        self._held = 0                  # refusals beyond this interval's lines
-        self._held_from: Set[str] = set()
-        self._flush: Optional[asyncio.TimerHandle] = None
-
-    def refused(self, caller: str, what: str, error: str, text: str) -> None:
-        """caller: its unique bus name; what: the call; error: the error's
-        name; text: the error's (caller-supplied parts are escaped here)."""
-        now = time.monotonic()
-        last, count = self._callers.pop(caller, (float("-inf"), 0))
-        count += 1
-        if now - last < REFUSAL_LOG_INTERVAL:
-            self._callers[caller] = (last, count)      # told in its next line
-        else:
-            if self._line(now):
-                log.info("refused %d message(s) from %s in the last %gs; the latest %s: %s: %s",
-                         count, printable(caller, 40), REFUSAL_LOG_INTERVAL, what,
-                         printable(error, 120), printable(text, 400))
-            else:
-                self._hold(caller, count)
-            self._callers[caller] = (now, 0)
-        while len(self._callers) > REFUSAL_LOG_CALLERS:
-            self._callers.pop(next(iter(self._callers)))
-
-    def _line(self, now: float) -> bool:
-        """Whether this interval has a line left (a new interval begins
-        with the first line after the last one's end)."""
-        if now - self._began >= REFUSAL_LOG_INTERVAL:
-            self.flush()
-            self._began, self._lines = now, 0
-        self._lines += 1
-        return self._lines <= REFUSAL_LOG_LINES
-
-    def _hold(self, caller: str, count: int) -> None:
-        self._held += count
-        if len(self._held_from) < REFUSAL_LOG_CALLERS:
-            self._held_from.add(caller)
-        if self._flush is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:     # (no loop: told with the next interval's first line)
-                return
-            self._flush = loop.call_later(
-                max(0.0, self._began + REFUSAL_LOG_INTERVAL - time.monotonic()), self.flush)
-
-    def flush(self) -> None:
-        """The refusals held back, in one line."""
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        if self._held:
-            callers = len(self._held_from)
-            log.info("refused %d more message(s) from %s caller(s) in the last %gs, not logged "
-                     "one by one (%d lines an interval at most)", self._held,
-                     f"{callers}+" if callers >= REFUSAL_LOG_CALLERS else callers,
-                     REFUSAL_LOG_INTERVAL, REFUSAL_LOG_LINES)
-            self._held = 0
-            self._held_from.clear()
-
-
 def _internal(exc: BaseException) -> DBusError:
     return DBusError(ErrorType.SERVICE_ERROR,
                      f"The service interface raised an error: {type(exc).__name__}")
@@ -346,7 +269,7 @@ class Connection(ObjectIndex, MessageBus):
         self._index_init()
         super().__init__(*args, **kwargs)
         self._writer = _Writer(self)
-        self.refusals = RefusalLog()
+        self.refusals = RefusalLog("message")
         self._bug_logged = float("-inf")
         # GetManagedObjects answers waiting for their writing, per caller
         self._answers_for: Dict[str, int] = {}
