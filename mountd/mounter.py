@@ -268,12 +268,15 @@ class Mounter:
         self._check_path(mount_point)
         self._run([MOUNT, "-o", f"remount,{d.level}", "--", mount_point])
 
-    def unmount(self, mount_point: str) -> str:
+    def unmount(self, mount_point: str, revoking: bool = False) -> str:
         """'clean', or 'lazy' when a plain unmount failed or hung (logged).
 
         A lazy unmount detaches every mount inside the share too (a user's
         FUSE mount, a bind mount): with mounts below it, NestedMounts is
-        raised instead and the mount stays until a later attempt succeeds.
+        raised instead and the mount stays until a later attempt succeeds,
+        unless access to it is being withdrawn (revoking): any local user
+        who may write in the share may mount something inside it, and
+        revocation wins.
         """
         self._check_path(mount_point, unmounting=True)
         try:
@@ -282,11 +285,19 @@ class Mounter:
         except BackendFailure as exc:
             failure = exc
         nested = mounts_below(os.path.normpath(mount_point))
-        if nested:
-            shown = ", ".join(nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
+        shown = ", ".join(nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
+        if nested and not revoking:
             raise NestedMounts(f"cannot unmount {mount_point} ({failure}); not detaching it "
                                f"lazily because mounts inside it would go too: {shown}", nested)
         self._run([UMOUNT, "-l", "--", mount_point])
-        log.warning("unmount of %s failed (%s); detached it lazily (umount -l)",
-                    mount_point, failure)
+        log.warning("unmount of %s failed (%s); detached it lazily (umount -l)%s",
+                    mount_point, failure,
+                    f", access to it being withdrawn, with the mounts inside it: {shown}"
+                    if nested else "")
         return "lazy"
+
+    def detach(self, mount_point: str) -> None:
+        """The topmost mount at mount_point detached lazily (a mount covering
+        a share's)."""
+        self._check_path(mount_point, unmounting=True)
+        self._run([UMOUNT, "-l", "--", mount_point])

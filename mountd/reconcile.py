@@ -456,9 +456,9 @@ class Reconciler:
         except Exception as exc:   # already failing; report the first error
             log.error("cleanup unmount of %s failed: %s", mp, exc)
 
-    def _unmount(self, own: OwnMount, outcome: Outcome) -> bool:
+    def _unmount(self, own: OwnMount, outcome: Outcome, revoking: bool = False) -> bool:
         try:
-            self.mounter.unmount(own.mount_point)
+            self.mounter.unmount(own.mount_point, revoking=revoking)
         except Exception as exc:
             log.error("unmounting share %s at %s failed: %s", own.share_id, own.mount_point, exc)
             own.error = f"unmount failed: {exc}"
@@ -508,7 +508,7 @@ class Reconciler:
             outcome.changed = True
             if d.level == "ro":
                 # Never leave write access that was withdrawn.
-                if self._unmount(own, outcome):
+                if self._unmount(own, outcome, revoking=True):
                     own.mount_id, own.state = None, "failed"
                     self._fail(own, f"could not remount read-only: {exc}", outcome)
             return
@@ -576,8 +576,12 @@ class Reconciler:
             if own.owns(entry):
                 jobs.append((sid, functools.partial(self._withdraw, own)))
             elif own.mount_id is not None and (own.mount_id, own.mount_point) in ids:
-                log.error("share %s: cannot unmount %s: another mount covers it",
-                          sid, own.mount_point)
+                if _covers_of(own, entries) is None:
+                    log.error("share %s: cannot unmount %s: another mount covers it",
+                              sid, own.mount_point)
+                else:
+                    jobs.append((sid, functools.partial(
+                        self._uncovered, own, functools.partial(self._withdraw, own))))
             else:
                 self._forget(own)
                 outcome.changed = True
@@ -597,7 +601,14 @@ class Reconciler:
                         (sid, functools.partial(self._remount, own, d)))
                 continue
             if own is not None and own.state in MOUNTED:
-                continue      # covered by another mount: leave it, warned above
+                # covered by another mount: left as it is (warned above), but
+                # write access that was withdrawn goes
+                if own.level == "rw" and d.level == "ro" and own.mount_id is not None \
+                        and (own.mount_id, own.mount_point) in ids \
+                        and _covers_of(own, entries) is not None:
+                    jobs.append((sid, functools.partial(
+                        self._uncovered, own, functools.partial(self._remount, own, d))))
+                continue
             if (own is not None and own.mount_point == mp and not d.error
                     and (own.export, own.fstype, tuple(own.options)) == d.params()
                     and own.next_attempt > now and own.level == d.level):
@@ -658,8 +669,29 @@ class Reconciler:
             outcome.changed = True
 
     def _withdraw(self, own: OwnMount, outcome: Outcome) -> None:
-        if self._unmount(own, outcome):
+        if self._unmount(own, outcome, revoking=True):
             self._forget(own)
+
+    def _uncovered(self, own: OwnMount, then: Callable[[Outcome], None],
+                   outcome: Outcome) -> None:
+        """Access to own is withdrawn or lowered while other mounts cover it,
+        each mounted on it (any local user who may write in the share may
+        mount FUSE there): they are detached, then `then` runs."""
+        for _ in range(_MAX_COVERS):
+            entry = top_mounts(self.mountinfo()).get(own.mount_point)
+            if entry is None or own.owns(entry):
+                break
+            try:
+                self.mounter.detach(own.mount_point)
+            except Exception as exc:
+                log.error("share %s: cannot detach what covers %s: %s", own.share_id,
+                          own.mount_point, exc)
+                own.error = f"covered, and the cover cannot be detached: {exc}"
+                outcome.changed = True
+                return
+            log.warning("share %s: detached %s mounted over %s (access to the share is "
+                        "withdrawn or lowered)", own.share_id, entry.fstype, own.mount_point)
+        then(outcome)
 
     def _replace(self, own: OwnMount, d: Desired, mp: str, outcome: Outcome) -> None:
         if self._unmount(own, outcome):
@@ -684,3 +716,26 @@ class Reconciler:
 
     def mounted_count(self) -> int:
         return sum(1 for m in self.mounts.values() if m.state == "mounted")
+
+
+#: mounts covering a share's that are detached, one by one, at most
+_MAX_COVERS = 16
+
+
+def _covers_of(own: OwnMount, entries: List[MountEntry]) -> Optional[List[MountEntry]]:
+    """The mounts over own's at its mount point, each mounted on it or on
+    one of them (a mount's parent is the mount it was put on); None if the
+    table says otherwise (own's mount is not there, or a cover's parent is
+    not among them)."""
+    ours = [e for e in entries if (e.mount_id, e.mount_point) == (own.mount_id, own.mount_point)]
+    if not ours:
+        return None
+    on_ours = {ours[0].mount_id}
+    covers = []
+    for e in entries[entries.index(ours[0]) + 1:]:
+        if e.mount_point == own.mount_point:
+            if e.parent_id not in on_ours:
+                return None
+            on_ours.add(e.mount_id)
+            covers.append(e)
+    return covers

@@ -172,8 +172,8 @@ def test_a_mount_id_given_to_another_mount_is_not_taken_for_ours(mountd_tmp):
         return out
 
     class Reusing(RecordingMounter):
-        def unmount(self, mount_point):
-            result = super().unmount(mount_point)
+        def unmount(self, mount_point, revoking=False):
+            result = super().unmount(mount_point, revoking)
             subprocess.run(["mount", "--bind", foreign_src, foreign_mp], check=True)
             return result
 
@@ -414,3 +414,41 @@ def test_a_flood_of_rejected_spool_files_is_a_few_log_lines(mountd_tmp, caplog):
     assert src.rejected == 300
     lines = [r.getMessage() for r in caplog.records if "spool file rejected" in r.getMessage()]
     assert len(lines) == REFUSAL_LOG_LINES, len(lines)
+
+
+def test_mounts_a_user_puts_on_a_share_do_not_hold_back_its_revocation(mountd_tmp):
+    """Any local user who may write in a share may mount something in it or
+    over it (FUSE; here tmpfs stands for it): write access that is lowered,
+    and access that is withdrawn, go anyway, with those mounts."""
+    a = make_share(name="alpha", rules=[rule(CLIENT4, "rw")])
+    b = make_share(name="beta", rules=[rule(CLIENT4, "rw")])
+    mounter, rec = make_rec(mountd_tmp)
+    rec.run(desired(a, b))
+    mp_a, mp_b = rec.mounts[a["id"]].mount_point, rec.mounts[b["id"]].mount_point
+
+    def tmpfs(where):
+        os.makedirs(where, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", where], check=True,
+                       capture_output=True, timeout=30)
+    # alpha: covered twice (a mount on the share, and one on that); beta: a
+    # mount inside it, kept busy
+    tmpfs(mp_a)
+    tmpfs(mp_a)
+    tmpfs(os.path.join(mp_b, "inner"))
+    busy = subprocess.Popen(["sleep", "60"], cwd=os.path.join(mp_b, "inner"))
+    try:
+        lowered = make_share(a["id"], name="alpha", rules=[rule(CLIENT4, "ro")])
+        out = rec.run(desired(lowered, b))
+        assert ("Mounted", a["id"], mp_a, "ro") in out.events
+        assert entry(mp_a).read_only and rec.mounts[a["id"]].owns(entry(mp_a))
+        tmpfs(mp_a)
+        out = rec.run({})          # both withdrawn
+        assert sorted(e[:2] for e in out.events) == sorted([("Unmounted", a["id"]),
+                                                            ("Unmounted", b["id"])])
+        assert rec.mounts == {}
+        left = {e.mount_point for e in read_mountinfo()}
+        assert not {mp_a, mp_b, os.path.join(mp_b, "inner")} & left
+    finally:
+        busy.kill()
+        busy.wait()
+    rec.close(wait=True)
