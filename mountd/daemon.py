@@ -191,7 +191,8 @@ class Daemon:
         desired = desired_mounts(
             shares, identity, cfg.protocols,
             {"NFS": cfg.nfs_mount_options, "GLUSTERFS": cfg.glusterfs_mount_options},
-            have_client_cert=bool(cfg.glusterfs_client_cert and cfg.glusterfs_client_key))
+            have_client_cert=bool(cfg.glusterfs_client_cert and cfg.glusterfs_client_key),
+            owners=self.reconciler.owners())
         faults = self.source.unavailable()
         keep = frozenset(self.reconciler.hosts()) if "" in faults else frozenset(faults)
         outcome = self.reconciler.run(desired, keep)

@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from sharedd.constants import PHASE_PERIODIC, PHASE_PRE
 from sharedd.record import EXPORT_RE, mount_export
@@ -197,32 +197,60 @@ def mount_point_for(mount_dir: str, name: str, share_id: str, length: int = 8) -
 
 def desired_mounts(shares_by_host: Dict[str, Dict[str, dict]], identity: Identity,
                    protocols: Sequence[str], extra_options: Dict[str, Sequence[str]],
-                   have_client_cert: bool) -> Dict[str, Desired]:
-    """Share id -> Desired for every share this host may mount."""
+                   have_client_cert: bool,
+                   owners: Optional[Mapping[str, str]] = None) -> Dict[str, Desired]:
+    """Share id -> Desired for every share this host may mount. An id that
+    two sharedd hosts announce (a trusted host that was broken into may
+    sign a record naming another's share, to take its mount point over)
+    stays with the host it is mounted from (owners: id -> host); if it is
+    not mounted, neither host's is."""
     addrs = matching.parse_addresses(identity.addresses)
-    out: Dict[str, Desired] = {}
+    claims: Dict[str, Dict[str, Desired]] = {}
     for host in sorted(shares_by_host):
-        for sid, share in sorted(shares_by_host[host].items()):
-            if sid in out:
-                log.warning("share %s is announced by two sharedd hosts (%s, %s); using %s",
-                            sid, out[sid].host, host, out[sid].host)
-                continue
+        for sid, share in shares_by_host[host].items():
             proto = share["protocol"]
             if proto not in protocols:
                 continue
             level = matching.access_level(share.get("access_rules", []), addrs, identity.cert_cn)
             if level is not None:
-                out[sid] = _describe(host, share, level, extra_options, have_client_cert)
+                claims.setdefault(sid, {})[host] = _describe(
+                    host, share, level, extra_options, have_client_cert)
             # Its snapshots this host may mount: read-only, whatever a rule
             # says, each on a mount point of its own (<share>@<snapshot>-<id>).
             for snap in share.get("snapshots", ()):
-                if snap["id"] in out or matching.access_level(
-                        snap.get("access_rules", []), addrs, identity.cert_cn) is None:
+                if matching.access_level(snap.get("access_rules", []), addrs,
+                                         identity.cert_cn) is None:
                     continue
                 as_share = dict(snap, protocol=proto, name=f"{share['name']}@{snap['name']}")
-                out[snap["id"]] = _describe(host, as_share, "ro", extra_options,
-                                            have_client_cert)
+                claims.setdefault(snap["id"], {})[host] = _describe(
+                    host, as_share, "ro", extra_options, have_client_cert)
+    out: Dict[str, Desired] = {}
+    for sid in sorted(claims):
+        by = claims[sid]
+        if len(by) == 1:
+            out[sid] = next(iter(by.values()))
+            continue
+        owner = (owners or {}).get(sid)
+        _warn_once((sid, owner if owner in by else None, *sorted(by)),
+                   "share %s is announced by %d sharedd hosts (%s); %s",
+                   sid, len(by), ", ".join(sorted(by)),
+                   f"kept as mounted from {owner}" if owner in by else "mounted from none")
+        if owner in by:
+            out[sid] = by[owner]
     return out
+
+
+#: conflicts already logged (each once: they come back every pass)
+_warned: Dict[tuple, None] = {}
+
+
+def _warn_once(key: tuple, text: str, *args: object) -> None:
+    if key in _warned:
+        return
+    _warned[key] = None
+    while len(_warned) > 1024:
+        del _warned[next(iter(_warned))]
+    log.warning(text, *args)
 
 
 def _describe(host: str, share: dict, level: str, extra: Dict[str, Sequence[str]],
@@ -709,6 +737,10 @@ class Reconciler:
         """(share id, mount point, export, level, state) for the bus."""
         return [(m.share_id, m.mount_point, m.export, m.level, m.state)
                 for m in sorted(self.mounts.values(), key=lambda m: m.share_id)]
+
+    def owners(self) -> Dict[str, str]:
+        """Share id -> the sharedd host each mount came from."""
+        return {sid: m.host for sid, m in self.mounts.items()}
 
     def hosts(self) -> List[str]:
         """The sharedd hosts the mounts mountd is responsible for came from."""

@@ -201,3 +201,26 @@ def test_a_granted_snapshot_is_mounted_read_only_on_its_own_mount_point():
     del gone["snapshots"]
     later = recordlib.validate(make_record(2, method="snapshot_update_access", share=gone))
     assert want(fold([rec, later])[1]) == {}
+
+
+def test_a_share_two_hosts_announce_stays_where_it_is_mounted(caplog):
+    """A trusted host that was broken into may sign a record naming another
+    host's share (its id and name, its own export): the share stays with the
+    host it is mounted from, and is mounted from neither if it is not
+    mounted yet; said once, not every pass."""
+    import logging
+    theirs = make_share(name="data", rules=[rule(CLIENT4, "rw")], export=f"{SERVER4}:/data")
+    forged = dict(make_share(theirs["id"], name="data", rules=[rule(CLIENT4, "rw")],
+                             export="10.66.0.1:/steal"))
+    other = make_share(name="other", rules=[rule(CLIENT4, "ro")])
+    by_host = {"aaa-evil": {theirs["id"]: forged}, "bbb": {theirs["id"]: theirs,
+                                                            other["id"]: other}}
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            none = desired_mounts(by_host, Identity((CLIENT4,)), ("NFS",), EXTRA, False)
+            kept = desired_mounts(by_host, Identity((CLIENT4,)), ("NFS",), EXTRA, False,
+                                  owners={theirs["id"]: "bbb"})
+    assert set(none) == {other["id"]}
+    assert kept[theirs["id"]].host == "bbb" and kept[theirs["id"]].export == f"{SERVER4}:/data"
+    said = [r.getMessage() for r in caplog.records if "announced by 2" in r.getMessage()]
+    assert len(said) == 2 and "mounted from none" in said[0] and "bbb" in said[1], said
