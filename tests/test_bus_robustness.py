@@ -213,17 +213,23 @@ def test_unread_notify_socket_never_blocks_the_daemon(d):
     assert time.monotonic() - started < 10
 
 
+def _on_its_own_bus(bus, tmp_path):
+    """A started sharedd (in-memory driver) on a bus of the test's own."""
+    work = str(tmp_path)
+    os.chmod(work, 0o755)
+    conf = os.path.join(work, "sharedd.conf")
+    with open(conf, "w") as f:
+        f.write(configs.MEMORY.replace("@WORK@", work))
+    d = Sharedd(bus, work, conf)
+    d.start()
+    return d
+
+
 def test_lost_bus_connection_exits_non_zero(tmp_path):
     """The bus goes away under the daemon: it must exit (non-zero) so systemd
     restarts it, not linger deaf with its watchdog happy."""
     with private_bus() as bus:
-        work = str(tmp_path)
-        os.chmod(work, 0o755)
-        conf = os.path.join(work, "sharedd.conf")
-        with open(conf, "w") as f:
-            f.write(configs.MEMORY.replace("@WORK@", work))
-        d = Sharedd(bus, work, conf)
-        d.start()
+        d = _on_its_own_bus(bus, tmp_path)
         try:
             os.kill(bus.pid, signal.SIGKILL)
             rc = d.proc.wait(timeout=30)
@@ -239,13 +245,7 @@ def test_a_forged_name_owner_change_is_not_an_export_service_restart(tmp_path):
     re-add every export)."""
     restarted = "NFS-Ganesha (re)started on the bus"
     with private_bus() as bus:
-        work = str(tmp_path)
-        os.chmod(work, 0o755)
-        conf = os.path.join(work, "sharedd.conf")
-        with open(conf, "w") as f:
-            f.write(configs.MEMORY.replace("@WORK@", work))
-        d = Sharedd(bus, work, conf)
-        d.start()
+        d = _on_its_own_bus(bus, tmp_path)
         try:
             for to in ("--destination=org.sharedd.Sharedd1", None):
                 bus.busctl(*([to] if to else []), "emit", "/org/freedesktop/DBus",
