@@ -205,9 +205,15 @@ def desired_mounts(shares_by_host: Dict[str, Dict[str, dict]], identity: Identit
     stays with the host it is mounted from (owners: id -> host); if it is
     not mounted, neither host's is."""
     addrs = matching.parse_addresses(identity.addresses)
+    # id -> the hosts that name it (granting this host access or not), and
+    # what each that grants it would have mounted
+    named: Dict[str, List[str]] = {}
     claims: Dict[str, Dict[str, Desired]] = {}
     for host in sorted(shares_by_host):
         for sid, share in shares_by_host[host].items():
+            named.setdefault(sid, []).append(host)
+            for snap in share.get("snapshots", ()):
+                named.setdefault(snap["id"], []).append(host)
             proto = share["protocol"]
             if proto not in protocols:
                 continue
@@ -226,14 +232,16 @@ def desired_mounts(shares_by_host: Dict[str, Dict[str, dict]], identity: Identit
                     host, as_share, "ro", extra_options, have_client_cert)
     out: Dict[str, Desired] = {}
     for sid in sorted(claims):
-        by = claims[sid]
-        if len(by) == 1:
+        by, hosts = claims[sid], sorted(set(named[sid]))
+        if len(hosts) == 1:
             out[sid] = next(iter(by.values()))
             continue
+        # (the owner's, if it still grants access; else no host's: a host
+        # that withdraws access must not hand the mount point to another)
         owner = (owners or {}).get(sid)
-        _warn_once((sid, owner if owner in by else None, *sorted(by)),
+        _warn_once((sid, owner if owner in by else None, *hosts),
                    "share %s is announced by %d sharedd hosts (%s); %s",
-                   sid, len(by), ", ".join(sorted(by)),
+                   sid, len(hosts), ", ".join(hosts),
                    f"kept as mounted from {owner}" if owner in by else "mounted from none")
         if owner in by:
             out[sid] = by[owner]
@@ -523,8 +531,9 @@ class Reconciler:
                 raise MountFailed(f"the mount at {own.mount_point} changed during remount")
             self._check_flags(own, entry)
         except NotImplementedError:
-            # This file system cannot change level in place: mount again.
-            if self._unmount(own, outcome):
+            # This file system cannot change level in place: mount again
+            # (a lowering is a revocation: mounts inside do not hold it back).
+            if self._unmount(own, outcome, revoking=old == "rw" and d.level == "ro"):
                 own.mount_id = None
                 self._mount(d, own.mount_point, outcome)
             return
@@ -719,10 +728,14 @@ class Reconciler:
                 return
             log.warning("share %s: detached %s mounted over %s (access to the share is "
                         "withdrawn or lowered)", own.share_id, entry.fstype, own.mount_point)
+        else:
+            own.error = f"covered by more than {_MAX_COVERS} mounts; detached that many"
+            outcome.changed = True
+            return
         then(outcome)
 
     def _replace(self, own: OwnMount, d: Desired, mp: str, outcome: Outcome) -> None:
-        if self._unmount(own, outcome):
+        if self._unmount(own, outcome, revoking=own.level == "rw" and d.level == "ro"):
             self._forget(own)
             self._mount(d, mp, outcome)
 
@@ -740,7 +753,8 @@ class Reconciler:
 
     def owners(self) -> Dict[str, str]:
         """Share id -> the sharedd host each mount came from."""
-        return {sid: m.host for sid, m in self.mounts.items()}
+        with self._lock:
+            return {sid: m.host for sid, m in list(self.mounts.items())}
 
     def hosts(self) -> List[str]:
         """The sharedd hosts the mounts mountd is responsible for came from."""

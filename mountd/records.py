@@ -309,6 +309,7 @@ class RecordSource:
         unreadable host: its last verified state). quick: look only at names
         not seen before (a network spool between full rescans)."""
         with self._lock:
+            self._rejections.tick()     # (the pass runs in a thread: no timer)
             try:
                 dirs: Optional[List[str]] = spool_reader.list_host_dirs(
                     self.spool_dir, missing_ok=False, allowed_uids=self.allowed_uids)

@@ -194,13 +194,19 @@ class Engine:
             again = True
             while again:
                 self._appearing[helper] = False
-                for b in self.backends.values():
-                    if helper in b.helper_names():
-                        if b.setup_error:
-                            await self._bring_up(b)
-                        else:
-                            await self.ensure_all(backend=b.name)
-                            await self.spool_export.ensure()
+                try:
+                    for b in self.backends.values():
+                        if helper in b.helper_names():
+                            if b.setup_error:
+                                await self._bring_up(b)
+                            else:
+                                await self.ensure_all(backend=b.name)
+                                await self.spool_export.ensure()
+                except StateLost:
+                    raise
+                except Exception as exc:   # (the next appearance is still handled)
+                    log.error("%s (re)started, but its exports could not all be added "
+                              "again: %s", helper, exc)
                 again = self._appearing[helper]
         finally:
             del self._appearing[helper]

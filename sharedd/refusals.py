@@ -32,7 +32,7 @@ def printable(text: Any, limit: int = 160) -> str:
 class Lines:
     """At most REFUSAL_LOG_LINES lines an interval for everything refused of
     one kind; the refusals beyond are told in one line at the interval's end
-    (or, where no event loop runs, with the next interval's first line)."""
+    (where no event loop runs: at the first tick() or line after it)."""
 
     def __init__(self, noun: str, level: int = logging.INFO) -> None:
         self.noun = noun                # what is refused ("message", "spool file")
@@ -65,6 +65,12 @@ class Lines:
                 max(0.0, self._began + REFUSAL_LOG_INTERVAL - time.monotonic()), self.flush)
         return False
 
+    def tick(self) -> None:
+        """Where no event loop runs (a thread's work): the refusals held back,
+        once their interval is over."""
+        if self._held and time.monotonic() - self._began >= REFUSAL_LOG_INTERVAL:
+            self.flush()
+
     def flush(self) -> None:
         """The refusals held back, in one line."""
         if self._flush is not None:
@@ -72,10 +78,10 @@ class Lines:
             self._flush = None
         if self._held:
             senders = len(self._held_from)
-            log.log(self.level, "refused %d more %s(s) from %s sender(s) in the last %gs, not "
-                    "logged one by one (%d lines an interval at most)", self._held, self.noun,
+            log.log(self.level, "refused %d more %s(s) from %s sender(s), not logged one by "
+                    "one (at most %d lines every %gs)", self._held, self.noun,
                     f"{senders}+" if senders >= REFUSAL_LOG_CALLERS else senders,
-                    REFUSAL_LOG_INTERVAL, REFUSAL_LOG_LINES)
+                    REFUSAL_LOG_LINES, REFUSAL_LOG_INTERVAL)
             self._held = 0
             self._held_from.clear()
 

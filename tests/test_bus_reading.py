@@ -73,6 +73,23 @@ def test_too_many_elements_or_bytes_are_not_decoded():
         assert got.message_type == MessageType.METHOD_CALL
 
 
+def test_long_variant_signatures_count_and_are_not_all_kept():
+    """A variant's signature is parsed (and dbus-next keeps it): its length
+    counts against the elements, and the kept ones are bounded."""
+    import random
+    from dbus_next.signature import SignatureTree
+    types = "ybnqiuxtds"
+    rng = random.Random(7)
+    variants = [Variant("a(" + "".join(rng.choice(types) for _ in range(200)) + ")", [])
+                for _ in range(40)]
+    reader, got = read(call("av", [variants]))
+    assert reader.refused and "elements" in reader.refused
+    for i in range(reading.SIGNATURES_KEPT * 2):
+        read(call("av", [[Variant("a(" + "".join(rng.choice(types) for _ in range(20)) + ")",
+                                  [])]]))
+        assert len(SignatureTree._cache) <= reading.SIGNATURES_KEPT + 8
+
+
 def test_a_message_in_pieces_reads_the_same():
     for msg in (call("ai", [list(range(2000))]), call("ai", [list(range(9000))]),
                 call("s", ["y" * 100_000])):
@@ -127,3 +144,54 @@ def test_the_daemon_refuses_large_bodies_unread_and_answers_on(sharedd_factory, 
     assert d.create_share("after-large")
     log = d.log_tail(400)
     assert "refused unread" in log and "Traceback" not in log
+
+
+def test_a_flood_is_read_in_slices_with_one_continuation_at_a_time(session_bus, monkeypatch):
+    """Reading stops after READ_SLICE and goes on in a later step; while it
+    waits to, the socket's own callback does not start a second reading
+    (a steady flood would otherwise pile continuations up, one a step)."""
+    from sharedd.bus import connection
+    monkeypatch.setattr(connection, "READ_SLICE", 0.0002)
+    pending, most, steps = [0], [0], [0]
+    real = Connection._read_on
+
+    def read_on(self):
+        pending[0] -= 1
+        steps[0] += 1
+        real(self)
+    monkeypatch.setattr(Connection, "_read_on", read_on)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        soon = loop.call_soon
+
+        def counted(callback, *args, **kw):
+            if getattr(callback, "__name__", "") == "read_on":
+                pending[0] += 1
+                most[0] = max(most[0], pending[0])
+            return soon(callback, *args, **kw)
+        loop.call_soon = counted
+        server = await Connection(bus_address=session_bus).connect()
+        client = await Connection(bus_address=session_bus).connect()
+        got = []
+        server.add_message_handler(lambda m: got.append(m) if m.member == "Tick" else None)
+        try:
+            for burst in range(20):
+                for i in range(200):
+                    client.send(Message(message_type=MessageType.SIGNAL,
+                                        destination=server.unique_name, path="/t",
+                                        interface="org.sharedd.Test", member="Tick",
+                                        signature="u", body=[i]))
+                await asyncio.sleep(0)
+            for _ in range(500):
+                if len(got) == 4000:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            loop.call_soon = soon
+            client.disconnect()
+            server.disconnect()
+        return len(got)
+    assert asyncio.run(main()) == 4000
+    assert steps[0] > 5, "the flood was read in one step"
+    assert most[0] == 1, (most[0], steps[0])

@@ -1545,6 +1545,8 @@ def test_an_export_service_appearing_again_meanwhile_is_handled_once_more(h, mon
     async def ensure_all(backend=None, **_):
         runs.append(backend)
         await release.wait()
+        if len(runs) == 1:
+            raise BackendFailure("ganesha went again meanwhile")
     monkeypatch.setattr(h.engine, "ensure_all", ensure_all)
 
     async def main():
@@ -1555,7 +1557,7 @@ def test_an_export_service_appearing_again_meanwhile_is_handled_once_more(h, mon
             h.engine.export_service_appeared("other")     # no backend uses it
         await asyncio.sleep(0.05)
         assert runs == ["sim"]
-        release.set()
+        release.set()        # the first run fails: the one asked meanwhile still runs
         for _ in range(100):
             await asyncio.sleep(0.01)
         assert runs == ["sim", "sim"] and not h.engine._appearing

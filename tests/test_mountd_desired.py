@@ -224,3 +224,9 @@ def test_a_share_two_hosts_announce_stays_where_it_is_mounted(caplog):
     assert kept[theirs["id"]].host == "bbb" and kept[theirs["id"]].export == f"{SERVER4}:/data"
     said = [r.getMessage() for r in caplog.records if "announced by 2" in r.getMessage()]
     assert len(said) == 2 and "mounted from none" in said[0] and "bbb" in said[1], said
+    # the host it is mounted from withdraws this host's access: the other
+    # does not get the mount point
+    by_host["bbb"][theirs["id"]] = dict(theirs, access_rules=[])
+    left = desired_mounts(by_host, Identity((CLIENT4,)), ("NFS",), EXTRA, False,
+                          owners={theirs["id"]: "bbb"})
+    assert set(left) == {other["id"]}

@@ -398,10 +398,11 @@ def test_health_checks_report_stale_and_mount_a_stale_handle_again(mountd_tmp):
         rec.close(wait=True)
 
 
-def test_a_flood_of_rejected_spool_files_is_a_few_log_lines(mountd_tmp, caplog):
+def test_a_flood_of_rejected_spool_files_is_a_few_log_lines(mountd_tmp, caplog, monkeypatch):
     """A writer of the spool may make thousands of files mountd refuses:
     each is refused, at most REFUSAL_LOG_LINES of them a minute in a line
     of its own."""
+    from sharedd import refusals
     from sharedd.refusals import REFUSAL_LOG_LINES
     spool = os.path.join(mountd_tmp, "flooded")
     host = os.path.join(spool, HOST)
@@ -414,6 +415,15 @@ def test_a_flood_of_rejected_spool_files_is_a_few_log_lines(mountd_tmp, caplog):
     assert src.rejected == 300
     lines = [r.getMessage() for r in caplog.records if "spool file rejected" in r.getMessage()]
     assert len(lines) == REFUSAL_LOG_LINES, len(lines)
+    # the rest in one line, at the first scan after the interval (the scans
+    # run in a thread: no timer)
+    monkeypatch.setattr(refusals, "REFUSAL_LOG_INTERVAL", 0.0)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        src.scan()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"refused {300 - REFUSAL_LOG_LINES} more spool file(s) from 1 sender(s), not logged "
+        f"one by one (at most {REFUSAL_LOG_LINES} lines every 0s)"]
 
 
 def test_mounts_a_user_puts_on_a_share_do_not_hold_back_its_revocation(mountd_tmp):

@@ -1,5 +1,7 @@
 """Who changed what: one audit record per state-changing call, refused or not
-(a uid's refused calls beyond REFUSED_RECORDS a minute are counted into one).
+(a uid's refused calls beyond REFUSED_RECORDS a minute are counted into one;
+a call refused unread, its body too large to decode, is not a call here:
+it is logged with the other refusals, sharedd.bus.reading).
 
 The caller is whoever the bus says sent the message: its uid and pid from
 the bus daemon (org.freedesktop.DBus.GetConnectionCredentials, asked once

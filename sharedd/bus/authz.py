@@ -13,9 +13,9 @@ auto), or when told (group), a member of admin_group is allowed and nobody
 else. Anything that goes wrong refuses: polkit failing in polkit mode, an
 unknown uid, a method without an action (admin), a check polkit does not
 answer in time (it is cancelled). A user has at most CHECKS_PER_USER checks
-in progress (a user's own authentication agent may never answer, and each
-check holds one of the bus's unanswered calls of sharedd's connection);
-one more is told LimitsExceeded, try again.
+in progress, and all users CHECKS_MAX (a user's own authentication agent
+may never answer, and each check holds one of the bus's unanswered calls
+of sharedd's connection); one more is told LimitsExceeded, try again.
 """
 
 from __future__ import annotations

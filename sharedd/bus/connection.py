@@ -270,6 +270,7 @@ class Connection(ObjectIndex, MessageBus):
         super().__init__(*args, **kwargs)
         self._writer = _Writer(self)
         self.refusals = RefusalLog("message")
+        self._read_later = False        # reading goes on in a later step
         self._bug_logged = float("-inf")
         # GetManagedObjects answers waiting for their writing, per caller
         self._answers_for: Dict[str, int] = {}
@@ -331,10 +332,14 @@ class Connection(ObjectIndex, MessageBus):
                                            self._sock if self._negotiate_unix_fd else None)
 
     def _message_reader(self) -> None:
-        """The library's reader, with messages whose body was not decoded
-        (sharedd.bus.reading) refused, and at most READ_SLICE seconds of
-        reading in one step: a flood of calls is read over several steps,
-        with what they started (and replies awaited) run between them."""
+        """The library's reader (the socket's callback), with messages whose
+        body was not decoded (sharedd.bus.reading) refused, and at most
+        READ_SLICE seconds of reading in one step: a flood of calls is read
+        over several steps, with what they started (and replies awaited)
+        run between them. While a step's reading goes on in a later one
+        (_read_on), the socket's callback leaves it to that."""
+        if self._read_later:
+            return
         started = time.perf_counter()
         try:
             while True:
@@ -350,12 +355,14 @@ class Connection(ObjectIndex, MessageBus):
                 if time.perf_counter() - started > READ_SLICE:
                     # (what the stream has buffered already makes the socket
                     # no more readable: the next step reads on by itself)
+                    self._read_later = True
                     self._loop.call_soon(self._read_on)
                     return
         except Exception as exc:
             self._finalize(exc)
 
     def _read_on(self) -> None:
+        self._read_later = False
         if not self._disconnected:
             self._message_reader()
 

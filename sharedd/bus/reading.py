@@ -12,19 +12,21 @@ answer). Every method of sharedd and mountd takes strings, numbers and
 a{sv} options of a few dozen entries; a body of strings alone (Fired
 records, up to 4 MiB) costs one read per string and is decoded whole.
 Replies are not bounded: the bus passes on only replies to our own calls.
+dbus-next also keeps every signature it has parsed, for good: past
+SIGNATURES_KEPT it forgets them here.
 """
 
 from __future__ import annotations
 
 import collections
 import struct
-from typing import Any, DefaultDict, Optional
+from typing import Any, DefaultDict, List, Optional
 
 from dbus_next.constants import MessageFlag, MessageType
 from dbus_next.message import Message
 from dbus_next._private.constants import HeaderField
 from dbus_next._private.unmarshaller import Unmarshaller
-from dbus_next.signature import SignatureTree
+from dbus_next.signature import SignatureTree, Variant
 
 #: a call's or signal's body with arrays or variants longer than this is
 #: not decoded (sharedd's largest: CreateShare with 64 metadata entries of
@@ -33,9 +35,13 @@ MAX_BODY = 256 * 1024
 #: ... nor one with more elements than this (sharedd's largest: about 150;
 #: 1,024 variants take about 2.5 ms)
 MAX_ELEMENTS = 1024
-#: a body up to this long is decoded without counting (at most about
-#: a thousand elements)
+#: a body up to this long is decoded without counting (at most about two
+#: thousand reads)
 COUNTED_FROM = 4096
+#: signatures dbus-next keeps parsed (it keeps every one it has seen, about
+#: 40 KB for a long one, and any local user may send new ones): beyond, it
+#: forgets them all and parses again what comes
+SIGNATURES_KEPT = 256
 
 _CALL_OR_SIGNAL = (MessageType.METHOD_CALL.value, MessageType.SIGNAL.value)
 _HEADER = SignatureTree._get("a(yv)").types[0]
@@ -50,8 +56,22 @@ class BoundedUnmarshaller(Unmarshaller):
     decoded, and the message then has its header only."""
 
     refused: Optional[str] = None
+    #: elements left to decode, while counted (a variant's signature counts
+    #: a character an element: parsing it is the variant's cost)
+    _left: Optional[List[int]] = None
+
+    def read_variant(self, _: Any = None) -> Variant:
+        signature = self.read_signature()  # type: ignore[no-untyped-call]
+        if self._left is not None:
+            self._left[0] -= len(signature)
+            if self._left[0] < 0:
+                raise _TooMany()
+        tree = SignatureTree._get(signature)
+        return Variant(tree, self.read_argument(tree.types[0]))  # type: ignore[no-untyped-call]
 
     def _unmarshall(self) -> None:
+        if len(SignatureTree._cache) > SIGNATURES_KEPT:
+            SignatureTree._cache.clear()
         self.offset = 0
         self.read(16, prefetch=True)  # type: ignore[no-untyped-call]
         head = bytes(self.buf[:16])
@@ -73,7 +93,7 @@ class BoundedUnmarshaller(Unmarshaller):
                             f"variants may have at most {MAX_BODY}; refused unread")
         else:
             plain = self.readers
-            left = [MAX_ELEMENTS]
+            left = self._left = [MAX_ELEMENTS]
 
             def counted(read: Any) -> Any:
                 def one(type_: Any = None) -> Any:
@@ -90,7 +110,7 @@ class BoundedUnmarshaller(Unmarshaller):
                 self.refused = (f"the message has more than {MAX_ELEMENTS} elements "
                                 "(arrays and variants); refused unread")
             finally:
-                self.readers = plain
+                self.readers, self._left = plain, None
         self.message = Message(
             destination=fields["DESTINATION"], path=fields["PATH"],
             interface=fields["INTERFACE"], member=fields["MEMBER"],
