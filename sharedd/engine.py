@@ -1005,8 +1005,8 @@ class Engine:
                                   server)
         if server is None:
             await self.replications.ensure([b.name for b in chosen])
-        await self.snapshot_access.ensure_all([b.name for b in chosen])
-        await self.snapshot_ops.ensure_views([b.name for b in chosen])
+        await self.snapshot_access.ensure_all([b.name for b in chosen], server)
+        await self.snapshot_ops.ensure_views([b.name for b in chosen], server)
 
 
 def _log_failure(task: "asyncio.Future[Any]") -> None:

@@ -172,22 +172,31 @@ class SnapshotAccess:
                                              applied, [], []),
                          done=done, failed=failed)
 
-    async def ensure_all(self, backends: Sequence[str]) -> None:
+    async def ensure_all(self, backends: Sequence[str], server: Optional[str] = None) -> None:
         """Ensure every exported snapshot of an available share on backends
-        (few: at most MAX_EXPORTED_SNAPSHOTS per share, and only those with rules)."""
-        for snapshot_id in self.store.snapshots_with_rules():
-            snap = self.store.get_snapshot(snapshot_id)
-            found = self.store.get_share(snap.share_id) if snap else None
-            if snap is None or found is None or found.backend not in backends \
-                    or found.status != C.STATUS_AVAILABLE:
-                continue
-            share: Share = found
+        (only server's shares, if named): those with rules, read aside, each
+        looked at again under its share's lock."""
+        wanted = set(backends)
+
+        def exported(view: Store) -> List[Tuple[Snapshot, Share]]:
+            out = []
+            for snapshot_id in view.snapshots_with_rules():
+                snap = view.get_snapshot(snapshot_id)
+                share = view.get_share(snap.share_id) if snap else None
+                if snap is not None and share is not None and share.backend in wanted \
+                        and share.status == C.STATUS_AVAILABLE \
+                        and (server is None or share.share_server_id == server):
+                    out.append((snap, share))
+            return out
+        for snap, share in await self.store.read(exported):
             b = self.backends[share.backend]
 
-            async def plan(b: Backend = b, share: Share = share,
-                           snapshot_id: str = snapshot_id) -> Optional[Operation]:
-                snap = self.store.get_snapshot(snapshot_id)
-                return self.ensure_operation(b, share, snap) if snap else None
+            async def plan(b: Backend = b, share_id: str = share.id,
+                           snapshot_id: str = snap.id) -> Optional[Operation]:
+                now, of = self.store.get_snapshot(snapshot_id), self.store.get_share(share_id)
+                if now is None or of is None or of.status != C.STATUS_AVAILABLE:
+                    return None      # gone or busy since it was read
+                return self.ensure_operation(b, of, now)
             await isolated(f"snapshot {snap.name} of share {share.name}: exports not ensured",
                            self.runner.run_if([share.id], plan), step="ensure",
                            level=logging.WARNING)

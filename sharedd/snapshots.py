@@ -21,9 +21,10 @@ in the middle is recovered the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from . import access, validation
 from . import constants as C
@@ -50,7 +51,12 @@ class Snapshots:
         self.spawn = spawn
         self.share_in = share_in      # the share, refused unless in one of the statuses
         # share id -> (schedule, retention, visibility) of its own ("": its backend's)
-        self._policies: Dict[str, Tuple[str, str, str]] = store.snapshot_policies()
+        self._policies: Dict[str, Tuple[str, str, str]] = {}
+        # how many shares have each schedule text of their own: the texts in
+        # use, known without reading the shares
+        self._own_schedules: "collections.Counter[str]" = collections.Counter()
+        for share_id, policy in store.snapshot_policies().items():
+            self._remember(share_id, policy)
         self._parsed: Dict[str, Schedule] = {}
         self.scheduler = Scheduler(self)
 
@@ -316,10 +322,14 @@ class Snapshots:
         return self.visibility(share) != shown
 
     def _remember(self, share_id: str, policy: Tuple[str, str, str]) -> None:
-        if policy == ("", "", ""):
-            self._policies.pop(share_id, None)
-        else:
+        old = self._policies.pop(share_id, None)
+        if old is not None:
+            self._own_schedules[old[0]] -= 1
+            if not self._own_schedules[old[0]]:
+                del self._own_schedules[old[0]]
+        if policy != ("", "", ""):
             self._policies[share_id] = policy
+            self._own_schedules[policy[0]] += 1
 
     # ------------------------------------------------------------ snapshot view
     async def view(self, b: Backend, share: Share) -> None:
@@ -338,23 +348,35 @@ class Snapshots:
             if share is not None and share.status == C.STATUS_AVAILABLE:
                 await self.view(self.backends[share.backend], share)
 
-    async def ensure_views(self, backends: List[str]) -> None:
+    async def ensure_views(self, backends: List[str], server: Optional[str] = None) -> None:
         """At ensure: every share whose driver can show snapshots shows
         exactly what its visibility says (one that shows none and has no
-        view costs a directory lookup)."""
-        for name in backends:
-            b = self.backends[name]
-            for share in self.store.shares(name):
-                if share.status != C.STATUS_AVAILABLE or not b.driver.shows_snapshots(share):
+        view costs a directory lookup). The shares are read aside and
+        looked at in a worker thread: 10,000 of them are not one step."""
+        wanted = set(backends)
+
+        def available(view: Store) -> List[Share]:
+            return [share for share in view.shares_in(C.STATUS_AVAILABLE)
+                    if share.backend in wanted
+                    and (server is None or share.share_server_id == server)]
+
+        def to_show(shares: List[Share]) -> List[Share]:
+            out = []
+            for share in shares:
+                b = self.backends[share.backend]
+                if not b.driver.shows_snapshots(share):
                     continue
                 if self.visibility(share) == C.SNAPSHOTS_HIDDEN and not b.driver.has_snapshot_view(share):
                     continue
-                await isolated(f"share {share.name}: snapshot view not ensured", self.show(share.id),
-                               step="ensure", level=logging.WARNING)
+                out.append(share)
+            return out
+        for share in await asyncio.to_thread(to_show, await self.store.read(available)):
+            await isolated(f"share {share.name}: snapshot view not ensured", self.show(share.id),
+                           step="ensure", level=logging.WARNING)
 
     def forget_policy(self, share_id: str) -> None:
         """The share is gone (its row went with it)."""
-        self._policies.pop(share_id, None)
+        self._remember(share_id, ("", "", ""))
 
     def schedule_of(self, text: str) -> Schedule:
         sched = self._parsed.get(text)
@@ -409,25 +431,36 @@ class Snapshots:
         return snap.status != C.STATUS_AVAILABLE or bool(snap.group_snapshot_id) \
             or self.store.share_made_from(snap.id) or self.store.count_snapshot_rules(snap.id) > 0
 
-    def scheduled_shares(self) -> Dict[str, List[str]]:
-        """schedule text -> ids of the shares it applies to (read at each
-        elapse: every share of a backend with a default schedule, else only
-        those with a schedule of their own)."""
-        defaults = [name for name, b in self.backends.items()
-                    if getattr(b.config, "snapshot_schedule", "")]
-        if defaults:
-            shares = [s for name in defaults for s in self.store.shares(name)]
-            shares += [s for s in (self.store.get_share(i) for i in self._policies)
-                       if s is not None and s.backend not in defaults]
-        else:
-            shares = [s for s in (self.store.get_share(i) for i in self._policies)
-                      if s is not None]
-        out: Dict[str, List[str]] = {}
-        for share in shares:
-            text = self.policy(share)[0]
-            if text:
-                out.setdefault(text, []).append(share.id)
-        return out
+    def schedules_in_use(self) -> Set[str]:
+        """Every schedule text some share may follow: the backends' defaults
+        and the shares' own (from memory: a policy change reads no share)."""
+        texts = {str(getattr(b.config, "snapshot_schedule", "") or "")
+                 for b in self.backends.values()}
+        texts.update(self._own_schedules)
+        return texts - {"", NONE}
+
+    async def scheduled_shares(self) -> Dict[str, List[str]]:
+        """schedule text -> ids of the shares it applies to, oldest first
+        (every share of a backend with a default schedule, else only those
+        with a schedule of their own), read aside: at an elapse, never on a
+        policy change."""
+        defaults = {name: str(getattr(b.config, "snapshot_schedule", "") or "")
+                    for name, b in self.backends.items()}
+        defaults = {name: text for name, text in defaults.items() if text}
+        return await self.store.read(lambda view: _by_schedule(
+            view.share_schedules(every=bool(defaults)), defaults))
+
+
+def _by_schedule(rows: Iterable[Tuple[str, str, str]],
+                 defaults: Mapping[str, str]) -> Dict[str, List[str]]:
+    """(share id, backend, own schedule) rows grouped by the schedule in
+    force (as Snapshots.policy says)."""
+    out: Dict[str, List[str]] = {}
+    for share_id, backend, own in rows:
+        text = "" if own == NONE else own or defaults.get(backend, "")
+        if text:
+            out.setdefault(text, []).append(share_id)
+    return out
 
 
 #: a share's own schedule "none": no scheduled snapshots, whatever its backend says
@@ -457,18 +490,24 @@ class Scheduler:
         await self.catch_up()
         while True:
             self._wake.clear()
-            groups = self.snapshots.scheduled_shares()
+            texts = self.snapshots.schedules_in_use()
+            for text in set(self._done) - texts:
+                del self._done[text]          # a text used again starts afresh
             now = time.time()
-            for text, share_ids in groups.items():
-                sched = self.snapshots.schedule_of(text)
-                last = sched.last_at_or_before(now)
+            due: Dict[str, float] = {}
+            for text in texts:
+                last = self.snapshots.schedule_of(text).last_at_or_before(now)
                 if last is None:
                     continue
                 done = self._done.setdefault(text, last)   # new: from its next elapse on
                 if last > done:
+                    due[text] = last
+            if due:
+                groups = await self.snapshots.scheduled_shares()
+                for text, last in due.items():
                     self._done[text] = last
-                    await self._take(share_ids, last)
-            nexts = [self.snapshots.schedule_of(t).next_after(time.time()) for t in groups]
+                    await self._take(groups.get(text, []), last)
+            nexts = [self.snapshots.schedule_of(t).next_after(time.time()) for t in texts]
             delay = min([n - time.time() for n in nexts] + [self.TICK_MAX])
             try:
                 async with asyncio.timeout(max(0.01, delay + 0.01)):   # (see hooks.manager)
@@ -478,9 +517,11 @@ class Scheduler:
 
     async def catch_up(self) -> None:
         """An elapse missed while sharedd was down: taken once, now."""
+        if not self.snapshots.schedules_in_use():
+            return
         now = time.time()
-        newest_names = self.snapshots.store.newest_named(NAME_PREFIX)
-        for text, share_ids in self.snapshots.scheduled_shares().items():
+        newest_names = await self.snapshots.store.read(lambda view: view.newest_named(NAME_PREFIX))
+        for text, share_ids in (await self.snapshots.scheduled_shares()).items():
             last = self.snapshots.schedule_of(text).last_at_or_before(now)
             if last is None:
                 continue
@@ -496,12 +537,14 @@ class Scheduler:
                 await self._take(behind, last)
 
     async def _take(self, share_ids: List[str], elapse: float) -> None:
-        turns = asyncio.Semaphore(self.PARALLEL)
+        """PARALLEL workers through the shares (not a task per share: one
+        step would make 10,000)."""
+        queue = iter(share_ids)
 
-        async def one(share_id: str) -> None:
-            async with turns:
+        async def worker() -> None:
+            for share_id in queue:
                 try:
                     await self.snapshots.take_scheduled(share_id, elapse)
                 except Exception:   # one share's trouble must not stop the schedule
                     log.exception("scheduled snapshot of share %s failed", share_id)
-        await asyncio.gather(*(one(i) for i in share_ids))
+        await asyncio.gather(*(worker() for _ in range(self.PARALLEL)))

@@ -853,6 +853,15 @@ class Store:
             rows = self.db.execute("SELECT * FROM shares WHERE backend=? ORDER BY created_at, id", (backend,))
         return [self._share(r) for r in rows]
 
+    def shares_in(self, status: str) -> List[Share]:
+        """The shares in one status, oldest first (by index)."""
+        return [self._share(r) for r in self._listed("shares", "*", {"status": status}, -1)]
+
+    def share_counts(self) -> Dict[str, int]:
+        """backend -> its number of shares (from the totals, no share read)."""
+        return dict(self.db.execute("SELECT backend, SUM(shares) FROM share_totals "
+                                    "GROUP BY backend HAVING SUM(shares) > 0").fetchall())
+
     def share_ids(self, *, limit: int = -1, **equal: str) -> List[str]:
         """Ids of the shares whose columns equal the given values, oldest first
         (nothing but ids is read, whatever the number of shares),
@@ -1156,6 +1165,19 @@ class Store:
         return {r[0]: (r[1], r[2], r[3]) for r in self.db.execute(
             "SELECT share_id, schedule, retention, visibility FROM snapshot_policies")}
 
+    def share_schedules(self, every: bool) -> List[Tuple[str, str, str]]:
+        """(share id, backend, its own schedule) oldest first: of every
+        share (every), else only of those with a schedule of their own."""
+        if every:
+            sql = ("SELECT s.id, s.backend, COALESCE(p.schedule, '') FROM shares s "
+                   "LEFT JOIN snapshot_policies p ON p.share_id = s.id")
+        else:
+            sql = ("SELECT s.id, s.backend, p.schedule FROM snapshot_policies p "
+                   "JOIN shares s ON s.id = p.share_id WHERE p.schedule != ''")
+        cur = self.db.execute(sql + " ORDER BY s.created_at, s.id")
+        cur.row_factory = None
+        return cur.fetchall()
+
     def newest_named(self, prefix: str) -> Dict[str, str]:
         """share id -> the greatest snapshot name starting with prefix (one
         query for every share: scheduled names sort by their time)."""
@@ -1177,6 +1199,11 @@ class Store:
     def snapshots(self, share_id: Optional[str] = None) -> List[Snapshot]:
         """The snapshots (of one share), oldest first."""
         return [self._snapshot(r) for r in self._listed("snapshots", "*", snapshots_of(share_id), -1)]
+
+    def snapshots_in(self, status: str) -> List[Snapshot]:
+        """The snapshots in one status, oldest first."""
+        return [self._snapshot(r) for r in self.db.execute(
+            "SELECT * FROM snapshots WHERE status=? ORDER BY created_at, id", (status,))]
 
     def snapshot_ids(self, share_id: Optional[str] = None, *, limit: int = -1) -> List[str]:
         """snapshots(share_id)'s ids, and nothing else read,
@@ -1233,6 +1260,11 @@ class Store:
             return self._rules_where("share_id=?", (share_id,))
         marks = ",".join("?" * len(states))
         return self._rules_where(f"share_id=? AND state IN ({marks})", (share_id, *states))
+
+    def rules_in(self, states: Sequence[str]) -> List[AccessRule]:
+        """Every share's rules in these states, oldest first."""
+        marks = ",".join("?" * len(states))
+        return self._rules_where(f"state IN ({marks})", tuple(states))
 
     def all_rules(self) -> Dict[str, List[AccessRule]]:
         result: Dict[str, List[AccessRule]] = {}

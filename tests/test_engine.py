@@ -556,9 +556,45 @@ def test_an_elapse_missed_while_down_is_taken_once_at_start(h, monkeypatch):
     h.stop()
     clock[0] += 4                             # two more pass while sharedd is down
     h.start()
+    # (the scheduler reads the shares aside before it takes the snapshot)
+    assert wait_until(h, lambda: len(scheduled(h, share)) == 2)
     h.run(h.engine.runner.wait_idle(5))
+    h.run(asyncio.sleep(0.3))
     names = scheduled(h, share)
     assert [name_time(n) for n in names] == [2_000_000_002.0, 2_000_000_006.0], names
+
+
+def test_every_share_is_read_aside_never_on_the_loop(h, monkeypatch):
+    """A policy change, an elapse and an ensure of every share read the
+    shares in the store's reader thread (at 10,000 that is 100-200 ms the
+    loop would stop for): reading them on the loop's own store fails here."""
+    from types import SimpleNamespace
+    from sharedd import snapshots as snapshot_module
+    clock = [2_000_000_000.5]
+    monkeypatch.setattr(snapshot_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    h.engine.backends["sim"].config.values.update(snapshot_schedule="2s")
+    h.engine.snapshot_ops.scheduler.changed()
+    shares = [h.create(f"aside{i}") for i in range(3)]
+    h.run(h.engine.set_snapshot_policy(shares[2].id, {"snapshot_schedule": "none"}))
+
+    def on_the_loop(read):
+        def refused(*args, **kw):
+            if read.__name__.startswith("snapshots") and args and args[0] is not None:
+                return read(*args, **kw)       # (one share's snapshots)
+            raise AssertionError(f"every row read on the event loop ({read.__name__})")
+        return refused
+    for name in ("shares", "shares_in", "share_schedules", "snapshots", "all_rules",
+                 "snapshots_with_rules", "newest_named"):
+        monkeypatch.setattr(h.engine.store, name, on_the_loop(getattr(h.engine.store, name)))
+    h.run(h.engine.set_snapshot_policy(shares[0].id, {"snapshot_retention": "3"}))
+    clock[0] += 2                             # an elapse of the backend's schedule
+    h.engine.snapshot_ops.scheduler.changed()
+    assert wait_until(h, lambda: all(scheduled(h, s) for s in shares[:2]))
+    h.run(h.engine.runner.wait_idle(5))
+    assert scheduled(h, shares[2]) == [], "its own schedule: none"
+    ensured = h.world.calls.count("ensure_share")
+    h.run(h.engine.ensure_all())
+    assert h.world.calls.count("ensure_share") == ensured + len(shares)
 
 
 def test_a_crash_in_a_scheduled_snapshot_leaves_no_orphan(h):
@@ -567,8 +603,9 @@ def test_a_crash_in_a_scheduled_snapshot_leaves_no_orphan(h):
     with pytest.raises(Crash):
         h.run(h.engine.snapshot_ops.take_scheduled(share.id, 3600.0 * 100))
     h.restart()
-    h.run(h.engine.runner.wait_idle(5))
     # recovery removed the half-made one; the catch-up took this hour's
+    assert wait_until(h, lambda: scheduled(h, share))
+    h.run(h.engine.runner.wait_idle(5))
     snaps = h.engine.snapshots(share.id)
     assert all(s.status == C.STATUS_AVAILABLE for s in snaps)
     assert set(h.world.snapshots) == {s.id for s in snaps}
