@@ -1,9 +1,10 @@
 """Incoming messages decoded with bounded work (sharedd.bus.reading): a
 call's or a signal's body with arrays or variants beyond MAX_BODY bytes or
 MAX_ELEMENTS elements is not decoded (its header is, and the caller is told
-LimitsExceeded); bodies of strings and replies are decoded whole; a message
-that arrives in pieces reads the same. Then the same against the running
-daemon, from a user that is not root."""
+LimitsExceeded); a header beyond MAX_FIELDS bytes (a long object path) is
+not decoded either; bodies of strings and replies are decoded whole; a
+message that arrives in pieces reads the same. Then the same against the
+running daemon, from a user that is not root."""
 
 import asyncio
 
@@ -90,6 +91,56 @@ def test_long_variant_signatures_count_and_are_not_all_kept():
         assert len(SignatureTree._cache) <= reading.SIGNATURES_KEPT + 8
 
 
+def from_the_bus(msg, sender):
+    """msg's bytes as the bus passes them on: with a SENDER field (the bus
+    sets it; dbus-next leaves it out), after every other field."""
+    from dbus_next._private.constants import HeaderField
+    from dbus_next._private.marshaller import Marshaller
+    body = Marshaller(msg.signature, msg.body)
+    body.marshall()
+    fields = [[HeaderField.PATH.value, Variant("o", msg.path)],
+              [HeaderField.MEMBER.value, Variant("s", msg.member)],
+              [HeaderField.REPLY_SERIAL.value, Variant("u", 5)],
+              [HeaderField.SIGNATURE.value, Variant("g", msg.signature or "s")]]
+    if msg.interface:
+        fields.insert(1, [HeaderField.INTERFACE.value, Variant("s", msg.interface)])
+    if sender is not None:
+        fields.append([HeaderField.SENDER.value, Variant("s", sender)])
+    header = Marshaller("yyyyuua(yv)", [ord("l"), msg.message_type.value, msg.flags.value, 1,
+                                        len(body.buffer), msg.serial, fields])
+    header.marshall()
+    header.align(8)
+    return bytes(header.buffer + body.buffer)
+
+
+def read_bytes(data, step=None):
+    reader = reading.BoundedUnmarshaller(Trickle(data, step))
+    while (got := reader.unmarshall()) is None:
+        pass
+    return reader, got
+
+
+def test_a_long_header_is_not_decoded_and_its_sender_is_found():
+    for path in ("/" + "a" * (reading.MAX_FIELDS + 1), "/a" * 500_000):
+        for kind, extra in ((MessageType.METHOD_CALL, {}),
+                            (MessageType.SIGNAL, {"interface": "org.sharedd.Test"})):
+            msg = Message(path=path, member="Introspect", message_type=kind, serial=11,
+                          signature="s", body=["x"], **extra)
+            reader, got = read_bytes(from_the_bus(msg, ":1.42"), step=4096)
+            assert reader.refused and "header" in reader.refused, reader.refused
+            assert (got.message_type, got.serial, got.sender, got.path, got.body) == \
+                (kind, 11, ":1.42", None, [])
+    # no sender, or one that is not a bus name: refused all the same
+    for sender in (None, "not a name", "x" * 300):
+        msg = Message(path="/" + "b" * 9000, member="X", serial=3)
+        reader, got = read_bytes(from_the_bus(msg, sender))
+        assert reader.refused and got.sender is None
+    # a header just within the bound is read as usual
+    path = "/" + "c" * (reading.MAX_FIELDS - 200)
+    reader, got = read_bytes(from_the_bus(Message(path=path, member="X", serial=4), ":1.9"))
+    assert reader.refused is None and (got.path, got.sender) == (path, ":1.9")
+
+
 def test_a_message_in_pieces_reads_the_same():
     for msg in (call("ai", [list(range(2000))]), call("ai", [list(range(9000))]),
                 call("s", ["y" * 100_000])):
@@ -144,6 +195,92 @@ def test_the_daemon_refuses_large_bodies_unread_and_answers_on(sharedd_factory, 
     assert d.create_share("after-large")
     log = d.log_tail(400)
     assert "refused unread" in log and "Traceback" not in log
+
+
+#: dbus-daemon's longest message (its default, and the test bus's)
+BUS_MESSAGE_MAX = 32 << 20
+
+
+async def _long_paths(address):
+    """A non-root caller's Introspect of an object path of a million
+    elements, and of one path so long that its answer (the path and some
+    XML) would be longer than the bus carries; then a normal call."""
+    bus = await Connection(bus_address=address).connect()
+    try:
+        def introspect(path):
+            return Message(destination="org.sharedd.Sharedd1", path=path,
+                           interface="org.freedesktop.DBus.Introspectable", member="Introspect")
+        base = len(introspect("/")._marshall()) - 1
+        longest = "/" + "a" * (BUS_MESSAGE_MAX - 48 - base)
+        assert BUS_MESSAGE_MAX - 64 < len(introspect(longest)._marshall()) <= BUS_MESSAGE_MAX - 40
+        answers = []
+        for path in ("/a" * 1_000_000, longest):
+            reply = await bus.call(introspect(path))
+            answers.append((reply.error_name, reply.body[0][:200]))
+        reply = await bus.call(Message(destination="org.sharedd.Sharedd1", path=ROOT,
+                                       interface=MGR, member="ListShares", signature="a{sv}",
+                                       body=[{}]))
+        return answers, reply.body
+    finally:
+        bus.disconnect()
+
+
+def test_the_daemon_refuses_long_paths_unread_and_stays_on_the_bus(sharedd_factory, system_bus):
+    """An Introspect of a path of the bus's own length would be answered
+    with a message longer than the bus carries, and the bus drops a
+    connection that sends one: sharedd would be off the bus at one call of
+    any local user. A long header is refused before it is read."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from tests.support import configs
+    d = sharedd_factory(configs.MEMORY)
+    code = ("import asyncio, json, sys; sys.path.insert(0, %r); "
+            "from tests.test_bus_reading import _long_paths; "
+            "print(json.dumps(asyncio.run(_long_paths(%r))))"
+            % (os.getcwd(), system_bus.address))
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                           sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [a[0] for a in answers] == [ErrorType.LIMITS_EXCEEDED.value] * 2, answers
+    assert all("header" in a[1] for a in answers), answers
+    assert after == [[]]
+    assert d.proc.poll() is None, "sharedd left the bus"
+    assert d.create_share("after-long-paths")
+    log = d.log_tail(400)
+    assert "refused unread" in log and "Traceback" not in log
+
+
+def test_an_answer_longer_than_the_bus_carries_is_never_sent(session_bus):
+    """The system bus drops a connection that sends a message over its
+    longest: such an answer is replaced by LimitsExceeded. (This bus would
+    carry it: its limit is higher, and it lets any call through.)"""
+    async def main():
+        server = await Connection(bus_address=session_bus).connect()
+        client = await Connection(bus_address=session_bus).connect()
+
+        def answer(msg):
+            if msg.member == "Big":
+                return Message.new_method_return(msg, "s", ["x" * (BUS_MESSAGE_MAX + 10)])
+            if msg.member == "Small":
+                return Message.new_method_return(msg, "s", ["fine"])
+        server.add_message_handler(answer)
+        try:
+            replies = []
+            for member in ("Big", "Small"):
+                reply = await client.call(Message(destination=server.unique_name, path="/t",
+                                                  interface="org.sharedd.Test", member=member))
+                replies.append((reply.error_name, reply.body[0][:60]))
+            return replies, server.connected
+        finally:
+            client.disconnect()
+            server.disconnect()
+    replies, connected = asyncio.run(main())
+    assert replies[0][0] == ErrorType.LIMITS_EXCEEDED.value and "bytes" in replies[0][1], replies
+    assert replies[1] == (None, "fine") and connected
 
 
 def test_a_flood_is_read_in_slices_with_one_continuation_at_a_time(session_bus, monkeypatch):

@@ -65,6 +65,9 @@ LARGE_QUEUED_MAX = 256 << 20
 IOV_MAX = 1024
 LARGE_PER_CALLER = 2
 TOO_MANY_LARGE = "too many large replies are waiting to be written; try again in a moment"
+#: the longest message the bus carries (dbus-daemon's default): it drops a
+#: connection that sends a longer one, so none is sent
+MESSAGE_MAX = 32 << 20
 
 
 class _Queued:
@@ -119,6 +122,19 @@ class _Writer(_MessageWriter):
         item = _Queued(data, copy.copy(msg.unix_fds), future)
         large = reply and item.size >= LARGE_REPLY
         to = msg.destination or ""          # ("" on a connection without a bus)
+        if item.size > MESSAGE_MAX:
+            too_long = f"the answer would be {item.size} bytes, more than the bus carries"
+            self.bus._count_refusal(to, f"{msg.message_type.name.lower()} of {item.size} bytes",
+                                    DBusError(ErrorType.LIMITS_EXCEEDED, too_long))
+            if reply:
+                return self.buffer_message(Message(
+                    message_type=MessageType.ERROR, serial=msg.serial,
+                    reply_serial=msg.reply_serial, destination=msg.destination,
+                    error_name=ErrorType.LIMITS_EXCEEDED.value, signature="s",
+                    body=[too_long]), future)
+            if future is not None and not future.done():
+                future.set_exception(DBusError(ErrorType.LIMITS_EXCEEDED, too_long))
+            return
         if large and msg.message_type == MessageType.METHOD_RETURN and (
                 self.large_bytes and self.large_bytes + item.size > LARGE_QUEUED_MAX
                 or self.large_for(to) >= LARGE_PER_CALLER):
@@ -457,8 +473,9 @@ class Connection(ObjectIndex, MessageBus):
                       REFUSAL_LOG_INTERVAL, exc_info=exc)
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
-        self._count_refusal(msg.sender or "",   # ("" without a bus)
-                            f"{printable(msg.interface, 80)}.{printable(msg.member, 80)}", exc)
+        what = (f"{printable(msg.interface, 80)}.{printable(msg.member, 80)}" if msg.member
+                else "a message, unread")     # (its header too long: sharedd.bus.reading)
+        self._count_refusal(msg.sender or "", what, exc)   # ("" without a bus)
 
     def _count_refusal(self, caller: str, what: str, exc: DBusError) -> None:
         self.refusals.refused(caller, what, exc.type, exc.text)

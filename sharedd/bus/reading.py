@@ -14,6 +14,13 @@ records, up to 4 MiB) costs one read per string and is decoded whole.
 Replies are not bounded: the bus passes on only replies to our own calls.
 dbus-next also keeps every signature it has parsed, for good: past
 SIGNATURES_KEPT it forgets them here.
+
+A header is bounded too (MAX_FIELDS): an object path may be as long as the
+bus lets a message be, dbus-next checks it element by element in Python
+(0.66 s for 4 MiB) before anything looks at it, and an Introspect of such a
+path would be answered with a message longer than the bus carries (the bus
+then drops our connection). A message with a longer header is not decoded:
+its sender is found without reading the other fields, and it is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dbus_next.message import Message
 from dbus_next._private.constants import HeaderField
 from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.signature import SignatureTree, Variant
+from dbus_next.validators import is_bus_name_valid
 
 #: a call's or signal's body with arrays or variants longer than this is
 #: not decoded (sharedd's largest: CreateShare with 64 metadata entries of
@@ -38,6 +46,10 @@ MAX_ELEMENTS = 1024
 #: a body up to this long is decoded without counting (at most about two
 #: thousand reads)
 COUNTED_FROM = 4096
+#: a message's header fields longer than this are not decoded (sharedd's
+#: longest object path is under 200 characters, every other field at most
+#: 255)
+MAX_FIELDS = 8192
 #: signatures dbus-next keeps parsed (it keeps every one it has seen, about
 #: 40 KB for a long one, and any local user may send new ones): beyond, it
 #: forgets them all and parses again what comes
@@ -77,6 +89,13 @@ class BoundedUnmarshaller(Unmarshaller):
         head = bytes(self.buf[:16])
         order = "<" if head[0:1] == b"l" else ">"
         body_len, serial, fields_len = struct.unpack_from(order + "III", head, 4)
+        if fields_len > MAX_FIELDS:
+            self.read(16 + fields_len + (-fields_len % 8) + body_len,  # type: ignore[no-untyped-call]
+                      prefetch=True)
+            self.refused = (f"the message's header is {fields_len} bytes; at most {MAX_FIELDS}; "
+                            "refused unread")
+            self.message = _header_only(head, serial, self._sender(order, fields_len))
+            return
         if head[1] not in _CALL_OR_SIGNAL or body_len <= COUNTED_FROM:
             super()._unmarshall()  # type: ignore[no-untyped-call]
             return
@@ -118,6 +137,36 @@ class BoundedUnmarshaller(Unmarshaller):
             reply_serial=fields["REPLY_SERIAL"], sender=fields["SENDER"],
             unix_fds=self.unix_fds, serial=serial)
 
+    def _sender(self, order: str, fields_len: int) -> Optional[str]:
+        """The SENDER field (set by the bus), found by stepping over the
+        others unread; None if it is not there or the fields are not well
+        formed."""
+        buf, pos, end = self.buf, 16, 16 + fields_len
+        try:
+            while pos < end:
+                pos += -pos % 8
+                code, sig_len = buf[pos], buf[pos + 1]
+                sig = bytes(buf[pos + 2:pos + 2 + sig_len])
+                pos += 3 + sig_len
+                if sig in (b"s", b"o"):
+                    pos += -pos % 4
+                    (size,) = struct.unpack_from(order + "I", buf, pos)
+                    pos += 4
+                    if code == HeaderField.SENDER.value and sig == b"s":
+                        name = bytes(buf[pos:pos + size]).decode("ascii", "replace") \
+                            if size <= 255 else ""
+                        return name if is_bus_name_valid(name) else None
+                    pos += size + 1
+                elif sig == b"g":
+                    pos += buf[pos] + 2
+                elif sig == b"u":
+                    pos += -pos % 4 + 4
+                else:
+                    return None
+        except (IndexError, struct.error):
+            pass
+        return None
+
     def _fields(self) -> DefaultDict[str, Any]:
         """The header's fields (the message is in the buffer); None for those
         it has not."""
@@ -130,3 +179,17 @@ class BoundedUnmarshaller(Unmarshaller):
             except ValueError:         # (a field this library does not know)
                 pass
         return fields
+
+
+def _header_only(head: bytes, serial: int, sender: Optional[str]) -> Message:
+    """A message whose header was not decoded: its kind, flags, serial and
+    sender, enough to refuse it (Message's own checks need a path and a
+    member, which it has not)."""
+    msg = Message.__new__(Message)
+    kind = head[1] if head[1] in (t.value for t in MessageType) else MessageType.SIGNAL.value
+    msg.__dict__.update(
+        destination=None, path=None, interface=None, member=None,
+        message_type=MessageType(kind), flags=MessageFlag(head[2]), error_name=None,
+        reply_serial=None, sender=sender, unix_fds=[], signature="",
+        signature_tree=SignatureTree._get(""), body=[], serial=serial)
+    return msg
