@@ -103,6 +103,7 @@ class Engine:
                                      self._spawn, self._check_capacity)
         self.snapshot_ops = Snapshots(self.store, self.runner, self.backends, self.replications,
                                       self._spawn, self._share_in)
+        self.runner.listeners.append(self.snapshot_ops)
         self.groups = ShareGroups(self.store, self.runner, self.backends, self.create_share,
                                   self.snapshot_ops.view)
         self.snapshot_access = SnapshotAccess(self.store, self.runner, self.backends,

@@ -97,6 +97,9 @@ class Runner:
         self._idle = asyncio.Event()
         self._idle.set()
         self.metrics: Any = None    # a sharedd.metrics.Registry, if counted
+        # engine parts that keep rows in memory: told of committed changes
+        # after the observer, each only of those it has a method for
+        self.listeners: List[Any] = []
 
     # --- plumbing ----------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -133,8 +136,11 @@ class Runner:
         """Staged records shown, observers told."""
         for told in changes.after_commit:
             told(True)
-        deliver(changes.events, self.observer,
-                lambda name, exc: log.error("observer %s failed: %s", name, exc))
+        def failed(name: str, exc: BaseException) -> None:
+            log.error("observer %s failed: %s", name, exc)
+        deliver(changes.events, self.observer, failed)
+        for listener in self.listeners:
+            deliver([e for e in changes.events if hasattr(listener, e[0])], listener, failed)
 
     @staticmethod
     def _withdraw(changes: Changes) -> None:

@@ -90,13 +90,15 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
                   only: Optional[str] = None) -> None:
     """Recover every usable backend's objects (only: just that backend's,
     when it comes up late). What is unsettled is read aside (the loop goes
-    on at 10,000 shares); each is looked at again under its operation."""
+    on at 10,000 shares); each is looked at again under its lock."""
     if only is not None:
         backends = {only: backends[only]}
     snaps, shares, unknown, rules = await store.read(_unsettled)
     for snap in snaps:
-        await isolated(f"snapshot {snap.id}", _recover_snapshot(store, runner, backends, snap),
-                       step="recovery", to_error=lambda: _snapshot_error(runner, snap))
+        await isolated(f"snapshot {snap.id}", _still(
+            runner, snap.share_id, lambda: store.snapshot_status(snap.id), snap.status,
+            functools.partial(_recover_snapshot, store, runner, backends, snap)),
+            step="recovery", to_error=lambda: _snapshot_error(runner, snap))
     if only is None:
         for name, count in unknown.items():
             if name not in backends:
@@ -112,8 +114,10 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
             continue
         if b.setup_error or share.status not in SHARE_STEPS:
             continue
-        await isolated(f"share {share.name} ({share.id})", _recover_share(store, runner, b, share),
-                       step="recovery", to_error=lambda: _share_error(runner, share))
+        await isolated(f"share {share.name} ({share.id})", _still(
+            runner, share.id, lambda: store.share_status(share.id), share.status,
+            functools.partial(_recover_share, store, runner, b, share)),
+            step="recovery", to_error=lambda: _share_error(runner, share))
     async with runner.durably() as tx:       # one commit (and fsync) for every rule
         for rule in rules:
             owner = store.get_share(rule.share_id)
@@ -121,6 +125,16 @@ async def recover(store: Store, runner: Runner, backends: Mapping[str, Backend],
                     or store.rule_state(rule.id) != rule.state:
                 continue      # gone, not ours, or settled since it was read
             tx.rule(owner, rule, RULE_STEPS[rule.state])
+
+
+async def _still(runner: Runner, key: str, status: Callable[[], Optional[str]], was: str,
+                 work: Callable[[], Awaitable[None]]) -> None:
+    """work(), under key's lock, if the object is still in the status it was
+    read in: a backend that comes up late takes calls before its recovery
+    has read, and an operation in flight then is not one to finish."""
+    async with runner.locked([key]):
+        if status() == was:
+            await work()
 
 
 def _unsettled(view: Store) -> Tuple[List[Snapshot], List[Share], Dict[str, int],

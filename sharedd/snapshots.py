@@ -364,18 +364,21 @@ class Snapshots:
             out = []
             for share in shares:
                 b = self.backends[share.backend]
-                if not b.driver.shows_snapshots(share):
-                    continue
-                if self.visibility(share) == C.SNAPSHOTS_HIDDEN and not b.driver.has_snapshot_view(share):
-                    continue
+                try:
+                    if not b.driver.shows_snapshots(share) or (
+                            self.visibility(share) == C.SNAPSHOTS_HIDDEN
+                            and not b.driver.has_snapshot_view(share)):
+                        continue
+                except Exception:     # (show() says what is wrong, for this share alone)
+                    pass
                 out.append(share)
             return out
         for share in await asyncio.to_thread(to_show, await self.store.read(available)):
             await isolated(f"share {share.name}: snapshot view not ensured", self.show(share.id),
                            step="ensure", level=logging.WARNING)
 
-    def forget_policy(self, share_id: str) -> None:
-        """The share is gone (its row went with it)."""
+    def share_removed(self, share_id: str) -> None:
+        """The share is gone, its policy row with it (a Runner listener)."""
         self._remember(share_id, ("", "", ""))
 
     def schedule_of(self, text: str) -> Schedule:

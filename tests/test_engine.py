@@ -412,9 +412,12 @@ def test_snapshot_policy_own_or_the_backends_and_refusals(h):
             h.create("refused", **options)
     assert h.engine.snapshot_ops.own_policy(share.id) == before
     assert "refused" not in {s.name for s in h.engine.shares()}
-    # the policy goes with the share
+    # the policy goes with the share, and so does its schedule from those in use
+    h.run(h.engine.set_snapshot_policy(share.id, {"snapshot_schedule": "daily"}))
+    assert "daily" in h.engine.snapshot_ops.schedules_in_use()
     h.run(h.engine.delete_share(share.id, {}))
     assert share.id not in h.engine.store.snapshot_policies()
+    assert h.engine.snapshot_ops.schedules_in_use() == {"hourly"}
 
 
 def test_a_schedule_takes_snapshots_and_the_retention_keeps_the_newest(h):
@@ -595,6 +598,30 @@ def test_every_share_is_read_aside_never_on_the_loop(h, monkeypatch):
     ensured = h.world.calls.count("ensure_share")
     h.run(h.engine.ensure_all())
     assert h.world.calls.count("ensure_share") == ensured + len(shares)
+
+
+def test_a_late_recovery_leaves_an_operation_in_flight_alone(h):
+    """A backend that comes up late takes calls before its recovery has
+    read: a share read as creating while its create still runs is looked
+    at again under its lock, and the create's outcome stands."""
+    from sharedd import recovery
+    share = h.create("inflight")
+    with h.engine.runner.tx() as tx:
+        tx.share(share, C.STATUS_EXTENDING, task={"op": "extend_share", "previous": 1})
+
+    async def main():
+        async with h.engine.runner.locked([share.id]):      # the operation in flight
+            late = asyncio.ensure_future(recovery.recover(
+                h.engine.store, h.engine.runner, h.engine.backends, only="sim"))
+            await asyncio.sleep(0.2)                         # recovery has read, and waits
+            async with h.engine.runner.durably() as tx:
+                tx.share(share, C.STATUS_AVAILABLE, size_gib=2)   # ... which then settles
+        await late
+    calls = len(h.world.calls)
+    h.run(main())
+    now = h.engine.share(share.id)
+    assert (now.status, now.size_gib) == (C.STATUS_AVAILABLE, 2)
+    assert h.world.calls[calls:] == [], "recovery acted on a share it had read stale"
 
 
 def test_a_crash_in_a_scheduled_snapshot_leaves_no_orphan(h):

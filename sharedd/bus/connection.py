@@ -328,8 +328,10 @@ class Connection(ObjectIndex, MessageBus):
             if reply:
                 self._name_owners[msg.destination] = reply.sender
             callback(reply, err)
-        self.send(msg)
-        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+        sent = self.send(msg)
+        if sent.done() and sent.exception() is not None:
+            callback(None, sent.exception())    # never sent (longer than the bus carries)
+        elif msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             callback(None, None)
         else:
             self._method_return_handlers[msg.serial] = reply_notify
@@ -473,8 +475,13 @@ class Connection(ObjectIndex, MessageBus):
                       REFUSAL_LOG_INTERVAL, exc_info=exc)
 
     def _refused(self, msg: Message, exc: DBusError) -> None:
-        what = (f"{printable(msg.interface, 80)}.{printable(msg.member, 80)}" if msg.member
-                else "a message, unread")     # (its header too long: sharedd.bus.reading)
+        if msg.member:
+            what = f"{printable(msg.interface, 80)}.{printable(msg.member, 80)}"
+        elif msg.path is None and msg.message_type in (MessageType.METHOD_CALL,
+                                                       MessageType.SIGNAL):
+            what = f"a {msg.message_type.name.lower()}, unread"   # (sharedd.bus.reading)
+        else:
+            what = f"a {msg.message_type.name.lower()}"
         self._count_refusal(msg.sender or "", what, exc)   # ("" without a bus)
 
     def _count_refusal(self, caller: str, what: str, exc: DBusError) -> None:

@@ -15,7 +15,7 @@ Replies are not bounded: the bus passes on only replies to our own calls.
 dbus-next also keeps every signature it has parsed, for good: past
 SIGNATURES_KEPT it forgets them here.
 
-A header is bounded too (MAX_FIELDS): an object path may be as long as the
+A call's or signal's header is bounded too (MAX_FIELDS): an object path may be as long as the
 bus lets a message be, dbus-next checks it element by element in Python
 (0.66 s for 4 MiB) before anything looks at it, and an Introspect of such a
 path would be answered with a message longer than the bus carries (the bus
@@ -89,7 +89,7 @@ class BoundedUnmarshaller(Unmarshaller):
         head = bytes(self.buf[:16])
         order = "<" if head[0:1] == b"l" else ">"
         body_len, serial, fields_len = struct.unpack_from(order + "III", head, 4)
-        if fields_len > MAX_FIELDS:
+        if fields_len > MAX_FIELDS and head[1] in _CALL_OR_SIGNAL:
             self.read(16 + fields_len + (-fields_len % 8) + body_len,  # type: ignore[no-untyped-call]
                       prefetch=True)
             self.refused = (f"the message's header is {fields_len} bytes; at most {MAX_FIELDS}; "

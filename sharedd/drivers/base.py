@@ -222,11 +222,12 @@ class ShareDriver(abc.ABC):
         """Can the share show its snapshots to its clients (Previous
         Versions over SMB, a .snapshots directory over NFS)? Then
         update_snapshot_view follows every change. Cheap: called on the
-        event loop."""
+        event loop (and, at ensure, in a worker thread for every share)."""
         return False
 
     def has_snapshot_view(self, share: Share) -> bool:
-        """Does the share show any snapshot now (cheap, on the event loop)?"""
+        """Does the share show any snapshot now (cheap: called on the event
+        loop, and at ensure in a worker thread for every share)?"""
         return False
 
     def update_snapshot_view(self, share: Share, snapshots: List[Snapshot],
