@@ -149,6 +149,13 @@ def test_a_message_in_pieces_reads_the_same():
         assert (pieces.refused, got.body, got.serial) == (whole.refused, expect.body, 7)
 
 
+async def list_shares(bus):
+    """A normal call's answer (after the hostile ones)."""
+    reply = await bus.call(Message(destination="org.sharedd.Sharedd1", path=ROOT, interface=MGR,
+                                   member="ListShares", signature="a{sv}", body=[{}]))
+    return reply.body
+
+
 async def _large_calls(address):
     """A non-root caller's large calls (as any local user may send), then a
     normal one: (the errors' names and texts, the normal answer)."""
@@ -164,31 +171,33 @@ async def _large_calls(address):
         await bus.send(Message(message_type=MessageType.SIGNAL, destination="org.sharedd.Sharedd1",
                                path=ROOT, interface=MGR, member="Huge", signature="ai",
                                body=[list(range(1_000_000))]))
-        reply = await bus.call(Message(destination="org.sharedd.Sharedd1", path=ROOT,
-                                       interface=MGR, member="ListShares", signature="a{sv}",
-                                       body=[{}]))
-        return answers, reply.body
+        return answers, await list_shares(bus)
     finally:
         bus.disconnect()
 
 
-def test_the_daemon_refuses_large_bodies_unread_and_answers_on(sharedd_factory, system_bus):
+def as_nobody(function, address):
+    """function(address), a coroutine function of this module, run by a
+    user that is not root (setpriv) in a process of its own: its result."""
+    import json
     import os
     import subprocess
     import sys
-    import json
-    from tests.support import configs
-    d = sharedd_factory(configs.MEMORY)
-    # as a user that is not root (setpriv), in a process of its own
     code = ("import asyncio, json, sys; sys.path.insert(0, %r); "
-            "from tests.test_bus_reading import _large_calls; "
-            "print(json.dumps(asyncio.run(_large_calls(%r))))"
-            % (os.getcwd(), system_bus.address))
+            "from tests.test_bus_reading import %s; "
+            "print(json.dumps(asyncio.run(%s(%r))))"
+            % (os.getcwd(), function.__name__, function.__name__, address))
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
                            sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    answers, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_daemon_refuses_large_bodies_unread_and_answers_on(sharedd_factory, system_bus):
+    from tests.support import configs
+    d = sharedd_factory(configs.MEMORY)
+    answers, after = as_nobody(_large_calls, system_bus.address)
     assert [a[0] for a in answers] == [ErrorType.LIMITS_EXCEEDED.value] * 2, answers
     assert "bytes" in answers[0][1] and "elements" in answers[1][1], answers
     assert after == [[]]
@@ -217,10 +226,7 @@ async def _long_paths(address):
         for path in ("/a" * 1_000_000, longest):
             reply = await bus.call(introspect(path))
             answers.append((reply.error_name, reply.body[0][:200]))
-        reply = await bus.call(Message(destination="org.sharedd.Sharedd1", path=ROOT,
-                                       interface=MGR, member="ListShares", signature="a{sv}",
-                                       body=[{}]))
-        return answers, reply.body
+        return answers, await list_shares(bus)
     finally:
         bus.disconnect()
 
@@ -230,21 +236,9 @@ def test_the_daemon_refuses_long_paths_unread_and_stays_on_the_bus(sharedd_facto
     with a message longer than the bus carries, and the bus drops a
     connection that sends one: sharedd would be off the bus at one call of
     any local user. A long header is refused before it is read."""
-    import json
-    import os
-    import subprocess
-    import sys
     from tests.support import configs
     d = sharedd_factory(configs.MEMORY)
-    code = ("import asyncio, json, sys; sys.path.insert(0, %r); "
-            "from tests.test_bus_reading import _long_paths; "
-            "print(json.dumps(asyncio.run(_long_paths(%r))))"
-            % (os.getcwd(), system_bus.address))
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-                           sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd=os.getcwd())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    answers, after = as_nobody(_long_paths, system_bus.address)
     assert [a[0] for a in answers] == [ErrorType.LIMITS_EXCEEDED.value] * 2, answers
     assert all("header" in a[1] for a in answers), answers
     assert after == [[]]
