@@ -65,13 +65,24 @@ def test_a_reply_is_decoded_whatever_its_size():
 def test_too_many_elements_or_bytes_are_not_decoded():
     for msg, why in ((call("ai", [list(range(reading.MAX_ELEMENTS + 10))]), "elements"),
                      (call("av", [[Variant("y", 1)] * 3000]), "elements"),
-                     (call("ay", [b"x" * (reading.MAX_BODY + 1)]), "bytes")):
+                     (call("ay", [b"x" * (reading.MAX_BODY + 1)]), "bytes"),
+                     (call("s", ["x" * (reading.MAX_BODY + 1)]), "a method call's")):
         reader, got = read(msg)
         assert reader.refused and why in reader.refused, reader.refused
         # the header is read: the caller can be answered
         assert (got.member, got.serial, got.destination, got.body) == \
             ("NoSuch", 7, "org.sharedd.Sharedd1", [])
         assert got.message_type == MessageType.METHOD_CALL
+
+
+def test_a_signal_of_strings_is_decoded_up_to_its_bound():
+    def fired(size):
+        return Message.new_signal(ROOT, "org.sharedd.Sharedd1.Hooks", "Fired", "sss",
+                                  ["post", "allow_access", "x" * size])
+    reader, got = read(fired(reading.MAX_SIGNAL_BODY - 64))
+    assert reader.refused is None and len(got.body[2]) == reading.MAX_SIGNAL_BODY - 64
+    reader, got = read(fired(reading.MAX_SIGNAL_BODY))
+    assert "a signal's" in reader.refused and got.body == [] and got.member == "Fired"
 
 
 def test_long_variant_signatures_count_and_are_not_all_kept():
@@ -163,7 +174,8 @@ async def _large_calls(address):
     try:
         answers = []
         for signature, body in (("ai", [list(range(2_000_000))]),      # 8 MB
-                                ("a{sv}", [{f"k{i}": Variant("b", True) for i in range(6000)}])):
+                                ("a{sv}", [{f"k{i}": Variant("b", True) for i in range(6000)}]),
+                                ("s", ["x" * (20 << 20)])):              # 20 MB
             reply = await bus.call(Message(destination="org.sharedd.Sharedd1", path=ROOT,
                                            interface=MGR, member="ListShares",
                                            signature=signature, body=body))
@@ -198,8 +210,9 @@ def test_the_daemon_refuses_large_bodies_unread_and_answers_on(sharedd_factory, 
     from tests.support import configs
     d = sharedd_factory(configs.MEMORY)
     answers, after = as_nobody(_large_calls, system_bus.address)
-    assert [a[0] for a in answers] == [ErrorType.LIMITS_EXCEEDED.value] * 2, answers
+    assert [a[0] for a in answers] == [ErrorType.LIMITS_EXCEEDED.value] * 3, answers
     assert "bytes" in answers[0][1] and "elements" in answers[1][1], answers
+    assert "a method call's" in answers[2][1], answers
     assert after == [[]]
     assert d.create_share("after-large")
     log = d.log_tail(400)

@@ -9,8 +9,10 @@ call's or a signal's body with arrays or variants is decoded only if it is
 at most MAX_BODY bytes and MAX_ELEMENTS elements; otherwise its header
 alone is read and the message is refused (LimitsExceeded, if it wants an
 answer). Every method of sharedd and mountd takes strings, numbers and
-a{sv} options of a few dozen entries; a body of strings alone (Fired
-records, up to 4 MiB) costs one read per string and is decoded whole.
+a{sv} options of a few dozen entries: a call's body is never longer than
+MAX_BODY, whatever it holds. A signal's body of strings alone (Fired
+records, up to 4 MiB) costs one read per string and is decoded whole, up
+to MAX_SIGNAL_BODY (a 30 MiB string took 69 ms to decode).
 Replies are not bounded: the bus passes on only replies to our own calls.
 dbus-next also keeps every signature it has parsed, for good: past
 SIGNATURES_KEPT it forgets them here.
@@ -36,10 +38,15 @@ from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.signature import SignatureTree, Variant
 from dbus_next.validators import is_bus_name_valid
 
+from ..record import MAX_RECORD_BYTES
+
 #: a call's or signal's body with arrays or variants longer than this is
 #: not decoded (sharedd's largest: CreateShare with 64 metadata entries of
 #: 1 KiB, about 70 KiB)
 MAX_BODY = 256 * 1024
+#: a signal's body of strings and numbers longer than this is not decoded
+#: (the longest sharedd sends: a Fired record, at most MAX_RECORD_BYTES)
+MAX_SIGNAL_BODY = MAX_RECORD_BYTES + 64 * 1024
 #: ... nor one with more elements than this (sharedd's largest: about 150;
 #: 1,024 variants take about 2.5 ms)
 MAX_ELEMENTS = 1024
@@ -104,12 +111,17 @@ class BoundedUnmarshaller(Unmarshaller):
                   prefetch=True)
         fields = self._fields()
         signature = fields["SIGNATURE"] or ""
-        if "a" not in signature and "v" not in signature:     # (an element a type)
+        counted = "a" in signature or "v" in signature     # (an element a type)
+        call = head[1] == MessageType.METHOD_CALL.value
+        limit = MAX_BODY if counted or call else MAX_SIGNAL_BODY
+        if body_len > limit:
+            kind = ("one with arrays or variants" if counted
+                    else "a method call's" if call else "a signal's")
+            self.refused = (f"the message's body is {body_len} bytes; {kind} may have at "
+                            f"most {limit}; refused unread")
+        elif not counted:
             super()._unmarshall()  # type: ignore[no-untyped-call]
             return
-        if body_len > MAX_BODY:
-            self.refused = (f"the message's body is {body_len} bytes; one with arrays or "
-                            f"variants may have at most {MAX_BODY}; refused unread")
         else:
             plain = self.readers
             left = self._left = [MAX_ELEMENTS]
