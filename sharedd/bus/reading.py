@@ -111,15 +111,15 @@ class BoundedUnmarshaller(Unmarshaller):
                   prefetch=True)
         fields = self._fields()
         signature = fields["SIGNATURE"] or ""
-        counted = "a" in signature or "v" in signature     # (an element a type)
+        elements = "a" in signature or "v" in signature    # (an element a type)
         call = head[1] == MessageType.METHOD_CALL.value
-        limit = MAX_BODY if counted or call else MAX_SIGNAL_BODY
+        limit = MAX_BODY if elements or call else MAX_SIGNAL_BODY
         if body_len > limit:
-            kind = ("one with arrays or variants" if counted
+            kind = ("one with arrays or variants" if elements
                     else "a method call's" if call else "a signal's")
             self.refused = (f"the message's body is {body_len} bytes; {kind} may have at "
                             f"most {limit}; refused unread")
-        elif not counted:
+        elif not elements:
             super()._unmarshall()  # type: ignore[no-untyped-call]
             return
         else:
