@@ -12,7 +12,7 @@ from dbus_next import Message, MessageType, Variant
 from dbus_next.constants import ErrorType
 
 from sharedd.bus import reading
-from sharedd.bus.connection import Connection
+from sharedd.bus.connection import MESSAGE_MAX, Connection
 
 ROOT = "/org/sharedd/Sharedd1"
 MGR = "org.sharedd.Sharedd1.Manager"
@@ -220,7 +220,7 @@ def test_the_daemon_refuses_large_bodies_unread_and_answers_on(sharedd_factory, 
 
 
 #: dbus-daemon's longest message (its default, and the test bus's)
-BUS_MESSAGE_MAX = 32 << 20
+BUS_MESSAGE_MAX = MESSAGE_MAX
 
 
 async def _long_paths(address):

@@ -123,7 +123,7 @@ class _Writer(_MessageWriter):
         large = reply and item.size >= LARGE_REPLY
         to = msg.destination or ""          # ("" on a connection without a bus)
         if item.size > MESSAGE_MAX:
-            too_long = f"the answer would be {item.size} bytes, more than the bus carries"
+            too_long = f"the message would be {item.size} bytes, more than the bus carries"
             self.bus._count_refusal(to, f"{msg.message_type.name.lower()} of {item.size} bytes",
                                     DBusError(ErrorType.LIMITS_EXCEEDED, too_long))
             if reply:

@@ -17,8 +17,9 @@ Replies are not bounded: the bus passes on only replies to our own calls.
 dbus-next also keeps every signature it has parsed, for good: past
 SIGNATURES_KEPT it forgets them here.
 
-A call's or signal's header is bounded too (MAX_FIELDS): an object path may be as long as the
-bus lets a message be, dbus-next checks it element by element in Python
+A call's or signal's header is bounded too (MAX_FIELDS): an object path
+may be as long as the bus lets a message be, dbus-next checks it element
+by element in Python
 (0.66 s for 4 MiB) before anything looks at it, and an Introspect of such a
 path would be answered with a message longer than the bus carries (the bus
 then drops our connection). A message with a longer header is not decoded:
@@ -194,14 +195,13 @@ class BoundedUnmarshaller(Unmarshaller):
 
 
 def _header_only(head: bytes, serial: int, sender: Optional[str]) -> Message:
-    """A message whose header was not decoded: its kind, flags, serial and
-    sender, enough to refuse it (Message's own checks need a path and a
+    """A call or signal whose header was not decoded: its kind, flags, serial
+    and sender, enough to refuse it (Message's own checks need a path and a
     member, which it has not)."""
     msg = Message.__new__(Message)
-    kind = head[1] if head[1] in (t.value for t in MessageType) else MessageType.SIGNAL.value
     msg.__dict__.update(
         destination=None, path=None, interface=None, member=None,
-        message_type=MessageType(kind), flags=MessageFlag(head[2]), error_name=None,
+        message_type=MessageType(head[1]), flags=MessageFlag(head[2]), error_name=None,
         reply_serial=None, sender=sender, unix_fds=[], signature="",
         signature_tree=SignatureTree._get(""), body=[], serial=serial)
     return msg
